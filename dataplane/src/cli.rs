@@ -1,0 +1,237 @@
+//! Command line: run the proxy, check a config, or hash a key.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::watch;
+
+use crate::config::{self, Source};
+use crate::proxy::{Gateway, Settings};
+use crate::server;
+use crate::source::{self, Runtime};
+
+const USAGE: &str = "\
+modelgate-dataplane: the modelgate proxy
+
+USAGE:
+    modelgate-dataplane --config FILE [OPTIONS]    run standalone from a YAML or JSON file
+    modelgate-dataplane --check --config FILE      validate a config file and exit
+    modelgate-dataplane hash-key [KEY]             print the sha256 a config stores for KEY
+                                                   (reads KEY from stdin when omitted)
+OPTIONS:
+    --listen ADDR            API address (overrides server.listen)
+    --admin ADDR             admin address (overrides server.admin)
+    --addr-file FILE         write the bound addresses as JSON once listening
+    --reload-interval DUR    how often to look for config changes [default: 1s]
+    --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
+";
+
+#[derive(Debug, Default)]
+struct Options {
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    admin: Option<String>,
+    addr_file: Option<PathBuf>,
+    reload_interval: Option<Duration>,
+    check: bool,
+    text_logs: bool,
+    hash_key: Option<Option<String>>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+    let mut o = Options::default();
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--config" | "-c" => o.config = Some(value("--config")?.into()),
+            "--listen" => o.listen = Some(value("--listen")?),
+            "--admin" => o.admin = Some(value("--admin")?),
+            "--addr-file" => o.addr_file = Some(value("--addr-file")?.into()),
+            "--reload-interval" => {
+                let v = value("--reload-interval")?;
+                o.reload_interval = Some(
+                    humantime::parse_duration(&v).with_context(|| format!("--reload-interval {v:?}"))?,
+                );
+            }
+            "--log-format" => match value("--log-format")?.as_str() {
+                "json" => o.text_logs = false,
+                "text" => o.text_logs = true,
+                other => bail!("--log-format must be json or text, not {other:?}"),
+            },
+            "--check" => o.check = true,
+            "hash-key" => o.hash_key = Some(args.next()),
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--version" | "-V" => {
+                println!("modelgate-dataplane {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+pub fn main() -> ExitCode {
+    let opts = match parse_args(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(key) = &opts.hash_key {
+        let raw = match key {
+            Some(k) => k.clone(),
+            None => {
+                let mut s = String::new();
+                if std::io::stdin().read_to_string(&mut s).is_err() {
+                    eprintln!("error: cannot read the key from stdin");
+                    return ExitCode::from(2);
+                }
+                s.trim().to_owned()
+            }
+        };
+        println!("{}", config::hash_key(&raw));
+        return ExitCode::SUCCESS;
+    }
+    init_logs(opts.text_logs);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "modelgate-dataplane failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(text: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if text {
+        b.init();
+    } else {
+        b.json().flatten_event(true).with_current_span(false).init();
+    }
+}
+
+async fn run(opts: Options) -> anyhow::Result<()> {
+    let Some(path) = opts.config.clone() else {
+        bail!("--config FILE is required (try examples/standalone.yaml)\n\n{USAGE}");
+    };
+    let (bytes, file) = source::read_config(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if opts.check {
+        let v = config::compile(&file.snapshot(), Source::File, &Default::default())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .version;
+        println!("{}: valid (version {v})", path.display());
+        return Ok(());
+    }
+    let server_spec = file.server.clone();
+    let duration = |what: &str, v: &str| {
+        humantime::parse_duration(v).with_context(|| format!("server.{what} {v:?} is not a duration"))
+    };
+    let header_timeout = duration("headerReadTimeout", &server_spec.header_read_timeout)?;
+    let drain = duration("drainTimeout", &server_spec.drain_timeout)?;
+    let gateway = Arc::new(Gateway::new(Settings {
+        max_body_bytes: server_spec.max_body_bytes,
+        default_max_tokens: server_spec.default_max_tokens,
+    }));
+    let rt = Arc::new(Runtime::new(gateway.clone(), format!("file:{}", path.display())));
+    rt.apply(&file.snapshot(), Source::File)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+
+    let api = server::bind(opts.listen.as_deref().unwrap_or(&server_spec.listen), "API").await?;
+    let admin = server::bind(opts.admin.as_deref().unwrap_or(&server_spec.admin), "admin").await?;
+    let (api_addr, admin_addr) = (api.local_addr()?, admin.local_addr()?);
+    tracing::info!(api = %api_addr, admin = %admin_addr, config = %path.display(), "modelgate-dataplane listening");
+    if let Some(f) = &opts.addr_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::json!({"api": api_addr, "admin": admin_addr}).to_string())?;
+        std::fs::rename(&tmp, f)?;
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(source::watch_file(
+        rt.clone(),
+        path,
+        opts.reload_interval.unwrap_or(Duration::from_secs(1)),
+        bytes,
+        server_spec.clone(),
+    ));
+    let admin_task = tokio::spawn(server::serve_admin(admin, rt.clone(), stop_rx.clone()));
+    let (api_stop_tx, api_stop_rx) = watch::channel(false);
+    let api_task = tokio::spawn(server::serve_api(
+        api,
+        gateway,
+        server_spec.max_connections.max(1) as usize,
+        header_timeout,
+        drain,
+        api_stop_rx,
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("shutdown requested");
+    rt.draining.store(true, Ordering::Relaxed);
+    let _ = api_stop_tx.send(true);
+    let _ = api_task.await;
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flags_and_rejects_unknown_ones() {
+        let o = parse_args(
+            ["--config", "f.yaml", "--listen", "127.0.0.1:0", "--reload-interval", "200ms"]
+                .into_iter()
+                .map(String::from),
+        )
+        .unwrap();
+        assert_eq!(o.config.unwrap(), PathBuf::from("f.yaml"));
+        assert_eq!(o.reload_interval, Some(Duration::from_millis(200)));
+        assert!(parse_args(["--bogus"].into_iter().map(String::from)).is_err());
+        assert!(parse_args(["--config"].into_iter().map(String::from)).is_err());
+    }
+}

@@ -1,0 +1,886 @@
+//! The snapshot wire format and its validation.
+//!
+//! A snapshot arrives as YAML or JSON (a standalone file today, the operator's stream later),
+//! is parsed into the `*Spec` wire types below, and is validated exactly once, at this edge,
+//! by [`compile`] into the [`Snapshot`] the request path runs on. Anything wrong is reported as
+//! one [`ConfigError`] listing every problem with its path; the caller keeps serving the last
+//! good snapshot.
+//!
+//! ```text
+//!  file / stream ──parse──► SnapshotSpec ──compile(StateRegistry)──► Snapshot ──arc-swap──► proxy
+//! ```
+//!
+//! No kube types live here: the operator depends on this module for the wire types only.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::keys::{Glob, Key, KeyHash, KeyStore};
+use crate::routes::{
+    Backend, Credential, OutlierPolicy, Pricing, Provider, RetryOn, RetryPolicy, Route,
+    RouteTable, Strategy, Tier,
+};
+use crate::snapshot::{Snapshot, StateRegistry};
+
+/// Where a snapshot came from; decides which credential sources are allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A local file that may be committed: credentials must come from env vars or files.
+    File,
+    /// The operator's authenticated stream: credentials arrive inline.
+    Operator,
+}
+
+/// The whole standalone config file: listener settings plus the snapshot itself.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub server: ServerSpec,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+impl ConfigFile {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        // JSON is a subset of YAML, but a JSON parser gives better messages for JSON input.
+        let trimmed = text.trim_start();
+        if trimmed.starts_with('{') {
+            serde_json::from_str(text).map_err(|e| ConfigError::single("", e.to_string()))
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::single("", e.to_string()))
+        }
+    }
+
+    pub fn snapshot(&self) -> SnapshotSpec {
+        SnapshotSpec {
+            version: self.version.clone(),
+            routes: self.routes.clone(),
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+/// Listener and request-path settings. Read once at start; a reload does not change them.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServerSpec {
+    /// API listener (OpenAI-compatible endpoints).
+    pub listen: String,
+    /// Admin listener: /healthz, /readyz, /metrics, /config.
+    pub admin: String,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// Open client connections at most; further ones are closed at accept.
+    pub max_connections: u32,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout: String,
+    /// How long SIGTERM waits for in-flight requests and streams.
+    pub drain_timeout: String,
+    /// Output tokens reserved for a request that sets no `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
+impl Default for ServerSpec {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin: "127.0.0.1:9090".into(),
+            max_body_bytes: 8 * 1024 * 1024,
+            max_connections: 10_000,
+            header_read_timeout: "10s".into(),
+            drain_timeout: "30s".into(),
+            default_max_tokens: 1024,
+        }
+    }
+}
+
+/// The snapshot as it travels: routes and keys of every namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// Set by the operator (a content hash); computed here when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The public model name clients send.
+    pub model: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Deadline for the whole request until response headers, across retries.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<RetrySpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierSpec>,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts after the first one, per priority tier.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Which failures are retried; all of them when empty.
+    #[serde(default)]
+    pub on: Vec<RetryOn>,
+    /// First backoff; doubles per attempt, with jitter.
+    #[serde(default = "default_backoff")]
+    pub backoff: String,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierSpec {
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_ejection_time")]
+    pub ejection_time: String,
+    #[serde(default = "default_max_ejection_time")]
+    pub max_ejection_time: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    Openai,
+    OpenaiCompatible,
+    Anthropic,
+    AzureOpenai,
+    Mock,
+}
+
+impl ProviderKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::OpenaiCompatible => "openai-compatible",
+            Self::Anthropic => "anthropic",
+            Self::AzureOpenai => "azure-openai",
+            Self::Mock => "mock",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSpec {
+    pub name: String,
+    pub provider: ProviderKind,
+    /// Base URL including the API version path, e.g. `http://127.0.0.1:8000/v1`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Upstream model name (pins a version); the client's model name when absent.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Fallback tier: lower first.
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default)]
+    pub credentials: Option<CredentialSpec>,
+    /// Deadline for one attempt until response headers (and the body when not streaming).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub pricing: Option<PricingSpec>,
+    /// Settings of the built-in mock provider.
+    #[serde(default)]
+    pub mock: Option<MockSpec>,
+}
+
+/// One of `env`, `file` or (operator stream only) `value`.
+#[derive(Clone, Deserialize, Serialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialSpec {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+impl fmt::Debug for CredentialSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialSpec")
+            .field("env", &self.env)
+            .field("file", &self.file)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PricingSpec {
+    /// USD per million input (prompt) tokens.
+    #[serde(default)]
+    pub input_per_million: f64,
+    /// USD per million output (completion) tokens.
+    #[serde(default)]
+    pub output_per_million: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MockSpec {
+    /// Wait before the response headers.
+    pub latency: String,
+    /// Completion tokens per answer (one streamed chunk each).
+    pub output_tokens: u32,
+    /// Wait between streamed chunks.
+    pub chunk_delay: String,
+    /// Embedding vector length.
+    pub dimensions: u32,
+}
+
+impl Default for MockSpec {
+    fn default() -> Self {
+        Self {
+            latency: "0ms".into(),
+            output_tokens: 16,
+            chunk_delay: "0ms".into(),
+            dimensions: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Hex SHA-256 of the raw key (`modelgate-dataplane hash-key` prints it).
+    pub sha256: String,
+    /// Allowed model names or globs (`gpt-*`); every route of the namespace when empty.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+    /// RFC 3339 time after which the key is refused.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    /// Set by the operator when usage across all proxies used up the budget.
+    #[serde(default)]
+    pub exhausted: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsSpec {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetSpec {
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    #[serde(default)]
+    pub usd: Option<f64>,
+    #[serde(default)]
+    pub period: BudgetPeriod,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    #[default]
+    Month,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_attempts() -> u32 {
+    2
+}
+fn default_backoff() -> String {
+    "100ms".into()
+}
+fn default_max_backoff() -> String {
+    "2s".into()
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_ejection_time() -> String {
+    "30s".into()
+}
+fn default_max_ejection_time() -> String {
+    "300s".into()
+}
+
+/// Every problem found in a snapshot, each with the path of the field at fault.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    pub fn single(path: &str, msg: impl Into<String>) -> Self {
+        let msg = msg.into();
+        Self {
+            problems: vec![if path.is_empty() {
+                msg
+            } else {
+                format!("{path}: {msg}")
+            }],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, path: &str, msg: impl fmt::Display) {
+        self.0.push(format!("{path}: {msg}"));
+    }
+
+    fn duration(&mut self, path: &str, text: &str) -> Duration {
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.push(path, format_args!("invalid duration {text:?} ({e}); use e.g. 30s or 500ms"));
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn opt_duration(&mut self, path: &str, text: &Option<String>) -> Option<Duration> {
+        let d = self.duration(path, text.as_deref()?);
+        if d.is_zero() {
+            self.push(path, "must be greater than zero");
+        }
+        Some(d)
+    }
+}
+
+/// Hex SHA-256 of a raw key, as the snapshot carries it.
+pub fn hash_key(raw: &str) -> String {
+    let digest = Sha256::digest(raw.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn parse_hash(text: &str) -> Option<KeyHash> {
+    let text = text.strip_prefix("sha256:").unwrap_or(text);
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(KeyHash(out))
+}
+
+fn content_version(spec: &SnapshotSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// Validate a snapshot and build what the request path runs on. Runtime state (rate-limit
+/// windows, backend health) is carried over from `registry` for objects that keep their name.
+pub fn compile(
+    spec: &SnapshotSpec,
+    source: Source,
+    registry: &StateRegistry,
+) -> Result<Snapshot, ConfigError> {
+    let mut p = Problems(Vec::new());
+    let mut routes: Vec<Arc<Route>> = Vec::new();
+    let mut names: HashSet<(String, String)> = HashSet::new();
+    let mut models: HashMap<(String, String), String> = HashMap::new();
+
+    for (ri, r) in spec.routes.iter().enumerate() {
+        let path = format!("routes[{ri}] ({})", r.name);
+        if !valid_name(&r.name) {
+            p.push(&path, "name must be non-empty and use only letters, digits, '-', '.', '_'");
+        }
+        if !valid_name(&r.namespace) {
+            p.push(&path, "namespace is not a valid name");
+        }
+        if !names.insert((r.namespace.clone(), r.name.clone())) {
+            p.push(&path, "duplicate route name in this namespace");
+        }
+        for m in std::iter::once(&r.model).chain(r.aliases.iter()) {
+            if m.is_empty() {
+                p.push(&path, "model and aliases must be non-empty");
+                continue;
+            }
+            if let Some(other) = models.insert((r.namespace.clone(), m.clone()), r.name.clone())
+                && other != r.name
+            {
+                p.push(
+                    &path,
+                    format_args!("model {m:?} is already served by route {other:?} in namespace {:?}", r.namespace),
+                );
+            }
+        }
+        let timeout = p.opt_duration(&format!("{path}.timeout"), &r.timeout);
+        let retry = match &r.retries {
+            None => RetryPolicy::default(),
+            Some(rs) => {
+                let backoff = p.duration(&format!("{path}.retries.backoff"), &rs.backoff);
+                let max_backoff = p.duration(&format!("{path}.retries.maxBackoff"), &rs.max_backoff);
+                if rs.attempts > 10 {
+                    p.push(&format!("{path}.retries.attempts"), "at most 10");
+                }
+                RetryPolicy {
+                    attempts: rs.attempts,
+                    on: if rs.on.is_empty() { RetryOn::ALL.to_vec() } else { rs.on.clone() },
+                    backoff,
+                    max_backoff: max_backoff.max(backoff),
+                }
+            }
+        };
+        let outlier = match &r.outlier_detection {
+            None => OutlierPolicy::default(),
+            Some(o) => {
+                let base = p.duration(&format!("{path}.outlierDetection.ejectionTime"), &o.ejection_time);
+                let max = p.duration(&format!("{path}.outlierDetection.maxEjectionTime"), &o.max_ejection_time);
+                if o.consecutive_failures == 0 {
+                    p.push(&format!("{path}.outlierDetection.consecutiveFailures"), "must be at least 1");
+                }
+                OutlierPolicy {
+                    consecutive_failures: o.consecutive_failures.max(1),
+                    ejection_time: base,
+                    max_ejection_time: max.max(base),
+                }
+            }
+        };
+        if r.backends.is_empty() {
+            p.push(&path, "needs at least one backend");
+        }
+        let route_id = format!("{}/{}", r.namespace, r.name);
+        let mut backend_names = HashSet::new();
+        let mut tiers: Vec<Tier> = Vec::new();
+        for (bi, b) in r.backends.iter().enumerate() {
+            let bpath = format!("{path}.backends[{bi}] ({})", b.name);
+            if !valid_name(&b.name) {
+                p.push(&bpath, "name must be non-empty and use only letters, digits, '-', '.', '_'");
+            }
+            if !backend_names.insert(b.name.clone()) {
+                p.push(&bpath, "duplicate backend name in this route");
+            }
+            if b.weight == 0 && r.backends.iter().filter(|o| o.priority == b.priority).all(|o| o.weight == 0) {
+                p.push(&bpath, "every backend of this priority tier has weight 0; give one a positive weight");
+            }
+            if b.weight > 1_000_000 {
+                p.push(&bpath, "weight must be at most 1000000");
+            }
+            let timeout = p.opt_duration(&format!("{bpath}.timeout"), &b.timeout);
+            let credential = resolve_credential(&mut p, &bpath, b.credentials.as_ref(), source);
+            let provider = build_provider(&mut p, &bpath, b, credential);
+            let pricing = b
+                .pricing
+                .as_ref()
+                .map(|pr| {
+                    if !(pr.input_per_million.is_finite() && pr.input_per_million >= 0.0)
+                        || !(pr.output_per_million.is_finite() && pr.output_per_million >= 0.0)
+                    {
+                        p.push(&format!("{bpath}.pricing"), "prices must be finite and not negative");
+                    }
+                    Pricing {
+                        input_per_million: pr.input_per_million,
+                        output_per_million: pr.output_per_million,
+                    }
+                })
+                .unwrap_or_default();
+            let Some(provider) = provider else { continue };
+            let backend = Arc::new(Backend::new(
+                &route_id,
+                &b.name,
+                provider,
+                b.model.clone(),
+                b.weight,
+                timeout,
+                pricing,
+                registry.backend_state(&route_id, &b.name),
+            ));
+            match tiers.iter_mut().find(|t| t.priority == b.priority) {
+                Some(t) => t.backends.push(backend),
+                None => tiers.push(Tier {
+                    priority: b.priority,
+                    backends: vec![backend],
+                }),
+            }
+        }
+        tiers.sort_by_key(|t| t.priority);
+        routes.push(Arc::new(Route {
+            id: route_id,
+            namespace: r.namespace.clone(),
+            model: r.model.clone(),
+            aliases: r.aliases.clone(),
+            strategy: r.strategy,
+            timeout,
+            retry,
+            outlier,
+            tiers,
+        }));
+    }
+
+    let mut keys = Vec::new();
+    let mut key_names = HashSet::new();
+    let mut hashes = HashSet::new();
+    for (ki, k) in spec.keys.iter().enumerate() {
+        let path = format!("keys[{ki}] ({})", k.name);
+        if !valid_name(&k.name) || !valid_name(&k.namespace) {
+            p.push(&path, "name and namespace must be non-empty and use only letters, digits, '-', '.', '_'");
+        }
+        if !key_names.insert((k.namespace.clone(), k.name.clone())) {
+            p.push(&path, "duplicate key name in this namespace");
+        }
+        let Some(hash) = parse_hash(&k.sha256) else {
+            p.push(&format!("{path}.sha256"), "must be 64 hex digits (the SHA-256 of the raw key)");
+            continue;
+        };
+        if !hashes.insert(hash.0) {
+            p.push(&format!("{path}.sha256"), "another key has the same hash");
+        }
+        let expires_at = match &k.expires_at {
+            None => None,
+            Some(t) => match humantime::parse_rfc3339_weak(t) {
+                Ok(at) => Some(at),
+                Err(e) => {
+                    p.push(&format!("{path}.expiresAt"), format_args!("invalid RFC 3339 time {t:?} ({e})"));
+                    None
+                }
+            },
+        };
+        let limits = k.limits.clone().unwrap_or_default();
+        for (field, v) in [
+            ("requestsPerMinute", limits.requests_per_minute),
+            ("tokensPerMinute", limits.tokens_per_minute),
+            ("maxConcurrent", limits.max_concurrent.map(u64::from)),
+        ] {
+            if v == Some(0) {
+                p.push(&format!("{path}.limits.{field}"), "must be at least 1 (omit it for no limit)");
+            }
+        }
+        if let Some(b) = &k.budget {
+            if b.tokens.is_none() && b.usd.is_none() {
+                p.push(&format!("{path}.budget"), "set tokens or usd");
+            }
+            if let Some(usd) = b.usd
+                && !(usd.is_finite() && usd > 0.0)
+            {
+                p.push(&format!("{path}.budget.usd"), "must be a positive number");
+            }
+        }
+        let models = k.models.iter().map(|m| Glob::new(m)).collect();
+        let id = format!("{}/{}", k.namespace, k.name);
+        keys.push((
+            hash,
+            Arc::new(Key {
+                state: registry.key_state(&id),
+                id,
+                namespace: k.namespace.clone(),
+                models,
+                limits,
+                budget: k.budget.clone(),
+                expires_at,
+                disabled: k.disabled,
+                exhausted: k.exhausted,
+            }),
+        ));
+    }
+
+    if !p.0.is_empty() {
+        return Err(ConfigError { problems: p.0 });
+    }
+    let version = spec.version.clone().unwrap_or_else(|| content_version(spec));
+    let summary = summarize(spec, &version);
+    Ok(Snapshot {
+        version,
+        routes: RouteTable::new(routes),
+        keys: KeyStore::new(keys),
+        summary,
+    })
+}
+
+fn resolve_credential(
+    p: &mut Problems,
+    path: &str,
+    spec: Option<&CredentialSpec>,
+    source: Source,
+) -> Option<Credential> {
+    let spec = spec?;
+    let path = format!("{path}.credentials");
+    let set = [spec.env.is_some(), spec.file.is_some(), spec.value.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if set != 1 {
+        p.push(&path, "set exactly one of env, file or value");
+        return None;
+    }
+    let raw = if let Some(var) = &spec.env {
+        match std::env::var(var) {
+            Ok(v) => v,
+            Err(_) => {
+                p.push(&path, format_args!("environment variable {var} is not set"));
+                return None;
+            }
+        }
+    } else if let Some(file) = &spec.file {
+        match std::fs::read_to_string(file) {
+            Ok(v) => v,
+            Err(e) => {
+                p.push(&path, format_args!("cannot read credential file {file}: {e}"));
+                return None;
+            }
+        }
+    } else {
+        if source == Source::File {
+            p.push(
+                &path,
+                "inline credential values are not allowed in a config file; use env or file so the file can be committed safely",
+            );
+            return None;
+        }
+        spec.value.clone().unwrap_or_default()
+    };
+    let raw = raw.trim();
+    if raw.is_empty() {
+        p.push(&path, "the credential is empty");
+        return None;
+    }
+    match Credential::bearer(raw) {
+        Some(c) => Some(c),
+        None => {
+            p.push(&path, "the credential contains characters not allowed in an HTTP header");
+            None
+        }
+    }
+}
+
+fn build_provider(
+    p: &mut Problems,
+    path: &str,
+    b: &BackendSpec,
+    credential: Option<Credential>,
+) -> Option<Provider> {
+    match b.provider {
+        ProviderKind::Mock => {
+            let m = b.mock.clone().unwrap_or_default();
+            let latency = p.duration(&format!("{path}.mock.latency"), &m.latency);
+            let chunk_delay = p.duration(&format!("{path}.mock.chunkDelay"), &m.chunk_delay);
+            if m.output_tokens == 0 || m.output_tokens > 100_000 {
+                p.push(&format!("{path}.mock.outputTokens"), "must be between 1 and 100000");
+            }
+            if m.dimensions == 0 || m.dimensions > 16_384 {
+                p.push(&format!("{path}.mock.dimensions"), "must be between 1 and 16384");
+            }
+            Some(Provider::Mock(crate::providers::mock::MockSettings {
+                latency,
+                chunk_delay,
+                output_tokens: m.output_tokens,
+                dimensions: m.dimensions,
+            }))
+        }
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
+            if b.mock.is_some() {
+                p.push(path, "mock settings apply only to provider mock");
+            }
+            let url = match (&b.url, &b.provider) {
+                (Some(u), _) => u.clone(),
+                (None, ProviderKind::Openai) => "https://api.openai.com/v1".into(),
+                (None, _) => {
+                    p.push(path, "url is required for provider openai-compatible");
+                    return None;
+                }
+            };
+            if b.provider == ProviderKind::Openai && credential.is_none() {
+                p.push(path, "provider openai needs credentials (env or file with the API key)");
+            }
+            match crate::providers::openai::Upstream::new(&url, credential) {
+                Ok(u) => Some(Provider::OpenAi(u)),
+                Err(e) => {
+                    p.push(&format!("{path}.url"), e);
+                    None
+                }
+            }
+        }
+        ProviderKind::Anthropic | ProviderKind::AzureOpenai => {
+            p.push(
+                path,
+                format_args!("provider {} is not supported by this proxy version yet", b.provider.as_str()),
+            );
+            None
+        }
+    }
+}
+
+/// What `/config` shows: structure and names, never a credential or key hash.
+fn summarize(spec: &SnapshotSpec, version: &str) -> serde_json::Value {
+    use serde_json::json;
+    let routes: Vec<_> = spec
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name, "namespace": r.namespace, "model": r.model, "aliases": r.aliases,
+                "strategy": r.strategy,
+                "backends": r.backends.iter().map(|b| json!({
+                    "name": b.name, "provider": b.provider.as_str(), "url": b.url, "model": b.model,
+                    "weight": b.weight, "priority": b.priority,
+                    "credentials": b.credentials.as_ref().map(|c| match (&c.env, &c.file) {
+                        (Some(env), _) => json!({"env": env}),
+                        (_, Some(file)) => json!({"file": file}),
+                        _ => json!("<redacted>"),
+                    }),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let keys: Vec<_> = spec
+        .keys
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name, "namespace": k.namespace, "models": k.models, "limits": k.limits,
+                "budget": k.budget, "expiresAt": k.expires_at, "disabled": k.disabled,
+                "exhausted": k.exhausted,
+            })
+        })
+        .collect();
+    json!({"version": version, "routes": routes, "keys": keys})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile_yaml(y: &str) -> Result<Snapshot, ConfigError> {
+        let f = ConfigFile::parse(y)?;
+        compile(&f.snapshot(), Source::File, &StateRegistry::default())
+    }
+
+    #[test]
+    fn hashes_keys_like_sha256sum() {
+        assert_eq!(hash_key("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let err = compile_yaml(
+            r#"
+routes:
+  - name: r1
+    model: m
+    timeout: soon
+    backends:
+      - {name: a, provider: openai-compatible}
+      - {name: a, provider: mock, weight: 0}
+keys:
+  - {name: k, sha256: nothex}
+"#,
+        )
+        .err()
+        .expect("invalid");
+        let all = err.to_string();
+        assert!(all.contains("routes[0] (r1).timeout: invalid duration"), "{all}");
+        assert!(all.contains("url is required"), "{all}");
+        assert!(all.contains("duplicate backend name"), "{all}");
+        assert!(all.contains("keys[0] (k).sha256"), "{all}");
+    }
+
+    #[test]
+    fn rejects_inline_credentials_in_files_and_unknown_fields() {
+        let err = compile_yaml(
+            "routes: [{name: r, model: m, backends: [{name: b, provider: openai, credentials: {value: sk-x}}]}]",
+        )
+        .err()
+        .expect("inline value refused");
+        assert!(err.to_string().contains("inline credential values are not allowed"));
+        assert!(!err.to_string().contains("sk-x"));
+        let err = ConfigFile::parse("routes: [{name: r, model: m, bogus: 1, backends: []}]")
+            .err()
+            .expect("unknown field");
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_models_in_a_namespace_are_refused_but_not_across() {
+        let two = |ns2: &str| {
+            format!(
+                "routes:\n - {{name: a, model: m, backends: [{{name: b, provider: mock}}]}}\n - {{name: c, namespace: {ns2}, model: m, backends: [{{name: b, provider: mock}}]}}\n"
+            )
+        };
+        assert!(compile_yaml(&two("default")).is_err());
+        let s = compile_yaml(&two("other")).expect("valid");
+        assert!(s.routes.get("default", "m").is_some());
+        assert!(s.routes.get("other", "m").is_some());
+    }
+
+    #[test]
+    fn version_is_a_content_hash() {
+        let y = "routes: [{name: a, model: m, backends: [{name: b, provider: mock}]}]";
+        let a = compile_yaml(y).unwrap();
+        let b = compile_yaml(y).unwrap();
+        let c = compile_yaml(&y.replace("model: m", "model: n")).unwrap();
+        assert_eq!(a.version, b.version);
+        assert_ne!(a.version, c.version);
+    }
+}

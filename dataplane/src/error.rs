@@ -1,0 +1,158 @@
+//! One error type for the request path and the one place it becomes a response.
+//!
+//! Every variant says whose fault it is (client, gateway, upstream) through its status, and
+//! `into_response` matches every variant with no catch-all arm, so a new variant forces a
+//! decision. Bodies are OpenAI-shaped: `{"error":{"message","type","param","code"}}`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::admission::{LimitKind, Rejection};
+use crate::stream::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown path {0}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models")]
+    UnknownPath(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(u64),
+    #[error("missing API key; send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")]
+    MissingKey,
+    #[error("invalid API key")]
+    InvalidKey,
+    #[error("this API key is disabled")]
+    KeyDisabled,
+    #[error("this API key has expired")]
+    KeyExpired,
+    #[error("the model {0:?} is not allowed for this API key")]
+    ModelNotAllowed(String),
+    #[error("the model {0:?} does not exist")]
+    UnknownModel(String),
+    #[error("{}", .0.message)]
+    Limited(Rejection),
+    #[error("this API key's budget is used up across the gateway")]
+    BudgetExhausted,
+    #[error("the gateway has no configuration yet")]
+    NotReady,
+    #[error("{0}")]
+    Internal(String),
+    #[error("could not reach the upstream: {0}")]
+    UpstreamConnect(String),
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("the upstream is rate limiting requests")]
+    UpstreamRateLimited { retry_after: Option<HeaderValue> },
+    #[error("the upstream returned an error (status {0})")]
+    UpstreamStatus(StatusCode),
+    #[error("the upstream sent a response the gateway cannot read: {0}")]
+    UpstreamProtocol(String),
+}
+
+impl ProxyError {
+    /// A short stable word for logs and the `code` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "invalid_request",
+            Self::UnknownPath(_) => "unknown_url",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::PayloadTooLarge(_) => "request_too_large",
+            Self::MissingKey => "missing_api_key",
+            Self::InvalidKey => "invalid_api_key",
+            Self::KeyDisabled => "api_key_disabled",
+            Self::KeyExpired => "api_key_expired",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::Limited(r) => match r.kind {
+                LimitKind::Budget => "budget_exceeded",
+                LimitKind::Requests | LimitKind::Tokens | LimitKind::Concurrency => {
+                    "rate_limit_exceeded"
+                }
+            },
+            Self::BudgetExhausted => "budget_exceeded",
+            Self::NotReady => "not_ready",
+            Self::Internal(_) => "internal_error",
+            Self::UpstreamConnect(_) => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
+            Self::UpstreamStatus(_) => "upstream_error",
+            Self::UpstreamProtocol(_) => "upstream_protocol_error",
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, kind, retry_after): (StatusCode, &str, Option<HeaderValue>) = match &self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Self::UnknownPath(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", None),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None),
+            Self::MissingKey | Self::InvalidKey => {
+                (StatusCode::UNAUTHORIZED, "authentication_error", None)
+            }
+            Self::KeyDisabled | Self::KeyExpired | Self::ModelNotAllowed(_) => {
+                (StatusCode::FORBIDDEN, "permission_error", None)
+            }
+            Self::UnknownModel(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),
+            Self::Limited(r) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                match r.kind {
+                    LimitKind::Budget => "insufficient_quota",
+                    LimitKind::Requests | LimitKind::Tokens | LimitKind::Concurrency => "rate_limit_error",
+                },
+                Some(retry_secs(r.retry_after)),
+            ),
+            Self::BudgetExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some(HeaderValue::from_static("3600")),
+            ),
+            Self::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some(HeaderValue::from_static("1"))),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::UpstreamConnect(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
+            Self::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_error", None),
+            Self::UpstreamRateLimited { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some(retry_after.clone().unwrap_or(HeaderValue::from_static("1"))),
+            ),
+            Self::UpstreamStatus(s) => (
+                if *s == StatusCode::SERVICE_UNAVAILABLE {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                },
+                "upstream_error",
+                None,
+            ),
+            Self::UpstreamProtocol(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
+        };
+        let body = serde_json::json!({
+            "error": {"message": self.to_string(), "type": kind, "param": null, "code": self.code()}
+        });
+        let mut resp = json_response(status, &body);
+        if let Some(v) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+fn retry_secs(d: Duration) -> HeaderValue {
+    HeaderValue::from(d.as_secs().max(1))
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    let mut resp = Response::new(ProxyBody::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

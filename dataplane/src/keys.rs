@@ -1,0 +1,163 @@
+//! Virtual keys: who may call, which models, under which limits.
+//!
+//! The snapshot carries only SHA-256 hashes. A presented key is hashed once and looked up in
+//! a hash map (O(1)); the matching entry is confirmed with a constant-time comparison, so
+//! timing says nothing about how close a guess came. Raw keys are never stored or logged.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::admission::KeyState;
+use crate::config::{BudgetSpec, LimitsSpec};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(raw: &[u8]) -> Self {
+        Self(Sha256::digest(raw).into())
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHash(<redacted>)")
+    }
+}
+
+/// A model-name pattern: `*` matches any run of characters, everything else literally.
+#[derive(Debug, Clone)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Self {
+        Self(pattern.to_owned())
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        glob_match(self.0.as_bytes(), name.as_bytes())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    // Iterative matcher with single-star backtracking: linear in practice, no recursion.
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|c| *c == b'*')
+}
+
+#[derive(Debug)]
+pub struct Key {
+    /// `namespace/name`: the metrics label and log field.
+    pub id: String,
+    pub namespace: String,
+    /// Empty = every route of the namespace.
+    pub models: Vec<Glob>,
+    pub limits: LimitsSpec,
+    pub budget: Option<BudgetSpec>,
+    pub expires_at: Option<SystemTime>,
+    pub disabled: bool,
+    pub exhausted: bool,
+    pub state: Arc<KeyState>,
+}
+
+impl Key {
+    pub fn allows(&self, route_model: &str, asked: &str) -> bool {
+        self.models.is_empty()
+            || self
+                .models
+                .iter()
+                .any(|g| g.matches(route_model) || g.matches(asked))
+    }
+
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_hash: HashMap<KeyHash, (KeyHash, Arc<Key>)>,
+}
+
+impl KeyStore {
+    pub fn new(keys: Vec<(KeyHash, Arc<Key>)>) -> Self {
+        Self {
+            by_hash: keys.into_iter().map(|(h, k)| (h, (h, k))).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    pub fn authenticate(&self, raw: &[u8]) -> Option<&Arc<Key>> {
+        let presented = KeyHash::of(raw);
+        let (stored, key) = self.by_hash.get(&presented)?;
+        bool::from(stored.0.ct_eq(&presented.0)).then_some(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(Glob::new("*").matches("anything"));
+        assert!(Glob::new("gpt-*").matches("gpt-4o"));
+        assert!(!Glob::new("gpt-*").matches("claude"));
+        assert!(Glob::new("*-mini").matches("gpt-4o-mini"));
+        assert!(Glob::new("a*b*c").matches("aXXbYYc"));
+        assert!(!Glob::new("a*b*c").matches("aXXbYY"));
+        assert!(Glob::new("exact").matches("exact"));
+        assert!(!Glob::new("exact").matches("exact2"));
+    }
+
+    #[test]
+    fn authenticates_by_hash_only() {
+        let key = Arc::new(Key {
+            id: "default/k".into(),
+            namespace: "default".into(),
+            models: vec![],
+            limits: LimitsSpec::default(),
+            budget: None,
+            expires_at: None,
+            disabled: false,
+            exhausted: false,
+            state: Arc::default(),
+        });
+        let store = KeyStore::new(vec![(KeyHash::of(b"sk-right"), key)]);
+        assert!(store.authenticate(b"sk-right").is_some());
+        assert!(store.authenticate(b"sk-wrong").is_none());
+        assert!(!format!("{store:?}").contains("sk-right"));
+    }
+}

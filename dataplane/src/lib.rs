@@ -1,0 +1,27 @@
+//! modelgate's proxy: an OpenAI-compatible gateway that authenticates virtual keys, routes by
+//! model with weights, tiers and retries, streams, enforces limits and budgets, and meters
+//! tokens and cost.
+//!
+//! ```text
+//!  config (file │ operator) ─► config::compile ─► snapshot::Live (arc-swap)
+//!                                                        │ load once per request
+//!  client ─► server ─► proxy: auth → route → admission → forward (providers) → meter
+//!                                                        └► stream (SSE pass-through)
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod meter;
+pub mod metrics;
+pub mod providers;
+pub mod proxy;
+pub mod request;
+pub mod routes;
+pub mod server;
+pub mod snapshot;
+pub mod source;
+pub mod stream;

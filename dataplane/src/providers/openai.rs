@@ -1,0 +1,70 @@
+//! OpenAI's wire format, spoken by OpenAI itself and by vLLM, Ollama, llama.cpp server, TGI
+//! and other OpenAI-compatible servers: the body passes through with the model rewritten,
+//! and the credential goes into `Authorization: Bearer`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Uri, header};
+use http_body_util::Full;
+
+use crate::request::Endpoint;
+use crate::routes::Credential;
+
+#[derive(Debug)]
+pub struct Upstream {
+    /// Request URIs per endpoint, built once from the base URL.
+    chat: Uri,
+    completions: Uri,
+    embeddings: Uri,
+    credential: Option<Credential>,
+}
+
+impl Upstream {
+    pub fn new(base: &str, credential: Option<Credential>) -> Result<Self, String> {
+        let base = base.trim_end_matches('/');
+        let parsed: Uri = base
+            .parse()
+            .map_err(|e| format!("invalid URL {base:?}: {e}"))?;
+        match parsed.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(format!("URL {base:?} must start with http:// or https://")),
+        }
+        if parsed.authority().is_none() {
+            return Err(format!("URL {base:?} has no host"));
+        }
+        if parsed.query().is_some() {
+            return Err(format!("URL {base:?} must not have a query string"));
+        }
+        let uri = |e: Endpoint| -> Result<Uri, String> {
+            format!("{base}{}", e.upstream_path())
+                .parse()
+                .map_err(|e| format!("invalid URL {base:?}: {e}"))
+        };
+        Ok(Self {
+            chat: uri(Endpoint::Chat)?,
+            completions: uri(Endpoint::Completions)?,
+            embeddings: uri(Endpoint::Embeddings)?,
+            credential,
+        })
+    }
+
+    pub fn request(&self, endpoint: Endpoint, body: Bytes, stream: bool) -> Request<Full<Bytes>> {
+        let uri = match endpoint {
+            Endpoint::Chat => &self.chat,
+            Endpoint::Completions => &self.completions,
+            Endpoint::Embeddings => &self.embeddings,
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri.clone();
+        let h = req.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(if stream { "text/event-stream" } else { "application/json" }),
+        );
+        if let Some(c) = &self.credential {
+            h.insert(header::AUTHORIZATION, c.header().clone());
+        }
+        req
+    }
+}

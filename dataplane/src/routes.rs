@@ -1,0 +1,484 @@
+//! Routes, backends and how one is picked.
+//!
+//! ```text
+//!  RouteTable: namespace ─► model or alias ─► Route
+//!  Route ─► tiers (by priority, lower first) ─► Backends (weight, provider, pricing)
+//!  Backend ─► BackendState (EWMA latency, in-flight, consecutive failures, ejection)
+//! ```
+//!
+//! `BackendState` outlives snapshots: a reload that keeps a backend's name keeps its health.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+
+use crate::providers::mock::MockSettings;
+use crate::providers::openai::Upstream;
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Random by weight.
+    #[default]
+    Weighted,
+    /// Power of two choices over weighted picks, preferring the lower latency × load.
+    LeastLatency,
+    /// The cheapest backend by pricing; ties by weight.
+    LowestCost,
+}
+
+/// Failures that may be retried (and fall through to the next tier).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// Connection refused, reset or TLS failure before a response.
+    Connect,
+    /// The attempt ran past its timeout.
+    Timeout,
+    /// Upstream answered 429.
+    #[serde(rename = "429")]
+    RateLimited,
+    /// Upstream answered 5xx.
+    #[serde(rename = "5xx")]
+    ServerError,
+}
+
+impl RetryOn {
+    pub const ALL: [RetryOn; 4] = [Self::Connect, Self::Timeout, Self::RateLimited, Self::ServerError];
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            on: RetryOn::ALL.to_vec(),
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter in its upper half.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let base = self.backoff.saturating_mul(1u32 << retry.min(16)).min(self.max_backoff);
+        let half = base / 2;
+        half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct OutlierPolicy {
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+    pub max_ejection_time: Duration,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pricing {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl Pricing {
+    pub fn cost(&self, input: u64, output: u64) -> f64 {
+        (input as f64 * self.input_per_million + output as f64 * self.output_per_million) / 1e6
+    }
+}
+
+/// An upstream credential, ready to be injected. Redacted in `Debug`; never logged.
+#[derive(Clone)]
+pub struct Credential(HeaderValue);
+
+impl Credential {
+    pub fn bearer(raw: &str) -> Option<Self> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {raw}")).ok()?;
+        v.set_sensitive(true);
+        Some(Self(v))
+    }
+
+    pub fn header(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
+}
+
+#[derive(Debug)]
+pub enum Provider {
+    /// OpenAI and every server that speaks its wire format.
+    OpenAi(Upstream),
+    /// The built-in mock model: no network.
+    Mock(MockSettings),
+}
+
+/// Live health of one backend, shared across snapshots.
+#[derive(Debug)]
+pub struct BackendState {
+    /// EWMA of time to response headers, in microseconds, as f64 bits; 0 = no sample yet.
+    ewma_us: AtomicU64,
+    pub in_flight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Milliseconds since `epoch` until which the backend is ejected; 0 = not ejected.
+    ejected_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        Self {
+            ewma_us: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl BackendState {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && self.now_ms() < until
+    }
+
+    pub fn ewma(&self) -> f64 {
+        f64::from_bits(self.ewma_us.load(Ordering::Relaxed))
+    }
+
+    /// A successful attempt: record its latency and forgive earlier failures.
+    pub fn record_success(&self, latency: Duration) {
+        const ALPHA: f64 = 0.3;
+        let sample = latency.as_micros() as f64;
+        let old = self.ewma();
+        let new = if old == 0.0 { sample } else { old + ALPHA * (sample - old) };
+        self.ewma_us.store(new.to_bits(), Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A failed attempt. Returns true when this failure ejected the backend.
+    pub fn record_failure(&self, policy: &OutlierPolicy, may_eject: bool) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < policy.consecutive_failures || !may_eject || self.is_ejected() {
+            return false;
+        }
+        let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = policy
+            .ejection_time
+            .saturating_mul(times)
+            .min(policy.max_ejection_time);
+        self.ejected_until_ms
+            .store(self.now_ms() + span.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    /// `namespace/route`, for metrics.
+    pub route_id: String,
+    pub name: String,
+    pub provider: Provider,
+    pub upstream_model: Option<String>,
+    pub weight: u32,
+    pub timeout: Option<Duration>,
+    pub pricing: Pricing,
+    pub state: Arc<BackendState>,
+}
+
+impl Backend {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        route_id: &str,
+        name: &str,
+        provider: Provider,
+        upstream_model: Option<String>,
+        weight: u32,
+        timeout: Option<Duration>,
+        pricing: Pricing,
+        state: Arc<BackendState>,
+    ) -> Self {
+        Self {
+            route_id: route_id.to_owned(),
+            name: name.to_owned(),
+            provider,
+            upstream_model,
+            weight,
+            timeout,
+            pricing,
+            state,
+        }
+    }
+
+    /// Identity within a snapshot, for "already tried" bookkeeping.
+    pub fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    pub fn provider_name(&self) -> &'static str {
+        match &self.provider {
+            Provider::OpenAi(_) => "openai",
+            Provider::Mock(_) => "mock",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Tier {
+    pub priority: u32,
+    pub backends: Vec<Arc<Backend>>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// `namespace/name`, for metrics and logs.
+    pub id: String,
+    pub namespace: String,
+    pub model: String,
+    pub aliases: Vec<String>,
+    pub strategy: Strategy,
+    pub timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub outlier: OutlierPolicy,
+    pub tiers: Vec<Tier>,
+}
+
+impl Route {
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.tiers.iter().flat_map(|t| t.backends.iter())
+    }
+
+    /// Highest prices over all backends: what an admission reserves against a USD budget.
+    pub fn max_pricing(&self) -> Pricing {
+        self.backends().fold(Pricing::default(), |acc, b| Pricing {
+            input_per_million: acc.input_per_million.max(b.pricing.input_per_million),
+            output_per_million: acc.output_per_million.max(b.pricing.output_per_million),
+        })
+    }
+
+    /// Outlier ejection never takes the last healthy backend of a route.
+    pub fn may_eject(&self, which: &Backend) -> bool {
+        self.backends()
+            .any(|b| !std::ptr::eq(b.as_ref(), which) && !b.state.is_ejected())
+    }
+
+    /// Pick a backend of `tier`: healthy ones not `tried` yet first, then healthy ones again
+    /// (a retry on the only backend), then ejected ones (better than failing outright).
+    /// None only when the tier has no backend with a positive weight.
+    pub fn pick(&self, tier: &Tier, tried: &[usize]) -> Option<Arc<Backend>> {
+        let fresh = |b: &Arc<Backend>| !tried.contains(&b.id());
+        let usable = || tier.backends.iter().filter(|b| b.weight > 0);
+        let mut candidates: Vec<&Arc<Backend>> = usable()
+            .filter(|b| !b.state.is_ejected() && fresh(b))
+            .collect();
+        if candidates.is_empty() {
+            candidates = usable().filter(|b| !b.state.is_ejected()).collect();
+        }
+        if candidates.is_empty() {
+            candidates = usable().collect();
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        let chosen = match self.strategy {
+            Strategy::Weighted => weighted(&candidates),
+            Strategy::LeastLatency => {
+                let a = weighted(&candidates);
+                let b = weighted(&candidates);
+                let cost = |x: &Backend| {
+                    let inflight = x.state.in_flight.load(Ordering::Relaxed) as f64;
+                    // Unmeasured backends look fast, so they get probed.
+                    x.state.ewma() * (inflight + 1.0)
+                };
+                if cost(b) < cost(a) { b } else { a }
+            }
+            Strategy::LowestCost => {
+                let price = |x: &Backend| x.pricing.input_per_million + x.pricing.output_per_million;
+                let min = candidates
+                    .iter()
+                    .map(|b| price(b))
+                    .fold(f64::INFINITY, f64::min);
+                let cheapest: Vec<&Arc<Backend>> =
+                    candidates.into_iter().filter(|b| price(b) <= min).collect();
+                weighted(&cheapest)
+            }
+        };
+        Some(chosen.clone())
+    }
+}
+
+fn weighted<'a>(candidates: &[&'a Arc<Backend>]) -> &'a Arc<Backend> {
+    let total: u64 = candidates.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return candidates[fastrand::usize(..candidates.len())];
+    }
+    let mut point = fastrand::u64(..total);
+    for b in candidates {
+        let w = u64::from(b.weight);
+        if point < w {
+            return b;
+        }
+        point -= w;
+    }
+    candidates[candidates.len() - 1]
+}
+
+/// namespace → public model name or alias → route.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    by_namespace: HashMap<String, HashMap<String, Arc<Route>>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Arc<Route>>) -> Self {
+        let mut by_namespace: HashMap<String, HashMap<String, Arc<Route>>> = HashMap::new();
+        for r in routes {
+            let ns = by_namespace.entry(r.namespace.clone()).or_default();
+            for m in std::iter::once(&r.model).chain(r.aliases.iter()) {
+                ns.insert(m.clone(), r.clone());
+            }
+        }
+        Self { by_namespace }
+    }
+
+    pub fn get(&self, namespace: &str, model: &str) -> Option<&Arc<Route>> {
+        self.by_namespace.get(namespace)?.get(model)
+    }
+
+    /// Every public name (models and aliases) of a namespace, sorted.
+    pub fn names(&self, namespace: &str) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .by_namespace
+            .get(namespace)
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.by_namespace.values().flat_map(|m| m.values())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, weight: u32) -> Arc<Backend> {
+        Arc::new(Backend::new(
+            "default/r",
+            name,
+            Provider::Mock(MockSettings::default()),
+            None,
+            weight,
+            None,
+            Pricing::default(),
+            Arc::default(),
+        ))
+    }
+
+    fn route(backends: Vec<Arc<Backend>>, strategy: Strategy) -> Route {
+        Route {
+            id: "default/r".into(),
+            namespace: "default".into(),
+            model: "m".into(),
+            aliases: vec![],
+            strategy,
+            timeout: None,
+            retry: RetryPolicy::default(),
+            outlier: OutlierPolicy {
+                consecutive_failures: 2,
+                ejection_time: Duration::from_secs(60),
+                max_ejection_time: Duration::from_secs(60),
+            },
+            tiers: vec![Tier { priority: 0, backends }],
+        }
+    }
+
+    #[test]
+    fn weighted_split_follows_weights() {
+        let r = route(vec![backend("a", 80), backend("b", 20)], Strategy::Weighted);
+        let mut a = 0;
+        for _ in 0..10_000 {
+            if r.pick(&r.tiers[0], &[]).unwrap().name == "a" {
+                a += 1;
+            }
+        }
+        assert!((7_600..=8_400).contains(&a), "a picked {a} of 10000");
+    }
+
+    #[test]
+    fn ejection_skips_a_backend_but_never_the_last() {
+        let r = route(vec![backend("a", 1), backend("b", 1)], Strategy::Weighted);
+        let (a, b) = (&r.tiers[0].backends[0], &r.tiers[0].backends[1]);
+        assert!(!a.state.record_failure(&r.outlier, r.may_eject(a)));
+        assert!(a.state.record_failure(&r.outlier, r.may_eject(a)));
+        for _ in 0..100 {
+            assert_eq!(r.pick(&r.tiers[0], &[]).unwrap().name, "b");
+        }
+        b.state.record_failure(&r.outlier, r.may_eject(b));
+        assert!(!b.state.record_failure(&r.outlier, r.may_eject(b)), "last healthy backend stays");
+        assert!(!b.state.is_ejected());
+    }
+
+    #[test]
+    fn tried_backends_are_skipped_while_others_remain() {
+        let r = route(vec![backend("a", 1), backend("b", 1)], Strategy::LeastLatency);
+        let first = r.pick(&r.tiers[0], &[]).unwrap();
+        let second = r.pick(&r.tiers[0], &[first.id()]).unwrap();
+        assert_ne!(first.name, second.name);
+        // Once all were tried, retries may go to any of them again.
+        assert!(r.pick(&r.tiers[0], &[first.id(), second.id()]).is_some());
+    }
+
+    #[test]
+    fn least_latency_prefers_the_faster_backend() {
+        let r = route(vec![backend("slow", 1), backend("fast", 1)], Strategy::LeastLatency);
+        r.tiers[0].backends[0].state.record_success(Duration::from_millis(50));
+        r.tiers[0].backends[1].state.record_success(Duration::from_millis(5));
+        let fast = (0..1000)
+            .filter(|_| r.pick(&r.tiers[0], &[]).unwrap().name == "fast")
+            .count();
+        // P2C picks the slow one only when both draws land on it (~25%).
+        assert!(fast > 650, "fast picked {fast} of 1000");
+    }
+}

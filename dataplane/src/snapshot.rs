@@ -1,0 +1,76 @@
+//! The active snapshot and the state that outlives snapshots.
+//!
+//! `Live` holds the current `Snapshot` behind `arc-swap`: every request loads it once and
+//! keeps that `Arc` to its end, so in-flight requests finish on the snapshot they started
+//! with while a reload swaps in the next one. `StateRegistry` keeps per-key counters and
+//! per-backend health by name, so a reload carries them over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+
+use crate::admission::KeyState;
+use crate::keys::KeyStore;
+use crate::routes::{BackendState, RouteTable};
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: String,
+    pub routes: RouteTable,
+    pub keys: KeyStore,
+    /// Redacted description for `/config`.
+    pub summary: serde_json::Value,
+}
+
+#[derive(Debug, Default)]
+pub struct StateRegistry {
+    keys: Mutex<HashMap<String, Arc<KeyState>>>,
+    backends: Mutex<HashMap<(String, String), Arc<BackendState>>>,
+}
+
+impl StateRegistry {
+    pub fn key_state(&self, id: &str) -> Arc<KeyState> {
+        let mut m = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(id.to_owned()).or_default().clone()
+    }
+
+    pub fn backend_state(&self, route: &str, backend: &str) -> Arc<BackendState> {
+        let mut m = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((route.to_owned(), backend.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// Forget state of objects the active snapshot no longer has. Only entries nobody else
+    /// holds are dropped, so a request still running on an older snapshot keeps counting.
+    pub fn prune(&self) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| Arc::strong_count(s) > 1);
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| Arc::strong_count(s) > 1);
+    }
+}
+
+/// The proxy's view of its configuration: the snapshot in force (if any yet) and the
+/// registry it was compiled against.
+#[derive(Debug, Default)]
+pub struct Live {
+    current: ArcSwapOption<Snapshot>,
+    pub registry: StateRegistry,
+}
+
+impl Live {
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, snapshot: Snapshot) {
+        self.current.store(Some(Arc::new(snapshot)));
+        self.registry.prune();
+    }
+}
