@@ -180,8 +180,13 @@ impl Ticket {
             self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         let now = unix_now();
-        let mut c = self.state.counters.lock().unwrap_or_else(|e| e.into_inner());
-        c.tokens.settle(self.second, self.reserved.tokens, tokens, now);
+        let mut c = self
+            .state
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.tokens
+            .settle(self.second, self.reserved.tokens, tokens, now);
         let b = &mut c.budget;
         if b.period == self.period {
             b.reserved_tokens = b.reserved_tokens.saturating_sub(self.reserved.tokens);
@@ -285,7 +290,9 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
             return Err(Rejection {
                 kind: LimitKind::Requests,
                 retry_after: Duration::from_secs(wait.max(1)),
-                message: format!("rate limit of {rpm} requests per minute reached; retry in {wait}s"),
+                message: format!(
+                    "rate limit of {rpm} requests per minute reached; retry in {wait}s"
+                ),
             });
         }
         headers.push(("x-ratelimit-limit-requests", header_num(rpm)));
@@ -319,7 +326,10 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
             });
         }
         headers.push(("x-ratelimit-limit-tokens", header_num(tpm)));
-        headers.push(("x-ratelimit-remaining-tokens", header_num(tpm - used - est.tokens)));
+        headers.push((
+            "x-ratelimit-remaining-tokens",
+            header_num(tpm - used - est.tokens),
+        ));
     }
     let mut period = 0;
     if let Some(budget) = &key.budget {
@@ -346,11 +356,17 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
     }
     if limits.requests_per_minute.is_some() {
         c.requests.add(now, 1);
-        headers.push(("x-ratelimit-reset-requests", header_secs(c.requests.reset_in(now))));
+        headers.push((
+            "x-ratelimit-reset-requests",
+            header_secs(c.requests.reset_in(now)),
+        ));
     }
     if limits.tokens_per_minute.is_some() {
         c.tokens.add(now, est.tokens);
-        headers.push(("x-ratelimit-reset-tokens", header_secs(c.tokens.reset_in(now))));
+        headers.push((
+            "x-ratelimit-reset-tokens",
+            header_secs(c.tokens.reset_in(now)),
+        ));
     }
     drop(c);
     Ok(Ticket {
@@ -422,8 +438,14 @@ mod tests {
             None,
         );
         let now = 1_000_000;
-        let tickets: Vec<_> = (0..20).filter_map(|_| admit(&k, est(150), now).ok()).collect();
-        assert_eq!(tickets.len(), 6, "6 × 150 = 900 fits, a 7th would reach 1050");
+        let tickets: Vec<_> = (0..20)
+            .filter_map(|_| admit(&k, est(150), now).ok())
+            .collect();
+        assert_eq!(
+            tickets.len(),
+            6,
+            "6 × 150 = 900 fits, a 7th would reach 1050"
+        );
         let err = admit(&k, est(150), now).unwrap_err();
         assert_eq!(err.kind, LimitKind::Tokens);
         assert_eq!(err.retry_after, Duration::from_secs(60));
@@ -448,7 +470,10 @@ mod tests {
         admit(&k, est(0), t0 + 10).unwrap();
         let err = admit(&k, est(0), t0 + 20).unwrap_err();
         assert_eq!(err.retry_after, Duration::from_secs(40));
-        assert!(admit(&k, est(0), t0 + 60).is_ok(), "first one left the window");
+        assert!(
+            admit(&k, est(0), t0 + 60).is_ok(),
+            "first one left the window"
+        );
     }
 
     #[test]
@@ -461,7 +486,10 @@ mod tests {
             None,
         );
         let t = admit(&k, est(1), 1).unwrap();
-        assert_eq!(admit(&k, est(1), 1).unwrap_err().kind, LimitKind::Concurrency);
+        assert_eq!(
+            admit(&k, est(1), 1).unwrap_err().kind,
+            LimitKind::Concurrency
+        );
         drop(t);
         assert!(admit(&k, est(1), 1).is_ok());
     }
@@ -482,7 +510,10 @@ mod tests {
         t.settle(90, 0.0);
         let err = admit(&k, est(20), now).unwrap_err();
         assert_eq!(err.retry_after, Duration::from_secs(86_400 - 5));
-        assert!(admit(&k, est(20), now + 86_400).is_ok(), "a new day starts fresh");
+        assert!(
+            admit(&k, est(20), now + 86_400).is_ok(),
+            "a new day starts fresh"
+        );
     }
 
     #[test]

@@ -55,7 +55,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
             "--reload-interval" => {
                 let v = value("--reload-interval")?;
                 o.reload_interval = Some(
-                    humantime::parse_duration(&v).with_context(|| format!("--reload-interval {v:?}"))?,
+                    humantime::parse_duration(&v)
+                        .with_context(|| format!("--reload-interval {v:?}"))?,
                 );
             }
             "--log-format" => match value("--log-format")?.as_str() {
@@ -103,7 +104,10 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logs(opts.text_logs);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -123,7 +127,9 @@ pub fn main() -> ExitCode {
 fn init_logs(text: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if text {
         b.init();
     } else {
@@ -135,8 +141,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let Some(path) = opts.config.clone() else {
         bail!("--config FILE is required (try examples/standalone.yaml)\n\n{USAGE}");
     };
-    let (bytes, file) = source::read_config(&path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (bytes, file) =
+        source::read_config(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if opts.check {
         let v = config::compile(&file.snapshot(), Source::File, &Default::default())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
@@ -146,7 +152,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let server_spec = file.server.clone();
     let duration = |what: &str, v: &str| {
-        humantime::parse_duration(v).with_context(|| format!("server.{what} {v:?} is not a duration"))
+        humantime::parse_duration(v)
+            .with_context(|| format!("server.{what} {v:?} is not a duration"))
     };
     let header_timeout = duration("headerReadTimeout", &server_spec.header_read_timeout)?;
     let drain = duration("drainTimeout", &server_spec.drain_timeout)?;
@@ -154,7 +161,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         max_body_bytes: server_spec.max_body_bytes,
         default_max_tokens: server_spec.default_max_tokens,
     }));
-    let rt = Arc::new(Runtime::new(gateway.clone(), format!("file:{}", path.display())));
+    let rt = Arc::new(Runtime::new(
+        gateway.clone(),
+        format!("file:{}", path.display()),
+    ));
     rt.apply(&file.snapshot(), Source::File)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
 
@@ -164,7 +174,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(api = %api_addr, admin = %admin_addr, config = %path.display(), "modelgate-dataplane listening");
     if let Some(f) = &opts.addr_file {
         let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::json!({"api": api_addr, "admin": admin_addr}).to_string())?;
+        std::fs::write(
+            &tmp,
+            serde_json::json!({"api": api_addr, "admin": admin_addr}).to_string(),
+        )?;
         std::fs::rename(&tmp, f)?;
     }
 
@@ -224,9 +237,16 @@ mod tests {
     #[test]
     fn parses_flags_and_rejects_unknown_ones() {
         let o = parse_args(
-            ["--config", "f.yaml", "--listen", "127.0.0.1:0", "--reload-interval", "200ms"]
-                .into_iter()
-                .map(String::from),
+            [
+                "--config",
+                "f.yaml",
+                "--listen",
+                "127.0.0.1:0",
+                "--reload-interval",
+                "200ms",
+            ]
+            .into_iter()
+            .map(String::from),
         )
         .unwrap();
         assert_eq!(o.config.unwrap(), PathBuf::from("f.yaml"));

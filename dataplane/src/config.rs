@@ -22,8 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::{Glob, Key, KeyHash, KeyStore};
 use crate::routes::{
-    Backend, Credential, OutlierPolicy, Pricing, Provider, RetryOn, RetryPolicy, Route,
-    RouteTable, Strategy, Tier,
+    Backend, Credential, OutlierPolicy, Pricing, Provider, RetryOn, RetryPolicy, Route, RouteTable,
+    Strategy, Tier,
 };
 use crate::snapshot::{Snapshot, StateRegistry};
 
@@ -389,7 +389,10 @@ impl Problems {
         match humantime::parse_duration(text) {
             Ok(d) => d,
             Err(e) => {
-                self.push(path, format_args!("invalid duration {text:?} ({e}); use e.g. 30s or 500ms"));
+                self.push(
+                    path,
+                    format_args!("invalid duration {text:?} ({e}); use e.g. 30s or 500ms"),
+                );
                 Duration::ZERO
             }
         }
@@ -455,7 +458,10 @@ pub fn compile(
     for (ri, r) in spec.routes.iter().enumerate() {
         let path = format!("routes[{ri}] ({})", r.name);
         if !valid_name(&r.name) {
-            p.push(&path, "name must be non-empty and use only letters, digits, '-', '.', '_'");
+            p.push(
+                &path,
+                "name must be non-empty and use only letters, digits, '-', '.', '_'",
+            );
         }
         if !valid_name(&r.namespace) {
             p.push(&path, "namespace is not a valid name");
@@ -473,7 +479,10 @@ pub fn compile(
             {
                 p.push(
                     &path,
-                    format_args!("model {m:?} is already served by route {other:?} in namespace {:?}", r.namespace),
+                    format_args!(
+                        "model {m:?} is already served by route {other:?} in namespace {:?}",
+                        r.namespace
+                    ),
                 );
             }
         }
@@ -482,13 +491,18 @@ pub fn compile(
             None => RetryPolicy::default(),
             Some(rs) => {
                 let backoff = p.duration(&format!("{path}.retries.backoff"), &rs.backoff);
-                let max_backoff = p.duration(&format!("{path}.retries.maxBackoff"), &rs.max_backoff);
+                let max_backoff =
+                    p.duration(&format!("{path}.retries.maxBackoff"), &rs.max_backoff);
                 if rs.attempts > 10 {
                     p.push(&format!("{path}.retries.attempts"), "at most 10");
                 }
                 RetryPolicy {
                     attempts: rs.attempts,
-                    on: if rs.on.is_empty() { RetryOn::ALL.to_vec() } else { rs.on.clone() },
+                    on: if rs.on.is_empty() {
+                        RetryOn::ALL.to_vec()
+                    } else {
+                        rs.on.clone()
+                    },
                     backoff,
                     max_backoff: max_backoff.max(backoff),
                 }
@@ -497,10 +511,19 @@ pub fn compile(
         let outlier = match &r.outlier_detection {
             None => OutlierPolicy::default(),
             Some(o) => {
-                let base = p.duration(&format!("{path}.outlierDetection.ejectionTime"), &o.ejection_time);
-                let max = p.duration(&format!("{path}.outlierDetection.maxEjectionTime"), &o.max_ejection_time);
+                let base = p.duration(
+                    &format!("{path}.outlierDetection.ejectionTime"),
+                    &o.ejection_time,
+                );
+                let max = p.duration(
+                    &format!("{path}.outlierDetection.maxEjectionTime"),
+                    &o.max_ejection_time,
+                );
                 if o.consecutive_failures == 0 {
-                    p.push(&format!("{path}.outlierDetection.consecutiveFailures"), "must be at least 1");
+                    p.push(
+                        &format!("{path}.outlierDetection.consecutiveFailures"),
+                        "must be at least 1",
+                    );
                 }
                 OutlierPolicy {
                     consecutive_failures: o.consecutive_failures.max(1),
@@ -518,13 +541,24 @@ pub fn compile(
         for (bi, b) in r.backends.iter().enumerate() {
             let bpath = format!("{path}.backends[{bi}] ({})", b.name);
             if !valid_name(&b.name) {
-                p.push(&bpath, "name must be non-empty and use only letters, digits, '-', '.', '_'");
+                p.push(
+                    &bpath,
+                    "name must be non-empty and use only letters, digits, '-', '.', '_'",
+                );
             }
             if !backend_names.insert(b.name.clone()) {
                 p.push(&bpath, "duplicate backend name in this route");
             }
-            if b.weight == 0 && r.backends.iter().filter(|o| o.priority == b.priority).all(|o| o.weight == 0) {
-                p.push(&bpath, "every backend of this priority tier has weight 0; give one a positive weight");
+            if b.weight == 0
+                && r.backends
+                    .iter()
+                    .filter(|o| o.priority == b.priority)
+                    .all(|o| o.weight == 0)
+            {
+                p.push(
+                    &bpath,
+                    "every backend of this priority tier has weight 0; give one a positive weight",
+                );
             }
             if b.weight > 1_000_000 {
                 p.push(&bpath, "weight must be at most 1000000");
@@ -539,7 +573,10 @@ pub fn compile(
                     if !(pr.input_per_million.is_finite() && pr.input_per_million >= 0.0)
                         || !(pr.output_per_million.is_finite() && pr.output_per_million >= 0.0)
                     {
-                        p.push(&format!("{bpath}.pricing"), "prices must be finite and not negative");
+                        p.push(
+                            &format!("{bpath}.pricing"),
+                            "prices must be finite and not negative",
+                        );
                     }
                     Pricing {
                         input_per_million: pr.input_per_million,
@@ -586,13 +623,19 @@ pub fn compile(
     for (ki, k) in spec.keys.iter().enumerate() {
         let path = format!("keys[{ki}] ({})", k.name);
         if !valid_name(&k.name) || !valid_name(&k.namespace) {
-            p.push(&path, "name and namespace must be non-empty and use only letters, digits, '-', '.', '_'");
+            p.push(
+                &path,
+                "name and namespace must be non-empty and use only letters, digits, '-', '.', '_'",
+            );
         }
         if !key_names.insert((k.namespace.clone(), k.name.clone())) {
             p.push(&path, "duplicate key name in this namespace");
         }
         let Some(hash) = parse_hash(&k.sha256) else {
-            p.push(&format!("{path}.sha256"), "must be 64 hex digits (the SHA-256 of the raw key)");
+            p.push(
+                &format!("{path}.sha256"),
+                "must be 64 hex digits (the SHA-256 of the raw key)",
+            );
             continue;
         };
         if !hashes.insert(hash.0) {
@@ -603,7 +646,10 @@ pub fn compile(
             Some(t) => match humantime::parse_rfc3339_weak(t) {
                 Ok(at) => Some(at),
                 Err(e) => {
-                    p.push(&format!("{path}.expiresAt"), format_args!("invalid RFC 3339 time {t:?} ({e})"));
+                    p.push(
+                        &format!("{path}.expiresAt"),
+                        format_args!("invalid RFC 3339 time {t:?} ({e})"),
+                    );
                     None
                 }
             },
@@ -615,7 +661,10 @@ pub fn compile(
             ("maxConcurrent", limits.max_concurrent.map(u64::from)),
         ] {
             if v == Some(0) {
-                p.push(&format!("{path}.limits.{field}"), "must be at least 1 (omit it for no limit)");
+                p.push(
+                    &format!("{path}.limits.{field}"),
+                    "must be at least 1 (omit it for no limit)",
+                );
             }
         }
         if let Some(b) = &k.budget {
@@ -649,7 +698,10 @@ pub fn compile(
     if !p.0.is_empty() {
         return Err(ConfigError { problems: p.0 });
     }
-    let version = spec.version.clone().unwrap_or_else(|| content_version(spec));
+    let version = spec
+        .version
+        .clone()
+        .unwrap_or_else(|| content_version(spec));
     let summary = summarize(spec, &version);
     Ok(Snapshot {
         version,
@@ -667,10 +719,14 @@ fn resolve_credential(
 ) -> Option<Credential> {
     let spec = spec?;
     let path = format!("{path}.credentials");
-    let set = [spec.env.is_some(), spec.file.is_some(), spec.value.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let set = [
+        spec.env.is_some(),
+        spec.file.is_some(),
+        spec.value.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if set != 1 {
         p.push(&path, "set exactly one of env, file or value");
         return None;
@@ -687,7 +743,10 @@ fn resolve_credential(
         match std::fs::read_to_string(file) {
             Ok(v) => v,
             Err(e) => {
-                p.push(&path, format_args!("cannot read credential file {file}: {e}"));
+                p.push(
+                    &path,
+                    format_args!("cannot read credential file {file}: {e}"),
+                );
                 return None;
             }
         }
@@ -709,7 +768,10 @@ fn resolve_credential(
     match Credential::bearer(raw) {
         Some(c) => Some(c),
         None => {
-            p.push(&path, "the credential contains characters not allowed in an HTTP header");
+            p.push(
+                &path,
+                "the credential contains characters not allowed in an HTTP header",
+            );
             None
         }
     }
@@ -727,10 +789,16 @@ fn build_provider(
             let latency = p.duration(&format!("{path}.mock.latency"), &m.latency);
             let chunk_delay = p.duration(&format!("{path}.mock.chunkDelay"), &m.chunk_delay);
             if m.output_tokens == 0 || m.output_tokens > 100_000 {
-                p.push(&format!("{path}.mock.outputTokens"), "must be between 1 and 100000");
+                p.push(
+                    &format!("{path}.mock.outputTokens"),
+                    "must be between 1 and 100000",
+                );
             }
             if m.dimensions == 0 || m.dimensions > 16_384 {
-                p.push(&format!("{path}.mock.dimensions"), "must be between 1 and 16384");
+                p.push(
+                    &format!("{path}.mock.dimensions"),
+                    "must be between 1 and 16384",
+                );
             }
             Some(Provider::Mock(crate::providers::mock::MockSettings {
                 latency,
@@ -752,7 +820,10 @@ fn build_provider(
                 }
             };
             if b.provider == ProviderKind::Openai && credential.is_none() {
-                p.push(path, "provider openai needs credentials (env or file with the API key)");
+                p.push(
+                    path,
+                    "provider openai needs credentials (env or file with the API key)",
+                );
             }
             match crate::providers::openai::Upstream::new(&url, credential) {
                 Ok(u) => Some(Provider::OpenAi(u)),
@@ -765,7 +836,10 @@ fn build_provider(
         ProviderKind::Anthropic | ProviderKind::AzureOpenai => {
             p.push(
                 path,
-                format_args!("provider {} is not supported by this proxy version yet", b.provider.as_str()),
+                format_args!(
+                    "provider {} is not supported by this proxy version yet",
+                    b.provider.as_str()
+                ),
             );
             None
         }
@@ -819,7 +893,10 @@ mod tests {
 
     #[test]
     fn hashes_keys_like_sha256sum() {
-        assert_eq!(hash_key("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
@@ -840,7 +917,10 @@ keys:
         .err()
         .expect("invalid");
         let all = err.to_string();
-        assert!(all.contains("routes[0] (r1).timeout: invalid duration"), "{all}");
+        assert!(
+            all.contains("routes[0] (r1).timeout: invalid duration"),
+            "{all}"
+        );
         assert!(all.contains("url is required"), "{all}");
         assert!(all.contains("duplicate backend name"), "{all}");
         assert!(all.contains("keys[0] (k).sha256"), "{all}");
@@ -853,7 +933,10 @@ keys:
         )
         .err()
         .expect("inline value refused");
-        assert!(err.to_string().contains("inline credential values are not allowed"));
+        assert!(
+            err.to_string()
+                .contains("inline credential values are not allowed")
+        );
         assert!(!err.to_string().contains("sk-x"));
         let err = ConfigFile::parse("routes: [{name: r, model: m, bogus: 1, backends: []}]")
             .err()

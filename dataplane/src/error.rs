@@ -16,7 +16,9 @@ use crate::stream::ProxyBody;
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("unknown path {0}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models")]
+    #[error(
+        "unknown path {0}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models"
+    )]
     UnknownPath(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
@@ -89,8 +91,14 @@ impl ProxyError {
         let (status, kind, retry_after): (StatusCode, &str, Option<HeaderValue>) = match &self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
             Self::UnknownPath(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),
-            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", None),
-            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None),
+            Self::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                None,
+            ),
+            Self::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None)
+            }
             Self::MissingKey | Self::InvalidKey => {
                 (StatusCode::UNAUTHORIZED, "authentication_error", None)
             }
@@ -102,7 +110,9 @@ impl ProxyError {
                 StatusCode::TOO_MANY_REQUESTS,
                 match r.kind {
                     LimitKind::Budget => "insufficient_quota",
-                    LimitKind::Requests | LimitKind::Tokens | LimitKind::Concurrency => "rate_limit_error",
+                    LimitKind::Requests | LimitKind::Tokens | LimitKind::Concurrency => {
+                        "rate_limit_error"
+                    }
                 },
                 Some(retry_secs(r.retry_after)),
             ),
@@ -111,7 +121,11 @@ impl ProxyError {
                 "insufficient_quota",
                 Some(HeaderValue::from_static("3600")),
             ),
-            Self::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some(HeaderValue::from_static("1"))),
+            Self::NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some(HeaderValue::from_static("1")),
+            ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
             Self::UpstreamConnect(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
             Self::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_error", None),

@@ -95,7 +95,11 @@ impl Meter {
 
     /// The stream ended, cleanly or with an upstream error.
     pub fn finish_stream(mut self, error: Option<UpstreamErrorKind>) {
-        self.stream_outcome = Some(if error.is_some() { "upstream_error" } else { "complete" });
+        self.stream_outcome = Some(if error.is_some() {
+            "upstream_error"
+        } else {
+            "complete"
+        });
         if let Some(kind) = error {
             self.error = Some("upstream_stream_broken");
             if let (Some(r), Some(b)) = (&self.route, &self.backend) {
@@ -115,7 +119,9 @@ impl Meter {
     fn charged(&self) -> (u64, u64, bool) {
         match self.usage {
             Some(u) => (u.prompt_tokens, u.completion_tokens, false),
-            None if self.backend.is_some() && (self.status == 0 || self.status < 300 || self.stream) => {
+            None if self.backend.is_some()
+                && (self.status == 0 || self.status < 300 || self.stream) =>
+            {
                 (self.prompt_estimate, self.output_chunks, true)
             }
             None => (0, 0, false),

@@ -6,7 +6,9 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -32,10 +34,19 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum TokenKind {
     Input,
     Output,
+}
+
+impl EncodeLabelValue for TokenKind {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(match self {
+            Self::Input => "input",
+            Self::Output => "output",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,13 +64,25 @@ pub struct CostLabels {
     pub key: String,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
     Connect,
     Timeout,
     RateLimited,
     ServerError,
     Stream,
+}
+
+impl EncodeLabelValue for UpstreamErrorKind {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::RateLimited => "rate_limited",
+            Self::ServerError => "server_error",
+            Self::Stream => "stream_broken",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,6 +129,35 @@ pub struct Metrics {
     pub last_reload_timestamp: Gauge,
 }
 
+/// OpenMetrics names a counter family without `_total` in `# HELP`/`# TYPE`; the classic
+/// format names it as its samples are named. `# UNIT` and `# EOF` do not exist there.
+pub fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + counters.len() * 16);
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -135,15 +187,17 @@ impl Metrics {
             "Requests by route, backend, key and response status",
             requests.clone(),
         );
-        let request_duration =
-            Family::<RouteLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
         registry.register(
             "request_duration_seconds",
             "Time from request start to the last response byte",
             request_duration.clone(),
         );
-        let ttft =
-            Family::<BackendLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let ttft = Family::<BackendLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
         registry.register(
             "time_to_first_token_seconds",
             "Time from request start to the first streamed token sent to the client",
@@ -156,7 +210,11 @@ impl Metrics {
             overhead.clone(),
         );
         let tokens = Family::<TokenLabels, Counter>::default();
-        registry.register("tokens", "Tokens metered from upstream usage", tokens.clone());
+        registry.register(
+            "tokens",
+            "Tokens metered from upstream usage",
+            tokens.clone(),
+        );
         let cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
         registry.register("cost_usd", "Cost in USD from backend pricing", cost.clone());
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
@@ -172,7 +230,11 @@ impl Metrics {
             rejected.clone(),
         );
         let retries = Family::<BackendLabels, Counter>::default();
-        registry.register("retries", "Attempts retried after a failure", retries.clone());
+        registry.register(
+            "retries",
+            "Attempts retried after a failure",
+            retries.clone(),
+        );
         let fallbacks = Family::<RouteLabels, Counter>::default();
         registry.register(
             "fallbacks",
@@ -186,7 +248,11 @@ impl Metrics {
             ejections.clone(),
         );
         let in_flight = Gauge::default();
-        registry.register("in_flight_requests", "Requests being served", in_flight.clone());
+        registry.register(
+            "in_flight_requests",
+            "Requests being served",
+            in_flight.clone(),
+        );
         let connections_refused = Counter::default();
         registry.register(
             "connections_refused",
@@ -235,11 +301,18 @@ impl Metrics {
         }
     }
 
-    pub fn encode(&self) -> String {
+    /// OpenMetrics text, for scrapers that ask for it.
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The classic Prometheus text format (0.0.4): what `promtool check metrics` and
+    /// scrapers without OpenMetrics support read.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
     }
 
     pub fn record_reload(&self, version: Option<&str>, ok: bool) {
@@ -254,8 +327,40 @@ impl Metrics {
         if let Some(v) = version {
             self.snapshot_info.clear();
             self.snapshot_info
-                .get_or_create(&VersionLabels { version: v.to_owned() })
+                .get_or_create(&VersionLabels {
+                    version: v.to_owned(),
+                })
                 .set(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_like_their_samples() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "default/r".into(),
+                backend: "b".into(),
+                key: "default/k".into(),
+                status: 200,
+            })
+            .inc();
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("# TYPE modelgate_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP modelgate_requests_total Requests"),
+            "{text}"
+        );
+        assert!(text.contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 1"));
+        assert!(!text.contains("# EOF"));
+        assert!(m.encode_openmetrics().ends_with("# EOF\n"));
     }
 }

@@ -157,7 +157,9 @@ fn parse_path(method: &Method, path: &str) -> Result<Call, ProxyError> {
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v.as_bytes();
-        let rest = v.strip_prefix(b"Bearer ").or_else(|| v.strip_prefix(b"bearer "))?;
+        let rest = v
+            .strip_prefix(b"Bearer ")
+            .or_else(|| v.strip_prefix(b"bearer "))?;
         let rest = rest.trim_ascii();
         return (!rest.is_empty()).then_some(rest);
     }
@@ -169,7 +171,10 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 
 fn authenticate(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<Key>, ProxyError> {
     let raw = presented_key(headers).ok_or(ProxyError::MissingKey)?;
-    let key = snapshot.keys.authenticate(raw).ok_or(ProxyError::InvalidKey)?;
+    let key = snapshot
+        .keys
+        .authenticate(raw)
+        .ok_or(ProxyError::InvalidKey)?;
     if key.disabled {
         return Err(ProxyError::KeyDisabled);
     }
@@ -189,12 +194,20 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<By
     }
     match Limited::new(body, limit as usize).collect().await {
         Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::PayloadTooLarge(limit)),
-        Err(e) => Err(ProxyError::BadRequest(format!("could not read the request body: {e}"))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::PayloadTooLarge(limit))
+        }
+        Err(e) => Err(ProxyError::BadRequest(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 
-async fn serve(gw: &Gateway, req: Request<Incoming>, meter: &mut Meter) -> Result<Reply, ProxyError> {
+async fn serve(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    meter: &mut Meter,
+) -> Result<Reply, ProxyError> {
     // parse (path), authenticate
     let call = parse_path(req.method(), req.uri().path())?;
     let snapshot = gw.live.load().ok_or(ProxyError::NotReady)?;
@@ -379,7 +392,10 @@ fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: 
         // A busy upstream is healthy; ejecting it would only move the load elsewhere.
         return;
     }
-    if backend.state.record_failure(&route.outlier, route.may_eject(backend)) {
+    if backend
+        .state
+        .record_failure(&route.outlier, route.may_eject(backend))
+    {
         gw.metrics
             .ejections
             .get_or_create(&BackendLabels {
@@ -405,5 +421,8 @@ fn list_models(snapshot: &Snapshot, key: &Key) -> Response<ProxyBody> {
         })
         .map(|name| serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "modelgate"}))
         .collect();
-    json_response(StatusCode::OK, &serde_json::json!({"object": "list", "data": data}))
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": data}),
+    )
 }

@@ -162,7 +162,10 @@ impl<'a> ApiRequest<'a> {
             let mut opts = self
                 .fields
                 .get("stream_options")
-                .and_then(|raw| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get()).ok())
+                .and_then(|raw| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
+                        .ok()
+                })
                 .unwrap_or_default();
             opts.insert("include_usage".into(), serde_json::Value::Bool(true));
             let _ = serde_json::to_writer(&mut out, &opts);
@@ -186,7 +189,8 @@ mod tests {
         let body = br#"{"model":"public","messages":[{"role":"user","content":"hi \"there\""}],"stream":true,"temperature":0.2}"#;
         let req = ApiRequest::parse(Endpoint::Chat, body).unwrap();
         assert!(req.stream && !req.client_wants_usage);
-        let up: serde_json::Value = serde_json::from_slice(&req.upstream_body("upstream-1")).unwrap();
+        let up: serde_json::Value =
+            serde_json::from_slice(&req.upstream_body("upstream-1")).unwrap();
         assert_eq!(up["model"], "upstream-1");
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(up["messages"][0]["content"], "hi \"there\"");
@@ -210,14 +214,26 @@ mod tests {
             (b"{\"model\":", "not a JSON object"),
             (b"{\"messages\":[]}", "'model'"),
             (b"{\"model\":7,\"messages\":[]}", "'model' must be"),
-            (b"{\"model\":\"m\",\"messages\":[],\"stream\":\"yes\"}", "'stream'"),
+            (
+                b"{\"model\":\"m\",\"messages\":[],\"stream\":\"yes\"}",
+                "'stream'",
+            ),
             (b"{\"model\":\"m\"}", "'messages'"),
             (b"{\"model\":\"m\",\"messages\":{}}", "must be an array"),
-            (b"{\"model\":\"m\",\"messages\":[],\"max_tokens\":-1}", "max_tokens"),
+            (
+                b"{\"model\":\"m\",\"messages\":[],\"max_tokens\":-1}",
+                "max_tokens",
+            ),
         ];
         for (body, want) in cases {
-            let err = ApiRequest::parse(Endpoint::Chat, body).unwrap_err().to_string();
-            assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(body));
+            let err = ApiRequest::parse(Endpoint::Chat, body)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

@@ -49,7 +49,12 @@ pub enum RetryOn {
 }
 
 impl RetryOn {
-    pub const ALL: [RetryOn; 4] = [Self::Connect, Self::Timeout, Self::RateLimited, Self::ServerError];
+    pub const ALL: [RetryOn; 4] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::RateLimited,
+        Self::ServerError,
+    ];
 }
 
 #[derive(Clone, Debug)]
@@ -74,7 +79,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Exponential backoff with full jitter in its upper half.
     pub fn backoff(&self, retry: u32) -> Duration {
-        let base = self.backoff.saturating_mul(1u32 << retry.min(16)).min(self.max_backoff);
+        let base = self
+            .backoff
+            .saturating_mul(1u32 << retry.min(16))
+            .min(self.max_backoff);
         let half = base / 2;
         half + Duration::from_nanos(fastrand::u64(0..=half.as_nanos() as u64))
     }
@@ -184,7 +192,11 @@ impl BackendState {
         const ALPHA: f64 = 0.3;
         let sample = latency.as_micros() as f64;
         let old = self.ewma();
-        let new = if old == 0.0 { sample } else { old + ALPHA * (sample - old) };
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old + ALPHA * (sample - old)
+        };
         self.ewma_us.store(new.to_bits(), Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         if self.ejected_until_ms.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
@@ -204,8 +216,10 @@ impl BackendState {
             .ejection_time
             .saturating_mul(times)
             .min(policy.max_ejection_time);
-        self.ejected_until_ms
-            .store(self.now_ms() + span.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.ejected_until_ms.store(
+            self.now_ms() + span.as_millis().max(1) as u64,
+            Ordering::Relaxed,
+        );
         self.consecutive_failures.store(0, Ordering::Relaxed);
         true
     }
@@ -331,7 +345,8 @@ impl Route {
                 if cost(b) < cost(a) { b } else { a }
             }
             Strategy::LowestCost => {
-                let price = |x: &Backend| x.pricing.input_per_million + x.pricing.output_per_million;
+                let price =
+                    |x: &Backend| x.pricing.input_per_million + x.pricing.output_per_million;
                 let min = candidates
                     .iter()
                     .map(|b| price(b))
@@ -430,7 +445,10 @@ mod tests {
                 ejection_time: Duration::from_secs(60),
                 max_ejection_time: Duration::from_secs(60),
             },
-            tiers: vec![Tier { priority: 0, backends }],
+            tiers: vec![Tier {
+                priority: 0,
+                backends,
+            }],
         }
     }
 
@@ -456,13 +474,19 @@ mod tests {
             assert_eq!(r.pick(&r.tiers[0], &[]).unwrap().name, "b");
         }
         b.state.record_failure(&r.outlier, r.may_eject(b));
-        assert!(!b.state.record_failure(&r.outlier, r.may_eject(b)), "last healthy backend stays");
+        assert!(
+            !b.state.record_failure(&r.outlier, r.may_eject(b)),
+            "last healthy backend stays"
+        );
         assert!(!b.state.is_ejected());
     }
 
     #[test]
     fn tried_backends_are_skipped_while_others_remain() {
-        let r = route(vec![backend("a", 1), backend("b", 1)], Strategy::LeastLatency);
+        let r = route(
+            vec![backend("a", 1), backend("b", 1)],
+            Strategy::LeastLatency,
+        );
         let first = r.pick(&r.tiers[0], &[]).unwrap();
         let second = r.pick(&r.tiers[0], &[first.id()]).unwrap();
         assert_ne!(first.name, second.name);
@@ -472,9 +496,16 @@ mod tests {
 
     #[test]
     fn least_latency_prefers_the_faster_backend() {
-        let r = route(vec![backend("slow", 1), backend("fast", 1)], Strategy::LeastLatency);
-        r.tiers[0].backends[0].state.record_success(Duration::from_millis(50));
-        r.tiers[0].backends[1].state.record_success(Duration::from_millis(5));
+        let r = route(
+            vec![backend("slow", 1), backend("fast", 1)],
+            Strategy::LeastLatency,
+        );
+        r.tiers[0].backends[0]
+            .state
+            .record_success(Duration::from_millis(50));
+        r.tiers[0].backends[1]
+            .state
+            .record_success(Duration::from_millis(5));
         let fast = (0..1000)
             .filter(|_| r.pick(&r.tiers[0], &[]).unwrap().name == "fast")
             .count();

@@ -82,7 +82,10 @@ pub async fn serve_api(
         });
     }
     drop(listener);
-    tracing::info!(deadline_s = drain.as_secs_f64(), "draining: no new connections, waiting for in-flight requests");
+    tracing::info!(
+        deadline_s = drain.as_secs_f64(),
+        "draining: no new connections, waiting for in-flight requests"
+    );
     match tokio::time::timeout(drain, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!("drain deadline reached; closing remaining connections"),
@@ -90,7 +93,11 @@ pub async fn serve_api(
 }
 
 /// The admin port: health, readiness, metrics and the active config.
-pub async fn serve_admin(listener: TcpListener, rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_admin(
+    listener: TcpListener,
+    rt: Arc<Runtime>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let builder = builder(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
@@ -132,21 +139,41 @@ fn admin(rt: &Runtime, req: &Request<Incoming>) -> Response<ProxyBody> {
             if rt.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if gw.live.load().is_none() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no valid config snapshot yet\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no valid config snapshot yet\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
         "/metrics" => {
-            let mut r = text(StatusCode::OK, gw.metrics.encode());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
+            let openmetrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let (body, content_type) = if openmetrics {
+                (
+                    gw.metrics.encode_openmetrics(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                (
+                    gw.metrics.encode_prometheus(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             r
         }
         "/config" => json_response(StatusCode::OK, &rt.describe()),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /metrics or /config\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz, /readyz, /metrics or /config\n",
+        ),
     }
 }
 

@@ -75,7 +75,11 @@ impl Runtime {
 
     /// What `/config` shows.
     pub fn describe(&self) -> serde_json::Value {
-        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let snapshot = self.gateway.live.load();
         serde_json::json!({
             "version": snapshot.as_ref().map(|s| s.version.clone()),
@@ -146,7 +150,9 @@ pub async fn watch_file(
         match parsed {
             Ok(file) => {
                 if file.server != server {
-                    tracing::warn!("the server section changed; listener settings apply after a restart");
+                    tracing::warn!(
+                        "the server section changed; listener settings apply after a restart"
+                    );
                 }
                 let _ = rt.apply(&file.snapshot(), Source::File);
             }

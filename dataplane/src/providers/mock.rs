@@ -41,7 +41,11 @@ fn words(prompt_tokens: u64, model: &str, n: u64) -> Vec<String> {
     (0..n as usize)
         .map(|i| {
             let w = base[i % base.len()];
-            if i == 0 { w.to_owned() } else { format!(" {w}") }
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
         })
         .collect()
 }
@@ -51,12 +55,21 @@ fn unix_now() -> u64 {
 }
 
 fn response_id(req: &ApiRequest<'_>, prefix: &str) -> String {
-    let digest = Sha256::digest(req.field("messages").or(req.field("prompt")).unwrap_or("").as_bytes());
+    let digest = Sha256::digest(
+        req.field("messages")
+            .or(req.field("prompt"))
+            .unwrap_or("")
+            .as_bytes(),
+    );
     let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
     format!("{prefix}-mock-{hex}")
 }
 
-pub async fn respond(s: &MockSettings, req: &ApiRequest<'_>, model: &str) -> Response<UpstreamBody> {
+pub async fn respond(
+    s: &MockSettings,
+    req: &ApiRequest<'_>,
+    model: &str,
+) -> Response<UpstreamBody> {
     if !s.latency.is_zero() {
         tokio::time::sleep(s.latency).await;
     }
@@ -88,7 +101,11 @@ pub async fn respond(s: &MockSettings, req: &ApiRequest<'_>, model: &str) -> Res
             "choices": [choice], "usage": usage, "system_fingerprint": "modelgate-mock",
         }));
     }
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let chunk = |choice: serde_json::Value| {
         let v = json!({"id": id, "object": object, "created": created, "model": model,
             "system_fingerprint": "modelgate-mock", "choices": [choice]});
@@ -112,8 +129,10 @@ pub async fn respond(s: &MockSettings, req: &ApiRequest<'_>, model: &str) -> Res
     }));
     // The gateway always asks upstreams for the usage chunk; it strips it for clients that
     // did not ask.
-    chunks.push(sse(&json!({"id": id, "object": object, "created": created, "model": model,
-        "system_fingerprint": "modelgate-mock", "choices": [], "usage": usage})));
+    chunks.push(sse(
+        &json!({"id": id, "object": object, "created": created, "model": model,
+        "system_fingerprint": "modelgate-mock", "choices": [], "usage": usage}),
+    ));
     chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
     let mut resp = Response::new(UpstreamBody::Mock(MockStream::new(chunks, s.chunk_delay)));
     resp.headers_mut().insert(
@@ -134,7 +153,10 @@ fn sse(v: &serde_json::Value) -> Bytes {
 
 fn json_body(v: serde_json::Value) -> Response<UpstreamBody> {
     let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
-    let mut resp = Response::new(UpstreamBody::Mock(MockStream::new(vec![body], Duration::ZERO)));
+    let mut resp = Response::new(UpstreamBody::Mock(MockStream::new(
+        vec![body],
+        Duration::ZERO,
+    )));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -143,7 +165,12 @@ fn json_body(v: serde_json::Value) -> Response<UpstreamBody> {
     resp
 }
 
-fn embeddings(s: &MockSettings, req: &ApiRequest<'_>, model: &str, prompt_tokens: u64) -> serde_json::Value {
+fn embeddings(
+    s: &MockSettings,
+    req: &ApiRequest<'_>,
+    model: &str,
+    prompt_tokens: u64,
+) -> serde_json::Value {
     let raw = req.field("input").unwrap_or("\"\"");
     // A list of strings or of token lists embeds each item; anything else is one input.
     let items: Vec<String> = match serde_json::from_str::<Vec<serde_json::Value>>(raw) {
@@ -188,7 +215,12 @@ fn vector(item: &str, dims: u32) -> Vec<f32> {
         seed = Sha256::digest(&seed).to_vec();
     }
     v.truncate(dims as usize);
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
     v.iter().map(|x| x / norm).collect()
 }
 
@@ -201,8 +233,16 @@ fn base64_encode(bytes: &[u8]) -> String {
             | u32::from(*c.get(2).unwrap_or(&0));
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }

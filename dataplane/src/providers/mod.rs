@@ -64,7 +64,9 @@ impl Failure {
         match self {
             Self::Connect(_) => RetryOn::Connect,
             Self::Timeout => RetryOn::Timeout,
-            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => RetryOn::RateLimited,
+            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                RetryOn::RateLimited
+            }
             Self::Status { .. } => RetryOn::ServerError,
         }
     }
@@ -82,7 +84,10 @@ impl Failure {
         match self {
             Self::Connect(msg) => ProxyError::UpstreamConnect(msg),
             Self::Timeout => ProxyError::UpstreamTimeout,
-            Self::Status { status, retry_after } if status == StatusCode::TOO_MANY_REQUESTS => {
+            Self::Status {
+                status,
+                retry_after,
+            } if status == StatusCode::TOO_MANY_REQUESTS => {
                 ProxyError::UpstreamRateLimited { retry_after }
             }
             Self::Status { status, .. } => ProxyError::UpstreamStatus(status),

@@ -57,10 +57,17 @@ impl Upstream {
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri.clone();
         let h = req.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(
             header::ACCEPT,
-            HeaderValue::from_static(if stream { "text/event-stream" } else { "application/json" }),
+            HeaderValue::from_static(if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
         );
         if let Some(c) = &self.credential {
             h.insert(header::AUTHORIZATION, c.header().clone());

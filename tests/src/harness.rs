@@ -1,0 +1,342 @@
+//! Start the real `modelgate-dataplane` binary on loopback ports and talk to it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// The demo key of `examples/standalone.yaml`, and its hash.
+pub const DEMO_KEY: &str = "sk-modelgate-demo";
+
+pub fn sha256_hex(raw: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(raw.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A fresh directory under the system temp dir (removed when the test's Proxy drops).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "modelgate-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The proxy binary of this build, rebuilt once per test process so it is never stale.
+pub fn dataplane_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MODELGATE_DATAPLANE_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> → target/<profile>/modelgate-dataplane
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "modelgate-dataplane",
+            "--bin",
+            "modelgate-dataplane",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(repo_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building modelgate-dataplane failed");
+    });
+    let bin = profile_dir.join("modelgate-dataplane");
+    assert!(
+        bin.exists(),
+        "{} missing: run cargo build -p modelgate-dataplane",
+        bin.display()
+    );
+    bin
+}
+
+/// A running proxy process.
+pub struct Proxy {
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proxy {
+    pub fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, &[])
+    }
+
+    pub fn start_with(yaml: &str, envs: &[(&str, &str)]) -> Self {
+        let dir = temp_dir("proxy");
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let addr_file = dir.join("addr.json");
+        let log = dir.join("proxy.log");
+        let mut cmd = Command::new(dataplane_bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--reload-interval",
+                "100ms",
+            ])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn modelgate-dataplane");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                return Self {
+                    api: v["api"].as_str().unwrap().parse().unwrap(),
+                    admin: v["admin"].as_str().unwrap().parse().unwrap(),
+                    dir,
+                    config,
+                    log,
+                    child,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "proxy exited with {status} before listening:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "proxy did not start in 30s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Replace the config file atomically (as a ConfigMap update would).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub async fn metrics(&self) -> String {
+        let r = get(&self.admin_url("/metrics"), None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        r.text()
+    }
+
+    /// The snapshot version `/config` reports.
+    pub async fn version(&self) -> Option<String> {
+        let r = get(&self.admin_url("/config"), None).await;
+        r.json()["version"].as_str().map(str::to_owned)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("proxy log kept at {}", self.log.display());
+        }
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The OpenAI error `code`, asserting the body is OpenAI-shaped.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        let e = &v["error"];
+        assert!(
+            e["message"].is_string() && e["type"].is_string(),
+            "not an OpenAI error: {v}"
+        );
+        e["code"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(c)
+}
+
+pub fn request(
+    method: Method,
+    url: &str,
+    key: Option<&str>,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    b.body(Full::new(body.into())).unwrap()
+}
+
+pub async fn send(req: Request<Full<Bytes>>) -> Reply {
+    let resp = client().request(req).await.expect("request");
+    read(resp).await
+}
+
+pub async fn read(resp: Response<Incoming>) -> Reply {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn post(url: &str, key: Option<&str>, body: &serde_json::Value) -> Reply {
+    send(request(
+        Method::POST,
+        url,
+        key,
+        serde_json::to_vec(body).unwrap(),
+    ))
+    .await
+}
+
+pub async fn get(url: &str, key: Option<&str>) -> Reply {
+    send(request(Method::GET, url, key, Bytes::new())).await
+}
+
+/// A chat request body.
+pub fn chat(model: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": model, "stream": stream,
+        "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+/// Sum of every sample of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Poll `check` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

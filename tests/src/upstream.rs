@@ -1,0 +1,477 @@
+//! A fast mock of an OpenAI-compatible upstream, speaking the real wire format (JSON bodies
+//! and server-sent events as documented at platform.openai.com/docs/api-reference), with
+//! knobs for the failures a gateway must survive.
+//!
+//! Knobs ride in the URL path, so every backend of a test config can behave differently:
+//!
+//! ```text
+//!   http://127.0.0.1:PORT/s/id=a;status=500;fail_first=2/v1/chat/completions
+//!   http://127.0.0.1:PORT/v1/chat/completions              (defaults)
+//! ```
+//!
+//! | knob | meaning |
+//! |---|---|
+//! | `id=NAME` | counters are kept per id (`hits`, `completed`, `cancelled`) |
+//! | `status=N` | answer every request (or the first `fail_first`) with status N |
+//! | `fail_first=N` | only the first N requests of this id fail |
+//! | `retry_after=S` | `Retry-After` header on failures |
+//! | `latency=MS` | wait before the response headers |
+//! | `chunks=N` | content chunks in a stream (default 5), tokens in a JSON answer |
+//! | `delay=MS` | wait between streamed chunks |
+//! | `usage=0` | never report usage |
+//! | `prompt_tokens=N` | reported prompt tokens (default 10) |
+//! | `reset_after=N` | break the connection after N streamed chunks |
+//! | `hang=1` | never answer |
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub hits: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub last_body: Mutex<Option<serde_json::Value>>,
+    pub last_authorization: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    ids: Mutex<HashMap<String, Arc<Counters>>>,
+}
+
+impl State {
+    pub fn counters(&self, id: &str) -> Arc<Counters> {
+        self.ids
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Knobs {
+    id: String,
+    status: Option<u16>,
+    fail_first: Option<u64>,
+    retry_after: Option<String>,
+    latency: Duration,
+    chunks: u64,
+    delay: Duration,
+    usage: bool,
+    prompt_tokens: u64,
+    reset_after: Option<u64>,
+    hang: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Self {
+            id: "default".into(),
+            status: None,
+            fail_first: None,
+            retry_after: None,
+            latency: Duration::ZERO,
+            chunks: 5,
+            delay: Duration::ZERO,
+            usage: true,
+            prompt_tokens: 10,
+            reset_after: None,
+            hang: false,
+        }
+    }
+}
+
+/// Split `/s/<knobs>/v1/...` into knobs and the API path.
+fn parse_path(path: &str) -> (Knobs, &str) {
+    let mut k = Knobs::default();
+    let Some(rest) = path.strip_prefix("/s/") else {
+        return (k, path);
+    };
+    let (spec, api) = rest.split_once('/').map_or((rest, ""), |(a, b)| (a, b));
+    let api = &path[path.len() - api.len() - 1..];
+    for pair in spec.split(';') {
+        let (name, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let num = || v.parse::<u64>().unwrap_or(0);
+        match name {
+            "id" => k.id = v.to_owned(),
+            "status" => k.status = Some(num() as u16),
+            "fail_first" => k.fail_first = Some(num()),
+            "retry_after" => k.retry_after = Some(v.to_owned()),
+            "latency" => k.latency = Duration::from_millis(num()),
+            "chunks" => k.chunks = num(),
+            "delay" => k.delay = Duration::from_millis(num()),
+            "usage" => k.usage = v != "0",
+            "prompt_tokens" => k.prompt_tokens = num(),
+            "reset_after" => k.reset_after = Some(num()),
+            "hang" => k.hang = v == "1",
+            _ => {}
+        }
+    }
+    (k, api)
+}
+
+/// A running mock upstream on 127.0.0.1, on its own runtime thread.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MockUpstream {
+    pub fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), 1)
+    }
+
+    pub fn start_on(addr: SocketAddr, threads: usize) -> Self {
+        let state = Arc::new(State::default());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::bind(addr).await.expect("bind mock upstream");
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                tokio::select! {
+                    _ = serve(listener, st) => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        let addr = addr_rx.recv().expect("mock upstream started");
+        Self {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Base URL for a backend with these knobs, e.g. `url("id=a;status=500")`.
+    pub fn url(&self, knobs: &str) -> String {
+        if knobs.is_empty() {
+            format!("http://{}/v1", self.addr)
+        } else {
+            format!("http://{}/s/{knobs}/v1", self.addr)
+        }
+    }
+
+    pub fn counters(&self, id: &str) -> Arc<Counters> {
+        self.state.counters(id)
+    }
+
+    pub fn hits(&self, id: &str) -> u64 {
+        self.counters(id).hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(state, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(conn);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Chunks released with a delay, optionally breaking the connection; counts completion
+/// and cancellation (dropped before the end) per id.
+pub struct ChunkBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    delay: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    reset_after: Option<u64>,
+    sent: u64,
+    counters: Option<Arc<Counters>>,
+}
+
+impl ChunkBody {
+    fn full(b: Bytes) -> Self {
+        Self {
+            chunks: vec![b].into(),
+            delay: Duration::ZERO,
+            sleep: None,
+            reset_after: None,
+            sent: 0,
+            counters: None,
+        }
+    }
+}
+
+impl Body for ChunkBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(s) = &mut this.sleep {
+            if s.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.sleep = None;
+        }
+        if this.reset_after == Some(this.sent) {
+            this.counters = None;
+            return Poll::Ready(Some(Err(
+                "mock upstream: connection reset mid-stream".into()
+            )));
+        }
+        match this.chunks.pop_front() {
+            None => {
+                if let Some(c) = this.counters.take() {
+                    c.completed.fetch_add(1, Ordering::SeqCst);
+                }
+                Poll::Ready(None)
+            }
+            Some(b) => {
+                this.sent += 1;
+                if !this.delay.is_zero() {
+                    this.sleep = Some(Box::pin(tokio::time::sleep(this.delay)));
+                }
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.counters.is_none() && self.chunks.len() == 1 && self.delay.is_zero() {
+            return hyper::body::SizeHint::with_exact(self.chunks[0].len() as u64);
+        }
+        hyper::body::SizeHint::default()
+    }
+}
+
+impl Drop for ChunkBody {
+    fn drop(&mut self) {
+        if let Some(c) = self.counters.take()
+            && (!self.chunks.is_empty() || self.sleep.is_some())
+        {
+            c.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<ChunkBody> {
+    let mut r = Response::new(ChunkBody::full(Bytes::from(serde_json::to_vec(v).unwrap())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<ChunkBody> {
+    json(
+        status,
+        &serde_json::json!({"error": {"message": msg, "type": "mock_error", "param": null, "code": status.as_u16().to_string()}}),
+    )
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody> {
+    let path = req.uri().path().to_owned();
+    let (knobs, api) = parse_path(&path);
+    let counters = state.counters(&knobs.id);
+    let n = counters.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    *counters.last_authorization.lock().unwrap() = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "unreadable body"),
+    };
+    let parsed: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) if api.ends_with("/models") => serde_json::Value::Null,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")),
+    };
+    *counters.last_body.lock().unwrap() = Some(parsed.clone());
+    if knobs.hang {
+        std::future::pending::<()>().await;
+    }
+    if !knobs.latency.is_zero() {
+        tokio::time::sleep(knobs.latency).await;
+    }
+    if let Some(status) = knobs.status
+        && knobs.fail_first.is_none_or(|f| n <= f)
+    {
+        let mut r = error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "mock upstream failure",
+        );
+        if let Some(ra) = &knobs.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_str(ra).unwrap());
+        }
+        return r;
+    }
+    let model = parsed["model"].as_str().unwrap_or("mock").to_owned();
+    let usage = |completion: u64| {
+        serde_json::json!({"prompt_tokens": knobs.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": knobs.prompt_tokens + completion})
+    };
+    match api {
+        "/v1/chat/completions" | "/v1/completions" => {
+            let chat = api == "/v1/chat/completions";
+            let stream = parsed["stream"].as_bool().unwrap_or(false);
+            if !stream {
+                let text = vec!["tok"; knobs.chunks as usize].join(" ");
+                let choice = if chat {
+                    serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+                } else {
+                    serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
+                };
+                let mut v = serde_json::json!({"id": "chatcmpl-upstream", "object": if chat {"chat.completion"} else {"text_completion"},
+                    "created": 1_700_000_000, "model": model, "choices": [choice]});
+                if knobs.usage {
+                    v["usage"] = usage(knobs.chunks);
+                }
+                counters.completed.fetch_add(1, Ordering::SeqCst);
+                return json(StatusCode::OK, &v);
+            }
+            let include_usage = parsed["stream_options"]["include_usage"]
+                .as_bool()
+                .unwrap_or(false);
+            let object = if chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            };
+            let event = |v: serde_json::Value| {
+                let mut out = b"data: ".to_vec();
+                out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
+                out.extend_from_slice(b"\n\n");
+                Bytes::from(out)
+            };
+            let base = |choices: serde_json::Value| {
+                let mut v = serde_json::json!({"id": "chatcmpl-upstream", "object": object, "created": 1_700_000_000,
+                    "model": model, "choices": choices});
+                if include_usage && knobs.usage {
+                    v["usage"] = serde_json::Value::Null;
+                }
+                v
+            };
+            let mut chunks = Vec::new();
+            if chat {
+                chunks.push(event(base(serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))));
+            }
+            for i in 0..knobs.chunks {
+                let c = if chat {
+                    serde_json::json!([{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}])
+                } else {
+                    serde_json::json!([{"index": 0, "text": format!("tok{i} "), "finish_reason": null}])
+                };
+                chunks.push(event(base(c)));
+            }
+            chunks.push(event(base(if chat {
+                serde_json::json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+            } else {
+                serde_json::json!([{"index": 0, "text": "", "finish_reason": "stop"}])
+            })));
+            if include_usage && knobs.usage {
+                let mut v = base(serde_json::json!([]));
+                v["usage"] = usage(knobs.chunks);
+                chunks.push(event(v));
+            }
+            chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            let mut r = Response::new(ChunkBody {
+                chunks: chunks.into(),
+                delay: knobs.delay,
+                sleep: None,
+                reset_after: knobs.reset_after,
+                sent: 0,
+                counters: Some(counters.clone()),
+            });
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            r
+        }
+        "/v1/embeddings" => {
+            let inputs = match &parsed["input"] {
+                serde_json::Value::Array(a) => a.len().max(1),
+                _ => 1,
+            };
+            let data: Vec<_> = (0..inputs)
+                .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+                .collect();
+            let mut v = serde_json::json!({"object": "list", "data": data, "model": model});
+            if knobs.usage {
+                v["usage"] = serde_json::json!({"prompt_tokens": knobs.prompt_tokens, "total_tokens": knobs.prompt_tokens});
+            }
+            counters.completed.fetch_add(1, Ordering::SeqCst);
+            json(StatusCode::OK, &v)
+        }
+        _ => error(StatusCode::NOT_FOUND, &format!("unknown path {api}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knobs_parse_from_the_path() {
+        let (k, api) = parse_path("/s/id=a;status=503;fail_first=2;delay=5/v1/chat/completions");
+        assert_eq!(k.id, "a");
+        assert_eq!(k.status, Some(503));
+        assert_eq!(k.fail_first, Some(2));
+        assert_eq!(k.delay, Duration::from_millis(5));
+        assert_eq!(api, "/v1/chat/completions");
+        let (k, api) = parse_path("/v1/embeddings");
+        assert_eq!(k.id, "default");
+        assert_eq!(api, "/v1/embeddings");
+    }
+}
