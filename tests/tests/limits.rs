@@ -1,0 +1,144 @@
+//! Admission under concurrency: reservations keep limits exact.
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+use modelgate_tests::upstream::MockUpstream;
+use serde_json::json;
+
+const TPM: &str = "sk-test-tpm";
+const CONC: &str = "sk-test-concurrent";
+const BUDGET: &str = "sk-test-budget";
+
+fn config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: r
+    model: m
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{url}"}}
+keys:
+  - name: tpm
+    sha256: {tpm}
+    limits: {{tokensPerMinute: 1000}}
+  - name: conc
+    sha256: {conc}
+    limits: {{maxConcurrent: 2}}
+  - name: budget
+    sha256: {budget}
+    budget: {{tokens: 250, period: day}}
+"#,
+        // Each answer reports 10 prompt + 90 completion tokens = 100, after 300 ms.
+        url = up.url("id=up;latency=300;chunks=90;prompt_tokens=10"),
+        tpm = sha256_hex(TPM),
+        conc = sha256_hex(CONC),
+        budget = sha256_hex(BUDGET),
+    )
+}
+
+fn body() -> serde_json::Value {
+    // Prompt estimate: the messages JSON is 32 bytes → 8 tokens; reserve 8 + 100 = 108.
+    json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn burst(p: &Proxy, key: &'static str, n: usize) -> Vec<Reply> {
+    let url = p.url("/v1/chat/completions");
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url, Some(key), &body()).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_overshoot_a_token_limit() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let replies = burst(&p, TPM, 40).await;
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    let limited: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert_eq!(ok + limited.len(), 40);
+    // 9 × 108 = 972 fits in 1000; a 10th reservation would not.
+    assert_eq!(ok, 9, "admitted {ok} of 40 concurrent requests");
+    for r in &limited {
+        assert_eq!(r.error_code(), "rate_limit_exceeded");
+        assert!(r.header("retry-after").is_some());
+    }
+    let m = p.metrics().await;
+    let used = metric(&m, "modelgate_tokens_total", &[("key", "default/tpm")]);
+    assert_eq!(used, 900.0);
+    assert!(used <= 1000.0, "the limit was overshot: {used}");
+    assert_eq!(
+        up.hits("up"),
+        9,
+        "rejected requests never reached the upstream"
+    );
+
+    // Settling 108 → 100 per request freed 72 tokens: not enough for another 108.
+    let r = post(&p.url("/v1/chat/completions"), Some(TPM), &body()).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // A smaller request fits in what is left.
+    let mut small = body();
+    small["max_tokens"] = json!(50);
+    let r = post(&p.url("/v1/chat/completions"), Some(TPM), &small).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_and_budgets_hold() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let replies = burst(&p, CONC, 6).await;
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert_eq!(ok, 2, "maxConcurrent: 2");
+    // Slots come back when requests finish.
+    assert_eq!(
+        post(&p.url("/v1/chat/completions"), Some(CONC), &body())
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let url = p.url("/v1/chat/completions");
+    assert_eq!(
+        post(&url, Some(BUDGET), &body()).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(&url, Some(BUDGET), &body()).await.status,
+        StatusCode::OK
+    );
+    // 200 used + 108 reserved > 250.
+    let r = post(&url, Some(BUDGET), &body()).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.error_code(), "budget_exceeded");
+    assert_eq!(r.json()["error"]["type"], "insufficient_quota");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry));
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_limit_rejections_total",
+            &[("key", "default/budget"), ("limit", "budget")]
+        ),
+        1.0
+    );
+}

@@ -1,0 +1,292 @@
+//! Weighted splits, retries, fallback tiers and passive outlier ejection, end to end.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+use modelgate_tests::upstream::MockUpstream;
+
+const KEY: &str = "sk-test-routing";
+
+fn keys() -> String {
+    format!("keys:\n  - {{name: k, sha256: {}}}\n", sha256_hex(KEY))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_follows_the_weights() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&format!(
+        r#"
+routes:
+  - name: split
+    model: m
+    backends:
+      - {{name: heavy, provider: openai-compatible, url: "{a}", weight: 75}}
+      - {{name: light, provider: openai-compatible, url: "{b}", weight: 25}}
+{keys}"#,
+        a = up.url("id=heavy"),
+        b = up.url("id=light"),
+        keys = keys()
+    ));
+    let n = 800;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = p.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / 8 {
+                let r = post(&url, Some(KEY), &chat("m", false)).await;
+                assert_eq!(r.status, StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let heavy = up.hits("heavy") as f64 / n as f64;
+    assert_eq!(up.hits("heavy") + up.hits("light"), n);
+    // 800 draws at p = 0.75: sd ≈ 0.015, so ±0.06 is four sigma.
+    assert!(
+        (0.69..=0.81).contains(&heavy),
+        "heavy got {heavy:.3} of the traffic"
+    );
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(&m, "modelgate_requests_total", &[("backend", "heavy")]),
+        up.hits("heavy") as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_then_succeeds_and_falls_back_to_the_next_tier() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&format!(
+        r#"
+routes:
+  - name: flaky
+    model: flaky
+    retries: {{attempts: 2, backoff: 10ms}}
+    backends:
+      - {{name: only, provider: openai-compatible, url: "{flaky}"}}
+  - name: tiers
+    model: tiers
+    retries: {{attempts: 1, backoff: 10ms}}
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{down}", priority: 0}}
+      - {{name: secondary, provider: openai-compatible, url: "{up}", priority: 1}}
+  - name: strict
+    model: strict
+    retries: {{attempts: 3, backoff: 10ms, on: [connect]}}
+    backends:
+      - {{name: only, provider: openai-compatible, url: "{always500}"}}
+{keys}"#,
+        flaky = up.url("id=flaky;status=503;fail_first=2"),
+        down = up.url("id=primary;status=500"),
+        up = up.url("id=secondary"),
+        always500 = up.url("id=strict;status=500"),
+        keys = keys()
+    ));
+    let url = p.url("/v1/chat/completions");
+
+    // Two failures, then the third attempt answers.
+    let r = post(&url, Some(KEY), &chat("flaky", false)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(up.hits("flaky"), 3);
+
+    // Tier 0 fails twice (first try + one retry), tier 1 answers.
+    let r = post(&url, Some(KEY), &chat("tiers", false)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-modelgate-backend"), Some("secondary"));
+    assert_eq!(up.hits("primary"), 2);
+    assert_eq!(up.hits("secondary"), 1);
+
+    // 500 is not in `on`: no retry.
+    let r = post(&url, Some(KEY), &chat("strict", false)).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(up.hits("strict"), 1);
+
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(&m, "modelgate_retries_total", &[("route", "default/flaky")]),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_fallbacks_total",
+            &[("route", "default/tiers")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_upstream_errors_total",
+            &[("backend", "primary"), ("kind", "server_error")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_retry_once_the_stream_has_started() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&format!(
+        r#"
+routes:
+  - name: breaks
+    model: breaks
+    retries: {{attempts: 3, backoff: 10ms}}
+    backends:
+      - {{name: a, provider: openai-compatible, url: "{breaks}"}}
+      - {{name: b, provider: openai-compatible, url: "{breaks2}"}}
+{keys}"#,
+        breaks = up.url("id=breaks;reset_after=3;delay=5"),
+        breaks2 = up.url("id=breaks;reset_after=3;delay=5"),
+        keys = keys()
+    ));
+    let resp = client()
+        .request(request(
+            http::Method::POST,
+            &p.url("/v1/chat/completions"),
+            Some(KEY),
+            serde_json::to_vec(&chat("breaks", true)).unwrap(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    use http_body_util::BodyExt;
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let mut failed = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => got.extend_from_slice(f.data_ref().map(|b| &b[..]).unwrap_or_default()),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        failed,
+        "the client must see the stream break, not a clean end: {text}"
+    );
+    assert!(
+        text.contains("tok0"),
+        "chunks before the break were delivered: {text}"
+    );
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(
+        up.hits("breaks"),
+        1,
+        "no retry after the first byte reached the client"
+    );
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_upstream_errors_total",
+            &[("kind", "stream_broken")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_backend_is_ejected_then_returns() {
+    let up = MockUpstream::start();
+    let yaml = |bad: &str| {
+        format!(
+            r#"
+routes:
+  - name: pool
+    model: pool
+    retries: {{attempts: 1, backoff: 1ms}}
+    outlierDetection: {{consecutiveFailures: 3, ejectionTime: 1s, maxEjectionTime: 1s}}
+    backends:
+      - {{name: bad, provider: openai-compatible, url: "{bad}"}}
+      - {{name: good, provider: openai-compatible, url: "{good}"}}
+{keys}"#,
+            good = up.url("id=good"),
+            keys = keys()
+        )
+    };
+    // `bad` fails its first 3 requests, then recovers.
+    let p = Proxy::start(&yaml(&up.url("id=bad;status=500;fail_first=3")));
+    let url = p.url("/v1/chat/completions");
+    for _ in 0..40 {
+        let r = post(&url, Some(KEY), &chat("pool", false)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "a retry on the good backend hides every failure"
+        );
+    }
+    assert_eq!(
+        up.hits("bad"),
+        3,
+        "ejected after 3 consecutive failures, then skipped"
+    );
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_backend_ejections_total",
+            &[("backend", "bad")]
+        ),
+        1.0
+    );
+
+    // After the ejection time it gets traffic again (and now succeeds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    eventually(
+        Duration::from_secs(10),
+        "bad backend back in rotation",
+        || {
+            let url = url.clone();
+            let up = &up;
+            async move {
+                let r = post(&url, Some(KEY), &chat("pool", false)).await;
+                assert_eq!(r.status, StatusCode::OK);
+                up.hits("bad") > 3
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_latency_prefers_the_faster_backend() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&format!(
+        r#"
+routes:
+  - name: fast
+    model: fast
+    strategy: least-latency
+    backends:
+      - {{name: slow, provider: openai-compatible, url: "{slow}"}}
+      - {{name: quick, provider: openai-compatible, url: "{quick}"}}
+{keys}"#,
+        slow = up.url("id=slow;latency=40"),
+        quick = up.url("id=quick"),
+        keys = keys()
+    ));
+    for _ in 0..60 {
+        let r = post(
+            &p.url("/v1/chat/completions"),
+            Some(KEY),
+            &chat("fast", false),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    // Power of two choices picks the slow one only when both draws land on it.
+    assert!(
+        up.hits("quick") >= 36,
+        "quick {} slow {}",
+        up.hits("quick"),
+        up.hits("slow")
+    );
+}

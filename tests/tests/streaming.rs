@@ -1,0 +1,221 @@
+//! Streams pass through chunk by chunk and are metered, also when the client leaves.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use modelgate_tests::harness::*;
+use modelgate_tests::upstream::MockUpstream;
+use serde_json::json;
+
+const KEY: &str = "sk-test-stream";
+
+fn config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: s
+    model: s
+    backends:
+      - name: up
+        provider: openai-compatible
+        url: "{fast}"
+        pricing: {{inputPerMillion: 1000000, outputPerMillion: 2000000}}
+  - name: slow
+    model: slow
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{slow}"}}
+  - name: nousage
+    model: nousage
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{nousage}"}}
+keys:
+  - {{name: k, sha256: {key}}}
+"#,
+        fast = up.url("id=fast;chunks=5;prompt_tokens=7"),
+        slow = up.url("id=slow;chunks=200;delay=20;prompt_tokens=9"),
+        nousage = up.url("id=nousage;usage=0;chunks=4"),
+        key = sha256_hex(KEY),
+    )
+}
+
+fn data_events(text: &str) -> Vec<serde_json::Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_is_metered_and_the_usage_chunk_stripped_unless_asked_for() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let url = p.url("/v1/chat/completions");
+
+    let r = post(&url, Some(KEY), &chat("s", true)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = r.text();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let events = data_events(&text);
+    assert_eq!(
+        events.len(),
+        7,
+        "role + 5 content + finish, no usage chunk: {text}"
+    );
+    assert!(
+        events.iter().all(|e| !e["usage"].is_object()),
+        "usage chunk stripped"
+    );
+    // The upstream was asked for usage although the client was not.
+    let sent = up
+        .counters("fast")
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    let mut body = chat("s", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(&url, Some(KEY), &body).await;
+    let events = data_events(&r.text());
+    let last = events.last().unwrap();
+    assert_eq!(
+        last["usage"]["prompt_tokens"], 7,
+        "kept for a client that asked"
+    );
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+
+    let m = p.metrics().await;
+    let tokens = |kind| {
+        metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("route", "default/s"), ("kind", kind)],
+        )
+    };
+    assert_eq!(tokens("input"), 14.0);
+    assert_eq!(tokens("output"), 10.0);
+    // (7 × 1 + 5 × 2) USD per request at these prices.
+    assert!(
+        (metric(&m, "modelgate_cost_usd_total", &[("route", "default/s")]) - 34.0).abs() < 1e-9
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_time_to_first_token_seconds_count",
+            &[("route", "default/s")]
+        ),
+        2.0
+    );
+
+    // An upstream that reports nothing is metered from what passed through.
+    let r = post(&url, Some(KEY), &chat("nousage", true)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("route", "default/nousage"), ("kind", "output")]
+        ),
+        4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_arrive_as_they_are_produced() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let started = Instant::now();
+    let resp = client()
+        .request(request(
+            http::Method::POST,
+            &p.url("/v1/chat/completions"),
+            Some(KEY),
+            serde_json::to_vec(&chat("slow", true)).unwrap(),
+        ))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut first_content = None;
+    let mut frames = 0;
+    while let Some(f) = body.frame().await {
+        let f = f.unwrap();
+        if let Some(d) = f.data_ref() {
+            frames += 1;
+            if first_content.is_none() && String::from_utf8_lossy(d).contains("tok0") {
+                first_content = Some(started.elapsed());
+            }
+        }
+        if frames >= 5 {
+            break;
+        }
+    }
+    // 200 chunks 20 ms apart take 4 s; the first ones must not wait for the rest.
+    let first = first_content.expect("content arrived");
+    assert!(
+        first < Duration::from_secs(2),
+        "first token after {first:?}: the stream was buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_upstream_and_is_metered() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let resp = client()
+        .request(request(
+            http::Method::POST,
+            &p.url("/v1/chat/completions"),
+            Some(KEY),
+            serde_json::to_vec(&chat("slow", true)).unwrap(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains("tok2") {
+        let f = body.frame().await.unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(f.data_ref().unwrap()));
+    }
+    drop(body); // the client goes away mid-stream
+
+    let c = up.counters("slow");
+    eventually(
+        Duration::from_secs(10),
+        "upstream request cancelled",
+        || {
+            let c = c.clone();
+            async move { c.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1 }
+        },
+    )
+    .await;
+    assert_eq!(c.completed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    eventually(Duration::from_secs(10), "partial usage metered", || async {
+        let m = p.metrics().await;
+        let out = metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("route", "default/slow"), ("kind", "output")],
+        );
+        let input = metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("route", "default/slow"), ("kind", "input")],
+        );
+        // No usage block arrived: output is what streamed before the disconnect (≥ 3
+        // chunks, far fewer than 200), input the proxy's estimate of the prompt.
+        (3.0..50.0).contains(&out) && input > 0.0
+    })
+    .await;
+    assert!(
+        p.log_text().contains("\"outcome\":\"client_closed\""),
+        "{}",
+        p.log_text()
+    );
+}
