@@ -570,9 +570,8 @@ pub fn compile(
                 .pricing
                 .as_ref()
                 .map(|pr| {
-                    if !(pr.input_per_million.is_finite() && pr.input_per_million >= 0.0)
-                        || !(pr.output_per_million.is_finite() && pr.output_per_million >= 0.0)
-                    {
+                    let price_ok = |x: f64| x.is_finite() && x >= 0.0;
+                    if !price_ok(pr.input_per_million) || !price_ok(pr.output_per_million) {
                         p.push(
                             &format!("{bpath}.pricing"),
                             "prices must be finite and not negative",
@@ -826,7 +825,7 @@ fn build_provider(
                 );
             }
             match crate::providers::openai::Upstream::new(&url, credential) {
-                Ok(u) => Some(Provider::OpenAi(u)),
+                Ok(u) => Some(Provider::OpenAi(Box::new(u))),
                 Err(e) => {
                     p.push(&format!("{path}.url"), e);
                     None
@@ -914,8 +913,7 @@ keys:
   - {name: k, sha256: nothex}
 "#,
         )
-        .err()
-        .expect("invalid");
+        .expect_err("invalid");
         let all = err.to_string();
         assert!(
             all.contains("routes[0] (r1).timeout: invalid duration"),
@@ -931,16 +929,14 @@ keys:
         let err = compile_yaml(
             "routes: [{name: r, model: m, backends: [{name: b, provider: openai, credentials: {value: sk-x}}]}]",
         )
-        .err()
-        .expect("inline value refused");
+        .expect_err("inline value refused");
         assert!(
             err.to_string()
                 .contains("inline credential values are not allowed")
         );
         assert!(!err.to_string().contains("sk-x"));
         let err = ConfigFile::parse("routes: [{name: r, model: m, bogus: 1, backends: []}]")
-            .err()
-            .expect("unknown field");
+            .expect_err("unknown field");
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 

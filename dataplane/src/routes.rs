@@ -142,7 +142,7 @@ impl fmt::Debug for Credential {
 #[derive(Debug)]
 pub enum Provider {
     /// OpenAI and every server that speaks its wire format.
-    OpenAi(Upstream),
+    OpenAi(Box<Upstream>),
     /// The built-in mock model: no network.
     Mock(MockSettings),
 }

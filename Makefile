@@ -1,0 +1,26 @@
+# The few commands everyone runs. The README names the same ones.
+.PHONY: build run test test-deps lint fmt bench
+
+build:
+	cargo build --release --workspace --bins
+
+# Standalone proxy with the built-in mock model: API 127.0.0.1:8080, admin 127.0.0.1:9090.
+run:
+	cargo run --release -p modelgate-dataplane -- --config examples/standalone.yaml --log-format text
+
+test:
+	bash scripts/test.sh
+
+test-deps:
+	bash scripts/test-deps.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+bench:
+	@echo "The benchmark (issue: overhead against nginx and peer gateways) is not written yet." >&2
+	@exit 1

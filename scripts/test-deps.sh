@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what the tests need on a fresh machine (Debian bookworm + rustup toolchain):
+#   promtool (Debian package prometheus) and a Python venv with the official OpenAI SDK.
+# Idempotent: does nothing for what is already there.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "test-deps: installing promtool (Debian package prometheus)"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  }
+fi
+promtool --version 2>&1 | head -1
+
+VENV="$ROOT/.venv"
+if ! "$VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+  echo "test-deps: creating $VENV with the openai SDK and pytest"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "openai==3.57.0" "pytest==9.2.0"
+fi
+"$VENV/bin/python" -c 'import openai; print("openai SDK", openai.__version__)'

@@ -1,0 +1,165 @@
+//! Real clients and tools against the real proxy: the official OpenAI Python SDK, and
+//! Prometheus's `promtool` on the `/metrics` text.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+
+const LIMITED: &str = "sk-test-sdk-limited";
+const NARROW: &str = "sk-test-sdk-narrow";
+
+fn config() -> String {
+    format!(
+        r#"
+routes:
+  - name: mock-gpt
+    model: mock-gpt
+    aliases: [gpt-4o-mini]
+    backends:
+      - name: mock
+        provider: mock
+        pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}
+        mock: {{outputTokens: 6, chunkDelay: 1ms}}
+keys:
+  - {{name: demo, sha256: {demo}}}
+  - {{name: limited, sha256: {limited}, limits: {{requestsPerMinute: 1}}}}
+  - {{name: narrow, sha256: {narrow}, models: [gpt-4o-*]}}
+"#,
+        demo = sha256_hex(DEMO_KEY),
+        limited = sha256_hex(LIMITED),
+        narrow = sha256_hex(NARROW),
+    )
+}
+
+/// The venv `make test-deps` creates, or MODELGATE_PYTHON.
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("MODELGATE_PYTHON") {
+        return p.into();
+    }
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test-deps` (a venv with the openai SDK and pytest)",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_works_against_the_proxy() {
+    let p = Proxy::start(&config());
+    let out = tokio::task::spawn_blocking({
+        let base = p.url("/v1");
+        move || {
+            Command::new(python())
+                .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+                .arg(repo_root().join("tests/python/test_openai_sdk.py"))
+                .env("MODELGATE_BASE_URL", base)
+                .env("MODELGATE_KEY", DEMO_KEY)
+                .env("MODELGATE_LIMITED_KEY", LIMITED)
+                .env("MODELGATE_NARROW_KEY", NARROW)
+                .output()
+                .expect("run pytest")
+        }
+    })
+    .await
+    .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the OpenAI SDK tests failed:\n{report}"
+    );
+    assert!(report.contains("8 passed"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let p = Proxy::start(&config());
+    let url = p.url("/v1/chat/completions");
+    assert_eq!(
+        post(&url, Some(DEMO_KEY), &chat("mock-gpt", false))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(&url, Some(DEMO_KEY), &chat("mock-gpt", true))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(&url, Some("sk-bad"), &chat("mock-gpt", false))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let _ = post(&url, Some(LIMITED), &chat("mock-gpt", false)).await;
+    let _ = post(&url, Some(LIMITED), &chat("mock-gpt", false)).await;
+    let text = p.metrics().await;
+    for family in [
+        "modelgate_requests_total",
+        "modelgate_request_duration_seconds_bucket",
+        "modelgate_time_to_first_token_seconds_bucket",
+        "modelgate_gateway_overhead_seconds_bucket",
+        "modelgate_tokens_total",
+        "modelgate_cost_usd_total",
+        "modelgate_limit_rejections_total",
+        "modelgate_in_flight_requests",
+        "modelgate_snapshot_info",
+        "modelgate_config_last_reload_success",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {promtool} ({e}): run `make test-deps` (Debian package prometheus)")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // OpenMetrics for scrapers that ask for it.
+    let mut req = request(
+        http::Method::GET,
+        &p.admin_url("/metrics"),
+        None,
+        bytes::Bytes::new(),
+    );
+    req.headers_mut().insert(
+        "accept",
+        "application/openmetrics-text; version=1.0.0"
+            .parse()
+            .unwrap(),
+    );
+    let r = send(req).await;
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(r.text().ends_with("# EOF\n"));
+}
