@@ -1,0 +1,402 @@
+//! modelgate's custom resources, group `modelgate.dev`, version `v1alpha1`.
+//!
+//! ```text
+//!   ApiKey ──secretRef──► Secret (raw key; hashed by the operator, never sent to proxies)
+//!     │ spec.models (names / globs, same namespace)
+//!     ▼
+//!   ModelRoute ──backends[].credentialsRef──► Secret (provider credential)
+//! ```
+//!
+//! The schema checks what it can at apply time (required fields, enums, minimums, duration
+//! and URL patterns); the operator checks everything again (the test apiserver, v1.20,
+//! ignores CEL) plus what needs other objects, and reports it in `status.conditions`.
+#![forbid(unsafe_code)]
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Go-style duration: `500ms`, `30s`, `2m`, `1h30m`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+/// Kubernetes object names (DNS-1123 subdomain).
+pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
+
+/// What clients may ask for by `model`, and where it goes.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "modelgate.dev",
+    version = "v1alpha1",
+    kind = "ModelRoute",
+    plural = "modelroutes",
+    namespaced,
+    status = "ModelRouteStatus",
+    shortname = "mroute",
+    category = "modelgate",
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model"}"#,
+    printcolumn = r#"{"name":"Backends","type":"integer","jsonPath":".status.backends"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Programmed","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRouteSpec {
+    /// The public model name clients send in the request's `model` field. Unique per
+    /// namespace across all ModelRoutes (aliases included).
+    #[schemars(length(min = 1, max = 253))]
+    pub model: String,
+    /// Further names that reach this route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Where requests go. Backends of the lowest priority are tried first; higher
+    /// priorities are fallbacks.
+    #[schemars(length(min = 1))]
+    pub backends: Vec<RouteBackend>,
+    /// How a backend is chosen within a priority tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// Deadline until the response headers, across retries (e.g. `60s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub timeout: Option<String>,
+    /// Retries of failed attempts, before the first byte reaches the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// Passive outlier detection: backends that fail repeatedly are skipped for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Random by weight.
+    Weighted,
+    /// Prefer the backend with the lower latency × load (power of two choices).
+    LeastLatency,
+    /// Prefer the cheapest backend by pricing.
+    LowestCost,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    Openai,
+    OpenaiCompatible,
+    Anthropic,
+    AzureOpenai,
+    Mock,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteBackend {
+    /// Unique within the route; used in metrics.
+    #[schemars(length(min = 1, max = 63), regex(pattern = NAME_PATTERN))]
+    pub name: String,
+    pub provider: Provider,
+    /// Base URL including the API version path, e.g. `http://vllm.models:8000/v1`.
+    /// Optional for `openai` (api.openai.com) and `mock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: Option<String>,
+    /// Upstream model name (pins a version); the client's model name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Share of traffic within the priority tier (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub weight: Option<i32>,
+    /// Fallback tier: lower first (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub priority: Option<i32>,
+    /// The provider credential, from a Secret in the route's namespace. Never inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_ref: Option<SecretKeyRef>,
+    /// Deadline for one attempt until the response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub timeout: Option<String>,
+    /// Prices for cost metering, budgets and `lowest-cost` routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+    /// Settings of the built-in `mock` provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<MockSettings>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Secret name, in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Pricing {
+    /// USD per million input (prompt) tokens.
+    #[schemars(range(min = 0))]
+    pub input_per_million: f64,
+    /// USD per million output (completion) tokens.
+    #[schemars(range(min = 0))]
+    pub output_per_million: f64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MockSettings {
+    /// Wait before the response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub latency: Option<String>,
+    /// Completion tokens per answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub output_tokens: Option<i32>,
+    /// Wait between streamed chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub chunk_delay: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Attempts after the first one, per priority tier (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10))]
+    pub attempts: Option<i32>,
+    /// Which failures are retried: `connect`, `timeout`, `429`, `5xx` (all when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<RetryOn>,
+    /// First backoff, doubled per attempt with jitter (default 100ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub backoff: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RetryOn {
+    #[serde(rename = "connect")]
+    Connect,
+    #[serde(rename = "timeout")]
+    Timeout,
+    #[serde(rename = "429")]
+    RateLimited,
+    #[serde(rename = "5xx")]
+    ServerError,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Failures in a row that eject a backend (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: Option<i32>,
+    /// First ejection; doubles while failures continue (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub ejection_time: Option<String>,
+}
+
+/// A condition in the usual Kubernetes shape.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Accepted` or `Programmed`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase word saying why.
+    pub reason: String,
+    /// What a person should know or do.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339 time of the last status change.
+    pub last_transition_time: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRouteStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Backends in the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<i32>,
+    /// Proxies connected to the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<i32>,
+    /// Proxies that acknowledged a snapshot containing this generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed_proxies: Option<i32>,
+}
+
+/// A virtual key for a caller (a team, an app).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "modelgate.dev",
+    version = "v1alpha1",
+    kind = "ApiKey",
+    plural = "apikeys",
+    namespaced,
+    status = "ApiKeyStatus",
+    shortname = "mgkey",
+    category = "modelgate",
+    printcolumn = r#"{"name":"Models","type":"string","jsonPath":".spec.models"}"#,
+    printcolumn = r#"{"name":"RPM","type":"integer","jsonPath":".spec.limits.requestsPerMinute"}"#,
+    printcolumn = r#"{"name":"TPM","type":"integer","jsonPath":".spec.limits.tokensPerMinute"}"#,
+    printcolumn = r#"{"name":"Tokens","type":"integer","jsonPath":".status.usage.tokens"}"#,
+    printcolumn = r#"{"name":"Cost","type":"string","jsonPath":".status.usage.costUsd"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySpec {
+    /// The Secret key holding the raw key. When absent, the operator mints a random key
+    /// into a Secret it owns (named in `status.secretName`); set the annotation
+    /// `modelgate.dev/rotate` to a new value to mint a fresh one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Allowed ModelRoutes of this namespace, by model name or glob (`gpt-*`); all when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    /// RFC 3339 time after which the key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    ))]
+    pub expires_at: Option<String>,
+    /// Refuse the key without deleting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Requests per minute, across all proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<i64>,
+    /// Tokens (prompt + completion) per minute, across all proxies; reserved at admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<i64>,
+    /// Requests in flight at once, per proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent: Option<i32>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    /// Tokens per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens: Option<i64>,
+    /// US dollars per period, from backend pricing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub usd: Option<f64>,
+    /// `day` or `month` (UTC calendar); default `month`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<BudgetPeriod>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// The budget period this usage counts in, e.g. `2026-11` or `2026-11-27`.
+    pub period: String,
+    /// Tokens used in the period, across all proxies.
+    pub tokens: i64,
+    /// US dollars spent in the period, as a decimal string.
+    pub cost_usd: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// RFC 3339 time of the last request seen with this key (to the minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
+    /// The Secret the operator minted, when `secretRef` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+}
+
+/// The CRD manifests as YAML documents, in a stable order.
+pub fn manifests() -> Vec<(&'static str, String)> {
+    use kube::CustomResourceExt;
+    let yaml = |crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
+        let header = "# Generated by `cargo run -p modelgate-crds --bin crdgen`; do not edit.\n";
+        format!("{header}{}", serde_saphyr::to_string(crd).expect("CRD serializes"))
+    };
+    vec![
+        ("modelroutes.modelgate.dev.yaml", yaml(&ModelRoute::crd())),
+        ("apikeys.modelgate.dev.yaml", yaml(&ApiKey::crd())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_manifests_match_the_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+        for (name, text) in manifests() {
+            let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            assert!(
+                committed == text,
+                "crds/manifests/{name} is out of date: run `make generate` and commit the result"
+            );
+        }
+    }
+
+    #[test]
+    fn schemas_carry_validation() {
+        let text = manifests()[0].1.clone();
+        for needle in [
+            "pattern:",
+            "minimum:",
+            "openai-compatible",
+            "shortNames",
+            "modelgate",
+            "additionalPrinterColumns",
+        ] {
+            assert!(
+                text.contains(needle),
+                "{needle} missing from the ModelRoute CRD"
+            );
+        }
+    }
+}

@@ -1,0 +1,740 @@
+//! The in-memory index of everything a snapshot is made of, and the compiler.
+//!
+//! ```text
+//!  watch ModelRoute ─┐
+//!  watch ApiKey ─────┼─► Index (apply / delete / reset per kind) ─► compile(Context)
+//!  watch Secret ─────┘                                                  │
+//!            Compiled { spec: SnapshotSpec, verdicts, generations, to_mint }
+//! ```
+//!
+//! Compiling checks what the schema cannot: referenced Secrets and keys exist, model names
+//! are unique per namespace (the oldest route keeps a contested name), providers are
+//! supported, and each route passes the proxy's own validation. An invalid object is left
+//! out with a verdict saying why; the valid ones are not held back. Raw keys are hashed
+//! here and never leave the operator.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
+use modelgate_dataplane::config::{
+    self, BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec,
+    OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source,
+};
+use modelgate_dataplane::snapshot::StateRegistry;
+use sha2::{Digest, Sha256};
+
+/// Which object: kind, namespace, name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    ModelRoute,
+    ApiKey,
+}
+
+impl ObjKey {
+    pub fn route(ns: &str, name: &str) -> Self {
+        Self {
+            kind: Kind::ModelRoute,
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+    pub fn key(ns: &str, name: &str) -> Self {
+        Self {
+            kind: Kind::ApiKey,
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+    /// `namespace/name`: how proxies name keys in usage reports.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Accepted or not, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub accepted: bool,
+    pub reason: &'static str,
+    pub message: String,
+    pub generation: i64,
+}
+
+impl Verdict {
+    fn ok(generation: i64, message: impl Into<String>) -> Self {
+        Self {
+            accepted: true,
+            reason: "Accepted",
+            message: message.into(),
+            generation,
+        }
+    }
+    fn bad(generation: i64, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            accepted: false,
+            reason,
+            message: message.into(),
+            generation,
+        }
+    }
+}
+
+/// What the compiler needs beyond the objects.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Context {
+    /// Connected proxies: per-key rate limits are divided among them.
+    pub proxies: u32,
+    /// Keys (`namespace/name`) whose budget is used up across all proxies.
+    pub exhausted: HashSet<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    pub spec: SnapshotSpec,
+    pub verdicts: BTreeMap<ObjKey, Verdict>,
+    /// Generation of every object included in the snapshot.
+    pub generations: HashMap<ObjKey, i64>,
+    /// ApiKeys without `secretRef` whose minted Secret does not exist yet.
+    pub to_mint: Vec<ObjKey>,
+    /// Backends per route, for status.
+    pub backends: HashMap<ObjKey, i32>,
+}
+
+/// The name of the Secret the operator mints for an ApiKey without `secretRef`.
+pub fn minted_secret_name(apikey: &str) -> String {
+    format!("{apikey}-modelgate-key")
+}
+
+/// The data key holding the raw key in a minted Secret.
+pub const MINTED_KEY: &str = "key";
+
+#[derive(Debug, Default)]
+pub struct Index {
+    routes: BTreeMap<(String, String), ModelRoute>,
+    keys: BTreeMap<(String, String), ApiKey>,
+    secrets: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
+    secret_annotations: HashMap<(String, String), BTreeMap<String, String>>,
+}
+
+fn ns_name<K: ResourceExt>(o: &K) -> (String, String) {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+impl Index {
+    pub fn apply_route(&mut self, r: ModelRoute) {
+        self.routes.insert(ns_name(&r), r);
+    }
+    pub fn delete_route(&mut self, r: &ModelRoute) {
+        self.routes.remove(&ns_name(r));
+    }
+    pub fn reset_routes(&mut self, all: Vec<ModelRoute>) {
+        self.routes = all.into_iter().map(|r| (ns_name(&r), r)).collect();
+    }
+    pub fn apply_key(&mut self, k: ApiKey) {
+        self.keys.insert(ns_name(&k), k);
+    }
+    pub fn delete_key(&mut self, k: &ApiKey) {
+        self.keys.remove(&ns_name(k));
+    }
+    pub fn reset_keys(&mut self, all: Vec<ApiKey>) {
+        self.keys = all.into_iter().map(|k| (ns_name(&k), k)).collect();
+    }
+    pub fn apply_secret(&mut self, s: Secret) {
+        let key = ns_name(&s);
+        match s.metadata.annotations.clone() {
+            Some(a) if !a.is_empty() => self.secret_annotations.insert(key.clone(), a),
+            _ => self.secret_annotations.remove(&key),
+        };
+        self.secrets.insert(key, secret_data(&s));
+    }
+    pub fn delete_secret(&mut self, s: &Secret) {
+        self.secrets.remove(&ns_name(s));
+        self.secret_annotations.remove(&ns_name(s));
+    }
+    pub fn reset_secrets(&mut self, all: Vec<Secret>) {
+        self.secrets.clear();
+        self.secret_annotations.clear();
+        for s in all {
+            self.apply_secret(s);
+        }
+    }
+
+    pub fn secret_annotation(&self, ns: &str, name: &str, annotation: &str) -> Option<String> {
+        self.secret_annotations
+            .get(&(ns.to_owned(), name.to_owned()))?
+            .get(annotation)
+            .cloned()
+    }
+
+    pub fn route(&self, ns: &str, name: &str) -> Option<&ModelRoute> {
+        self.routes.get(&(ns.to_owned(), name.to_owned()))
+    }
+
+    pub fn route_conditions(&self, ns: &str, name: &str) -> Option<Vec<modelgate_crds::Condition>> {
+        let r = self.route(ns, name)?;
+        Some(
+            r.status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default(),
+        )
+    }
+
+    pub fn key(&self, ns: &str, name: &str) -> Option<&ApiKey> {
+        self.keys.get(&(ns.to_owned(), name.to_owned()))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.keys.values()
+    }
+
+    fn secret_value(
+        &self,
+        ns: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<&[u8], (&'static str, String)> {
+        let data = self
+            .secrets
+            .get(&(ns.to_owned(), name.to_owned()))
+            .ok_or_else(|| {
+                (
+                    "SecretNotFound",
+                    format!("Secret {ns}/{name} does not exist"),
+                )
+            })?;
+        data.get(key).map(Vec::as_slice).ok_or_else(|| {
+            (
+                "SecretKeyNotFound",
+                format!(
+                    "Secret {ns}/{name} has no key {key:?} (it has: {})",
+                    data.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    }
+
+    /// Build the snapshot and a verdict for every object.
+    pub fn compile(&self, ctx: &Context) -> Compiled {
+        let mut out = Compiled::default();
+        let registry = StateRegistry::default();
+
+        // Routes, oldest first so an older route keeps a contested model name.
+        let mut routes: Vec<&ModelRoute> = self.routes.values().collect();
+        routes.sort_by(|a, b| {
+            let t = |r: &ModelRoute| r.metadata.creation_timestamp.clone().map(|t| t.0);
+            t(a).cmp(&t(b))
+                .then_with(|| a.name_any().cmp(&b.name_any()))
+        });
+        let mut claimed: HashMap<(String, String), String> = HashMap::new();
+        for r in routes {
+            let (ns, name) = ns_name(r);
+            let key = ObjKey::route(&ns, &name);
+            let generation = r.metadata.generation.unwrap_or(0);
+            out.backends
+                .insert(key.clone(), r.spec.backends.len() as i32);
+            let verdict = match self.route_spec(r) {
+                Err((reason, msg)) => Verdict::bad(generation, reason, msg),
+                Ok(spec) => {
+                    let names: Vec<&String> = std::iter::once(&spec.model)
+                        .chain(spec.aliases.iter())
+                        .collect();
+                    let clash = names.iter().find_map(|m| {
+                        claimed
+                            .get(&(ns.clone(), (*m).clone()))
+                            .map(|owner| ((*m).clone(), owner.clone()))
+                    });
+                    if let Some((model, owner)) = clash {
+                        Verdict::bad(
+                            generation,
+                            "DuplicateModel",
+                            format!(
+                                "model {model:?} is already served by ModelRoute {owner} in this namespace; rename it or delete one of the routes"
+                            ),
+                        )
+                    } else {
+                        // The proxy's own validation, route by route, so one bad route
+                        // cannot take the snapshot down.
+                        let single = SnapshotSpec {
+                            version: Some("check".into()),
+                            routes: vec![spec.clone()],
+                            keys: vec![],
+                        };
+                        match config::compile(&single, Source::Operator, &registry) {
+                            Err(e) => Verdict::bad(generation, "Invalid", e.to_string()),
+                            Ok(_) => {
+                                for m in names {
+                                    claimed.insert((ns.clone(), m.clone()), name.clone());
+                                }
+                                out.spec.routes.push(spec);
+                                out.generations.insert(key.clone(), generation);
+                                Verdict::ok(
+                                    generation,
+                                    "the route is valid and its references resolve",
+                                )
+                            }
+                        }
+                    }
+                }
+            };
+            out.verdicts.insert(key, verdict);
+        }
+
+        // Keys.
+        let mut hashes: HashMap<String, String> = HashMap::new();
+        for k in self.keys.values() {
+            let (ns, name) = ns_name(k);
+            let key = ObjKey::key(&ns, &name);
+            let generation = k.metadata.generation.unwrap_or(0);
+            let raw = match &k.spec.secret_ref {
+                Some(r) => self
+                    .secret_value(&ns, &r.name, &r.key)
+                    .map_err(|(reason, msg)| (reason, msg, false)),
+                None => self
+                    .secret_value(&ns, &minted_secret_name(&name), MINTED_KEY)
+                    .map_err(|_| {
+                        (
+                            "Minting",
+                            "waiting for the operator to mint this key's Secret".to_owned(),
+                            true,
+                        )
+                    }),
+            };
+            let raw = match raw {
+                Ok(raw) => String::from_utf8_lossy(raw).trim().to_owned(),
+                Err((reason, msg, mint)) => {
+                    if mint {
+                        out.to_mint.push(key.clone());
+                    }
+                    out.verdicts
+                        .insert(key, Verdict::bad(generation, reason, msg));
+                    continue;
+                }
+            };
+            if raw.len() < 16 {
+                out.verdicts.insert(
+                    key,
+                    Verdict::bad(
+                        generation,
+                        "WeakKey",
+                        "the raw key must be at least 16 characters long",
+                    ),
+                );
+                continue;
+            }
+            let hash = hex_sha256(raw.as_bytes());
+            if let Some(other) = hashes.get(&hash) {
+                out.verdicts.insert(
+                    key,
+                    Verdict::bad(
+                        generation,
+                        "DuplicateKey",
+                        format!("ApiKey {other} uses the same raw key; every ApiKey needs its own"),
+                    ),
+                );
+                continue;
+            }
+            let spec = key_spec(k, &ns, &name, hash.clone(), ctx);
+            let single = SnapshotSpec {
+                version: Some("check".into()),
+                routes: vec![],
+                keys: vec![spec.clone()],
+            };
+            if let Err(e) = config::compile(&single, Source::Operator, &registry) {
+                out.verdicts
+                    .insert(key, Verdict::bad(generation, "Invalid", e.to_string()));
+                continue;
+            }
+            hashes.insert(hash, format!("{ns}/{name}"));
+            out.spec.keys.push(spec);
+            out.generations.insert(key.clone(), generation);
+            out.verdicts.insert(
+                key,
+                Verdict::ok(generation, "the key is valid and its Secret resolves"),
+            );
+        }
+
+        let body = serde_json::to_vec(&out.spec).unwrap_or_default();
+        let digest = Sha256::digest(&body);
+        out.spec.version = Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect());
+        out
+    }
+
+    fn route_spec(&self, r: &ModelRoute) -> Result<RouteSpec, (&'static str, String)> {
+        let (ns, name) = ns_name(r);
+        let s = &r.spec;
+        let mut backends = Vec::with_capacity(s.backends.len());
+        for b in &s.backends {
+            let provider = match b.provider {
+                Provider::Openai => ProviderKind::Openai,
+                Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
+                Provider::Mock => ProviderKind::Mock,
+                Provider::Anthropic | Provider::AzureOpenai => {
+                    return Err((
+                        "UnsupportedProvider",
+                        format!(
+                            "backend {}: provider {:?} is not supported by this modelgate version yet",
+                            b.name, b.provider
+                        ),
+                    ));
+                }
+            };
+            let credentials = match &b.credentials_ref {
+                None => None,
+                Some(c) => {
+                    let raw = self
+                        .secret_value(&ns, &c.name, &c.key)
+                        .map_err(|(reason, msg)| (reason, format!("backend {}: {msg}", b.name)))?;
+                    Some(CredentialSpec {
+                        value: Some(String::from_utf8_lossy(raw).trim().to_owned()),
+                        ..Default::default()
+                    })
+                }
+            };
+            let weight = b.weight.unwrap_or(1);
+            let priority = b.priority.unwrap_or(0);
+            if weight < 0 || priority < 0 {
+                return Err((
+                    "Invalid",
+                    format!(
+                        "backend {}: weight and priority must not be negative",
+                        b.name
+                    ),
+                ));
+            }
+            backends.push(BackendSpec {
+                name: b.name.clone(),
+                provider,
+                url: b.url.clone(),
+                model: b.model.clone(),
+                weight: weight as u32,
+                priority: priority as u32,
+                credentials,
+                timeout: b.timeout.clone(),
+                pricing: b.pricing.as_ref().map(|p| PricingSpec {
+                    input_per_million: p.input_per_million,
+                    output_per_million: p.output_per_million,
+                }),
+                mock: b.mock.as_ref().map(|m| {
+                    let d = MockSpec::default();
+                    MockSpec {
+                        latency: m.latency.clone().unwrap_or(d.latency),
+                        output_tokens: m.output_tokens.map_or(d.output_tokens, |n| n.max(0) as u32),
+                        chunk_delay: m.chunk_delay.clone().unwrap_or(d.chunk_delay),
+                        dimensions: d.dimensions,
+                    }
+                }),
+            });
+        }
+        Ok(RouteSpec {
+            name,
+            namespace: ns,
+            model: s.model.clone(),
+            aliases: s.aliases.clone(),
+            strategy: match s.strategy {
+                None | Some(Strategy::Weighted) => modelgate_dataplane::routes::Strategy::Weighted,
+                Some(Strategy::LeastLatency) => modelgate_dataplane::routes::Strategy::LeastLatency,
+                Some(Strategy::LowestCost) => modelgate_dataplane::routes::Strategy::LowestCost,
+            },
+            timeout: s.timeout.clone(),
+            retries: s.retries.as_ref().map(|r| RetrySpec {
+                attempts: r.attempts.map_or(2, |a| a.max(0) as u32),
+                on: r
+                    .on
+                    .iter()
+                    .map(|o| match o {
+                        RetryOn::Connect => modelgate_dataplane::routes::RetryOn::Connect,
+                        RetryOn::Timeout => modelgate_dataplane::routes::RetryOn::Timeout,
+                        RetryOn::RateLimited => modelgate_dataplane::routes::RetryOn::RateLimited,
+                        RetryOn::ServerError => modelgate_dataplane::routes::RetryOn::ServerError,
+                    })
+                    .collect(),
+                backoff: r.backoff.clone().unwrap_or_else(|| "100ms".into()),
+                max_backoff: "2s".into(),
+            }),
+            outlier_detection: s.outlier_detection.as_ref().map(|o| OutlierSpec {
+                consecutive_failures: o.consecutive_failures.map_or(5, |n| n.max(0) as u32),
+                ejection_time: o.ejection_time.clone().unwrap_or_else(|| "30s".into()),
+                max_ejection_time: "300s".into(),
+            }),
+            backends,
+        })
+    }
+}
+
+fn key_spec(k: &ApiKey, ns: &str, name: &str, hash: String, ctx: &Context) -> KeySpec {
+    let s = &k.spec;
+    let share =
+        |v: Option<i64>| v.map(|v| (v.max(1) as u64).div_ceil(u64::from(ctx.proxies.max(1))));
+    KeySpec {
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        sha256: hash,
+        models: s.models.clone(),
+        limits: s.limits.as_ref().map(|l| LimitsSpec {
+            requests_per_minute: share(l.requests_per_minute),
+            tokens_per_minute: share(l.tokens_per_minute),
+            max_concurrent: l.max_concurrent.map(|c| c.max(1) as u32),
+        }),
+        budget: s.budget.as_ref().map(|b| BudgetSpec {
+            tokens: b.tokens.map(|t| t.max(0) as u64),
+            usd: b.usd,
+            period: match b.period {
+                Some(modelgate_crds::BudgetPeriod::Day) => BudgetPeriod::Day,
+                Some(modelgate_crds::BudgetPeriod::Month) | None => BudgetPeriod::Month,
+            },
+        }),
+        expires_at: s.expires_at.clone(),
+        disabled: s.disabled.unwrap_or(false),
+        exhausted: ctx.exhausted.contains(&format!("{ns}/{name}")),
+    }
+}
+
+fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = s
+        .data
+        .as_ref()
+        .map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+        .unwrap_or_default();
+    if let Some(sd) = &s.string_data {
+        for (k, v) in sd {
+            out.insert(k.clone(), v.clone().into_bytes());
+        }
+    }
+    out
+}
+
+pub fn hex_sha256(raw: &[u8]) -> String {
+    Sha256::digest(raw)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use modelgate_crds::{ApiKeySpec, Limits, ModelRouteSpec, RouteBackend, SecretKeyRef};
+
+    fn route(
+        ns: &str,
+        name: &str,
+        model: &str,
+        backends: Vec<RouteBackend>,
+        age: i64,
+    ) -> ModelRoute {
+        let mut r = ModelRoute::new(
+            name,
+            ModelRouteSpec {
+                model: model.into(),
+                aliases: vec![],
+                backends,
+                strategy: None,
+                timeout: None,
+                retries: None,
+                outlier_detection: None,
+            },
+        );
+        r.metadata.namespace = Some(ns.into());
+        r.metadata.generation = Some(1);
+        r.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + age).unwrap(),
+        ));
+        r
+    }
+
+    fn backend(name: &str, provider: Provider, cred: Option<(&str, &str)>) -> RouteBackend {
+        RouteBackend {
+            name: name.into(),
+            provider,
+            url: Some("http://127.0.0.1:9/v1".into()),
+            model: None,
+            weight: None,
+            priority: None,
+            credentials_ref: cred.map(|(n, k)| SecretKeyRef {
+                name: n.into(),
+                key: k.into(),
+            }),
+            timeout: None,
+            pricing: None,
+            mock: None,
+        }
+    }
+
+    fn secret(ns: &str, name: &str, key: &str, value: &str) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.name = Some(name.into());
+        s.data = Some([(key.to_owned(), ByteString(value.as_bytes().to_vec()))].into());
+        s
+    }
+
+    fn apikey(ns: &str, name: &str, secret: Option<(&str, &str)>) -> ApiKey {
+        let mut k = ApiKey::new(
+            name,
+            ApiKeySpec {
+                secret_ref: secret.map(|(n, k)| SecretKeyRef {
+                    name: n.into(),
+                    key: k.into(),
+                }),
+                models: vec![],
+                limits: Some(Limits {
+                    requests_per_minute: Some(100),
+                    tokens_per_minute: Some(1001),
+                    max_concurrent: None,
+                }),
+                budget: None,
+                expires_at: None,
+                disabled: None,
+            },
+        );
+        k.metadata.namespace = Some(ns.into());
+        k.metadata.generation = Some(3);
+        k
+    }
+
+    #[test]
+    fn bad_routes_are_left_out_with_a_reason_and_good_ones_kept() {
+        let mut idx = Index::default();
+        idx.apply_route(route(
+            "a",
+            "good",
+            "m1",
+            vec![backend("b", Provider::OpenaiCompatible, None)],
+            0,
+        ));
+        idx.apply_route(route(
+            "a",
+            "nosecret",
+            "m2",
+            vec![backend("b", Provider::Openai, Some(("creds", "token")))],
+            0,
+        ));
+        idx.apply_route(route(
+            "a",
+            "younger-dup",
+            "m1",
+            vec![backend("b", Provider::Mock, None)],
+            10,
+        ));
+        idx.apply_route(route(
+            "b",
+            "other-ns",
+            "m1",
+            vec![backend("b", Provider::Mock, None)],
+            10,
+        ));
+        idx.apply_route(route(
+            "a",
+            "anthropic",
+            "m3",
+            vec![backend("b", Provider::Anthropic, None)],
+            0,
+        ));
+        let c = idx.compile(&Context::default());
+        let v = |ns: &str, n: &str| c.verdicts[&ObjKey::route(ns, n)].clone();
+        assert!(v("a", "good").accepted);
+        assert!(
+            v("b", "other-ns").accepted,
+            "the same model in another namespace is fine"
+        );
+        assert_eq!(v("a", "nosecret").reason, "SecretNotFound");
+        assert!(
+            v("a", "nosecret")
+                .message
+                .contains("Secret a/creds does not exist")
+        );
+        assert_eq!(v("a", "younger-dup").reason, "DuplicateModel");
+        assert!(v("a", "younger-dup").message.contains("ModelRoute good"));
+        assert_eq!(v("a", "anthropic").reason, "UnsupportedProvider");
+        let names: Vec<_> = c
+            .spec
+            .routes
+            .iter()
+            .map(|r| format!("{}/{}", r.namespace, r.name))
+            .collect();
+        assert_eq!(names, vec!["a/good", "b/other-ns"]);
+
+        // The Secret appears: the route is accepted with the credential inline.
+        idx.apply_secret(secret("a", "creds", "token", "sk-provider\n"));
+        let c = idx.compile(&Context::default());
+        assert!(c.verdicts[&ObjKey::route("a", "nosecret")].accepted);
+        let r = c.spec.routes.iter().find(|r| r.name == "nosecret").unwrap();
+        assert_eq!(
+            r.backends[0].credentials.as_ref().unwrap().value.as_deref(),
+            Some("sk-provider")
+        );
+    }
+
+    #[test]
+    fn keys_are_hashed_divided_and_minted() {
+        let mut idx = Index::default();
+        idx.apply_secret(secret("a", "raw", "k", "sk-0123456789abcdef"));
+        idx.apply_key(apikey("a", "team", Some(("raw", "k"))));
+        idx.apply_key(apikey("a", "twin", Some(("raw", "k"))));
+        idx.apply_key(apikey("a", "minted", None));
+        let c = idx.compile(&Context {
+            proxies: 2,
+            exhausted: ["a/team".to_owned()].into(),
+        });
+        assert_eq!(c.spec.keys.len(), 1);
+        let k = &c.spec.keys[0];
+        assert_eq!(k.sha256, hex_sha256(b"sk-0123456789abcdef"));
+        assert!(
+            !serde_json::to_string(&c.spec)
+                .unwrap()
+                .contains("sk-0123456789abcdef")
+        );
+        assert_eq!(k.limits.as_ref().unwrap().requests_per_minute, Some(50));
+        assert_eq!(k.limits.as_ref().unwrap().tokens_per_minute, Some(501));
+        assert!(k.exhausted);
+        assert_eq!(c.verdicts[&ObjKey::key("a", "twin")].reason, "DuplicateKey");
+        assert_eq!(c.verdicts[&ObjKey::key("a", "minted")].reason, "Minting");
+        assert_eq!(c.to_mint, vec![ObjKey::key("a", "minted")]);
+
+        idx.apply_secret(secret(
+            "a",
+            &minted_secret_name("minted"),
+            MINTED_KEY,
+            "sk-minted-0123456789",
+        ));
+        let c = idx.compile(&Context::default());
+        assert!(c.verdicts[&ObjKey::key("a", "minted")].accepted);
+        assert!(c.to_mint.is_empty());
+    }
+
+    #[test]
+    fn version_changes_only_with_content() {
+        let mut idx = Index::default();
+        idx.apply_route(route(
+            "a",
+            "r",
+            "m",
+            vec![backend("b", Provider::Mock, None)],
+            0,
+        ));
+        let v1 = idx.compile(&Context::default()).spec.version;
+        assert_eq!(v1, idx.compile(&Context::default()).spec.version);
+        idx.apply_route(route(
+            "a",
+            "r",
+            "m2",
+            vec![backend("b", Provider::Mock, None)],
+            0,
+        ));
+        assert_ne!(v1, idx.compile(&Context::default()).spec.version);
+        // The compiled snapshot passes the proxy's validation as a whole.
+        let c = idx.compile(&Context::default());
+        config::compile(&c.spec, Source::Operator, &StateRegistry::default()).unwrap();
+    }
+}
