@@ -313,15 +313,16 @@ pub struct Budget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub usd: Option<f64>,
-    /// `day` or `month` (UTC calendar); default `month`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period: Option<BudgetPeriod>,
+    /// `day` or `month` (UTC calendar).
+    #[serde(default)]
+    pub period: BudgetPeriod,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BudgetPeriod {
     Day,
+    #[default]
     Month,
 }
 

@@ -103,6 +103,16 @@ struct Counters {
     requests: Window,
     tokens: Window,
     budget: Budget,
+    unreported: Unreported,
+}
+
+/// Usage not yet reported to the operator.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Unreported {
+    pub tokens: u64,
+    pub usd: f64,
+    /// Unix seconds of the last request.
+    pub last_used: u64,
 }
 
 /// The live counters of one key.
@@ -117,6 +127,21 @@ impl KeyState {
     pub fn period_usage(&self) -> (u64, f64) {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         (c.budget.tokens, c.budget.usd)
+    }
+
+    /// Take the usage since the last report (None when there was no request).
+    pub fn take_unreported(&self) -> Option<Unreported> {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let u = std::mem::take(&mut c.unreported);
+        (u.last_used != 0).then_some(u)
+    }
+
+    /// Put back usage whose report failed, to send it with the next one.
+    pub fn restore_unreported(&self, u: Unreported) {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.unreported.tokens += u.tokens;
+        c.unreported.usd += u.usd;
+        c.unreported.last_used = c.unreported.last_used.max(u.last_used);
     }
 }
 
@@ -194,6 +219,9 @@ impl Ticket {
         }
         b.tokens = b.tokens.saturating_add(tokens);
         b.usd += usd;
+        c.unreported.tokens += tokens;
+        c.unreported.usd += usd;
+        c.unreported.last_used = now;
     }
 }
 

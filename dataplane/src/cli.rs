@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use tokio::sync::watch;
 
 use crate::config::{self, Source};
+use crate::control;
 use crate::proxy::{Gateway, Settings};
 use crate::server;
 use crate::source::{self, Runtime};
@@ -20,6 +21,7 @@ modelgate-dataplane: the modelgate proxy
 
 USAGE:
     modelgate-dataplane --config FILE [OPTIONS]    run standalone from a YAML or JSON file
+    modelgate-dataplane --operator URL [OPTIONS]   follow the operator's config stream
     modelgate-dataplane --check --config FILE      validate a config file and exit
     modelgate-dataplane hash-key [KEY]             print the sha256 a config stores for KEY
                                                    (reads KEY from stdin when omitted)
@@ -28,6 +30,11 @@ OPTIONS:
     --admin ADDR             admin address (overrides server.admin)
     --addr-file FILE         write the bound addresses as JSON once listening
     --reload-interval DUR    how often to look for config changes [default: 1s]
+    --operator URL           the operator's config server, e.g. http://modelgate-operator:8443;
+                             with --config, the file may then hold only the server section
+    --operator-token-file F  the shared proxy token (or env MODELGATE_PROXY_TOKEN)
+    --proxy-id ID            this proxy's name for the operator [default: $POD_NAME or host-pid]
+    --usage-interval DUR     how often usage is reported to the operator [default: 2s]
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
 ";
 
@@ -38,6 +45,10 @@ struct Options {
     admin: Option<String>,
     addr_file: Option<PathBuf>,
     reload_interval: Option<Duration>,
+    operator: Option<String>,
+    operator_token_file: Option<PathBuf>,
+    proxy_id: Option<String>,
+    usage_interval: Option<Duration>,
     check: bool,
     text_logs: bool,
     hash_key: Option<Option<String>>,
@@ -57,6 +68,18 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
                 o.reload_interval = Some(
                     humantime::parse_duration(&v)
                         .with_context(|| format!("--reload-interval {v:?}"))?,
+                );
+            }
+            "--operator" => o.operator = Some(value("--operator")?),
+            "--operator-token-file" => {
+                o.operator_token_file = Some(value("--operator-token-file")?.into())
+            }
+            "--proxy-id" => o.proxy_id = Some(value("--proxy-id")?),
+            "--usage-interval" => {
+                let v = value("--usage-interval")?;
+                o.usage_interval = Some(
+                    humantime::parse_duration(&v)
+                        .with_context(|| format!("--usage-interval {v:?}"))?,
                 );
             }
             "--log-format" => match value("--log-format")?.as_str() {
@@ -138,18 +161,42 @@ fn init_logs(text: bool) {
 }
 
 async fn run(opts: Options) -> anyhow::Result<()> {
-    let Some(path) = opts.config.clone() else {
-        bail!("--config FILE is required (try examples/standalone.yaml)\n\n{USAGE}");
+    let (path, bytes, file) = match (&opts.config, &opts.operator) {
+        (Some(path), _) => {
+            let (bytes, file) = source::read_config(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (Some(path.clone()), bytes, file)
+        }
+        (None, Some(_)) => (None, Vec::new(), config::ConfigFile::default()),
+        (None, None) => bail!(
+            "--config FILE or --operator URL is required (try --config examples/standalone.yaml)\n\n{USAGE}"
+        ),
     };
-    let (bytes, file) =
-        source::read_config(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if opts.check {
+        let path = path.context("--check needs --config")?;
         let v = config::compile(&file.snapshot(), Source::File, &Default::default())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             .version;
         println!("{}: valid (version {v})", path.display());
         return Ok(());
     }
+    let operator = match &opts.operator {
+        None => None,
+        Some(url) => {
+            if !file.routes.is_empty() || !file.keys.is_empty() {
+                bail!(
+                    "with --operator, routes and keys come from the operator; the config file may hold only the server section"
+                );
+            }
+            Some(control::Operator {
+                url: url.clone(),
+                token: read_token(opts.operator_token_file.as_deref())?,
+                proxy_id: opts.proxy_id.clone().unwrap_or_else(default_proxy_id),
+                idle_timeout: Duration::from_secs(20),
+                usage_interval: opts.usage_interval.unwrap_or(Duration::from_secs(2)),
+            })
+        }
+    };
     let server_spec = file.server.clone();
     let duration = |what: &str, v: &str| {
         humantime::parse_duration(v)
@@ -161,17 +208,23 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         max_body_bytes: server_spec.max_body_bytes,
         default_max_tokens: server_spec.default_max_tokens,
     }));
-    let rt = Arc::new(Runtime::new(
-        gateway.clone(),
-        format!("file:{}", path.display()),
-    ));
-    rt.apply(&file.snapshot(), Source::File)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let source_name = match (&operator, &path) {
+        (Some(op), _) => format!("operator:{}", op.url),
+        (None, Some(p)) => format!("file:{}", p.display()),
+        (None, None) => String::new(),
+    };
+    let rt = Arc::new(Runtime::new(gateway.clone(), source_name));
+    if operator.is_none()
+        && let Some(path) = &path
+    {
+        rt.apply(&file.snapshot(), Source::File)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
 
     let api = server::bind(opts.listen.as_deref().unwrap_or(&server_spec.listen), "API").await?;
     let admin = server::bind(opts.admin.as_deref().unwrap_or(&server_spec.admin), "admin").await?;
     let (api_addr, admin_addr) = (api.local_addr()?, admin.local_addr()?);
-    tracing::info!(api = %api_addr, admin = %admin_addr, config = %path.display(), "modelgate-dataplane listening");
+    tracing::info!(api = %api_addr, admin = %admin_addr, "modelgate-dataplane listening");
     if let Some(f) = &opts.addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(
@@ -182,13 +235,22 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(source::watch_file(
-        rt.clone(),
-        path,
-        opts.reload_interval.unwrap_or(Duration::from_secs(1)),
-        bytes,
-        server_spec.clone(),
-    ));
+    match (operator, path) {
+        (Some(op), _) => {
+            tokio::spawn(control::follow(rt.clone(), op.clone()));
+            tokio::spawn(control::report_usage(rt.clone(), op));
+        }
+        (None, Some(path)) => {
+            tokio::spawn(source::watch_file(
+                rt.clone(),
+                path,
+                opts.reload_interval.unwrap_or(Duration::from_secs(1)),
+                bytes,
+                server_spec.clone(),
+            ));
+        }
+        (None, None) => {}
+    }
     let admin_task = tokio::spawn(server::serve_admin(admin, rt.clone(), stop_rx.clone()));
     let (api_stop_tx, api_stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(server::serve_api(
@@ -208,6 +270,28 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     Ok(())
+}
+
+fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let token = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --operator-token-file {}", f.display()))?,
+        None => std::env::var("MODELGATE_PROXY_TOKEN").context(
+            "set --operator-token-file or MODELGATE_PROXY_TOKEN to talk to the operator",
+        )?,
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("the operator token is empty");
+    }
+    Ok(token)
+}
+
+fn default_proxy_id() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "proxy".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    })
 }
 
 async fn shutdown_signal() {

@@ -119,6 +119,10 @@ impl KeyStore {
         self.by_hash.is_empty()
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Key>> {
+        self.by_hash.values().map(|(_, k)| k)
+    }
+
     pub fn authenticate(&self, raw: &[u8]) -> Option<&Arc<Key>> {
         let presented = KeyHash::of(raw);
         let (stored, key) = self.by_hash.get(&presented)?;

@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod keys;
 pub mod meter;

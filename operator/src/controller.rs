@@ -41,6 +41,7 @@ pub struct Published {
 #[derive(Debug, Clone, Default)]
 pub struct ProxyInfo {
     pub streams: u32,
+    pub connected_at: Option<Instant>,
     pub acked: Option<String>,
     pub error: Option<String>,
 }

@@ -489,8 +489,8 @@ fn key_spec(k: &ApiKey, ns: &str, name: &str, hash: String, ctx: &Context) -> Ke
             tokens: b.tokens.map(|t| t.max(0) as u64),
             usd: b.usd,
             period: match b.period {
-                Some(modelgate_crds::BudgetPeriod::Day) => BudgetPeriod::Day,
-                Some(modelgate_crds::BudgetPeriod::Month) | None => BudgetPeriod::Month,
+                modelgate_crds::BudgetPeriod::Day => BudgetPeriod::Day,
+                modelgate_crds::BudgetPeriod::Month => BudgetPeriod::Month,
             },
         }),
         expires_at: s.expires_at.clone(),

@@ -351,7 +351,9 @@ fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutB
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let connected = {
         let mut proxies = lock(&shared.proxies);
-        proxies.entry(id.clone()).or_default().streams += 1;
+        let p = proxies.entry(id.clone()).or_default();
+        p.streams += 1;
+        p.connected_at = Some(std::time::Instant::now());
         let n = proxies.values().filter(|p| p.streams > 0).count();
         shared.metrics.connected_proxies.set(n as i64);
         Connected {

@@ -179,7 +179,8 @@ pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter) {
                 }
             }
             // An Event when an object stops being accepted (or first shows up invalid).
-            if !v.accepted && rejected.insert(key.clone()) {
+            // Minting is a normal, passing state: no Warning for it.
+            if !v.accepted && v.reason != "Minting" && rejected.insert(key.clone()) {
                 event(&recorder, &shared, key, v).await;
             } else if v.accepted {
                 rejected.remove(key);

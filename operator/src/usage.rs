@@ -38,9 +38,9 @@ pub struct KeyUsage {
 pub fn period_label(key: &ApiKey, now: u64) -> String {
     let days = (now / 86_400) as i64;
     let (y, m, d) = civil(days);
-    match key.spec.budget.as_ref().and_then(|b| b.period) {
+    match key.spec.budget.as_ref().map(|b| b.period) {
         Some(BudgetPeriod::Day) => format!("{y:04}-{m:02}-{d:02}"),
-        _ => format!("{y:04}-{m:02}"),
+        Some(BudgetPeriod::Month) | None => format!("{y:04}-{m:02}"),
     }
 }
 
@@ -137,7 +137,7 @@ mod tests {
                 budget: Some(Budget {
                     tokens: Some(budget_tokens),
                     usd: None,
-                    period: Some(BudgetPeriod::Day),
+                    period: BudgetPeriod::Day,
                 }),
                 expires_at: None,
                 disabled: None,
