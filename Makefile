@@ -1,5 +1,5 @@
 # The few commands everyone runs. The README names the same ones.
-.PHONY: build run test test-deps lint fmt bench
+.PHONY: build run test test-deps lint fmt bench generate
 
 build:
 	cargo build --release --workspace --bins
@@ -13,6 +13,9 @@ test:
 
 test-deps:
 	bash scripts/test-deps.sh
+
+generate:
+	cargo run -q -p modelgate-crds --bin crdgen
 
 lint:
 	cargo fmt --all -- --check

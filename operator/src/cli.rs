@@ -24,6 +24,7 @@ OPTIONS:
     --advertise-url URL      this replica's config URL for other replicas
                              [default: http://$POD_IP:<config port> or the bound address]
     --heartbeat DUR          heartbeat interval on proxy streams [default: 5s]
+    --lease-duration DUR     leader Lease duration; renewed every fifth of it [default: 15s]
     --addr-file FILE         write the bound addresses as JSON once listening
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
 ";
@@ -37,6 +38,7 @@ struct Options {
     lease_namespace: Option<String>,
     advertise_url: Option<String>,
     heartbeat: Duration,
+    lease_duration: Duration,
     addr_file: Option<PathBuf>,
     text_logs: bool,
 }
@@ -50,6 +52,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
         lease_namespace: None,
         advertise_url: None,
         heartbeat: Duration::from_secs(5),
+        lease_duration: Duration::from_secs(15),
         addr_file: None,
         text_logs: false,
     };
@@ -66,6 +69,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
                 let v = value("--heartbeat")?;
                 o.heartbeat =
                     humantime::parse_duration(&v).with_context(|| format!("--heartbeat {v:?}"))?;
+            }
+            "--lease-duration" => {
+                let v = value("--lease-duration")?;
+                o.lease_duration = humantime::parse_duration(&v)
+                    .with_context(|| format!("--lease-duration {v:?}"))?;
             }
             "--addr-file" => o.addr_file = Some(value("--addr-file")?.into()),
             "--log-format" => o.text_logs = value("--log-format")? == "text",
@@ -147,7 +155,16 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         .context("cannot build a Kubernetes client (KUBECONFIG or in-cluster config)")?;
     controller::preflight(&client).await?;
 
-    let shared = Shared::new(token);
+    let identity = opts
+        .identity
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| {
+            let host =
+                std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+    let shared = Shared::new(token, identity.clone());
     let config = bind(&opts.config_listen, "config").await?;
     let admin = bind(&opts.admin_listen, "admin").await?;
     let (config_addr, admin_addr) = (config.local_addr()?, admin.local_addr()?);
@@ -187,6 +204,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     tokio::spawn(controller::tick(shared.clone()));
     tokio::spawn(server::serve_config(config, shared.clone(), opts.heartbeat));
     tokio::spawn(server::serve_admin(admin, shared.clone()));
+    tokio::spawn(server::sync_to_leader(shared.clone()));
     tokio::spawn(status::run(
         shared.clone(),
         client.clone(),
@@ -203,8 +221,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             namespace,
             identity,
             url,
-            duration: Duration::from_secs(15),
-            renew: Duration::from_secs(2),
+            duration: opts.lease_duration,
+            renew: (opts.lease_duration / 5).max(Duration::from_millis(200)),
         },
     ));
     shutdown_signal().await;

@@ -64,10 +64,36 @@ pub struct Shared {
     /// Bit per kind whose initial list has arrived (routes 1, keys 2, secrets 4).
     synced: AtomicU8,
     pub token: String,
+    /// This replica's name (its Lease identity).
+    pub identity: String,
+    /// Proxies connected to other replicas, as they reported to us while we lead.
+    remote: Mutex<HashMap<String, Remote>>,
+    /// The fleet-wide proxy count the leader told us (when we do not lead).
+    learned_total: std::sync::atomic::AtomicU32,
+    /// Wakes the task that tells the leader about our proxies.
+    pub proxies_changed: Notify,
 }
 
+/// What another replica reported about its proxies.
+#[derive(Debug, Clone)]
+struct Remote {
+    at: Instant,
+    proxies: Vec<RemoteProxy>,
+}
+
+/// A proxy as replicas tell each other: its id and the version it applied.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct RemoteProxy {
+    pub id: String,
+    #[serde(default)]
+    pub acked: Option<String>,
+}
+
+/// How long a replica's report counts.
+const REMOTE_TTL: Duration = Duration::from_secs(10);
+
 impl Shared {
-    pub fn new(token: String) -> Arc<Self> {
+    pub fn new(token: String, identity: String) -> Arc<Self> {
         let (published, _) = watch::channel(None);
         Arc::new(Self {
             index: Mutex::default(),
@@ -83,7 +109,73 @@ impl Shared {
             leader_url: Mutex::new(None),
             synced: AtomicU8::new(0),
             token,
+            identity,
+            remote: Mutex::default(),
+            learned_total: std::sync::atomic::AtomicU32::new(0),
+            proxies_changed: Notify::new(),
         })
+    }
+
+    /// Proxies connected to this replica, with the version each applied.
+    pub fn local_proxies(&self) -> Vec<RemoteProxy> {
+        lock(&self.proxies)
+            .iter()
+            .filter(|(_, p)| p.streams > 0)
+            .map(|(id, p)| RemoteProxy {
+                id: id.clone(),
+                acked: p.acked.clone(),
+            })
+            .collect()
+    }
+
+    /// Every proxy of the fleet this replica knows of: its own, plus (when leading) those
+    /// other replicas reported recently.
+    pub fn fleet(&self) -> Vec<RemoteProxy> {
+        let mut all = self.local_proxies();
+        if self.leader.load(Ordering::Relaxed) {
+            let remote = lock(&self.remote);
+            for r in remote.values().filter(|r| r.at.elapsed() < REMOTE_TTL) {
+                all.extend(r.proxies.iter().cloned());
+            }
+        }
+        all
+    }
+
+    /// Record another replica's proxies (leader side); returns the fleet size.
+    pub fn record_remote(&self, replica: &str, proxies: Vec<RemoteProxy>) -> u32 {
+        let changed = {
+            let mut remote = lock(&self.remote);
+            let old = remote.insert(
+                replica.to_owned(),
+                Remote {
+                    at: Instant::now(),
+                    proxies: proxies.clone(),
+                },
+            );
+            old.is_none_or(|o| o.proxies != proxies)
+        };
+        if changed {
+            self.changed.notify_one();
+            self.status_wake.notify_one();
+        }
+        self.fleet().len() as u32
+    }
+
+    /// Learn the fleet size from the leader (non-leader side).
+    pub fn learn_total(&self, total: u32) {
+        if self.learned_total.swap(total, Ordering::Relaxed) != total {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Proxies across all replicas: per-key limits are divided by this number.
+    pub fn proxy_total(&self) -> u32 {
+        let local = self.connected();
+        if self.leader.load(Ordering::Relaxed) {
+            self.fleet().len() as u32
+        } else {
+            local.max(self.learned_total.load(Ordering::Relaxed))
+        }
     }
 
     pub fn is_synced(&self) -> bool {
@@ -121,7 +213,7 @@ impl Shared {
             let index = lock(&self.index);
             let now = unix_now();
             Context {
-                proxies: self.connected(),
+                proxies: self.proxy_total(),
                 exhausted: index
                     .keys()
                     .filter(|k| usage::exhausted(k, now))

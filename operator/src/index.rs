@@ -289,9 +289,14 @@ impl Index {
             out.verdicts.insert(key, verdict);
         }
 
-        // Keys.
+        // Keys, oldest first: of two ApiKeys with one raw key, the older keeps it.
+        let mut keys: Vec<&ApiKey> = self.keys.values().collect();
+        keys.sort_by(|a, b| {
+            let t = |k: &ApiKey| k.metadata.creation_timestamp.clone().map(|t| t.0);
+            t(a).cmp(&t(b)).then_with(|| ns_name(*a).cmp(&ns_name(*b)))
+        });
         let mut hashes: HashMap<String, String> = HashMap::new();
-        for k in self.keys.values() {
+        for k in keys {
             let (ns, name) = ns_name(k);
             let key = ObjKey::key(&ns, &name);
             let generation = k.metadata.generation.unwrap_or(0);

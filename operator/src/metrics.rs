@@ -44,12 +44,9 @@ impl Metrics {
         registry.register("reconciles", "Snapshot compilations", compiles.clone());
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register("errors", "Errors by kind", errors.clone());
-        let compile_seconds = Histogram::new(
-            [
-                0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
-            ]
-            .into_iter(),
-        );
+        let compile_seconds = Histogram::new([
+            0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]);
         registry.register(
             "compile_duration_seconds",
             "Time to compile the index into a snapshot",
@@ -73,12 +70,9 @@ impl Metrics {
             "Proxies with an open config stream to this replica",
             connected_proxies.clone(),
         );
-        let push_to_ack_seconds = Histogram::new(
-            [
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]
-            .into_iter(),
-        );
+        let push_to_ack_seconds = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
         registry.register(
             "push_to_ack_seconds",
             "Time from publishing a snapshot to a proxy acknowledging it",

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::controller::{Shared, lock};
+use crate::controller::{RemoteProxy, Shared, lock};
 use crate::usage::Report;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -197,6 +197,13 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
         .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))
 }
 
+/// A non-leader replica's proxies, sent to the leader.
+#[derive(Deserialize, serde::Serialize)]
+struct ReplicaReport {
+    replica: String,
+    proxies: Vec<RemoteProxy>,
+}
+
 #[derive(Deserialize)]
 struct Ack {
     proxy: String,
@@ -231,6 +238,21 @@ async fn config_api(
             };
             record_ack(&shared, ack);
             reply(StatusCode::NO_CONTENT, "text/plain", "")
+        }
+        (&Method::POST, "/v1/replicas") => {
+            let report: ReplicaReport = match read_json(req).await {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            if !shared.leader.load(Ordering::Relaxed) {
+                return error(StatusCode::CONFLICT, "not the leader");
+            }
+            let total = shared.record_remote(&report.replica, report.proxies);
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({"totalProxies": total}).to_string(),
+            )
         }
         (&Method::POST, "/v1/usage") => {
             let report: Report = match read_json(req).await {
@@ -268,6 +290,7 @@ fn record_ack(shared: &Shared, ack: Ack) {
         p.error = ack.error;
     }
     shared.status_wake.notify_one();
+    shared.proxies_changed.notify_one();
 }
 
 async fn usage(shared: &Arc<Shared>, report: Report) -> Response<OutBody> {
@@ -344,6 +367,7 @@ impl Drop for Connected {
         // Fewer proxies: per-proxy shares of key limits grow, and Programmed may change.
         self.shared.changed.notify_one();
         self.shared.status_wake.notify_one();
+        self.shared.proxies_changed.notify_one();
     }
 }
 
@@ -363,6 +387,7 @@ fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutB
     };
     tracing::info!(proxy = %id, "proxy connected");
     shared.changed.notify_one();
+    shared.proxies_changed.notify_one();
     let mut updates = shared.published.subscribe();
     tokio::spawn(async move {
         let _connected = connected;
@@ -400,4 +425,49 @@ fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutB
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+/// While not leading, tell the leader about our proxies (on every change and every 2 s),
+/// and learn the fleet size from its answer.
+pub async fn sync_to_leader(shared: Arc<Shared>) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    loop {
+        tokio::select! {
+            _ = shared.proxies_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        if shared.leader.load(Ordering::Relaxed) {
+            continue;
+        }
+        let Some(url) = lock(&shared.leader_url).clone() else {
+            continue;
+        };
+        let report = ReplicaReport {
+            replica: shared.identity.clone(),
+            proxies: shared.local_proxies(),
+        };
+        let Ok(body) = serde_json::to_vec(&report) else {
+            continue;
+        };
+        let Ok(req) = Request::post(format!("{}/v1/replicas", url.trim_end_matches('/')))
+            .header(header::AUTHORIZATION, format!("Bearer {}", shared.token))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+        else {
+            continue;
+        };
+        let answer = async {
+            let resp = client.request(req).await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).ok()?["totalProxies"].as_u64()
+        };
+        match tokio::time::timeout(Duration::from_secs(5), answer).await {
+            Ok(Some(total)) => shared.learn_total(total as u32),
+            _ => shared.metrics.error("replica_sync"),
+        }
+    }
 }

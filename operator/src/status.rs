@@ -61,8 +61,7 @@ fn condition(
 
 /// How many connected proxies run a snapshot that has `key` at `generation` or newer.
 fn programmed(shared: &Shared, key: &ObjKey, generation: i64) -> (i32, i32) {
-    let proxies = lock(&shared.proxies).clone();
-    let connected: Vec<_> = proxies.values().filter(|p| p.streams > 0).collect();
+    let connected = shared.fleet();
     let done = connected
         .iter()
         .filter(|p| {

@@ -26,6 +26,42 @@ pub fn sha256_hex(raw: &str) -> String {
         .collect()
 }
 
+/// The venv `make test-deps` creates (with the openai SDK and pytest), or MODELGATE_PYTHON.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("MODELGATE_PYTHON") {
+        return p.into();
+    }
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test-deps` (a venv with the openai SDK and pytest)",
+        p.display()
+    );
+    p
+}
+
+/// One chat completion through the official OpenAI Python SDK; returns the answer text.
+pub fn sdk_chat(base_url: &str, key: &str, model: &str) -> Result<String, String> {
+    let script = r#"
+import os, sys, openai
+c = openai.OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"], max_retries=0, timeout=30)
+r = c.chat.completions.create(model=os.environ["MODEL"], messages=[{"role": "user", "content": "hi"}])
+print(r.choices[0].message.content)
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .env("BASE", base_url)
+        .env("KEY", key)
+        .env("MODEL", model)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -47,10 +83,21 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// The proxy binary of this build, rebuilt once per test process so it is never stale.
 pub fn dataplane_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("MODELGATE_DATAPLANE_BIN") {
+    workspace_bin("modelgate-dataplane")
+}
+
+/// The operator binary of this build.
+pub fn operator_bin() -> PathBuf {
+    workspace_bin("modelgate-operator")
+}
+
+/// A workspace binary, built once per test process (cheap when up to date).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(var) {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test> → target/<profile>/modelgate-dataplane
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     static BUILD: Once = Once::new();
@@ -62,8 +109,9 @@ pub fn dataplane_bin() -> PathBuf {
             "--quiet",
             "-p",
             "modelgate-dataplane",
-            "--bin",
-            "modelgate-dataplane",
+            "-p",
+            "modelgate-operator",
+            "--bins",
         ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
@@ -72,12 +120,12 @@ pub fn dataplane_bin() -> PathBuf {
             .current_dir(repo_root())
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "building modelgate-dataplane failed");
+        assert!(status.success(), "building the workspace binaries failed");
     });
-    let bin = profile_dir.join("modelgate-dataplane");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "{} missing: run cargo build -p modelgate-dataplane",
+        "{} missing: run cargo build --workspace --bins",
         bin.display()
     );
     bin
@@ -102,11 +150,35 @@ impl Proxy {
         let dir = temp_dir("proxy");
         let config = dir.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
+        let args = vec!["--config".to_owned(), config.display().to_string()];
+        Self::spawn(dir, config, &args, envs)
+    }
+
+    /// A proxy that follows the operator's config stream.
+    pub fn follow(operator_url: &str, token_file: &Path, id: &str) -> Self {
+        let dir = temp_dir("proxy");
+        let config = dir.join("unused.yaml");
+        let args: Vec<String> = [
+            "--operator",
+            operator_url,
+            "--operator-token-file",
+            &token_file.display().to_string(),
+            "--proxy-id",
+            id,
+            "--usage-interval",
+            "500ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Self::spawn(dir, config, &args, &[])
+    }
+
+    fn spawn(dir: PathBuf, config: PathBuf, args: &[String], envs: &[(&str, &str)]) -> Self {
         let addr_file = dir.join("addr.json");
         let log = dir.join("proxy.log");
         let mut cmd = Command::new(dataplane_bin());
-        cmd.arg("--config")
-            .arg(&config)
+        cmd.args(args)
             .args([
                 "--listen",
                 "127.0.0.1:0",

@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod harness;
+pub mod k8s;
 pub mod upstream;

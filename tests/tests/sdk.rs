@@ -2,7 +2,6 @@
 //! Prometheus's `promtool` on the `/metrics` text.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use http::StatusCode;
@@ -32,20 +31,6 @@ keys:
         limited = sha256_hex(LIMITED),
         narrow = sha256_hex(NARROW),
     )
-}
-
-/// The venv `make test-deps` creates, or MODELGATE_PYTHON.
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("MODELGATE_PYTHON") {
-        return p.into();
-    }
-    let p = repo_root().join(".venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run `make test-deps` (a venv with the openai SDK and pytest)",
-        p.display()
-    );
-    p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

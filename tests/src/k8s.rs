@@ -1,0 +1,212 @@
+//! Helpers for end-to-end tests against the real kube-apiserver that `make test` starts
+//! (`scripts/k8s-up.sh`): kubectl, throwaway namespaces, and operator processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use crate::harness::{operator_bin, repo_root, temp_dir};
+
+/// The test cluster's kubeconfig; the e2e tests need `make test` (it starts the apiserver).
+pub fn kubeconfig() -> PathBuf {
+    let p = std::env::var("MODELGATE_KUBECONFIG").unwrap_or_else(|_| {
+        panic!("MODELGATE_KUBECONFIG is not set: run `make test`, which builds and starts a kube-apiserver")
+    });
+    PathBuf::from(p)
+}
+
+pub fn kubectl_bin() -> String {
+    std::env::var("MODELGATE_KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+/// Run kubectl against the test cluster; stdin optional.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(kubectl_bin());
+    cmd.args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run kubectl");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// kubectl that must succeed; returns stdout.
+pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(args, stdin);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Install the CRDs once per test process and wait until they are served.
+pub fn install_crds() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let dir = repo_root().join("crds/manifests");
+        kubectl_ok(&["apply", "-f", &dir.display().to_string()], None);
+        kubectl_ok(
+            &[
+                "wait",
+                "--for",
+                "condition=established",
+                "--timeout=60s",
+                "crd/modelroutes.modelgate.dev",
+                "crd/apikeys.modelgate.dev",
+            ],
+            None,
+        );
+    });
+}
+
+/// A namespace of its own for one test, deleted when dropped.
+pub struct Namespace(pub String);
+
+impl Namespace {
+    pub fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}-{}", std::process::id(), fastrand_suffix());
+        kubectl_ok(&["create", "namespace", &name], None);
+        Self(name)
+    }
+}
+
+fn fastrand_suffix() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{:x}", n % 0xfffff)
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.0, "--wait=false"], None);
+    }
+}
+
+/// A token file shared by an operator and its proxies.
+pub fn token_file() -> PathBuf {
+    let dir = temp_dir("token");
+    let f = dir.join("token");
+    std::fs::write(
+        &f,
+        format!(
+            "e2e-token-{}-{:x}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ 0x5eed_5eed_5eed
+        ),
+    )
+    .unwrap();
+    f
+}
+
+/// A running operator process.
+pub struct Operator {
+    pub config_url: String,
+    pub admin_url: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Operator {
+    pub fn start(token: &Path, lease_namespace: &str, identity: &str) -> Self {
+        let dir = temp_dir("operator");
+        let addr_file = dir.join("addr.json");
+        let log = dir.join("operator.log");
+        let child = Command::new(operator_bin())
+            .args([
+                "--config-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--token-file")
+            .arg(token)
+            .args(["--lease-namespace", lease_namespace, "--identity", identity])
+            .args(["--lease-duration", "3s", "--heartbeat", "1s"])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn modelgate-operator");
+        let mut child = child;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                return Self {
+                    config_url: format!("http://{}", v["config"].as_str().unwrap()),
+                    admin_url: format!("http://{}", v["admin"].as_str().unwrap()),
+                    log,
+                    child,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "operator exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "operator did not start in 60s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("operator log kept at {}", self.log.display());
+        }
+    }
+}
+
+/// `kubectl get <what> -n ns -o jsonpath=<path>`.
+pub fn jsonpath(ns: &str, what: &str, path: &str) -> String {
+    let out = kubectl(
+        &["get", what, "-n", ns, "-o", &format!("jsonpath={path}")],
+        None,
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A condition's status (`True`/`False`) on a modelgate object.
+pub fn condition(ns: &str, what: &str, type_: &str) -> String {
+    jsonpath(
+        ns,
+        what,
+        &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}"),
+    )
+}

@@ -1,0 +1,500 @@
+//! The control plane end to end: a real kube-apiserver (started by `make test`), the real
+//! operator, two real proxies, kubectl and the official OpenAI Python SDK.
+//!
+//! The tests share one apiserver and each runs its own operator, so they run one at a time
+//! (a lock below), each in namespaces of its own.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+use modelgate_tests::k8s::*;
+use modelgate_tests::upstream::MockUpstream;
+use serde_json::json;
+
+/// Tests take turns: each runs its own operator against the shared apiserver.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Each test gives team-a a raw key of its own: two ApiKeys with one raw key are refused.
+fn team_a_key(ns: &str) -> String {
+    format!("sk-{ns}-team-a-0123456789")
+}
+
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+fn apply_examples(ns: &str) {
+    install_crds();
+    kubectl_ok(
+        &[
+            "apply",
+            "-n",
+            ns,
+            "-f",
+            &repo_root().join("examples/k8s").display().to_string(),
+        ],
+        None,
+    );
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: team-a-key}}\nstringData: {{key: {}}}\n",
+        team_a_key(ns)
+    );
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&secret));
+}
+
+/// An object of this test's namespace in a proxy's `/config` summary.
+async fn summary(p: &Proxy, list: &str, ns: &str, name: &str) -> serde_json::Value {
+    let cfg = get(&p.admin_url("/config"), None).await.json();
+    cfg["snapshot"][list]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|o| o["namespace"] == ns && o["name"] == name)
+                .cloned()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_programmed(ns: &str, what: &str, proxies: usize) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{what} Programmed on {proxies} proxies"),
+        || async {
+            condition(ns, what, "Programmed") == "True"
+                && jsonpath(
+                    ns,
+                    what,
+                    "{.status.conditions[?(@.type==\"Programmed\")].message}",
+                )
+                .starts_with(&format!("all {proxies} connected proxies"))
+        },
+    )
+    .await;
+}
+
+async fn proxy_version(p: &Proxy) -> String {
+    p.version().await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_become_programmed_and_changes_reach_both_proxies_fast() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-examples");
+    let token = token_file();
+    let op = Operator::start(&token, &ns.0, "op-a");
+    let p1 = Proxy::follow(&op.config_url, &token, "proxy-1");
+    let p2 = Proxy::follow(&op.config_url, &token, "proxy-2");
+    apply_examples(&ns.0);
+
+    wait_programmed(&ns.0, "modelroute/chat", 2).await;
+    assert_eq!(condition(&ns.0, "modelroute/chat", "Accepted"), "True");
+    assert_eq!(
+        jsonpath(&ns.0, "modelroute/chat", "{.status.observedGeneration}"),
+        "1"
+    );
+    let table = kubectl_ok(&["get", "modelroutes", "-n", &ns.0], None);
+    assert!(table.contains("chat") && table.contains("True"), "{table}");
+
+    // The minted key: a Secret owned by the ApiKey, named in its status.
+    eventually(Duration::from_secs(30), "team-b minted", || async {
+        condition(&ns.0, "apikey/team-b", "Accepted") == "True"
+    })
+    .await;
+    assert_eq!(
+        jsonpath(&ns.0, "apikey/team-b", "{.status.secretName}"),
+        "team-b-modelgate-key"
+    );
+    let owner = jsonpath(
+        &ns.0,
+        "secret/team-b-modelgate-key",
+        "{.metadata.ownerReferences[0].name}",
+    );
+    assert_eq!(owner, "team-b");
+
+    // The official SDK through each proxy.
+    for p in [&p1, &p2] {
+        let answer = tokio::task::spawn_blocking({
+            let base = p.url("/v1");
+            let key = team_a_key(&ns.0);
+            move || sdk_chat(&base, &key, "gpt-4o-mini")
+        })
+        .await
+        .unwrap()
+        .expect("chat through the proxy");
+        assert!(
+            answer.starts_with("Hello from the modelgate mock model"),
+            "{answer}"
+        );
+    }
+    // Raw keys never reach a proxy; credentials do, but never its logs or /config.
+    for p in [&p1, &p2] {
+        let cfg = get(&p.admin_url("/config"), None).await.text();
+        assert!(
+            !cfg.contains(&team_a_key(&ns.0)) && !cfg.contains("sk-replace-with"),
+            "{cfg}"
+        );
+        assert!(
+            !p.log_text().contains(&team_a_key(&ns.0)) && !p.log_text().contains("sk-replace-with")
+        );
+    }
+
+    // Change a weight and time it until both proxies run a snapshot with it.
+    async fn weights(p: &Proxy, ns: &str) -> Vec<u64> {
+        summary(p, "routes", ns, "chat").await["backends"]
+            .as_array()
+            .map(|b| b.iter().filter_map(|b| b["weight"].as_u64()).collect())
+            .unwrap_or_default()
+    }
+    assert_eq!(weights(&p1, &ns.0).await, vec![80, 20, 1]);
+    let started = Instant::now();
+    kubectl_ok(
+        &[
+            "patch",
+            "modelroute",
+            "chat",
+            "-n",
+            &ns.0,
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/backends/1/weight","value":60}]"#,
+        ],
+        None,
+    );
+    eventually(
+        Duration::from_secs(10),
+        "both proxies serve the new weight",
+        || async {
+            weights(&p1, &ns.0).await == vec![80, 60, 1]
+                && weights(&p2, &ns.0).await == vec![80, 60, 1]
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    println!(
+        "PROPAGATION kubectl patch -> both proxies serving the new snapshot: {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(3), "propagation took {took:?}");
+    wait_programmed(&ns.0, "modelroute/chat", 2).await;
+    assert_eq!(
+        jsonpath(&ns.0, "modelroute/chat", "{.status.observedGeneration}"),
+        "2"
+    );
+
+    let metrics = get(&format!("{}/metrics", op.admin_url), None).await.text();
+    assert!(
+        metric(&metrics, "modelgate_operator_connected_proxies", &[]) == 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "modelgate_operator_push_to_ack_seconds_count",
+            &[]
+        ) >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_keys_stop_working_and_bad_routes_are_reported() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-keys");
+    let token = token_file();
+    let op = Operator::start(&token, &ns.0, "op-a");
+    let p1 = Proxy::follow(&op.config_url, &token, "proxy-1");
+    let p2 = Proxy::follow(&op.config_url, &token, "proxy-2");
+    apply_examples(&ns.0);
+    wait_programmed(&ns.0, "apikey/team-a", 2).await;
+    for p in [&p1, &p2] {
+        let r = post(
+            &p.url("/v1/chat/completions"),
+            Some(&team_a_key(&ns.0)),
+            &chat("chat", false),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+
+    // A route referencing a missing Secret: Accepted=False with a reason, an Event, and
+    // the good route keeps working.
+    let bad = r#"
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: broken}
+spec:
+  model: broken
+  backends:
+    - name: b
+      provider: openai
+      credentialsRef: {name: no-such-secret, key: api-key}
+"#;
+    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(bad));
+    eventually(Duration::from_secs(20), "broken route rejected", || async {
+        condition(&ns.0, "modelroute/broken", "Accepted") == "False"
+    })
+    .await;
+    let reason = jsonpath(
+        &ns.0,
+        "modelroute/broken",
+        "{.status.conditions[?(@.type==\"Accepted\")].reason}",
+    );
+    let message = jsonpath(
+        &ns.0,
+        "modelroute/broken",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert_eq!(reason, "SecretNotFound");
+    assert!(message.contains("no-such-secret"), "{message}");
+    eventually(Duration::from_secs(20), "a Warning event", || async {
+        let ev = kubectl_ok(
+            &[
+                "get",
+                "events",
+                "-n",
+                &ns.0,
+                "--field-selector",
+                "reason=SecretNotFound",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        !ev.trim().is_empty()
+    })
+    .await;
+    let r = post(
+        &p1.url("/v1/chat/completions"),
+        Some(&team_a_key(&ns.0)),
+        &chat("broken", false),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "an invalid route is not served"
+    );
+    assert_eq!(
+        post(
+            &p1.url("/v1/chat/completions"),
+            Some(&team_a_key(&ns.0)),
+            &chat("chat", false)
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+
+    // A duplicate model name: the younger route is refused.
+    let dup = r#"
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: chat-copy}
+spec:
+  model: chat
+  backends: [{name: m, provider: mock}]
+"#;
+    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(dup));
+    eventually(Duration::from_secs(20), "duplicate refused", || async {
+        jsonpath(
+            &ns.0,
+            "modelroute/chat-copy",
+            "{.status.conditions[?(@.type==\"Accepted\")].reason}",
+        ) == "DuplicateModel"
+    })
+    .await;
+
+    // The schema refuses what it can at apply time.
+    let invalid = r#"
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: negative}
+spec:
+  model: x
+  timeout: soon
+  backends: [{name: m, provider: telepathy, weight: -1}]
+"#;
+    let out = kubectl(&["apply", "-n", &ns.0, "-f", "-"], Some(invalid));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.timeout") && err.contains("spec.backends"),
+        "{err}"
+    );
+
+    // Delete the key: 401 on both proxies, quickly.
+    let started = Instant::now();
+    kubectl_ok(
+        &["delete", "apikey", "team-a", "-n", &ns.0, "--wait=false"],
+        None,
+    );
+    eventually(Duration::from_secs(5), "401 on both proxies", || async {
+        let mut all = true;
+        for p in [&p1, &p2] {
+            let r = post(
+                &p.url("/v1/chat/completions"),
+                Some(&team_a_key(&ns.0)),
+                &chat("chat", false),
+            )
+            .await;
+            all &= r.status == StatusCode::UNAUTHORIZED;
+        }
+        all
+    })
+    .await;
+    let took = started.elapsed();
+    println!(
+        "KEY-REVOCATION kubectl delete apikey -> 401 on both proxies: {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(2), "revocation took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_survive_the_operator_and_one_replica_leads() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-replicas");
+    let token = token_file();
+    let mut first = Operator::start(&token, &ns.0, "op-first");
+    let p1 = Proxy::follow(&first.config_url, &token, "proxy-1");
+    apply_examples(&ns.0);
+    wait_programmed(&ns.0, "modelroute/chat", 1).await;
+    let version = proxy_version(&p1).await;
+
+    // The operator dies: the proxy keeps serving and stays ready.
+    first.kill();
+    for _ in 0..5 {
+        let r = post(
+            &p1.url("/v1/chat/completions"),
+            Some(&team_a_key(&ns.0)),
+            &chat("chat", false),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        get(&p1.admin_url("/readyz"), None).await.status,
+        StatusCode::OK
+    );
+
+    // Two new replicas; a change made meanwhile reaches proxies on both.
+    kubectl_ok(
+        &[
+            "patch",
+            "modelroute",
+            "chat",
+            "-n",
+            &ns.0,
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/backends/0/weight","value":10}]"#,
+        ],
+        None,
+    );
+    let a = Operator::start(&token, &ns.0, "op-a");
+    let b = Operator::start(&token, &ns.0, "op-b");
+    // p1 still points at the dead replica's address; new proxies follow the new ones.
+    let pa = Proxy::follow(&a.config_url, &token, "proxy-a");
+    let pb = Proxy::follow(&b.config_url, &token, "proxy-b");
+    eventually(
+        Duration::from_secs(20),
+        "both new proxies on the new version",
+        || async {
+            let (va, vb) = (proxy_version(&pa).await, proxy_version(&pb).await);
+            !va.is_empty() && va == vb && va != version
+        },
+    )
+    .await;
+    // Programmed counts proxies of both replicas.
+    wait_programmed(&ns.0, "modelroute/chat", 2).await;
+
+    let leader = |m: &str| metric(m, "modelgate_operator_leader", &[]);
+    let writes = |m: &str| metric(m, "modelgate_operator_status_writes_total", &[]);
+    let (ma, mb) = (
+        get(&format!("{}/metrics", a.admin_url), None).await.text(),
+        get(&format!("{}/metrics", b.admin_url), None).await.text(),
+    );
+    assert_eq!(leader(&ma) + leader(&mb), 1.0, "exactly one leader");
+    let (lead, follow) = if leader(&ma) == 1.0 {
+        (&ma, &mb)
+    } else {
+        (&mb, &ma)
+    };
+    assert!(writes(lead) > 0.0, "the leader writes status");
+    assert_eq!(writes(follow), 0.0, "the other replica never writes status");
+    drop(p1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_used_up_through_one_proxy_holds_on_the_other() {
+    let _serial = serial().await;
+    install_crds();
+    let ns = Namespace::new("e2e-budget");
+    let up = MockUpstream::start();
+    let token = token_file();
+    let op = Operator::start(&token, &ns.0, "op-a");
+    let p1 = Proxy::follow(&op.config_url, &token, "proxy-1");
+    let p2 = Proxy::follow(&op.config_url, &token, "proxy-2");
+    let raw = "sk-budget-e2e-0123456789";
+    let manifests = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: budget-key}}
+stringData: {{key: {raw}}}
+---
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {{name: metered}}
+spec:
+  model: metered
+  backends:
+    - name: up
+      provider: openai-compatible
+      url: "{url}"
+---
+apiVersion: modelgate.dev/v1alpha1
+kind: ApiKey
+metadata: {{name: capped}}
+spec:
+  secretRef: {{name: budget-key, key: key}}
+  budget: {{tokens: 50, period: day}}
+"#,
+        // Each answer reports 50 prompt + 5 completion tokens: one request uses the budget.
+        url = up.url("id=budget;prompt_tokens=50;chunks=5"),
+    );
+    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(&manifests));
+    wait_programmed(&ns.0, "apikey/capped", 2).await;
+
+    let mut body = chat("metered", false);
+    body["max_tokens"] = json!(10);
+    let r = post(&p1.url("/v1/chat/completions"), Some(raw), &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    // p1 reports, the leader sums it into status, every proxy learns the key is exhausted.
+    eventually(
+        Duration::from_secs(20),
+        "usage in ApiKey status",
+        || async { jsonpath(&ns.0, "apikey/capped", "{.status.usage.tokens}") == "55" },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "p2 refuses the exhausted key",
+        || async { summary(&p2, "keys", &ns.0, "capped").await["exhausted"] == json!(true) },
+    )
+    .await;
+    let r = post(&p2.url("/v1/chat/completions"), Some(raw), &body).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert_eq!(r.error_code(), "budget_exceeded");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("across the gateway")
+    );
+    assert_eq!(up.hits("budget"), 1, "p2 never forwarded a request");
+    let table = kubectl_ok(&["get", "apikeys", "-n", &ns.0], None);
+    assert!(table.contains("55"), "usage shows in kubectl get: {table}");
+}
