@@ -128,13 +128,23 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(token: &Path, lease_namespace: &str, identity: &str) -> Self {
+        Self::start_on(token, lease_namespace, identity, "127.0.0.1:0")
+    }
+
+    /// Start with the config server on a given address (to restart at the same one).
+    pub fn start_on(
+        token: &Path,
+        lease_namespace: &str,
+        identity: &str,
+        config_addr: &str,
+    ) -> Self {
         let dir = temp_dir("operator");
         let addr_file = dir.join("addr.json");
         let log = dir.join("operator.log");
         let child = Command::new(operator_bin())
             .args([
                 "--config-listen",
-                "127.0.0.1:0",
+                config_addr,
                 "--admin-listen",
                 "127.0.0.1:0",
             ])
