@@ -24,5 +24,7 @@ bash scripts/k8s-up.sh "$K8S/bin" "$STATE"
 export MODELGATE_PYTHON="$ROOT/.venv/bin/python"
 export MODELGATE_KUBECONFIG="$STATE/kubeconfig"
 export MODELGATE_KUBECTL="$TOOLS/bin/kubectl"
+export MODELGATE_HELM="$TOOLS/bin/helm"
+export MODELGATE_KUBERNETES_VALIDATE="$ROOT/.venv/bin/kubernetes-validate"
 cargo build --workspace --bins --quiet
 cargo test --workspace

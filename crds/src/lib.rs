@@ -171,8 +171,9 @@ pub struct Retries {
     #[schemars(range(min = 0, max = 10))]
     pub attempts: Option<i32>,
     /// Which failures are retried: `connect`, `timeout`, `429`, `5xx` (all when empty).
+    /// (Not `on`: YAML 1.1 tools read a bare `on` key as `true`.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub on: Vec<RetryOn>,
+    pub retry_on: Vec<RetryOn>,
     /// First backoff, doubled per attempt with jitter (default 100ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
@@ -373,13 +374,19 @@ mod tests {
 
     #[test]
     fn committed_manifests_match_the_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
-        for (name, text) in manifests() {
-            let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-            assert!(
-                committed == text,
-                "crds/manifests/{name} is out of date: run `make generate` and commit the result"
-            );
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for dir in [
+            root.join("manifests"),
+            root.join("../charts/modelgate/crds"),
+        ] {
+            for (name, text) in manifests() {
+                let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+                assert!(
+                    committed == text,
+                    "{}/{name} is out of date: run `make generate` and commit the result",
+                    dir.display()
+                );
+            }
         }
     }
 

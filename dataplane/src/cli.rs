@@ -30,6 +30,7 @@ OPTIONS:
     --admin ADDR             admin address (overrides server.admin)
     --addr-file FILE         write the bound addresses as JSON once listening
     --reload-interval DUR    how often to look for config changes [default: 1s]
+    --drain-delay DUR        after SIGTERM, keep accepting (not ready) this long [default: 0s]
     --operator URL           the operator's config server, e.g. http://modelgate-operator:8443;
                              with --config, the file may then hold only the server section
     --operator-token-file F  the shared proxy token (or env MODELGATE_PROXY_TOKEN)
@@ -45,6 +46,7 @@ struct Options {
     admin: Option<String>,
     addr_file: Option<PathBuf>,
     reload_interval: Option<Duration>,
+    drain_delay: Duration,
     operator: Option<String>,
     operator_token_file: Option<PathBuf>,
     proxy_id: Option<String>,
@@ -69,6 +71,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
                     humantime::parse_duration(&v)
                         .with_context(|| format!("--reload-interval {v:?}"))?,
                 );
+            }
+            "--drain-delay" => {
+                let v = value("--drain-delay")?;
+                o.drain_delay = humantime::parse_duration(&v)
+                    .with_context(|| format!("--drain-delay {v:?}"))?;
             }
             "--operator" => o.operator = Some(value("--operator")?),
             "--operator-token-file" => {
@@ -265,6 +272,13 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutdown requested");
     rt.draining.store(true, Ordering::Relaxed);
+    if !opts.drain_delay.is_zero() {
+        tracing::info!(
+            delay_s = opts.drain_delay.as_secs_f64(),
+            "not ready; still accepting while endpoints update"
+        );
+        tokio::time::sleep(opts.drain_delay).await;
+    }
     let _ = api_stop_tx.send(true);
     let _ = api_task.await;
     let _ = stop_tx.send(true);

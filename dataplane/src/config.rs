@@ -145,9 +145,10 @@ pub struct RetrySpec {
     /// Attempts after the first one, per priority tier.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
-    /// Which failures are retried; all of them when empty.
+    /// Which failures are retried; all of them when empty. (Not `on`: YAML 1.1 tools read
+    /// a bare `on` key as `true`.)
     #[serde(default)]
-    pub on: Vec<RetryOn>,
+    pub retry_on: Vec<RetryOn>,
     /// First backoff; doubles per attempt, with jitter.
     #[serde(default = "default_backoff")]
     pub backoff: String,
@@ -498,10 +499,10 @@ pub fn compile(
                 }
                 RetryPolicy {
                     attempts: rs.attempts,
-                    on: if rs.on.is_empty() {
+                    on: if rs.retry_on.is_empty() {
                         RetryOn::ALL.to_vec()
                     } else {
-                        rs.on.clone()
+                        rs.retry_on.clone()
                     },
                     backoff,
                     max_backoff: max_backoff.max(backoff),

@@ -453,8 +453,8 @@ impl Index {
             timeout: s.timeout.clone(),
             retries: s.retries.as_ref().map(|r| RetrySpec {
                 attempts: r.attempts.map_or(2, |a| a.max(0) as u32),
-                on: r
-                    .on
+                retry_on: r
+                    .retry_on
                     .iter()
                     .map(|o| match o {
                         RetryOn::Connect => modelgate_dataplane::routes::RetryOn::Connect,

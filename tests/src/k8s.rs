@@ -20,6 +20,61 @@ pub fn kubectl_bin() -> String {
     std::env::var("MODELGATE_KUBECTL").unwrap_or_else(|_| "kubectl".into())
 }
 
+/// Run a tool with stdin (optional); returns its output.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>, envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (run `make test`)"));
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn helm_bin() -> String {
+    std::env::var("MODELGATE_HELM").unwrap_or_else(|_| "helm".into())
+}
+
+/// helm that must succeed; returns stdout.
+pub fn helm_ok(args: &[&str]) -> String {
+    let out = run(&helm_bin(), args, None, &[]);
+    assert!(
+        out.status.success(),
+        "helm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn kubernetes_validate_bin() -> String {
+    std::env::var("MODELGATE_KUBERNETES_VALIDATE").unwrap_or_else(|_| {
+        repo_root()
+            .join(".venv/bin/kubernetes-validate")
+            .display()
+            .to_string()
+    })
+}
+
 /// Run kubectl against the test cluster; stdin optional.
 pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(kubectl_bin());
@@ -138,6 +193,26 @@ impl Operator {
         identity: &str,
         config_addr: &str,
     ) -> Self {
+        Self::spawn(token, lease_namespace, identity, config_addr, &kubeconfig())
+    }
+
+    /// Start with another identity's kubeconfig (e.g. a ServiceAccount's).
+    pub fn start_as(
+        token: &Path,
+        lease_namespace: &str,
+        identity: &str,
+        kubeconfig: &Path,
+    ) -> Self {
+        Self::spawn(token, lease_namespace, identity, "127.0.0.1:0", kubeconfig)
+    }
+
+    fn spawn(
+        token: &Path,
+        lease_namespace: &str,
+        identity: &str,
+        config_addr: &str,
+        kubeconfig: &Path,
+    ) -> Self {
         let dir = temp_dir("operator");
         let addr_file = dir.join("addr.json");
         let log = dir.join("operator.log");
@@ -154,7 +229,7 @@ impl Operator {
             .args(["--lease-duration", "3s", "--heartbeat", "1s"])
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -75,7 +75,7 @@ routes:
       - {{name: secondary, provider: openai-compatible, url: "{up}", priority: 1}}
   - name: strict
     model: strict
-    retries: {{attempts: 3, backoff: 10ms, on: [connect]}}
+    retries: {{attempts: 3, backoff: 10ms, retryOn: [connect]}}
     backends:
       - {{name: only, provider: openai-compatible, url: "{always500}"}}
 {keys}"#,
