@@ -57,7 +57,16 @@ impl ConfigFile {
         if trimmed.starts_with('{') {
             serde_json::from_str(text).map_err(|e| ConfigError::single("", e.to_string()))
         } else {
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::single("", e.to_string()))
+            // The parser's default budget (250k nodes) is sized for small documents; a
+            // snapshot with 100k keys has about a million. Aliases stay capped.
+            let mut budget = serde_saphyr::Budget::default();
+            budget.max_nodes = 20_000_000;
+            budget.max_events = 40_000_000;
+            budget.max_total_scalar_bytes = 1024 * 1024 * 1024;
+            let mut options = serde_saphyr::Options::default();
+            options.budget = Some(budget);
+            serde_saphyr::from_str_with_options(text, options)
+                .map_err(|e| ConfigError::single("", e.to_string()))
         }
     }
 

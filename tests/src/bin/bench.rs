@@ -1,0 +1,573 @@
+//! modelgate's benchmark: the proxy against a plain nginx reverse proxy and against going
+//! direct, on 127.0.0.1, with an established load generator (oha). Every figure is printed
+//! beside the baselines measured in the same run, as a ratio; runs are interleaved
+//! (direct, nginx, modelgate, repeated) and the median is reported.
+//!
+//! Usage: bench [--quick] [--peers]    (`make bench` builds in release and runs this)
+//!
+//! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
+//! on core 1; the load generator and the mock upstream on core 0.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const KEY: &str = "sk-bench-0123456789abcdef";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let peers =
+        args.iter().any(|a| a == "--peers") || std::env::var("BENCH_PEERS").is_ok_and(|v| v == "1");
+    let b = Bench::new(quick);
+    b.run(peers);
+}
+
+struct Bench {
+    dir: PathBuf,
+    bin: PathBuf,
+    oha: String,
+    reps: usize,
+    duration: String,
+    conns: u32,
+}
+
+struct Proc {
+    child: Child,
+    /// The process whose CPU time counts (nginx: its worker).
+    cpu_pid: u32,
+}
+
+impl Proc {
+    fn cpu_ticks(&self) -> u64 {
+        cpu_ticks(self.cpu_pid)
+    }
+    fn rss_kib(&self) -> (u64, u64) {
+        let s =
+            std::fs::read_to_string(format!("/proc/{}/status", self.cpu_pid)).unwrap_or_default();
+        let field = |name: &str| {
+            s.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: utime is 14th, stime 15th overall.
+    let rest = s.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+fn ticks_per_sec() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().ok();
+    out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+fn wait_port(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    ok: u64,
+    errors: u64,
+    cpu_us_per_req: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+struct Workload {
+    name: &'static str,
+    path: &'static str,
+    body: String,
+    /// Knobs for the mock upstream (see tests/src/upstream.rs).
+    knobs: &'static str,
+}
+
+impl Bench {
+    fn new(quick: bool) -> Self {
+        let dir = std::env::temp_dir().join(format!("modelgate-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().to_path_buf();
+        let oha = std::env::var("OHA").unwrap_or_else(|_| "oha".into());
+        Self {
+            dir,
+            bin,
+            oha,
+            reps: if quick { 1 } else { 3 },
+            duration: if quick { "3s".into() } else { "6s".into() },
+            conns: 32,
+        }
+    }
+
+    fn upstream(&self) -> Proc {
+        let child = Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(self.bin.join("mock-upstream"))
+            .args(["127.0.0.1:18000", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mock-upstream (cargo build --release -p modelgate-tests)");
+        wait_port("127.0.0.1:18000");
+        let pid = child.id();
+        Proc {
+            child,
+            cpu_pid: pid,
+        }
+    }
+
+    fn nginx(&self) -> Proc {
+        let conf = self.dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  upstream up {{ server 127.0.0.1:18000; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:18002;
+    client_max_body_size 16m;
+    client_body_buffer_size 1m;
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering on;
+    }}
+  }}
+}}
+"#,
+                dir = self.dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("taskset")
+            .args(["-c", "1", "nginx", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (apt-get install nginx-light)");
+        wait_port("127.0.0.1:18002");
+        // The worker is nginx's only child.
+        let master = child.id();
+        let worker = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(master);
+        Proc {
+            child,
+            cpu_pid: worker,
+        }
+    }
+
+    fn modelgate(&self, config: &str, tag: &str) -> Proc {
+        let path = self.dir.join(format!("modelgate-{tag}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(self.bin.join("modelgate-dataplane"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:18001", "--admin", "127.0.0.1:19001"])
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("modelgate-{tag}.log"))).unwrap())
+            .spawn()
+            .expect("modelgate-dataplane (cargo build --release)");
+        wait_port("127.0.0.1:18001");
+        let pid = child.id();
+        Proc {
+            child,
+            cpu_pid: pid,
+        }
+    }
+
+    /// One oha run; `rate` = None for closed loop (max throughput).
+    fn oha(&self, url: &str, w: &Workload, rate: Option<u32>, proc_: Option<&Proc>) -> Run {
+        let body_file = self.dir.join(format!("body-{}.json", w.name));
+        std::fs::write(&body_file, &w.body).unwrap();
+        let mut cmd = Command::new("taskset");
+        cmd.args([
+            "-c",
+            "0",
+            &self.oha,
+            "--no-tui",
+            "--output-format",
+            "json",
+            "-z",
+            &self.duration,
+        ])
+        .args(["-c", &self.conns.to_string(), "-m", "POST"])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("authorization: Bearer {KEY}"),
+        ])
+        .arg("-D")
+        .arg(&body_file);
+        if let Some(q) = rate {
+            cmd.args(["-q", &q.to_string(), "--latency-correction"]);
+        }
+        cmd.arg(url);
+        let before = proc_.map(Proc::cpu_ticks);
+        let out = cmd.output().expect("oha (cargo install oha)");
+        let after = proc_.map(Proc::cpu_ticks);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "oha output ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let summary = &v["summary"];
+        let pct = |p: &str| v["latencyPercentiles"][p].as_f64().unwrap_or(0.0) * 1e3;
+        let codes = &v["statusCodeDistribution"];
+        let ok = codes["200"].as_u64().unwrap_or(0);
+        let total: u64 = codes
+            .as_object()
+            .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+            .unwrap_or(0);
+        let errors = total - ok
+            + v["errorDistribution"]
+                .as_object()
+                .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+                .unwrap_or(0);
+        let cpu = match (before, after) {
+            (Some(b), Some(a)) if ok > 0 => {
+                (a - b) as f64 / ticks_per_sec() as f64 * 1e6 / ok as f64
+            }
+            _ => 0.0,
+        };
+        Run {
+            rps: summary["requestsPerSec"].as_f64().unwrap_or(0.0),
+            p50_ms: pct("p50"),
+            p99_ms: pct("p99"),
+            p999_ms: pct("p99.9"),
+            ok,
+            errors,
+            cpu_us_per_req: cpu,
+        }
+    }
+
+    fn run(&self, peers: bool) {
+        let _up = self.upstream();
+        let nginx = self.nginx();
+        let hash = modelgate_tests::harness::sha256_hex(KEY);
+        let config = |keys_extra: usize, limits: bool| {
+            let mut s = String::from(
+                "server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n",
+            );
+            for (model, knobs) in [
+                ("bench", ""),
+                ("bench-stream", "s/chunks=100/"),
+                ("bench-embed", ""),
+            ] {
+                s.push_str(&format!(
+                    "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://127.0.0.1:18000/{knobs}v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
+                ));
+            }
+            s.push_str("keys:\n");
+            let lim = if limits {
+                ", limits: {requestsPerMinute: 100000000, tokensPerMinute: 100000000000, maxConcurrent: 10000}"
+            } else {
+                ""
+            };
+            s.push_str(&format!("  - {{name: bench, sha256: {hash}{lim}}}\n"));
+            for i in 0..keys_extra {
+                s.push_str(&format!(
+                    "  - {{name: k{i}, sha256: {}}}\n",
+                    modelgate_tests::harness::sha256_hex(&format!("sk-extra-{i}"))
+                ));
+            }
+            s
+        };
+        let small = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark of gateways and proxies."}]}).to_string();
+        let large_text: String = "Context passage about the sea and its tides. ".repeat(2300);
+        let large = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "system", "content": "Answer from the context."}, {"role": "user", "content": large_text}]}).to_string();
+        let stream = json!({"model": "bench-stream", "stream": true, "max_tokens": 128, "messages": [{"role": "user", "content": "Stream a long answer about the sea for a gateway benchmark run."}]}).to_string();
+        let embed = json!({"model": "bench-embed", "input": ["The sea is large.", "Tides follow the moon."]}).to_string();
+        let workloads = [
+            Workload {
+                name: "small",
+                path: "/v1/chat/completions",
+                body: small.clone(),
+                knobs: "",
+            },
+            Workload {
+                name: "large",
+                path: "/v1/chat/completions",
+                body: large,
+                knobs: "",
+            },
+            Workload {
+                name: "stream",
+                path: "/v1/chat/completions",
+                body: stream,
+                knobs: "s/chunks=100/",
+            },
+            Workload {
+                name: "embeddings",
+                path: "/v1/embeddings",
+                body: embed,
+                knobs: "",
+            },
+        ];
+        println!(
+            "# modelgate benchmark ({} reps × {} per point, {} connections)\n",
+            self.reps, self.duration, self.conns
+        );
+        println!(
+            "body sizes: small {} B, large {} B\n",
+            small.len(),
+            workloads[1].body.len()
+        );
+
+        let mut results: BTreeMap<(String, String), Vec<Run>> = BTreeMap::new();
+        let mut rss: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let profiles: [(&str, usize, bool); 3] = [
+            ("1 key", 0, false),
+            ("100k keys", 100_000, false),
+            ("1 key + limits", 0, true),
+        ];
+        for (profile, extra, limits) in profiles {
+            let mg = self.modelgate(&config(extra, limits), &profile.replace(' ', "-"));
+            for w in &workloads {
+                if profile != "1 key" && w.name != "small" {
+                    continue;
+                }
+                for _ in 0..self.reps {
+                    let direct_url = format!(
+                        "http://127.0.0.1:18000/{}{}",
+                        w.knobs,
+                        w.path.trim_start_matches('/')
+                    );
+                    let nginx_url = format!(
+                        "http://127.0.0.1:18002/{}{}",
+                        w.knobs,
+                        w.path.trim_start_matches('/')
+                    );
+                    let mg_url = format!("http://127.0.0.1:18001{}", w.path);
+                    if profile == "1 key" {
+                        results
+                            .entry((w.name.into(), "direct".into()))
+                            .or_default()
+                            .push(self.oha(&direct_url, w, None, None));
+                        results
+                            .entry((w.name.into(), "nginx".into()))
+                            .or_default()
+                            .push(self.oha(&nginx_url, w, None, Some(&nginx)));
+                    }
+                    results
+                        .entry((format!("{} [{profile}]", w.name), "modelgate".into()))
+                        .or_default()
+                        .push(self.oha(&mg_url, w, None, Some(&mg)));
+                }
+            }
+            // Fixed rates, small body: latency added over going direct.
+            if profile == "1 key" {
+                let w = &workloads[0];
+                for rate in [500u32, 1000, 5000] {
+                    for _ in 0..self.reps {
+                        let key = format!("small@{rate}/s");
+                        results
+                            .entry((key.clone(), "direct".into()))
+                            .or_default()
+                            .push(self.oha(
+                                "http://127.0.0.1:18000/v1/chat/completions",
+                                w,
+                                Some(rate),
+                                None,
+                            ));
+                        results
+                            .entry((key.clone(), "nginx".into()))
+                            .or_default()
+                            .push(self.oha(
+                                "http://127.0.0.1:18002/v1/chat/completions",
+                                w,
+                                Some(rate),
+                                Some(&nginx),
+                            ));
+                        results
+                            .entry((format!("{key} [1 key]"), "modelgate".into()))
+                            .or_default()
+                            .push(self.oha(
+                                "http://127.0.0.1:18001/v1/chat/completions",
+                                w,
+                                Some(rate),
+                                Some(&mg),
+                            ));
+                    }
+                }
+            }
+            rss.insert(profile.into(), mg.rss_kib());
+        }
+        self.report(&results, &rss);
+        if peers {
+            println!(
+                "\n(LiteLLM peer runs: see docs/benchmarks.md; not automated in this version)"
+            );
+        }
+    }
+
+    fn report(
+        &self,
+        results: &BTreeMap<(String, String), Vec<Run>>,
+        rss: &BTreeMap<String, (u64, u64)>,
+    ) {
+        let med = |name: &str, target: &str| -> Option<Run> {
+            let runs = results.get(&(name.to_owned(), target.to_owned()))?;
+            Some(Run {
+                rps: median(runs.iter().map(|r| r.rps).collect()),
+                p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
+                p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+                p999_ms: median(runs.iter().map(|r| r.p999_ms).collect()),
+                ok: runs.iter().map(|r| r.ok).sum(),
+                errors: runs.iter().map(|r| r.errors).sum(),
+                cpu_us_per_req: median(runs.iter().map(|r| r.cpu_us_per_req).collect()),
+            })
+        };
+        println!(
+            "## Throughput at saturation (closed loop, {} connections)\n",
+            self.conns
+        );
+        println!(
+            "| workload | direct rps | nginx rps | modelgate rps | modelgate/nginx | nginx CPU µs/req | modelgate CPU µs/req | CPU ratio | errors |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let mut verdicts = Vec::new();
+        for (w, floor) in [
+            ("small", 0.8),
+            ("large", 0.7),
+            ("stream", 0.0),
+            ("embeddings", 0.0),
+        ] {
+            let (Some(d), Some(n)) = (med(w, "direct"), med(w, "nginx")) else {
+                continue;
+            };
+            for profile in ["1 key", "100k keys", "1 key + limits"] {
+                let Some(m) = med(&format!("{w} [{profile}]"), "modelgate") else {
+                    continue;
+                };
+                let ratio = m.rps / n.rps.max(1.0);
+                let cpu_ratio = m.cpu_us_per_req / n.cpu_us_per_req.max(0.001);
+                println!(
+                    "| {w} [{profile}] | {:.0} | {:.0} | {:.0} | {ratio:.2} | {:.1} | {:.1} | {cpu_ratio:.2} | {} |",
+                    d.rps, n.rps, m.rps, n.cpu_us_per_req, m.cpu_us_per_req, m.errors
+                );
+                if floor > 0.0 {
+                    verdicts.push((
+                        format!("throughput {w} [{profile}] ≥ {floor} × nginx"),
+                        ratio >= floor,
+                        format!("{ratio:.2}"),
+                    ));
+                }
+                if w == "small" {
+                    verdicts.push((
+                        format!("CPU per request {w} [{profile}] ≤ 2 × nginx"),
+                        cpu_ratio <= 2.0,
+                        format!("{cpu_ratio:.2}"),
+                    ));
+                }
+            }
+        }
+        println!("\n## Latency at fixed rates (small body; open loop with latency correction)\n");
+        println!(
+            "| rate | direct p50 / p99 / p99.9 ms | nginx p50 / p99 ms | modelgate p50 / p99 / p99.9 ms | added p50 | added p99 |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for rate in [500u32, 1000, 5000] {
+            let key = format!("small@{rate}/s");
+            let (Some(d), Some(n), Some(m)) = (
+                med(&key, "direct"),
+                med(&key, "nginx"),
+                med(&format!("{key} [1 key]"), "modelgate"),
+            ) else {
+                continue;
+            };
+            let (a50, a99) = ((m.p50_ms - d.p50_ms) * 1e3, (m.p99_ms - d.p99_ms) * 1e3);
+            println!(
+                "| {rate}/s | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {a50:.0} µs | {a99:.0} µs |",
+                d.p50_ms, d.p99_ms, d.p999_ms, n.p50_ms, n.p99_ms, m.p50_ms, m.p99_ms, m.p999_ms
+            );
+            if rate == 500 || rate == 5000 {
+                verdicts.push((
+                    format!("added p50 at {rate}/s < 100 µs"),
+                    a50 < 100.0,
+                    format!("{a50:.0} µs"),
+                ));
+                verdicts.push((
+                    format!("added p99 at {rate}/s < 500 µs"),
+                    a99 < 500.0,
+                    format!("{a99:.0} µs"),
+                ));
+            }
+        }
+        println!("\n## Memory (modelgate-dataplane after its runs)\n");
+        println!("| profile | RSS MiB | peak RSS MiB |");
+        println!("|---|---|---|");
+        for (p, (now, peak)) in rss {
+            println!(
+                "| {p} | {:.1} | {:.1} |",
+                *now as f64 / 1024.0,
+                *peak as f64 / 1024.0
+            );
+            let limit = if p.contains("100k") { 64.0 } else { 32.0 };
+            verdicts.push((
+                format!("peak RSS [{p}] < {limit} MiB"),
+                (*peak as f64 / 1024.0) < limit,
+                format!("{:.1} MiB", *peak as f64 / 1024.0),
+            ));
+        }
+        println!("\n## Targets\n");
+        for (what, pass, value) in verdicts {
+            println!("- {} {what}: {value}", if pass { "PASS" } else { "MISS" });
+        }
+    }
+}
