@@ -22,45 +22,69 @@ use crate::keys::Key;
 
 const WINDOW: u64 = 60;
 
-/// Sixty one-second slots; a slot is stale once its second is a minute old.
+/// Sixty one-second slots with a running total. Moving to a new second clears the slots
+/// that fell out of the window, so reading the total is O(1).
 #[derive(Debug, Clone)]
 struct Window {
-    slots: [(u64, u64); WINDOW as usize],
+    slots: [u64; WINDOW as usize],
+    total: u64,
+    /// The newest second the window has moved to.
+    head: u64,
 }
 
 impl Default for Window {
     fn default() -> Self {
         Self {
-            slots: [(0, 0); WINDOW as usize],
+            slots: [0; WINDOW as usize],
+            total: 0,
+            head: 0,
         }
     }
 }
 
 impl Window {
-    fn live(&self, now: u64) -> impl Iterator<Item = &(u64, u64)> {
-        self.slots
-            .iter()
-            .filter(move |(sec, amount)| *amount > 0 && *sec + WINDOW > now && *sec <= now)
+    fn advance(&mut self, now: u64) {
+        if now <= self.head {
+            return;
+        }
+        let gap = (now - self.head).min(WINDOW);
+        for i in 1..=gap {
+            let slot = &mut self.slots[((self.head + i) % WINDOW) as usize];
+            self.total -= *slot;
+            *slot = 0;
+        }
+        self.head = now;
     }
 
-    fn used(&self, now: u64) -> u64 {
-        self.live(now).map(|(_, a)| a).sum()
+    /// The amount of second `now - age`, if that second is in the window.
+    fn at(&self, now: u64, age: u64) -> u64 {
+        if age > now {
+            return 0;
+        }
+        self.slots[((now - age) % WINDOW) as usize]
+    }
+
+    fn used(&mut self, now: u64) -> u64 {
+        self.advance(now);
+        self.total
     }
 
     fn add(&mut self, now: u64, amount: u64) {
-        let slot = &mut self.slots[(now % WINDOW) as usize];
-        if slot.0 != now {
-            *slot = (now, 0);
-        }
-        slot.1 = slot.1.saturating_add(amount);
+        self.advance(now);
+        self.slots[(now % WINDOW) as usize] += amount;
+        self.total += amount;
     }
 
     /// Move a reservation made at `sec` to the real amount. Usage above the reservation is
-    /// charged now if the original slot already left the window.
+    /// charged now if the original second already left the window.
     fn settle(&mut self, sec: u64, reserved: u64, actual: u64, now: u64) {
-        let slot = &mut self.slots[(sec % WINDOW) as usize];
-        if slot.0 == sec {
-            slot.1 = slot.1.saturating_sub(reserved).saturating_add(actual);
+        self.advance(now);
+        let now = now.max(self.head);
+        if now.saturating_sub(sec) < WINDOW {
+            let slot = &mut self.slots[(sec % WINDOW) as usize];
+            let new = slot.saturating_sub(reserved).saturating_add(actual);
+            self.total = self.total - *slot + new;
+            *slot = new;
         } else if actual > reserved {
             self.add(now, actual - reserved);
         }
@@ -68,24 +92,22 @@ impl Window {
 
     /// Seconds until at least `need` of the current usage has left the window.
     fn wait_for(&self, now: u64, need: u64) -> u64 {
-        let mut live: Vec<(u64, u64)> = self.live(now).copied().collect();
-        live.sort_unstable();
         let mut freed = 0;
-        for (sec, amount) in live {
-            freed += amount;
-            if freed >= need {
-                return sec + WINDOW - now;
+        for age in (0..WINDOW).rev() {
+            freed += self.at(now, age);
+            if freed >= need && freed > 0 {
+                return WINDOW - age;
             }
         }
         WINDOW
     }
 
-    /// Seconds until the oldest live slot expires (the `x-ratelimit-reset-*` value).
+    /// Seconds until the oldest usage in the window expires (the `x-ratelimit-reset-*` value).
     fn reset_in(&self, now: u64) -> u64 {
-        self.live(now)
-            .map(|(sec, _)| sec + WINDOW - now)
-            .min()
-            .unwrap_or(0)
+        (0..WINDOW)
+            .rev()
+            .find(|age| self.at(now, *age) > 0)
+            .map_or(0, |age| WINDOW - age)
     }
 }
 
@@ -100,8 +122,9 @@ struct Budget {
 
 #[derive(Debug, Default)]
 struct Counters {
-    requests: Window,
-    tokens: Window,
+    /// Allocated only for keys with that limit: most keys of a large fleet have none.
+    requests: Option<Box<Window>>,
+    tokens: Option<Box<Window>>,
     budget: Budget,
     unreported: Unreported,
 }
@@ -210,8 +233,9 @@ impl Ticket {
             .counters
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        c.tokens
-            .settle(self.second, self.reserved.tokens, tokens, now);
+        if let Some(w) = c.tokens.as_mut() {
+            w.settle(self.second, self.reserved.tokens, tokens, now);
+        }
         let b = &mut c.budget;
         if b.period == self.period {
             b.reserved_tokens = b.reserved_tokens.saturating_sub(self.reserved.tokens);
@@ -310,9 +334,10 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
     let mut c = state.counters.lock().unwrap_or_else(|e| e.into_inner());
     let mut headers = Vec::new();
     if let Some(rpm) = limits.requests_per_minute {
-        let used = c.requests.used(now);
+        let w = c.requests.get_or_insert_with(Box::default);
+        let used = w.used(now);
         if used + 1 > rpm {
-            let wait = c.requests.wait_for(now, used + 1 - rpm);
+            let wait = w.wait_for(now, used + 1 - rpm);
             drop(c);
             release(state);
             return Err(Rejection {
@@ -327,7 +352,8 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
         headers.push(("x-ratelimit-remaining-requests", header_num(rpm - used - 1)));
     }
     if let Some(tpm) = limits.tokens_per_minute {
-        let used = c.tokens.used(now);
+        let w = c.tokens.get_or_insert_with(Box::default);
+        let used = w.used(now);
         if est.tokens > tpm {
             drop(c);
             release(state);
@@ -341,7 +367,7 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
             });
         }
         if used + est.tokens > tpm {
-            let wait = c.tokens.wait_for(now, used + est.tokens - tpm);
+            let wait = w.wait_for(now, used + est.tokens - tpm);
             drop(c);
             release(state);
             return Err(Rejection {
@@ -382,19 +408,21 @@ pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
         b.reserved_tokens += est.tokens;
         b.reserved_usd += est.usd;
     }
-    if limits.requests_per_minute.is_some() {
-        c.requests.add(now, 1);
-        headers.push((
-            "x-ratelimit-reset-requests",
-            header_secs(c.requests.reset_in(now)),
-        ));
+    if let Some(w) = c
+        .requests
+        .as_mut()
+        .filter(|_| limits.requests_per_minute.is_some())
+    {
+        w.add(now, 1);
+        headers.push(("x-ratelimit-reset-requests", header_secs(w.reset_in(now))));
     }
-    if limits.tokens_per_minute.is_some() {
-        c.tokens.add(now, est.tokens);
-        headers.push((
-            "x-ratelimit-reset-tokens",
-            header_secs(c.tokens.reset_in(now)),
-        ));
+    if let Some(w) = c
+        .tokens
+        .as_mut()
+        .filter(|_| limits.tokens_per_minute.is_some())
+    {
+        w.add(now, est.tokens);
+        headers.push(("x-ratelimit-reset-tokens", header_secs(w.reset_in(now))));
     }
     drop(c);
     Ok(Ticket {

@@ -154,9 +154,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Operational logs through `tracing` (rare events); the per-request access log has its
+/// own batched writer (`accesslog`), on unless RUST_LOG turns `modelgate::access` off.
 fn init_logs(text: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let access_off = directives.split(',').any(|d| {
+        let d = d.trim();
+        d == "modelgate::access=off" || matches!(d, "off" | "error" | "warn")
+    });
+    if !access_off {
+        crate::accesslog::enable();
+    }
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -224,7 +234,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     if operator.is_none()
         && let Some(path) = &path
     {
-        rt.apply(&file.snapshot(), Source::File)
+        rt.apply(&file.into_snapshot(), Source::File)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
 
@@ -242,6 +252,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::accesslog::flusher());
     match (operator, path) {
         (Some(op), _) => {
             tokio::spawn(control::follow(rt.clone(), op.clone()));
@@ -283,6 +294,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = api_task.await;
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
+    crate::accesslog::flush();
     Ok(())
 }
 

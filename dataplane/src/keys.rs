@@ -123,6 +123,25 @@ impl KeyStore {
         self.by_hash.values().map(|(_, k)| k)
     }
 
+    /// Up to `limit` keys for `/config`, sorted by id: names, scopes and limits, never hashes.
+    pub fn describe(&self, limit: usize) -> Vec<serde_json::Value> {
+        let mut keys: Vec<&Arc<Key>> = self.iter().collect();
+        keys.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        keys.into_iter()
+            .take(limit)
+            .map(|k| {
+                let (namespace, name) = k.id.split_once('/').unwrap_or(("", &k.id));
+                serde_json::json!({
+                    "name": name, "namespace": namespace,
+                    "models": k.models.iter().map(Glob::as_str).collect::<Vec<_>>(),
+                    "limits": k.limits, "budget": k.budget,
+                    "expiresAt": k.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    "disabled": k.disabled, "exhausted": k.exhausted,
+                })
+            })
+            .collect()
+    }
+
     pub fn authenticate(&self, raw: &[u8]) -> Option<&Arc<Key>> {
         let presented = KeyHash::of(raw);
         let (stored, key) = self.by_hash.get(&presented)?;

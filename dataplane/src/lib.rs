@@ -10,6 +10,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod admission;
 pub mod cli;
 pub mod config;

@@ -4,7 +4,7 @@
 //! after a normal response, after an error, when a stream ends or breaks, and when the
 //! client disconnects (hyper drops the handler future or the response body, and with it the
 //! meter). Recording settles the admission ticket with the real usage, updates the metrics
-//! and writes one access-log line. Nothing secret is in either.
+//! and writes one access-log line (`accesslog`). Nothing secret is in either.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -201,27 +201,25 @@ impl Drop for Meter {
                 })
                 .inc_by(cost);
         }
-        tracing::info!(
-            target: "modelgate::access",
-            request_id = %self.request_id,
-            endpoint = self.endpoint,
-            model = self.model.as_deref().unwrap_or(""),
+        crate::accesslog::record(&crate::accesslog::Entry {
+            request_id: &self.request_id,
+            endpoint: self.endpoint,
+            model: self.model.as_deref().unwrap_or(""),
             route,
             backend,
             key,
             status,
             outcome,
-            stream = self.stream,
-            attempts = self.attempts,
-            duration_ms = duration.as_secs_f64() * 1e3,
-            ttft_ms = self.ttft.map(|t| t.as_secs_f64() * 1e3),
-            overhead_us = self.overhead.map(|o| o.as_micros() as u64),
-            input_tokens = input,
-            output_tokens = output,
-            usage_estimated = estimated,
-            cost_usd = cost,
-            error = self.error,
-            "request"
-        );
+            stream: self.stream,
+            attempts: self.attempts,
+            duration_ms: duration.as_secs_f64() * 1e3,
+            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
+            overhead_us: self.overhead.map(|o| o.as_micros() as u64),
+            input_tokens: input,
+            output_tokens: output,
+            usage_estimated: estimated,
+            cost_usd: cost,
+            error: self.error,
+        });
     }
 }

@@ -23,6 +23,9 @@ struct Status {
     last_attempt: Option<String>,
 }
 
+/// `/config` lists at most this many keys (all of them are counted).
+const KEYS_SHOWN: usize = 1000;
+
 /// The running proxy: its gateway plus what the admin port reports.
 pub struct Runtime {
     pub gateway: Arc<Gateway>,
@@ -87,7 +90,12 @@ impl Runtime {
             "loadedAt": status.loaded_at,
             "lastAttempt": status.last_attempt,
             "lastError": status.last_error,
-            "snapshot": snapshot.as_ref().map(|s| s.summary.clone()),
+            "snapshot": snapshot.as_ref().map(|s| {
+                let mut summary = s.summary.clone();
+                summary["keys"] = serde_json::Value::Array(s.keys.describe(KEYS_SHOWN));
+                summary["keysTotal"] = serde_json::json!(s.keys.len());
+                summary
+            }),
         })
     }
 }
@@ -106,9 +114,13 @@ pub async fn watch_file(
     rt: Arc<Runtime>,
     path: PathBuf,
     interval: Duration,
-    mut last: Vec<u8>,
+    initial: Vec<u8>,
     server: ServerSpec,
 ) {
+    use sha2::Digest;
+    // A digest, not the file: a snapshot file can be many megabytes.
+    let mut last: [u8; 32] = sha2::Sha256::digest(&initial).into();
+    drop(initial);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut last_read_error: Option<String> = None;
@@ -140,11 +152,12 @@ pub async fn watch_file(
             }
         };
         last_read_error = None;
-        if bytes == last {
+        let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+        if digest == last {
             continue;
         }
-        last = bytes;
-        let parsed = std::str::from_utf8(&last)
+        last = digest;
+        let parsed = std::str::from_utf8(&bytes)
             .map_err(|_| ConfigError::single("", "config file is not UTF-8"))
             .and_then(ConfigFile::parse);
         match parsed {
@@ -154,7 +167,7 @@ pub async fn watch_file(
                         "the server section changed; listener settings apply after a restart"
                     );
                 }
-                let _ = rt.apply(&file.snapshot(), Source::File);
+                let _ = rt.apply(&file.into_snapshot(), Source::File);
             }
             Err(e) => {
                 rt.gateway.metrics.record_reload(None, false);

@@ -255,7 +255,13 @@ pub struct MeteredStream {
     scanner: SseScanner,
     meter: Option<Meter>,
     upstream_done: bool,
+    /// An upstream error seen while bytes were still to be sent; reported next poll.
+    failed: Option<BoxError>,
 }
+
+/// Frames already waiting upstream are joined up to this size into one write to the client,
+/// so a burst of small events costs one syscall, not one per event. Nothing ever waits.
+const COALESCE_LIMIT: usize = 64 * 1024;
 
 impl MeteredStream {
     pub fn new(upstream: UpstreamBody, meter: Meter, strip_usage: bool) -> Self {
@@ -267,7 +273,22 @@ impl MeteredStream {
             },
             meter: Some(meter),
             upstream_done: false,
+            failed: None,
         }
+    }
+}
+
+fn append(out: &mut Option<BytesMut>, first: &mut Option<Bytes>, b: Bytes) {
+    match (first.take(), out.as_mut()) {
+        (None, None) => *first = Some(b),
+        (Some(f), None) => {
+            let mut m = BytesMut::with_capacity(f.len() + b.len());
+            m.extend_from_slice(&f);
+            m.extend_from_slice(&b);
+            *out = Some(m);
+        }
+        (None, Some(m)) => m.extend_from_slice(&b),
+        (Some(_), Some(_)) => unreachable!("first is taken once out exists"),
     }
 }
 
@@ -280,33 +301,58 @@ impl Body for MeteredStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        loop {
-            let Some(meter) = this.meter.as_mut() else {
-                return Poll::Ready(None);
-            };
-            if this.upstream_done {
-                let rest = this.scanner.remainder();
-                if let Some(m) = this.meter.take() {
-                    m.finish_stream(None);
-                }
-                return Poll::Ready(rest.map(|b| Ok(Frame::data(b))));
+        if let Some(e) = this.failed.take() {
+            if let Some(m) = this.meter.take() {
+                m.finish_stream(Some(UpstreamErrorKind::Stream));
             }
-            match ready!(Pin::new(&mut this.upstream).poll_frame(cx)) {
-                Some(Ok(frame)) => {
+            return Poll::Ready(Some(Err(e)));
+        }
+        let Some(meter) = this.meter.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // Gather what the upstream has ready (at least one frame, or wait for it).
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        let len = |f: &Option<Bytes>, j: &Option<BytesMut>| {
+            f.as_ref().map_or(0, Bytes::len) + j.as_ref().map_or(0, BytesMut::len)
+        };
+        while !this.upstream_done && len(&first, &joined) < COALESCE_LIMIT {
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Pending if first.is_none() && joined.is_none() => return Poll::Pending,
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data()
                         && let Some(out) = this.scanner.feed(data, meter)
                     {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                        append(&mut joined, &mut first, out);
                     }
                 }
-                Some(Err(e)) => {
-                    if let Some(m) = this.meter.take() {
-                        m.finish_stream(Some(UpstreamErrorKind::Stream));
+                Poll::Ready(Some(Err(e))) => {
+                    if first.is_none() && joined.is_none() {
+                        if let Some(m) = this.meter.take() {
+                            m.finish_stream(Some(UpstreamErrorKind::Stream));
+                        }
+                        return Poll::Ready(Some(Err(e)));
                     }
-                    return Poll::Ready(Some(Err(e)));
+                    this.failed = Some(e);
+                    break;
                 }
-                None => this.upstream_done = true,
+                Poll::Ready(None) => this.upstream_done = true,
             }
         }
+        if this.upstream_done {
+            if let Some(rest) = this.scanner.remainder() {
+                append(&mut joined, &mut first, rest);
+            }
+            if let Some(m) = this.meter.take() {
+                m.finish_stream(None);
+            }
+        }
+        let out = match (first, joined) {
+            (Some(f), _) => Some(f),
+            (None, Some(j)) => Some(j.freeze()),
+            (None, None) => None,
+        };
+        Poll::Ready(out.map(|b| Ok(Frame::data(b))))
     }
 }

@@ -213,9 +213,10 @@ async fn client_disconnect_cancels_upstream_and_is_metered() {
         (3.0..50.0).contains(&out) && input > 0.0
     })
     .await;
-    assert!(
-        p.log_text().contains("\"outcome\":\"client_closed\""),
-        "{}",
-        p.log_text()
-    );
+    eventually(
+        Duration::from_secs(5),
+        "access log line for the disconnect",
+        || async { p.log_text().contains("\"outcome\":\"client_closed\"") },
+    )
+    .await;
 }

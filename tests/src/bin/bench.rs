@@ -296,9 +296,49 @@ http {{
         }
     }
 
+    fn warmup(&self, url: &str, w: &Workload) {
+        let body_file = self.dir.join("body-warmup.json");
+        std::fs::write(&body_file, &w.body).unwrap();
+        let _ = Command::new("taskset")
+            .args([
+                "-c",
+                "0",
+                &self.oha,
+                "--no-tui",
+                "--output-format",
+                "quiet",
+                "-z",
+                "1s",
+                "-c",
+                &self.conns.to_string(),
+                "-m",
+                "POST",
+            ])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                &format!("authorization: Bearer {KEY}"),
+            ])
+            .arg("-D")
+            .arg(&body_file)
+            .arg(url)
+            .output();
+    }
+
     fn run(&self, peers: bool) {
         let _up = self.upstream();
         let nginx = self.nginx();
+        self.warmup(
+            "http://127.0.0.1:18002/v1/chat/completions",
+            &Workload {
+                name: "warmup",
+                path: "/v1/chat/completions",
+                body: json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+                    .to_string(),
+                knobs: "",
+            },
+        );
         let hash = modelgate_tests::harness::sha256_hex(KEY);
         let config = |keys_extra: usize, limits: bool| {
             let mut s = String::from(
@@ -378,6 +418,8 @@ http {{
         ];
         for (profile, extra, limits) in profiles {
             let mg = self.modelgate(&config(extra, limits), &profile.replace(' ', "-"));
+            // Warm up: upstream connection pool, allocator, caches.
+            self.warmup("http://127.0.0.1:18001/v1/chat/completions", &workloads[0]);
             for w in &workloads {
                 if profile != "1 key" && w.name != "small" {
                     continue;
