@@ -184,7 +184,7 @@ async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &PlainClient, lin
     }
     let Some(spec) = msg.snapshot else { return };
     let version = spec.version.clone().unwrap_or_default();
-    let ack = match rt.apply(&spec, Source::Operator) {
+    let ack = match rt.apply_off_runtime(spec, Source::Operator).await {
         Ok(v) => serde_json::json!({"proxy": op.proxy_id, "version": v, "error": null}),
         Err(e) => {
             serde_json::json!({"proxy": op.proxy_id, "version": version, "error": e.to_string()})

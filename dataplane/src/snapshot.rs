@@ -69,8 +69,11 @@ impl Live {
         self.current.load_full()
     }
 
-    pub fn store(&self, snapshot: Snapshot) {
-        self.current.store(Some(Arc::new(snapshot)));
+    /// Swap in a snapshot; returns the previous one so the caller decides where the
+    /// (possibly large) deallocation happens.
+    pub fn store(&self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
+        let old = self.current.swap(Some(Arc::new(snapshot)));
         self.registry.prune();
+        old
     }
 }

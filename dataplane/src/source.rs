@@ -49,6 +49,23 @@ impl Runtime {
         }
     }
 
+    /// Validate and swap in a snapshot on a blocking thread: a snapshot with 100k keys
+    /// takes hundreds of milliseconds to validate, which must not stall requests.
+    pub async fn apply_off_runtime(
+        self: &Arc<Self>,
+        spec: SnapshotSpec,
+        source: Source,
+    ) -> Result<String, ConfigError> {
+        let rt = self.clone();
+        match tokio::task::spawn_blocking(move || rt.apply(&spec, source)).await {
+            Ok(r) => r,
+            Err(e) => Err(ConfigError::single(
+                "",
+                format!("snapshot apply task failed: {e}"),
+            )),
+        }
+    }
+
     /// Validate and swap in a snapshot; on error the current one stays.
     pub fn apply(&self, spec: &SnapshotSpec, source: Source) -> Result<String, ConfigError> {
         let gw = &self.gateway;
@@ -59,7 +76,9 @@ impl Runtime {
             Ok(snapshot) => {
                 let version = snapshot.version.clone();
                 let (routes, keys) = (spec.routes.len(), snapshot.keys.len());
-                gw.live.store(snapshot);
+                // Requests still holding the old snapshot keep it alive; otherwise it is
+                // freed here, on the applying thread (a blocking one, off the runtime).
+                drop(gw.live.store(snapshot));
                 gw.metrics.record_reload(Some(&version), true);
                 status.loaded_at = status.last_attempt.clone();
                 status.last_error = None;
@@ -109,7 +128,17 @@ pub fn read_config(path: &Path) -> Result<(Vec<u8>, ConfigFile), ConfigError> {
     Ok((bytes, file))
 }
 
-/// Poll `path` every `interval` (and on SIGHUP) and apply what changed.
+/// What a file looks like from its metadata: a change in any of these means "read it".
+fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    // Follows symlinks, so a Kubernetes ConfigMap's swapped `..data` link shows as a change.
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?, m.ino()))
+}
+
+/// Poll `path` every `interval` (and on SIGHUP) and apply what changed. Only metadata is
+/// read on the runtime; reading, parsing and validating a changed file happen on a
+/// blocking thread, so a large snapshot never stalls requests.
 pub async fn watch_file(
     rt: Arc<Runtime>,
     path: PathBuf,
@@ -121,17 +150,22 @@ pub async fn watch_file(
     // A digest, not the file: a snapshot file can be many megabytes.
     let mut last: [u8; 32] = sha2::Sha256::digest(&initial).into();
     drop(initial);
+    let mut last_stamp = stamp(&path);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut last_read_error: Option<String> = None;
     loop {
+        let mut forced = false;
         #[cfg(unix)]
         {
             match hup.as_mut() {
                 Some(h) => {
                     tokio::select! {
                         _ = tokio::time::sleep(interval) => {}
-                        _ = h.recv() => tracing::info!("SIGHUP: reloading config"),
+                        _ = h.recv() => {
+                            tracing::info!("SIGHUP: reloading config");
+                            forced = true;
+                        }
                     }
                 }
                 None => tokio::time::sleep(interval).await,
@@ -140,42 +174,65 @@ pub async fn watch_file(
         #[cfg(not(unix))]
         tokio::time::sleep(interval).await;
 
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) => {
-                let msg = e.to_string();
+        let now_stamp = stamp(&path);
+        if !forced && now_stamp.is_some() && now_stamp == last_stamp {
+            continue;
+        }
+        last_stamp = now_stamp;
+        let (rt2, path2, server2) = (rt.clone(), path.clone(), server.clone());
+        let outcome =
+            tokio::task::spawn_blocking(move || load_changed(&rt2, &path2, &server2, last)).await;
+        match outcome {
+            Ok(Ok(Some(digest))) => {
+                last = digest;
+                last_read_error = None;
+            }
+            Ok(Ok(None)) => last_read_error = None,
+            Ok(Err(msg)) => {
                 if last_read_error.as_deref() != Some(&msg) {
                     tracing::error!(path = %path.display(), error = %msg, "cannot read config file; keeping the last good snapshot");
                     last_read_error = Some(msg);
                 }
-                continue;
             }
-        };
-        last_read_error = None;
-        let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
-        if digest == last {
-            continue;
-        }
-        last = digest;
-        let parsed = std::str::from_utf8(&bytes)
-            .map_err(|_| ConfigError::single("", "config file is not UTF-8"))
-            .and_then(ConfigFile::parse);
-        match parsed {
-            Ok(file) => {
-                if file.server != server {
-                    tracing::warn!(
-                        "the server section changed; listener settings apply after a restart"
-                    );
-                }
-                let _ = rt.apply(&file.into_snapshot(), Source::File);
-            }
-            Err(e) => {
-                rt.gateway.metrics.record_reload(None, false);
-                let mut status = rt.status.lock().unwrap_or_else(|e| e.into_inner());
-                status.last_error = Some(e.to_string());
-                status.last_attempt = Some(now_rfc3339());
-                tracing::error!(error = %e, "config file does not parse; keeping the last good snapshot");
-            }
+            Err(e) => tracing::error!(error = %e, "config reload task failed"),
         }
     }
+}
+
+/// Read the file; when its content changed, parse and apply it. Returns the new digest
+/// (None when the content is unchanged), or a read error.
+fn load_changed(
+    rt: &Runtime,
+    path: &Path,
+    server: &ServerSpec,
+    last: [u8; 32],
+) -> Result<Option<[u8; 32]>, String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    if digest == last {
+        return Ok(None);
+    }
+    let parsed = std::str::from_utf8(&bytes)
+        .map_err(|_| ConfigError::single("", "config file is not UTF-8"))
+        .and_then(ConfigFile::parse);
+    drop(bytes);
+    match parsed {
+        Ok(file) => {
+            if file.server != *server {
+                tracing::warn!(
+                    "the server section changed; listener settings apply after a restart"
+                );
+            }
+            let _ = rt.apply(&file.into_snapshot(), Source::File);
+        }
+        Err(e) => {
+            rt.gateway.metrics.record_reload(None, false);
+            let mut status = rt.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.last_error = Some(e.to_string());
+            status.last_attempt = Some(now_rfc3339());
+            tracing::error!(error = %e, "config file does not parse; keeping the last good snapshot");
+        }
+    }
+    Ok(Some(digest))
 }

@@ -3,7 +3,7 @@
 //! beside the baselines measured in the same run, as a ratio; runs are interleaved
 //! (direct, nginx, modelgate, repeated) and the median is reported.
 //!
-//! Usage: bench [--quick] [--peers]    (`make bench` builds in release and runs this)
+//! Usage: bench [--quick] [--scale-only]    (`make bench` builds in release and runs this)
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
 //! on core 1; the load generator and the mock upstream on core 0.
@@ -24,6 +24,11 @@ fn main() {
     let peers =
         args.iter().any(|a| a == "--peers") || std::env::var("BENCH_PEERS").is_ok_and(|v| v == "1");
     let b = Bench::new(quick);
+    if args.iter().any(|a| a == "--scale-only") {
+        let _up = b.upstream();
+        b.scale();
+        return;
+    }
     b.run(peers);
 }
 
@@ -82,6 +87,20 @@ fn ticks_per_sec() -> u64 {
     let out = Command::new("getconf").arg("CLK_TCK").output().ok();
     out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100)
+}
+
+/// A plain HTTP/1.0 GET on loopback (the admin port), body as text.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
 
 fn wait_port(addr: &str) {
@@ -230,6 +249,17 @@ http {{
 
     /// One oha run; `rate` = None for closed loop (max throughput).
     fn oha(&self, url: &str, w: &Workload, rate: Option<u32>, proc_: Option<&Proc>) -> Run {
+        self.oha_as(KEY, url, w, rate, proc_)
+    }
+
+    fn oha_as(
+        &self,
+        key: &str,
+        url: &str,
+        w: &Workload,
+        rate: Option<u32>,
+        proc_: Option<&Proc>,
+    ) -> Run {
         let body_file = self.dir.join(format!("body-{}.json", w.name));
         std::fs::write(&body_file, &w.body).unwrap();
         let mut cmd = Command::new("taskset");
@@ -248,7 +278,7 @@ http {{
             "-H",
             "content-type: application/json",
             "-H",
-            &format!("authorization: Bearer {KEY}"),
+            &format!("authorization: Bearer {key}"),
         ])
         .arg("-D")
         .arg(&body_file);
@@ -274,10 +304,16 @@ http {{
             .as_object()
             .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
             .unwrap_or(0);
+        // Requests cut off by the end of the run ("aborted due to deadline") are not errors.
         let errors = total - ok
             + v["errorDistribution"]
                 .as_object()
-                .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| !k.contains("deadline"))
+                        .filter_map(|(_, x)| x.as_u64())
+                        .sum()
+                })
                 .unwrap_or(0);
         let cpu = match (before, after) {
             (Some(b), Some(a)) if ok > 0 => {
@@ -491,11 +527,129 @@ http {{
             rss.insert(profile.into(), mg.rss_kib());
         }
         self.report(&results, &rss);
+        drop(nginx);
+        self.scale();
         if peers {
             println!(
                 "\n(LiteLLM peer runs: see docs/benchmarks.md; not automated in this version)"
             );
         }
+    }
+
+    /// Config scale: compile and swap times at 10k routes / 100k keys, and latency while the
+    /// proxy swaps such a snapshot every second.
+    fn scale(&self) {
+        println!(
+            "\n## Config scale ({} routes, {} keys)\n",
+            scale::ROUTES,
+            scale::KEYS
+        );
+        let (validate_ms, swap_us) = scale::proxy_swap(3);
+        let operator_ms = scale::operator_compile(3);
+        println!("| step | time |");
+        println!("|---|---|");
+        println!("| operator: compile the index into a snapshot | {operator_ms:.0} ms |");
+        println!(
+            "| proxy: validate the snapshot (wire types → runtime tables) | {validate_ms:.0} ms |"
+        );
+        println!("| proxy: swap it in (arc-swap store) | {swap_us:.0} µs |");
+        let upstream = "http://127.0.0.1:18000/v1";
+        let path = self.dir.join("scale.yaml");
+        std::fs::write(&path, scale::file(upstream, 1)).unwrap();
+        let started = Instant::now();
+        let child = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(self.bin.join("modelgate-dataplane"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--reload-interval", "200ms"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("scale.log")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port("127.0.0.1:18001");
+        let load_s = started.elapsed().as_secs_f64();
+        let pid = child.id();
+        let mg = Proc {
+            child,
+            cpu_pid: pid,
+        };
+        let w = Workload {
+            name: "scale",
+            path: "/v1/chat/completions",
+            body: json!({"model": "model-0", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark."}]}).to_string(),
+            knobs: "",
+        };
+        let url = "http://127.0.0.1:18001/v1/chat/completions";
+        self.warmup(url, &w);
+        let steady = self.oha_as("sk-scale-0", url, &w, Some(1000), Some(&mg));
+        // Rewrite the file every second while the same load runs.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, path) = (stop.clone(), path.clone());
+            std::thread::spawn(move || {
+                let files = [scale::file(upstream, 2), scale::file(upstream, 1)];
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, &files[n % 2]).unwrap();
+                    std::fs::rename(&tmp, &path).unwrap();
+                    n += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                n
+            })
+        };
+        let swapping = self.oha_as("sk-scale-0", url, &w, Some(1000), Some(&mg));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = writer.join().unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        let metrics = http_get("127.0.0.1:19001", "/metrics");
+        let applied: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("modelgate_config_reloads_total{result=\"applied\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let (rss, peak) = mg.rss_kib();
+        println!("| proxy: start with the file (parse + validate + listen) | {load_s:.1} s |");
+        println!(
+            "\nTraffic at 1000 req/s (small body) while the {:.0} MB file is rewritten every second ({writes} writes, {applied:.0} snapshots applied in all):\n",
+            std::fs::metadata(&path)
+                .map(|m| m.len() as f64 / 1e6)
+                .unwrap_or(0.0)
+        );
+        println!("| phase | p50 ms | p99 ms | p99.9 ms | ok | errors |");
+        println!("|---|---|---|---|---|---|");
+        for (name, r) in [("steady", &steady), ("swapping every second", &swapping)] {
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {} | {} |",
+                r.p50_ms, r.p99_ms, r.p999_ms, r.ok, r.errors
+            );
+        }
+        println!(
+            "\nproxy RSS with this snapshot: {:.1} MiB (peak {:.1} MiB)",
+            rss as f64 / 1024.0,
+            peak as f64 / 1024.0
+        );
+        let ratio = swapping.p99_ms / steady.p99_ms.max(0.001);
+        let total_ms = validate_ms + swap_us / 1e3;
+        println!();
+        println!(
+            "- {} snapshot validate + swap at {} routes / {} keys < 200 ms: {total_ms:.0} ms",
+            if total_ms < 200.0 { "PASS" } else { "MISS" },
+            scale::ROUTES,
+            scale::KEYS
+        );
+        println!(
+            "- {} no request failed while swapping: {} errors",
+            if swapping.errors == 0 { "PASS" } else { "MISS" },
+            swapping.errors
+        );
+        println!(
+            "- {} p99 while swapping ≤ 2 × steady p99: {ratio:.2}",
+            if ratio <= 2.0 { "PASS" } else { "MISS" }
+        );
     }
 
     fn report(
@@ -575,8 +729,17 @@ http {{
             };
             let (a50, a99) = ((m.p50_ms - d.p50_ms) * 1e3, (m.p99_ms - d.p99_ms) * 1e3);
             println!(
-                "| {rate}/s | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {a50:.0} µs | {a99:.0} µs |",
-                d.p50_ms, d.p99_ms, d.p999_ms, n.p50_ms, n.p99_ms, m.p50_ms, m.p99_ms, m.p999_ms
+                "| {rate}/s | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} / {:.0} µs | {a50:.0} µs | {a99:.0} µs |",
+                d.p50_ms,
+                d.p99_ms,
+                d.p999_ms,
+                n.p50_ms,
+                n.p99_ms,
+                m.p50_ms,
+                m.p99_ms,
+                m.p999_ms,
+                (n.p50_ms - d.p50_ms) * 1e3,
+                (n.p99_ms - d.p99_ms) * 1e3
             );
             if rate == 500 || rate == 5000 {
                 verdicts.push((
@@ -611,5 +774,195 @@ http {{
         for (what, pass, value) in verdicts {
             println!("- {} {what}: {value}", if pass { "PASS" } else { "MISS" });
         }
+    }
+}
+
+/// Config scale: 10,000 routes and 100,000 keys.
+mod scale {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use modelgate_crds::{
+        ApiKey, ApiKeySpec, Limits, ModelRoute, ModelRouteSpec, Provider, RouteBackend,
+        SecretKeyRef,
+    };
+    use modelgate_dataplane::config::{
+        self, BackendSpec, KeySpec, LimitsSpec, ProviderKind, RouteSpec, SnapshotSpec, Source,
+    };
+    use modelgate_dataplane::snapshot::Live;
+    use modelgate_operator::index::{Context, Index};
+
+    pub const ROUTES: usize = 10_000;
+    pub const KEYS: usize = 100_000;
+
+    pub fn spec(upstream: &str, weight: u32) -> SnapshotSpec {
+        let routes = (0..ROUTES)
+            .map(|i| RouteSpec {
+                name: format!("route-{i}"),
+                namespace: format!("team-{}", i % 100),
+                model: format!("model-{i}"),
+                aliases: vec![],
+                strategy: Default::default(),
+                timeout: None,
+                retries: None,
+                outlier_detection: None,
+                backends: vec![BackendSpec {
+                    name: "up".into(),
+                    provider: ProviderKind::OpenaiCompatible,
+                    url: Some(upstream.into()),
+                    model: None,
+                    weight,
+                    priority: 0,
+                    credentials: None,
+                    timeout: None,
+                    pricing: None,
+                    mock: None,
+                }],
+            })
+            .collect();
+        let keys = (0..KEYS)
+            .map(|i| KeySpec {
+                name: format!("key-{i}"),
+                namespace: format!("team-{}", i % 100),
+                sha256: modelgate_tests::harness::sha256_hex(&format!("sk-scale-{i}")),
+                models: vec![],
+                limits: (i % 10 == 0).then_some(LimitsSpec {
+                    requests_per_minute: Some(600),
+                    tokens_per_minute: None,
+                    max_concurrent: None,
+                }),
+                budget: None,
+                expires_at: None,
+                disabled: false,
+                exhausted: false,
+            })
+            .collect();
+        SnapshotSpec {
+            version: None,
+            routes,
+            keys,
+        }
+    }
+
+    /// (validate ms, swap µs) in the proxy, median of `reps`.
+    pub fn proxy_swap(reps: usize) -> (f64, f64) {
+        let live = Live::default();
+        let mut validate = Vec::new();
+        let mut swap = Vec::new();
+        for r in 0..reps {
+            let s = spec("http://127.0.0.1:18000/v1", 1 + r as u32);
+            let t = Instant::now();
+            let snap = config::compile(&s, Source::Operator, &live.registry).expect("valid");
+            validate.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            live.store(snap);
+            swap.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        (super::median(validate), super::median(swap))
+    }
+
+    /// Operator compile time (ms) over an index of 10k routes, 100k keys and their Secrets.
+    pub fn operator_compile(reps: usize) -> f64 {
+        let mut index = Index::default();
+        for i in 0..ROUTES {
+            let mut r = ModelRoute::new(
+                &format!("route-{i}"),
+                ModelRouteSpec {
+                    model: format!("model-{i}"),
+                    aliases: vec![],
+                    backends: vec![RouteBackend {
+                        name: "up".into(),
+                        provider: Provider::OpenaiCompatible,
+                        url: Some("http://vllm:8000/v1".into()),
+                        model: None,
+                        weight: None,
+                        priority: None,
+                        credentials_ref: None,
+                        timeout: None,
+                        pricing: None,
+                        mock: None,
+                    }],
+                    strategy: None,
+                    timeout: None,
+                    retries: None,
+                    outlier_detection: None,
+                },
+            );
+            r.metadata.namespace = Some(format!("team-{}", i % 100));
+            r.metadata.generation = Some(1);
+            index.apply_route(r);
+        }
+        for i in 0..KEYS {
+            let ns = format!("team-{}", i % 100);
+            let mut s = Secret::default();
+            s.metadata.namespace = Some(ns.clone());
+            s.metadata.name = Some(format!("key-{i}"));
+            s.data = Some(
+                [(
+                    "key".to_owned(),
+                    ByteString(format!("sk-scale-key-{i:08}").into_bytes()),
+                )]
+                .into(),
+            );
+            index.apply_secret(s);
+            let mut k = ApiKey::new(
+                &format!("key-{i}"),
+                ApiKeySpec {
+                    secret_ref: Some(SecretKeyRef {
+                        name: format!("key-{i}"),
+                        key: "key".into(),
+                    }),
+                    models: vec![],
+                    limits: Some(Limits {
+                        requests_per_minute: Some(600),
+                        tokens_per_minute: None,
+                        max_concurrent: None,
+                    }),
+                    budget: None,
+                    expires_at: None,
+                    disabled: None,
+                },
+            );
+            k.metadata.namespace = Some(ns);
+            k.metadata.generation = Some(1);
+            index.apply_key(k);
+        }
+        let ctx = Context {
+            proxies: 2,
+            ..Default::default()
+        };
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let c = index.compile(&ctx);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(c.spec.routes.len(), ROUTES);
+            assert_eq!(c.spec.keys.len(), KEYS);
+        }
+        let _ = Arc::new(());
+        super::median(times)
+    }
+
+    /// The snapshot as the proxy's YAML file (keys use sk-scale-<i>).
+    pub fn file(upstream: &str, weight: u32) -> String {
+        let s = spec(upstream, weight);
+        let mut out = String::with_capacity(16 * 1024 * 1024);
+        out.push_str("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
+        for r in &s.routes {
+            out.push_str(&format!(
+                "  - {{name: {}, namespace: {}, model: {}, backends: [{{name: up, provider: openai-compatible, url: \"{upstream}\", weight: {weight}}}]}}\n",
+                r.name, r.namespace, r.model
+            ));
+        }
+        out.push_str("keys:\n");
+        for k in &s.keys {
+            out.push_str(&format!(
+                "  - {{name: {}, namespace: {}, sha256: {}}}\n",
+                k.name, k.namespace, k.sha256
+            ));
+        }
+        out
     }
 }

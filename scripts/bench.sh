@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The benchmark (README: `make bench`; results in docs/benchmarks.md). Installs what it
+# needs when missing (nginx-light from Debian as the reverse-proxy baseline, oha from
+# crates.io as the load generator), builds in release, and runs everything on 127.0.0.1:
+# the mock upstream, nginx, and modelgate-dataplane, each stopped at the end.
+#   BENCH_ARGS=--quick make bench     one short repetition per point (a smoke run)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "bench: installing nginx-light (the baseline reverse proxy)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+  }
+fi
+export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
+if ! command -v oha >/dev/null 2>&1; then
+  echo "bench: installing oha (the load generator; a few minutes, once)"
+  cargo install --locked oha --version 1.16.0
+fi
+command -v taskset >/dev/null || { echo "bench needs taskset (util-linux)"; exit 1; }
+cargo build --release -p modelgate-dataplane -p modelgate-tests --bins
+exec ./target/release/bench ${BENCH_ARGS:-} "$@"
