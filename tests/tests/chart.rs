@@ -78,6 +78,28 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         }
     }
 
+    // The sidecar example is valid for the same versions.
+    let sidecar_example = repo_root().join("examples/k8s/sidecar/app-with-proxy-sidecar.yaml");
+    for kube in ["1.25.0", "1.33.0"] {
+        let out = run(
+            &kubernetes_validate_bin(),
+            &[
+                "--strict",
+                "-k",
+                kube,
+                "--quiet",
+                &sidecar_example.display().to_string(),
+            ],
+            None,
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "sidecar example on {kube}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     // The API versions follow what the cluster serves.
     let old = render(
         "modelgate",

@@ -715,9 +715,9 @@ http {{
         }
         println!("\n## Latency at fixed rates (small body; open loop with latency correction)\n");
         println!(
-            "| rate | direct p50 / p99 / p99.9 ms | nginx p50 / p99 ms | modelgate p50 / p99 / p99.9 ms | added p50 | added p99 |"
+            "| rate | direct p50 / p99 / p99.9 ms | nginx p50 / p99 ms | modelgate p50 / p99 / p99.9 ms | nginx added p50 / p99 | modelgate added p50 | modelgate added p99 |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for rate in [500u32, 1000, 5000] {
             let key = format!("small@{rate}/s");
             let (Some(d), Some(n), Some(m)) = (
