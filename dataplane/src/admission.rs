@@ -263,7 +263,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Days since 1970-01-01 → (year, month 1..=12, day). Howard Hinnant's civil_from_days.
-fn civil(days: i64) -> (i64, u32, u32) {
+pub fn civil(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use modelgate_crds::{ApiKey, BudgetPeriod};
-use modelgate_dataplane::admission::unix_now;
+use modelgate_dataplane::admission::{civil, unix_now};
 use serde::{Deserialize, Serialize};
 
 /// What a proxy sends: usage since its previous report, per key id (`namespace/name`).
@@ -42,18 +42,6 @@ pub fn period_label(key: &ApiKey, now: u64) -> String {
         Some(BudgetPeriod::Day) => format!("{y:04}-{m:02}-{d:02}"),
         Some(BudgetPeriod::Month) | None => format!("{y:04}-{m:02}"),
     }
-}
-
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Usage as stored in a key's status, if it is for the current period.

@@ -77,27 +77,7 @@ pub fn kubernetes_validate_bin() -> String {
 
 /// Run kubectl against the test cluster; stdin optional.
 pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(kubectl_bin());
-    cmd.args(args)
-        .env("KUBECONFIG", kubeconfig())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run kubectl");
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    child.wait_with_output().unwrap()
+    run(&kubectl_bin(), args, stdin, &[])
 }
 
 /// kubectl that must succeed; returns stdout.
