@@ -75,6 +75,21 @@ fn programmed(shared: &Shared, key: &ObjKey, generation: i64) -> (i32, i32) {
     (connected.len() as i32, done as i32)
 }
 
+/// `Accepted` and `Programmed` for an object's verdict and its proxy counts.
+fn conditions(old: &[Condition], v: &Verdict, connected: i32, done: i32) -> [Condition; 2] {
+    [
+        condition(
+            old,
+            "Accepted",
+            v.accepted,
+            v.reason,
+            &v.message,
+            v.generation,
+        ),
+        programmed_condition(old, v, connected, done),
+    ]
+}
+
 fn programmed_condition(old: &[Condition], v: &Verdict, connected: i32, done: i32) -> Condition {
     let (ok, reason, msg) = if !v.accepted {
         (
@@ -201,15 +216,7 @@ fn route_status(
         index.route_conditions(&key.namespace, &key.name)?
     };
     let (connected, done) = programmed(shared, key, v.generation);
-    let accepted = condition(
-        &old,
-        "Accepted",
-        v.accepted,
-        v.reason,
-        &v.message,
-        v.generation,
-    );
-    let prog = programmed_condition(&old, v, connected, done);
+    let [accepted, prog] = conditions(&old, v, connected, done);
     Some(json!({
         "apiVersion": "modelgate.dev/v1alpha1", "kind": "ModelRoute",
         "status": {
@@ -260,15 +267,7 @@ fn key_status(shared: &Shared, key: &ObjKey, v: &Verdict) -> Option<serde_json::
         (old, usage, last_used, secret_name)
     };
     let (connected, done) = programmed(shared, key, v.generation);
-    let accepted = condition(
-        &old,
-        "Accepted",
-        v.accepted,
-        v.reason,
-        &v.message,
-        v.generation,
-    );
-    let prog = programmed_condition(&old, v, connected, done);
+    let [accepted, prog] = conditions(&old, v, connected, done);
     let mut status = json!({"observedGeneration": v.generation, "conditions": [accepted, prog]});
     if let Some(u) = usage {
         status["usage"] = u;
