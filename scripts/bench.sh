@@ -20,6 +20,16 @@ if ! command -v oha >/dev/null 2>&1; then
   echo "bench: installing oha (the load generator; a few minutes, once)"
   cargo install --locked oha --version 1.16.0
 fi
+if [ "${BENCH_PEERS:-}" = 1 ]; then
+  LITELLM_VENV=${MODELGATE_CACHE:-/var/cache/modelgate}/litellm-venv
+  if [ ! -x "$LITELLM_VENV/bin/litellm" ]; then
+    echo "bench: installing litellm[proxy] 1.110.2 (the peer gateway) into $LITELLM_VENV"
+    python3 -m venv "$LITELLM_VENV"
+    "$LITELLM_VENV/bin/pip" install -q --disable-pip-version-check "litellm[proxy]==1.110.2"
+  fi
+  export LITELLM_BIN="$LITELLM_VENV/bin/litellm"
+  set -- --peers "$@"
+fi
 command -v taskset >/dev/null || { echo "bench needs taskset (util-linux)"; exit 1; }
 cargo build --release -p modelgate-dataplane -p modelgate-tests --bins
 exec ./target/release/bench ${BENCH_ARGS:-} "$@"

@@ -3,7 +3,7 @@
 //! beside the baselines measured in the same run, as a ratio; runs are interleaved
 //! (direct, nginx, modelgate, repeated) and the median is reported.
 //!
-//! Usage: bench [--quick] [--scale-only]    (`make bench` builds in release and runs this)
+//! Usage: bench [--quick] [--scale-only] [--peers] [--peers-only]    (`make bench` builds in release and runs this)
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
 //! on core 1; the load generator and the mock upstream on core 0.
@@ -18,11 +18,17 @@ use serde_json::json;
 
 const KEY: &str = "sk-bench-0123456789abcdef";
 
+/// `--peers-only`: the modelgate small-body runs and the peer, nothing else.
+fn peers_only() -> bool {
+    std::env::args().any(|a| a == "--peers-only")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let peers =
-        args.iter().any(|a| a == "--peers") || std::env::var("BENCH_PEERS").is_ok_and(|v| v == "1");
+    let peers = peers_only()
+        || args.iter().any(|a| a == "--peers")
+        || std::env::var("BENCH_PEERS").is_ok_and(|v| v == "1");
     let b = Bench::new(quick);
     if args.iter().any(|a| a == "--scale-only") {
         let _up = b.upstream();
@@ -453,11 +459,14 @@ http {{
             ("1 key + limits", 0, true),
         ];
         for (profile, extra, limits) in profiles {
+            if peers_only() && profile != "1 key" {
+                continue;
+            }
             let mg = self.modelgate(&config(extra, limits), &profile.replace(' ', "-"));
             // Warm up: upstream connection pool, allocator, caches.
             self.warmup("http://127.0.0.1:18001/v1/chat/completions", &workloads[0]);
             for w in &workloads {
-                if profile != "1 key" && w.name != "small" {
+                if (profile != "1 key" || peers_only()) && w.name != "small" {
                     continue;
                 }
                 for _ in 0..self.reps {
@@ -489,7 +498,7 @@ http {{
                 }
             }
             // Fixed rates, small body: latency added over going direct.
-            if profile == "1 key" {
+            if profile == "1 key" && !peers_only() {
                 let w = &workloads[0];
                 for rate in [500u32, 1000, 5000] {
                     for _ in 0..self.reps {
@@ -528,10 +537,13 @@ http {{
         }
         self.report(&results, &rss);
         drop(nginx);
-        self.scale();
+        if !peers_only() {
+            self.scale();
+        }
         if peers {
-            println!(
-                "\n(LiteLLM peer runs: see docs/benchmarks.md; not automated in this version)"
+            self.litellm(
+                &workloads[0],
+                results.get(&("small [1 key]".to_owned(), "modelgate".to_owned())),
             );
         }
     }
@@ -649,6 +661,82 @@ http {{
         println!(
             "- {} p99 while swapping ≤ 2 × steady p99: {ratio:.2}",
             if ratio <= 2.0 { "PASS" } else { "MISS" }
+        );
+    }
+
+    /// LiteLLM's proxy (PyPI `litellm[proxy]`, default settings, one worker) against the same
+    /// upstream and workload; `scripts/bench.sh` installs it when BENCH_PEERS=1.
+    fn litellm(&self, w: &Workload, modelgate: Option<&Vec<Run>>) {
+        let bin = std::env::var("LITELLM_BIN").unwrap_or_else(|_| "litellm".into());
+        let cfg = self.dir.join("litellm.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://127.0.0.1:18000/v1\n      api_key: sk-upstream\ngeneral_settings:\n  master_key: {KEY}\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("taskset")
+            .args(["-c", "1", &bin, "--config"])
+            .arg(&cfg)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "18003",
+                "--num_workers",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("litellm.log")).unwrap())
+            .spawn()
+            .expect("litellm (BENCH_PEERS=1 make bench installs it)");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while std::net::TcpStream::connect("127.0.0.1:18003").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "litellm did not start; see {}",
+                self.dir.join("litellm.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let pid = child.id();
+        let peer = Proc {
+            child,
+            cpu_pid: pid,
+        };
+        let url = "http://127.0.0.1:18003/v1/chat/completions";
+        self.warmup(url, w);
+        let runs: Vec<Run> = (0..self.reps)
+            .map(|_| self.oha(url, w, None, Some(&peer)))
+            .collect();
+        let (rss, peak) = peer.rss_kib();
+        let rps = median(runs.iter().map(|r| r.rps).collect());
+        let cpu = median(runs.iter().map(|r| r.cpu_us_per_req).collect());
+        let errors: u64 = runs.iter().map(|r| r.errors).sum();
+        println!(
+            "\n## Peer gateway: LiteLLM proxy (small body, closed loop, {} connections)\n",
+            self.conns
+        );
+        println!("| gateway | rps | CPU µs/req | RSS MiB (peak) | errors |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| LiteLLM | {rps:.0} | {cpu:.0} | {:.0} ({:.0}) | {errors} |",
+            rss as f64 / 1024.0,
+            peak as f64 / 1024.0
+        );
+        if let Some(m) = modelgate {
+            let mrps = median(m.iter().map(|r| r.rps).collect());
+            let mcpu = median(m.iter().map(|r| r.cpu_us_per_req).collect());
+            println!("| modelgate | {mrps:.0} | {mcpu:.1} | | |");
+            let ratio = mrps / rps.max(0.001);
+            println!(
+                "\n- {} throughput ≥ 100 × LiteLLM: {ratio:.0}×",
+                if ratio >= 100.0 { "PASS" } else { "MISS" }
+            );
+        }
+        println!(
+            "\n(LiteLLM's CPU counts its main process only; its workers may run in child processes.)"
         );
     }
 
