@@ -146,12 +146,6 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    /// Usage in the current budget period: (tokens, USD).
-    pub fn period_usage(&self) -> (u64, f64) {
-        let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        (c.budget.tokens, c.budget.usd)
-    }
-
     /// Take the usage since the last report (None when there was no request).
     pub fn take_unreported(&self) -> Option<Unreported> {
         let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());

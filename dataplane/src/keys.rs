@@ -101,13 +101,13 @@ impl Key {
 
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    by_hash: HashMap<KeyHash, (KeyHash, Arc<Key>)>,
+    by_hash: HashMap<KeyHash, Arc<Key>>,
 }
 
 impl KeyStore {
     pub fn new(keys: Vec<(KeyHash, Arc<Key>)>) -> Self {
         Self {
-            by_hash: keys.into_iter().map(|(h, k)| (h, (h, k))).collect(),
+            by_hash: keys.into_iter().collect(),
         }
     }
 
@@ -120,7 +120,7 @@ impl KeyStore {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Key>> {
-        self.by_hash.values().map(|(_, k)| k)
+        self.by_hash.values()
     }
 
     /// Up to `limit` keys for `/config`, sorted by id: names, scopes and limits, never hashes.
@@ -144,7 +144,7 @@ impl KeyStore {
 
     pub fn authenticate(&self, raw: &[u8]) -> Option<&Arc<Key>> {
         let presented = KeyHash::of(raw);
-        let (stored, key) = self.by_hash.get(&presented)?;
+        let (stored, key) = self.by_hash.get_key_value(&presented)?;
         bool::from(stored.0.ct_eq(&presented.0)).then_some(key)
     }
 }

@@ -82,6 +82,11 @@ impl Meter {
         overhead
     }
 
+    /// The gateway's own time, as fixed by `response_ready`.
+    pub fn overhead(&self) -> Option<Duration> {
+        self.overhead
+    }
+
     pub fn set_usage(&mut self, u: UsageWire) {
         self.usage = Some(u);
     }

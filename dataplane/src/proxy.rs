@@ -111,10 +111,7 @@ fn add_gateway_headers(meter: &Meter, h: &mut HeaderMap) {
     if let Ok(v) = HeaderValue::from_str(&meter.request_id) {
         h.insert("x-request-id", v);
     }
-    let overhead = meter
-        .elapsed()
-        .saturating_sub(meter.upstream_time)
-        .as_micros() as u64;
+    let overhead = meter.overhead().unwrap_or_default().as_micros() as u64;
     h.insert("x-modelgate-overhead-us", HeaderValue::from(overhead));
     if let Some(b) = &meter.backend
         && let Ok(v) = HeaderValue::from_str(&b.name)

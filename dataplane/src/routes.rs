@@ -266,13 +266,6 @@ impl Backend {
     pub fn id(&self) -> usize {
         std::ptr::from_ref(self) as usize
     }
-
-    pub fn provider_name(&self) -> &'static str {
-        match &self.provider {
-            Provider::OpenAi(_) => "openai",
-            Provider::Mock(_) => "mock",
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -417,10 +410,6 @@ impl RouteTable {
             .unwrap_or_default();
         v.sort_unstable();
         v
-    }
-
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.by_namespace.values().flat_map(|m| m.values())
     }
 }
 

@@ -168,15 +168,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let config = bind(&opts.config_listen, "config").await?;
     let admin = bind(&opts.admin_listen, "admin").await?;
     let (config_addr, admin_addr) = (config.local_addr()?, admin.local_addr()?);
-    let identity = opts
-        .identity
-        .clone()
-        .or_else(|| std::env::var("POD_NAME").ok())
-        .unwrap_or_else(|| {
-            let host =
-                std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
-            format!("{}-{}", host.trim(), std::process::id())
-        });
     let url = opts
         .advertise_url
         .clone()
