@@ -359,6 +359,23 @@ pub async fn read(resp: Response<Incoming>) -> Reply {
     }
 }
 
+/// POST and hand back the response unread, to consume a stream frame by frame.
+pub async fn post_stream(
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> Response<Incoming> {
+    client()
+        .request(request(
+            Method::POST,
+            url,
+            key,
+            serde_json::to_vec(body).unwrap(),
+        ))
+        .await
+        .expect("request")
+}
+
 pub async fn post(url: &str, key: Option<&str>, body: &serde_json::Value) -> Reply {
     send(request(
         Method::POST,

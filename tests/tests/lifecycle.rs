@@ -154,15 +154,12 @@ async fn invalid_reload_keeps_the_last_good_snapshot() {
 async fn sigterm_drains_an_in_flight_stream() {
     let up = MockUpstream::start();
     let mut p = Proxy::start(&config(&up.url("id=a"), 1));
-    let resp = client()
-        .request(request(
-            http::Method::POST,
-            &p.url("/v1/chat/completions"),
-            Some(KEY),
-            serde_json::to_vec(&chat("slow", true)).unwrap(),
-        ))
-        .await
-        .unwrap();
+    let resp = post_stream(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("slow", true),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut text = String::new();

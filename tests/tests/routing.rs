@@ -144,15 +144,12 @@ routes:
         breaks2 = up.url("id=breaks;reset_after=3;delay=5"),
         keys = keys()
     ));
-    let resp = client()
-        .request(request(
-            http::Method::POST,
-            &p.url("/v1/chat/completions"),
-            Some(KEY),
-            serde_json::to_vec(&chat("breaks", true)).unwrap(),
-        ))
-        .await
-        .unwrap();
+    let resp = post_stream(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("breaks", true),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     use http_body_util::BodyExt;
     let mut body = resp.into_body();

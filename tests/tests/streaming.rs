@@ -131,15 +131,12 @@ async fn chunks_arrive_as_they_are_produced() {
     let up = MockUpstream::start();
     let p = Proxy::start(&config(&up));
     let started = Instant::now();
-    let resp = client()
-        .request(request(
-            http::Method::POST,
-            &p.url("/v1/chat/completions"),
-            Some(KEY),
-            serde_json::to_vec(&chat("slow", true)).unwrap(),
-        ))
-        .await
-        .unwrap();
+    let resp = post_stream(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("slow", true),
+    )
+    .await;
     let mut body = resp.into_body();
     let mut first_content = None;
     let mut frames = 0;
@@ -167,15 +164,12 @@ async fn chunks_arrive_as_they_are_produced() {
 async fn client_disconnect_cancels_upstream_and_is_metered() {
     let up = MockUpstream::start();
     let p = Proxy::start(&config(&up));
-    let resp = client()
-        .request(request(
-            http::Method::POST,
-            &p.url("/v1/chat/completions"),
-            Some(KEY),
-            serde_json::to_vec(&chat("slow", true)).unwrap(),
-        ))
-        .await
-        .unwrap();
+    let resp = post_stream(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("slow", true),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut seen = String::new();
