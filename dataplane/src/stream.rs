@@ -8,8 +8,11 @@
 //! is dropped, which also drops the upstream body and so cancels the upstream request).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -257,11 +260,108 @@ pub struct MeteredStream {
     upstream_done: bool,
     /// An upstream error seen while bytes were still to be sent; reported next poll.
     failed: Option<BoxError>,
+    /// Bytes gathered for the next write to the client.
+    held: Gather,
+    /// The turn the held bytes wait for, while a burst may still be arriving.
+    turn: Option<Turn>,
+    /// Turns waited for the held bytes so far.
+    turns: u8,
+    /// Whether upstream data arrived since the current turn began.
+    fresh: bool,
 }
 
 /// Frames already waiting upstream are joined up to this size into one write to the client,
-/// so a burst of small events costs one syscall, not one per event. Nothing ever waits.
+/// so a burst of small events costs one syscall, not one per event.
 const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// How many scheduler turns held bytes may wait for more of the same burst. The upstream
+/// connection runs as its own task and hands over one frame at a time; while a turn brings
+/// new frames the burst goes on, and the first turn that brings none sends what was gathered.
+/// A paced stream (one event every few milliseconds) so waits one turn: the runtime runs the
+/// tasks that are ready and polls its sockets once, microseconds.
+const MAX_TURNS: u8 = 32;
+
+/// One scheduler turn: `tokio::task::yield_now` wakes its waker only after the tasks that are
+/// ready have run. The flag tells a poll caused by that wake from an earlier one (hyper polls
+/// a body again at once when its write buffer is flushed).
+struct Turn {
+    passed: Arc<TurnWaker>,
+}
+
+struct TurnWaker {
+    passed: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for TurnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.passed.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl Turn {
+    fn start(cx: &Context<'_>) -> Self {
+        let passed = Arc::new(TurnWaker {
+            passed: AtomicBool::new(false),
+            task: cx.waker().clone(),
+        });
+        // The first poll hands the waker to the runtime's deferred list; the future itself
+        // holds nothing more and may go.
+        let wait = std::pin::pin!(tokio::task::yield_now());
+        let waker = Waker::from(passed.clone());
+        if wait.poll(&mut Context::from_waker(&waker)).is_ready() {
+            passed.wake_by_ref();
+        }
+        Self { passed }
+    }
+
+    fn passed(&self) -> bool {
+        self.passed.passed.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes joined for one write: the first chunk as is, later ones copied after it.
+#[derive(Default)]
+struct Gather {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Gather {
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.joined.as_ref().map_or(0, BytesMut::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.joined.is_none()
+    }
+
+    fn push(&mut self, b: Bytes) {
+        match (self.first.take(), self.joined.as_mut()) {
+            (None, None) => self.first = Some(b),
+            (Some(f), None) => {
+                let mut m = BytesMut::with_capacity((f.len() + b.len()).max(4096));
+                m.extend_from_slice(&f);
+                m.extend_from_slice(&b);
+                self.joined = Some(m);
+            }
+            (None, Some(m)) => m.extend_from_slice(&b),
+            (Some(_), Some(_)) => unreachable!("first is taken once joined exists"),
+        }
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        match (self.first.take(), self.joined.take()) {
+            (Some(f), _) => Some(f),
+            (None, Some(j)) => Some(j.freeze()),
+            (None, None) => None,
+        }
+    }
+}
 
 impl MeteredStream {
     pub fn new(upstream: UpstreamBody, meter: Meter, strip_usage: bool) -> Self {
@@ -274,21 +374,11 @@ impl MeteredStream {
             meter: Some(meter),
             upstream_done: false,
             failed: None,
+            held: Gather::default(),
+            turn: None,
+            turns: 0,
+            fresh: false,
         }
-    }
-}
-
-fn append(out: &mut Option<BytesMut>, first: &mut Option<Bytes>, b: Bytes) {
-    match (first.take(), out.as_mut()) {
-        (None, None) => *first = Some(b),
-        (Some(f), None) => {
-            let mut m = BytesMut::with_capacity(f.len() + b.len());
-            m.extend_from_slice(&f);
-            m.extend_from_slice(&b);
-            *out = Some(m);
-        }
-        (None, Some(m)) => m.extend_from_slice(&b),
-        (Some(_), Some(_)) => unreachable!("first is taken once out exists"),
     }
 }
 
@@ -301,7 +391,9 @@ impl Body for MeteredStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(e) = this.failed.take() {
+        if this.held.is_empty()
+            && let Some(e) = this.failed.take()
+        {
             if let Some(m) = this.meter.take() {
                 m.finish_stream(Some(UpstreamErrorKind::Stream));
             }
@@ -310,49 +402,65 @@ impl Body for MeteredStream {
         let Some(meter) = this.meter.as_mut() else {
             return Poll::Ready(None);
         };
-        // Gather what the upstream has ready (at least one frame, or wait for it).
-        let mut first: Option<Bytes> = None;
-        let mut joined: Option<BytesMut> = None;
-        let len = |f: &Option<Bytes>, j: &Option<BytesMut>| {
-            f.as_ref().map_or(0, Bytes::len) + j.as_ref().map_or(0, BytesMut::len)
-        };
-        while !this.upstream_done && len(&first, &joined) < COALESCE_LIMIT {
+        // Gather what the upstream has ready.
+        while !this.upstream_done && this.failed.is_none() && this.held.len() < COALESCE_LIMIT {
             match Pin::new(&mut this.upstream).poll_frame(cx) {
-                Poll::Pending if first.is_none() && joined.is_none() => return Poll::Pending,
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => {
+                    this.fresh = true;
                     if let Ok(data) = frame.into_data()
                         && let Some(out) = this.scanner.feed(data, meter)
                     {
-                        append(&mut joined, &mut first, out);
+                        this.held.push(out);
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    if first.is_none() && joined.is_none() {
+                    if this.held.is_empty() {
                         if let Some(m) = this.meter.take() {
                             m.finish_stream(Some(UpstreamErrorKind::Stream));
                         }
                         return Poll::Ready(Some(Err(e)));
                     }
                     this.failed = Some(e);
-                    break;
                 }
                 Poll::Ready(None) => this.upstream_done = true,
             }
         }
+        let more_may_come =
+            !this.upstream_done && this.failed.is_none() && this.held.len() < COALESCE_LIMIT;
+        if this.held.is_empty() && more_may_come {
+            // Nothing to send: the upstream wakes this task when a frame arrives.
+            this.turn = None;
+            return Poll::Pending;
+        }
+        if more_may_come {
+            // Mid-burst: wait for the next turn while it keeps bringing frames.
+            match &this.turn {
+                None => {
+                    this.turn = Some(Turn::start(cx));
+                    this.fresh = false;
+                    return Poll::Pending;
+                }
+                Some(t) if !t.passed() => return Poll::Pending,
+                Some(_) if this.fresh && this.turns < MAX_TURNS => {
+                    this.turns += 1;
+                    this.turn = Some(Turn::start(cx));
+                    this.fresh = false;
+                    return Poll::Pending;
+                }
+                Some(_) => {}
+            }
+        }
         if this.upstream_done {
             if let Some(rest) = this.scanner.remainder() {
-                append(&mut joined, &mut first, rest);
+                this.held.push(rest);
             }
             if let Some(m) = this.meter.take() {
                 m.finish_stream(None);
             }
         }
-        let out = match (first, joined) {
-            (Some(f), _) => Some(f),
-            (None, Some(j)) => Some(j.freeze()),
-            (None, None) => None,
-        };
-        Poll::Ready(out.map(|b| Ok(Frame::data(b))))
+        this.turn = None;
+        this.turns = 0;
+        Poll::Ready(this.held.take().map(|b| Ok(Frame::data(b))))
     }
 }

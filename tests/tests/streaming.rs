@@ -144,6 +144,9 @@ async fn chunks_arrive_as_they_are_produced() {
         let f = f.unwrap();
         if let Some(d) = f.data_ref() {
             frames += 1;
+            // Events 20 ms apart are each sent on their own: none waits for the next one.
+            let text = String::from_utf8_lossy(d);
+            assert_eq!(text.matches("data:").count(), 1, "frame {frames}: {text}");
             if first_content.is_none() && String::from_utf8_lossy(d).contains("tok0") {
                 first_content = Some(started.elapsed());
             }

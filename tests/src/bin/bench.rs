@@ -29,7 +29,13 @@ fn main() {
     let peers = peers_only()
         || args.iter().any(|a| a == "--peers")
         || std::env::var("BENCH_PEERS").is_ok_and(|v| v == "1");
-    let b = Bench::new(quick);
+    let mut b = Bench::new(quick);
+    // `--only NAME`: one workload (small, large, stream, embeddings) or `latency` (the fixed
+    // rates), with 1 key, for quick before/after checks; no scale section.
+    b.only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     if args.iter().any(|a| a == "--scale-only") {
         let _up = b.upstream();
         b.scale();
@@ -45,6 +51,7 @@ struct Bench {
     reps: usize,
     duration: String,
     conns: u32,
+    only: Option<String>,
 }
 
 struct Proc {
@@ -155,6 +162,7 @@ impl Bench {
             reps: if quick { 1 } else { 3 },
             duration: if quick { "3s".into() } else { "6s".into() },
             conns: 32,
+            only: None,
         }
     }
 
@@ -459,7 +467,7 @@ http {{
             ("1 key + limits", 0, true),
         ];
         for (profile, extra, limits) in profiles {
-            if peers_only() && profile != "1 key" {
+            if (peers_only() || self.only.is_some()) && profile != "1 key" {
                 continue;
             }
             let mg = self.modelgate(&config(extra, limits), &profile.replace(' ', "-"));
@@ -467,6 +475,9 @@ http {{
             self.warmup("http://127.0.0.1:18001/v1/chat/completions", &workloads[0]);
             for w in &workloads {
                 if (profile != "1 key" || peers_only()) && w.name != "small" {
+                    continue;
+                }
+                if self.only.as_ref().is_some_and(|o| o != w.name) {
                     continue;
                 }
                 for _ in 0..self.reps {
@@ -498,7 +509,10 @@ http {{
                 }
             }
             // Fixed rates, small body: latency added over going direct.
-            if profile == "1 key" && !peers_only() {
+            if profile == "1 key"
+                && !peers_only()
+                && self.only.as_ref().is_none_or(|o| o == "latency")
+            {
                 let w = &workloads[0];
                 for rate in [500u32, 1000, 5000] {
                     for _ in 0..self.reps {
@@ -537,7 +551,7 @@ http {{
         }
         self.report(&results, &rss);
         drop(nginx);
-        if !peers_only() {
+        if !peers_only() && self.only.is_none() {
             self.scale();
         }
         if peers {
