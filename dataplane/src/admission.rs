@@ -19,6 +19,7 @@ use http::HeaderValue;
 
 use crate::config::{BudgetPeriod, BudgetSpec};
 use crate::keys::Key;
+use crate::snapshot::StateRegistry;
 
 const WINDOW: u64 = 60;
 
@@ -303,8 +304,13 @@ fn header_secs(s: u64) -> HeaderValue {
 }
 
 /// Admit one request of `key` expecting `est`, or say which limit refuses it and for how long.
-pub fn admit(key: &Key, est: Estimate, now: u64) -> Result<Ticket, Rejection> {
-    let state = &key.state;
+pub fn admit(
+    key: &Key,
+    registry: &StateRegistry,
+    est: Estimate,
+    now: u64,
+) -> Result<Ticket, Rejection> {
+    let state = key.state(registry);
     let limits = &key.limits;
     let mut holds_slot = false;
     if let Some(max) = limits.max_concurrent {
@@ -464,13 +470,13 @@ mod tests {
         Key {
             id: "default/k".into(),
             namespace: "default".into(),
-            models: vec![],
+            models: Box::default(),
             limits,
-            budget,
+            budget: budget.map(Box::new),
             expires_at: None,
             disabled: false,
             exhausted: false,
-            state: Arc::default(),
+            state: std::sync::OnceLock::new(),
         }
     }
 
@@ -489,21 +495,21 @@ mod tests {
         );
         let now = 1_000_000;
         let tickets: Vec<_> = (0..20)
-            .filter_map(|_| admit(&k, est(150), now).ok())
+            .filter_map(|_| admit(&k, &StateRegistry::default(), est(150), now).ok())
             .collect();
         assert_eq!(
             tickets.len(),
             6,
             "6 × 150 = 900 fits, a 7th would reach 1050"
         );
-        let err = admit(&k, est(150), now).unwrap_err();
+        let err = admit(&k, &StateRegistry::default(), est(150), now).unwrap_err();
         assert_eq!(err.kind, LimitKind::Tokens);
         assert_eq!(err.retry_after, Duration::from_secs(60));
         // Settling below the estimate frees room at once.
         for t in tickets {
             t.settle(50, 0.0);
         }
-        assert!(admit(&k, est(150), now).is_ok());
+        assert!(admit(&k, &StateRegistry::default(), est(150), now).is_ok());
     }
 
     #[test]
@@ -516,12 +522,12 @@ mod tests {
             None,
         );
         let t0 = 5_000;
-        admit(&k, est(0), t0).unwrap();
-        admit(&k, est(0), t0 + 10).unwrap();
-        let err = admit(&k, est(0), t0 + 20).unwrap_err();
+        admit(&k, &StateRegistry::default(), est(0), t0).unwrap();
+        admit(&k, &StateRegistry::default(), est(0), t0 + 10).unwrap();
+        let err = admit(&k, &StateRegistry::default(), est(0), t0 + 20).unwrap_err();
         assert_eq!(err.retry_after, Duration::from_secs(40));
         assert!(
-            admit(&k, est(0), t0 + 60).is_ok(),
+            admit(&k, &StateRegistry::default(), est(0), t0 + 60).is_ok(),
             "first one left the window"
         );
     }
@@ -535,13 +541,15 @@ mod tests {
             },
             None,
         );
-        let t = admit(&k, est(1), 1).unwrap();
+        let t = admit(&k, &StateRegistry::default(), est(1), 1).unwrap();
         assert_eq!(
-            admit(&k, est(1), 1).unwrap_err().kind,
+            admit(&k, &StateRegistry::default(), est(1), 1)
+                .unwrap_err()
+                .kind,
             LimitKind::Concurrency
         );
         drop(t);
-        assert!(admit(&k, est(1), 1).is_ok());
+        assert!(admit(&k, &StateRegistry::default(), est(1), 1).is_ok());
     }
 
     #[test]
@@ -555,13 +563,18 @@ mod tests {
             }),
         );
         let now = 86_400 * 10 + 5;
-        let t = admit(&k, est(60), now).unwrap();
-        assert_eq!(admit(&k, est(60), now).unwrap_err().kind, LimitKind::Budget);
+        let t = admit(&k, &StateRegistry::default(), est(60), now).unwrap();
+        assert_eq!(
+            admit(&k, &StateRegistry::default(), est(60), now)
+                .unwrap_err()
+                .kind,
+            LimitKind::Budget
+        );
         t.settle(90, 0.0);
-        let err = admit(&k, est(20), now).unwrap_err();
+        let err = admit(&k, &StateRegistry::default(), est(20), now).unwrap_err();
         assert_eq!(err.retry_after, Duration::from_secs(86_400 - 5));
         assert!(
-            admit(&k, est(20), now + 86_400).is_ok(),
+            admit(&k, &StateRegistry::default(), est(20), now + 86_400).is_ok(),
             "a new day starts fresh"
         );
     }

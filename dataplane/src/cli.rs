@@ -178,20 +178,21 @@ fn init_logs(text: bool) {
 }
 
 async fn run(opts: Options) -> anyhow::Result<()> {
-    let (path, bytes, file) = match (&opts.config, &opts.operator) {
+    let (path, digest, file) = match (&opts.config, &opts.operator) {
         (Some(path), _) => {
-            let (bytes, file) = source::read_config(path)
+            let (digest, file) = source::read_config(path)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            (Some(path.clone()), bytes, file)
+            (Some(path.clone()), digest, file)
         }
-        (None, Some(_)) => (None, Vec::new(), config::ConfigFile::default()),
+        (None, Some(_)) => (None, [0; 32], config::ConfigFile::default()),
         (None, None) => bail!(
             "--config FILE or --operator URL is required (try --config examples/standalone.yaml)\n\n{USAGE}"
         ),
     };
     if opts.check {
         let path = path.context("--check needs --config")?;
-        let v = config::compile(&file.snapshot(), Source::File, &Default::default())
+        let spec = source::file_snapshot(file, &digest);
+        let v = config::compile(spec, Source::File, &Default::default(), None)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             .version;
         println!("{}: valid (version {v})", path.display());
@@ -234,7 +235,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     if operator.is_none()
         && let Some(path) = &path
     {
-        rt.apply(&file.into_snapshot(), Source::File)
+        rt.apply(source::file_snapshot(file, &digest), Source::File)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
 
@@ -263,7 +264,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 rt.clone(),
                 path,
                 opts.reload_interval.unwrap_or(Duration::from_secs(1)),
-                bytes,
+                digest,
                 server_spec.clone(),
             ));
         }

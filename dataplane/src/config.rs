@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -449,8 +449,21 @@ fn parse_hash(text: &str) -> Option<KeyHash> {
 }
 
 fn content_version(spec: &SnapshotSpec) -> String {
-    let bytes = serde_json::to_vec(spec).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
+    // Hashed as it is written: a 100k-key snapshot would otherwise be copied once more.
+    struct HashWriter(Sha256);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = std::io::BufWriter::with_capacity(64 * 1024, HashWriter(Sha256::new()));
+    let _ = serde_json::to_writer(&mut w, spec);
+    let _ = std::io::Write::flush(&mut w);
+    let digest = w.into_parts().0.0.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -463,11 +476,20 @@ fn valid_name(s: &str) -> bool {
 
 /// Validate a snapshot and build what the request path runs on. Runtime state (rate-limit
 /// windows, backend health) is carried over from `registry` for objects that keep their name.
+///
+/// Keys that `previous` (the snapshot being replaced) already holds unchanged are shared
+/// with it rather than built again: most swaps change a few objects of many.
 pub fn compile(
-    spec: &SnapshotSpec,
+    mut spec: SnapshotSpec,
     source: Source,
     registry: &StateRegistry,
+    previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ConfigError> {
+    let version = match spec.version.take() {
+        Some(v) => v,
+        None => content_version(&spec),
+    };
+    let routes_summary = summarize(&spec);
     let mut p = Problems(Vec::new());
     let mut routes: Vec<Arc<Route>> = Vec::new();
     let mut names: HashSet<(String, String)> = HashSet::new();
@@ -634,37 +656,36 @@ pub fn compile(
         }));
     }
 
-    let mut keys = Vec::new();
-    let mut key_names = HashSet::new();
-    let mut hashes = HashSet::new();
-    for (ki, k) in spec.keys.iter().enumerate() {
-        let path = format!("keys[{ki}] ({})", k.name);
+    // Keys are consumed as they are compiled, so a 100k-key snapshot is not held twice.
+    let key_specs = std::mem::take(&mut spec.keys);
+    let mut keys = KeyStore::with_capacity(key_specs.len());
+    let fast = foldhash::fast::RandomState::default();
+    let mut ids: HashSet<Arc<str>, _> =
+        HashSet::with_capacity_and_hasher(key_specs.len(), fast.clone());
+    let mut namespaces: HashMap<String, Arc<str>, _> = HashMap::with_hasher(fast);
+    let mut id_buf = String::new();
+    for (ki, k) in key_specs.into_iter().enumerate() {
+        let path = || format!("keys[{ki}] ({})", k.name);
         if !valid_name(&k.name) || !valid_name(&k.namespace) {
             p.push(
-                &path,
+                &path(),
                 "name and namespace must be non-empty and use only letters, digits, '-', '.', '_'",
             );
         }
-        if !key_names.insert((k.namespace.clone(), k.name.clone())) {
-            p.push(&path, "duplicate key name in this namespace");
-        }
         let Some(hash) = parse_hash(&k.sha256) else {
             p.push(
-                &format!("{path}.sha256"),
+                &format!("{}.sha256", path()),
                 "must be 64 hex digits (the SHA-256 of the raw key)",
             );
             continue;
         };
-        if !hashes.insert(hash.0) {
-            p.push(&format!("{path}.sha256"), "another key has the same hash");
-        }
         let expires_at = match &k.expires_at {
             None => None,
             Some(t) => match humantime::parse_rfc3339_weak(t) {
                 Ok(at) => Some(at),
                 Err(e) => {
                     p.push(
-                        &format!("{path}.expiresAt"),
+                        &format!("{}.expiresAt", path()),
                         format_args!("invalid RFC 3339 time {t:?} ({e})"),
                     );
                     None
@@ -679,52 +700,89 @@ pub fn compile(
         ] {
             if v == Some(0) {
                 p.push(
-                    &format!("{path}.limits.{field}"),
+                    &format!("{}.limits.{field}", path()),
                     "must be at least 1 (omit it for no limit)",
                 );
             }
         }
         if let Some(b) = &k.budget {
             if b.tokens.is_none() && b.usd.is_none() {
-                p.push(&format!("{path}.budget"), "set tokens or usd");
+                p.push(&format!("{}.budget", path()), "set tokens or usd");
             }
             if let Some(usd) = b.usd
                 && !(usd.is_finite() && usd > 0.0)
             {
-                p.push(&format!("{path}.budget.usd"), "must be a positive number");
+                p.push(
+                    &format!("{}.budget.usd", path()),
+                    "must be a positive number",
+                );
             }
         }
-        let models = k.models.iter().map(|m| Glob::new(m)).collect();
-        let id = format!("{}/{}", k.namespace, k.name);
-        keys.push((
+        if let Some(old) = previous.and_then(|s| s.keys.get(&hash))
+            && old.same_as(&k, expires_at, &limits)
+        {
+            if !ids.insert(old.id.clone()) {
+                p.push(&path(), "duplicate key name in this namespace");
+            }
+            if !keys.insert(hash, old.clone()) {
+                p.push(
+                    &format!("{}.sha256", path()),
+                    "another key has the same hash",
+                );
+            }
+            continue;
+        }
+        id_buf.clear();
+        id_buf.push_str(&k.namespace);
+        id_buf.push('/');
+        id_buf.push_str(&k.name);
+        let id: Arc<str> = id_buf.as_str().into();
+        if !ids.insert(id.clone()) {
+            p.push(&path(), "duplicate key name in this namespace");
+        }
+        let state = OnceLock::new();
+        if let Some(s) = registry.existing_key_state(&id) {
+            let _ = state.set(s);
+        }
+        let namespace = match namespaces.get(&k.namespace) {
+            Some(ns) => ns.clone(),
+            None => {
+                let ns: Arc<str> = k.namespace.as_str().into();
+                namespaces.insert(k.namespace.clone(), ns.clone());
+                ns
+            }
+        };
+        let duplicate_hash = !keys.insert(
             hash,
             Arc::new(Key {
-                state: registry.key_state(&id),
                 id,
-                namespace: k.namespace.clone(),
-                models,
+                namespace,
+                models: k.models.iter().map(|m| Glob::new(m)).collect(),
                 limits,
-                budget: k.budget.clone(),
+                budget: k.budget.clone().map(Box::new),
                 expires_at,
                 disabled: k.disabled,
                 exhausted: k.exhausted,
+                state,
             }),
-        ));
+        );
+        if duplicate_hash {
+            p.push(
+                &format!("{}.sha256", path()),
+                "another key has the same hash",
+            );
+        }
     }
+    drop(ids);
 
     if !p.0.is_empty() {
         return Err(ConfigError { problems: p.0 });
     }
-    let version = spec
-        .version
-        .clone()
-        .unwrap_or_else(|| content_version(spec));
-    let summary = summarize(spec, &version);
     Ok(Snapshot {
         version,
         routes: RouteTable::new(routes),
-        keys: KeyStore::new(keys),
-        summary,
+        keys,
+        routes_summary,
     })
 }
 
@@ -863,31 +921,66 @@ fn build_provider(
     }
 }
 
-/// What `/config` shows of routes: structure and names, never a credential.
-fn summarize(spec: &SnapshotSpec, version: &str) -> serde_json::Value {
-    use serde_json::json;
-    let routes: Vec<_> = spec
+/// What `/config` shows of routes (structure and names, never a credential), as JSON text:
+/// written straight from the spec, it costs a fraction of a `serde_json::Value` tree, and
+/// `/config` parses it when asked. Keys are described from the running snapshot instead (a
+/// snapshot may hold 100k of them).
+fn summarize(spec: &SnapshotSpec) -> String {
+    #[derive(Serialize)]
+    struct RouteView<'a> {
+        name: &'a str,
+        namespace: &'a str,
+        model: &'a str,
+        aliases: &'a [String],
+        strategy: Strategy,
+        backends: Vec<BackendView<'a>>,
+    }
+    #[derive(Serialize)]
+    struct BackendView<'a> {
+        name: &'a str,
+        provider: &'static str,
+        url: Option<&'a str>,
+        model: Option<&'a str>,
+        weight: u32,
+        priority: u32,
+        credentials: Option<CredentialView<'a>>,
+    }
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum CredentialView<'a> {
+        Env { env: &'a str },
+        File { file: &'a str },
+        Inline(&'static str),
+    }
+    let routes: Vec<RouteView<'_>> = spec
         .routes
         .iter()
-        .map(|r| {
-            json!({
-                "name": r.name, "namespace": r.namespace, "model": r.model, "aliases": r.aliases,
-                "strategy": r.strategy,
-                "backends": r.backends.iter().map(|b| json!({
-                    "name": b.name, "provider": b.provider.as_str(), "url": b.url, "model": b.model,
-                    "weight": b.weight, "priority": b.priority,
-                    "credentials": b.credentials.as_ref().map(|c| match (&c.env, &c.file) {
-                        (Some(env), _) => json!({"env": env}),
-                        (_, Some(file)) => json!({"file": file}),
-                        _ => json!("<redacted>"),
+        .map(|r| RouteView {
+            name: &r.name,
+            namespace: &r.namespace,
+            model: &r.model,
+            aliases: &r.aliases,
+            strategy: r.strategy,
+            backends: r
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    name: &b.name,
+                    provider: b.provider.as_str(),
+                    url: b.url.as_deref(),
+                    model: b.model.as_deref(),
+                    weight: b.weight,
+                    priority: b.priority,
+                    credentials: b.credentials.as_ref().map(|c| match (&c.env, &c.file) {
+                        (Some(env), _) => CredentialView::Env { env },
+                        (_, Some(file)) => CredentialView::File { file },
+                        _ => CredentialView::Inline("<redacted>"),
                     }),
-                })).collect::<Vec<_>>(),
-            })
+                })
+                .collect(),
         })
         .collect();
-    // Keys are described from the running snapshot when /config is asked (a snapshot may
-    // hold 100k of them; keeping their JSON here would double the proxy's memory).
-    json!({"version": version, "routes": routes})
+    serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into())
 }
 
 #[cfg(test)]
@@ -896,7 +989,12 @@ mod tests {
 
     fn compile_yaml(y: &str) -> Result<Snapshot, ConfigError> {
         let f = ConfigFile::parse(y)?;
-        compile(&f.snapshot(), Source::File, &StateRegistry::default())
+        compile(
+            f.into_snapshot(),
+            Source::File,
+            &StateRegistry::default(),
+            None,
+        )
     }
 
     #[test]
@@ -931,6 +1029,51 @@ keys:
         assert!(all.contains("url is required"), "{all}");
         assert!(all.contains("duplicate backend name"), "{all}");
         assert!(all.contains("keys[0] (k).sha256"), "{all}");
+    }
+
+    #[test]
+    fn unchanged_keys_are_shared_with_the_previous_snapshot_and_keep_their_counters() {
+        let h = |raw: &str| hash_key(raw);
+        let yaml = |limit: u64| {
+            format!(
+                "routes: [{{name: r, model: m, backends: [{{name: b, provider: mock}}]}}]\nkeys:\n  - {{name: a, sha256: {}}}\n  - {{name: b, sha256: {}, limits: {{requestsPerMinute: {limit}}}}}\n",
+                h("sk-a"),
+                h("sk-b")
+            )
+        };
+        let registry = StateRegistry::default();
+        let spec = |y: &str| ConfigFile::parse(y).unwrap().into_snapshot();
+        let first = compile(spec(&yaml(10)), Source::File, &registry, None).unwrap();
+        let a1 = first.keys.authenticate(b"sk-a").unwrap().clone();
+        let b1 = first.keys.authenticate(b"sk-b").unwrap().clone();
+        assert!(a1.state.get().is_none(), "no counters before the first use");
+        let used = crate::admission::admit(
+            &b1,
+            &registry,
+            crate::admission::Estimate {
+                tokens: 1,
+                usd: 0.0,
+            },
+            crate::admission::unix_now(),
+        )
+        .unwrap();
+        used.settle(1, 0.0);
+
+        let second = compile(spec(&yaml(20)), Source::File, &registry, Some(&first)).unwrap();
+        let a2 = second.keys.authenticate(b"sk-a").unwrap();
+        let b2 = second.keys.authenticate(b"sk-b").unwrap();
+        assert!(Arc::ptr_eq(&a1, a2), "an unchanged key is shared");
+        assert!(!Arc::ptr_eq(&b1, b2), "a changed key is built again");
+        assert_eq!(b2.limits.requests_per_minute, Some(20));
+        assert!(
+            Arc::ptr_eq(b1.state.get().unwrap(), b2.state.get().unwrap()),
+            "the rebuilt key keeps the counters of the old one"
+        );
+
+        // A second key of the same name is still refused when the first one is shared.
+        let dup = format!("{}  - {{name: a, sha256: {}}}\n", yaml(20), h("sk-a2"));
+        let err = compile(spec(&dup), Source::File, &registry, Some(&second)).unwrap_err();
+        assert!(err.to_string().contains("duplicate key name"), "{err}");
     }
 
     #[test]

@@ -211,9 +211,9 @@ pub async fn report_usage(rt: Arc<Runtime>, op: Operator) {
         let mut taken = Vec::new();
         let mut keys = HashMap::new();
         for key in snapshot.keys.iter() {
-            if let Some(u) = key.state.take_unreported() {
+            if let Some(u) = key.state.get().and_then(|s| s.take_unreported()) {
                 keys.insert(
-                    key.id.clone(),
+                    key.id.to_string(),
                     serde_json::json!({"tokens": u.tokens, "costUsd": u.usd, "lastUsed": u.last_used}),
                 );
                 taken.push((key.clone(), u));
@@ -226,7 +226,7 @@ pub async fn report_usage(rt: Arc<Runtime>, op: Operator) {
         if let Err(e) = op.post(&client, "/v1/usage", body).await {
             tracing::warn!(error = %e, "usage report failed; will resend");
             for (key, u) in taken {
-                key.state.restore_unreported(u);
+                key.state(&rt.gateway.live.registry).restore_unreported(u);
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -14,9 +14,49 @@ use subtle::ConstantTimeEq;
 
 use crate::admission::KeyState;
 use crate::config::{BudgetSpec, LimitsSpec};
+use crate::snapshot::StateRegistry;
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash(pub [u8; 32]);
+
+impl std::hash::Hash for KeyHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut prefix = [0; 8];
+        prefix.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(prefix));
+    }
+}
+
+/// Hashing for maps keyed by [`KeyHash`]: a SHA-256 is already uniform, so its first eight
+/// bytes are the hash. Nobody can place colliding entries: the table holds the admin's keys,
+/// and a presented key is looked up by its SHA-256, confirmed over all 32 bytes.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ByPrefix;
+
+#[derive(Default)]
+pub struct PrefixHasher(u64);
+
+impl std::hash::BuildHasher for ByPrefix {
+    type Hasher = PrefixHasher;
+    fn build_hasher(&self) -> PrefixHasher {
+        PrefixHasher(0)
+    }
+}
+
+impl std::hash::Hasher for PrefixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for `KeyHash` (it writes one u64); kept total for any other input.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 impl KeyHash {
     pub fn of(raw: &[u8]) -> Self {
@@ -70,28 +110,62 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|c| *c == b'*')
 }
 
+/// One key of a snapshot. A fleet may hold 100k of them, so it is kept small: the id is
+/// shared with the state registry, namespaces are shared between keys, a budget is boxed,
+/// and the counters exist only once the key was used (or carried over from a snapshot
+/// in which it was).
 #[derive(Debug)]
 pub struct Key {
     /// `namespace/name`: the metrics label and log field.
-    pub id: String,
-    pub namespace: String,
+    pub id: Arc<str>,
+    pub namespace: Arc<str>,
     /// Empty = every route of the namespace.
-    pub models: Vec<Glob>,
+    pub models: Box<[Glob]>,
     pub limits: LimitsSpec,
-    pub budget: Option<BudgetSpec>,
+    pub budget: Option<Box<BudgetSpec>>,
     pub expires_at: Option<SystemTime>,
     pub disabled: bool,
     pub exhausted: bool,
-    pub state: Arc<KeyState>,
+    pub state: OnceLock<Arc<KeyState>>,
 }
 
 impl Key {
+    /// The key's counters: from the registry (made there at first use), so every snapshot
+    /// that holds the key counts into the same ones.
+    pub fn state(&self, registry: &StateRegistry) -> &Arc<KeyState> {
+        self.state.get_or_init(|| registry.key_state(&self.id))
+    }
+
     pub fn allows(&self, route_model: &str, asked: &str) -> bool {
         self.models.is_empty()
             || self
                 .models
                 .iter()
                 .any(|g| g.matches(route_model) || g.matches(asked))
+    }
+
+    /// Whether this key is what `spec` (with its expiry and limits already read) compiles to,
+    /// so a new snapshot can share it instead of building it again.
+    pub fn same_as(
+        &self,
+        spec: &crate::config::KeySpec,
+        expires_at: Option<SystemTime>,
+        limits: &LimitsSpec,
+    ) -> bool {
+        let (ns, name) = self.id.split_once('/').unwrap_or(("", &self.id));
+        ns == spec.namespace
+            && name == spec.name
+            && self.limits == *limits
+            && self.budget.as_deref() == spec.budget.as_ref()
+            && self.expires_at == expires_at
+            && self.disabled == spec.disabled
+            && self.exhausted == spec.exhausted
+            && self.models.len() == spec.models.len()
+            && self
+                .models
+                .iter()
+                .zip(&spec.models)
+                .all(|(g, m)| g.as_str() == m)
     }
 
     pub fn expired(&self, now: SystemTime) -> bool {
@@ -101,13 +175,30 @@ impl Key {
 
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    by_hash: HashMap<KeyHash, Arc<Key>>,
+    by_hash: HashMap<KeyHash, Arc<Key>, ByPrefix>,
 }
 
 impl KeyStore {
     pub fn new(keys: Vec<(KeyHash, Arc<Key>)>) -> Self {
         Self {
             by_hash: keys.into_iter().collect(),
+        }
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            by_hash: HashMap::with_capacity_and_hasher(n, ByPrefix),
+        }
+    }
+
+    /// Add a key; false (and nothing changed) when another key has the same hash.
+    pub fn insert(&mut self, hash: KeyHash, key: Arc<Key>) -> bool {
+        match self.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(key);
+                true
+            }
         }
     }
 
@@ -142,6 +233,10 @@ impl KeyStore {
             .collect()
     }
 
+    pub fn get(&self, hash: &KeyHash) -> Option<&Arc<Key>> {
+        self.by_hash.get(hash)
+    }
+
     pub fn authenticate(&self, raw: &[u8]) -> Option<&Arc<Key>> {
         let presented = KeyHash::of(raw);
         let (stored, key) = self.by_hash.get_key_value(&presented)?;
@@ -170,13 +265,13 @@ mod tests {
         let key = Arc::new(Key {
             id: "default/k".into(),
             namespace: "default".into(),
-            models: vec![],
+            models: Box::default(),
             limits: LimitsSpec::default(),
             budget: None,
             expires_at: None,
             disabled: false,
             exhausted: false,
-            state: Arc::default(),
+            state: OnceLock::new(),
         });
         let store = KeyStore::new(vec![(KeyHash::of(b"sk-right"), key)]);
         assert!(store.authenticate(b"sk-right").is_some());

@@ -157,7 +157,7 @@ impl Drop for Meter {
         }
         let route = self.route.as_ref().map(|r| r.id.as_str()).unwrap_or("");
         let backend = self.backend.as_ref().map(|b| b.name.as_str()).unwrap_or("");
-        let key = self.key.as_ref().map(|k| k.id.as_str()).unwrap_or("");
+        let key = self.key.as_ref().map(|k| &*k.id).unwrap_or("");
         let duration = self.start.elapsed();
         m.requests
             .get_or_create(&RequestLabels {

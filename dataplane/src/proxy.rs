@@ -253,7 +253,7 @@ async fn serve(
         tokens: prompt + output,
         usd: route.max_pricing().cost(prompt, output),
     };
-    match admission::admit(&key, estimate, admission::unix_now()) {
+    match admission::admit(&key, &gw.live.registry, estimate, admission::unix_now()) {
         Ok(ticket) => meter.ticket = Some(ticket),
         Err(rejection) => {
             reject(&gw.metrics, &key, rejection.kind.as_str());
@@ -293,7 +293,7 @@ fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
     metrics
         .rejected
         .get_or_create(&LimitLabels {
-            key: key.id.clone(),
+            key: key.id.to_string(),
             limit,
         })
         .inc();

@@ -19,20 +19,27 @@ pub struct Snapshot {
     pub version: String,
     pub routes: RouteTable,
     pub keys: KeyStore,
-    /// Redacted description for `/config`.
-    pub summary: serde_json::Value,
+    /// Redacted description of the routes for `/config` (a JSON array).
+    pub routes_summary: String,
 }
 
 #[derive(Debug, Default)]
 pub struct StateRegistry {
-    keys: Mutex<HashMap<String, Arc<KeyState>>>,
+    keys: Mutex<HashMap<Arc<str>, Arc<KeyState>, foldhash::fast::RandomState>>,
     backends: Mutex<HashMap<(String, String), Arc<BackendState>>>,
 }
 
 impl StateRegistry {
-    pub fn key_state(&self, id: &str) -> Arc<KeyState> {
+    /// The counters of key `id`, made when it has none yet.
+    pub fn key_state(&self, id: &Arc<str>) -> Arc<KeyState> {
         let mut m = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(id.to_owned()).or_default().clone()
+        m.entry(id.clone()).or_default().clone()
+    }
+
+    /// The counters of key `id` if it has any (a compile links these, and makes none).
+    pub fn existing_key_state(&self, id: &str) -> Option<Arc<KeyState>> {
+        let m = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(id).cloned()
     }
 
     pub fn backend_state(&self, route: &str, backend: &str) -> Arc<BackendState> {

@@ -57,7 +57,7 @@ impl Runtime {
         source: Source,
     ) -> Result<String, ConfigError> {
         let rt = self.clone();
-        match tokio::task::spawn_blocking(move || rt.apply(&spec, source)).await {
+        match tokio::task::spawn_blocking(move || rt.apply(spec, source)).await {
             Ok(r) => r,
             Err(e) => Err(ConfigError::single(
                 "",
@@ -67,15 +67,18 @@ impl Runtime {
     }
 
     /// Validate and swap in a snapshot; on error the current one stays.
-    pub fn apply(&self, spec: &SnapshotSpec, source: Source) -> Result<String, ConfigError> {
+    pub fn apply(&self, spec: SnapshotSpec, source: Source) -> Result<String, ConfigError> {
         let gw = &self.gateway;
-        let result = config::compile(spec, source, &gw.live.registry);
+        let routes = spec.routes.len();
+        let previous = gw.live.load();
+        let result = config::compile(spec, source, &gw.live.registry, previous.as_deref());
+        drop(previous);
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.last_attempt = Some(now_rfc3339());
         match result {
             Ok(snapshot) => {
                 let version = snapshot.version.clone();
-                let (routes, keys) = (spec.routes.len(), snapshot.keys.len());
+                let keys = snapshot.keys.len();
                 // Requests still holding the old snapshot keep it alive; otherwise it is
                 // freed here, on the applying thread (a blocking one, off the runtime).
                 drop(gw.live.store(snapshot));
@@ -110,22 +113,38 @@ impl Runtime {
             "lastAttempt": status.last_attempt,
             "lastError": status.last_error,
             "snapshot": snapshot.as_ref().map(|s| {
-                let mut summary = s.summary.clone();
-                summary["keys"] = serde_json::Value::Array(s.keys.describe(KEYS_SHOWN));
-                summary["keysTotal"] = serde_json::json!(s.keys.len());
-                summary
+                let routes: serde_json::Value =
+                    serde_json::from_str(&s.routes_summary).unwrap_or_default();
+                serde_json::json!({
+                    "version": s.version,
+                    "routes": routes,
+                    "keys": s.keys.describe(KEYS_SHOWN),
+                    "keysTotal": s.keys.len(),
+                })
             }),
         })
     }
 }
 
-pub fn read_config(path: &Path) -> Result<(Vec<u8>, ConfigFile), ConfigError> {
+/// A file's snapshot; without a `version` in the file, the start of the file's SHA-256
+/// names it (the digest is at hand, so the parsed file is not serialized again to hash it).
+pub fn file_snapshot(file: ConfigFile, digest: &[u8; 32]) -> SnapshotSpec {
+    let mut spec = file.into_snapshot();
+    if spec.version.is_none() {
+        spec.version = Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect());
+    }
+    spec
+}
+
+/// Read and parse a config file; returns its SHA-256 (what the watcher compares) with it.
+pub fn read_config(path: &Path) -> Result<([u8; 32], ConfigFile), ConfigError> {
+    use sha2::Digest;
     let bytes = std::fs::read(path)
         .map_err(|e| ConfigError::single("", format!("cannot read {}: {e}", path.display())))?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ConfigError::single("", format!("{} is not UTF-8", path.display())))?;
     let file = ConfigFile::parse(text)?;
-    Ok((bytes, file))
+    Ok((sha2::Sha256::digest(&bytes).into(), file))
 }
 
 /// What a file looks like from its metadata: a change in any of these means "read it".
@@ -143,13 +162,11 @@ pub async fn watch_file(
     rt: Arc<Runtime>,
     path: PathBuf,
     interval: Duration,
-    initial: Vec<u8>,
+    initial: [u8; 32],
     server: ServerSpec,
 ) {
-    use sha2::Digest;
     // A digest, not the file: a snapshot file can be many megabytes.
-    let mut last: [u8; 32] = sha2::Sha256::digest(&initial).into();
-    drop(initial);
+    let mut last = initial;
     let mut last_stamp = stamp(&path);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -224,7 +241,7 @@ fn load_changed(
                     "the server section changed; listener settings apply after a restart"
                 );
             }
-            let _ = rt.apply(&file.into_snapshot(), Source::File);
+            let _ = rt.apply(file_snapshot(file, &digest), Source::File);
         }
         Err(e) => {
             rt.gateway.metrics.record_reload(None, false);

@@ -269,7 +269,7 @@ impl Index {
                             routes: vec![spec.clone()],
                             keys: vec![],
                         };
-                        match config::compile(&single, Source::Operator, &registry) {
+                        match config::compile(single, Source::Operator, &registry, None) {
                             Err(e) => Verdict::bad(generation, "Invalid", e.to_string()),
                             Ok(_) => {
                                 for m in names {
@@ -354,7 +354,7 @@ impl Index {
                 routes: vec![],
                 keys: vec![spec.clone()],
             };
-            if let Err(e) = config::compile(&single, Source::Operator, &registry) {
+            if let Err(e) = config::compile(single, Source::Operator, &registry, None) {
                 out.verdicts
                     .insert(key, Verdict::bad(generation, "Invalid", e.to_string()));
                 continue;
@@ -740,6 +740,6 @@ mod tests {
         assert_ne!(v1, idx.compile(&Context::default()).spec.version);
         // The compiled snapshot passes the proxy's validation as a whole.
         let c = idx.compile(&Context::default());
-        config::compile(&c.spec, Source::Operator, &StateRegistry::default()).unwrap();
+        config::compile(c.spec, Source::Operator, &StateRegistry::default(), None).unwrap();
     }
 }

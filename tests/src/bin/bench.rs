@@ -3,7 +3,8 @@
 //! beside the baselines measured in the same run, as a ratio; runs are interleaved
 //! (direct, nginx, modelgate, repeated) and the median is reported.
 //!
-//! Usage: bench [--quick] [--scale-only] [--peers] [--peers-only]    (`make bench` builds in release and runs this)
+//! Usage: bench [--quick] [--only WORKLOAD|latency] [--scale-only] [--swap-only] [--peers] [--peers-only]
+//! (`make bench` builds in release and runs this)
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
 //! on core 1; the load generator and the mock upstream on core 0.
@@ -36,6 +37,12 @@ fn main() {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
+    if args.iter().any(|a| a == "--swap-only") {
+        // In-process validate / swap / free times only (no servers, a few seconds).
+        let (validate_ms, swap_us, free_ms) = scale::proxy_swap(5);
+        println!("validate {validate_ms:.0} ms, swap {swap_us:.0} µs, free {free_ms:.0} ms");
+        return;
+    }
     if args.iter().any(|a| a == "--scale-only") {
         let _up = b.upstream();
         b.scale();
@@ -570,7 +577,7 @@ http {{
             scale::ROUTES,
             scale::KEYS
         );
-        let (validate_ms, swap_us) = scale::proxy_swap(3);
+        let (validate_ms, swap_us, free_ms) = scale::proxy_swap(3);
         let operator_ms = scale::operator_compile(3);
         println!("| step | time |");
         println!("|---|---|");
@@ -579,6 +586,9 @@ http {{
             "| proxy: validate the snapshot (wire types → runtime tables) | {validate_ms:.0} ms |"
         );
         println!("| proxy: swap it in (arc-swap store) | {swap_us:.0} µs |");
+        println!(
+            "| proxy: free the previous snapshot (after the swap, on the applying thread) | {free_ms:.0} ms |"
+        );
         let upstream = "http://127.0.0.1:18000/v1";
         let path = self.dir.join("scale.yaml");
         std::fs::write(&path, scale::file(upstream, 1)).unwrap();
@@ -942,27 +952,39 @@ mod scale {
             })
             .collect();
         SnapshotSpec {
-            version: None,
+            // The operator sends its content hash along; the proxy does not recompute it.
+            version: Some(format!("scale-{weight}")),
             routes,
             keys,
         }
     }
 
-    /// (validate ms, swap µs) in the proxy, median of `reps`.
-    pub fn proxy_swap(reps: usize) -> (f64, f64) {
+    /// (validate ms, swap µs, free the old one ms) in the proxy, median of `reps`.
+    pub fn proxy_swap(reps: usize) -> (f64, f64, f64) {
         let live = Live::default();
         let mut validate = Vec::new();
         let mut swap = Vec::new();
+        let mut free = Vec::new();
         for r in 0..reps {
             let s = spec("http://127.0.0.1:18000/v1", 1 + r as u32);
             let t = Instant::now();
-            let snap = config::compile(&s, Source::Operator, &live.registry).expect("valid");
+            let previous = live.load();
+            let snap = config::compile(s, Source::Operator, &live.registry, previous.as_deref())
+                .expect("valid");
+            drop(previous);
             validate.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
-            live.store(snap);
+            let old = live.store(snap);
             swap.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            drop(old);
+            free.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        (super::median(validate), super::median(swap))
+        (
+            super::median(validate),
+            super::median(swap),
+            super::median(free),
+        )
     }
 
     /// Operator compile time (ms) over an index of 10k routes, 100k keys and their Secrets.
