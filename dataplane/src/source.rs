@@ -31,6 +31,68 @@ pub struct Runtime {
     pub gateway: Arc<Gateway>,
     pub draining: AtomicBool,
     status: Mutex<Status>,
+    applier: Applier,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread that reads, validates and swaps in snapshots, one at a time, off the runtime.
+/// It runs at a lower CPU priority (nice 10): where the proxy has one core, a 100k-key
+/// snapshot being validated then yields the core to requests, which are served first, and
+/// still gets about a tenth of a busy core, so it completes even under full load.
+struct Applier {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+/// Nice value of the apply thread (0 is normal, 19 the lowest priority).
+const APPLY_NICE: i32 = 10;
+
+impl Applier {
+    fn new() -> Self {
+        Self {
+            jobs: Mutex::new(None),
+        }
+    }
+
+    /// Run `f` on the apply thread (started at first use) and wait for it.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let sender = jobs.get_or_insert_with(spawn_apply_thread);
+            if let Err(std::sync::mpsc::SendError(job)) = sender.send(job) {
+                // The thread is gone (it cannot panic out of a job, but be sure): start anew.
+                let fresh = spawn_apply_thread();
+                let _ = fresh.send(job);
+                *jobs = Some(fresh);
+            }
+        }
+        rx.await.ok()
+    }
+}
+
+fn spawn_apply_thread() -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let spawned = std::thread::Builder::new()
+        .name("modelgate-apply".into())
+        .spawn(move || {
+            let tid = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(tid), APPLY_NICE) {
+                tracing::debug!(error = %e, "could not lower the apply thread's priority");
+            }
+            for job in rx {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("a config apply job panicked; the last good snapshot stays");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the config apply thread");
+    }
+    tx
 }
 
 fn now_rfc3339() -> String {
@@ -46,23 +108,21 @@ impl Runtime {
                 source,
                 ..Status::default()
             }),
+            applier: Applier::new(),
         }
     }
 
-    /// Validate and swap in a snapshot on a blocking thread: a snapshot with 100k keys
-    /// takes hundreds of milliseconds to validate, which must not stall requests.
+    /// Validate and swap in a snapshot on the apply thread: a snapshot with 100k keys takes
+    /// a couple of hundred milliseconds to validate, which must not stall requests.
     pub async fn apply_off_runtime(
         self: &Arc<Self>,
         spec: SnapshotSpec,
         source: Source,
     ) -> Result<String, ConfigError> {
         let rt = self.clone();
-        match tokio::task::spawn_blocking(move || rt.apply(spec, source)).await {
-            Ok(r) => r,
-            Err(e) => Err(ConfigError::single(
-                "",
-                format!("snapshot apply task failed: {e}"),
-            )),
+        match self.applier.run(move || rt.apply(spec, source)).await {
+            Some(r) => r,
+            None => Err(ConfigError::single("", "snapshot apply task failed")),
         }
     }
 
@@ -197,21 +257,23 @@ pub async fn watch_file(
         }
         last_stamp = now_stamp;
         let (rt2, path2, server2) = (rt.clone(), path.clone(), server.clone());
-        let outcome =
-            tokio::task::spawn_blocking(move || load_changed(&rt2, &path2, &server2, last)).await;
+        let outcome = rt
+            .applier
+            .run(move || load_changed(&rt2, &path2, &server2, last))
+            .await;
         match outcome {
-            Ok(Ok(Some(digest))) => {
+            Some(Ok(Some(digest))) => {
                 last = digest;
                 last_read_error = None;
             }
-            Ok(Ok(None)) => last_read_error = None,
-            Ok(Err(msg)) => {
+            Some(Ok(None)) => last_read_error = None,
+            Some(Err(msg)) => {
                 if last_read_error.as_deref() != Some(&msg) {
                     tracing::error!(path = %path.display(), error = %msg, "cannot read config file; keeping the last good snapshot");
                     last_read_error = Some(msg);
                 }
             }
-            Err(e) => tracing::error!(error = %e, "config reload task failed"),
+            None => tracing::error!("config reload task failed"),
         }
     }
 }

@@ -3,8 +3,9 @@
 //! beside the baselines measured in the same run, as a ratio; runs are interleaved
 //! (direct, nginx, modelgate, repeated) and the median is reported.
 //!
-//! Usage: bench [--quick] [--only WORKLOAD|latency] [--scale-only] [--swap-only] [--peers] [--peers-only]
-//! (`make bench` builds in release and runs this)
+//! Usage: bench [--quick] [--only WORKLOAD|latency] [--scale-only] [--swap-only] [--soak SECS]
+//!              [--peers] [--peers-only]      (`make bench` builds in release and runs this)
+//! SCALE_CPUS=0,1 gives the proxy of the config-scale section both cores (default: core 1).
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
 //! on core 1; the load generator and the mock upstream on core 0.
@@ -43,12 +44,49 @@ fn main() {
         println!("validate {validate_ms:.0} ms, swap {swap_us:.0} µs, free {free_ms:.0} ms");
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--soak") {
+        let secs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(600);
+        let _up = b.upstream();
+        b.soak(secs);
+        return;
+    }
     if args.iter().any(|a| a == "--scale-only") {
         let _up = b.upstream();
         b.scale();
         return;
     }
     b.run(peers);
+}
+
+/// The proxy's config for the throughput runs: three routes on the mock upstream, the bench
+/// key (with generous limits when `limits`) and `keys_extra` more keys.
+fn bench_config(keys_extra: usize, limits: bool) -> String {
+    let hash = modelgate_tests::harness::sha256_hex(KEY);
+    let mut s =
+        String::from("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
+    for (model, knobs) in [
+        ("bench", ""),
+        ("bench-stream", "s/chunks=100/"),
+        ("bench-embed", ""),
+    ] {
+        s.push_str(&format!(
+            "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://127.0.0.1:18000/{knobs}v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
+        ));
+    }
+    s.push_str("keys:\n");
+    let lim = if limits {
+        ", limits: {requestsPerMinute: 100000000, tokensPerMinute: 100000000000, maxConcurrent: 10000}"
+    } else {
+        ""
+    };
+    s.push_str(&format!("  - {{name: bench, sha256: {hash}{lim}}}\n"));
+    for i in 0..keys_extra {
+        s.push_str(&format!(
+            "  - {{name: k{i}, sha256: {}}}\n",
+            modelgate_tests::harness::sha256_hex(&format!("sk-extra-{i}"))
+        ));
+    }
+    s
 }
 
 struct Bench {
@@ -396,35 +434,6 @@ http {{
                 knobs: "",
             },
         );
-        let hash = modelgate_tests::harness::sha256_hex(KEY);
-        let config = |keys_extra: usize, limits: bool| {
-            let mut s = String::from(
-                "server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n",
-            );
-            for (model, knobs) in [
-                ("bench", ""),
-                ("bench-stream", "s/chunks=100/"),
-                ("bench-embed", ""),
-            ] {
-                s.push_str(&format!(
-                    "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://127.0.0.1:18000/{knobs}v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
-                ));
-            }
-            s.push_str("keys:\n");
-            let lim = if limits {
-                ", limits: {requestsPerMinute: 100000000, tokensPerMinute: 100000000000, maxConcurrent: 10000}"
-            } else {
-                ""
-            };
-            s.push_str(&format!("  - {{name: bench, sha256: {hash}{lim}}}\n"));
-            for i in 0..keys_extra {
-                s.push_str(&format!(
-                    "  - {{name: k{i}, sha256: {}}}\n",
-                    modelgate_tests::harness::sha256_hex(&format!("sk-extra-{i}"))
-                ));
-            }
-            s
-        };
         let small = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark of gateways and proxies."}]}).to_string();
         let large_text: String = "Context passage about the sea and its tides. ".repeat(2300);
         let large = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "system", "content": "Answer from the context."}, {"role": "user", "content": large_text}]}).to_string();
@@ -477,7 +486,7 @@ http {{
             if (peers_only() || self.only.is_some()) && profile != "1 key" {
                 continue;
             }
-            let mg = self.modelgate(&config(extra, limits), &profile.replace(' ', "-"));
+            let mg = self.modelgate(&bench_config(extra, limits), &profile.replace(' ', "-"));
             // Warm up: upstream connection pool, allocator, caches.
             self.warmup("http://127.0.0.1:18001/v1/chat/completions", &workloads[0]);
             for w in &workloads {
@@ -569,6 +578,104 @@ http {{
         }
     }
 
+    /// `--soak SECS` (default 600): steady mixed traffic at fixed rates with 100k keys and a
+    /// reload every 30 s, RSS sampled every 10 s; prints whether it stays flat.
+    fn soak(&self, secs: u64) {
+        println!(
+            "\n## Memory over a {secs}-second run (100k keys, mixed traffic, reload every 30 s)\n"
+        );
+        let config = bench_config(100_000, true);
+        let mg = self.modelgate(&config, "soak");
+        let config_path = self.dir.join("modelgate-soak.yaml");
+        let loads: [(&str, &str, String, u32); 5] = [
+            ("small", "/v1/chat/completions", json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea."}]}).to_string(), 800),
+            ("stream", "/v1/chat/completions", json!({"model": "bench-stream", "stream": true, "messages": [{"role": "user", "content": "Stream."}]}).to_string(), 50),
+            ("embeddings", "/v1/embeddings", json!({"model": "bench-embed", "input": ["The sea is large."]}).to_string(), 200),
+            ("unknown model", "/v1/chat/completions", json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).to_string(), 50),
+            ("bad JSON", "/v1/chat/completions", "{\"model\": ".to_string(), 50),
+        ];
+        let mut children = Vec::new();
+        for (i, (name, path, body, rate)) in loads.iter().enumerate() {
+            let body_file = self.dir.join(format!("soak-{i}.json"));
+            std::fs::write(&body_file, body).unwrap();
+            let child = Command::new("taskset")
+                .args(["-c", "0", &self.oha, "--no-tui", "--output-format", "json"])
+                .args(["-z", &format!("{secs}s"), "-c", "8", "-m", "POST"])
+                .args(["-q", &rate.to_string()])
+                .args(["-H", "content-type: application/json"])
+                .args(["-H", &format!("authorization: Bearer {KEY}")])
+                .arg("-D")
+                .arg(&body_file)
+                .arg(format!("http://127.0.0.1:18001{path}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("oha");
+            children.push((*name, child));
+        }
+        let started = Instant::now();
+        let mut samples: Vec<(u64, f64)> = Vec::new();
+        let mut next_reload = 30;
+        while started.elapsed().as_secs() < secs {
+            std::thread::sleep(Duration::from_secs(10));
+            let t = started.elapsed().as_secs();
+            let (rss, _) = mg.rss_kib();
+            samples.push((t, rss as f64 / 1024.0));
+            if t >= next_reload {
+                // Same keys, one route weight changed: a real swap of a 100k-key snapshot.
+                let text =
+                    config.replacen("openai-compatible,", "openai-compatible, weight: 2,", 1);
+                let text = if (t / 30) % 2 == 0 {
+                    text
+                } else {
+                    config.clone()
+                };
+                std::fs::write(&config_path, text).unwrap();
+                next_reload += 30;
+            }
+        }
+        let mut total = 0u64;
+        for (name, child) in children {
+            let out = child.wait_with_output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let n: u64 = v["statusCodeDistribution"]
+                .as_object()
+                .map(|m| m.values().filter_map(|x| x.as_u64()).sum())
+                .unwrap_or(0);
+            total += n;
+            println!("- {name}: {n} responses {}", v["statusCodeDistribution"]);
+        }
+        println!("- requests in all: {total}\n");
+        println!("| time s | RSS MiB |");
+        println!("|---|---|");
+        for (t, r) in &samples {
+            if t % 60 == 0 || *t == samples.last().map_or(0, |s| s.0) {
+                println!("| {t} | {r:.1} |");
+            }
+        }
+        let avg = |from: u64, to: u64| {
+            let v: Vec<f64> = samples
+                .iter()
+                .filter(|(t, _)| *t > from && *t <= to)
+                .map(|s| s.1)
+                .collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        let (first, last) = (avg(60, 120), avg(secs.saturating_sub(60), secs));
+        let (_, peak) = mg.rss_kib();
+        let growth = last - first;
+        println!();
+        println!(
+            "- {} RSS flat over the run (second minute {first:.1} MiB → last minute {last:.1} MiB, {growth:+.1} MiB; peak {:.1} MiB)",
+            if growth < (first * 0.05).max(2.0) {
+                "PASS"
+            } else {
+                "MISS"
+            },
+            peak as f64 / 1024.0
+        );
+    }
+
     /// Config scale: compile and swap times at 10k routes / 100k keys, and latency while the
     /// proxy swaps such a snapshot every second.
     fn scale(&self) {
@@ -594,7 +701,10 @@ http {{
         std::fs::write(&path, scale::file(upstream, 1)).unwrap();
         let started = Instant::now();
         let child = Command::new("taskset")
-            .args(["-c", "1"])
+            .args([
+                "-c",
+                &std::env::var("SCALE_CPUS").unwrap_or_else(|_| "1".into()),
+            ])
             .arg(self.bin.join("modelgate-dataplane"))
             .arg("--config")
             .arg(&path)
@@ -620,26 +730,14 @@ http {{
         let url = "http://127.0.0.1:18001/v1/chat/completions";
         self.warmup(url, &w);
         let steady = self.oha_as("sk-scale-0", url, &w, Some(1000), Some(&mg));
-        // Rewrite the file every second while the same load runs.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (stop, path) = (stop.clone(), path.clone());
-            std::thread::spawn(move || {
-                let files = [scale::file(upstream, 2), scale::file(upstream, 1)];
-                let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let tmp = path.with_extension("tmp");
-                    std::fs::write(&tmp, &files[n % 2]).unwrap();
-                    std::fs::rename(&tmp, &path).unwrap();
-                    n += 1;
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                n
-            })
-        };
-        let swapping = self.oha_as("sk-scale-0", url, &w, Some(1000), Some(&mg));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let writes = writer.join().unwrap();
+        // Rewrite the file every second while the same load runs: the YAML file, then the
+        // same snapshot as JSON (the operator's wire format; standalone files may be either).
+        let yaml = [scale::file(upstream, 2), scale::file(upstream, 1)];
+        let yaml_mb = yaml[0].len() as f64 / 1e6;
+        let (swapping, writes) = self.swap_under_load(&path, yaml, url, &w, &mg);
+        let json_files = [scale::json_file(upstream, 2), scale::json_file(upstream, 1)];
+        let json_mb = json_files[0].len() as f64 / 1e6;
+        let (swapping_json, json_writes) = self.swap_under_load(&path, json_files, url, &w, &mg);
         std::thread::sleep(Duration::from_millis(2500));
         let metrics = http_get("127.0.0.1:19001", "/metrics");
         let applied: f64 = metrics
@@ -650,14 +748,15 @@ http {{
         let (rss, peak) = mg.rss_kib();
         println!("| proxy: start with the file (parse + validate + listen) | {load_s:.1} s |");
         println!(
-            "\nTraffic at 1000 req/s (small body) while the {:.0} MB file is rewritten every second ({writes} writes, {applied:.0} snapshots applied in all):\n",
-            std::fs::metadata(&path)
-                .map(|m| m.len() as f64 / 1e6)
-                .unwrap_or(0.0)
+            "\nTraffic at 1000 req/s (small body) while the file is rewritten every second: {yaml_mb:.0} MB of YAML ({writes} writes), then {json_mb:.0} MB of JSON ({json_writes} writes); {applied:.0} snapshots applied in all:\n"
         );
         println!("| phase | p50 ms | p99 ms | p99.9 ms | ok | errors |");
         println!("|---|---|---|---|---|---|");
-        for (name, r) in [("steady", &steady), ("swapping every second", &swapping)] {
+        for (name, r) in [
+            ("steady", &steady),
+            ("swapping every second (YAML)", &swapping),
+            ("swapping every second (JSON)", &swapping_json),
+        ] {
             println!(
                 "| {name} | {:.3} | {:.3} | {:.3} | {} | {} |",
                 r.p50_ms, r.p99_ms, r.p999_ms, r.ok, r.errors
@@ -669,6 +768,7 @@ http {{
             peak as f64 / 1024.0
         );
         let ratio = swapping.p99_ms / steady.p99_ms.max(0.001);
+        let ratio_json = swapping_json.p99_ms / steady.p99_ms.max(0.001);
         let total_ms = validate_ms + swap_us / 1e3;
         println!();
         println!(
@@ -677,15 +777,46 @@ http {{
             scale::ROUTES,
             scale::KEYS
         );
+        let errors = swapping.errors + swapping_json.errors;
         println!(
-            "- {} no request failed while swapping: {} errors",
-            if swapping.errors == 0 { "PASS" } else { "MISS" },
-            swapping.errors
+            "- {} no request failed while swapping: {errors} errors",
+            if errors == 0 { "PASS" } else { "MISS" },
         );
-        println!(
-            "- {} p99 while swapping ≤ 2 × steady p99: {ratio:.2}",
-            if ratio <= 2.0 { "PASS" } else { "MISS" }
-        );
+        for (format, ratio) in [("YAML", ratio), ("JSON", ratio_json)] {
+            println!(
+                "- {} p99 while swapping ({format}) ≤ 2 × steady p99: {ratio:.2}",
+                if ratio <= 2.0 { "PASS" } else { "MISS" }
+            );
+        }
+    }
+
+    /// Run fixed-rate traffic while `files` are written to `path` in turn, one a second.
+    fn swap_under_load(
+        &self,
+        path: &std::path::Path,
+        files: [String; 2],
+        url: &str,
+        w: &Workload,
+        mg: &Proc,
+    ) -> (Run, usize) {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, path) = (stop.clone(), path.to_path_buf());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, &files[n % 2]).unwrap();
+                    std::fs::rename(&tmp, &path).unwrap();
+                    n += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                n
+            })
+        };
+        let run = self.oha_as("sk-scale-0", url, w, Some(1000), Some(mg));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (run, writer.join().unwrap())
     }
 
     /// LiteLLM's proxy (PyPI `litellm[proxy]`, default settings, one worker) against the same
@@ -1070,6 +1201,26 @@ mod scale {
     }
 
     /// The snapshot as the proxy's YAML file (keys use sk-scale-<i>).
+    /// The same snapshot as a JSON config file.
+    pub fn json_file(upstream: &str, weight: u32) -> String {
+        let mut s = spec(upstream, weight);
+        // As `file` writes it: no limits, every route with the same weight.
+        for k in &mut s.keys {
+            k.limits = None;
+        }
+        let file = modelgate_dataplane::config::ConfigFile {
+            server: modelgate_dataplane::config::ServerSpec {
+                listen: "127.0.0.1:18001".into(),
+                admin: "127.0.0.1:19001".into(),
+                ..Default::default()
+            },
+            version: None,
+            routes: s.routes,
+            keys: s.keys,
+        };
+        serde_json::to_string(&file).unwrap()
+    }
+
     pub fn file(upstream: &str, weight: u32) -> String {
         let s = spec(upstream, weight);
         let mut out = String::with_capacity(16 * 1024 * 1024);
