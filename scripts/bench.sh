@@ -4,6 +4,7 @@
 # crates.io as the load generator), builds in release, and runs everything on 127.0.0.1:
 # the mock upstream, nginx, and modelgate-dataplane, each stopped at the end.
 #   BENCH_ARGS=--quick make bench     one short repetition per point (a smoke run)
+#   BENCH_SOAK=SECS make bench        length of the memory-over-time run (600; 0 skips it)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"

@@ -569,6 +569,15 @@ http {{
         drop(nginx);
         if !peers_only() && self.only.is_none() {
             self.scale();
+            // Memory over time (BENCH_SOAK=SECS, 0 to skip; 600 by default, 60 with --quick).
+            let default = if self.reps == 1 { 60 } else { 600 };
+            let secs = std::env::var("BENCH_SOAK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default);
+            if secs > 0 {
+                self.soak(secs);
+            }
         }
         if peers {
             self.litellm(
