@@ -205,18 +205,17 @@ pub async fn report_usage(rt: Arc<Runtime>, op: Operator) {
     let mut tick = tokio::time::interval(op.usage_interval);
     loop {
         tick.tick().await;
-        let Some(snapshot) = rt.gateway.live.load() else {
-            continue;
-        };
+        // From the registry, not the snapshot: it holds the counters of every key that was
+        // used, whichever snapshot the request ran on.
         let mut taken = Vec::new();
         let mut keys = HashMap::new();
-        for key in snapshot.keys.iter() {
-            if let Some(u) = key.state.get().and_then(|s| s.take_unreported()) {
+        for (id, state) in rt.gateway.live.registry.key_states() {
+            if let Some(u) = state.take_unreported() {
                 keys.insert(
-                    key.id.to_string(),
+                    id.to_string(),
                     serde_json::json!({"tokens": u.tokens, "costUsd": u.usd, "lastUsed": u.last_used}),
                 );
-                taken.push((key.clone(), u));
+                taken.push((state, u));
             }
         }
         if keys.is_empty() {
@@ -225,8 +224,8 @@ pub async fn report_usage(rt: Arc<Runtime>, op: Operator) {
         let body = serde_json::json!({"proxy": op.proxy_id, "keys": keys});
         if let Err(e) = op.post(&client, "/v1/usage", body).await {
             tracing::warn!(error = %e, "usage report failed; will resend");
-            for (key, u) in taken {
-                key.state(&rt.gateway.live.registry).restore_unreported(u);
+            for (state, u) in taken {
+                state.restore_unreported(u);
             }
         }
     }

@@ -36,6 +36,12 @@ impl StateRegistry {
         m.entry(id.clone()).or_default().clone()
     }
 
+    /// Every key's counters (keys that were used; others have none).
+    pub fn key_states(&self) -> Vec<(Arc<str>, Arc<KeyState>)> {
+        let m = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+    }
+
     /// The counters of key `id` if it has any (a compile links these, and makes none).
     pub fn existing_key_state(&self, id: &str) -> Option<Arc<KeyState>> {
         let m = self.keys.lock().unwrap_or_else(|e| e.into_inner());
