@@ -37,9 +37,10 @@ pub struct Runtime {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The thread that reads, validates and swaps in snapshots, one at a time, off the runtime.
-/// It runs at a lower CPU priority (nice 10): where the proxy has one core, a 100k-key
-/// snapshot being validated then yields the core to requests, which are served first, and
-/// still gets about a tenth of a busy core, so it completes even under full load.
+/// It runs at a lower CPU priority (nice 10), so that on a busy core requests get the larger
+/// share, while a snapshot still gets about a tenth of the core and completes under full
+/// load (a key revocation must not wait for a quiet moment). Schedulers that do not preempt
+/// on wake-up (EEVDF) still let a request wait for the thread's slice: docs/benchmarks.md.
 struct Applier {
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
 }
@@ -140,7 +141,7 @@ impl Runtime {
                 let version = snapshot.version.clone();
                 let keys = snapshot.keys.len();
                 // Requests still holding the old snapshot keep it alive; otherwise it is
-                // freed here, on the applying thread (a blocking one, off the runtime).
+                // freed here, on the apply thread, off the runtime.
                 drop(gw.live.store(snapshot));
                 gw.metrics.record_reload(Some(&version), true);
                 status.loaded_at = status.last_attempt.clone();
