@@ -131,6 +131,34 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// The addresses a starting process (`--addr-file`) writes once it listens; panics with its
+/// log when it exits first or does not listen within `timeout`.
+pub fn wait_addr_file(
+    child: &mut Child,
+    addr_file: &Path,
+    log: &Path,
+    what: &str,
+    timeout: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(addr_file) {
+            return serde_json::from_str(&text).unwrap();
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited with {status} before listening:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running proxy process.
 pub struct Proxy {
     pub api: SocketAddr,
@@ -197,27 +225,20 @@ impl Proxy {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn modelgate-dataplane");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-                return Self {
-                    api: v["api"].as_str().unwrap().parse().unwrap(),
-                    admin: v["admin"].as_str().unwrap().parse().unwrap(),
-                    dir,
-                    config,
-                    log,
-                    child,
-                };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "proxy exited with {status} before listening:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "proxy did not start in 30s");
-            std::thread::sleep(Duration::from_millis(20));
+        let v = wait_addr_file(
+            &mut child,
+            &addr_file,
+            &log,
+            "proxy",
+            Duration::from_secs(30),
+        );
+        Self {
+            api: v["api"].as_str().unwrap().parse().unwrap(),
+            admin: v["admin"].as_str().unwrap().parse().unwrap(),
+            dir,
+            config,
+            log,
+            child,
         }
     }
 

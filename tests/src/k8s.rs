@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::harness::{operator_bin, repo_root, temp_dir};
+use crate::harness::{operator_bin, repo_root, temp_dir, wait_addr_file};
 
 /// The test cluster's kubeconfig; the e2e tests need `make test` (it starts the apiserver).
 pub fn kubeconfig() -> PathBuf {
@@ -56,10 +56,14 @@ pub fn helm_bin() -> String {
 
 /// helm that must succeed; returns stdout.
 pub fn helm_ok(args: &[&str]) -> String {
-    let out = run(&helm_bin(), args, None, &[]);
+    succeeded("helm", args, run(&helm_bin(), args, None, &[]))
+}
+
+/// stdout of a command that must have succeeded; its stderr in the failure message.
+fn succeeded(tool: &str, args: &[&str], out: Output) -> String {
     assert!(
         out.status.success(),
-        "helm {} failed: {}",
+        "{tool} {} failed: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -82,14 +86,7 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
 
 /// kubectl that must succeed; returns stdout.
 pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
-    let out = kubectl(args, stdin);
-    assert!(
-        out.status.success(),
-        "kubectl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeeded("kubectl", args, kubectl(args, stdin))
 }
 
 /// Install the CRDs once per test process and wait until they are served.
@@ -196,7 +193,7 @@ impl Operator {
         let dir = temp_dir("operator");
         let addr_file = dir.join("addr.json");
         let log = dir.join("operator.log");
-        let child = Command::new(operator_bin())
+        let mut child = Command::new(operator_bin())
             .args([
                 "--config-listen",
                 config_addr,
@@ -216,26 +213,18 @@ impl Operator {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn modelgate-operator");
-        let mut child = child;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-                return Self {
-                    config_url: format!("http://{}", v["config"].as_str().unwrap()),
-                    admin_url: format!("http://{}", v["admin"].as_str().unwrap()),
-                    log,
-                    child,
-                };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "operator exited with {status}:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "operator did not start in 60s");
-            std::thread::sleep(Duration::from_millis(50));
+        let v = wait_addr_file(
+            &mut child,
+            &addr_file,
+            &log,
+            "operator",
+            Duration::from_secs(60),
+        );
+        Self {
+            config_url: format!("http://{}", v["config"].as_str().unwrap()),
+            admin_url: format!("http://{}", v["admin"].as_str().unwrap()),
+            log,
+            child,
         }
     }
 

@@ -305,12 +305,9 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         "operator.leaseDuration=3s",
     ]);
     // The token survives an upgrade.
-    let token_secret = format!("{release}-modelgate-proxy-token");
-    let token = jsonpath(
-        &release_ns.0,
-        &format!("secret/{token_secret}"),
-        "{.data.token}",
-    );
+    let token_secret = format!("secret/{release}-modelgate-proxy-token");
+    let read_token = || jsonpath(&release_ns.0, &token_secret, "{.data.token}");
+    let token = read_token();
     assert_eq!(token.len(), 64, "48 random characters, base64");
     helm_ok(&[
         "upgrade",
@@ -321,14 +318,7 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         "--set",
         "operator.leaseDuration=3s",
     ]);
-    assert_eq!(
-        jsonpath(
-            &release_ns.0,
-            &format!("secret/{token_secret}"),
-            "{.data.token}"
-        ),
-        token
-    );
+    assert_eq!(read_token(), token);
 
     // Run the operator as the chart's ServiceAccount.
     let sa_config =
@@ -489,14 +479,7 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
 
     helm_ok(&["uninstall", release, "-n", &release_ns.0]);
     // The token Secret is kept on uninstall (resource-policy: keep).
-    assert_eq!(
-        jsonpath(
-            &release_ns.0,
-            &format!("secret/{token_secret}"),
-            "{.data.token}"
-        ),
-        token
-    );
+    assert_eq!(read_token(), token);
 }
 
 /// A Prometheus server (Debian's package) on 127.0.0.1 scraping the given targets.

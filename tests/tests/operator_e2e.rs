@@ -21,6 +21,14 @@ fn team_a_key(ns: &str) -> String {
 }
 
 /// Take this test's turn; the CRDs are in place before any operator starts.
+/// One operator (leader of `ns`'s lease) and two proxies following it.
+fn operator_and_two_proxies(token: &std::path::Path, ns: &str) -> (Operator, Proxy, Proxy) {
+    let op = Operator::start(token, ns, "op-a");
+    let p1 = Proxy::follow(&op.config_url, token, "proxy-1");
+    let p2 = Proxy::follow(&op.config_url, token, "proxy-2");
+    (op, p1, p2)
+}
+
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     let guard = SERIAL.lock().await;
     install_crds();
@@ -85,9 +93,7 @@ async fn examples_become_programmed_and_changes_reach_both_proxies_fast() {
     let _serial = serial().await;
     let ns = Namespace::new("e2e-examples");
     let token = token_file();
-    let op = Operator::start(&token, &ns.0, "op-a");
-    let p1 = Proxy::follow(&op.config_url, &token, "proxy-1");
-    let p2 = Proxy::follow(&op.config_url, &token, "proxy-2");
+    let (op, p1, p2) = operator_and_two_proxies(&token, &ns.0);
     apply_examples(&ns.0);
 
     wait_programmed(&ns.0, "modelroute/chat", 2).await;
@@ -204,9 +210,7 @@ async fn deleted_keys_stop_working_and_bad_routes_are_reported() {
     let _serial = serial().await;
     let ns = Namespace::new("e2e-keys");
     let token = token_file();
-    let op = Operator::start(&token, &ns.0, "op-a");
-    let p1 = Proxy::follow(&op.config_url, &token, "proxy-1");
-    let p2 = Proxy::follow(&op.config_url, &token, "proxy-2");
+    let (_op, p1, p2) = operator_and_two_proxies(&token, &ns.0);
     apply_examples(&ns.0);
     wait_programmed(&ns.0, "apikey/team-a", 2).await;
     for p in [&p1, &p2] {
@@ -434,9 +438,7 @@ async fn a_budget_used_up_through_one_proxy_holds_on_the_other() {
     let ns = Namespace::new("e2e-budget");
     let up = MockUpstream::start();
     let token = token_file();
-    let op = Operator::start(&token, &ns.0, "op-a");
-    let p1 = Proxy::follow(&op.config_url, &token, "proxy-1");
-    let p2 = Proxy::follow(&op.config_url, &token, "proxy-2");
+    let (_op, p1, p2) = operator_and_two_proxies(&token, &ns.0);
     let raw = "sk-budget-e2e-0123456789";
     let manifests = format!(
         r#"

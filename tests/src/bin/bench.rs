@@ -106,6 +106,12 @@ struct Proc {
 }
 
 impl Proc {
+    /// A process whose CPU time is its own (not a worker's, as with nginx).
+    fn own(child: Child) -> Self {
+        let cpu_pid = child.id();
+        Self { child, cpu_pid }
+    }
+
     fn cpu_ticks(&self) -> u64 {
         cpu_ticks(self.cpu_pid)
     }
@@ -221,11 +227,7 @@ impl Bench {
             .spawn()
             .expect("mock-upstream (cargo build --release -p modelgate-tests)");
         wait_port("127.0.0.1:18000");
-        let pid = child.id();
-        Proc {
-            child,
-            cpu_pid: pid,
-        }
+        Proc::own(child)
     }
 
     fn nginx(&self) -> Proc {
@@ -299,11 +301,7 @@ http {{
             .spawn()
             .expect("modelgate-dataplane (cargo build --release)");
         wait_port("127.0.0.1:18001");
-        let pid = child.id();
-        Proc {
-            child,
-            cpu_pid: pid,
-        }
+        Proc::own(child)
     }
 
     /// One oha run; `rate` = None for closed loop (max throughput).
@@ -731,11 +729,7 @@ http {{
             .unwrap();
         wait_port("127.0.0.1:18001");
         let load_s = started.elapsed().as_secs_f64();
-        let pid = child.id();
-        let mg = Proc {
-            child,
-            cpu_pid: pid,
-        };
+        let mg = Proc::own(child);
         let w = Workload {
             name: "scale",
             path: "/v1/chat/completions",
@@ -870,11 +864,7 @@ http {{
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        let pid = child.id();
-        let peer = Proc {
-            child,
-            cpu_pid: pid,
-        };
+        let peer = Proc::own(child);
         let url = "http://127.0.0.1:18003/v1/chat/completions";
         self.warmup(url, w);
         let runs: Vec<Run> = (0..self.reps)
