@@ -77,14 +77,6 @@ impl ConfigFile {
             keys: self.keys,
         }
     }
-
-    pub fn snapshot(&self) -> SnapshotSpec {
-        SnapshotSpec {
-            version: self.version.clone(),
-            routes: self.routes.clone(),
-            keys: self.keys.clone(),
-        }
-    }
 }
 
 /// Listener and request-path settings. Read once at start; a reload does not change them.
@@ -718,55 +710,46 @@ pub fn compile(
                 );
             }
         }
-        if let Some(old) = previous.and_then(|s| s.keys.get(&hash))
-            && old.same_as(&k, expires_at, &limits)
-        {
-            if !ids.insert(old.id.clone()) {
-                p.push(&path(), "duplicate key name in this namespace");
-            }
-            if !keys.insert(hash, old.clone()) {
-                p.push(
-                    &format!("{}.sha256", path()),
-                    "another key has the same hash",
-                );
-            }
-            continue;
-        }
-        id_buf.clear();
-        id_buf.push_str(&k.namespace);
-        id_buf.push('/');
-        id_buf.push_str(&k.name);
-        let id: Arc<str> = id_buf.as_str().into();
-        if !ids.insert(id.clone()) {
-            p.push(&path(), "duplicate key name in this namespace");
-        }
-        let state = OnceLock::new();
-        if let Some(s) = registry.existing_key_state(&id) {
-            let _ = state.set(s);
-        }
-        let namespace = match namespaces.get(&k.namespace) {
-            Some(ns) => ns.clone(),
+        let shared = previous
+            .and_then(|s| s.keys.get(&hash))
+            .filter(|old| old.same_as(&k, expires_at, &limits));
+        let key = match shared {
+            Some(old) => old.clone(),
             None => {
-                let ns: Arc<str> = k.namespace.as_str().into();
-                namespaces.insert(k.namespace.clone(), ns.clone());
-                ns
+                id_buf.clear();
+                id_buf.push_str(&k.namespace);
+                id_buf.push('/');
+                id_buf.push_str(&k.name);
+                let id: Arc<str> = id_buf.as_str().into();
+                let state = OnceLock::new();
+                if let Some(s) = registry.existing_key_state(&id) {
+                    let _ = state.set(s);
+                }
+                let namespace = match namespaces.get(&k.namespace) {
+                    Some(ns) => ns.clone(),
+                    None => {
+                        let ns: Arc<str> = k.namespace.as_str().into();
+                        namespaces.insert(k.namespace.clone(), ns.clone());
+                        ns
+                    }
+                };
+                Arc::new(Key {
+                    id,
+                    namespace,
+                    models: k.models.iter().map(|m| Glob::new(m)).collect(),
+                    limits,
+                    budget: k.budget.clone().map(Box::new),
+                    expires_at,
+                    disabled: k.disabled,
+                    exhausted: k.exhausted,
+                    state,
+                })
             }
         };
-        let duplicate_hash = !keys.insert(
-            hash,
-            Arc::new(Key {
-                id,
-                namespace,
-                models: k.models.iter().map(|m| Glob::new(m)).collect(),
-                limits,
-                budget: k.budget.clone().map(Box::new),
-                expires_at,
-                disabled: k.disabled,
-                exhausted: k.exhausted,
-                state,
-            }),
-        );
-        if duplicate_hash {
+        if !ids.insert(key.id.clone()) {
+            p.push(&path(), "duplicate key name in this namespace");
+        }
+        if !keys.insert(hash, key) {
             p.push(
                 &format!("{}.sha256", path()),
                 "another key has the same hash",

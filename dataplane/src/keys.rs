@@ -179,12 +179,6 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    pub fn new(keys: Vec<(KeyHash, Arc<Key>)>) -> Self {
-        Self {
-            by_hash: keys.into_iter().collect(),
-        }
-    }
-
     pub fn with_capacity(n: usize) -> Self {
         Self {
             by_hash: HashMap::with_capacity_and_hasher(n, ByPrefix),
@@ -273,7 +267,8 @@ mod tests {
             exhausted: false,
             state: OnceLock::new(),
         });
-        let store = KeyStore::new(vec![(KeyHash::of(b"sk-right"), key)]);
+        let mut store = KeyStore::with_capacity(1);
+        assert!(store.insert(KeyHash::of(b"sk-right"), key));
         assert!(store.authenticate(b"sk-right").is_some());
         assert!(store.authenticate(b"sk-wrong").is_none());
         assert!(!format!("{store:?}").contains("sk-right"));
