@@ -31,9 +31,16 @@ OPTIONS:
     --addr-file FILE         write the bound addresses as JSON once listening
     --reload-interval DUR    how often to look for config changes [default: 1s]
     --drain-delay DUR        after SIGTERM, keep accepting (not ready) this long [default: 0s]
-    --operator URL           the operator's config server, e.g. http://modelgate-operator:8443;
-                             with --config, the file may then hold only the server section
-    --operator-token-file F  the shared proxy token (or env MODELGATE_PROXY_TOKEN)
+    --operator URL           the operator's config server (TLS), e.g.
+                             https://modelgate-operator.modelgate.svc:8443; with --config, the
+                             file may then hold only the server section
+    --operator-ca FILE       PEM bundle of the CA that signs the operator's certificate
+                             (the modelgate-ca ConfigMap); read again at every connect
+    --operator-token-file F  this proxy's ServiceAccount token (projected, audience modelgate),
+                             or the shared development token (or env MODELGATE_PROXY_TOKEN);
+                             read again at every connect
+    --admin-token-file F     /config answers remote clients that send this Bearer token;
+                             without it, /config answers loopback clients only
     --proxy-id ID            this proxy's name for the operator [default: $POD_NAME or host-pid]
     --usage-interval DUR     how often usage is reported to the operator [default: 2s]
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
@@ -49,6 +56,8 @@ struct Options {
     drain_delay: Duration,
     operator: Option<String>,
     operator_token_file: Option<PathBuf>,
+    operator_ca: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
     proxy_id: Option<String>,
     usage_interval: Option<Duration>,
     check: bool,
@@ -56,7 +65,12 @@ struct Options {
     hash_key: Option<Option<String>>,
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+    // `--flag=value` is `--flag value` (how manifests usually spell it).
+    let mut args = args.flat_map(|a| match a.split_once('=') {
+        Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
+        _ => vec![a],
+    });
     let mut o = Options::default();
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -81,6 +95,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
             "--operator-token-file" => {
                 o.operator_token_file = Some(value("--operator-token-file")?.into())
             }
+            "--operator-ca" => o.operator_ca = Some(value("--operator-ca")?.into()),
+            "--admin-token-file" => o.admin_token_file = Some(value("--admin-token-file")?.into()),
             "--proxy-id" => o.proxy_id = Some(value("--proxy-id")?),
             "--usage-interval" => {
                 let v = value("--usage-interval")?;
@@ -206,9 +222,24 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     "with --operator, routes and keys come from the operator; the config file may hold only the server section"
                 );
             }
+            if !url.starts_with("https://") {
+                bail!(
+                    "--operator {url:?}: the config stream is TLS only; use https://<operator>:<port>"
+                );
+            }
             Some(control::Operator {
                 url: url.clone(),
-                token: read_token(opts.operator_token_file.as_deref())?,
+                token_file: opts.operator_token_file.clone(),
+                token_env: match &opts.operator_token_file {
+                    Some(_) => None,
+                    None => Some(std::env::var("MODELGATE_PROXY_TOKEN").context(
+                        "set --operator-token-file (or MODELGATE_PROXY_TOKEN) to talk to the operator",
+                    )?),
+                },
+                ca_file: opts.operator_ca.clone().context(
+                    "--operator-ca FILE is required: the config stream is TLS and the proxy verifies the operator",
+                )?,
+                connection: Default::default(),
                 proxy_id: opts.proxy_id.clone().unwrap_or_else(default_proxy_id),
                 idle_timeout: Duration::from_secs(20),
                 usage_interval: opts.usage_interval.unwrap_or(Duration::from_secs(2)),
@@ -270,7 +301,17 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         }
         (None, None) => {}
     }
-    let admin_task = tokio::spawn(server::serve_admin(admin, rt.clone(), stop_rx.clone()));
+    let admin_token = opts
+        .admin_token_file
+        .as_deref()
+        .map(read_admin_token)
+        .transpose()?;
+    let admin_task = tokio::spawn(server::serve_admin(
+        admin,
+        rt.clone(),
+        admin_token,
+        stop_rx.clone(),
+    ));
     let (api_stop_tx, api_stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(server::serve_api(
         api,
@@ -299,17 +340,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<String> {
-    let token = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read --operator-token-file {}", f.display()))?,
-        None => std::env::var("MODELGATE_PROXY_TOKEN").context(
-            "set --operator-token-file or MODELGATE_PROXY_TOKEN to talk to the operator",
-        )?,
-    };
+fn read_admin_token(file: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read --admin-token-file {}", file.display()))?;
     let token = token.trim().to_owned();
-    if token.is_empty() {
-        bail!("the operator token is empty");
+    if token.len() < 16 {
+        bail!("the admin token must be at least 16 characters");
     }
     Ok(token)
 }
@@ -351,8 +387,7 @@ mod tests {
             [
                 "--config",
                 "f.yaml",
-                "--listen",
-                "127.0.0.1:0",
+                "--listen=127.0.0.1:0",
                 "--reload-interval",
                 "200ms",
             ]
@@ -361,6 +396,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.config.unwrap(), PathBuf::from("f.yaml"));
+        assert_eq!(
+            o.listen.as_deref(),
+            Some("127.0.0.1:0"),
+            "--flag=value works"
+        );
         assert_eq!(o.reload_interval, Some(Duration::from_millis(200)));
         assert!(parse_args(["--bogus"].into_iter().map(String::from)).is_err());
         assert!(parse_args(["--config"].into_iter().map(String::from)).is_err());

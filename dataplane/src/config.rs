@@ -113,7 +113,10 @@ impl Default for ServerSpec {
     }
 }
 
-/// The snapshot as it travels: routes and keys of every namespace.
+/// Where provider `openai` goes when a backend names no url.
+pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
+
+/// The snapshot as it travels: the routes and keys of the namespaces a proxy serves.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SnapshotSpec {
@@ -871,7 +874,7 @@ fn build_provider(
             }
             let url = match (&b.url, &b.provider) {
                 (Some(u), _) => u.clone(),
-                (None, ProviderKind::Openai) => "https://api.openai.com/v1".into(),
+                (None, ProviderKind::Openai) => OPENAI_DEFAULT_URL.into(),
                 (None, _) => {
                     p.push(path, "url is required for provider openai-compatible");
                     return None;

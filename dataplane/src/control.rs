@@ -1,7 +1,8 @@
 //! The operator's config stream: the proxy's second config source, beside the file.
 //!
 //! ```text
-//!  proxy ── GET /v1/stream?proxy=ID (Bearer token) ──► operator
+//!  proxy ── HTTP/2 over TLS (operator verified against --operator-ca) ──► operator
+//!        ── GET /v1/stream?proxy=ID (Bearer ServiceAccount token) ──►
 //!        ◄── {"type":"snapshot","version",...}\n  at connect and after every change
 //!        ◄── {"type":"heartbeat"}\n               between them
 //!        ── POST /v1/ack {proxy, version, error}
@@ -12,30 +13,48 @@
 //! atomically, or rejected with the last good one kept. A stream that stays silent past
 //! three heartbeats is dead; the proxy reconnects with backoff and keeps serving its last
 //! snapshot meanwhile (a proxy that never had one stays not-ready).
+//!
+//! The token and the CA bundle are files, read again at every connect (and the token at
+//! every request): projected ServiceAccount tokens and mounted ConfigMaps are rotated by
+//! the kubelet in place. A proxy that cannot verify the operator's certificate does not
+//! connect at all. Stream, acks and usage reports share one HTTP/2 connection, so they
+//! reach the same operator replica.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use crate::config::{SnapshotSpec, Source};
 use crate::source::Runtime;
 
-type PlainClient = Client<HttpConnector, Full<Bytes>>;
+type TlsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Where the operator is and how to prove who we are.
+/// Where the operator is, how to recognise it, and how to prove who we are.
 #[derive(Clone)]
 pub struct Operator {
+    /// `https://host:port`.
     pub url: String,
-    pub token: String,
+    /// The token file (a projected ServiceAccount token, or the shared development token).
+    pub token_file: Option<PathBuf>,
+    /// A token given in the environment instead (development).
+    pub token_env: Option<String>,
+    /// PEM bundle of the CAs that may vouch for the operator.
+    pub ca_file: PathBuf,
     pub proxy_id: String,
+    /// The client of the current connection, shared by the stream, acks and usage reports.
+    pub connection: Arc<Mutex<Option<TlsClient>>>,
     /// A stream silent for this long is considered dead.
     pub idle_timeout: Duration,
     pub usage_interval: Duration,
@@ -45,7 +64,8 @@ impl std::fmt::Debug for Operator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Operator")
             .field("url", &self.url)
-            .field("token", &"<redacted>")
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
             .field("proxy_id", &self.proxy_id)
             .finish()
     }
@@ -59,37 +79,90 @@ struct Message {
     snapshot: Option<SnapshotSpec>,
 }
 
-fn client() -> PlainClient {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    c.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).build(c)
+/// A client that trusts only the CAs in `ca_file` and speaks HTTP/2 (one connection).
+fn client(ca_file: &std::path::Path) -> Result<TlsClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| {
+        format!(
+            "cannot read the operator CA bundle {}: {e}",
+            ca_file.display()
+        )
+    })?;
+    for c in certs {
+        let c = c.map_err(|e| format!("bad certificate in {}: {e}", ca_file.display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("unusable CA certificate in {}: {e}", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no CA certificate", ca_file.display()));
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .http2_keep_alive_timeout(Duration::from_secs(20))
+        .build(https))
 }
 
 impl Operator {
+    fn token(&self) -> Result<String, String> {
+        let token = match (&self.token_file, &self.token_env) {
+            (Some(f), _) => std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read the token file {}: {e}", f.display()))?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Err("no operator token configured".into()),
+        };
+        let token = token.trim().to_owned();
+        if token.is_empty() {
+            return Err("the operator token is empty".into());
+        }
+        Ok(token)
+    }
+
     fn request(
         &self,
         method: http::Method,
         path: &str,
         body: Bytes,
-    ) -> Result<Request<Full<Bytes>>, http::Error> {
+    ) -> Result<Request<Full<Bytes>>, String> {
+        let token = self.token()?;
         Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.url.trim_end_matches('/')))
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The client of the live connection (none between connections).
+    fn current(&self) -> Option<TlsClient> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn post(
         &self,
-        client: &PlainClient,
+        client: &TlsClient,
         path: &str,
         body: serde_json::Value,
     ) -> Result<(), String> {
-        let req = self
-            .request(http::Method::POST, path, Bytes::from(body.to_string()))
-            .map_err(|e| e.to_string())?;
+        let req = self.request(http::Method::POST, path, Bytes::from(body.to_string()))?;
         let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
             .await
             .map_err(|_| "timed out".to_owned())?
@@ -104,12 +177,22 @@ impl Operator {
 
 /// Follow the operator's stream forever, reconnecting with backoff.
 pub async fn follow(rt: Arc<Runtime>, op: Operator) {
-    let client = client();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match stream_once(&rt, &op, &client).await {
+        // A fresh client (CA bundle read again) for every connection attempt.
+        let outcome = match client(&op.ca_file) {
+            Ok(client) => {
+                *op.connection.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+                let r = stream_once(&rt, &op, &client).await;
+                *op.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
+                rt.gateway.metrics.record_operator_connect_failure();
                 tracing::warn!(operator = %op.url, error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream lost; serving the last good snapshot");
             }
         }
@@ -119,21 +202,41 @@ pub async fn follow(rt: Arc<Runtime>, op: Operator) {
     }
 }
 
-async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &PlainClient) -> Result<(), String> {
-    let req = op
-        .request(
-            http::Method::GET,
-            &format!("/v1/stream?proxy={}", op.proxy_id),
-            Bytes::new(),
-        )
-        .map_err(|e| e.to_string())?;
+async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Result<(), String> {
+    let req = op.request(
+        http::Method::GET,
+        &format!("/v1/stream?proxy={}", op.proxy_id),
+        Bytes::new(),
+    )?;
     let resp = tokio::time::timeout(op.idle_timeout, client.request(req))
         .await
         .map_err(|_| "no answer from the operator".to_owned())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|e| {
+            use std::error::Error;
+            // The TLS verdict is the interesting part of a failed connect.
+            let mut msg = format!("cannot connect: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            msg
+        })?;
     match resp.status() {
         StatusCode::OK => {}
-        StatusCode::UNAUTHORIZED => return Err("the operator refused our token (401)".into()),
+        s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let why = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            return Err(format!("the operator refused this proxy ({s}): {why}"));
+        }
         s => return Err(format!("operator answered {s}")),
     }
     tracing::info!(operator = %op.url, "config stream connected");
@@ -160,7 +263,7 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &PlainClient) -> 
     }
 }
 
-async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &PlainClient, line: &[u8]) {
+async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line: &[u8]) {
     if line.is_empty() {
         return;
     }
@@ -201,10 +304,13 @@ async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &PlainClient, lin
 
 /// Report per-key usage to the operator every `usage_interval`.
 pub async fn report_usage(rt: Arc<Runtime>, op: Operator) {
-    let client = client();
     let mut tick = tokio::time::interval(op.usage_interval);
     loop {
         tick.tick().await;
+        // Only over the live connection: the replica that holds our stream knows us.
+        let Some(client) = op.current() else {
+            continue;
+        };
         // From the registry, not the snapshot: it holds the counters of every key that was
         // used, whichever snapshot the request ran on.
         let mut taken = Vec::new();

@@ -127,6 +127,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     pub last_reload_success: Gauge,
     pub last_reload_timestamp: Gauge,
+    pub operator_stream_failures: Counter,
 }
 
 /// OpenMetrics names a counter family without `_total` in `# HELP`/`# TYPE`; the classic
@@ -279,8 +280,15 @@ impl Metrics {
             "Unix time of the last config load attempt",
             last_reload_timestamp.clone(),
         );
+        let operator_stream_failures = Counter::default();
+        registry.register(
+            "operator_stream_failures",
+            "Config streams to the operator that failed or were refused (TLS, token, network)",
+            operator_stream_failures.clone(),
+        );
         Self {
             registry,
+            operator_stream_failures,
             requests,
             request_duration,
             ttft,
@@ -313,6 +321,10 @@ impl Metrics {
     /// scrapers without OpenMetrics support read.
     pub fn encode_prometheus(&self) -> String {
         openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+
+    pub fn record_operator_connect_failure(&self) {
+        self.operator_stream_failures.inc();
     }
 
     pub fn record_reload(&self, version: Option<&str>, ok: bool) {

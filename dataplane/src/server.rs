@@ -92,27 +92,34 @@ pub async fn serve_api(
     }
 }
 
-/// The admin port: health, readiness, metrics and the active config.
+/// The admin port: health, readiness, metrics and the active config. `/config` (route
+/// names, backends, key names and limits) answers loopback clients, and remote ones only
+/// with the admin token; health and metrics stay open for probes and Prometheus.
 pub async fn serve_admin(
     listener: TcpListener,
     rt: Arc<Runtime>,
+    token: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let token: Option<Arc<str>> = token.map(Into::into);
     let builder = builder(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
         let rt = rt.clone();
+        let token = token.clone();
+        let local = peer.ip().is_loopback();
         let service = service_fn(move |req: Request<Incoming>| {
             let rt = rt.clone();
-            async move { Ok::<_, Infallible>(admin(&rt, &req)) }
+            let may_see_config = local || token.as_deref().is_some_and(|t| bearer_is(&req, t));
+            async move { Ok::<_, Infallible>(admin(&rt, &req, may_see_config)) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -131,7 +138,16 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody
     r
 }
 
-fn admin(rt: &Runtime, req: &Request<Incoming>) -> Response<ProxyBody> {
+/// Does the request carry `Authorization: Bearer <token>` (compared in constant time)?
+fn bearer_is(req: &Request<Incoming>, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|p| p.len() == token.len() && bool::from(p.ct_eq(token.as_bytes())))
+}
+
+fn admin(rt: &Runtime, req: &Request<Incoming>, may_see_config: bool) -> Response<ProxyBody> {
     let gw = &rt.gateway;
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
@@ -169,7 +185,11 @@ fn admin(rt: &Runtime, req: &Request<Incoming>) -> Response<ProxyBody> {
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             r
         }
-        "/config" => json_response(StatusCode::OK, &rt.describe()),
+        "/config" if may_see_config => json_response(StatusCode::OK, &rt.describe()),
+        "/config" => text(
+            StatusCode::FORBIDDEN,
+            "/config answers loopback clients, or remote ones with the admin token (--admin-token-file)\n",
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /healthz, /readyz, /metrics or /config\n",

@@ -1,14 +1,18 @@
 //! Command line and start-up of the operator.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kube::runtime::events::Reporter;
 
-use crate::controller::{self, Shared};
-use crate::{leader, server, status};
+use crate::controller::{self, Shared, lock};
+use crate::policy::UpstreamPolicy;
+use crate::tenancy::{self, Authenticator, Mode, Tenancy};
+use crate::{leader, server, status, tls};
 
 const USAGE: &str = "\
 modelgate-operator: compiles ModelRoutes and ApiKeys into snapshots for the proxies
@@ -16,13 +20,34 @@ modelgate-operator: compiles ModelRoutes and ApiKeys into snapshots for the prox
 USAGE:
     modelgate-operator [OPTIONS]        (uses KUBECONFIG or the in-cluster config)
 OPTIONS:
-    --config-listen ADDR     config server for proxies [default: 0.0.0.0:8443]
+    --config-listen ADDR     config server for proxies, TLS only [default: 0.0.0.0:8443]
     --admin-listen ADDR      /healthz, /readyz, /metrics [default: 0.0.0.0:8080]
-    --token-file FILE        the proxies' shared token (or env MODELGATE_PROXY_TOKEN)
+    --namespace NS           where the Lease, the CA Secret and the usage ConfigMap live
+                             [default: $POD_NAMESPACE or default] (alias: --lease-namespace)
+    --proxy-auth MODE        serviceaccount (TokenReview of the proxies' ServiceAccount
+                             tokens) or shared-token (development only) [default: serviceaccount]
+    --token-audience AUD     audience proxies' tokens must carry [default: modelgate]
+    --token-file FILE        the shared token for --proxy-auth shared-token
+                             (or env MODELGATE_PROXY_TOKEN)
+    --gateway-serviceaccount NS/NAME
+                             proxies with this ServiceAccount are central gateway proxies
+                             (repeatable); any other ServiceAccount is a sidecar and receives
+                             only its own namespace, when that namespace is labelled
+                             modelgate.dev/sidecars=true
+    --gateway-namespaces all|K=V[,K=V]
+                             namespaces the gateway proxies serve [default: all]
+    --ca-secret NAME         Secret holding the config CA [default: modelgate-ca]
+    --ca-configmap NAME      ConfigMap with the CA bundle for proxies [default: modelgate-ca]
+    --ca-rotation-delay DUR  a new CA is trusted this long before it signs [default: 2m]
+    --tls-san NAME|IP        extra name in the config server's certificate (repeatable)
+    --allow-upstream RULE    backend hosts allowed (host, *.domain or CIDR; repeatable); when
+                             given, every backend URL must match one
+    --deny-upstream RULE     more hosts refused, beside the built-in loopback, link-local,
+                             and cloud metadata denials (repeatable)
+    --service-cidr CIDR      the cluster's Service range, refused as upstream (repeatable)
     --identity ID            this replica's name in the Lease [default: $POD_NAME or host-pid]
-    --lease-namespace NS     where the Lease lives [default: $POD_NAMESPACE or default]
     --advertise-url URL      this replica's config URL for other replicas
-                             [default: http://$POD_IP:<config port> or the bound address]
+                             [default: https://$POD_IP:<config port> or the bound address]
     --heartbeat DUR          heartbeat interval on proxy streams [default: 5s]
     --lease-duration DUR     leader Lease duration; renewed every fifth of it [default: 15s]
     --addr-file FILE         write the bound addresses as JSON once listening
@@ -34,8 +59,18 @@ struct Options {
     config_listen: String,
     admin_listen: String,
     token_file: Option<PathBuf>,
+    shared_token: bool,
+    audience: String,
+    gateway_accounts: Vec<String>,
+    gateway_namespaces: String,
+    ca_secret: String,
+    ca_configmap: String,
+    ca_rotation_delay: Duration,
+    tls_sans: Vec<String>,
+    allow_upstream: Vec<String>,
+    deny_upstream: Vec<String>,
     identity: Option<String>,
-    lease_namespace: Option<String>,
+    namespace: Option<String>,
     advertise_url: Option<String>,
     heartbeat: Duration,
     lease_duration: Duration,
@@ -43,18 +78,36 @@ struct Options {
     text_logs: bool,
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
+    // `--flag=value` is `--flag value` (how manifests usually spell it).
+    let mut args = args.flat_map(|a| match a.split_once('=') {
+        Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
+        _ => vec![a],
+    });
     let mut o = Options {
         config_listen: "0.0.0.0:8443".into(),
         admin_listen: "0.0.0.0:8080".into(),
         token_file: None,
+        shared_token: false,
+        audience: "modelgate".into(),
+        gateway_accounts: vec![],
+        gateway_namespaces: "all".into(),
+        ca_secret: "modelgate-ca".into(),
+        ca_configmap: "modelgate-ca".into(),
+        ca_rotation_delay: Duration::from_secs(120),
+        tls_sans: vec![],
+        allow_upstream: vec![],
+        deny_upstream: vec![],
         identity: None,
-        lease_namespace: None,
+        namespace: None,
         advertise_url: None,
         heartbeat: Duration::from_secs(5),
         lease_duration: Duration::from_secs(15),
         addr_file: None,
         text_logs: false,
+    };
+    let duration = |flag: &str, v: String| {
+        humantime::parse_duration(&v).with_context(|| format!("{flag} {v:?}"))
     };
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -62,18 +115,35 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
             "--config-listen" => o.config_listen = value("--config-listen")?,
             "--admin-listen" => o.admin_listen = value("--admin-listen")?,
             "--token-file" => o.token_file = Some(value("--token-file")?.into()),
-            "--identity" => o.identity = Some(value("--identity")?),
-            "--lease-namespace" => o.lease_namespace = Some(value("--lease-namespace")?),
-            "--advertise-url" => o.advertise_url = Some(value("--advertise-url")?),
-            "--heartbeat" => {
-                let v = value("--heartbeat")?;
-                o.heartbeat =
-                    humantime::parse_duration(&v).with_context(|| format!("--heartbeat {v:?}"))?;
+            "--proxy-auth" => {
+                o.shared_token = match value("--proxy-auth")?.as_str() {
+                    "serviceaccount" => false,
+                    "shared-token" => true,
+                    other => {
+                        bail!("--proxy-auth must be serviceaccount or shared-token, not {other:?}")
+                    }
+                }
             }
+            "--token-audience" => o.audience = value("--token-audience")?,
+            "--gateway-serviceaccount" => {
+                o.gateway_accounts.push(value("--gateway-serviceaccount")?)
+            }
+            "--gateway-namespaces" => o.gateway_namespaces = value("--gateway-namespaces")?,
+            "--ca-secret" => o.ca_secret = value("--ca-secret")?,
+            "--ca-configmap" => o.ca_configmap = value("--ca-configmap")?,
+            "--ca-rotation-delay" => {
+                o.ca_rotation_delay =
+                    duration("--ca-rotation-delay", value("--ca-rotation-delay")?)?
+            }
+            "--tls-san" => o.tls_sans.push(value("--tls-san")?),
+            "--allow-upstream" => o.allow_upstream.push(value("--allow-upstream")?),
+            "--deny-upstream" | "--service-cidr" => o.deny_upstream.push(value(&a)?),
+            "--identity" => o.identity = Some(value("--identity")?),
+            "--namespace" | "--lease-namespace" => o.namespace = Some(value(&a)?),
+            "--advertise-url" => o.advertise_url = Some(value("--advertise-url")?),
+            "--heartbeat" => o.heartbeat = duration("--heartbeat", value("--heartbeat")?)?,
             "--lease-duration" => {
-                let v = value("--lease-duration")?;
-                o.lease_duration = humantime::parse_duration(&v)
-                    .with_context(|| format!("--lease-duration {v:?}"))?;
+                o.lease_duration = duration("--lease-duration", value("--lease-duration")?)?
             }
             "--addr-file" => o.addr_file = Some(value("--addr-file")?.into()),
             "--log-format" => o.text_logs = value("--log-format")? == "text",
@@ -138,7 +208,7 @@ fn read_token(opts: &Options) -> anyhow::Result<String> {
         Some(f) => std::fs::read_to_string(f)
             .with_context(|| format!("cannot read --token-file {}", f.display()))?,
         None => std::env::var("MODELGATE_PROXY_TOKEN")
-            .context("set --token-file or MODELGATE_PROXY_TOKEN: proxies authenticate with it")?,
+            .context("--proxy-auth shared-token needs --token-file or MODELGATE_PROXY_TOKEN")?,
     };
     let token = token.trim().to_owned();
     if token.len() < 16 {
@@ -147,13 +217,43 @@ fn read_token(opts: &Options) -> anyhow::Result<String> {
     Ok(token)
 }
 
+fn tenancy(opts: &Options) -> anyhow::Result<Tenancy> {
+    let mut accounts = BTreeSet::new();
+    for a in &opts.gateway_accounts {
+        let (ns, name) = a
+            .split_once('/')
+            .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+            .with_context(|| format!("--gateway-serviceaccount {a:?} is not NAMESPACE/NAME"))?;
+        accounts.insert((ns.to_owned(), name.to_owned()));
+    }
+    let gateway_scope = tenancy::parse_selector(&opts.gateway_namespaces)
+        .map_err(|e| anyhow::anyhow!("--gateway-namespaces: {e}"))?;
+    Ok(Tenancy {
+        gateway_accounts: accounts,
+        gateway_scope,
+    })
+}
+
 async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let token = read_token(&opts)?;
+    let tenancy = tenancy(&opts)?;
+    let policy = UpstreamPolicy::new(&opts.allow_upstream, &opts.deny_upstream)
+        .map_err(|e| anyhow::anyhow!("upstream policy: {e}"))?;
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (KUBECONFIG or in-cluster config)")?;
     controller::preflight(&client).await?;
+    let auth = if opts.shared_token {
+        tracing::warn!(
+            "proxies authenticate with a shared token (--proxy-auth shared-token): every proxy that has it receives every namespace; use only for development"
+        );
+        Authenticator::new(Mode::SharedToken(read_token(&opts)?))
+    } else {
+        Authenticator::new(Mode::ServiceAccount {
+            client: client.clone(),
+            audience: opts.audience.clone(),
+        })
+    };
 
     let identity = opts
         .identity
@@ -164,23 +264,44 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
             format!("{}-{}", host.trim(), std::process::id())
         });
-    let shared = Shared::new(token, identity.clone());
-    let config = bind(&opts.config_listen, "config").await?;
-    let admin = bind(&opts.admin_listen, "admin").await?;
-    let (config_addr, admin_addr) = (config.local_addr()?, admin.local_addr()?);
-    let url = opts
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| match std::env::var("POD_IP") {
-            Ok(ip) => format!("http://{ip}:{}", config_addr.port()),
-            Err(_) => format!("http://{config_addr}"),
-        });
     let namespace = opts
-        .lease_namespace
+        .namespace
         .clone()
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .unwrap_or_else(|| "default".into());
-    tracing::info!(config = %config_addr, admin = %admin_addr, identity = %identity, lease_namespace = %namespace, "modelgate-operator starting");
+    let shared = Shared::new(auth, tenancy, identity.clone());
+    lock(&shared.index).policy = policy;
+    let config = bind(&opts.config_listen, "config").await?;
+    let admin = bind(&opts.admin_listen, "admin").await?;
+    let (config_addr, admin_addr) = (config.local_addr()?, admin.local_addr()?);
+    let pod_ip = std::env::var("POD_IP").ok();
+    let url = opts.advertise_url.clone().unwrap_or_else(|| match &pod_ip {
+        Some(ip) => format!("https://{ip}:{}", config_addr.port()),
+        None => format!("https://{config_addr}"),
+    });
+
+    // The config port is TLS only; its certificate comes from the CA in the Secret.
+    let pki = tls::Pki {
+        namespace: namespace.clone(),
+        secret: opts.ca_secret.clone(),
+        configmap: opts.ca_configmap.clone(),
+        rotation_delay: opts.ca_rotation_delay,
+    };
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    sans.extend(pod_ip.clone());
+    if !config_addr.ip().is_unspecified() {
+        sans.push(config_addr.ip().to_string());
+    }
+    sans.extend(opts.tls_sans.iter().cloned());
+    sans.sort();
+    sans.dedup();
+    let ca = tls::load_or_create(&client, &pki)
+        .await
+        .context("cannot read or create the config CA Secret")?;
+    let tls =
+        Arc::new(tls::Tls::new(ca, sans).context("cannot issue the config server certificate")?);
+
+    tracing::info!(config = %config_addr, admin = %admin_addr, identity = %identity, namespace = %namespace, "modelgate-operator starting");
     if let Some(f) = &opts.addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(
@@ -193,9 +314,15 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     controller::spawn_watchers(&shared, &client);
     tokio::spawn(controller::compile_loop(shared.clone()));
     tokio::spawn(controller::tick(shared.clone()));
-    tokio::spawn(server::serve_config(config, shared.clone(), opts.heartbeat));
+    tokio::spawn(server::serve_config(
+        config,
+        shared.clone(),
+        tls.clone(),
+        opts.heartbeat,
+    ));
     tokio::spawn(server::serve_admin(admin, shared.clone()));
-    tokio::spawn(server::sync_to_leader(shared.clone()));
+    tokio::spawn(server::sync_to_leader(shared.clone(), tls.clone()));
+    tokio::spawn(tls::run(shared.clone(), client.clone(), tls.clone(), pki));
     tokio::spawn(status::run(
         shared.clone(),
         client.clone(),
@@ -203,6 +330,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             controller: "modelgate-operator".into(),
             instance: Some(identity.clone()),
         },
+        namespace.clone(),
     ));
     tokio::spawn(leader::run(
         shared.clone(),

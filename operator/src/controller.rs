@@ -5,30 +5,32 @@
 //! `tokio::sync::watch` channel only when its version (a content hash) changed, so nothing
 //! wakes when nothing changed. Proxy streams subscribe to that channel.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use modelgate_crds::{ApiKey, ModelRoute};
 use modelgate_dataplane::admission::unix_now;
 use tokio::sync::{Notify, watch};
 
-use crate::index::{Compiled, Context, Index, ObjKey};
+use crate::index::{CREDENTIAL_LABEL, Compiled, Context, Index, ObjKey};
 use crate::metrics::Metrics;
+use crate::tenancy::{Authenticator, Identity, SIDECAR_LABEL, Scope, Tenancy, View};
 use crate::usage::{self, Book};
 
 /// How long the compile loop waits for more changes before compiling.
 const DEBOUNCE: Duration = Duration::from_millis(20);
-/// Published versions remembered, to tell which generations a proxy's ack covers.
-const HISTORY: usize = 64;
+/// Published views remembered, to tell which generations a proxy's ack covers.
+const HISTORY: usize = 256;
 
-/// One published snapshot, serialized once for every stream.
+/// One view of a release, serialized once for every stream with that view.
 #[derive(Debug)]
 pub struct Published {
     pub version: String,
@@ -38,18 +40,73 @@ pub struct Published {
     pub at: Instant,
 }
 
-#[derive(Debug, Clone, Default)]
+/// A compiled snapshot of every namespace. Proxies never receive it whole: each stream
+/// takes the view of the namespaces its proxy serves (memoized per view).
+#[derive(Debug)]
+pub struct Release {
+    pub version: String,
+    /// Bumped when namespace labels change: views may then differ at the same version.
+    pub namespaces_epoch: u64,
+    compiled: Arc<Compiled>,
+    at: Instant,
+    views: Mutex<HashMap<View, Arc<Published>>>,
+}
+
+impl Release {
+    /// The snapshot a proxy with this view receives.
+    pub fn view(&self, view: &View, shared: &Shared) -> Arc<Published> {
+        if let Some(p) = lock(&self.views).get(view) {
+            return p.clone();
+        }
+        let (spec, generations) = self.compiled.view(view);
+        let version = spec.version.clone().unwrap_or_default();
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "type": "snapshot", "version": version, "snapshot": spec,
+        }))
+        .unwrap_or_default();
+        line.push(b'\n');
+        shared.metrics.snapshot_bytes.set(line.len() as i64);
+        let published = Arc::new(Published {
+            version,
+            line: Bytes::from(line),
+            generations: Arc::new(generations),
+            at: self.at,
+        });
+        {
+            let mut h = lock(&shared.history);
+            if !h.iter().any(|p| p.version == published.version) {
+                h.push_back(published.clone());
+                while h.len() > HISTORY {
+                    h.pop_front();
+                }
+            }
+        }
+        lock(&self.views).insert(view.clone(), published.clone());
+        published
+    }
+}
+
+/// A proxy with an open stream to this replica.
+#[derive(Debug, Clone)]
 pub struct ProxyInfo {
+    pub identity: Identity,
+    pub scope: Scope,
     pub streams: u32,
-    pub connected_at: Option<Instant>,
+    pub connected_at: Instant,
     pub acked: Option<String>,
     pub error: Option<String>,
+}
+
+/// A proxy's fleet-wide name: its proven identity and the id it chose. Two identities can
+/// never collide, so one tenant cannot ack or report for another's proxy.
+pub fn proxy_key(identity: &Identity, id: &str) -> String {
+    format!("{identity}/{id}")
 }
 
 pub struct Shared {
     pub index: Mutex<Index>,
     pub compiled: Mutex<Arc<Compiled>>,
-    pub published: watch::Sender<Option<Arc<Published>>>,
+    pub published: watch::Sender<Option<Arc<Release>>>,
     history: Mutex<VecDeque<Arc<Published>>>,
     pub proxies: Mutex<HashMap<String, ProxyInfo>>,
     pub book: Mutex<Book>,
@@ -58,18 +115,22 @@ pub struct Shared {
     pub changed: Notify,
     /// Wakes the status writer.
     pub status_wake: Notify,
+    /// Wakes the CA bundle publisher (a namespace opted in or out).
+    pub namespaces_changed: Notify,
+    namespaces_epoch: AtomicU64,
     pub leader: AtomicBool,
     /// The current leader's config URL, for forwarding usage reports.
     pub leader_url: Mutex<Option<String>>,
-    /// Bit per kind whose initial list has arrived (routes 1, keys 2, secrets 4).
+    /// Bit per kind whose initial list has arrived (routes 1, keys 2, secrets 4, namespaces 8).
     synced: AtomicU8,
-    pub token: String,
+    pub auth: Authenticator,
+    pub tenancy: Tenancy,
     /// This replica's name (its Lease identity).
     pub identity: String,
     /// Proxies connected to other replicas, as they reported to us while we lead.
     remote: Mutex<HashMap<String, Remote>>,
-    /// The fleet-wide proxy count the leader told us (when we do not lead).
-    learned_total: std::sync::atomic::AtomicU32,
+    /// The fleet the leader told us about (when we do not lead).
+    learned: Mutex<Vec<RemoteProxy>>,
     /// Wakes the task that tells the leader about our proxies.
     pub proxies_changed: Notify,
 }
@@ -81,10 +142,12 @@ struct Remote {
     proxies: Vec<RemoteProxy>,
 }
 
-/// A proxy as replicas tell each other: its id and the version it applied.
+/// A proxy as replicas tell each other: its fleet-wide key, what it serves, the version
+/// it applied.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct RemoteProxy {
     pub id: String,
+    pub scope: Scope,
     #[serde(default)]
     pub acked: Option<String>,
 }
@@ -93,7 +156,7 @@ pub struct RemoteProxy {
 const REMOTE_TTL: Duration = Duration::from_secs(10);
 
 impl Shared {
-    pub fn new(token: String, identity: String) -> Arc<Self> {
+    pub fn new(auth: Authenticator, tenancy: Tenancy, identity: String) -> Arc<Self> {
         let (published, _) = watch::channel(None);
         Arc::new(Self {
             index: Mutex::default(),
@@ -105,44 +168,58 @@ impl Shared {
             metrics: Metrics::new(),
             changed: Notify::new(),
             status_wake: Notify::new(),
+            namespaces_changed: Notify::new(),
+            namespaces_epoch: AtomicU64::new(0),
             leader: AtomicBool::new(false),
             leader_url: Mutex::new(None),
             synced: AtomicU8::new(0),
-            token,
+            auth,
+            tenancy,
             identity,
             remote: Mutex::default(),
-            learned_total: std::sync::atomic::AtomicU32::new(0),
+            learned: Mutex::default(),
             proxies_changed: Notify::new(),
         })
     }
 
-    /// Proxies connected to this replica, with the version each applied.
+    /// Proxies connected to this replica, with what they serve and the version each applied.
     pub fn local_proxies(&self) -> Vec<RemoteProxy> {
         lock(&self.proxies)
             .iter()
             .filter(|(_, p)| p.streams > 0)
             .map(|(id, p)| RemoteProxy {
                 id: id.clone(),
+                scope: p.scope.clone(),
                 acked: p.acked.clone(),
             })
             .collect()
     }
 
-    /// Every proxy of the fleet this replica knows of: its own, plus (when leading) those
-    /// other replicas reported recently.
+    /// Every proxy of the fleet this replica knows of: its own, plus those other replicas
+    /// reported recently (when leading) or the leader told us about (otherwise).
     pub fn fleet(&self) -> Vec<RemoteProxy> {
         let mut all = self.local_proxies();
-        if self.leader.load(Ordering::Relaxed) {
+        let mut seen: HashSet<String> = all.iter().map(|p| p.id.clone()).collect();
+        let others: Vec<RemoteProxy> = if self.leader.load(Ordering::Relaxed) {
             let remote = lock(&self.remote);
-            for r in remote.values().filter(|r| r.at.elapsed() < REMOTE_TTL) {
-                all.extend(r.proxies.iter().cloned());
+            remote
+                .values()
+                .filter(|r| r.at.elapsed() < REMOTE_TTL)
+                .flat_map(|r| r.proxies.iter().cloned())
+                .collect()
+        } else {
+            lock(&self.learned).clone()
+        };
+        for p in others {
+            if seen.insert(p.id.clone()) {
+                all.push(p);
             }
         }
         all
     }
 
-    /// Record another replica's proxies (leader side); returns the fleet size.
-    pub fn record_remote(&self, replica: &str, proxies: Vec<RemoteProxy>) -> u32 {
+    /// Record another replica's proxies (leader side); returns the whole fleet.
+    pub fn record_remote(&self, replica: &str, proxies: Vec<RemoteProxy>) -> Vec<RemoteProxy> {
         let changed = {
             let mut remote = lock(&self.remote);
             let old = remote.insert(
@@ -158,28 +235,46 @@ impl Shared {
             self.changed.notify_one();
             self.status_wake.notify_one();
         }
-        self.fleet().len() as u32
+        self.fleet()
     }
 
-    /// Learn the fleet size from the leader (non-leader side).
-    pub fn learn_total(&self, total: u32) {
-        if self.learned_total.swap(total, Ordering::Relaxed) != total {
+    /// Learn the fleet from the leader (non-leader side).
+    pub fn learn_fleet(&self, fleet: Vec<RemoteProxy>) {
+        let mut learned = lock(&self.learned);
+        if *learned != fleet {
+            *learned = fleet;
             self.changed.notify_one();
         }
     }
 
-    /// Proxies across all replicas: per-key limits are divided by this number.
-    pub fn proxy_total(&self) -> u32 {
-        let local = self.connected();
-        if self.leader.load(Ordering::Relaxed) {
-            self.fleet().len() as u32
-        } else {
-            local.max(self.learned_total.load(Ordering::Relaxed))
+    /// How many proxies of the fleet serve each namespace that has keys.
+    fn serving(&self, index: &Index) -> HashMap<String, u32> {
+        let namespaces: BTreeSet<String> = index
+            .keys()
+            .map(|k| k.metadata.namespace.clone().unwrap_or_default())
+            .collect();
+        let mut out: HashMap<String, u32> = HashMap::new();
+        for p in self.fleet() {
+            let view = p.scope.resolve(&index.namespaces);
+            for ns in namespaces.iter().filter(|ns| view.covers(ns)) {
+                *out.entry(ns.clone()).or_default() += 1;
+            }
         }
+        out
+    }
+
+    /// Namespaces whose sidecars may connect: they need the CA bundle.
+    pub fn sidecar_namespaces(&self) -> BTreeSet<String> {
+        lock(&self.index)
+            .namespaces
+            .iter()
+            .filter(|(_, l)| l.get(SIDECAR_LABEL).map(String::as_str) == Some("true"))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) == 7
+        self.synced.load(Ordering::Relaxed) == 15
     }
 
     pub fn connected(&self) -> u32 {
@@ -212,11 +307,12 @@ impl Shared {
         let ctx = {
             let index = lock(&self.index);
             let now = unix_now();
+            let book = lock(&self.book);
             Context {
-                proxies: self.proxy_total(),
+                serving: self.serving(&index),
                 exhausted: index
                     .keys()
-                    .filter(|k| usage::exhausted(k, now))
+                    .filter(|k| usage::exhausted(k, now) || book.exhausted(k, now))
                     .map(|k| {
                         format!(
                             "{}/{}",
@@ -227,7 +323,11 @@ impl Shared {
                     .collect(),
             }
         };
-        let compiled = lock(&self.index).compile(&ctx);
+        let compiled = {
+            let index = lock(&self.index);
+            self.metrics.cached_secrets.set(index.secret_count() as i64);
+            index.compile(&ctx)
+        };
         self.metrics.compiles.inc();
         self.metrics
             .compile_seconds
@@ -249,33 +349,23 @@ impl Shared {
                 .set(invalid(kind));
         }
         let version = compiled.spec.version.clone().unwrap_or_default();
+        let epoch = self.namespaces_epoch.load(Ordering::Relaxed);
         let changed = self
             .published
             .borrow()
             .as_ref()
-            .is_none_or(|p| p.version != version);
+            .is_none_or(|p| p.version != version || p.namespaces_epoch != epoch);
+        let compiled = Arc::new(compiled);
         if changed {
-            let mut line = serde_json::to_vec(&serde_json::json!({
-                "type": "snapshot", "version": version, "snapshot": compiled.spec,
-            }))
-            .unwrap_or_default();
-            line.push(b'\n');
-            self.metrics.snapshot_bytes.set(line.len() as i64);
             self.metrics.snapshots_published.inc();
-            let published = Arc::new(Published {
+            let release = Arc::new(Release {
                 version: version.clone(),
-                line: Bytes::from(line),
-                generations: Arc::new(compiled.generations.clone()),
+                namespaces_epoch: epoch,
+                compiled: compiled.clone(),
                 at: Instant::now(),
+                views: Mutex::default(),
             });
-            {
-                let mut h = lock(&self.history);
-                h.push_back(published.clone());
-                while h.len() > HISTORY {
-                    h.pop_front();
-                }
-            }
-            self.published.send_replace(Some(published));
+            self.published.send_replace(Some(release));
             tracing::info!(
                 version = %version,
                 routes = compiled.spec.routes.len(),
@@ -284,7 +374,7 @@ impl Shared {
                 "snapshot published"
             );
         }
-        *lock(&self.compiled) = Arc::new(compiled);
+        *lock(&self.compiled) = compiled;
         self.status_wake.notify_one();
         Some(version)
     }
@@ -360,18 +450,40 @@ impl Indexed for Secret {
     }
 }
 
-async fn watch_kind<K>(shared: Arc<Shared>, api: Api<K>)
+impl Indexed for PartialObjectMeta<Namespace> {
+    const BIT: u8 = 8;
+    fn apply(i: &mut Index, o: Self) {
+        i.apply_namespace(
+            o.metadata.name.unwrap_or_default(),
+            o.metadata.labels.unwrap_or_default(),
+        )
+    }
+    fn delete(i: &mut Index, o: &Self) {
+        i.delete_namespace(o.metadata.name.as_deref().unwrap_or_default())
+    }
+    fn reset(i: &mut Index, all: Vec<Self>) {
+        i.reset_namespaces(
+            all.into_iter()
+                .map(|o| {
+                    (
+                        o.metadata.name.unwrap_or_default(),
+                        o.metadata.labels.unwrap_or_default(),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Feed one kind's watch events into the index.
+async fn index_events<K, S>(shared: Arc<Shared>, stream: S)
 where
-    K: Indexed
-        + kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + 'static,
+    K: Indexed + Send + 'static,
+    S: futures_util::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
 {
     let mut buffer: Vec<K> = Vec::new();
-    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+    let mut stream = std::pin::pin!(stream);
+    let namespaces = K::BIT == 8;
     while let Some(event) = stream.next().await {
         match event {
             Ok(Event::Init) => buffer.clear(),
@@ -379,38 +491,50 @@ where
             Ok(Event::InitDone) => {
                 K::reset(&mut lock(&shared.index), std::mem::take(&mut buffer));
                 shared.synced.fetch_or(K::BIT, Ordering::Relaxed);
-                shared.changed.notify_one();
             }
-            Ok(Event::Apply(o)) => {
-                K::apply(&mut lock(&shared.index), o);
-                shared.changed.notify_one();
-            }
-            Ok(Event::Delete(o)) => {
-                K::delete(&mut lock(&shared.index), &o);
-                shared.changed.notify_one();
-            }
+            Ok(Event::Apply(o)) => K::apply(&mut lock(&shared.index), o),
+            Ok(Event::Delete(o)) => K::delete(&mut lock(&shared.index), &o),
             Err(e) => {
                 shared.metrics.error("watch");
                 tracing::warn!(error = %e, kind = std::any::type_name::<K>(), "watch failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
         }
+        if namespaces {
+            shared.namespaces_epoch.fetch_add(1, Ordering::Relaxed);
+            shared.namespaces_changed.notify_one();
+        }
+        shared.changed.notify_one();
     }
 }
 
-/// Start the three watchers.
+/// Start the watchers. Secrets are watched with a label selector, so the API server sends
+/// only opted-in ones and nothing else (Helm releases, tokens, TLS keys) is ever cached.
+/// Namespaces are watched for their labels only.
 pub fn spawn_watchers(shared: &Arc<Shared>, client: &Client) {
-    tokio::spawn(watch_kind(
+    let all = watcher::Config::default;
+    tokio::spawn(index_events(
         shared.clone(),
-        Api::<ModelRoute>::all(client.clone()),
+        watcher::watcher(Api::<ModelRoute>::all(client.clone()), all()),
     ));
-    tokio::spawn(watch_kind(
+    tokio::spawn(index_events(
         shared.clone(),
-        Api::<ApiKey>::all(client.clone()),
+        watcher::watcher(Api::<ApiKey>::all(client.clone()), all()),
     ));
-    tokio::spawn(watch_kind(
+    tokio::spawn(index_events(
         shared.clone(),
-        Api::<Secret>::all(client.clone()),
+        watcher::watcher(
+            Api::<Secret>::all(client.clone()),
+            all().labels(&format!("{CREDENTIAL_LABEL}=true")),
+        ),
+    ));
+    tokio::spawn(index_events(
+        shared.clone(),
+        watcher::watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            all(),
+        ),
     ));
 }
 
@@ -449,7 +573,14 @@ pub async fn preflight(client: &Client) -> anyhow::Result<()> {
     check(
         "secrets",
         Api::<Secret>::all(client.clone())
-            .list(&lp)
+            .list(&lp.clone().labels(&format!("{CREDENTIAL_LABEL}=true")))
+            .await
+            .map(|_| ()),
+    )?;
+    check(
+        "namespaces",
+        Api::<Namespace>::all(client.clone())
+            .list_metadata(&lp)
             .await
             .map(|_| ()),
     )?;

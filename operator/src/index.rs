@@ -25,6 +25,13 @@ use modelgate_dataplane::config::{
 use modelgate_dataplane::snapshot::StateRegistry;
 use sha2::{Digest, Sha256};
 
+use crate::policy::UpstreamPolicy;
+use crate::tenancy::{Namespaces, View};
+
+/// The label a Secret carries to be read by the operator at all (provider credentials and
+/// raw keys). Everything else (Helm release Secrets, tokens, TLS keys) is never cached.
+pub const CREDENTIAL_LABEL: &str = "modelgate.dev/credential";
+
 /// Which object: kind, namespace, name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjKey {
@@ -67,6 +74,8 @@ pub struct Verdict {
     pub reason: &'static str,
     pub message: String,
     pub generation: i64,
+    /// The Secret (of the object's namespace) a reference to which did not resolve.
+    pub unresolved_secret: Option<String>,
 }
 
 impl Verdict {
@@ -76,6 +85,7 @@ impl Verdict {
             reason: "Accepted",
             message: message.into(),
             generation,
+            unresolved_secret: None,
         }
     }
     fn bad(generation: i64, reason: &'static str, message: impl Into<String>) -> Self {
@@ -84,15 +94,25 @@ impl Verdict {
             reason,
             message: message.into(),
             generation,
+            unresolved_secret: None,
         }
     }
+
+    /// True when the verdict is about a reference that did not resolve.
+    pub fn refs_unresolved(&self) -> bool {
+        self.unresolved_secret.is_some()
+    }
 }
+
+/// Why a reference or a check failed: reason, message, and the Secret it concerns.
+type Failure = (&'static str, String, Option<String>);
 
 /// What the compiler needs beyond the objects.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Context {
-    /// Connected proxies: per-key rate limits are divided among them.
-    pub proxies: u32,
+    /// Connected proxies serving each namespace: a key's rate limits are divided among the
+    /// proxies that actually serve it.
+    pub serving: HashMap<String, u32>,
     /// Keys (`namespace/name`) whose budget is used up across all proxies.
     pub exhausted: HashSet<String>,
 }
@@ -119,6 +139,10 @@ pub const MINTED_KEY: &str = "key";
 
 #[derive(Debug, Default)]
 pub struct Index {
+    /// Where backends may point (set once at start).
+    pub policy: UpstreamPolicy,
+    /// Namespace labels: sidecar opt-in and the gateway's namespace selector.
+    pub namespaces: Namespaces,
     routes: BTreeMap<(String, String), ModelRoute>,
     keys: BTreeMap<(String, String), ApiKey>,
     secrets: HashMap<(String, String), BTreeMap<String, Vec<u8>>>,
@@ -168,6 +192,21 @@ impl Index {
         }
     }
 
+    pub fn apply_namespace(&mut self, name: String, labels: BTreeMap<String, String>) {
+        self.namespaces.insert(name, labels);
+    }
+    pub fn delete_namespace(&mut self, name: &str) {
+        self.namespaces.remove(name);
+    }
+    pub fn reset_namespaces(&mut self, all: Namespaces) {
+        self.namespaces = all;
+    }
+
+    /// Secrets held in memory (only those labelled as modelgate credentials are watched).
+    pub fn secret_count(&self) -> usize {
+        self.secrets.len()
+    }
+
     pub fn secret_annotation(&self, ns: &str, name: &str, annotation: &str) -> Option<String> {
         self.secret_annotations
             .get(&(ns.to_owned(), name.to_owned()))?
@@ -197,28 +236,26 @@ impl Index {
         self.keys.values()
     }
 
-    fn secret_value(
-        &self,
-        ns: &str,
-        name: &str,
-        key: &str,
-    ) -> Result<&[u8], (&'static str, String)> {
+    /// A value of a Secret of `ns`. Messages name the Secret and the key asked for, never
+    /// what else the Secret holds.
+    fn secret_value(&self, ns: &str, name: &str, key: &str) -> Result<&[u8], Failure> {
         let data = self
             .secrets
             .get(&(ns.to_owned(), name.to_owned()))
             .ok_or_else(|| {
                 (
                     "SecretNotFound",
-                    format!("Secret {ns}/{name} does not exist"),
+                    format!(
+                        "Secret {ns}/{name} does not exist or does not carry the label {CREDENTIAL_LABEL}=true (only labelled Secrets are read)"
+                    ),
+                    Some(name.to_owned()),
                 )
             })?;
         data.get(key).map(Vec::as_slice).ok_or_else(|| {
             (
                 "SecretKeyNotFound",
-                format!(
-                    "Secret {ns}/{name} has no key {key:?} (it has: {})",
-                    data.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
+                format!("Secret {ns}/{name} has no key {key:?}"),
+                Some(name.to_owned()),
             )
         })
     }
@@ -243,7 +280,10 @@ impl Index {
             out.backends
                 .insert(key.clone(), r.spec.backends.len() as i32);
             let verdict = match self.route_spec(r) {
-                Err((reason, msg)) => Verdict::bad(generation, reason, msg),
+                Err((reason, msg, secret)) => Verdict {
+                    unresolved_secret: secret,
+                    ..Verdict::bad(generation, reason, msg)
+                },
                 Ok(spec) => {
                     let names: Vec<&String> = std::iter::once(&spec.model)
                         .chain(spec.aliases.iter())
@@ -303,25 +343,31 @@ impl Index {
             let raw = match &k.spec.secret_ref {
                 Some(r) => self
                     .secret_value(&ns, &r.name, &r.key)
-                    .map_err(|(reason, msg)| (reason, msg, false)),
+                    .map_err(|(reason, msg, secret)| (reason, msg, secret, false)),
                 None => self
                     .secret_value(&ns, &minted_secret_name(&name), MINTED_KEY)
                     .map_err(|_| {
                         (
                             "Minting",
                             "waiting for the operator to mint this key's Secret".to_owned(),
+                            None,
                             true,
                         )
                     }),
             };
             let raw = match raw {
                 Ok(raw) => String::from_utf8_lossy(raw).trim().to_owned(),
-                Err((reason, msg, mint)) => {
+                Err((reason, msg, secret, mint)) => {
                     if mint {
                         out.to_mint.push(key.clone());
                     }
-                    out.verdicts
-                        .insert(key, Verdict::bad(generation, reason, msg));
+                    out.verdicts.insert(
+                        key,
+                        Verdict {
+                            unresolved_secret: secret,
+                            ..Verdict::bad(generation, reason, msg)
+                        },
+                    );
                     continue;
                 }
             };
@@ -338,14 +384,16 @@ impl Index {
             }
             let hash = hex_sha256(raw.as_bytes());
             if let Some(other) = hashes.get(&hash) {
-                out.verdicts.insert(
-                    key,
-                    Verdict::bad(
-                        generation,
-                        "DuplicateKey",
-                        format!("ApiKey {other} uses the same raw key; every ApiKey needs its own"),
+                // Never name an object of another namespace to this one's tenant.
+                let message = match other.split_once('/') {
+                    Some((other_ns, other_name)) if other_ns == ns => format!(
+                        "ApiKey {other_name} in this namespace uses the same raw key; every ApiKey needs its own"
                     ),
-                );
+                    _ => "another ApiKey already uses this raw key; every ApiKey needs its own"
+                        .to_owned(),
+                };
+                out.verdicts
+                    .insert(key, Verdict::bad(generation, "DuplicateKey", message));
                 continue;
             }
             let spec = key_spec(k, &ns, &name, hash.clone(), ctx);
@@ -368,13 +416,11 @@ impl Index {
             );
         }
 
-        let body = serde_json::to_vec(&out.spec).unwrap_or_default();
-        let digest = Sha256::digest(&body);
-        out.spec.version = Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect());
+        out.spec.version = Some(version_of(&out.spec));
         out
     }
 
-    fn route_spec(&self, r: &ModelRoute) -> Result<RouteSpec, (&'static str, String)> {
+    fn route_spec(&self, r: &ModelRoute) -> Result<RouteSpec, Failure> {
         let (ns, name) = ns_name(r);
         let s = &r.spec;
         let mut backends = Vec::with_capacity(s.backends.len());
@@ -390,15 +436,32 @@ impl Index {
                             "backend {}: provider {:?} is not supported by this modelgate version yet",
                             b.name, b.provider
                         ),
+                        None,
                     ));
                 }
             };
+            let url = b.url.clone().or_else(|| match provider {
+                ProviderKind::Openai => Some(config::OPENAI_DEFAULT_URL.to_owned()),
+                _ => None,
+            });
+            if let Some(url) = &url
+                && provider != ProviderKind::Mock
+                && let Err(why) = self.policy.check(url)
+            {
+                return Err((
+                    "UpstreamNotAllowed",
+                    format!("backend {}: {why}", b.name),
+                    None,
+                ));
+            }
             let credentials = match &b.credentials_ref {
                 None => None,
                 Some(c) => {
-                    let raw = self
-                        .secret_value(&ns, &c.name, &c.key)
-                        .map_err(|(reason, msg)| (reason, format!("backend {}: {msg}", b.name)))?;
+                    let raw = self.secret_value(&ns, &c.name, &c.key).map_err(
+                        |(reason, msg, secret)| {
+                            (reason, format!("backend {}: {msg}", b.name), secret)
+                        },
+                    )?;
                     Some(CredentialSpec {
                         value: Some(String::from_utf8_lossy(raw).trim().to_owned()),
                         ..Default::default()
@@ -414,6 +477,7 @@ impl Index {
                         "backend {}: weight and priority must not be negative",
                         b.name
                     ),
+                    None,
                 ));
             }
             backends.push(BackendSpec {
@@ -478,8 +542,8 @@ impl Index {
 
 fn key_spec(k: &ApiKey, ns: &str, name: &str, hash: String, ctx: &Context) -> KeySpec {
     let s = &k.spec;
-    let share =
-        |v: Option<i64>| v.map(|v| (v.max(1) as u64).div_ceil(u64::from(ctx.proxies.max(1))));
+    let serving = ctx.serving.get(ns).copied().unwrap_or(0).max(1);
+    let share = |v: Option<i64>| v.map(|v| (v.max(1) as u64).div_ceil(u64::from(serving)));
     KeySpec {
         name: name.to_owned(),
         namespace: ns.to_owned(),
@@ -501,6 +565,49 @@ fn key_spec(k: &ApiKey, ns: &str, name: &str, hash: String, ctx: &Context) -> Ke
         expires_at: s.expires_at.clone(),
         disabled: s.disabled.unwrap_or(false),
         exhausted: ctx.exhausted.contains(&format!("{ns}/{name}")),
+    }
+}
+
+/// The content version of a snapshot: a hash of everything in it but the version.
+pub fn version_of(spec: &SnapshotSpec) -> String {
+    let unversioned = SnapshotSpec {
+        version: None,
+        ..spec.clone()
+    };
+    let body = serde_json::to_vec(&unversioned).unwrap_or_default();
+    let digest = Sha256::digest(&body);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Compiled {
+    /// What a proxy with this view receives: only objects of the namespaces it serves,
+    /// with a version of its own (so other namespaces' changes are invisible to it).
+    pub fn view(&self, view: &View) -> (SnapshotSpec, HashMap<ObjKey, i64>) {
+        let mut spec = SnapshotSpec {
+            version: None,
+            routes: self
+                .spec
+                .routes
+                .iter()
+                .filter(|r| view.covers(&r.namespace))
+                .cloned()
+                .collect(),
+            keys: self
+                .spec
+                .keys
+                .iter()
+                .filter(|k| view.covers(&k.namespace))
+                .cloned()
+                .collect(),
+        };
+        spec.version = Some(version_of(&spec));
+        let generations = self
+            .generations
+            .iter()
+            .filter(|(k, _)| view.covers(&k.namespace))
+            .map(|(k, g)| (k.clone(), *g))
+            .collect();
+        (spec, generations)
     }
 }
 
@@ -610,7 +717,10 @@ mod tests {
 
     #[test]
     fn bad_routes_are_left_out_with_a_reason_and_good_ones_kept() {
-        let mut idx = Index::default();
+        let mut idx = Index {
+            policy: UpstreamPolicy::new(&["127.0.0.1/32".into()], &[]).unwrap(),
+            ..Index::default()
+        };
         idx.apply_route(route(
             "a",
             "good",
@@ -669,6 +779,54 @@ mod tests {
             .map(|r| format!("{}/{}", r.namespace, r.name))
             .collect();
         assert_eq!(names, vec!["a/good", "b/other-ns"]);
+        assert!(v("a", "nosecret").refs_unresolved());
+        assert!(
+            !v("a", "nosecret").message.contains("token"),
+            "never what the Secret holds"
+        );
+
+        // A proxy that serves namespace b sees nothing of a, with a version of its own.
+        let (only_b, gens) = c.view(&View::Only(["b".to_owned()].into()));
+        assert_eq!(only_b.routes.len(), 1);
+        assert!(only_b.routes.iter().all(|r| r.namespace == "b"));
+        assert!(gens.keys().all(|k| k.namespace == "b"));
+        assert_ne!(only_b.version, c.spec.version);
+        let (all, _) = c.view(&View::All);
+        assert_eq!(all.version, c.spec.version);
+
+        // Metadata: refused with its reason; an unlabelled Secret is invisible (not cached).
+        let mut meta = backend("m", Provider::OpenaiCompatible, None);
+        meta.url = Some("http://169.254.169.254/latest".into());
+        idx.apply_route(route("a", "metadata", "m9", vec![meta], 0));
+        let strict = Index {
+            policy: UpstreamPolicy::default(),
+            ..Index::default()
+        };
+        let mut loopback = route(
+            "a",
+            "loop",
+            "m8",
+            vec![backend("b", Provider::OpenaiCompatible, None)],
+            0,
+        );
+        loopback.metadata.generation = Some(2);
+        let mut strict = strict;
+        strict.apply_route(loopback);
+        let c = idx.compile(&Context::default());
+        assert_eq!(
+            c.verdicts[&ObjKey::route("a", "metadata")].reason,
+            "UpstreamNotAllowed"
+        );
+        assert!(
+            c.verdicts[&ObjKey::route("a", "good")].accepted,
+            "the others keep working"
+        );
+        let c = strict.compile(&Context::default());
+        assert_eq!(
+            c.verdicts[&ObjKey::route("a", "loop")].reason,
+            "UpstreamNotAllowed",
+            "loopback is refused by default"
+        );
 
         // The Secret appears: the route is accepted with the credential inline.
         idx.apply_secret(secret("a", "creds", "token", "sk-provider\n"));
@@ -689,7 +847,7 @@ mod tests {
         idx.apply_key(apikey("a", "twin", Some(("raw", "k"))));
         idx.apply_key(apikey("a", "minted", None));
         let c = idx.compile(&Context {
-            proxies: 2,
+            serving: [("a".to_owned(), 2)].into(),
             exhausted: ["a/team".to_owned()].into(),
         });
         assert_eq!(c.spec.keys.len(), 1);

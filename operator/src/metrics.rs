@@ -13,6 +13,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -29,6 +34,9 @@ pub struct Metrics {
     pub status_writes: Family<KindLabels, Counter>,
     pub invalid_objects: Family<KindLabels, Gauge>,
     pub leader: Gauge,
+    pub refused_proxies: Family<ReasonLabels, Counter>,
+    pub rejected_reports: Family<ReasonLabels, Counter>,
+    pub cached_secrets: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,8 +104,29 @@ impl Metrics {
             "1 when this replica holds the Lease",
             leader.clone(),
         );
+        let refused_proxies = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "refused_proxies",
+            "Config API requests refused before any data was sent, by reason",
+            refused_proxies.clone(),
+        );
+        let rejected_reports = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rejected_reports",
+            "Usage reports, acks and replica reports rejected, by reason",
+            rejected_reports.clone(),
+        );
+        let cached_secrets = Gauge::default();
+        registry.register(
+            "cached_secrets",
+            "Secrets held in memory (only those labelled modelgate.dev/credential=true)",
+            cached_secrets.clone(),
+        );
         Self {
             registry,
+            refused_proxies,
+            rejected_reports,
+            cached_secrets,
             compiles,
             errors,
             compile_seconds,
@@ -109,6 +138,18 @@ impl Metrics {
             invalid_objects,
             leader,
         }
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.refused_proxies
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected_reports
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn error(&self, kind: &'static str) {

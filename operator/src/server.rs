@@ -1,16 +1,22 @@
-//! The config server proxies talk to, and the admin port.
+//! The config server proxies talk to (TLS only), and the admin port (plain: health, metrics).
 //!
 //! ```text
-//!  proxy ── GET  /v1/stream?proxy=ID ──► newline-delimited JSON: the full snapshot at
-//!                                        connect and after every change, heartbeats between
+//!  proxy ── GET  /v1/stream?proxy=ID ──► newline-delimited JSON: the proxy's view of the
+//!                                        snapshot at connect and after every change it can
+//!                                        see, heartbeats between
 //!        ── POST /v1/ack  {proxy, version, error} ──► Programmed status
 //!        ── POST /v1/usage {proxy, keys:{id:{tokens,costUsd,lastUsed}}} ──► budgets
+//!  replica ── POST /v1/replicas, /v1/replica/usage (client certificate) ──► leader
 //! ```
 //!
-//! Every request carries `Authorization: Bearer <token>` (a Secret shared with the proxies),
-//! compared in constant time: the stream carries upstream credentials, so it is never open.
-//! Any replica serves streams; usage reports reaching a non-leader are forwarded to the
-//! leader, which alone writes status.
+//! Every proxy request carries `Authorization: Bearer <ServiceAccount token>` (or the shared
+//! token in development mode). The operator learns the proxy's identity from the token and
+//! from it what the proxy may receive (`tenancy`); a proxy's id is scoped by its identity, so
+//! acks and usage only ever count for the proxy's own stream and the keys it serves. Proxies
+//! speak HTTP/2, so a proxy's stream, acks and reports share one connection and reach the
+//! same replica even behind a Service. Replica-to-leader calls are authenticated by a client
+//! certificate only operator replicas can mint (`tls`). Only the leader writes status; usage
+//! reaching another replica is validated there and forwarded to the leader.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -31,7 +37,9 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::controller::{RemoteProxy, Shared, lock};
+use crate::controller::{ProxyInfo, RemoteProxy, Shared, lock, proxy_key};
+use crate::tenancy::{Identity, Refusal, Scope};
+use crate::tls::Tls;
 use crate::usage::Report;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -89,30 +97,59 @@ fn error(status: StatusCode, msg: &str) -> Response<OutBody> {
     )
 }
 
-fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
-    let Some(v) = req.headers().get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let Some(presented) = v.as_bytes().strip_prefix(b"Bearer ") else {
-        return false;
-    };
-    let want = shared.token.as_bytes();
-    // Constant time for equal lengths; the length of a random token is no secret.
-    presented.len() == want.len()
-        && presented
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-/// Serve the config API until the process ends.
-pub async fn serve_config(listener: TcpListener, shared: Arc<Shared>, heartbeat: Duration) {
-    serve(listener, move |req| {
-        let shared = shared.clone();
-        async move { config_api(shared, req, heartbeat).await }
-    })
-    .await
+/// Serve the config API over TLS until the process ends. Each connection is handshaken
+/// with the configuration in force (so a new certificate applies to new connections and
+/// established streams keep theirs); whether the peer showed a replica certificate is
+/// fixed per connection.
+pub async fn serve_config(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Arc<Tls>,
+    heartbeat: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(heartbeat.max(Duration::from_secs(1))))
+        .keep_alive_timeout(Duration::from_secs(20));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let (shared, tls, builder) = (shared.clone(), tls.clone(), builder.clone());
+        tokio::spawn(async move {
+            let conn = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    shared.metrics.refused("tls_handshake");
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.metrics.refused("tls_handshake");
+                    return;
+                }
+            };
+            let replica = crate::tls::is_replica(conn.get_ref().1.peer_certificates());
+            let service = service_fn(move |req| {
+                let (shared, tls) = (shared.clone(), tls.clone());
+                async move {
+                    Ok::<_, Infallible>(config_api(shared, tls, req, replica, heartbeat).await)
+                }
+            });
+            let _ = builder.serve_connection(TokioIo::new(conn), service).await;
+        });
+    }
 }
 
 /// Serve /healthz, /readyz and /metrics.
@@ -212,16 +249,99 @@ struct Ack {
     error: Option<String>,
 }
 
+fn refuse(shared: &Shared, r: &Refusal) -> Response<OutBody> {
+    shared.metrics.refused(r.metric_label());
+    let status = match r {
+        Refusal::Missing | Refusal::Invalid(_) => StatusCode::UNAUTHORIZED,
+        Refusal::NotServiceAccount(_) | Refusal::NotOptedIn(_) => StatusCode::FORBIDDEN,
+        Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    tracing::info!(reason = r.metric_label(), detail = %r, "config API request refused");
+    error(status, &r.to_string())
+}
+
+fn reject(
+    shared: &Shared,
+    status: StatusCode,
+    reason: &'static str,
+    msg: &str,
+) -> Response<OutBody> {
+    shared.metrics.rejected(reason);
+    tracing::warn!(reason, detail = msg, "report rejected");
+    error(status, msg)
+}
+
 async fn config_api(
     shared: Arc<Shared>,
+    tls: Arc<Tls>,
     req: Request<Incoming>,
+    replica: bool,
     heartbeat: Duration,
 ) -> Response<OutBody> {
-    if !authorized(&shared, &req) {
-        shared.metrics.error("unauthorized_proxy");
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong proxy token");
+    let path = req.uri().path().to_owned();
+    // Operator replicas among themselves: a client certificate from the CA, nothing else.
+    if path.starts_with("/v1/replica") {
+        if !replica {
+            return reject(
+                &shared,
+                StatusCode::FORBIDDEN,
+                "not_a_replica",
+                "replica calls need an operator replica's client certificate",
+            );
+        }
+        return match (req.method(), path.as_str()) {
+            (&Method::POST, "/v1/replicas") => {
+                let report: ReplicaReport = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(r) => return r,
+                };
+                if !shared.leader.load(Ordering::Relaxed) {
+                    return error(StatusCode::CONFLICT, "not the leader");
+                }
+                let fleet = shared.record_remote(&report.replica, report.proxies);
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::json!({"totalProxies": fleet.len(), "fleet": fleet}).to_string(),
+                )
+            }
+            (&Method::POST, "/v1/replica/usage") => {
+                let report: Report = match read_json(req).await {
+                    Ok(r) => r,
+                    Err(r) => return r,
+                };
+                if !shared.leader.load(Ordering::Relaxed) {
+                    return error(StatusCode::CONFLICT, "not the leader");
+                }
+                apply_usage(&shared, &report);
+                reply(StatusCode::NO_CONTENT, "text/plain", "")
+            }
+            _ => error(StatusCode::NOT_FOUND, "unknown path"),
+        };
     }
-    match (req.method(), req.uri().path()) {
+
+    // Proxies: who is it, and what may it receive?
+    let identity = match shared
+        .auth
+        .authenticate(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        )
+        .await
+    {
+        Ok(id) => id,
+        Err(r) => return refuse(&shared, &r),
+    };
+    let scope = {
+        let index = lock(&shared.index);
+        shared.tenancy.scope_of(&identity, &index.namespaces)
+    };
+    let scope = match scope {
+        Ok(s) => s,
+        Err(r) => return refuse(&shared, &r),
+    };
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/v1/stream") => {
             let Some(id) = query_param(&req, "proxy").filter(|id| valid_proxy_id(id)) else {
                 return error(
@@ -229,43 +349,47 @@ async fn config_api(
                     "query parameter proxy=<id> is required",
                 );
             };
-            stream(shared, id.to_owned(), heartbeat)
+            stream(shared, identity, id.to_owned(), scope, heartbeat)
         }
         (&Method::POST, "/v1/ack") => {
             let ack: Ack = match read_json(req).await {
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            record_ack(&shared, ack);
-            reply(StatusCode::NO_CONTENT, "text/plain", "")
-        }
-        (&Method::POST, "/v1/replicas") => {
-            let report: ReplicaReport = match read_json(req).await {
-                Ok(r) => r,
-                Err(r) => return r,
-            };
-            if !shared.leader.load(Ordering::Relaxed) {
-                return error(StatusCode::CONFLICT, "not the leader");
-            }
-            let total = shared.record_remote(&report.replica, report.proxies);
-            reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::json!({"totalProxies": total}).to_string(),
-            )
+            record_ack(&shared, &identity, ack)
         }
         (&Method::POST, "/v1/usage") => {
             let report: Report = match read_json(req).await {
                 Ok(r) => r,
-                Err(r) => return r,
+                Err(r) => {
+                    shared.metrics.rejected("unreadable");
+                    return r;
+                }
             };
-            usage(&shared, report).await
+            usage(&shared, &tls, &identity, &scope, report).await
         }
         _ => error(StatusCode::NOT_FOUND, "unknown path"),
     }
 }
 
-fn record_ack(shared: &Shared, ack: Ack) {
+fn record_ack(shared: &Shared, identity: &Identity, ack: Ack) -> Response<OutBody> {
+    let key = proxy_key(identity, &ack.proxy);
+    {
+        let mut proxies = lock(&shared.proxies);
+        let Some(p) = proxies.get_mut(&key).filter(|p| p.streams > 0) else {
+            drop(proxies);
+            return reject(
+                shared,
+                StatusCode::CONFLICT,
+                "unknown_proxy",
+                "no config stream of this proxy is open on this replica",
+            );
+        };
+        if ack.error.is_none() {
+            p.acked = Some(ack.version.clone());
+        }
+        p.error = ack.error.clone();
+    }
     match &ack.error {
         None => {
             if let Some(at) = shared.publish_time(&ack.version) {
@@ -274,49 +398,78 @@ fn record_ack(shared: &Shared, ack: Ack) {
                     .push_to_ack_seconds
                     .observe(at.elapsed().as_secs_f64());
             }
-            tracing::debug!(proxy = %ack.proxy, version = %ack.version, "proxy applied snapshot");
+            tracing::debug!(proxy = %key, version = %ack.version, "proxy applied snapshot");
         }
         Some(e) => {
             shared.metrics.error("proxy_rejected_snapshot");
-            tracing::warn!(proxy = %ack.proxy, version = %ack.version, error = %e, "proxy rejected snapshot");
+            tracing::warn!(proxy = %key, version = %ack.version, error = %e, "proxy rejected snapshot");
         }
-    }
-    {
-        let mut proxies = lock(&shared.proxies);
-        let p = proxies.entry(ack.proxy).or_default();
-        if ack.error.is_none() {
-            p.acked = Some(ack.version);
-        }
-        p.error = ack.error;
     }
     shared.status_wake.notify_one();
     shared.proxies_changed.notify_one();
+    reply(StatusCode::NO_CONTENT, "text/plain", "")
 }
 
-async fn usage(shared: &Arc<Shared>, report: Report) -> Response<OutBody> {
-    if shared.leader.load(Ordering::Relaxed) {
-        let applied = {
-            let index = lock(&shared.index);
-            let key_of = |id: &str| {
-                let (ns, name) = id.split_once('/')?;
-                index.key(ns, name)
-            };
-            lock(&shared.book).add(&report, key_of)
+/// Add a validated report to the leader's book.
+fn apply_usage(shared: &Shared, report: &Report) {
+    let applied = {
+        let index = lock(&shared.index);
+        let key_of = |id: &str| {
+            let (ns, name) = id.split_once('/')?;
+            index.key(ns, name)
         };
-        if applied > 0 {
-            shared.status_wake.notify_one();
-        }
+        lock(&shared.book).add(report, key_of)
+    };
+    if applied > 0 {
+        shared.status_wake.notify_one();
+        shared.changed.notify_one();
+    }
+}
+
+async fn usage(
+    shared: &Arc<Shared>,
+    tls: &Tls,
+    identity: &Identity,
+    scope: &Scope,
+    report: Report,
+) -> Response<OutBody> {
+    let key = proxy_key(identity, &report.proxy);
+    let streaming = lock(&shared.proxies)
+        .get(&key)
+        .is_some_and(|p| p.streams > 0);
+    if !streaming {
+        return reject(
+            shared,
+            StatusCode::FORBIDDEN,
+            "unknown_proxy",
+            "usage is accepted only from a proxy with an open config stream on this replica",
+        );
+    }
+    let view = {
+        let index = lock(&shared.index);
+        scope.resolve(&index.namespaces)
+    };
+    if let Err(e) = report.validate(|ns| view.covers(ns)) {
+        return reject(
+            shared,
+            StatusCode::BAD_REQUEST,
+            e.metric_label(),
+            &e.to_string(),
+        );
+    }
+    if shared.leader.load(Ordering::Relaxed) {
+        apply_usage(shared, &report);
         return reply(StatusCode::NO_CONTENT, "text/plain", "");
     }
-    // Not the leader: hand the report to the one that is.
+    // Not the leader: hand the validated report to the one that is.
     let Some(url) = lock(&shared.leader_url).clone() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no leader known yet; retry",
         );
     };
-    match forward(&url, &shared.token, &report).await {
-        Ok(()) => reply(StatusCode::NO_CONTENT, "text/plain", ""),
+    match forward(&url, tls, "/v1/replica/usage", &report).await {
+        Ok(_) => reply(StatusCode::NO_CONTENT, "text/plain", ""),
         Err(e) => {
             shared.metrics.error("usage_forward");
             error(
@@ -327,20 +480,31 @@ async fn usage(shared: &Arc<Shared>, report: Report) -> Response<OutBody> {
     }
 }
 
-async fn forward(url: &str, token: &str, report: &Report) -> anyhow::Result<()> {
+/// POST JSON to another replica over mutual TLS; returns the answer's body.
+async fn forward<T: serde::Serialize>(
+    url: &str,
+    tls: &Tls,
+    path: &str,
+    body: &T,
+) -> anyhow::Result<Bytes> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls.client_config()).clone())
+        .https_only()
+        .enable_http1()
+        .build();
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = Request::post(format!("{}/v1/usage", url.trim_end_matches('/')))
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .build::<_, Full<Bytes>>(https);
+    let req = Request::post(format!("{}{path}", url.trim_end_matches('/')))
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(report)?)))?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await??;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "leader answered {}",
-        resp.status()
-    );
-    Ok(())
+        .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
+    let answer = async {
+        let resp = client.request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(status.is_success(), "replica answered {status}");
+        Ok(body)
+    };
+    tokio::time::timeout(Duration::from_secs(5), answer).await?
 }
 
 /// Marks a proxy connected while its stream lives.
@@ -371,21 +535,36 @@ impl Drop for Connected {
     }
 }
 
-fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutBody> {
+fn stream(
+    shared: Arc<Shared>,
+    identity: Identity,
+    id: String,
+    scope: Scope,
+    heartbeat: Duration,
+) -> Response<OutBody> {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let key = proxy_key(&identity, &id);
     let connected = {
         let mut proxies = lock(&shared.proxies);
-        let p = proxies.entry(id.clone()).or_default();
+        let p = proxies.entry(key.clone()).or_insert_with(|| ProxyInfo {
+            identity: identity.clone(),
+            scope: scope.clone(),
+            streams: 0,
+            connected_at: std::time::Instant::now(),
+            acked: None,
+            error: None,
+        });
         p.streams += 1;
-        p.connected_at = Some(std::time::Instant::now());
+        p.scope = scope.clone();
+        p.connected_at = std::time::Instant::now();
         let n = proxies.values().filter(|p| p.streams > 0).count();
         shared.metrics.connected_proxies.set(n as i64);
         Connected {
             shared: shared.clone(),
-            id: id.clone(),
+            id: key.clone(),
         }
     };
-    tracing::info!(proxy = %id, "proxy connected");
+    tracing::info!(proxy = %key, scope = ?scope, "proxy connected");
     shared.changed.notify_one();
     shared.proxies_changed.notify_one();
     let mut updates = shared.published.subscribe();
@@ -394,10 +573,26 @@ fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutB
         let beat = Bytes::from_static(b"{\"type\":\"heartbeat\"}\n");
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.tick().await;
-        // The current snapshot at connect (if any yet), then every change.
+        let mut sent: Option<String> = None;
+        // This proxy's view of the current release: only what changed for it goes out.
+        let next_line = |sent: &mut Option<String>,
+                         release: Option<Arc<crate::controller::Release>>|
+         -> Option<Bytes> {
+            let release = release?;
+            let view = {
+                let index = lock(&shared.index);
+                scope.resolve(&index.namespaces)
+            };
+            let p = release.view(&view, &shared);
+            if sent.as_deref() == Some(p.version.as_str()) {
+                return None;
+            }
+            *sent = Some(p.version.clone());
+            Some(p.line.clone())
+        };
         let first = updates.borrow_and_update().clone();
-        if let Some(p) = first
-            && tx.send(p.line.clone()).await.is_err()
+        if let Some(line) = next_line(&mut sent, first)
+            && tx.send(line).await.is_err()
         {
             return;
         }
@@ -406,7 +601,9 @@ fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutB
                 changed = updates.changed() => {
                     if changed.is_err() { return; }
                     let next = updates.borrow_and_update().clone();
-                    if let Some(p) = next && tx.send(p.line.clone()).await.is_err() {
+                    if let Some(line) = next_line(&mut sent, next)
+                        && tx.send(line).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -428,10 +625,8 @@ fn stream(shared: Arc<Shared>, id: String, heartbeat: Duration) -> Response<OutB
 }
 
 /// While not leading, tell the leader about our proxies (on every change and every 2 s),
-/// and learn the fleet size from its answer.
-pub async fn sync_to_leader(shared: Arc<Shared>) {
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
+/// and learn the whole fleet from its answer.
+pub async fn sync_to_leader(shared: Arc<Shared>, tls: Arc<Tls>) {
     loop {
         tokio::select! {
             _ = shared.proxies_changed.notified() => {}
@@ -447,27 +642,19 @@ pub async fn sync_to_leader(shared: Arc<Shared>) {
             replica: shared.identity.clone(),
             proxies: shared.local_proxies(),
         };
-        let Ok(body) = serde_json::to_vec(&report) else {
-            continue;
-        };
-        let Ok(req) = Request::post(format!("{}/v1/replicas", url.trim_end_matches('/')))
-            .header(header::AUTHORIZATION, format!("Bearer {}", shared.token))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-        else {
-            continue;
-        };
-        let answer = async {
-            let resp = client.request(req).await.ok()?;
-            if !resp.status().is_success() {
-                return None;
+        #[derive(Deserialize)]
+        struct Answer {
+            fleet: Vec<RemoteProxy>,
+        }
+        match forward(&url, &tls, "/v1/replicas", &report).await {
+            Ok(body) => match serde_json::from_slice::<Answer>(&body) {
+                Ok(a) => shared.learn_fleet(a.fleet),
+                Err(_) => shared.metrics.error("replica_sync"),
+            },
+            Err(e) => {
+                shared.metrics.error("replica_sync");
+                tracing::debug!(error = %e, "replica sync failed");
             }
-            let body = resp.into_body().collect().await.ok()?.to_bytes();
-            serde_json::from_slice::<serde_json::Value>(&body).ok()?["totalProxies"].as_u64()
-        };
-        match tokio::time::timeout(Duration::from_secs(5), answer).await {
-            Ok(Some(total)) => shared.learn_total(total as u32),
-            _ => shared.metrics.error("replica_sync"),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Status, written only by the Lease holder.
 //!
 //! For every ModelRoute and ApiKey: `observedGeneration`, `Accepted` (the compiler's
-//! verdict) and `Programmed` (true when every connected proxy acknowledged a snapshot
-//! containing this generation), plus proxy counts, and for keys the usage in the current
-//! budget period. Written with server-side apply on the status subresource, and only when
+//! verdict), `ResolvedRefs` (its Secret references resolve to opted-in Secrets) and
+//! `Programmed` (true when every connected proxy serving its namespace acknowledged a
+//! snapshot containing this generation), plus proxy counts, and for keys the usage in the
+//! current budget period. Messages name only objects of the object's own namespace and
+//! never what a Secret holds. Written with server-side apply on the status subresource, and only when
 //! it differs from what this replica last wrote. The leader also mints Secrets for ApiKeys
 //! without `secretRef`, and records Events when an object stops being accepted.
 
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -23,8 +25,11 @@ use modelgate_dataplane::admission::unix_now;
 use serde_json::json;
 
 use crate::controller::{Shared, lock};
-use crate::index::{Kind, MINTED_KEY, ObjKey, Verdict, minted_secret_name};
+use crate::index::{CREDENTIAL_LABEL, Kind, MINTED_KEY, ObjKey, Verdict, minted_secret_name};
 use crate::usage::period_label;
+
+/// The ConfigMap (operator namespace) where the leader persists spent budgets.
+pub const USAGE_CONFIGMAP: &str = "modelgate-usage";
 
 const MANAGER: &str = "modelgate-operator";
 pub const ROTATE_ANNOTATION: &str = "modelgate.dev/rotate";
@@ -59,9 +64,17 @@ fn condition(
     }
 }
 
-/// How many connected proxies run a snapshot that has `key` at `generation` or newer.
+/// How many connected proxies serving the object's namespace run a snapshot that has `key`
+/// at `generation` or newer.
 fn programmed(shared: &Shared, key: &ObjKey, generation: i64) -> (i32, i32) {
-    let connected = shared.fleet();
+    let fleet = shared.fleet();
+    let connected: Vec<_> = {
+        let index = lock(&shared.index);
+        fleet
+            .into_iter()
+            .filter(|p| p.scope.resolve(&index.namespaces).covers(&key.namespace))
+            .collect()
+    };
     let done = connected
         .iter()
         .filter(|p| {
@@ -75,8 +88,27 @@ fn programmed(shared: &Shared, key: &ObjKey, generation: i64) -> (i32, i32) {
     (connected.len() as i32, done as i32)
 }
 
-/// `Accepted` and `Programmed` for an object's verdict and its proxy counts.
-fn conditions(old: &[Condition], v: &Verdict, connected: i32, done: i32) -> [Condition; 2] {
+/// `Accepted`, `ResolvedRefs` and `Programmed` for an object's verdict and its proxy counts.
+fn conditions(old: &[Condition], v: &Verdict, connected: i32, done: i32) -> [Condition; 3] {
+    let refs = if v.refs_unresolved() {
+        condition(
+            old,
+            "ResolvedRefs",
+            false,
+            v.reason,
+            &v.message,
+            v.generation,
+        )
+    } else {
+        condition(
+            old,
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "every referenced Secret resolves",
+            v.generation,
+        )
+    };
     [
         condition(
             old,
@@ -86,6 +118,7 @@ fn conditions(old: &[Condition], v: &Verdict, connected: i32, done: i32) -> [Con
             &v.message,
             v.generation,
         ),
+        refs,
         programmed_condition(old, v, connected, done),
     ]
 }
@@ -101,7 +134,7 @@ fn programmed_condition(old: &[Condition], v: &Verdict, connected: i32, done: i3
         (
             false,
             "NoProxies",
-            "no proxy is connected to the operator".to_owned(),
+            "no connected proxy serves this namespace".to_owned(),
         )
     } else if done == connected {
         (
@@ -125,12 +158,123 @@ fn programmed_condition(old: &[Condition], v: &Verdict, connected: i32, done: i3
     condition(old, "Programmed", ok, reason, &msg, v.generation)
 }
 
+/// Tell a Secret that does not exist from one that exists without the opt-in label (a
+/// metadata-only read: the operator never reads an unlabelled Secret's data).
+struct OptInCheck {
+    api_client: Client,
+    seen: HashMap<(String, String), (bool, std::time::Instant)>,
+}
+
+impl OptInCheck {
+    async fn refine(&mut self, key: &ObjKey, v: &Verdict) -> Verdict {
+        let Some(secret) = v
+            .unresolved_secret
+            .clone()
+            .filter(|_| v.reason == "SecretNotFound")
+        else {
+            return v.clone();
+        };
+        let id = (key.namespace.clone(), secret.clone());
+        let fresh = self
+            .seen
+            .get(&id)
+            .filter(|(_, at)| at.elapsed() < Duration::from_secs(30))
+            .map(|(exists, _)| *exists);
+        let exists = match fresh {
+            Some(e) => e,
+            None => {
+                let api: Api<Secret> = Api::namespaced(self.api_client.clone(), &key.namespace);
+                match api.get_metadata_opt(&secret).await {
+                    Ok(m) => {
+                        let e = m.is_some();
+                        self.seen.insert(id, (e, std::time::Instant::now()));
+                        e
+                    }
+                    Err(_) => return v.clone(),
+                }
+            }
+        };
+        if !exists {
+            return Verdict {
+                message: v.message.replace(
+                    &format!(" does not exist or does not carry the label {CREDENTIAL_LABEL}=true (only labelled Secrets are read)"),
+                    " does not exist",
+                ),
+                ..v.clone()
+            };
+        }
+        Verdict {
+            reason: "SecretNotOptedIn",
+            message: format!(
+                "{}Secret {}/{secret} exists but is not labelled {CREDENTIAL_LABEL}=true; the operator reads only Secrets that opted in: kubectl label secret {secret} -n {} {CREDENTIAL_LABEL}=true",
+                v.message
+                    .split_once("Secret ")
+                    .map(|(prefix, _)| prefix)
+                    .unwrap_or_default(),
+                key.namespace,
+                key.namespace
+            ),
+            ..v.clone()
+        }
+    }
+}
+
+/// Load the persisted usage sums into the leader's book (a new term).
+async fn load_usage(shared: &Shared, client: &Client, namespace: &str) -> bool {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    match api.get_opt(USAGE_CONFIGMAP).await {
+        Ok(cm) => {
+            let data = cm.and_then(|c| c.data).unwrap_or_default();
+            lock(&shared.book).load(&data);
+            true
+        }
+        Err(e) => {
+            shared.metrics.error("usage_load");
+            tracing::warn!(error = %e, "cannot read the persisted usage; will retry");
+            false
+        }
+    }
+}
+
+async fn persist_usage(shared: &Shared, client: &Client, namespace: &str) {
+    let data = {
+        let mut book = lock(&shared.book);
+        if !book.dirty {
+            return;
+        }
+        book.dirty = false;
+        book.to_data(unix_now())
+    };
+    let body = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": USAGE_CONFIGMAP, "labels": {"app.kubernetes.io/part-of": "modelgate"}},
+        "data": data,
+    });
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    if let Err(e) = api
+        .patch(
+            USAGE_CONFIGMAP,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        lock(&shared.book).dirty = true;
+        shared.metrics.error("usage_persist");
+        tracing::warn!(error = %e, "cannot persist usage; will retry");
+    }
+}
+
 /// The status writer loop: wakes on changes (and every few seconds), writes when leader.
-pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter) {
+pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter, namespace: String) {
     let recorder = Recorder::new(client.clone(), reporter);
     let mut written: HashMap<ObjKey, serde_json::Value> = HashMap::new();
     let mut rejected: HashSet<ObjKey> = HashSet::new();
     let mut was_leader = false;
+    let mut opt_in = OptInCheck {
+        api_client: client.clone(),
+        seen: HashMap::new(),
+    };
     loop {
         tokio::select! {
             _ = shared.status_wake.notified() => {}
@@ -143,14 +287,22 @@ pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter) {
             continue;
         }
         if !was_leader {
-            // A new term: write everything again, whatever an earlier leader wrote.
+            // A new term: take in the spent budgets, then write everything again, whatever
+            // an earlier leader wrote.
+            if !load_usage(&shared, &client, &namespace).await {
+                continue;
+            }
+            shared.changed.notify_one();
             written.clear();
             was_leader = true;
         }
+        persist_usage(&shared, &client, &namespace).await;
         let compiled = lock(&shared.compiled).clone();
         mint(&shared, &client, &compiled.to_mint).await;
         rotate(&shared, &client).await;
         for (key, v) in &compiled.verdicts {
+            let refined = opt_in.refine(key, v).await;
+            let v = &refined;
             let body = match key.kind {
                 Kind::ModelRoute => {
                     route_status(&shared, key, v, compiled.backends.get(key).copied())
@@ -216,12 +368,12 @@ fn route_status(
         index.route_conditions(&key.namespace, &key.name)?
     };
     let (connected, done) = programmed(shared, key, v.generation);
-    let [accepted, prog] = conditions(&old, v, connected, done);
+    let [accepted, refs, prog] = conditions(&old, v, connected, done);
     Some(json!({
         "apiVersion": "modelgate.dev/v1alpha1", "kind": "ModelRoute",
         "status": {
             "observedGeneration": v.generation,
-            "conditions": [accepted, prog],
+            "conditions": [accepted, refs, prog],
             "backends": backends,
             "proxies": connected,
             "programmedProxies": done,
@@ -267,8 +419,9 @@ fn key_status(shared: &Shared, key: &ObjKey, v: &Verdict) -> Option<serde_json::
         (old, usage, last_used, secret_name)
     };
     let (connected, done) = programmed(shared, key, v.generation);
-    let [accepted, prog] = conditions(&old, v, connected, done);
-    let mut status = json!({"observedGeneration": v.generation, "conditions": [accepted, prog]});
+    let [accepted, refs, prog] = conditions(&old, v, connected, done);
+    let mut status =
+        json!({"observedGeneration": v.generation, "conditions": [accepted, refs, prog]});
     if let Some(u) = usage {
         status["usage"] = u;
     }
@@ -321,7 +474,13 @@ fn minted_secret(owner: &ApiKey, raw: &str, rotation: &str) -> Secret {
     let mut s = Secret::default();
     s.metadata.name = Some(minted_secret_name(&owner.name_any()));
     s.metadata.namespace = owner.namespace();
-    s.metadata.labels = Some([("modelgate.dev/apikey".to_owned(), owner.name_any())].into());
+    s.metadata.labels = Some(
+        [
+            ("modelgate.dev/apikey".to_owned(), owner.name_any()),
+            (CREDENTIAL_LABEL.to_owned(), "true".to_owned()),
+        ]
+        .into(),
+    );
     s.metadata.annotations = Some([(ROTATION_DONE.to_owned(), rotation.to_owned())].into());
     s.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "modelgate.dev/v1alpha1".into(),
@@ -365,12 +524,41 @@ async fn mint(shared: &Shared, client: &Client, keys: &[ObjKey]) {
             .await
         {
             Ok(_) => tracing::info!(apikey = %key.id(), "minted a key Secret"),
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Minted before Secrets needed the opt-in label (an upgrade): label ours.
+                adopt_minted(shared, client, &owner, &key.namespace).await;
+            }
             Err(e) => {
                 shared.metrics.error("mint");
                 tracing::warn!(apikey = %key.id(), error = %e, "could not mint the key Secret");
             }
         }
+    }
+}
+
+/// Add the opt-in label to a minted Secret that lacks it, if the ApiKey owns it.
+async fn adopt_minted(shared: &Shared, client: &Client, owner: &ApiKey, ns: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = minted_secret_name(&owner.name_any());
+    let Ok(Some(meta)) = api.get_metadata_opt(&name).await else {
+        return;
+    };
+    let owned = meta
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.kind == "ApiKey" && Some(&o.uid) == owner.uid().as_ref());
+    if !owned {
+        return;
+    }
+    let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": {CREDENTIAL_LABEL: "true"}}});
+    if let Err(e) = api
+        .patch(&name, &PatchParams::apply(MANAGER), &Patch::Apply(&body))
+        .await
+    {
+        shared.metrics.error("mint");
+        tracing::warn!(error = %e, "could not label a minted key Secret");
     }
 }
 

@@ -2,6 +2,11 @@
 //! them for the current budget period and writes them to `ApiKey.status.usage`. Every
 //! replica reads that status back through its watch and marks keys whose budget is used up
 //! as `exhausted` in the snapshot, so a budget holds across all proxies.
+//!
+//! Spent budget belongs to the key's name, not to the object: the leader keeps its sums
+//! for the whole period, also after the ApiKey is deleted, and persists them in a
+//! ConfigMap of the operator's namespace (which tenants cannot write), so deleting and
+//! recreating an ApiKey, or a new leader, never hands out a fresh budget.
 
 use std::collections::HashMap;
 
@@ -63,10 +68,54 @@ pub fn exhausted(key: &ApiKey, now: u64) -> bool {
     budget.tokens.is_some_and(|t| u.tokens as i64 >= t) || budget.usd.is_some_and(|d| u.usd >= d)
 }
 
+/// Why a usage report is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("key {0:?}: costUsd must be a finite number >= 0")]
+    BadNumber(String),
+    #[error("key {0:?} is not served by the reporting proxy")]
+    ForeignKey(String),
+}
+
+impl ReportError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::BadNumber(_) => "bad_number",
+            Self::ForeignKey(_) => "foreign_key",
+        }
+    }
+}
+
+impl Report {
+    /// Every number sane, and every key one that `serves(namespace)` allows.
+    pub fn validate(&self, serves: impl Fn(&str) -> bool) -> Result<(), ReportError> {
+        for (id, d) in &self.keys {
+            if !d.cost_usd.is_finite() || d.cost_usd < 0.0 || d.cost_usd > 1e9 {
+                return Err(ReportError::BadNumber(id.clone()));
+            }
+            let ns = id.split_once('/').map(|(ns, _)| ns);
+            if !ns.is_some_and(&serves) {
+                return Err(ReportError::ForeignKey(id.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The leader's running sums.
 #[derive(Debug, Default)]
 pub struct Book {
     keys: HashMap<String, KeyUsage>,
+    /// Changed since last persisted.
+    pub dirty: bool,
+}
+
+/// The persisted form of one key's usage.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    period: String,
+    tokens: u64,
+    usd: f64,
 }
 
 impl Book {
@@ -93,10 +142,15 @@ impl Book {
                     ..KeyUsage::default()
                 };
             }
-            entry.tokens += d.tokens;
-            entry.usd += d.cost_usd;
+            entry.tokens = entry.tokens.saturating_add(d.tokens);
+            if d.cost_usd.is_finite() && d.cost_usd > 0.0 {
+                entry.usd += d.cost_usd;
+            }
             entry.last_used = entry.last_used.max(d.last_used);
             applied += 1;
+        }
+        if applied > 0 {
+            self.dirty = true;
         }
         applied
     }
@@ -105,8 +159,67 @@ impl Book {
         self.keys.get(id)
     }
 
-    pub fn forget_others(&mut self, live: impl Fn(&str) -> bool) {
-        self.keys.retain(|id, _| live(id));
+    /// True when this book (the leader's) says the key used up its budget.
+    pub fn exhausted(&self, key: &ApiKey, now: u64) -> bool {
+        let id = format!(
+            "{}/{}",
+            key.metadata.namespace.as_deref().unwrap_or_default(),
+            key.metadata.name.as_deref().unwrap_or_default()
+        );
+        let (Some(budget), Some(u)) = (key.spec.budget.as_ref(), self.keys.get(&id)) else {
+            return false;
+        };
+        u.period == period_label(key, now)
+            && (budget.tokens.is_some_and(|t| u.tokens as i64 >= t)
+                || budget.usd.is_some_and(|d| u.usd >= d))
+    }
+
+    /// The persisted form: ConfigMap data, one entry per key (`namespace_name`: `_` never
+    /// occurs in Kubernetes names). Entries of periods that ended are dropped.
+    pub fn to_data(&mut self, now: u64) -> std::collections::BTreeMap<String, String> {
+        let (y, m, _) = civil((now / 86_400) as i64);
+        let month = format!("{y:04}-{m:02}");
+        // A day period "YYYY-MM-DD" or a month "YYYY-MM" of this month is still live.
+        self.keys.retain(|_, u| u.period.starts_with(&month));
+        self.keys
+            .iter()
+            .filter_map(|(id, u)| {
+                let (ns, name) = id.split_once('/')?;
+                let v = serde_json::to_string(&Stored {
+                    period: u.period.clone(),
+                    tokens: u.tokens,
+                    usd: u.usd,
+                })
+                .ok()?;
+                Some((format!("{ns}_{name}"), v))
+            })
+            .collect()
+    }
+
+    /// Take in persisted sums (a new leader); the larger of two sums of one period wins.
+    pub fn load(&mut self, data: &std::collections::BTreeMap<String, String>) {
+        for (k, v) in data {
+            let (Some((ns, name)), Ok(s)) = (k.split_once('_'), serde_json::from_str::<Stored>(v))
+            else {
+                continue;
+            };
+            let id = format!("{ns}/{name}");
+            let e = self.keys.entry(id).or_insert_with(|| KeyUsage {
+                period: s.period.clone(),
+                ..KeyUsage::default()
+            });
+            if e.period == s.period {
+                e.tokens = e.tokens.max(s.tokens);
+                e.usd = e.usd.max(s.usd);
+            } else if s.period > e.period {
+                *e = KeyUsage {
+                    period: s.period,
+                    tokens: s.tokens,
+                    usd: s.usd,
+                    last_used: 0,
+                };
+            }
+        }
     }
 }
 
@@ -175,6 +288,49 @@ mod tests {
             "a past period does not count"
         );
         assert_eq!(book.add(&report, |_| None), 0);
+    }
+
+    #[test]
+    fn reports_are_validated_and_sums_survive_a_new_book() {
+        let now = unix_now();
+        let delta = |cost: f64| KeyDelta {
+            tokens: 5,
+            cost_usd: cost,
+            last_used: now,
+        };
+        let report = |id: &str, cost: f64| Report {
+            proxy: "p".into(),
+            keys: [(id.to_owned(), delta(cost))].into(),
+        };
+        let serves_a = |ns: &str| ns == "a";
+        assert!(report("a/k", 0.5).validate(serves_a).is_ok());
+        assert_eq!(
+            report("a/k", -1.0).validate(serves_a),
+            Err(ReportError::BadNumber("a/k".into()))
+        );
+        assert!(report("a/k", f64::NAN).validate(serves_a).is_err());
+        assert_eq!(
+            report("b/k", 0.5).validate(serves_a),
+            Err(ReportError::ForeignKey("b/k".into()))
+        );
+        assert!(report("nonamespace", 0.5).validate(serves_a).is_err());
+        // A JSON negative token count does not even parse.
+        assert!(
+            serde_json::from_str::<KeyDelta>(r#"{"tokens":-5,"costUsd":0,"lastUsed":0}"#).is_err()
+        );
+
+        let k = key(10, 0, None);
+        let mut book = Book::default();
+        book.add(&report("ns/k", 0.0), |_| Some(&k));
+        book.add(&report("ns/k", 0.0), |_| Some(&k));
+        let mut named = k.clone();
+        named.metadata.namespace = Some("ns".into());
+        assert!(book.exhausted(&named, now), "10 of 10 tokens");
+        let data = book.to_data(now);
+        let mut fresh = Book::default();
+        fresh.load(&data);
+        assert_eq!(fresh.get("ns/k").unwrap().tokens, 10);
+        assert!(fresh.exhausted(&named, now), "a new leader still knows");
     }
 
     #[test]

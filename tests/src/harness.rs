@@ -182,13 +182,21 @@ impl Proxy {
         Self::spawn(dir, config, &args, envs)
     }
 
-    /// A proxy that follows the operator's config stream.
-    pub fn follow(operator_url: &str, token_file: &Path, id: &str) -> Self {
+    /// A proxy that follows an operator's config stream, trusting the CA bundle the
+    /// operator publishes, with the given token (a ServiceAccount token or the shared one).
+    pub fn follow(op: &crate::k8s::Operator, token_file: &Path, id: &str) -> Self {
+        Self::follow_with(&op.config_url, &op.ca_file(), token_file, id)
+    }
+
+    /// A proxy that follows `operator_url`, trusting the CAs in `ca_file`.
+    pub fn follow_with(operator_url: &str, ca_file: &Path, token_file: &Path, id: &str) -> Self {
         let dir = temp_dir("proxy");
         let config = dir.join("unused.yaml");
         let args: Vec<String> = [
             "--operator",
             operator_url,
+            "--operator-ca",
+            &ca_file.display().to_string(),
             "--operator-token-file",
             &token_file.display().to_string(),
             "--proxy-id",

@@ -134,7 +134,7 @@ impl Drop for Namespace {
     }
 }
 
-/// A token file shared by an operator and its proxies.
+/// A shared development token in a file (for `--proxy-auth shared-token`).
 pub fn token_file() -> PathBuf {
     let dir = temp_dir("token");
     let f = dir.join("token");
@@ -150,69 +150,137 @@ pub fn token_file() -> PathBuf {
     f
 }
 
+/// The ServiceAccount the test operators treat as the gateway's (as the chart does).
+pub const GATEWAY_SA: &str = "modelgate-proxy";
+
+/// A token of ServiceAccount `ns/sa` for the modelgate audience, minted with the
+/// TokenRequest API (`kubectl create token`), in a file. Creates the ServiceAccount.
+pub fn sa_token(ns: &str, sa: &str) -> PathBuf {
+    let out = kubectl(&["create", "serviceaccount", sa, "-n", ns], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || err.contains("already exists"),
+        "create serviceaccount: {err}"
+    );
+    let token = kubectl_ok(
+        &[
+            "create",
+            "token",
+            sa,
+            "-n",
+            ns,
+            "--audience",
+            "modelgate",
+            "--duration",
+            "1h",
+        ],
+        None,
+    );
+    let f = temp_dir("sa-token").join("token");
+    std::fs::write(&f, token.trim()).unwrap();
+    f
+}
+
+/// A token of the gateway ServiceAccount of namespace `ns`.
+pub fn gateway_token(ns: &str) -> PathBuf {
+    sa_token(ns, GATEWAY_SA)
+}
+
+/// How a test operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Lease, CA Secret and CA bundle ConfigMap live here.
+    pub namespace: String,
+    pub identity: String,
+    pub config_addr: String,
+    pub kubeconfig: PathBuf,
+    /// `Some(file)`: `--proxy-auth shared-token` with that token.
+    pub shared_token: Option<PathBuf>,
+    /// `NS/NAME` of gateway ServiceAccounts.
+    pub gateway_accounts: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl OperatorConfig {
+    /// ServiceAccount identity; the gateway is `ns/modelgate-proxy`; upstreams allowed:
+    /// 127.0.0.1 (the tests' mock upstreams) and OpenAI (the examples' fallback).
+    pub fn new(namespace: &str, identity: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            identity: identity.into(),
+            config_addr: "127.0.0.1:0".into(),
+            kubeconfig: kubeconfig(),
+            shared_token: None,
+            gateway_accounts: vec![format!("{namespace}/{GATEWAY_SA}")],
+            extra_args: [
+                "--allow-upstream",
+                "127.0.0.1/32",
+                "--allow-upstream",
+                "*.openai.com",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
 /// A running operator process.
 pub struct Operator {
     pub config_url: String,
     pub admin_url: String,
     pub log: PathBuf,
+    pub namespace: String,
+    dir: PathBuf,
     child: Child,
 }
 
 impl Operator {
-    pub fn start(token: &Path, lease_namespace: &str, identity: &str) -> Self {
-        Self::start_on(token, lease_namespace, identity, "127.0.0.1:0")
+    pub fn start(namespace: &str, identity: &str) -> Self {
+        Self::launch(OperatorConfig::new(namespace, identity))
     }
 
     /// Start with the config server on a given address (to restart at the same one).
-    pub fn start_on(
-        token: &Path,
-        lease_namespace: &str,
-        identity: &str,
-        config_addr: &str,
-    ) -> Self {
-        Self::spawn(token, lease_namespace, identity, config_addr, &kubeconfig())
+    pub fn start_on(namespace: &str, identity: &str, config_addr: &str) -> Self {
+        Self::launch(OperatorConfig {
+            config_addr: config_addr.into(),
+            ..OperatorConfig::new(namespace, identity)
+        })
     }
 
-    /// Start with another identity's kubeconfig (e.g. a ServiceAccount's).
-    pub fn start_as(
-        token: &Path,
-        lease_namespace: &str,
-        identity: &str,
-        kubeconfig: &Path,
-    ) -> Self {
-        Self::spawn(token, lease_namespace, identity, "127.0.0.1:0", kubeconfig)
-    }
-
-    fn spawn(
-        token: &Path,
-        lease_namespace: &str,
-        identity: &str,
-        config_addr: &str,
-        kubeconfig: &Path,
-    ) -> Self {
+    pub fn launch(c: OperatorConfig) -> Self {
         let dir = temp_dir("operator");
         let addr_file = dir.join("addr.json");
         let log = dir.join("operator.log");
-        let mut child = Command::new(operator_bin())
-            .args([
-                "--config-listen",
-                config_addr,
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--token-file")
-            .arg(token)
-            .args(["--lease-namespace", lease_namespace, "--identity", identity])
-            .args(["--lease-duration", "3s", "--heartbeat", "1s"])
+        let mut cmd = Command::new(operator_bin());
+        cmd.args([
+            "--config-listen",
+            &c.config_addr,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--namespace", &c.namespace, "--identity", &c.identity])
+        .args(["--lease-duration", "3s", "--heartbeat", "1s"]);
+        match &c.shared_token {
+            Some(t) => {
+                cmd.args(["--proxy-auth", "shared-token", "--token-file"])
+                    .arg(t);
+            }
+            None => {
+                cmd.args(["--proxy-auth", "serviceaccount"]);
+            }
+        }
+        for a in &c.gateway_accounts {
+            cmd.args(["--gateway-serviceaccount", a]);
+        }
+        cmd.args(&c.extra_args)
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("KUBECONFIG", kubeconfig)
+            .env("KUBECONFIG", &c.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn modelgate-operator");
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().expect("spawn modelgate-operator");
         let v = wait_addr_file(
             &mut child,
             &addr_file,
@@ -221,11 +289,19 @@ impl Operator {
             Duration::from_secs(60),
         );
         Self {
-            config_url: format!("http://{}", v["config"].as_str().unwrap()),
+            config_url: format!("https://{}", v["config"].as_str().unwrap()),
             admin_url: format!("http://{}", v["admin"].as_str().unwrap()),
             log,
+            namespace: c.namespace,
+            dir,
             child,
         }
+    }
+
+    /// The CA bundle proxies trust, as the operator publishes it (the `modelgate-ca`
+    /// ConfigMap of its namespace), in a file.
+    pub fn ca_file(&self) -> PathBuf {
+        ca_bundle_file(&self.namespace, &self.dir)
     }
 
     pub fn log_text(&self) -> String {
@@ -235,6 +311,24 @@ impl Operator {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Wait for the `modelgate-ca` ConfigMap of `ns` and write its bundle into `dir/ca.crt`.
+pub fn ca_bundle_file(ns: &str, dir: &Path) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pem = jsonpath(ns, "configmap/modelgate-ca", "{.data.ca\\.crt}");
+        if pem.contains("BEGIN CERTIFICATE") {
+            let f = dir.join("ca.crt");
+            std::fs::write(&f, pem).unwrap();
+            return f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CA bundle ConfigMap modelgate-ca in {ns} after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

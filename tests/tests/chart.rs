@@ -16,6 +16,8 @@ const PROFILES: &[(&str, Option<&str>)] = &[
     ("sidecar-only", Some("ci/sidecar-only-values.yaml")),
     ("monitoring", Some("ci/monitoring-values.yaml")),
     ("networkpolicy", Some("ci/networkpolicy-values.yaml")),
+    ("shared-token", Some("ci/shared-token-values.yaml")),
+    ("upstream-policy", Some("ci/upstream-policy-values.yaml")),
 ];
 
 /// Tests that run an operator take turns.
@@ -151,6 +153,155 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         assert!(defaults.contains(needle), "defaults lack {needle}");
     }
 
+    // Trust (issue 9): proxies prove their ServiceAccount, the config stream is TLS.
+    for (name, expected) in [
+        ("--proxy-auth", vec!["serviceaccount"]),
+        ("--token-audience", vec!["modelgate"]),
+        ("--token-file", vec![]),
+        ("--namespace", vec!["$(POD_NAMESPACE)"]),
+        (
+            "--gateway-serviceaccount",
+            vec!["modelgate/modelgate-proxy"],
+        ),
+        ("--gateway-namespaces", vec!["all"]),
+        ("--ca-secret", vec!["modelgate-ca"]),
+        ("--ca-configmap", vec!["modelgate-ca"]),
+        (
+            "--tls-san",
+            vec![
+                "modelgate-operator",
+                "modelgate-operator.modelgate",
+                "modelgate-operator.modelgate.svc",
+                "modelgate-operator.modelgate.svc.cluster.local",
+            ],
+        ),
+        ("--allow-upstream", vec![]),
+        ("--deny-upstream", vec![]),
+        ("--service-cidr", vec![]),
+        (
+            "--operator",
+            vec!["https://modelgate-operator.modelgate.svc:8443"],
+        ),
+        ("--operator-ca", vec!["/var/run/modelgate/ca.crt"]),
+        ("--operator-token-file", vec!["/var/run/modelgate/token"]),
+    ] {
+        assert_eq!(flag_values(&defaults, name), expected, "defaults: {name}");
+    }
+    assert!(
+        !defaults.contains("proxy-token"),
+        "no shared token by default"
+    );
+    let proxy_deployment = document(&defaults, "Deployment", "modelgate-proxy");
+    for needle in [
+        "automountServiceAccountToken: false",
+        "serviceAccountToken:",
+        "audience: modelgate",
+        "expirationSeconds: 3600",
+        "name: modelgate-ca",
+        "optional: true",
+    ] {
+        assert!(
+            proxy_deployment.contains(needle),
+            "proxy Deployment lacks {needle}"
+        );
+    }
+    for (role, labels) in [
+        (
+            "modelgate-edit",
+            &[
+                "rbac.authorization.k8s.io/aggregate-to-edit: \"true\"",
+                "rbac.authorization.k8s.io/aggregate-to-admin: \"true\"",
+            ][..],
+        ),
+        (
+            "modelgate-view",
+            &["rbac.authorization.k8s.io/aggregate-to-view: \"true\""][..],
+        ),
+    ] {
+        let doc = document(&defaults, "ClusterRole", role);
+        for label in labels {
+            assert!(doc.contains(label), "{role} lacks {label}");
+        }
+        let rules = doc.split("rules:").nth(1).unwrap();
+        assert!(
+            !rules.contains("status") && !rules.contains("secrets"),
+            "{role} grants status or Secrets: {rules}"
+        );
+    }
+    assert!(
+        flag_values(&sidecar, "--gateway-serviceaccount").is_empty(),
+        "no gateway identity without the central proxies"
+    );
+    let shared = render(
+        "modelgate",
+        "modelgate",
+        "1.33.0",
+        Some("ci/shared-token-values.yaml"),
+        &[],
+    );
+    assert_eq!(flag_values(&shared, "--proxy-auth"), ["shared-token"]);
+    assert_eq!(
+        flag_values(&shared, "--token-file"),
+        ["/var/run/modelgate/token/token"]
+    );
+    assert!(flag_values(&shared, "--token-audience").is_empty());
+    document(&shared, "Secret", "modelgate-proxy-token");
+    let shared_proxy = document(&shared, "Deployment", "modelgate-proxy");
+    assert!(
+        !shared_proxy.contains("serviceAccountToken:")
+            && shared_proxy.contains("name: modelgate-proxy-token")
+            && shared_proxy.contains("name: modelgate-ca"),
+        "shared-token proxies mount the token Secret and still the CA: {shared_proxy}"
+    );
+    let policy = render(
+        "modelgate",
+        "modelgate",
+        "1.33.0",
+        Some("ci/upstream-policy-values.yaml"),
+        &[],
+    );
+    assert_eq!(
+        flag_values(&policy, "--allow-upstream"),
+        ["api.openai.com", "*.openai.azure.com", "10.20.0.0/16"]
+    );
+    assert_eq!(
+        flag_values(&policy, "--deny-upstream"),
+        ["internal.example.com"]
+    );
+    assert_eq!(
+        flag_values(&policy, "--service-cidr"),
+        ["10.96.0.0/12", "fd00:10:96::/112"]
+    );
+    assert_eq!(
+        flag_values(&policy, "--gateway-namespaces"),
+        ["modelgate.dev/gateway=true,tier=prod"]
+    );
+    assert_eq!(flag_values(&policy, "--ca-configmap"), ["example-ca"]);
+    assert!(
+        document(&policy, "ClusterRole", "modelgate-operator")
+            .contains("resourceNames: [\"example-ca\"]")
+            && document(&policy, "Deployment", "modelgate-proxy").contains("name: example-ca"),
+        "the CA ConfigMap name follows tls.caConfigMap"
+    );
+    // Operator replicas reach each other's config port (replica-to-leader calls).
+    let netpol = render(
+        "modelgate",
+        "modelgate",
+        "1.33.0",
+        Some("ci/networkpolicy-values.yaml"),
+        &[],
+    );
+    let ingress = document(&netpol, "NetworkPolicy", "modelgate-operator")
+        .split("ingress:")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(
+        ingress.contains("app.kubernetes.io/component: operator")
+            && ingress.contains("app.kubernetes.io/component: proxy"),
+        "{ingress}"
+    );
+
     // The values schema rejects wrong types with a message naming the field.
     let out = run(
         &helm_bin(),
@@ -166,15 +317,24 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("operator.replicas"));
-
-    // The golden render (token pinned; everything else as shipped).
-    let golden = render(
-        "modelgate",
-        "modelgate",
-        "1.33.0",
+    let out = run(
+        &helm_bin(),
+        &[
+            "template",
+            "x",
+            &chart().display().to_string(),
+            "--set",
+            "proxyAuth.mode=none",
+        ],
         None,
-        &["--set", "proxyToken.value=golden-render-token-0123456789"],
+        &[],
     );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("proxyAuth.mode"));
+
+    // The golden render: the defaults as shipped (ServiceAccount identities, so no generated
+    // token to pin).
+    let golden = defaults;
     let path = repo_root().join("tests/golden/chart-default.yaml");
     if std::env::var("UPDATE_GOLDEN").is_ok() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -185,6 +345,33 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         committed == golden,
         "the default render changed: review it, then run UPDATE_GOLDEN=1 cargo test -p modelgate-tests --test chart"
     );
+}
+
+/// The values given to `name` in rendered container args (`- --flag` then `- value`).
+fn flag_values(rendered: &str, name: &str) -> Vec<String> {
+    let mut lines = rendered.lines().map(str::trim);
+    let mut values = Vec::new();
+    while let Some(line) = lines.next() {
+        if line.strip_prefix("- ") == Some(name) {
+            let value = lines
+                .next()
+                .and_then(|l| l.strip_prefix("- "))
+                .unwrap_or("");
+            let value = value.split(" #").next().unwrap_or("").trim();
+            values.push(value.trim_matches('"').to_owned());
+        }
+    }
+    values
+}
+
+/// One document of a render, by kind and metadata.name.
+fn document<'a>(rendered: &'a str, kind: &str, name: &str) -> &'a str {
+    rendered
+        .split("\n---")
+        .find(|d| {
+            d.contains(&format!("\nkind: {kind}\n")) && d.contains(&format!("\n  name: {name}\n"))
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name} in the render"))
 }
 
 #[test]
@@ -304,11 +491,13 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         "--set",
         "operator.leaseDuration=3s",
     ]);
-    // The token survives an upgrade.
-    let token_secret = format!("secret/{release}-modelgate-proxy-token");
-    let read_token = || jsonpath(&release_ns.0, &token_secret, "{.data.token}");
-    let token = read_token();
-    assert_eq!(token.len(), 64, "48 random characters, base64");
+    // Proxies prove who they are with ServiceAccount tokens: no shared token by default.
+    assert!(
+        jsonpath(&release_ns.0, "secrets", "{.items[*].metadata.name}")
+            .split(' ')
+            .all(|n| n != format!("{release}-modelgate-proxy-token")),
+        "no shared proxy token in the default install"
+    );
     helm_ok(&[
         "upgrade",
         release,
@@ -318,15 +507,19 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         "--set",
         "operator.leaseDuration=3s",
     ]);
-    assert_eq!(read_token(), token);
 
-    // Run the operator as the chart's ServiceAccount.
+    // Run the operator as the chart's ServiceAccount, with the chart's names; the proxy
+    // with a token of the chart's proxy ServiceAccount.
     let sa_config =
         service_account_kubeconfig(&release_ns.0, &format!("{release}-modelgate-operator")).await;
-    let token_file = temp_dir("chart-token").join("token");
-    std::fs::write(&token_file, decode_base64(&token)).unwrap();
-    let op = Operator::start_as(&token_file, &release_ns.0, "chart-op", &sa_config);
-    let proxy = Proxy::follow(&op.config_url, &token_file, "chart-proxy");
+    let op = Operator::launch(OperatorConfig {
+        kubeconfig: sa_config.clone(),
+        gateway_accounts: vec![format!("{}/{release}-modelgate-proxy", release_ns.0)],
+        extra_args: vec!["--ca-secret".into(), format!("{release}-modelgate-ca")],
+        ..OperatorConfig::new(&release_ns.0, "chart-op")
+    });
+    let proxy_token = sa_token(&release_ns.0, &format!("{release}-modelgate-proxy"));
+    let proxy = Proxy::follow(&op, &proxy_token, "chart-proxy");
 
     // Everything it does works with those permissions...
     kubectl_ok(
@@ -340,7 +533,7 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         None,
     );
     let secret = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: team-a-key}}\nstringData: {{key: sk-{}-team-a-0123456789}}\n",
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: team-a-key, labels: {{modelgate.dev/credential: \"true\"}}}}\nstringData: {{key: sk-{}-team-a-0123456789}}\n",
         apps.0
     );
     kubectl_ok(&["apply", "-n", &apps.0, "-f", "-"], Some(&secret));
@@ -374,6 +567,7 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
     assert!(!op.log_text().contains("forbidden"), "{}", op.log_text());
 
     // ...and nothing beyond them.
+    let ca_secret = format!("secrets/{release}-modelgate-ca");
     for allowed in [
         vec!["list", "secrets", "-A"],
         vec!["create", "secrets", "-n", &apps.0],
@@ -386,6 +580,17 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         ],
         vec!["update", "leases.coordination.k8s.io", "-n", &release_ns.0],
         vec!["create", "events.events.k8s.io", "-n", &apps.0],
+        // Proxy identities, and which namespaces opted in.
+        vec!["create", "tokenreviews.authentication.k8s.io"],
+        vec!["list", "namespaces"],
+        vec!["watch", "namespaces"],
+        // The CA: its Secret in the release namespace, its ConfigMap wherever sidecars run.
+        vec!["update", &ca_secret, "-n", &release_ns.0],
+        vec!["create", "configmaps", "-n", &apps.0],
+        vec!["get", "configmaps/modelgate-ca", "-n", &apps.0],
+        vec!["update", "configmaps/modelgate-ca", "-n", &apps.0],
+        // The usage book.
+        vec!["update", "configmaps/modelgate-usage", "-n", &release_ns.0],
     ] {
         assert!(
             can_i(&sa_config, &allowed),
@@ -401,8 +606,84 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
         vec!["get", "pods", "-n", &apps.0],
         vec!["update", "leases.coordination.k8s.io", "-n", &apps.0],
         vec!["create", "clusterrolebindings.rbac.authorization.k8s.io"],
+        // Secrets: read and mint, never rewrite (the CA Secret by name, in its namespace).
+        vec!["delete", "secrets", "-n", &release_ns.0],
+        vec!["update", "secrets/other-name", "-n", &release_ns.0],
+        vec!["update", &ca_secret, "-n", &apps.0],
+        // ConfigMaps: only the CA and usage ones, by name, where they belong.
+        vec!["list", "configmaps", "-n", &apps.0],
+        vec!["get", "configmaps/other-name", "-n", &apps.0],
+        vec!["update", "configmaps/other-name", "-n", &apps.0],
+        vec!["patch", "configmaps/other-name", "-n", &release_ns.0],
+        vec!["delete", "configmaps/modelgate-ca", "-n", &apps.0],
+        vec!["update", "configmaps/modelgate-usage", "-n", &apps.0],
+        // Namespaces read only; no minting of tokens, no access reviews on others' behalf.
+        vec!["patch", "namespaces"],
+        vec!["delete", "namespaces"],
+        vec![
+            "create",
+            "serviceaccounts",
+            "--subresource=token",
+            "-n",
+            &apps.0,
+        ],
+        vec!["create", "subjectaccessreviews.authorization.k8s.io"],
+        vec!["patch", "apikeys.modelgate.dev", "-n", &apps.0],
     ] {
         assert!(!can_i(&sa_config, &denied), "should be denied: {denied:?}");
+    }
+
+    // Tenants: the aggregated roles give the specs, not status and not Secrets.
+    let admin = kubeconfig();
+    for (user, role) in [
+        ("tenant-editor", format!("{release}-modelgate-edit")),
+        ("tenant-viewer", format!("{release}-modelgate-view")),
+    ] {
+        kubectl_ok(
+            &[
+                "create",
+                "rolebinding",
+                user,
+                &format!("--clusterrole={role}"),
+                &format!("--user={user}"),
+                "-n",
+                &apps.0,
+            ],
+            None,
+        );
+    }
+    let as_user = |user: &str, args: &[&str]| {
+        let who = format!("--as={user}");
+        can_i(&admin, &[args, &["-n", &apps.0, &who]].concat())
+    };
+    for (user, args) in [
+        ("tenant-editor", vec!["patch", "modelroutes.modelgate.dev"]),
+        ("tenant-editor", vec!["create", "apikeys.modelgate.dev"]),
+        ("tenant-editor", vec!["delete", "apikeys.modelgate.dev"]),
+        ("tenant-viewer", vec!["list", "apikeys.modelgate.dev"]),
+        ("tenant-viewer", vec!["watch", "modelroutes.modelgate.dev"]),
+    ] {
+        assert!(as_user(user, &args), "{user} should be allowed: {args:?}");
+    }
+    for (user, args) in [
+        (
+            "tenant-editor",
+            vec!["patch", "apikeys.modelgate.dev", "--subresource=status"],
+        ),
+        (
+            "tenant-editor",
+            vec![
+                "update",
+                "modelroutes.modelgate.dev",
+                "--subresource=status",
+            ],
+        ),
+        ("tenant-editor", vec!["get", "secrets"]),
+        ("tenant-editor", vec!["create", "secrets"]),
+        ("tenant-viewer", vec!["patch", "modelroutes.modelgate.dev"]),
+        ("tenant-viewer", vec!["get", "secrets"]),
+    ] {
+        assert!(!as_user(user, &args), "{user} should be denied: {args:?}");
     }
     let out = run(
         &kubectl_bin(),
@@ -478,8 +759,6 @@ async fn helm_install_rbac_is_enough_and_no_wider_and_prometheus_scrapes() {
     assert!(n >= 14, "every panel has a query");
 
     helm_ok(&["uninstall", release, "-n", &release_ns.0]);
-    // The token Secret is kept on uninstall (resource-policy: keep).
-    assert_eq!(read_token(), token);
 }
 
 /// A Prometheus server (Debian's package) on 127.0.0.1 scraping the given targets.
@@ -562,17 +841,8 @@ async fn gitops_double_server_side_apply_changes_nothing() {
     let _serial = SERIAL.lock().await;
     install_crds();
     let ns = Namespace::new("chart-gitops");
-    let token_file = token_file();
-    let token = std::fs::read_to_string(&token_file).unwrap();
-    // What a GitOps tool would apply: the rendered install (token pinned in Git via a
-    // sealed/external secret in real life) plus the example resources.
-    let mut manifests = render(
-        "gitops",
-        &ns.0,
-        "1.20.2",
-        None,
-        &["--set", &format!("proxyToken.value={token}")],
-    );
+    // What a GitOps tool would apply: the rendered install plus the example resources.
+    let mut manifests = render("gitops", &ns.0, "1.20.2", None, &[]);
     for f in ["secrets.yaml", "modelroute.yaml", "apikey.yaml"] {
         let text = std::fs::read_to_string(repo_root().join("examples/k8s").join(f)).unwrap();
         manifests.push_str("\n---\n");
@@ -600,8 +870,16 @@ async fn gitops_double_server_side_apply_changes_nothing() {
     apply(&manifests);
 
     // The operator reconciles meanwhile, as in a real cluster.
-    let op = Operator::start(&token_file, &ns.0, "gitops-op");
-    let proxy = Proxy::follow(&op.config_url, &token_file, "gitops-proxy");
+    let op = Operator::launch(OperatorConfig {
+        gateway_accounts: vec![format!("{}/gitops-modelgate-proxy", ns.0)],
+        extra_args: vec!["--ca-secret".into(), "gitops-modelgate-ca".into()],
+        ..OperatorConfig::new(&ns.0, "gitops-op")
+    });
+    let proxy = Proxy::follow(
+        &op,
+        &sa_token(&ns.0, "gitops-modelgate-proxy"),
+        "gitops-proxy",
+    );
     eventually(Duration::from_secs(30), "examples programmed", || async {
         condition(&ns.0, "modelroute/chat", "Programmed") == "True"
             && condition(&ns.0, "apikey/team-b", "Programmed") == "True"

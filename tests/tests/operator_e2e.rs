@@ -22,10 +22,12 @@ fn team_a_key(ns: &str) -> String {
 
 /// Take this test's turn; the CRDs are in place before any operator starts.
 /// One operator (leader of `ns`'s lease) and two proxies following it.
-fn operator_and_two_proxies(token: &std::path::Path, ns: &str) -> (Operator, Proxy, Proxy) {
-    let op = Operator::start(token, ns, "op-a");
-    let p1 = Proxy::follow(&op.config_url, token, "proxy-1");
-    let p2 = Proxy::follow(&op.config_url, token, "proxy-2");
+/// The proxies authenticate as the gateway ServiceAccount of `ns` (a TokenRequest token).
+fn operator_and_two_proxies(ns: &str) -> (Operator, Proxy, Proxy) {
+    let op = Operator::start(ns, "op-a");
+    let token = gateway_token(ns);
+    let p1 = Proxy::follow(&op, &token, "proxy-1");
+    let p2 = Proxy::follow(&op, &token, "proxy-2");
     (op, p1, p2)
 }
 
@@ -48,7 +50,7 @@ fn apply_examples(ns: &str) {
         None,
     );
     let secret = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: team-a-key}}\nstringData: {{key: {}}}\n",
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: team-a-key, labels: {{modelgate.dev/credential: \"true\"}}}}\nstringData: {{key: {}}}\n",
         team_a_key(ns)
     );
     kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&secret));
@@ -92,8 +94,7 @@ async fn proxy_version(p: &Proxy) -> String {
 async fn examples_become_programmed_and_changes_reach_both_proxies_fast() {
     let _serial = serial().await;
     let ns = Namespace::new("e2e-examples");
-    let token = token_file();
-    let (op, p1, p2) = operator_and_two_proxies(&token, &ns.0);
+    let (op, p1, p2) = operator_and_two_proxies(&ns.0);
     apply_examples(&ns.0);
 
     wait_programmed(&ns.0, "modelroute/chat", 2).await;
@@ -209,8 +210,7 @@ async fn examples_become_programmed_and_changes_reach_both_proxies_fast() {
 async fn deleted_keys_stop_working_and_bad_routes_are_reported() {
     let _serial = serial().await;
     let ns = Namespace::new("e2e-keys");
-    let token = token_file();
-    let (_op, p1, p2) = operator_and_two_proxies(&token, &ns.0);
+    let (_op, p1, p2) = operator_and_two_proxies(&ns.0);
     apply_examples(&ns.0);
     wait_programmed(&ns.0, "apikey/team-a", 2).await;
     for p in [&p1, &p2] {
@@ -361,15 +361,15 @@ spec:
 async fn proxies_survive_the_operator_and_one_replica_leads() {
     let _serial = serial().await;
     let ns = Namespace::new("e2e-replicas");
-    let token = token_file();
-    let mut first = Operator::start(&token, &ns.0, "op-a");
-    let p1 = Proxy::follow(&first.config_url, &token, "proxy-1");
+    let token = gateway_token(&ns.0);
+    let mut first = Operator::start(&ns.0, "op-a");
+    let p1 = Proxy::follow(&first, &token, "proxy-1");
     apply_examples(&ns.0);
     wait_programmed(&ns.0, "modelroute/chat", 1).await;
     let version = proxy_version(&p1).await;
 
     // The operator dies: the proxy keeps serving and stays ready.
-    let config_addr = first.config_url.trim_start_matches("http://").to_owned();
+    let config_addr = first.config_url.trim_start_matches("https://").to_owned();
     first.kill();
     for _ in 0..5 {
         let r = post(
@@ -401,9 +401,9 @@ async fn proxies_survive_the_operator_and_one_replica_leads() {
         ],
         None,
     );
-    let a = Operator::start_on(&token, &ns.0, "op-a", &config_addr);
-    let b = Operator::start(&token, &ns.0, "op-b");
-    let p2 = Proxy::follow(&b.config_url, &token, "proxy-2");
+    let a = Operator::start_on(&ns.0, "op-a", &config_addr);
+    let b = Operator::start(&ns.0, "op-b");
+    let p2 = Proxy::follow(&b, &token, "proxy-2");
     eventually(
         Duration::from_secs(20),
         "the proxies resync to the new version",
@@ -437,14 +437,13 @@ async fn a_budget_used_up_through_one_proxy_holds_on_the_other() {
     let _serial = serial().await;
     let ns = Namespace::new("e2e-budget");
     let up = MockUpstream::start();
-    let token = token_file();
-    let (_op, p1, p2) = operator_and_two_proxies(&token, &ns.0);
+    let (_op, p1, p2) = operator_and_two_proxies(&ns.0);
     let raw = "sk-budget-e2e-0123456789";
     let manifests = format!(
         r#"
 apiVersion: v1
 kind: Secret
-metadata: {{name: budget-key}}
+metadata: {{name: budget-key, labels: {{modelgate.dev/credential: "true"}}}}
 stringData: {{key: {raw}}}
 ---
 apiVersion: modelgate.dev/v1alpha1

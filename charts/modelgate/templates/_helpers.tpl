@@ -35,8 +35,47 @@ app.kubernetes.io/component: proxy
 {{- .Values.proxyToken.existingSecret | default (printf "%s-proxy-token" (include "modelgate.fullname" .)) -}}
 {{- end -}}
 
+{{- define "modelgate.sharedToken" -}}
+{{- if eq .Values.proxyAuth.mode "shared-token" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The config server speaks TLS only; proxies verify it against the CA ConfigMap. */}}
 {{- define "modelgate.operatorUrl" -}}
-{{- printf "http://%s-operator.%s.svc:%v" (include "modelgate.fullname" .) .Release.Namespace .Values.operator.ports.config -}}
+{{- printf "https://%s-operator.%s.svc:%v" (include "modelgate.fullname" .) .Release.Namespace .Values.operator.ports.config -}}
+{{- end -}}
+
+{{- define "modelgate.operatorService" -}}
+{{- printf "%s-operator" (include "modelgate.fullname" .) -}}
+{{- end -}}
+
+{{- define "modelgate.caSecret" -}}
+{{- printf "%s-ca" (include "modelgate.fullname" .) -}}
+{{- end -}}
+
+{{/*
+What a proxy presents and trusts, at /var/run/modelgate: `token` (its projected
+ServiceAccount token, or the shared token in shared-token mode) and `ca.crt` (the operator's
+CA; optional, so a pod still starts before the operator has published it - the proxy then
+refuses to connect until the file appears, as it re-reads both at every connect).
+*/}}
+{{- define "modelgate.proxyCredentialsVolume" -}}
+- name: modelgate
+  projected:
+    sources:
+      {{- if include "modelgate.sharedToken" . }}
+      - secret:
+          name: {{ include "modelgate.tokenSecret" . }}
+          items: [{key: token, path: token}]
+      {{- else }}
+      - serviceAccountToken:
+          audience: {{ .Values.proxyAuth.audience }}
+          expirationSeconds: 3600
+          path: token
+      {{- end }}
+      - configMap:
+          name: {{ .Values.tls.caConfigMap }}
+          optional: true
+          items: [{key: ca.crt, path: ca.crt}]
 {{- end -}}
 
 {{/* policy/v1 from Kubernetes 1.21, autoscaling/v2 from 1.23: render what the cluster serves. */}}

@@ -1190,7 +1190,10 @@ mod scale {
             index.apply_key(k);
         }
         let ctx = Context {
-            proxies: 2,
+            serving: index
+                .keys()
+                .map(|k| (k.metadata.namespace.clone().unwrap_or_default(), 2))
+                .collect(),
             ..Default::default()
         };
         let mut times = Vec::new();
