@@ -308,6 +308,26 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn metrics(&self) -> String {
+        crate::harness::get(&format!("{}/metrics", self.admin_url), None)
+            .await
+            .text()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -357,4 +377,124 @@ pub fn condition(ns: &str, what: &str, type_: &str) -> String {
         what,
         &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}"),
     )
+}
+
+/// A client of the operator's config API as any pod could be: TLS verified against a CA
+/// bundle file, HTTP/1.1 (one connection per open stream).
+pub struct ConfigApi {
+    url: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl ConfigApi {
+    pub fn new(op: &Operator) -> Self {
+        Self::with_ca(&op.config_url, &op.ca_file())
+    }
+
+    pub fn with_ca(url: &str, ca_file: &Path) -> Self {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca_file).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .build();
+        Self {
+            url: url.to_owned(),
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build(https),
+        }
+    }
+
+    fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: String,
+    ) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {}", t.trim()));
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    }
+
+    /// POST JSON; the whole answer.
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> crate::harness::Reply {
+        let req = self.request(http::Method::POST, path, token, body.to_string());
+        let resp = tokio::time::timeout(Duration::from_secs(20), self.client.request(req))
+            .await
+            .expect("config API answers")
+            .expect("config API reachable");
+        crate::harness::read(resp).await
+    }
+
+    /// Open a config stream. On 200: the first message (the snapshot) and the open
+    /// response, to keep the stream alive; otherwise the status and the error body.
+    pub async fn open_stream(
+        &self,
+        token: Option<&str>,
+        proxy_id: &str,
+    ) -> (
+        http::StatusCode,
+        String,
+        Option<hyper::Response<hyper::body::Incoming>>,
+    ) {
+        use http_body_util::BodyExt;
+        let req = self.request(
+            http::Method::GET,
+            &format!("/v1/stream?proxy={proxy_id}"),
+            token,
+            String::new(),
+        );
+        let resp = tokio::time::timeout(Duration::from_secs(20), self.client.request(req))
+            .await
+            .expect("config API answers")
+            .expect("config API reachable");
+        let status = resp.status();
+        if status != http::StatusCode::OK {
+            let r = crate::harness::read(resp).await;
+            return (status, r.text(), None);
+        }
+        let (parts, mut body) = resp.into_parts();
+        let mut line = Vec::new();
+        while !line.contains(&b'\n') {
+            match tokio::time::timeout(Duration::from_secs(20), body.frame()).await {
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        line.extend_from_slice(&d);
+                    }
+                }
+                _ => break,
+            }
+        }
+        (
+            status,
+            String::from_utf8_lossy(&line).into_owned(),
+            Some(hyper::Response::from_parts(parts, body)),
+        )
+    }
 }
