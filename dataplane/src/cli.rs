@@ -41,6 +41,13 @@ OPTIONS:
                              read again at every connect
     --admin-token-file F     /config answers remote clients that send this Bearer token;
                              without it, /config answers loopback clients only
+    --allow-upstream RULE    upstream hosts allowed at connect time (host, *.domain or CIDR;
+                             repeatable); an explicit allow wins over the denials
+    --deny-upstream RULE     more refused upstream addresses (repeatable), beside the built-in
+                             loopback, link-local and cloud metadata ones
+    --service-cidr CIDR      the cluster's Service range, refused (repeatable)
+                             Following an operator, names resolving to refused addresses are
+                             never connected to; standalone, only when one of these is given
     --proxy-id ID            this proxy's name for the operator [default: $POD_NAME or host-pid]
     --usage-interval DUR     how often usage is reported to the operator [default: 2s]
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
@@ -57,6 +64,8 @@ struct Options {
     operator: Option<String>,
     operator_token_file: Option<PathBuf>,
     operator_ca: Option<PathBuf>,
+    allow_upstream: Vec<String>,
+    deny_upstream: Vec<String>,
     admin_token_file: Option<PathBuf>,
     proxy_id: Option<String>,
     usage_interval: Option<Duration>,
@@ -96,6 +105,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 o.operator_token_file = Some(value("--operator-token-file")?.into())
             }
             "--operator-ca" => o.operator_ca = Some(value("--operator-ca")?.into()),
+            "--allow-upstream" => o.allow_upstream.push(value("--allow-upstream")?),
+            "--deny-upstream" | "--service-cidr" => o.deny_upstream.push(value(&a)?),
             "--admin-token-file" => o.admin_token_file = Some(value("--admin-token-file")?.into()),
             "--proxy-id" => o.proxy_id = Some(value("--proxy-id")?),
             "--usage-interval" => {
@@ -253,7 +264,16 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     };
     let header_timeout = duration("headerReadTimeout", &server_spec.header_read_timeout)?;
     let drain = duration("drainTimeout", &server_spec.drain_timeout)?;
+    // Following an operator, tenants' routes decide where requests go: the egress policy
+    // always applies. Standalone, the file's author is the admin: only when asked.
+    let egress =
+        (operator.is_some() || !opts.allow_upstream.is_empty() || !opts.deny_upstream.is_empty())
+            .then(|| crate::egress::UpstreamPolicy::new(&opts.allow_upstream, &opts.deny_upstream))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("upstream policy: {e}"))?
+            .map(Arc::new);
     let gateway = Arc::new(Gateway::new(Settings {
+        egress,
         max_body_bytes: server_spec.max_body_bytes,
         default_max_tokens: server_spec.default_max_tokens,
     }));

@@ -15,6 +15,7 @@ pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod egress;
 pub mod error;
 pub mod keys;
 pub mod meter;

@@ -38,6 +38,8 @@ const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 pub struct Settings {
     pub max_body_bytes: u64,
     pub default_max_tokens: u64,
+    /// Where upstream connections may go (operator mode); `None`: anywhere.
+    pub egress: Option<Arc<crate::egress::UpstreamPolicy>>,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -53,7 +55,7 @@ impl Gateway {
         Self {
             live: Live::default(),
             metrics: Arc::new(Metrics::new()),
-            client: providers::http_client(),
+            client: providers::http_client(settings.egress.clone()),
             settings,
         }
     }

@@ -10,9 +10,9 @@ use anyhow::{Context, bail};
 use kube::runtime::events::Reporter;
 
 use crate::controller::{self, Shared, lock};
-use crate::policy::UpstreamPolicy;
 use crate::tenancy::{self, Authenticator, Mode, Tenancy};
 use crate::{leader, server, status, tls};
+use modelgate_dataplane::egress::UpstreamPolicy;
 
 const USAGE: &str = "\
 modelgate-operator: compiles ModelRoutes and ApiKeys into snapshots for the proxies

@@ -25,8 +25,8 @@ use modelgate_dataplane::config::{
 use modelgate_dataplane::snapshot::StateRegistry;
 use sha2::{Digest, Sha256};
 
-use crate::policy::UpstreamPolicy;
 use crate::tenancy::{Namespaces, View};
+use modelgate_dataplane::egress::UpstreamPolicy;
 
 /// The label a Secret carries to be read by the operator at all (provider credentials and
 /// raw keys). Everything else (Helm release Secrets, tokens, TLS keys) is never cached.

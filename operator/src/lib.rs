@@ -13,7 +13,6 @@ pub mod controller;
 pub mod index;
 pub mod leader;
 pub mod metrics;
-pub mod policy;
 pub mod server;
 pub mod status;
 pub mod tenancy;

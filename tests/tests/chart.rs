@@ -260,18 +260,25 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         Some("ci/upstream-policy-values.yaml"),
         &[],
     );
-    assert_eq!(
-        flag_values(&policy, "--allow-upstream"),
-        ["api.openai.com", "*.openai.azure.com", "10.20.0.0/16"]
-    );
-    assert_eq!(
-        flag_values(&policy, "--deny-upstream"),
-        ["internal.example.com"]
-    );
-    assert_eq!(
-        flag_values(&policy, "--service-cidr"),
-        ["10.96.0.0/12", "fd00:10:96::/112"]
-    );
+    // The operator judges route URLs; the proxies the addresses names resolve to.
+    for deployment in ["modelgate-operator", "modelgate-proxy"] {
+        let d = document(&policy, "Deployment", deployment);
+        assert_eq!(
+            flag_values(d, "--allow-upstream"),
+            ["api.openai.com", "*.openai.azure.com", "10.20.0.0/16"],
+            "{deployment}"
+        );
+        assert_eq!(
+            flag_values(d, "--deny-upstream"),
+            ["internal.example.com"],
+            "{deployment}"
+        );
+        assert_eq!(
+            flag_values(d, "--service-cidr"),
+            ["10.96.0.0/12", "fd00:10:96::/112"],
+            "{deployment}"
+        );
+    }
     assert_eq!(
         flag_values(&policy, "--gateway-namespaces"),
         ["modelgate.dev/gateway=true,tier=prod"]

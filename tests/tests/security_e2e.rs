@@ -153,6 +153,22 @@ fn signed_token(ns: &str, sa: &str, nbf: u64, exp: u64) -> String {
     format!("{signing_input}.{}", base64url(&sig.stdout))
 }
 
+/// A host name other than `localhost` that resolves to a loopback address here (from
+/// /etc/hosts), if there is one.
+fn loopback_alias() -> Option<String> {
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    hosts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let ip = f.next()?;
+            ip.starts_with("127.")
+                .then(|| f.map(str::to_owned).collect::<Vec<_>>())
+        })
+        .flatten()
+        .find(|n| !n.contains("localhost") && !n.starts_with('#'))
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -589,7 +605,6 @@ async fn unlabelled_secrets_and_forbidden_upstreams_are_refused_with_a_reason() 
         ..OperatorConfig::new(&ns.0, "op")
     });
     let proxy = Proxy::follow(&op, &gateway_token(&ns.0), "p");
-    let _ = up;
     apply(
         &ns.0,
         r#"
@@ -715,6 +730,42 @@ spec:
             .text()
             .contains("sk-unlabelled")
     );
+
+    // A name the operator cannot judge (it does not resolve names) that resolves to a
+    // refused address: the proxy refuses it when it connects (DNS rebinding).
+    match loopback_alias() {
+        None => println!(
+            "REBINDING no name other than localhost resolves to loopback here (/etc/hosts); the connect-time check is shown by dataplane/src/egress.rs::tests"
+        ),
+        Some(name) => {
+            let url = up.url("id=rebind").replace("127.0.0.1", &name);
+            apply(
+                &ns.0,
+                &format!(
+                    "apiVersion: modelgate.dev/v1alpha1\nkind: ModelRoute\nmetadata: {{name: rebind}}\nspec:\n  model: rebind\n  backends: [{{name: r, provider: openai-compatible, url: \"{url}\"}}]\n"
+                ),
+            );
+            wait_condition(&ns.0, "modelroute/rebind", "Programmed", "True").await;
+            let r = post(
+                &proxy.url("/v1/chat/completions"),
+                Some(key),
+                &chat("rebind", false),
+            )
+            .await;
+            assert!(
+                r.status.is_server_error(),
+                "{name} -> loopback refused: {} {}",
+                r.status,
+                r.text()
+            );
+            assert_eq!(
+                up.hits("rebind"),
+                0,
+                "nothing reached the address behind {name}"
+            );
+            println!("REBINDING {url} answered {} without a connection", r.status);
+        }
+    }
 
     // Labelling the Secret is the fix the condition names.
     kubectl_ok(

@@ -9,6 +9,7 @@
 pub mod mock;
 pub mod openai;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,19 +20,21 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::egress::{GuardedResolver, UpstreamPolicy};
 use crate::error::ProxyError;
 use crate::metrics::UpstreamErrorKind;
 use crate::request::ApiRequest;
 use crate::routes::{Backend, Provider, RetryOn};
 use crate::stream::UpstreamBody;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
 
 /// One pooled client for every upstream: keep-alive, TCP_NODELAY, HTTP/2 where TLS
-/// negotiates it, rustls with the ring provider and the Mozilla root set.
-pub fn http_client() -> HttpClient {
+/// negotiates it, rustls with the ring provider and the Mozilla root set. With an egress
+/// policy, names are resolved only to addresses it admits.
+pub fn http_client(egress: Option<Arc<UpstreamPolicy>>) -> HttpClient {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(egress));
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
