@@ -5,6 +5,7 @@
 //!        ── GET /v1/stream?proxy=ID (Bearer ServiceAccount token) ──►
 //!        ◄── {"type":"snapshot","version",...}\n  at connect and after every change
 //!        ◄── {"type":"heartbeat"}\n               between them
+//!        ◄── {"type":"reconnect"}\n               now and then: reconnect, new token
 //!        ── POST /v1/ack {proxy, version, error}
 //!        ── POST /v1/usage {proxy, keys:{id:{tokens,costUsd,lastUsed}}}  every few seconds
 //! ```
@@ -255,7 +256,12 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Re
         buf.extend_from_slice(&data);
         while let Some(end) = memchr::memchr(b'\n', &buf) {
             let line = buf.split_to(end + 1);
-            handle_line(rt, op, client, &line[..end]).await;
+            if handle_line(rt, op, client, &line[..end]).await == Next::Reconnect {
+                tracing::info!(
+                    "the operator asked for a reconnect (a fresh token proves who we are)"
+                );
+                return Ok(());
+            }
         }
         if buf.len() > 256 * 1024 * 1024 {
             return Err("snapshot message larger than 256 MiB".into());
@@ -263,9 +269,16 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Re
     }
 }
 
-async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line: &[u8]) {
+/// What the stream should do after a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Reconnect,
+}
+
+async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line: &[u8]) -> Next {
     if line.is_empty() {
-        return;
+        return Next::Continue;
     }
     let msg: Message = match serde_json::from_slice(line) {
         Ok(m) => m,
@@ -279,13 +292,17 @@ async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line:
             let _ = op
                 .post(client, "/v1/ack", serde_json::json!({"proxy": op.proxy_id, "version": version, "error": e.to_string()}))
                 .await;
-            return;
+            return Next::Continue;
         }
     };
-    if msg.kind != "snapshot" {
-        return;
+    match msg.kind.as_str() {
+        "snapshot" => {}
+        "reconnect" => return Next::Reconnect,
+        _ => return Next::Continue,
     }
-    let Some(spec) = msg.snapshot else { return };
+    let Some(spec) = msg.snapshot else {
+        return Next::Continue;
+    };
     let version = spec.version.clone().unwrap_or_default();
     let ack = match rt.apply_off_runtime(spec, Source::Operator).await {
         Ok(v) => serde_json::json!({"proxy": op.proxy_id, "version": v, "error": null}),
@@ -300,6 +317,7 @@ async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line:
             tracing::warn!(error = %e, "could not acknowledge the snapshot");
         }
     });
+    Next::Continue
 }
 
 /// Report per-key usage to the operator every `usage_interval`.

@@ -95,6 +95,41 @@ fn in_cidr(ip: IpAddr, net: IpAddr, len: u8) -> bool {
     }
 }
 
+/// The IPv4 forms the C library accepts besides dotted quads: 1 to 4 parts, each decimal,
+/// octal (leading 0) or hex (0x), the last part filling the remaining bytes.
+fn inet_aton(s: &str) -> Option<IpAddr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let n = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+            u64::from_str_radix(h, 16).ok()?
+        } else if p.len() > 1 && p.starts_with('0') {
+            u64::from_str_radix(&p[1..], 8).ok()?
+        } else if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+            p.parse().ok()?
+        } else {
+            return None;
+        };
+        nums.push(n);
+    }
+    let (last, head) = nums.split_last()?;
+    let mut value: u64 = 0;
+    for (i, n) in head.iter().enumerate() {
+        if *n > 255 {
+            return None;
+        }
+        value |= n << (24 - 8 * i);
+    }
+    let room = 32 - 8 * head.len() as u32;
+    if *last >= 1u64 << room {
+        return None;
+    }
+    Some(IpAddr::V4(std::net::Ipv4Addr::from((value | last) as u32)))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Host {
     Ip(IpAddr),
@@ -175,9 +210,11 @@ impl UpstreamPolicy {
             .trim_matches(['[', ']'])
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        let host = match raw.parse::<IpAddr>() {
-            Ok(ip) => Host::Ip(ip),
-            Err(_) => Host::Name(raw.clone()),
+        // `getaddrinfo` also reads `2852039166`, `0xa9fea9fe` or `169.254.43518` as
+        // addresses; judge them as the address they are.
+        let host = match raw.parse::<IpAddr>().ok().or_else(|| inet_aton(&raw)) {
+            Some(ip) => Host::Ip(ip),
+            None => Host::Name(raw.clone()),
         };
         if self.allow.iter().any(|r| r.matches(&host)) {
             return Ok(());
@@ -291,6 +328,11 @@ mod tests {
             "http://localhost:11434/v1",
             "http://metadata.google.internal/",
             "http://10.96.0.10/v1",
+            "http://2852039166/",
+            "http://0xa9fea9fe/",
+            "http://169.254.43518/",
+            "http://0251.0376.0251.0376/",
+            "http://127.1:8000/v1",
             "http://kubernetes.default.svc.cluster.local/",
             "file:///etc/passwd",
         ] {

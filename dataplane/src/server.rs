@@ -118,7 +118,13 @@ pub async fn serve_admin(
         let local = peer.ip().is_loopback();
         let service = service_fn(move |req: Request<Incoming>| {
             let rt = rt.clone();
-            let may_see_config = local || token.as_deref().is_some_and(|t| bearer_is(&req, t));
+            let may_see_config = may_see_config(
+                local,
+                token.as_deref(),
+                req.headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.as_bytes()),
+            );
             async move { Ok::<_, Infallible>(admin(&rt, &req, may_see_config)) }
         });
         let conn = builder
@@ -138,13 +144,16 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody
     r
 }
 
-/// Does the request carry `Authorization: Bearer <token>` (compared in constant time)?
-fn bearer_is(req: &Request<Incoming>, token: &str) -> bool {
+/// `/config` for loopback peers, or for a request with `Authorization: Bearer <admin
+/// token>` (compared in constant time) when one is configured.
+fn may_see_config(loopback: bool, token: Option<&str>, authorization: Option<&[u8]>) -> bool {
     use subtle::ConstantTimeEq;
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|p| p.len() == token.len() && bool::from(p.ct_eq(token.as_bytes())))
+    loopback
+        || token.is_some_and(|token| {
+            authorization
+                .and_then(|v| v.strip_prefix(b"Bearer "))
+                .is_some_and(|p| p.len() == token.len() && bool::from(p.ct_eq(token.as_bytes())))
+        })
 }
 
 fn admin(rt: &Runtime, req: &Request<Incoming>, may_see_config: bool) -> Response<ProxyBody> {
@@ -205,4 +214,29 @@ pub async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(parsed)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what} port: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_see_config;
+
+    #[test]
+    fn config_needs_loopback_or_the_admin_token() {
+        let t = Some("admin-token-0123456789");
+        assert!(may_see_config(true, None, None));
+        assert!(!may_see_config(false, None, None));
+        assert!(!may_see_config(false, None, Some(b"Bearer anything")));
+        assert!(may_see_config(
+            false,
+            t,
+            Some(b"Bearer admin-token-0123456789")
+        ));
+        assert!(!may_see_config(
+            false,
+            t,
+            Some(b"Bearer admin-token-012345678X")
+        ));
+        assert!(!may_see_config(false, t, Some(b"admin-token-0123456789")));
+        assert!(!may_see_config(false, t, None));
+    }
 }

@@ -27,6 +27,8 @@ OPTIONS:
     --proxy-auth MODE        serviceaccount (TokenReview of the proxies' ServiceAccount
                              tokens) or shared-token (development only) [default: serviceaccount]
     --token-audience AUD     audience proxies' tokens must carry [default: modelgate]
+    --token-cache-ttl DUR    how long a verified token is trusted without asking the API
+                             server again [default: 60s]
     --token-file FILE        the shared token for --proxy-auth shared-token
                              (or env MODELGATE_PROXY_TOKEN)
     --gateway-serviceaccount NS/NAME
@@ -49,6 +51,8 @@ OPTIONS:
     --advertise-url URL      this replica's config URL for other replicas
                              [default: https://$POD_IP:<config port> or the bound address]
     --heartbeat DUR          heartbeat interval on proxy streams [default: 5s]
+    --stream-max-age DUR     proxies are asked to reconnect (with a fresh token) after about
+                             this long [default: 10m]
     --lease-duration DUR     leader Lease duration; renewed every fifth of it [default: 15s]
     --addr-file FILE         write the bound addresses as JSON once listening
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
@@ -61,6 +65,7 @@ struct Options {
     token_file: Option<PathBuf>,
     shared_token: bool,
     audience: String,
+    token_cache_ttl: Duration,
     gateway_accounts: Vec<String>,
     gateway_namespaces: String,
     ca_secret: String,
@@ -73,6 +78,7 @@ struct Options {
     namespace: Option<String>,
     advertise_url: Option<String>,
     heartbeat: Duration,
+    stream_max_age: Duration,
     lease_duration: Duration,
     addr_file: Option<PathBuf>,
     text_logs: bool,
@@ -90,6 +96,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         token_file: None,
         shared_token: false,
         audience: "modelgate".into(),
+        token_cache_ttl: tenancy::DEFAULT_ACCEPTED_TTL,
         gateway_accounts: vec![],
         gateway_namespaces: "all".into(),
         ca_secret: "modelgate-ca".into(),
@@ -102,6 +109,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         namespace: None,
         advertise_url: None,
         heartbeat: Duration::from_secs(5),
+        stream_max_age: Duration::from_secs(600),
         lease_duration: Duration::from_secs(15),
         addr_file: None,
         text_logs: false,
@@ -125,6 +133,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 }
             }
             "--token-audience" => o.audience = value("--token-audience")?,
+            "--token-cache-ttl" => {
+                o.token_cache_ttl = duration("--token-cache-ttl", value("--token-cache-ttl")?)?
+            }
             "--gateway-serviceaccount" => {
                 o.gateway_accounts.push(value("--gateway-serviceaccount")?)
             }
@@ -142,6 +153,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--namespace" | "--lease-namespace" => o.namespace = Some(value(&a)?),
             "--advertise-url" => o.advertise_url = Some(value("--advertise-url")?),
             "--heartbeat" => o.heartbeat = duration("--heartbeat", value("--heartbeat")?)?,
+            "--stream-max-age" => {
+                o.stream_max_age = duration("--stream-max-age", value("--stream-max-age")?)?
+            }
             "--lease-duration" => {
                 o.lease_duration = duration("--lease-duration", value("--lease-duration")?)?
             }
@@ -242,17 +256,25 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (KUBECONFIG or in-cluster config)")?;
-    controller::preflight(&client).await?;
+    let namespace = opts
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".into());
+    controller::preflight(&client, &namespace).await?;
     let auth = if opts.shared_token {
         tracing::warn!(
             "proxies authenticate with a shared token (--proxy-auth shared-token): every proxy that has it receives every namespace; use only for development"
         );
         Authenticator::new(Mode::SharedToken(read_token(&opts)?))
     } else {
-        Authenticator::new(Mode::ServiceAccount {
-            client: client.clone(),
-            audience: opts.audience.clone(),
-        })
+        Authenticator::with_cache_ttl(
+            Mode::ServiceAccount {
+                client: client.clone(),
+                audience: opts.audience.clone(),
+            },
+            opts.token_cache_ttl,
+        )
     };
 
     let identity = opts
@@ -264,11 +286,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
             format!("{}-{}", host.trim(), std::process::id())
         });
-    let namespace = opts
-        .namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .unwrap_or_else(|| "default".into());
     let shared = Shared::new(auth, tenancy, identity.clone());
     lock(&shared.index).policy = policy;
     let config = bind(&opts.config_listen, "config").await?;
@@ -318,11 +335,19 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         config,
         shared.clone(),
         tls.clone(),
-        opts.heartbeat,
+        server::Streams {
+            heartbeat: opts.heartbeat,
+            max_age: opts.stream_max_age.max(Duration::from_secs(1)),
+        },
     ));
     tokio::spawn(server::serve_admin(admin, shared.clone()));
     tokio::spawn(server::sync_to_leader(shared.clone(), tls.clone()));
     tokio::spawn(tls::run(shared.clone(), client.clone(), tls.clone(), pki));
+    tokio::spawn(status::follow_usage(
+        shared.clone(),
+        client.clone(),
+        namespace.clone(),
+    ));
     tokio::spawn(status::run(
         shared.clone(),
         client.clone(),

@@ -121,7 +121,8 @@ pub struct Shared {
     pub leader: AtomicBool,
     /// The current leader's config URL, for forwarding usage reports.
     pub leader_url: Mutex<Option<String>>,
-    /// Bit per kind whose initial list has arrived (routes 1, keys 2, secrets 4, namespaces 8).
+    /// Bit per kind whose initial list has arrived (routes 1, keys 2, secrets 4, namespaces 8),
+    /// and 16 once the persisted usage was read (so no snapshot forgets a spent budget).
     synced: AtomicU8,
     pub auth: Authenticator,
     pub tenancy: Tenancy,
@@ -274,7 +275,14 @@ impl Shared {
     }
 
     pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) == 15
+        self.synced.load(Ordering::Relaxed) == 31
+    }
+
+    /// The persisted usage is in the book.
+    pub fn usage_loaded(&self) {
+        if self.synced.fetch_or(16, Ordering::Relaxed) & 16 == 0 {
+            self.changed.notify_one();
+        }
     }
 
     pub fn connected(&self) -> u32 {
@@ -540,7 +548,7 @@ pub fn spawn_watchers(shared: &Arc<Shared>, client: &Client) {
 
 /// Fail early, with a message a person can act on, when the CRDs are missing or the
 /// operator may not read what it needs.
-pub async fn preflight(client: &Client) -> anyhow::Result<()> {
+pub async fn preflight(client: &Client, namespace: &str) -> anyhow::Result<()> {
     use kube::api::ListParams;
     let lp = ListParams::default().limit(1);
     let check = |what: &'static str, r: Result<(), kube::Error>| -> anyhow::Result<()> {
@@ -577,6 +585,18 @@ pub async fn preflight(client: &Client) -> anyhow::Result<()> {
             .await
             .map(|_| ()),
     )?;
+    if let Err(kube::Error::Api(s)) =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), namespace)
+            .get_opt(crate::status::USAGE_CONFIGMAP)
+            .await
+        && s.code == 403
+    {
+        anyhow::bail!(
+            "no permission to read ConfigMap {namespace}/{}: {}; the operator keeps spent budgets there (see the chart's Role)",
+            crate::status::USAGE_CONFIGMAP,
+            s.message
+        );
+    }
     check(
         "namespaces",
         Api::<Namespace>::all(client.clone())

@@ -3,7 +3,8 @@
 //! ```text
 //!  proxy ── GET  /v1/stream?proxy=ID ──► newline-delimited JSON: the proxy's view of the
 //!                                        snapshot at connect and after every change it can
-//!                                        see, heartbeats between
+//!                                        see, heartbeats between, and a
+//!                                        `reconnect` when the stream has lived long enough
 //!        ── POST /v1/ack  {proxy, version, error} ──► Programmed status
 //!        ── POST /v1/usage {proxy, keys:{id:{tokens,costUsd,lastUsed}}} ──► budgets
 //!  replica ── POST /v1/replicas, /v1/replica/usage (client certificate) ──► leader
@@ -97,6 +98,16 @@ fn error(status: StatusCode, msg: &str) -> Response<OutBody> {
     )
 }
 
+/// How streams behave.
+#[derive(Debug, Clone, Copy)]
+pub struct Streams {
+    /// A heartbeat this often keeps idle streams visibly alive.
+    pub heartbeat: Duration,
+    /// A stream is asked to reconnect after about this long (±10%), so its proxy proves its
+    /// identity again with a fresh token: a revoked ServiceAccount loses its stream.
+    pub max_age: Duration,
+}
+
 /// Serve the config API over TLS until the process ends. Each connection is handshaken
 /// with the configuration in force (so a new certificate applies to new connections and
 /// established streams keep theirs); whether the peer showed a replica certificate is
@@ -105,8 +116,9 @@ pub async fn serve_config(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Arc<Tls>,
-    heartbeat: Duration,
+    streams: Streams,
 ) {
+    let heartbeat = streams.heartbeat;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -143,9 +155,7 @@ pub async fn serve_config(
             let replica = crate::tls::is_replica(conn.get_ref().1.peer_certificates());
             let service = service_fn(move |req| {
                 let (shared, tls) = (shared.clone(), tls.clone());
-                async move {
-                    Ok::<_, Infallible>(config_api(shared, tls, req, replica, heartbeat).await)
-                }
+                async move { Ok::<_, Infallible>(config_api(shared, tls, req, replica, streams).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(conn), service).await;
         });
@@ -276,7 +286,7 @@ async fn config_api(
     tls: Arc<Tls>,
     req: Request<Incoming>,
     replica: bool,
-    heartbeat: Duration,
+    streams: Streams,
 ) -> Response<OutBody> {
     let path = req.uri().path().to_owned();
     // Operator replicas among themselves: a client certificate from the CA, nothing else.
@@ -349,7 +359,7 @@ async fn config_api(
                     "query parameter proxy=<id> is required",
                 );
             };
-            stream(shared, identity, id.to_owned(), scope, heartbeat)
+            stream(shared, identity, id.to_owned(), scope, streams)
         }
         (&Method::POST, "/v1/ack") => {
             let ack: Ack = match read_json(req).await {
@@ -540,7 +550,7 @@ fn stream(
     identity: Identity,
     id: String,
     scope: Scope,
-    heartbeat: Duration,
+    streams: Streams,
 ) -> Response<OutBody> {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let key = proxy_key(&identity, &id);
@@ -571,7 +581,10 @@ fn stream(
     tokio::spawn(async move {
         let _connected = connected;
         let beat = Bytes::from_static(b"{\"type\":\"heartbeat\"}\n");
-        let mut ticker = tokio::time::interval(heartbeat);
+        let mut ticker = tokio::time::interval(streams.heartbeat);
+        let age = streams.max_age.mul_f64(0.9 + fastrand::f64() * 0.2);
+        let retire = tokio::time::sleep(age);
+        tokio::pin!(retire);
         ticker.tick().await;
         let mut sent: Option<String> = None;
         // This proxy's view of the current release: only what changed for it goes out.
@@ -609,6 +622,10 @@ fn stream(
                 }
                 _ = ticker.tick() => {
                     if tx.send(beat.clone()).await.is_err() { return; }
+                }
+                _ = &mut retire => {
+                    let _ = tx.send(Bytes::from_static(b"{\"type\":\"reconnect\"}\n")).await;
+                    return;
                 }
                 _ = tx.closed() => return,
             }

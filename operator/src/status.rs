@@ -26,7 +26,6 @@ use serde_json::json;
 
 use crate::controller::{Shared, lock};
 use crate::index::{CREDENTIAL_LABEL, Kind, MINTED_KEY, ObjKey, Verdict, minted_secret_name};
-use crate::usage::period_label;
 
 /// The ConfigMap (operator namespace) where the leader persists spent budgets.
 pub const USAGE_CONFIGMAP: &str = "modelgate-usage";
@@ -219,13 +218,15 @@ impl OptInCheck {
     }
 }
 
-/// Load the persisted usage sums into the leader's book (a new term).
+/// Load the persisted usage sums into the book (a new term, or a replica following).
 async fn load_usage(shared: &Shared, client: &Client, namespace: &str) -> bool {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(USAGE_CONFIGMAP).await {
         Ok(cm) => {
             let data = cm.and_then(|c| c.data).unwrap_or_default();
             lock(&shared.book).load(&data);
+            shared.usage_loaded();
+            shared.changed.notify_one();
             true
         }
         Err(e) => {
@@ -262,6 +263,18 @@ async fn persist_usage(shared: &Shared, client: &Client, namespace: &str) {
         lock(&shared.book).dirty = true;
         shared.metrics.error("usage_persist");
         tracing::warn!(error = %e, "cannot persist usage; will retry");
+    }
+}
+
+/// Every replica reads the persisted usage before it publishes anything, and replicas that
+/// do not lead keep reading it: a budget the leader saw used up is exhausted in every
+/// replica's snapshots, even for a key whose status was lost (deleted and recreated).
+pub async fn follow_usage(shared: Arc<Shared>, client: Client, namespace: String) {
+    loop {
+        if !shared.leader.load(Ordering::Relaxed) || !shared.is_synced() {
+            load_usage(&shared, &client, &namespace).await;
+        }
+        tokio::time::sleep(Duration::from_secs(if shared.is_synced() { 3 } else { 1 })).await;
     }
 }
 
@@ -310,7 +323,7 @@ pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter, namesp
                 Kind::ApiKey => key_status(&shared, key, v),
             };
             let Some(body) = body else { continue };
-            if written.get(key) == Some(&body) {
+            if written.get(key) == Some(&body) && !usage_drifted(&shared, key, &body) {
                 continue;
             }
             let params = PatchParams::apply(MANAGER).force();
@@ -357,6 +370,24 @@ pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter, namesp
     }
 }
 
+/// Did someone else change a key's usage in its status (a status write by hand, an old
+/// backup restored)? The leader's sums win: they are written again.
+fn usage_drifted(shared: &Shared, key: &ObjKey, body: &serde_json::Value) -> bool {
+    if key.kind != Kind::ApiKey {
+        return false;
+    }
+    let Some(want) = body["status"].get("usage") else {
+        return false;
+    };
+    let index = lock(&shared.index);
+    let live = index
+        .key(&key.namespace, &key.name)
+        .and_then(|k| k.status.as_ref())
+        .and_then(|s| s.usage.as_ref())
+        .map(|u| serde_json::to_value(u).unwrap_or_default());
+    live.as_ref() != Some(want)
+}
+
 fn route_status(
     shared: &Shared,
     key: &ObjKey,
@@ -392,15 +423,17 @@ fn key_status(shared: &Shared, key: &ObjKey, v: &Verdict) -> Option<serde_json::
             .unwrap_or_default();
         let now = unix_now();
         let book = lock(&shared.book);
-        let (usage, last_used) = match book.get(&key.id()) {
-            Some(u) if u.period == period_label(k, now) => (
+        let (usage, last_used) = match book.current(k, now) {
+            Some(u) => (
                 Some(
                     json!({"period": u.period, "tokens": u.tokens, "costUsd": format!("{:.6}", u.usd)}),
                 ),
-                (u.last_used > 0).then(|| {
-                    let t = std::time::UNIX_EPOCH + Duration::from_secs(u.last_used / 60 * 60);
-                    humantime::format_rfc3339_seconds(t).to_string()
-                }),
+                (u.last_used > 0)
+                    .then(|| {
+                        let t = std::time::UNIX_EPOCH + Duration::from_secs(u.last_used / 60 * 60);
+                        humantime::format_rfc3339_seconds(t).to_string()
+                    })
+                    .or_else(|| k.status.as_ref().and_then(|s| s.last_used.clone())),
             ),
             // Nothing new: keep what the status says (editing the spec never resets usage).
             _ => (

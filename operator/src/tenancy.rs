@@ -165,9 +165,10 @@ pub enum Mode {
     SharedToken(String),
 }
 
-/// Verified tokens are remembered this long (by their SHA-256; never the token itself), so a
-/// reconnect storm does not become a TokenReview storm. Refusals are remembered briefly too.
-const ACCEPTED_TTL: Duration = Duration::from_secs(60);
+/// Verified tokens are remembered (by their SHA-256; never the token itself) for the
+/// configured time (default 60 s), so acks, reports and reconnect storms do not become a
+/// TokenReview storm. Refusals are remembered briefly too.
+pub const DEFAULT_ACCEPTED_TTL: Duration = Duration::from_secs(60);
 const REFUSED_TTL: Duration = Duration::from_secs(5);
 const CACHE_MAX: usize = 10_000;
 
@@ -176,14 +177,37 @@ type ReviewCache = HashMap<[u8; 32], (Result<Identity, Refusal>, Instant)>;
 
 pub struct Authenticator {
     mode: Mode,
+    accepted_ttl: Duration,
     cache: Mutex<ReviewCache>,
+    /// At most this many TokenReviews in flight: strangers cannot turn the config port
+    /// into a load generator against the API server.
+    reviews: tokio::sync::Semaphore,
+}
+
+/// Does this look like a JWT at all (three base64url parts, of sane size)? Anything else is
+/// refused without asking the API server.
+fn jwt_shaped(token: &[u8]) -> bool {
+    token.len() <= 16 * 1024
+        && token.split(|b| *b == b'.').count() == 3
+        && token.split(|b| *b == b'.').all(|part| {
+            !part.is_empty()
+                && part
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
+        })
 }
 
 impl Authenticator {
     pub fn new(mode: Mode) -> Self {
+        Self::with_cache_ttl(mode, DEFAULT_ACCEPTED_TTL)
+    }
+
+    pub fn with_cache_ttl(mode: Mode, accepted_ttl: Duration) -> Self {
         Self {
             mode,
+            accepted_ttl,
             cache: Mutex::default(),
+            reviews: tokio::sync::Semaphore::new(16),
         }
     }
 
@@ -211,19 +235,32 @@ impl Authenticator {
             Mode::ServiceAccount { client, audience } => {
                 let digest: [u8; 32] = Sha256::digest(token).into();
                 if let Some((r, at)) = lock(&self.cache).get(&digest) {
-                    let ttl = if r.is_ok() { ACCEPTED_TTL } else { REFUSED_TTL };
+                    let ttl = if r.is_ok() {
+                        self.accepted_ttl
+                    } else {
+                        REFUSED_TTL
+                    };
                     if at.elapsed() < ttl {
                         return r.clone();
                     }
                 }
+                if !jwt_shaped(token) {
+                    return Err(Refusal::Invalid("not a ServiceAccount token".into()));
+                }
                 let token = String::from_utf8(token.to_vec())
                     .map_err(|_| Refusal::Invalid("the token is not text".into()))?;
-                let r = review(client, audience, token).await;
+                let r = {
+                    let _slot = self.reviews.acquire().await.map_err(|_| {
+                        Refusal::Unavailable("the authenticator is shutting down".into())
+                    })?;
+                    review(client, audience, token).await
+                };
                 if !matches!(r, Err(Refusal::Unavailable(_))) {
                     let mut cache = lock(&self.cache);
                     if cache.len() >= CACHE_MAX {
+                        let ttl = self.accepted_ttl;
                         cache.retain(|_, (r, at)| {
-                            at.elapsed() < if r.is_ok() { ACCEPTED_TTL } else { REFUSED_TTL }
+                            at.elapsed() < if r.is_ok() { ttl } else { REFUSED_TTL }
                         });
                         if cache.len() >= CACHE_MAX {
                             cache.clear();
@@ -376,6 +413,18 @@ mod tests {
         );
         assert!(parse_selector("a!=b").is_err());
         assert!(parse_selector("nolabel").is_err());
+    }
+
+    #[test]
+    fn only_jwt_shaped_tokens_reach_the_api_server() {
+        assert!(jwt_shaped(
+            b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+        ));
+        assert!(!jwt_shaped(b"not-a-token-at-all-0123456789"));
+        assert!(!jwt_shaped(b"a.b"));
+        assert!(!jwt_shaped(b"a..c"));
+        assert!(!jwt_shaped(b"a.b.c d"));
+        assert!(!jwt_shaped(&vec![b'a'; 20_000]));
     }
 
     #[tokio::test]

@@ -102,20 +102,58 @@ impl Report {
     }
 }
 
-/// The leader's running sums.
-#[derive(Debug, Default)]
-pub struct Book {
-    keys: HashMap<String, KeyUsage>,
-    /// Changed since last persisted.
-    pub dirty: bool,
+/// One period's sums.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sums {
+    pub period: String,
+    pub tokens: u64,
+    pub usd: f64,
 }
 
-/// The persisted form of one key's usage.
-#[derive(Debug, Serialize, Deserialize)]
-struct Stored {
-    period: String,
-    tokens: u64,
-    usd: f64,
+impl Sums {
+    fn add(&mut self, label: &str, tokens: u64, usd: f64) {
+        if self.period != label {
+            *self = Sums {
+                period: label.to_owned(),
+                ..Sums::default()
+            };
+        }
+        self.tokens = self.tokens.saturating_add(tokens);
+        self.usd += usd;
+    }
+
+    fn merge(&mut self, other: &Sums) {
+        if self.period == other.period {
+            self.tokens = self.tokens.max(other.tokens);
+            self.usd = self.usd.max(other.usd);
+        } else if other.period > self.period {
+            *self = other.clone();
+        }
+    }
+}
+
+/// A key's spending in the current day and month, both always counted, so switching a
+/// budget's period never starts it from zero.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spent {
+    pub day: Sums,
+    pub month: Sums,
+    #[serde(default, skip_serializing)]
+    pub last_used: u64,
+}
+
+/// The day and month labels at `now`.
+fn labels(now: u64) -> (String, String) {
+    let (y, m, d) = civil((now / 86_400) as i64);
+    (format!("{y:04}-{m:02}-{d:02}"), format!("{y:04}-{m:02}"))
+}
+
+/// The leader's running sums, by key id (`namespace/name`).
+#[derive(Debug, Default)]
+pub struct Book {
+    keys: HashMap<String, Spent>,
+    /// Changed since last persisted.
+    pub dirty: bool,
 }
 
 impl Book {
@@ -126,26 +164,38 @@ impl Book {
         key_of: impl Fn(&str) -> Option<&'a ApiKey>,
     ) -> usize {
         let now = unix_now();
+        let (day, month) = labels(now);
         let mut applied = 0;
         for (id, d) in &report.keys {
             let Some(key) = key_of(id) else { continue };
-            let period = period_label(key, now);
             let entry = self.keys.entry(id.clone()).or_insert_with(|| {
-                from_status(key, now).unwrap_or(KeyUsage {
-                    period: period.clone(),
-                    ..KeyUsage::default()
-                })
+                // First report this term: start from what the key's status says.
+                let mut spent = Spent::default();
+                if let Some(u) = from_status(key, now) {
+                    let seed = Sums {
+                        period: u.period.clone(),
+                        tokens: u.tokens,
+                        usd: u.usd,
+                    };
+                    if u.period == day {
+                        spent.day = seed.clone();
+                        spent.month = Sums {
+                            period: month.clone(),
+                            ..seed
+                        };
+                    } else {
+                        spent.month = seed;
+                    }
+                }
+                spent
             });
-            if entry.period != period {
-                *entry = KeyUsage {
-                    period,
-                    ..KeyUsage::default()
-                };
-            }
-            entry.tokens = entry.tokens.saturating_add(d.tokens);
-            if d.cost_usd.is_finite() && d.cost_usd > 0.0 {
-                entry.usd += d.cost_usd;
-            }
+            let usd = if d.cost_usd.is_finite() && d.cost_usd > 0.0 {
+                d.cost_usd
+            } else {
+                0.0
+            };
+            entry.day.add(&day, d.tokens, usd);
+            entry.month.add(&month, d.tokens, usd);
             entry.last_used = entry.last_used.max(d.last_used);
             applied += 1;
         }
@@ -155,72 +205,65 @@ impl Book {
         applied
     }
 
-    pub fn get(&self, id: &str) -> Option<&KeyUsage> {
-        self.keys.get(id)
+    /// What the key spent in its budget's current period (month when it has none).
+    pub fn current(&self, key: &ApiKey, now: u64) -> Option<KeyUsage> {
+        let spent = self.keys.get(&key_id(key))?;
+        let label = period_label(key, now);
+        let sums = [&spent.day, &spent.month]
+            .into_iter()
+            .find(|s| s.period == label)?;
+        Some(KeyUsage {
+            period: sums.period.clone(),
+            tokens: sums.tokens,
+            usd: sums.usd,
+            last_used: spent.last_used,
+        })
     }
 
     /// True when this book (the leader's) says the key used up its budget.
     pub fn exhausted(&self, key: &ApiKey, now: u64) -> bool {
-        let id = format!(
-            "{}/{}",
-            key.metadata.namespace.as_deref().unwrap_or_default(),
-            key.metadata.name.as_deref().unwrap_or_default()
-        );
-        let (Some(budget), Some(u)) = (key.spec.budget.as_ref(), self.keys.get(&id)) else {
+        let (Some(budget), Some(u)) = (key.spec.budget.as_ref(), self.current(key, now)) else {
             return false;
         };
-        u.period == period_label(key, now)
-            && (budget.tokens.is_some_and(|t| u.tokens as i64 >= t)
-                || budget.usd.is_some_and(|d| u.usd >= d))
+        budget.tokens.is_some_and(|t| u.tokens as i64 >= t)
+            || budget.usd.is_some_and(|d| u.usd >= d)
     }
 
     /// The persisted form: ConfigMap data, one entry per key (`namespace_name`: `_` never
-    /// occurs in Kubernetes names). Entries of periods that ended are dropped.
+    /// occurs in Kubernetes names). Keys without spending this month are dropped.
     pub fn to_data(&mut self, now: u64) -> std::collections::BTreeMap<String, String> {
-        let (y, m, _) = civil((now / 86_400) as i64);
-        let month = format!("{y:04}-{m:02}");
-        // A day period "YYYY-MM-DD" or a month "YYYY-MM" of this month is still live.
-        self.keys.retain(|_, u| u.period.starts_with(&month));
+        let (_, month) = labels(now);
+        self.keys.retain(|_, s| s.month.period == month);
         self.keys
             .iter()
-            .filter_map(|(id, u)| {
+            .filter_map(|(id, spent)| {
                 let (ns, name) = id.split_once('/')?;
-                let v = serde_json::to_string(&Stored {
-                    period: u.period.clone(),
-                    tokens: u.tokens,
-                    usd: u.usd,
-                })
-                .ok()?;
-                Some((format!("{ns}_{name}"), v))
+                Some((format!("{ns}_{name}"), serde_json::to_string(spent).ok()?))
             })
             .collect()
     }
 
-    /// Take in persisted sums (a new leader); the larger of two sums of one period wins.
+    /// Take in persisted sums (a new leader); the larger of two sums of a period wins.
     pub fn load(&mut self, data: &std::collections::BTreeMap<String, String>) {
         for (k, v) in data {
-            let (Some((ns, name)), Ok(s)) = (k.split_once('_'), serde_json::from_str::<Stored>(v))
+            let (Some((ns, name)), Ok(stored)) =
+                (k.split_once('_'), serde_json::from_str::<Spent>(v))
             else {
                 continue;
             };
-            let id = format!("{ns}/{name}");
-            let e = self.keys.entry(id).or_insert_with(|| KeyUsage {
-                period: s.period.clone(),
-                ..KeyUsage::default()
-            });
-            if e.period == s.period {
-                e.tokens = e.tokens.max(s.tokens);
-                e.usd = e.usd.max(s.usd);
-            } else if s.period > e.period {
-                *e = KeyUsage {
-                    period: s.period,
-                    tokens: s.tokens,
-                    usd: s.usd,
-                    last_used: 0,
-                };
-            }
+            let e = self.keys.entry(format!("{ns}/{name}")).or_default();
+            e.day.merge(&stored.day);
+            e.month.merge(&stored.month);
         }
     }
+}
+
+fn key_id(key: &ApiKey) -> String {
+    format!(
+        "{}/{}",
+        key.metadata.namespace.as_deref().unwrap_or_default(),
+        key.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 #[cfg(test)]
@@ -274,19 +317,26 @@ mod tests {
         };
         assert_eq!(book.add(&report, |_| Some(&k)), 1);
         assert_eq!(book.add(&report, |_| Some(&k)), 1);
+        let mut named = k.clone();
+        named.metadata.namespace = Some("ns".into());
         assert_eq!(
-            book.get("ns/k").unwrap().tokens,
+            book.current(&named, now).unwrap().tokens,
             400,
             "300 from status + 2 × 50"
         );
         let old = key(1000, 999, Some("1999-01-01".into()));
         let mut book = Book::default();
         book.add(&report, |_| Some(&old));
+        let mut named = old.clone();
+        named.metadata.namespace = Some("ns".into());
         assert_eq!(
-            book.get("ns/k").unwrap().tokens,
+            book.current(&named, now).unwrap().tokens,
             50,
             "a past period does not count"
         );
+        // The tenant switches the budget from day to month: the spending stays.
+        named.spec.budget.as_mut().unwrap().period = BudgetPeriod::Month;
+        assert_eq!(book.current(&named, now).unwrap().tokens, 50);
         assert_eq!(book.add(&report, |_| None), 0);
     }
 
@@ -329,7 +379,7 @@ mod tests {
         let data = book.to_data(now);
         let mut fresh = Book::default();
         fresh.load(&data);
-        assert_eq!(fresh.get("ns/k").unwrap().tokens, 10);
+        assert_eq!(fresh.current(&named, now).unwrap().tokens, 10);
         assert!(fresh.exhausted(&named, now), "a new leader still knows");
     }
 

@@ -1063,6 +1063,29 @@ spec:
     )
     .await;
 
+    // Someone with access to the status subresource writes the usage down: the leader's
+    // sums win.
+    kubectl_ok(
+        &[
+            "patch",
+            "apikey",
+            "private-key",
+            "-n",
+            &ns.0,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"usage":{"tokens":0,"costUsd":"0"}}}"#,
+        ],
+        None,
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the leader restores the usage",
+        || async { jsonpath(&ns.0, "apikey/private-key", "{.status.usage.tokens}") == "55" },
+    )
+    .await;
+
     // A new operator (a new leader, empty memory) still knows, from the usage ConfigMap.
     op.kill();
     kubectl_ok(&["delete", "apikey", "private-key", "-n", &ns.0], None);
@@ -1090,5 +1113,99 @@ spec:
         up.hits("budget"),
         1,
         "only the first request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_service_account_loses_its_stream() {
+    let _serial = serial().await;
+    let home = Namespace::new("sec-revoke-home");
+    let app = Namespace::new("sec-revoke");
+    let up = MockUpstream::start();
+    let mut config = OperatorConfig::new(&home.0, "op");
+    config
+        .extra_args
+        .extend(["--stream-max-age", "2s", "--token-cache-ttl", "1s"].map(String::from));
+    let op = Operator::launch(config);
+    let (raw, _) = tenant(&app.0, &up.url("id=revoke"));
+    label_namespace(&app.0, "modelgate.dev/sidecars=true");
+    let token = sa_token(&app.0, "app");
+    let sidecar = Proxy::follow_with(
+        &op.config_url,
+        &ca_bundle_file(&app.0, &temp_dir("ca-revoke")),
+        &token,
+        "sidecar",
+    );
+    eventually(Duration::from_secs(20), "the sidecar serves", || async {
+        post(
+            &sidecar.url("/v1/chat/completions"),
+            Some(&raw),
+            &chat("private-model", false),
+        )
+        .await
+        .status
+            == StatusCode::OK
+    })
+    .await;
+    // Streams are retired every ~2 s and the proxy reconnects with its token: no failure.
+    eventually(Duration::from_secs(20), "a few reconnects", || async {
+        sidecar.log_text().matches("asked for a reconnect").count() >= 2
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &sidecar.metrics().await,
+            "modelgate_operator_stream_failures_total",
+            &[]
+        ),
+        0.0
+    );
+
+    // The ServiceAccount is deleted: its token stops proving anything; the stream is not
+    // renewed, so no later change reaches this proxy. It keeps its last good snapshot.
+    kubectl_ok(&["delete", "serviceaccount", "app", "-n", &app.0], None);
+    eventually(
+        Duration::from_secs(20),
+        "the reconnect is refused",
+        || async {
+            metric(
+                &sidecar.metrics().await,
+                "modelgate_operator_stream_failures_total",
+                &[],
+            ) >= 1.0
+                && sidecar.log_text().contains("refused this proxy")
+        },
+    )
+    .await;
+    let version = sidecar.version().await;
+    kubectl_ok(
+        &[
+            "patch",
+            "apikey",
+            "private-key",
+            "-n",
+            &app.0,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"limits":{"requestsPerMinute":5}}}"#,
+        ],
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sidecar.version().await,
+        version,
+        "no snapshot after revocation"
+    );
+    assert_eq!(
+        post(
+            &sidecar.url("/v1/chat/completions"),
+            Some(&raw),
+            &chat("private-model", false)
+        )
+        .await
+        .status,
+        StatusCode::OK,
+        "the last good snapshot keeps serving"
     );
 }
