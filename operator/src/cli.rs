@@ -251,11 +251,16 @@ fn tenancy(opts: &Options) -> anyhow::Result<Tenancy> {
 async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tenancy = tenancy(&opts)?;
-    let policy = UpstreamPolicy::new(&opts.allow_upstream, &opts.deny_upstream)
+    // Parse the admin's rules before anything else: a typo fails at start.
+    UpstreamPolicy::new(&opts.allow_upstream, &opts.deny_upstream)
         .map_err(|e| anyhow::anyhow!("upstream policy: {e}"))?;
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (KUBECONFIG or in-cluster config)")?;
+    let mut deny = opts.deny_upstream.clone();
+    deny.extend(controller::service_ranges(&client).await);
+    let policy = UpstreamPolicy::new(&opts.allow_upstream, &deny)
+        .map_err(|e| anyhow::anyhow!("upstream policy: {e}"))?;
     let namespace = opts
         .namespace
         .clone()

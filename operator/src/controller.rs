@@ -546,6 +546,57 @@ pub fn spawn_watchers(shared: &Arc<Shared>, client: &Client) {
     ));
 }
 
+/// The cluster's Service range(s), refused as upstreams by default. Kubernetes 1.33+ lists
+/// them as ServiceCIDR objects; older clusters do not publish the range, so only the API
+/// server's own ClusterIP (the `kubernetes` Service) is known, and `--service-cidr` should
+/// name the rest.
+pub async fn service_ranges(client: &Client) -> Vec<String> {
+    use k8s_openapi::api::networking::v1::ServiceCIDR;
+    use kube::api::ListParams;
+    match Api::<ServiceCIDR>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => {
+            let ranges: Vec<String> = list
+                .items
+                .into_iter()
+                .filter_map(|c| c.spec)
+                .flat_map(|s| s.cidrs.unwrap_or_default())
+                .collect();
+            if !ranges.is_empty() {
+                tracing::info!(ranges = ?ranges, "refusing the cluster's Service ranges as upstreams");
+                return ranges;
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "no ServiceCIDR API"),
+    }
+    match Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "default")
+        .get_opt("kubernetes")
+        .await
+    {
+        Ok(Some(svc)) => {
+            let ips: Vec<String> = svc
+                .spec
+                .and_then(|s| s.cluster_ips.or(s.cluster_ip.map(|ip| vec![ip])))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+                .collect();
+            tracing::warn!(
+                refused = ?ips,
+                "this cluster does not publish its Service range (ServiceCIDR needs Kubernetes 1.33); refusing the API server's ClusterIP as upstream; name the whole range with --service-cidr"
+            );
+            ips
+        }
+        Ok(None) => vec![],
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kubernetes Service; name the cluster's Service range with --service-cidr");
+            vec![]
+        }
+    }
+}
+
 /// Fail early, with a message a person can act on, when the CRDs are missing or the
 /// operator may not read what it needs.
 pub async fn preflight(client: &Client, namespace: &str) -> anyhow::Result<()> {

@@ -605,9 +605,11 @@ async fn unlabelled_secrets_and_forbidden_upstreams_are_refused_with_a_reason() 
         ..OperatorConfig::new(&ns.0, "op")
     });
     let proxy = Proxy::follow(&op, &gateway_token(&ns.0), "p");
+    let apiserver_ip = jsonpath("default", "service/kubernetes", "{.spec.clusterIP}");
+    assert!(!apiserver_ip.is_empty());
     apply(
         &ns.0,
-        r#"
+        &r#"
 apiVersion: v1
 kind: Secret
 metadata: {name: helm-release-like}
@@ -645,6 +647,16 @@ spec:
 ---
 apiVersion: modelgate.dev/v1alpha1
 kind: ModelRoute
+metadata: {name: apiserver}
+spec:
+  model: apiserver
+  backends:
+    - name: k8s
+      provider: openai-compatible
+      url: https://APISERVER_IP/api
+---
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
 metadata: {name: fine}
 spec:
   model: fine
@@ -660,9 +672,16 @@ kind: ApiKey
 metadata: {name: fine}
 spec:
   secretRef: {name: fine-key, key: key}
-"#,
+"#
+        .replace("APISERVER_IP", &apiserver_ip),
     );
     wait_condition(&ns.0, "modelroute/steals-a-secret", "ResolvedRefs", "False").await;
+    // The API server's ClusterIP (the cluster's Service range, as far as v1.20 tells it).
+    wait_condition(&ns.0, "modelroute/apiserver", "Accepted", "False").await;
+    assert_eq!(
+        reason(&ns.0, "modelroute/apiserver", "Accepted"),
+        "UpstreamNotAllowed"
+    );
     eventually(
         Duration::from_secs(20),
         "the reason names the missing opt-in",
