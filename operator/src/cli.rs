@@ -53,6 +53,9 @@ OPTIONS:
     --heartbeat DUR          heartbeat interval on proxy streams [default: 5s]
     --stream-max-age DUR     proxies are asked to reconnect (with a fresh token) after about
                              this long [default: 10m]
+    --max-streams-per-identity N
+                             open config streams one ServiceAccount may hold per replica
+                             [default: 1000]
     --lease-duration DUR     leader Lease duration; renewed every fifth of it [default: 15s]
     --addr-file FILE         write the bound addresses as JSON once listening
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
@@ -79,6 +82,7 @@ struct Options {
     advertise_url: Option<String>,
     heartbeat: Duration,
     stream_max_age: Duration,
+    max_streams_per_identity: u32,
     lease_duration: Duration,
     addr_file: Option<PathBuf>,
     text_logs: bool,
@@ -110,6 +114,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         advertise_url: None,
         heartbeat: Duration::from_secs(5),
         stream_max_age: Duration::from_secs(600),
+        max_streams_per_identity: 1000,
         lease_duration: Duration::from_secs(15),
         addr_file: None,
         text_logs: false,
@@ -153,6 +158,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--namespace" | "--lease-namespace" => o.namespace = Some(value(&a)?),
             "--advertise-url" => o.advertise_url = Some(value("--advertise-url")?),
             "--heartbeat" => o.heartbeat = duration("--heartbeat", value("--heartbeat")?)?,
+            "--max-streams-per-identity" => {
+                let v = value("--max-streams-per-identity")?;
+                o.max_streams_per_identity =
+                    v.parse().ok().filter(|n| *n > 0).with_context(|| {
+                        format!("--max-streams-per-identity {v:?} is not a positive number")
+                    })?;
+            }
             "--stream-max-age" => {
                 o.stream_max_age = duration("--stream-max-age", value("--stream-max-age")?)?
             }
@@ -343,6 +355,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         server::Streams {
             heartbeat: opts.heartbeat,
             max_age: opts.stream_max_age.max(Duration::from_secs(1)),
+            max_per_identity: opts.max_streams_per_identity,
         },
     ));
     tokio::spawn(server::serve_admin(admin, shared.clone()));

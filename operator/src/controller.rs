@@ -254,11 +254,16 @@ impl Shared {
             .keys()
             .map(|k| k.metadata.namespace.clone().unwrap_or_default())
             .collect();
-        let mut out: HashMap<String, u32> = HashMap::new();
+        // Resolve each distinct scope once: a fleet has many proxies but few scopes.
+        let mut scopes: HashMap<Scope, u32> = HashMap::new();
         for p in self.fleet() {
-            let view = p.scope.resolve(&index.namespaces);
+            *scopes.entry(p.scope).or_default() += 1;
+        }
+        let mut out: HashMap<String, u32> = HashMap::new();
+        for (scope, proxies) in scopes {
+            let view = scope.resolve(&index.namespaces);
             for ns in namespaces.iter().filter(|ns| view.covers(ns)) {
-                *out.entry(ns.clone()).or_default() += 1;
+                *out.entry(ns.clone()).or_default() += proxies;
             }
         }
         out

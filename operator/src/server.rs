@@ -106,6 +106,9 @@ pub struct Streams {
     /// A stream is asked to reconnect after about this long (±10%), so its proxy proves its
     /// identity again with a fresh token: a revoked ServiceAccount loses its stream.
     pub max_age: Duration,
+    /// Open streams one identity may hold on this replica (each costs a task and a
+    /// connection): a tenant's pods cannot exhaust the operator.
+    pub max_per_identity: u32,
 }
 
 /// Serve the config API over TLS until the process ends. Each connection is handshaken
@@ -359,6 +362,20 @@ async fn config_api(
                     "query parameter proxy=<id> is required",
                 );
             };
+            let open = lock(&shared.proxies)
+                .values()
+                .filter(|p| p.identity == identity)
+                .map(|p| p.streams)
+                .sum::<u32>();
+            if open >= streams.max_per_identity {
+                shared.metrics.refused("too_many_streams");
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!(
+                        "{identity} already holds {open} config streams on this replica (--max-streams-per-identity)"
+                    ),
+                );
+            }
             stream(shared, identity, id.to_owned(), scope, streams)
         }
         (&Method::POST, "/v1/ack") => {

@@ -893,7 +893,11 @@ async fn forged_reports_are_rejected_and_fake_streams_change_no_share() {
     let victim = Namespace::new("sec-victim");
     let attacker = Namespace::new("sec-attacker");
     let up = MockUpstream::start();
-    let op = Operator::start(&home.0, "op");
+    let mut config = OperatorConfig::new(&home.0, "op");
+    config
+        .extra_args
+        .extend(["--max-streams-per-identity", "200"].map(String::from));
+    let op = Operator::launch(config);
     let gateway = Proxy::follow(&op, &gateway_token(&home.0), "gateway");
     let (raw, _) = tenant(&victim.0, &up.url("id=victim"));
     tenant(&attacker.0, &up.url("id=attacker"));
@@ -930,6 +934,9 @@ async fn forged_reports_are_rejected_and_fake_streams_change_no_share() {
         assert!(!first.contains(&victim.0), "{first}");
         streams.push(open);
     }
+    // One identity holds at most --max-streams-per-identity streams.
+    let (status, body, _) = api.open_stream(Some(&token), "fake-200").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     let (status, _, _) = api
         .open_stream(Some("forged-0123456789abcdef"), "forged")
         .await;
