@@ -64,6 +64,12 @@ pub struct ModelRouteSpec {
     /// Passive outlier detection: backends that fail repeatedly are skipped for a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for; larger ones
+    /// are refused with a 400 naming this ceiling. Requests that set neither reserve at most
+    /// this many output tokens per choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4_294_967_295_i64))]
+    pub max_output_tokens: Option<i64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -42,7 +42,12 @@ pub struct Entry<'a> {
     pub overhead_us: Option<u64>,
     pub input_tokens: u64,
     pub output_tokens: u64,
-    pub usage_estimated: bool,
+    /// `reported` (the upstream's numbers), `estimated` (it reported none: the prompt
+    /// estimate and the streamed text) or `none` (no model was reached).
+    pub usage: &'a str,
+    /// How the (last) choice of a stream ended, when the upstream said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<&'a str>,
     pub cost_usd: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,

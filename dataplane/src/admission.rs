@@ -1,15 +1,21 @@
 //! Admission: per-key rate limits, concurrency and budgets, reserved up front.
 //!
-//! A request reserves its estimated tokens (prompt estimate + `max_tokens` or the default)
-//! when it is admitted and settles to the real usage when it completes. Reservation and check
-//! happen under one short lock, so any number of concurrent requests cannot together pass a
-//! limit: the sum of reservations never exceeds it.
+//! A request reserves its estimated tokens (prompt estimate + the larger of `max_tokens` and
+//! `max_completion_tokens`, or the default, times the choices it asks for) when it is
+//! admitted and settles to the real usage when it completes. Reservation and check happen
+//! under one short lock, so any number of concurrent requests cannot together pass a limit:
+//! the sum of reservations never exceeds it.
 //!
 //! Minute limits use a sliding window of sixty one-second slots: over any sixty whole seconds
 //! the admitted amount stays within the limit. Budgets count per UTC day or month.
 //!
 //! `KeyState` outlives snapshots (it is keyed by `namespace/name` in the `StateRegistry`), so a
 //! reload or a spec edit never resets usage.
+//!
+//! Every amount here can come from a client (`max_tokens`) or an upstream (reported usage),
+//! so all token arithmetic saturates: a huge value is refused by a limit, never wrapped past
+//! it. Everything raised is lowered by a guard: a [`Ticket`] (and the concurrency slot it
+//! holds) gives its reservation back when dropped, whichever way the request ends.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +34,9 @@ const WINDOW: u64 = 60;
 #[derive(Debug, Clone)]
 struct Window {
     slots: [u64; WINDOW as usize],
-    total: u64,
+    /// Sum of the slots. Wide enough that it never saturates: a saturated total would drop
+    /// below the slots' real sum once a huge slot leaves the window.
+    total: u128,
     /// The newest second the window has moved to.
     head: u64,
 }
@@ -50,8 +58,8 @@ impl Window {
         }
         let gap = (now - self.head).min(WINDOW);
         for i in 1..=gap {
-            let slot = &mut self.slots[((self.head + i) % WINDOW) as usize];
-            self.total -= *slot;
+            let slot = &mut self.slots[(self.head.wrapping_add(i) % WINDOW) as usize];
+            self.total -= u128::from(*slot);
             *slot = 0;
         }
         self.head = now;
@@ -67,13 +75,15 @@ impl Window {
 
     fn used(&mut self, now: u64) -> u64 {
         self.advance(now);
-        self.total
+        u64::try_from(self.total).unwrap_or(u64::MAX)
     }
 
     fn add(&mut self, now: u64, amount: u64) {
         self.advance(now);
-        self.slots[(now % WINDOW) as usize] += amount;
-        self.total += amount;
+        let slot = &mut self.slots[(now % WINDOW) as usize];
+        let new = slot.saturating_add(amount);
+        self.total += u128::from(new - *slot);
+        *slot = new;
     }
 
     /// Move a reservation made at `sec` to the real amount. Usage above the reservation is
@@ -84,7 +94,7 @@ impl Window {
         if now.saturating_sub(sec) < WINDOW {
             let slot = &mut self.slots[(sec % WINDOW) as usize];
             let new = slot.saturating_sub(reserved).saturating_add(actual);
-            self.total = self.total - *slot + new;
+            self.total = self.total - u128::from(*slot) + u128::from(new);
             *slot = new;
         } else if actual > reserved {
             self.add(now, actual - reserved);
@@ -93,9 +103,9 @@ impl Window {
 
     /// Seconds until at least `need` of the current usage has left the window.
     fn wait_for(&self, now: u64, need: u64) -> u64 {
-        let mut freed = 0;
+        let mut freed: u64 = 0;
         for age in (0..WINDOW).rev() {
-            freed += self.at(now, age);
+            freed = freed.saturating_add(self.at(now, age));
             if freed >= need && freed > 0 {
                 return WINDOW - age;
             }
@@ -157,7 +167,7 @@ impl KeyState {
     /// Put back usage whose report failed, to send it with the next one.
     pub fn restore_unreported(&self, u: Unreported) {
         let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        c.unreported.tokens += u.tokens;
+        c.unreported.tokens = c.unreported.tokens.saturating_add(u.tokens);
         c.unreported.usd += u.usd;
         c.unreported.last_used = c.unreported.last_used.max(u.last_used);
     }
@@ -196,6 +206,31 @@ pub struct Estimate {
     pub usd: f64,
 }
 
+/// A `maxConcurrent` slot of one key, taken at admission. Dropping it gives the slot back,
+/// so no path (an early rejection, a panic, a client leaving mid-call) can leak one.
+#[derive(Debug)]
+struct Slot(Arc<KeyState>);
+
+impl Slot {
+    /// Take a slot if fewer than `max` are taken. Never counts past `max`, not even for a
+    /// moment, so a refused request cannot make a concurrent one fail.
+    fn take(state: &Arc<KeyState>, max: u32) -> Option<Self> {
+        state
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(state.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// An admitted request's reservation. Settle it with the real usage; dropping it unsettled
 /// releases the token reservation (the request did not reach a model).
 #[derive(Debug)]
@@ -204,25 +239,23 @@ pub struct Ticket {
     second: u64,
     period: u64,
     reserved: Estimate,
-    holds_slot: bool,
+    slot: Option<Slot>,
     settled: bool,
     pub headers: Vec<(&'static str, HeaderValue)>,
 }
 
 impl Ticket {
     pub fn settle(mut self, tokens: u64, usd: f64) {
-        self.finish(tokens, usd);
+        self.finish(tokens, usd, unix_now());
     }
 
-    fn finish(&mut self, tokens: u64, usd: f64) {
+    fn finish(&mut self, tokens: u64, usd: f64, now: u64) {
         if self.settled {
             return;
         }
         self.settled = true;
-        if self.holds_slot {
-            self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
-        let now = unix_now();
+        drop(self.slot.take());
+        let usd = if usd.is_finite() { usd.max(0.0) } else { 0.0 };
         let mut c = self
             .state
             .counters
@@ -238,15 +271,23 @@ impl Ticket {
         }
         b.tokens = b.tokens.saturating_add(tokens);
         b.usd += usd;
-        c.unreported.tokens += tokens;
+        c.unreported.tokens = c.unreported.tokens.saturating_add(tokens);
         c.unreported.usd += usd;
         c.unreported.last_used = now;
     }
 }
 
+#[cfg(test)]
+impl Ticket {
+    /// Settle as if at `now` (the wall clock otherwise).
+    fn settle_at(mut self, tokens: u64, usd: f64, now: u64) {
+        self.finish(tokens, usd, now);
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.finish(0, 0.0);
+        self.finish(0, 0.0, unix_now());
     }
 }
 
@@ -312,23 +353,22 @@ pub fn admit(
 ) -> Result<Ticket, Rejection> {
     let state = key.state(registry);
     let limits = &key.limits;
-    let mut holds_slot = false;
-    if let Some(max) = limits.max_concurrent {
-        let prev = state.in_flight.fetch_add(1, Ordering::AcqRel);
-        if prev >= max {
-            state.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Rejection {
-                kind: LimitKind::Concurrency,
-                retry_after: Duration::from_secs(1),
-                message: format!("this key may have at most {max} requests in flight"),
-            });
-        }
-        holds_slot = true;
-    }
-    let release = |state: &KeyState| {
-        if holds_slot {
-            state.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
+    let est = Estimate {
+        tokens: est.tokens,
+        usd: if est.usd.is_finite() {
+            est.usd.max(0.0)
+        } else {
+            f64::MAX
+        },
+    };
+    // Early returns below drop the slot, which gives it back.
+    let slot = match limits.max_concurrent {
+        None => None,
+        Some(max) => Some(Slot::take(state, max).ok_or_else(|| Rejection {
+            kind: LimitKind::Concurrency,
+            retry_after: Duration::from_secs(1),
+            message: format!("this key may have at most {max} requests in flight"),
+        })?),
     };
 
     let mut c = state.counters.lock().unwrap_or_else(|e| e.into_inner());
@@ -336,10 +376,8 @@ pub fn admit(
     if let Some(rpm) = limits.requests_per_minute {
         let w = c.requests.get_or_insert_with(Box::default);
         let used = w.used(now);
-        if used + 1 > rpm {
-            let wait = w.wait_for(now, used + 1 - rpm);
-            drop(c);
-            release(state);
+        if used.saturating_add(1) > rpm {
+            let wait = w.wait_for(now, used.saturating_add(1) - rpm);
             return Err(Rejection {
                 kind: LimitKind::Requests,
                 retry_after: Duration::from_secs(wait.max(1)),
@@ -349,27 +387,27 @@ pub fn admit(
             });
         }
         headers.push(("x-ratelimit-limit-requests", header_num(rpm)));
-        headers.push(("x-ratelimit-remaining-requests", header_num(rpm - used - 1)));
+        headers.push((
+            "x-ratelimit-remaining-requests",
+            header_num(rpm.saturating_sub(used).saturating_sub(1)),
+        ));
     }
     if let Some(tpm) = limits.tokens_per_minute {
         let w = c.tokens.get_or_insert_with(Box::default);
         let used = w.used(now);
         if est.tokens > tpm {
-            drop(c);
-            release(state);
             return Err(Rejection {
                 kind: LimitKind::Tokens,
                 retry_after: Duration::from_secs(WINDOW),
                 message: format!(
-                    "request needs up to {} tokens (prompt + max_tokens) but the limit is {tpm} tokens per minute; lower max_tokens",
+                    "request needs up to {} tokens (prompt + max_tokens × choices) but the limit is {tpm} tokens per minute; lower max_tokens",
                     est.tokens
                 ),
             });
         }
-        if used + est.tokens > tpm {
-            let wait = w.wait_for(now, used + est.tokens - tpm);
-            drop(c);
-            release(state);
+        let wanted = used.saturating_add(est.tokens);
+        if wanted > tpm {
+            let wait = w.wait_for(now, wanted - tpm);
             return Err(Rejection {
                 kind: LimitKind::Tokens,
                 retry_after: Duration::from_secs(wait.max(1)),
@@ -380,10 +418,7 @@ pub fn admit(
             });
         }
         headers.push(("x-ratelimit-limit-tokens", header_num(tpm)));
-        headers.push((
-            "x-ratelimit-remaining-tokens",
-            header_num(tpm - used - est.tokens),
-        ));
+        headers.push(("x-ratelimit-remaining-tokens", header_num(tpm - wanted)));
     }
     let mut period = 0;
     if let Some(budget) = &key.budget {
@@ -397,16 +432,14 @@ pub fn admit(
             };
         }
         if let Some(msg) = over_budget(budget, b, est) {
-            drop(c);
-            release(state);
             return Err(Rejection {
                 kind: LimitKind::Budget,
                 retry_after: Duration::from_secs(ends_in.max(1)),
                 message: msg,
             });
         }
-        b.reserved_tokens += est.tokens;
-        b.reserved_usd += est.usd;
+        b.reserved_tokens = b.reserved_tokens.saturating_add(est.tokens);
+        b.reserved_usd = (b.reserved_usd + est.usd).min(f64::MAX);
     }
     if let Some(w) = c
         .requests
@@ -430,7 +463,7 @@ pub fn admit(
         second: now,
         period,
         reserved: est,
-        holds_slot,
+        slot,
         settled: false,
         headers,
     })
@@ -442,7 +475,10 @@ fn over_budget(spec: &BudgetSpec, b: &Budget, est: Estimate) -> Option<String> {
         BudgetPeriod::Month => "month",
     };
     if let Some(max) = spec.tokens
-        && b.tokens + b.reserved_tokens + est.tokens > max
+        && b.tokens
+            .saturating_add(b.reserved_tokens)
+            .saturating_add(est.tokens)
+            > max
     {
         return Some(format!(
             "token budget of {max} per {period} is used up ({} used, {} in flight, {} requested)",
@@ -589,5 +625,385 @@ mod tests {
         assert_eq!(now + ends, 1_796_083_200);
         assert_eq!(civil(0), (1970, 1, 1));
         assert_eq!(days_from_civil(2024, 2, 29), 19_782);
+    }
+    #[test]
+    fn huge_reservations_are_refused_not_wrapped() {
+        let k = key(
+            LimitsSpec {
+                requests_per_minute: Some(u64::MAX),
+                tokens_per_minute: Some(1000),
+                ..Default::default()
+            },
+            Some(BudgetSpec {
+                tokens: Some(u64::MAX),
+                usd: Some(1.0),
+                period: BudgetPeriod::Day,
+            }),
+        );
+        let reg = StateRegistry::default();
+        let now = 1_000_000;
+        let err = admit(&k, &reg, est(u64::MAX), now).unwrap_err();
+        assert_eq!(err.kind, LimitKind::Tokens);
+        // One admitted request, then a reservation that would wrap `used + est` to a tiny sum.
+        let t = admit(&k, &reg, est(10), now).unwrap();
+        assert_eq!(
+            admit(&k, &reg, est(u64::MAX - 5), now).unwrap_err().kind,
+            LimitKind::Tokens
+        );
+        // A non-finite or absurd cost is refused by the USD budget.
+        let inf = Estimate {
+            tokens: 1,
+            usd: f64::INFINITY,
+        };
+        assert_eq!(
+            admit(&k, &reg, inf, now).unwrap_err().kind,
+            LimitKind::Budget
+        );
+        drop(t);
+    }
+
+    #[test]
+    fn huge_usage_reported_by_an_upstream_saturates() {
+        let k = key(
+            LimitsSpec {
+                tokens_per_minute: Some(1000),
+                ..Default::default()
+            },
+            Some(BudgetSpec {
+                tokens: Some(u64::MAX),
+                usd: None,
+                period: BudgetPeriod::Day,
+            }),
+        );
+        let reg = StateRegistry::default();
+        let t0 = 1_000_000;
+        admit(&k, &reg, est(10), t0)
+            .unwrap()
+            .settle_at(u64::MAX, f64::NAN, t0);
+        let t = admit(&k, &reg, est(10), t0 + 1);
+        assert_eq!(t.unwrap_err().kind, LimitKind::Tokens, "the window is full");
+        // An upstream reporting u64::MAX twice must not wrap the budget back to zero.
+        let state = k.state(&reg).clone();
+        assert_eq!(state.counters.lock().unwrap().budget.tokens, u64::MAX);
+        assert_eq!(state.take_unreported().unwrap().tokens, u64::MAX);
+        state.restore_unreported(Unreported {
+            tokens: u64::MAX,
+            usd: 0.0,
+            last_used: 1,
+        });
+        state.restore_unreported(Unreported {
+            tokens: u64::MAX,
+            usd: 0.0,
+            last_used: 1,
+        });
+        assert_eq!(state.take_unreported().unwrap().tokens, u64::MAX);
+    }
+
+    #[test]
+    fn a_saturated_second_leaving_the_window_keeps_the_others() {
+        let mut w = Window::default();
+        w.add(100, u64::MAX);
+        w.add(101, u64::MAX);
+        w.add(102, 300);
+        assert_eq!(w.used(102), u64::MAX);
+        // Once both huge seconds left, exactly the 300 of second 102 remain.
+        assert_eq!(w.used(161), 300);
+        w.settle(102, 300, u64::MAX, 161);
+        assert_eq!(w.used(161), u64::MAX);
+        assert_eq!(w.used(162), 0);
+        assert_eq!(w.wait_for(162, u64::MAX), WINDOW);
+    }
+
+    #[test]
+    fn a_refused_request_never_holds_a_concurrency_slot() {
+        let k = key(
+            LimitsSpec {
+                max_concurrent: Some(2),
+                requests_per_minute: Some(1),
+                ..Default::default()
+            },
+            None,
+        );
+        let reg = StateRegistry::default();
+        let t = admit(&k, &reg, est(1), 10).unwrap();
+        assert_eq!(k.state(&reg).in_flight.load(Ordering::Acquire), 1);
+        // Refused by the request rate after taking a slot: the slot comes back.
+        assert_eq!(
+            admit(&k, &reg, est(1), 10).unwrap_err().kind,
+            LimitKind::Requests
+        );
+        assert_eq!(k.state(&reg).in_flight.load(Ordering::Acquire), 1);
+        t.settle(1, 0.0);
+        assert_eq!(k.state(&reg).in_flight.load(Ordering::Acquire), 0);
+    }
+
+    /// Property tests: random requests against random limits, admitted, settled and cancelled
+    /// in random order, checked against a plain model of what the limits mean.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Admit { tokens: u64, usd: u32 },
+            Settle { which: usize, tokens: u64, usd: u32 },
+            Cancel { which: usize },
+            Advance { secs: u64 },
+        }
+
+        #[derive(Debug, Clone)]
+        struct Limits {
+            rpm: Option<u64>,
+            tpm: Option<u64>,
+            concurrent: Option<u32>,
+            budget_tokens: Option<u64>,
+            /// In 1/8 dollars, so every sum below is exact in f64.
+            budget_eighths: Option<u32>,
+        }
+
+        /// Dollars as multiples of 1/64: exact in f64, so the model and the code agree
+        /// to the bit on every comparison.
+        fn dollars(sixty_fourths: u32) -> f64 {
+            f64::from(sixty_fourths) / 64.0
+        }
+
+        fn tokens() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                8 => 0u64..400,
+                1 => Just(u64::MAX),
+                1 => (u64::MAX - 1000)..=u64::MAX,
+            ]
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (tokens(), 0u32..64).prop_map(|(tokens, usd)| Op::Admit { tokens, usd }),
+                2 => (any::<usize>(), prop_oneof![4 => 0u64..500, 1 => tokens()], 0u32..64)
+                    .prop_map(|(which, tokens, usd)| Op::Settle { which, tokens, usd }),
+                1 => any::<usize>().prop_map(|which| Op::Cancel { which }),
+                2 => prop_oneof![3 => 0u64..5, 1 => 0u64..90].prop_map(|secs| Op::Advance { secs }),
+            ]
+        }
+
+        fn limits() -> impl Strategy<Value = Limits> {
+            (
+                proptest::option::of(1u64..20),
+                proptest::option::of(1u64..2000),
+                proptest::option::of(1u32..6),
+                proptest::option::of(1u64..5000),
+                proptest::option::of(1u32..80),
+            )
+                .prop_map(|(rpm, tpm, concurrent, budget_tokens, budget_eighths)| {
+                    Limits {
+                        rpm,
+                        tpm,
+                        concurrent,
+                        budget_tokens,
+                        budget_eighths,
+                    }
+                })
+        }
+
+        /// What the limits mean, kept the simple way: every admission and every charge.
+        #[derive(Default)]
+        struct Model {
+            /// Seconds of admitted requests.
+            requests: Vec<u64>,
+            /// (second, tokens) charged to the minute window.
+            charges: Vec<(u64, u64)>,
+            budget_used_tokens: u128,
+            budget_used_usd: f64,
+        }
+
+        struct Open {
+            ticket: Ticket,
+            second: u64,
+            tokens: u64,
+            usd: f64,
+            /// Index of its charge in `Model::charges`, when a token limit is set.
+            charge: Option<usize>,
+        }
+
+        impl Model {
+            fn in_window(now: u64, sec: u64) -> bool {
+                sec <= now && now - sec < WINDOW
+            }
+
+            fn requests_in_window(&self, now: u64) -> u64 {
+                self.requests
+                    .iter()
+                    .filter(|s| Self::in_window(now, **s))
+                    .count() as u64
+            }
+
+            fn tokens_in_window(&self, now: u64) -> u128 {
+                self.charges
+                    .iter()
+                    .filter(|(s, _)| Self::in_window(now, *s))
+                    .map(|(_, t)| u128::from(*t))
+                    .sum()
+            }
+        }
+
+        fn run(limits: Limits, ops: Vec<Op>) -> Result<(), TestCaseError> {
+            let k = key(
+                LimitsSpec {
+                    requests_per_minute: limits.rpm,
+                    tokens_per_minute: limits.tpm,
+                    max_concurrent: limits.concurrent,
+                },
+                (limits.budget_tokens.is_some() || limits.budget_eighths.is_some()).then(|| {
+                    BudgetSpec {
+                        tokens: limits.budget_tokens,
+                        usd: limits.budget_eighths.map(|e| f64::from(e) / 8.0),
+                        period: BudgetPeriod::Month,
+                    }
+                }),
+            );
+            let reg = StateRegistry::default();
+            let state = k.state(&reg).clone();
+            // The start of next month: ahead of the wall clock (which dropped tickets settle
+            // at), and hours from the next month boundary, so one budget period holds.
+            let wall = unix_now();
+            let mut now = wall + budget_period(BudgetPeriod::Month, wall).1 + 3600;
+            let mut model = Model::default();
+            let mut open: Vec<Open> = Vec::new();
+            // While no request used more than it reserved, the limits hold at every moment,
+            // not only at admissions.
+            let mut overused = false;
+
+            for op in ops {
+                match op {
+                    Op::Advance { secs } => now += secs,
+                    Op::Admit { tokens, usd } => {
+                        let usd = dollars(usd);
+                        let reserved_tokens: u128 = open.iter().map(|o| u128::from(o.tokens)).sum();
+                        let reserved_usd: f64 = open.iter().map(|o| o.usd).sum();
+                        let fits_concurrency =
+                            limits.concurrent.is_none_or(|m| (open.len() as u32) < m);
+                        let fits_rpm = limits.rpm.is_none_or(|m| model.requests_in_window(now) < m);
+                        let fits_tpm = limits.tpm.is_none_or(|m| {
+                            model.tokens_in_window(now) + u128::from(tokens) <= u128::from(m)
+                        });
+                        let fits_budget_tokens = limits.budget_tokens.is_none_or(|m| {
+                            model.budget_used_tokens + reserved_tokens + u128::from(tokens)
+                                <= u128::from(m)
+                        });
+                        let fits_budget_usd = limits.budget_eighths.is_none_or(|e| {
+                            model.budget_used_usd + reserved_usd + usd <= f64::from(e) / 8.0
+                        });
+                        let fits = fits_concurrency
+                            && fits_rpm
+                            && fits_tpm
+                            && fits_budget_tokens
+                            && fits_budget_usd;
+                        let got = admit(&k, &reg, Estimate { tokens, usd }, now);
+                        prop_assert_eq!(
+                            got.is_ok(),
+                            fits,
+                            "admit {} tokens ${} at {}: {:?}",
+                            tokens,
+                            usd,
+                            now,
+                            got.as_ref().err()
+                        );
+                        if let Ok(ticket) = got {
+                            model.requests.push(now);
+                            let charge = limits.tpm.map(|_| {
+                                model.charges.push((now, tokens));
+                                model.charges.len() - 1
+                            });
+                            open.push(Open {
+                                ticket,
+                                second: now,
+                                tokens,
+                                usd,
+                                charge,
+                            });
+                        }
+                    }
+                    Op::Settle { which, tokens, usd } if !open.is_empty() => {
+                        let o = open.swap_remove(which % open.len());
+                        let usd = dollars(usd);
+                        overused |= tokens > o.tokens || usd > o.usd;
+                        if let Some(i) = o.charge {
+                            if Model::in_window(now, o.second) {
+                                model.charges[i].1 = tokens;
+                            } else if tokens > o.tokens {
+                                model.charges.push((now, tokens - o.tokens));
+                            }
+                        }
+                        model.budget_used_tokens += u128::from(tokens);
+                        model.budget_used_usd += usd;
+                        o.ticket.settle_at(tokens, usd, now);
+                    }
+                    Op::Cancel { which } if !open.is_empty() => {
+                        let o = open.swap_remove(which % open.len());
+                        if let Some(i) = o.charge
+                            && Model::in_window(now, o.second)
+                        {
+                            model.charges[i].1 = 0;
+                        }
+                        // The real path: the ticket is dropped unsettled.
+                        drop(o.ticket);
+                    }
+                    Op::Settle { .. } | Op::Cancel { .. } => {}
+                }
+
+                // No limit is exceeded.
+                if let Some(m) = limits.concurrent {
+                    prop_assert!(open.len() as u32 <= m);
+                    prop_assert_eq!(state.in_flight.load(Ordering::Acquire), open.len() as u32);
+                }
+                if let Some(m) = limits.rpm {
+                    prop_assert!(model.requests_in_window(now) <= m);
+                }
+                if !overused {
+                    let reserved: u128 = open.iter().map(|o| u128::from(o.tokens)).sum();
+                    if let Some(m) = limits.tpm {
+                        prop_assert!(model.tokens_in_window(now) <= u128::from(m));
+                    }
+                    if let Some(m) = limits.budget_tokens {
+                        prop_assert!(model.budget_used_tokens + reserved <= u128::from(m));
+                    }
+                    if let Some(e) = limits.budget_eighths {
+                        let reserved_usd: f64 = open.iter().map(|o| o.usd).sum();
+                        prop_assert!(model.budget_used_usd + reserved_usd <= f64::from(e) / 8.0);
+                    }
+                }
+            }
+
+            // Every reservation is returned.
+            drop(open);
+            prop_assert_eq!(state.in_flight.load(Ordering::Acquire), 0);
+            {
+                let c = state.counters.lock().unwrap();
+                prop_assert_eq!(c.budget.reserved_tokens, 0);
+                prop_assert_eq!(c.budget.reserved_usd, 0.0);
+            }
+            let later = now + WINDOW;
+            if let Some(m) = limits.tpm {
+                let mut c = state.counters.lock().unwrap();
+                prop_assert_eq!(c.tokens.as_mut().map_or(0, |w| w.used(later)), 0);
+                drop(c);
+                // The whole minute's allowance is there again (budget permitting).
+                if limits.budget_tokens.is_none() && limits.budget_eighths.is_none() {
+                    prop_assert!(admit(&k, &reg, est(m), later).is_ok());
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn limits_hold_and_reservations_come_back(
+                limits in limits(),
+                ops in proptest::collection::vec(op(), 1..200),
+            ) {
+                run(limits, ops)?;
+            }
+        }
     }
 }

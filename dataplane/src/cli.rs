@@ -276,6 +276,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         egress,
         max_body_bytes: server_spec.max_body_bytes,
         default_max_tokens: server_spec.default_max_tokens,
+        max_stream_event_bytes: usize::try_from(server_spec.max_stream_event_bytes)
+            .unwrap_or(usize::MAX)
+            .max(1024),
     }));
     let source_name = match (&operator, &path) {
         (Some(op), _) => format!("operator:{}", op.url),

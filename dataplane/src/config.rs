@@ -97,6 +97,9 @@ pub struct ServerSpec {
     pub drain_timeout: String,
     /// Output tokens reserved for a request that sets no `max_tokens`.
     pub default_max_tokens: u64,
+    /// Largest server-sent event a streamed answer may carry; a larger one ends the stream
+    /// with an error event (and is metered).
+    pub max_stream_event_bytes: u64,
 }
 
 impl Default for ServerSpec {
@@ -109,6 +112,7 @@ impl Default for ServerSpec {
             header_read_timeout: "10s".into(),
             drain_timeout: "30s".into(),
             default_max_tokens: 1024,
+            max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES as u64,
         }
     }
 }
@@ -148,6 +152,11 @@ pub struct RouteSpec {
     pub retries: Option<RetrySpec>,
     #[serde(default)]
     pub outlier_detection: Option<OutlierSpec>,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for; larger ones get
+    /// a 400 naming this ceiling. Requests that set neither reserve at most this much.
+    /// Left out when unset, so proxies that predate it accept snapshots that do not use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -522,6 +531,14 @@ pub fn compile(
             }
         }
         let timeout = p.opt_duration(&format!("{path}.timeout"), &r.timeout);
+        if let Some(n) = r.max_output_tokens
+            && !(1..=crate::request::MAX_OUTPUT_TOKENS).contains(&n)
+        {
+            p.push(
+                &format!("{path}.maxOutputTokens"),
+                format_args!("must be from 1 to {}", crate::request::MAX_OUTPUT_TOKENS),
+            );
+        }
         let retry = match &r.retries {
             None => RetryPolicy::default(),
             Some(rs) => {
@@ -647,6 +664,7 @@ pub fn compile(
             timeout,
             retry,
             outlier,
+            max_output_tokens: r.max_output_tokens,
             tiers,
         }));
     }
@@ -1015,6 +1033,33 @@ keys:
         assert!(all.contains("url is required"), "{all}");
         assert!(all.contains("duplicate backend name"), "{all}");
         assert!(all.contains("keys[0] (k).sha256"), "{all}");
+    }
+
+    #[test]
+    fn max_output_tokens_is_a_positive_route_ceiling() {
+        let yaml = |n: &str| {
+            format!(
+                "routes: [{{name: r, model: m, maxOutputTokens: {n}, backends: [{{name: b, provider: mock}}]}}]\n"
+            )
+        };
+        let snap = compile_yaml(&yaml("4096")).unwrap();
+        let route = snap.routes.get("default", "m").unwrap();
+        assert_eq!(route.max_output_tokens, Some(4096));
+        for bad in ["0", "4294967296"] {
+            let err = compile_yaml(&yaml(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("routes[0] (r).maxOutputTokens: must be from 1"),
+                "{err}"
+            );
+        }
+        assert!(compile_yaml(&yaml("-1")).is_err());
+        // Unset, it is left out of the wire form (older proxies reject unknown fields).
+        let spec = ConfigFile::parse(&yaml("null")).unwrap().into_snapshot();
+        assert!(
+            !serde_json::to_string(&spec)
+                .unwrap()
+                .contains("maxOutputTokens")
+        );
     }
 
     #[test]

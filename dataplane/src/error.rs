@@ -16,6 +16,12 @@ use crate::stream::ProxyBody;
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(String),
+    /// A field of the body has a value the gateway refuses; `param` names it, as OpenAI does.
+    #[error("{message}")]
+    InvalidParam {
+        param: &'static str,
+        message: String,
+    },
     #[error(
         "unknown path {0}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models"
     )]
@@ -24,7 +30,9 @@ pub enum ProxyError {
     MethodNotAllowed(String),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(u64),
-    #[error("missing API key; send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")]
+    #[error(
+        "missing API key; send it as 'Authorization: Bearer <key>', 'x-api-key: <key>' or 'api-key: <key>'"
+    )]
     MissingKey,
     #[error("invalid API key")]
     InvalidKey,
@@ -54,6 +62,11 @@ pub enum ProxyError {
     UpstreamStatus(StatusCode),
     #[error("the upstream sent a response the gateway cannot read: {0}")]
     UpstreamProtocol(String),
+    /// The provider's own answer (which may echo a masked provider key) is never passed on.
+    #[error(
+        "the backend refused the gateway's credentials (status {0}); the gateway's administrator must fix the backend's credentials"
+    )]
+    UpstreamCredentials(StatusCode),
 }
 
 impl ProxyError {
@@ -61,6 +74,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "invalid_request",
+            Self::InvalidParam { .. } => "invalid_value",
             Self::UnknownPath(_) => "unknown_url",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::PayloadTooLarge(_) => "request_too_large",
@@ -84,12 +98,15 @@ impl ProxyError {
             Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Self::UpstreamStatus(_) => "upstream_error",
             Self::UpstreamProtocol(_) => "upstream_protocol_error",
+            Self::UpstreamCredentials(_) => "upstream_credentials_refused",
         }
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
         let (status, kind, retry_after): (StatusCode, &str, Option<HeaderValue>) = match &self {
-            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Self::BadRequest(_) | Self::InvalidParam { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
             Self::UnknownPath(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),
             Self::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -144,9 +161,14 @@ impl ProxyError {
                 None,
             ),
             Self::UpstreamProtocol(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
+            Self::UpstreamCredentials(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
+        };
+        let param = match &self {
+            Self::InvalidParam { param, .. } => Some(*param),
+            _ => None,
         };
         let body = serde_json::json!({
-            "error": {"message": self.to_string(), "type": kind, "param": null, "code": self.code()}
+            "error": {"message": self.to_string(), "type": kind, "param": param, "code": self.code()}
         });
         let mut resp = json_response(status, &body);
         if let Some(v) = retry_after {

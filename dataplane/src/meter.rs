@@ -16,7 +16,37 @@ use crate::metrics::{
     UpstreamErrorKind,
 };
 use crate::routes::{Backend, Route};
-use crate::stream::UsageWire;
+use crate::stream::{StreamObserver, UsageWire};
+
+/// Output tokens estimated from streamed text when an upstream reports no usage: about four
+/// characters a token, the usual rule of thumb for English with BPE tokenizers.
+const CHARS_PER_TOKEN: u64 = 4;
+
+/// Output tokens charged for `chars` characters of streamed text when no usage was reported.
+pub fn estimated_output_tokens(chars: u64) -> u64 {
+    chars.div_ceil(CHARS_PER_TOKEN)
+}
+
+/// Where the charged usage came from; logged as `"usage"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The upstream's own numbers.
+    Reported,
+    /// The prompt estimate and the streamed text: the upstream said nothing.
+    Estimated,
+    /// Nothing charged: no model was reached.
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reported => "reported",
+            Self::Estimated => "estimated",
+            Self::None => "none",
+        }
+    }
+}
 
 pub struct Meter {
     metrics: Arc<Metrics>,
@@ -39,7 +69,9 @@ pub struct Meter {
     ttft: Option<Duration>,
     usage: Option<UsageWire>,
     pub prompt_estimate: u64,
-    output_chunks: u64,
+    /// Characters of generated text streamed so far (after JSON unescaping).
+    output_chars: u64,
+    finish_reason: Option<&'static str>,
     stream_outcome: Option<&'static str>,
 }
 
@@ -65,7 +97,8 @@ impl Meter {
             ttft: None,
             usage: None,
             prompt_estimate: 0,
-            output_chunks: 0,
+            output_chars: 0,
+            finish_reason: None,
             stream_outcome: None,
         }
     }
@@ -91,8 +124,13 @@ impl Meter {
         self.usage = Some(u);
     }
 
-    pub fn saw_output_chunk(&mut self) {
-        self.output_chunks += 1;
+    /// Generated text streamed to the client: counts towards an estimate, and the first of
+    /// it fixes the time to first token.
+    pub fn output_text(&mut self, chars: u64) {
+        if chars == 0 {
+            return;
+        }
+        self.output_chars = self.output_chars.saturating_add(chars);
         if self.ttft.is_none() {
             self.ttft = Some(self.start.elapsed());
         }
@@ -121,15 +159,21 @@ impl Meter {
     }
 
     /// Usage to charge: what the upstream reported, else an estimate if a model was reached.
-    fn charged(&self) -> (u64, u64, bool) {
+    /// The estimate settles the admission ticket like reported usage, so limits and budgets
+    /// hold against upstreams that report nothing.
+    fn charged(&self) -> (u64, u64, UsageSource) {
         match self.usage {
-            Some(u) => (u.prompt_tokens, u.completion_tokens, false),
+            Some(u) => (u.prompt_tokens, u.completion_tokens, UsageSource::Reported),
             None if self.backend.is_some()
                 && (self.status == 0 || self.status < 300 || self.stream) =>
             {
-                (self.prompt_estimate, self.output_chunks, true)
+                (
+                    self.prompt_estimate,
+                    estimated_output_tokens(self.output_chars),
+                    UsageSource::Estimated,
+                )
             }
-            None => (0, 0, false),
+            None => (0, 0, UsageSource::None),
         }
     }
 }
@@ -146,14 +190,14 @@ impl Drop for Meter {
             (s, None) if s >= 400 => "error",
             _ => "complete",
         };
-        let (input, output, estimated) = self.charged();
+        let (input, output, source) = self.charged();
         let cost = self
             .backend
             .as_ref()
             .map(|b| b.pricing.cost(input, output))
             .unwrap_or(0.0);
         if let Some(t) = self.ticket.take() {
-            t.settle(input + output, cost);
+            t.settle(input.saturating_add(output), cost);
         }
         let route = self.route.as_ref().map(|r| r.id.as_str()).unwrap_or("");
         let backend = self.backend.as_ref().map(|b| b.name.as_str()).unwrap_or("");
@@ -185,7 +229,15 @@ impl Drop for Meter {
                 })
                 .observe(t.as_secs_f64());
         }
-        if input + output > 0 {
+        if source == UsageSource::Estimated && !backend.is_empty() {
+            m.usage_estimated
+                .get_or_create(&BackendLabels {
+                    route: route.to_owned(),
+                    backend: backend.to_owned(),
+                })
+                .inc();
+        }
+        if input.saturating_add(output) > 0 {
             for (kind, n) in [(TokenKind::Input, input), (TokenKind::Output, output)] {
                 m.tokens
                     .get_or_create(&TokenLabels {
@@ -222,9 +274,150 @@ impl Drop for Meter {
             overhead_us: self.overhead.map(|o| o.as_micros() as u64),
             input_tokens: input,
             output_tokens: output,
-            usage_estimated: estimated,
+            usage: source.as_str(),
+            finish_reason: self.finish_reason,
             cost_usd: cost,
             error: self.error,
         });
+    }
+}
+
+impl StreamObserver for Meter {
+    fn usage(&mut self, usage: UsageWire) {
+        self.set_usage(usage);
+    }
+
+    fn output_text(&mut self, chars: u64) {
+        Meter::output_text(self, chars);
+    }
+
+    fn finish_reason(&mut self, reason: &str) {
+        // A fixed word, never upstream text, reaches the log.
+        self.finish_reason = Some(match reason {
+            "stop" => "stop",
+            "length" => "length",
+            "tool_calls" => "tool_calls",
+            "content_filter" => "content_filter",
+            "function_call" => "function_call",
+            _ => "other",
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{Estimate, admit};
+    use crate::config::LimitsSpec;
+    use crate::providers::mock::MockSettings;
+    use crate::routes::{BackendState, Pricing, Provider};
+    use crate::snapshot::StateRegistry;
+
+    fn key() -> Key {
+        Key {
+            id: "default/k".into(),
+            namespace: "default".into(),
+            models: Box::default(),
+            limits: LimitsSpec {
+                tokens_per_minute: Some(1000),
+                ..Default::default()
+            },
+            budget: None,
+            expires_at: None,
+            disabled: false,
+            exhausted: false,
+            state: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn backend() -> Arc<Backend> {
+        Arc::new(Backend::new(
+            "default/r",
+            "b",
+            Provider::Mock(MockSettings::default()),
+            None,
+            1,
+            None,
+            Pricing::default(),
+            Arc::new(BackendState::default()),
+        ))
+    }
+
+    /// A streamed request that reached `backend`, holding a ticket of `key`.
+    fn streamed(metrics: &Arc<Metrics>, key: &Key, registry: &StateRegistry) -> Meter {
+        let mut m = Meter::new(metrics.clone(), "r1".into());
+        m.stream = true;
+        m.backend = Some(backend());
+        m.prompt_estimate = 3;
+        m.ticket = Some(
+            admit(
+                key,
+                registry,
+                Estimate {
+                    tokens: 500,
+                    usd: 0.0,
+                },
+                crate::admission::unix_now(),
+            )
+            .unwrap(),
+        );
+        m.response_ready(200);
+        m
+    }
+
+    #[test]
+    fn without_usage_the_streamed_text_is_charged_and_marked_estimated() {
+        let metrics = Arc::new(Metrics::new());
+        let (key, registry) = (key(), StateRegistry::default());
+        let mut m = streamed(&metrics, &key, &registry);
+        // Many chunks of little text are few tokens; the count of chunks does not matter.
+        for _ in 0..10 {
+            m.output_text(1);
+        }
+        m.output_text(0);
+        StreamObserver::output_text(&mut m, 3);
+        StreamObserver::finish_reason(&mut m, "stop");
+        assert_eq!(m.charged(), (3, 4, UsageSource::Estimated));
+        m.finish_stream(None);
+        // The estimate settled the ticket: it counts against the key's limits and budget.
+        let used = key.state(&registry).take_unreported().unwrap();
+        assert_eq!(used.tokens, 3 + 4);
+        let text = metrics.encode_prometheus();
+        assert!(
+            text.contains("modelgate_usage_estimated_total{route=\"\",backend=\"b\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reported_usage_wins_over_the_estimate() {
+        let metrics = Arc::new(Metrics::new());
+        let (key, registry) = (key(), StateRegistry::default());
+        let mut m = streamed(&metrics, &key, &registry);
+        m.output_text(4000);
+        StreamObserver::usage(
+            &mut m,
+            UsageWire {
+                prompt_tokens: 11,
+                completion_tokens: 2,
+            },
+        );
+        assert_eq!(m.charged(), (11, 2, UsageSource::Reported));
+        drop(m);
+        assert_eq!(key.state(&registry).take_unreported().unwrap().tokens, 13);
+        assert!(
+            !metrics
+                .encode_prometheus()
+                .contains("modelgate_usage_estimated_total{")
+        );
+    }
+
+    #[test]
+    fn the_estimate_rounds_up() {
+        assert_eq!(estimated_output_tokens(0), 0);
+        assert_eq!(estimated_output_tokens(1), 1);
+        assert_eq!(estimated_output_tokens(4), 1);
+        assert_eq!(estimated_output_tokens(5), 2);
+        assert_eq!(estimated_output_tokens(u64::MAX), u64::MAX / 4 + 1);
     }
 }

@@ -71,6 +71,8 @@ pub enum UpstreamErrorKind {
     RateLimited,
     ServerError,
     Stream,
+    /// The upstream refused the gateway's own credentials (401/403).
+    CredentialsRefused,
 }
 
 impl EncodeLabelValue for UpstreamErrorKind {
@@ -81,6 +83,7 @@ impl EncodeLabelValue for UpstreamErrorKind {
             Self::RateLimited => "rate_limited",
             Self::ServerError => "server_error",
             Self::Stream => "stream_broken",
+            Self::CredentialsRefused => "credentials_refused",
         })
     }
 }
@@ -115,6 +118,7 @@ pub struct Metrics {
     pub ttft: Family<BackendLabels, Histogram>,
     pub overhead: Histogram,
     pub tokens: Family<TokenLabels, Counter>,
+    pub usage_estimated: Family<BackendLabels, Counter>,
     pub cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub rejected: Family<LimitLabels, Counter>,
@@ -216,6 +220,12 @@ impl Metrics {
             "Tokens metered from upstream usage",
             tokens.clone(),
         );
+        let usage_estimated = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "usage_estimated",
+            "Requests charged from the gateway's estimate because the upstream reported no usage",
+            usage_estimated.clone(),
+        );
         let cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
         registry.register("cost_usd", "Cost in USD from backend pricing", cost.clone());
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
@@ -294,6 +304,7 @@ impl Metrics {
             ttft,
             overhead,
             tokens,
+            usage_estimated,
             cost,
             upstream_errors,
             rejected,

@@ -9,7 +9,6 @@
 //! Errors from any phase are `ProxyError`s, turned into responses in `error.rs`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -38,6 +37,8 @@ const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 pub struct Settings {
     pub max_body_bytes: u64,
     pub default_max_tokens: u64,
+    /// Largest server-sent event of a streamed answer.
+    pub max_stream_event_bytes: usize,
     /// Where upstream connections may go (operator mode); `None`: anywhere.
     pub egress: Option<Arc<crate::egress::UpstreamPolicy>>,
 }
@@ -92,7 +93,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
             resp.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             add_gateway_headers(&meter, resp.headers_mut());
-            let body = MeteredStream::new(upstream.into_body(), meter, strip);
+            let body = MeteredStream::with_max_event(
+                upstream.into_body(),
+                meter,
+                strip,
+                gw.settings.max_stream_event_bytes,
+            );
             *resp.body_mut() = ProxyBody::Stream(Box::new(body));
             return resp;
         }
@@ -153,19 +159,24 @@ fn parse_path(method: &Method, path: &str) -> Result<Call, ProxyError> {
     Ok(call)
 }
 
+/// The key a client sent: `Authorization: Bearer <key>` (the scheme in any case, as RFC 9110
+/// says), else `x-api-key` (Anthropic-style clients) or `api-key` (Azure-style clients).
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        let rest = v
-            .strip_prefix(b"Bearer ")
-            .or_else(|| v.strip_prefix(b"bearer "))?;
+        let v = v.as_bytes().trim_ascii();
+        let (scheme, rest) = v.split_at_checked(6)?;
+        if !(scheme.eq_ignore_ascii_case(b"bearer") && rest.first() == Some(&b' ')) {
+            return None;
+        }
         let rest = rest.trim_ascii();
         return (!rest.is_empty()).then_some(rest);
     }
-    headers
-        .get("x-api-key")
-        .map(|v| v.as_bytes().trim_ascii())
-        .filter(|v| !v.is_empty())
+    ["x-api-key", "api-key"].into_iter().find_map(|name| {
+        headers
+            .get(name)
+            .map(|v| v.as_bytes().trim_ascii())
+            .filter(|v| !v.is_empty())
+    })
 }
 
 fn authenticate(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<Key>, ProxyError> {
@@ -245,14 +256,10 @@ async fn serve(
         reject(&gw.metrics, &key, "budget");
         return Err(ProxyError::BudgetExhausted);
     }
-    let output = if endpoint == Endpoint::Embeddings {
-        0
-    } else {
-        api.max_tokens.unwrap_or(gw.settings.default_max_tokens)
-    };
+    let output = api.output_reservation(gw.settings.default_max_tokens, route.max_output_tokens)?;
     let prompt = api.prompt_tokens_estimate();
     let estimate = Estimate {
-        tokens: prompt + output,
+        tokens: prompt.saturating_add(output),
         usd: route.max_pricing().cost(prompt, output),
     };
     match admission::admit(&key, &gw.live.registry, estimate, admission::unix_now()) {
@@ -350,11 +357,12 @@ async fn forward(
             tried.push(backend.id());
             meter.attempts += 1;
             meter.backend = Some(backend.clone());
-            backend.state.in_flight.fetch_add(1, Ordering::Relaxed);
+            // Dropped after the attempt, or with this future when the client leaves mid-call.
+            let in_flight = backend.state.start_attempt();
             let started = Instant::now();
             let result = providers::attempt(&gw.client, &backend, api, timeout).await;
             let took = started.elapsed();
-            backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(in_flight);
             meter.upstream_time += took;
             match result {
                 Ok(resp) => {
@@ -424,4 +432,110 @@ fn list_models(snapshot: &Snapshot, key: &Key) -> Response<ProxyBody> {
         StatusCode::OK,
         &serde_json::json!({"object": "list", "data": data}),
     )
+}
+
+#[cfg(test)]
+mod key_header_tests {
+    use super::presented_key;
+    use http::HeaderMap;
+
+    fn key(pairs: &[(&'static str, &str)]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        presented_key(&h).map(|k| String::from_utf8_lossy(k).into_owned())
+    }
+
+    #[test]
+    fn every_documented_way_of_sending_a_key() {
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            assert_eq!(
+                key(&[("authorization", &format!("{scheme} sk-1"))]).as_deref(),
+                Some("sk-1")
+            );
+        }
+        assert_eq!(
+            key(&[("authorization", "Bearer  sk-1 ")]).as_deref(),
+            Some("sk-1")
+        );
+        assert_eq!(key(&[("authorization", "Basic c2stMQ==")]), None);
+        assert_eq!(key(&[("authorization", "Bearersk-1")]), None);
+        assert_eq!(key(&[("authorization", "Bearer ")]), None);
+        assert_eq!(key(&[("x-api-key", "sk-2")]).as_deref(), Some("sk-2"));
+        assert_eq!(key(&[("api-key", "sk-3")]).as_deref(), Some("sk-3"));
+        assert_eq!(key(&[]), None);
+    }
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use std::time::Duration;
+
+    use futures_util::FutureExt;
+
+    use super::*;
+    use crate::providers::mock::MockSettings;
+    use crate::routes::{OutlierPolicy, Pricing, Provider, RetryPolicy, Strategy, Tier};
+
+    fn slow_route() -> Arc<Route> {
+        let backend = Arc::new(Backend::new(
+            "default/r",
+            "slow",
+            Provider::Mock(MockSettings {
+                latency: Duration::from_secs(3600),
+                ..MockSettings::default()
+            }),
+            None,
+            1,
+            None,
+            Pricing::default(),
+            Arc::default(),
+        ));
+        Arc::new(Route {
+            id: "default/r".into(),
+            namespace: "default".into(),
+            model: "m".into(),
+            aliases: vec![],
+            strategy: Strategy::LeastLatency,
+            timeout: None,
+            retry: RetryPolicy::default(),
+            outlier: OutlierPolicy::default(),
+            max_output_tokens: None,
+            tiers: vec![Tier {
+                priority: 0,
+                backends: vec![backend],
+            }],
+        })
+    }
+
+    /// A client that leaves mid-call drops the request's future with the attempt pending;
+    /// the backend's in-flight count (which `least-latency` weighs) must come back down.
+    #[tokio::test]
+    async fn a_dropped_attempt_leaves_the_in_flight_count() {
+        let gw = Gateway::new(Settings {
+            max_body_bytes: 1 << 20,
+            default_max_tokens: 16,
+            max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES,
+            egress: None,
+        });
+        let route = slow_route();
+        let backend = route.tiers[0].backends[0].clone();
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let api = ApiRequest::parse(Endpoint::Chat, body).unwrap();
+        let mut meter = Meter::new(gw.metrics.clone(), "test".into());
+        {
+            let mut call = std::pin::pin!(forward(&gw, &route, &api, &mut meter));
+            assert!(
+                call.as_mut().now_or_never().is_none(),
+                "the attempt is pending"
+            );
+            assert_eq!(backend.state.in_flight(), 1, "counted while the call runs");
+        }
+        assert_eq!(
+            backend.state.in_flight(),
+            0,
+            "the dropped call left the count"
+        );
+    }
 }

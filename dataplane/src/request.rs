@@ -2,8 +2,9 @@
 //!
 //! The body is parsed one level deep: top-level fields are kept as raw JSON slices borrowed
 //! from the request bytes, so a 100 KB prompt is never walked or copied into a tree. Only
-//! `model`, `stream`, `stream_options` and `max_tokens` are read; the upstream body is the
-//! same fields written back with the upstream model name and `include_usage` switched on.
+//! `model`, `stream`, `stream_options` and the fields that bound the output (`max_tokens`,
+//! `max_completion_tokens`, `n`, `best_of`) are read; the upstream body is the same fields
+//! written back with the upstream model name and `include_usage` switched on.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +47,12 @@ impl Endpoint {
     }
 }
 
+/// No model writes more output tokens than this per choice; a larger `max_tokens` is a
+/// mistake or an attempt to overflow a reservation, and gets a 400.
+pub const MAX_OUTPUT_TOKENS: u64 = u32::MAX as u64;
+/// Most choices (`n`, `best_of`) one request may ask for; OpenAI allows 128.
+pub const MAX_CHOICES: u64 = 128;
+
 #[derive(Debug)]
 pub struct ApiRequest<'a> {
     pub endpoint: Endpoint,
@@ -54,7 +61,12 @@ pub struct ApiRequest<'a> {
     pub stream: bool,
     /// The client itself asked for the usage chunk in the stream.
     pub client_wants_usage: bool,
+    /// The larger of `max_tokens` and `max_completion_tokens`, per choice.
     pub max_tokens: Option<u64>,
+    /// Which of the two fields `max_tokens` came from, for error messages.
+    max_tokens_field: &'static str,
+    /// Completions generated upstream: `n`, or `best_of` when larger (completions only).
+    pub choices: u64,
     /// Raw JSON size of the prompt (messages, prompt or input).
     pub prompt_bytes: usize,
 }
@@ -102,14 +114,20 @@ impl<'a> ApiRequest<'a> {
                 }
             }
         };
-        let mut max_tokens = None;
+        let mut max_tokens: Option<u64> = None;
+        let mut max_tokens_field = "max_tokens";
         for field in ["max_tokens", "max_completion_tokens"] {
-            if let Some(raw) = fields.get(field) {
-                match serde_json::from_str::<Option<u64>>(raw.get()) {
-                    Ok(v) => max_tokens = max_tokens.or(v),
-                    Err(_) => return Err(bad(format!("'{field}' must be a non-negative integer"))),
-                }
+            if let Some(v) = int_field(&fields, field, 0, MAX_OUTPUT_TOKENS)?
+                && max_tokens.is_none_or(|m| v > m)
+            {
+                max_tokens = Some(v);
+                max_tokens_field = field;
             }
+        }
+        let mut choices = int_field(&fields, "n", 1, MAX_CHOICES)?.unwrap_or(1);
+        if endpoint == Endpoint::Completions {
+            // The server generates `best_of` candidates and returns the best `n`.
+            choices = choices.max(int_field(&fields, "best_of", 1, MAX_CHOICES)?.unwrap_or(1));
         }
         let input = endpoint.input_field();
         let prompt_bytes = match fields.get(input) {
@@ -126,8 +144,37 @@ impl<'a> ApiRequest<'a> {
             stream,
             client_wants_usage,
             max_tokens,
+            max_tokens_field,
+            choices,
             prompt_bytes,
         })
+    }
+
+    /// Output tokens to reserve: the larger of `max_tokens` and `max_completion_tokens` (or
+    /// `default` when neither is set) for each of `choices`. A value above the route's
+    /// `ceiling` is refused; the default is held to the ceiling.
+    pub fn output_reservation(
+        &self,
+        default: u64,
+        ceiling: Option<u64>,
+    ) -> Result<u64, ProxyError> {
+        if self.endpoint == Endpoint::Embeddings {
+            return Ok(0);
+        }
+        let per_choice = match (self.max_tokens, ceiling) {
+            (Some(v), Some(c)) if v > c => {
+                return Err(ProxyError::InvalidParam {
+                    param: self.max_tokens_field,
+                    message: format!(
+                        "'{}' is {v}, above this model's ceiling of {c} output tokens (the route's maxOutputTokens)",
+                        self.max_tokens_field
+                    ),
+                });
+            }
+            (Some(v), _) => v,
+            (None, c) => c.map_or(default, |c| default.min(c)),
+        };
+        Ok(per_choice.saturating_mul(self.choices))
     }
 
     /// A deliberately generous prompt estimate (about 4 bytes of JSON per token) used for
@@ -172,6 +219,28 @@ impl<'a> ApiRequest<'a> {
         }
         out.push(b'}');
         Bytes::from(out)
+    }
+}
+
+/// An optional integer field in `min..=max` (`null` counts as absent).
+fn int_field(
+    fields: &BTreeMap<String, &RawValue>,
+    field: &'static str,
+    min: u64,
+    max: u64,
+) -> Result<Option<u64>, ProxyError> {
+    let Some(raw) = fields.get(field) else {
+        return Ok(None);
+    };
+    match serde_json::from_str::<Option<u64>>(raw.get()) {
+        Ok(v) if v.is_none_or(|v| (min..=max).contains(&v)) => Ok(v),
+        _ => Err(ProxyError::InvalidParam {
+            param: field,
+            message: format!(
+                "'{field}' must be an integer from {min} to {max}, not {}",
+                raw.get().chars().take(40).collect::<String>()
+            ),
+        }),
     }
 }
 
@@ -235,5 +304,156 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    fn chat(extra: &str) -> Vec<u8> {
+        format!(r#"{{"model":"m","messages":[]{extra}}}"#).into_bytes()
+    }
+
+    fn reservation(endpoint: Endpoint, body: &[u8], ceiling: Option<u64>) -> Result<u64, String> {
+        let req = ApiRequest::parse(endpoint, body).map_err(|e| e.to_string())?;
+        req.output_reservation(1000, ceiling)
+            .map_err(|e| e.to_string())
+    }
+
+    fn param_of(endpoint: Endpoint, body: &[u8], ceiling: Option<u64>) -> &'static str {
+        let err = match ApiRequest::parse(endpoint, body) {
+            Err(e) => e,
+            Ok(req) => req.output_reservation(1000, ceiling).unwrap_err(),
+        };
+        match err {
+            ProxyError::InvalidParam { param, .. } => param,
+            other => panic!("not a parameter error: {other}"),
+        }
+    }
+
+    #[test]
+    fn reservation_takes_the_larger_field_times_the_choices() {
+        let cases: &[(Endpoint, &str, u64)] = &[
+            (Endpoint::Chat, "", 1000),
+            (Endpoint::Chat, r#","max_tokens":null"#, 1000),
+            (Endpoint::Chat, r#","max_tokens":10"#, 10),
+            (Endpoint::Chat, r#","max_completion_tokens":20"#, 20),
+            (
+                Endpoint::Chat,
+                r#","max_tokens":10,"max_completion_tokens":20"#,
+                20,
+            ),
+            (
+                Endpoint::Chat,
+                r#","max_tokens":30,"max_completion_tokens":20"#,
+                30,
+            ),
+            (
+                Endpoint::Chat,
+                r#","max_tokens":30,"max_completion_tokens":null"#,
+                30,
+            ),
+            (Endpoint::Chat, r#","max_tokens":30,"n":4"#, 120),
+            (Endpoint::Chat, r#","n":3"#, 3000),
+            // best_of means nothing to chat; the completions endpoint generates that many.
+            (Endpoint::Chat, r#","max_tokens":30,"best_of":5"#, 30),
+            (Endpoint::Chat, r#","max_tokens":0,"n":128"#, 0),
+        ];
+        for (endpoint, extra, want) in cases {
+            assert_eq!(
+                reservation(*endpoint, &chat(extra), None),
+                Ok(*want),
+                "{extra}"
+            );
+        }
+        let completions = |extra: &str| format!(r#"{{"model":"m","prompt":"hi"{extra}}}"#);
+        for (extra, want) in [
+            (r#","max_tokens":30,"best_of":5"#, 150),
+            (r#","max_tokens":30,"best_of":2,"n":2"#, 60),
+            (r#","max_tokens":30,"n":3"#, 90),
+        ] {
+            assert_eq!(
+                reservation(Endpoint::Completions, completions(extra).as_bytes(), None),
+                Ok(want),
+                "{extra}"
+            );
+        }
+        let emb = br#"{"model":"m","input":"hi","max_tokens":5,"n":3}"#;
+        assert_eq!(reservation(Endpoint::Embeddings, emb, None), Ok(0));
+    }
+
+    #[test]
+    fn the_largest_values_saturate_instead_of_wrapping() {
+        let max = MAX_OUTPUT_TOKENS;
+        let body = chat(&format!(r#","max_tokens":{max},"n":{MAX_CHOICES}"#));
+        assert_eq!(
+            reservation(Endpoint::Chat, &body, None),
+            Ok(max * MAX_CHOICES)
+        );
+        let plain = chat("");
+        let req = ApiRequest::parse(Endpoint::Chat, &plain).unwrap();
+        assert_eq!(
+            req.output_reservation(u64::MAX, None).unwrap(),
+            u64::MAX,
+            "a huge default never wraps"
+        );
+        let many = chat(r#","n":128"#);
+        let req = ApiRequest::parse(Endpoint::Chat, &many).unwrap();
+        assert_eq!(req.output_reservation(u64::MAX, None).unwrap(), u64::MAX);
+    }
+
+    #[test]
+    fn absurd_negative_or_fractional_values_name_their_field() {
+        let u64_max = u64::MAX.to_string();
+        let cases: Vec<(String, &str)> = vec![
+            (format!(r#","max_tokens":{u64_max}"#), "max_tokens"),
+            (r#","max_tokens":18446744073709551616"#.into(), "max_tokens"),
+            (r#","max_tokens":4294967296"#.into(), "max_tokens"),
+            (r#","max_tokens":-1"#.into(), "max_tokens"),
+            (r#","max_tokens":1.5"#.into(), "max_tokens"),
+            (r#","max_tokens":1e400"#.into(), "max_tokens"),
+            (r#","max_tokens":"100""#.into(), "max_tokens"),
+            (
+                format!(r#","max_tokens":10,"max_completion_tokens":{u64_max}"#),
+                "max_completion_tokens",
+            ),
+            (
+                r#","max_completion_tokens":-5"#.into(),
+                "max_completion_tokens",
+            ),
+            (r#","n":0"#.into(), "n"),
+            (r#","n":129"#.into(), "n"),
+            (format!(r#","n":{u64_max}"#), "n"),
+            (r#","n":-1"#.into(), "n"),
+            (r#","n":2.5"#.into(), "n"),
+        ];
+        for (extra, field) in &cases {
+            assert_eq!(
+                param_of(Endpoint::Chat, &chat(extra), None),
+                *field,
+                "{extra}"
+            );
+        }
+        let body = br#"{"model":"m","prompt":"x","best_of":1000}"#;
+        assert_eq!(param_of(Endpoint::Completions, body, None), "best_of");
+        let err = ApiRequest::parse(Endpoint::Chat, &chat(r#","n":0"#)).unwrap_err();
+        let resp = err.into_response();
+        assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn the_route_ceiling_refuses_larger_requests_and_bounds_the_default() {
+        let body = chat(r#","max_tokens":10,"max_completion_tokens":600"#);
+        assert_eq!(
+            param_of(Endpoint::Chat, &body, Some(500)),
+            "max_completion_tokens"
+        );
+        let err = reservation(Endpoint::Chat, &body, Some(500)).unwrap_err();
+        assert!(err.contains("ceiling of 500"), "{err}");
+        assert_eq!(
+            reservation(Endpoint::Chat, &chat(r#","max_tokens":500"#), Some(500)),
+            Ok(500)
+        );
+        assert_eq!(reservation(Endpoint::Chat, &chat(""), Some(500)), Ok(500));
+        assert_eq!(
+            reservation(Endpoint::Chat, &chat(r#","n":2"#), Some(5000)),
+            Ok(2000)
+        );
     }
 }

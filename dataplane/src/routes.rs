@@ -7,6 +7,8 @@
 //! ```
 //!
 //! `BackendState` outlives snapshots: a reload that keeps a backend's name keeps its health.
+//! Its in-flight count is only ever raised through an [`InFlight`] guard, so an attempt whose
+//! future is dropped (the client left mid-call) still takes itself out of the count.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -152,7 +154,7 @@ pub enum Provider {
 pub struct BackendState {
     /// EWMA of time to response headers, in microseconds, as f64 bits; 0 = no sample yet.
     ewma_us: AtomicU64,
-    pub in_flight: AtomicU32,
+    in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     /// Milliseconds since `epoch` until which the backend is ejected; 0 = not ejected.
@@ -181,6 +183,17 @@ impl BackendState {
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
         until != 0 && self.now_ms() < until
+    }
+
+    /// Attempts on their way to this backend right now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Count one attempt in flight until the guard drops.
+    pub fn start_attempt(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
     }
 
     pub fn ewma(&self) -> f64 {
@@ -222,6 +235,17 @@ impl BackendState {
         );
         self.consecutive_failures.store(0, Ordering::Relaxed);
         true
+    }
+}
+
+/// One attempt counted in its backend's in-flight gauge (which `least-latency` weighs).
+#[derive(Debug)]
+#[must_use = "the attempt counts as in flight only while the guard lives"]
+pub struct InFlight(Arc<BackendState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -285,6 +309,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retry: RetryPolicy,
     pub outlier: OutlierPolicy,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for.
+    pub max_output_tokens: Option<u64>,
     pub tiers: Vec<Tier>,
 }
 
@@ -340,7 +366,7 @@ impl Route {
                 } else {
                     let b = weighted(&others);
                     let cost = |x: &Backend| {
-                        let inflight = x.state.in_flight.load(Ordering::Relaxed) as f64;
+                        let inflight = f64::from(x.state.in_flight());
                         // Unmeasured backends look fast, so they get probed.
                         x.state.ewma() * (inflight + 1.0)
                     };
@@ -444,6 +470,7 @@ mod tests {
                 ejection_time: Duration::from_secs(60),
                 max_ejection_time: Duration::from_secs(60),
             },
+            max_output_tokens: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends,
@@ -510,5 +537,17 @@ mod tests {
             .count();
         // With two backends, two distinct draws always compare both.
         assert_eq!(fast, 1000, "fast picked {fast} of 1000");
+    }
+
+    #[test]
+    fn in_flight_guards_count_until_dropped() {
+        let state = Arc::new(BackendState::default());
+        let a = state.start_attempt();
+        let b = state.start_attempt();
+        assert_eq!(state.in_flight(), 2);
+        drop(a);
+        assert_eq!(state.in_flight(), 1);
+        drop(b);
+        assert_eq!(state.in_flight(), 0);
     }
 }

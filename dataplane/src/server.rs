@@ -31,7 +31,11 @@ fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .keep_alive(true);
-    b.http2().timer(TokioTimer::new());
+    // HTTP/2 clients that vanish without closing are found by pings.
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
     b
 }
 
@@ -72,12 +76,24 @@ pub async fn serve_api(
             let gw = gw.clone();
             async move { Ok::<_, Infallible>(proxy::handle(gw, req).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        // A socket that sends nothing would sit in protocol detection (before HTTP/1's
+        // header timeout applies) holding a slot forever: it gets the same deadline for its
+        // first byte.
+        let graceful_watch = graceful.watcher();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    drop(permit);
+                    return;
+                }
+            }
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let _ = graceful_watch.watch(conn).await;
             drop(permit);
         });
     }

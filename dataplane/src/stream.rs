@@ -1,11 +1,14 @@
 //! Response bodies: buffered answers, and streams passed through event by event.
 //!
-//! A streamed upstream body is wrapped in [`MeteredStream`]: each upstream chunk is split at
-//! server-sent-event boundaries and complete events go to the client at once (nothing waits
-//! for the stream to end). Events that carry `usage` are read for metering; the final usage
-//! chunk is dropped when the client did not ask for it. The stream owns the request's
-//! [`Meter`], so metering runs when the stream ends, fails, or the client goes away (the body
-//! is dropped, which also drops the upstream body and so cancels the upstream request).
+//! A streamed upstream body is wrapped in [`MeteredStream`]: each upstream chunk goes through
+//! the [`SseScanner`], which splits it at server-sent-event boundaries (any line ending of the
+//! spec), and complete events go to the client at once (nothing waits for the stream to end),
+//! byte for byte as the upstream wrote them. Each event's JSON is read for metering whatever
+//! its formatting: usage, generated text (for an estimate when no usage comes) and the finish
+//! reason. The usage-only chunk is dropped when the client did not ask for it. An event larger
+//! than a limit ends the stream with an error event. The stream owns the request's [`Meter`],
+//! so metering runs when the stream ends, fails, or the client goes away (the body is
+//! dropped, which also drops the upstream body and so cancels the upstream request).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -158,98 +161,537 @@ impl Body for ProxyBody {
     }
 }
 
-/// Splits an SSE byte stream into events and decides which to forward.
-#[derive(Default)]
-struct SseScanner {
-    pending: BytesMut,
-    strip_usage: bool,
+/// The largest server-sent event the proxy holds while it waits for the event's end. An
+/// upstream that sends more without ending the event has its stream ended with an error.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Why a stream could not be scanned to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("upstream sent a server-sent event larger than {limit} bytes")]
+    EventTooLarge { limit: usize },
 }
 
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// What the scanner reports while it reads a stream: [`Meter`] in the proxy, [`Tally`] in tests.
+pub trait StreamObserver {
+    /// Usage the upstream reported; a later report replaces an earlier one.
+    fn usage(&mut self, usage: UsageWire);
+    /// Generated text of one event, in characters after JSON unescaping.
+    fn output_text(&mut self, chars: u64);
+    /// A choice ended with this `finish_reason`.
+    fn finish_reason(&mut self, reason: &str);
+}
+
+/// A [`StreamObserver`] that only adds up: for tests, fuzzing and tools.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub usage: Option<UsageWire>,
+    pub output_chars: u64,
+    pub finish_reason: Option<String>,
+}
+
+impl StreamObserver for Tally {
+    fn usage(&mut self, usage: UsageWire) {
+        self.usage = Some(usage);
+    }
+    fn output_text(&mut self, chars: u64) {
+        self.output_chars += chars;
+    }
+    fn finish_reason(&mut self, reason: &str) {
+        self.finish_reason = Some(reason.to_owned());
     }
 }
 
-/// The `data:` payload of one event (single-line data, as LLM providers send).
-fn event_data(event: &[u8]) -> Option<&[u8]> {
-    let start = memmem::find(event, b"data:")?;
-    let rest = &event[start + 5..];
-    let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-    let end = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
-    Some(&rest[..end])
+/// Splits an SSE byte stream into events (as the HTML spec defines them: lines end in LF,
+/// CRLF or CR, a blank line ends an event, `data:` lines join with LF, `:` starts a comment)
+/// and decides which to forward.
+///
+/// ```text
+///  chunk ─► lines from `scanned` on ─► fields of the event being received
+///                                   └► blank line: observe the data, forward or strip
+///  forwarded: the upstream's own bytes, sliced, never re-serialized
+/// ```
+///
+/// Each byte is looked at once: complete events in a chunk are read in place and forwarded as
+/// slices of it; only the unfinished tail is copied, and later chunks are read from where the
+/// last look stopped.
+pub struct SseScanner {
+    /// The event being received, from its first byte.
+    pending: BytesMut,
+    /// Where the first line not yet read starts in `pending`.
+    scanned: usize,
+    /// How far that line has been searched for its end.
+    searched: usize,
+    lines: Lines,
+    started: bool,
 }
 
-fn has_text(data: &[u8]) -> bool {
-    // A delta with non-empty content (chat) or text (completions).
-    [&b"\"content\":\""[..], &b"\"text\":\""[..]]
-        .iter()
-        .any(|pat| memmem::find(data, pat).is_some_and(|i| data.get(i + pat.len()) != Some(&b'"')))
+/// Field state of the event being received, and the stream's settings.
+struct Lines {
+    data: Data,
+    after_cr: AfterCr,
+    strip_usage: bool,
+    max_event: usize,
 }
+
+/// The `data` field of the event being received. Positions are relative to the event's start.
+enum Data {
+    None,
+    Line(usize, usize),
+    Joined(Vec<u8>),
+}
+
+/// A line ended in CR as the last byte of a chunk: an LF opening the next chunk ends the
+/// same line (CRLF), it is no blank line of its own.
+#[derive(Clone, Copy)]
+enum AfterCr {
+    No,
+    InEvent,
+    EventEnd { forwarded: bool },
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl SseScanner {
-    /// Feed one upstream chunk; returns the bytes to forward now.
-    fn feed(&mut self, chunk: Bytes, meter: &mut Meter) -> Option<Bytes> {
-        if self.pending.is_empty() && !self.strip_usage_needed(&chunk) && chunk.ends_with(b"\n\n") {
-            // Fast path: whole events, nothing to strip: inspect and forward the chunk as is.
-            let mut rest = &chunk[..];
-            while let Some(end) = event_end(rest) {
-                self.observe(&rest[..end], meter);
-                rest = &rest[end..];
-            }
-            return Some(chunk);
+    /// `strip_usage`: drop the usage-only chunk (the client did not ask for usage).
+    /// `max_event`: the largest event held while waiting for its end.
+    pub fn new(strip_usage: bool, max_event: usize) -> Self {
+        Self {
+            pending: BytesMut::new(),
+            scanned: 0,
+            searched: 0,
+            lines: Lines {
+                data: Data::None,
+                after_cr: AfterCr::No,
+                strip_usage,
+                max_event,
+            },
+            started: false,
         }
-        self.pending.extend_from_slice(&chunk);
-        let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.pending) {
-            let event = self.pending.split_to(end);
-            if self.observe(&event, meter) {
-                out.extend_from_slice(&event);
-            }
-        }
-        (!out.is_empty()).then(|| out.freeze())
     }
 
-    fn strip_usage_needed(&self, chunk: &[u8]) -> bool {
-        self.strip_usage && memmem::find(chunk, b"\"usage\":{").is_some()
-    }
-
-    /// Read one complete event for metering; returns whether to forward it.
-    fn observe(&mut self, event: &[u8], meter: &mut Meter) -> bool {
-        let Some(data) = event_data(event) else {
-            return true;
+    /// Feed one upstream chunk; `emit` receives the bytes to forward now, in order.
+    pub fn feed(
+        &mut self,
+        mut chunk: Bytes,
+        obs: &mut impl StreamObserver,
+        mut emit: impl FnMut(Bytes),
+    ) -> Result<(), ScanError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match std::mem::replace(&mut self.lines.after_cr, AfterCr::No) {
+            AfterCr::No => {}
+            AfterCr::InEvent if chunk[0] == b'\n' => {
+                self.pending.extend_from_slice(b"\n");
+                self.scanned += 1;
+                self.searched = self.scanned;
+                chunk = chunk.slice(1..);
+            }
+            AfterCr::EventEnd { forwarded } if chunk[0] == b'\n' => {
+                // The LF ends the event already decided on: it goes where the event went.
+                if forwarded {
+                    emit(chunk.slice(..1));
+                }
+                chunk = chunk.slice(1..);
+            }
+            AfterCr::InEvent | AfterCr::EventEnd { .. } => {}
+        }
+        let mut from = 0;
+        if !self.started && !chunk.is_empty() {
+            self.started = true;
+            if chunk.starts_with(BOM) {
+                from = BOM.len();
+            }
+        }
+        let mut strip = Vec::new();
+        let (complete, scanned) = if self.pending.is_empty() {
+            // Common case: the chunk starts an event. Read it in place.
+            let mut block = 0;
+            let mut pos = from;
+            let mut searched = from;
+            let scanned = self
+                .lines
+                .scan(&chunk, &mut block, &mut pos, &mut searched, obs, &mut strip)
+                .and_then(|()| self.lines.bounded(chunk.len() - block));
+            if scanned.is_ok() {
+                self.pending.extend_from_slice(&chunk[block..]);
+                self.scanned = pos - block;
+                self.searched = searched - block;
+            }
+            (chunk.slice(..block), scanned)
+        } else {
+            self.pending.extend_from_slice(&chunk);
+            let mut block = 0;
+            let mut pos = self.scanned;
+            let mut searched = self.searched;
+            let scanned = self
+                .lines
+                .scan(
+                    &self.pending,
+                    &mut block,
+                    &mut pos,
+                    &mut searched,
+                    obs,
+                    &mut strip,
+                )
+                .and_then(|()| self.lines.bounded(self.pending.len() - block));
+            self.scanned = pos - block;
+            self.searched = searched - block;
+            (self.take_complete(block), scanned)
         };
-        if data == b"[DONE]" {
-            return true;
-        }
-        if has_text(data) {
-            meter.saw_output_chunk();
-        }
-        if memmem::find(data, b"\"usage\":{").is_some() {
-            #[derive(Deserialize)]
-            struct Chunk {
-                #[serde(default)]
-                usage: Option<UsageWire>,
-                #[serde(default)]
-                choices: Option<Vec<serde::de::IgnoredAny>>,
+        // Events completed before a failure still go out.
+        let mut at = 0;
+        for r in strip {
+            if r.start > at {
+                emit(complete.slice(at..r.start));
             }
-            if let Ok(c) = serde_json::from_slice::<Chunk>(data)
-                && let Some(u) = c.usage
-            {
-                meter.set_usage(u);
-                let usage_only = c.choices.is_none_or(|v| v.is_empty());
-                return !(self.strip_usage && usage_only);
-            }
+            at = r.end;
         }
-        true
+        if at < complete.len() {
+            emit(if at == 0 {
+                complete
+            } else {
+                complete.slice(at..)
+            });
+        }
+        if scanned.is_err() {
+            // The oversized event is dropped; the stream ends here.
+            self.pending = BytesMut::new();
+            self.scanned = 0;
+            self.searched = 0;
+            self.lines.data = Data::None;
+        }
+        scanned
     }
 
-    fn remainder(&mut self) -> Option<Bytes> {
-        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
+    /// The first `block` bytes of `pending`: complete events. The rest (an unfinished event)
+    /// is copied to a buffer of its own rather than split off, since a split-off buffer
+    /// grows by exact reallocations and an event arriving in many chunks would be copied
+    /// over and over.
+    fn take_complete(&mut self, block: usize) -> Bytes {
+        if block == 0 {
+            return Bytes::new();
+        }
+        let rest = if block == self.pending.len() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&self.pending[block..])
+        };
+        let mut done = std::mem::replace(&mut self.pending, rest);
+        done.truncate(block);
+        done.freeze()
     }
+
+    /// The stream ended: what is left is an event without its blank line. SSE clients
+    /// discard it, so it is passed on as it came, never stripped; but the upstream did the
+    /// work, so its data (up to the end, line ended or not) is metered.
+    pub fn finish(&mut self, obs: &mut impl StreamObserver) -> Option<Bytes> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let len = self.pending.len();
+        if self.scanned < len {
+            self.lines.field(&self.pending, 0, self.scanned, len);
+        }
+        if !matches!(self.lines.data, Data::None) {
+            self.lines.dispatch(&self.pending, 0, obs);
+        }
+        self.scanned = 0;
+        self.searched = 0;
+        Some(self.pending.split().freeze())
+    }
+}
+
+impl Lines {
+    fn bounded(&self, unfinished: usize) -> Result<(), ScanError> {
+        if unfinished > self.max_event {
+            return Err(ScanError::EventTooLarge {
+                limit: self.max_event,
+            });
+        }
+        Ok(())
+    }
+
+    /// Read the complete lines of `buf` from `pos` (a line start, searched for its end up to
+    /// `searched`); `block` is where the current event starts. Events to drop are added to
+    /// `strip`.
+    fn scan(
+        &mut self,
+        buf: &[u8],
+        block: &mut usize,
+        pos: &mut usize,
+        searched: &mut usize,
+        obs: &mut impl StreamObserver,
+        strip: &mut Vec<std::ops::Range<usize>>,
+    ) -> Result<(), ScanError> {
+        loop {
+            let from = (*searched).max(*pos);
+            let Some(i) = memchr::memchr2(b'\n', b'\r', &buf[from..]) else {
+                *searched = buf.len();
+                return Ok(());
+            };
+            let end = from + i;
+            let (next, cr_last) = match (buf[end], buf.get(end + 1)) {
+                (b'\r', Some(b'\n')) => (end + 2, false),
+                (b'\r', None) => (end + 1, true),
+                _ => (end + 1, false),
+            };
+            if end == *pos {
+                self.bounded(next - *block)?;
+                let forwarded = self.dispatch(buf, *block, obs);
+                if !forwarded {
+                    strip.push(*block..next);
+                }
+                if cr_last {
+                    self.after_cr = AfterCr::EventEnd { forwarded };
+                }
+                *block = next;
+            } else {
+                self.field(buf, *block, *pos, end);
+                if cr_last {
+                    self.after_cr = AfterCr::InEvent;
+                }
+            }
+            *pos = next;
+            *searched = next;
+        }
+    }
+
+    /// One non-blank line. Only `data` matters here; `event`, `id`, `retry` and comments
+    /// pass through with the event's bytes.
+    fn field(&mut self, buf: &[u8], block: usize, start: usize, end: usize) {
+        let line = &buf[start..end];
+        if line.first() == Some(&b':') {
+            return;
+        }
+        let (name, mut value) = match memchr::memchr(b':', line) {
+            Some(c) => (&line[..c], start + c + 1),
+            None => (line, end),
+        };
+        if name != b"data" {
+            return;
+        }
+        if buf.get(value) == Some(&b' ') && value < end {
+            value += 1;
+        }
+        self.data = match std::mem::replace(&mut self.data, Data::None) {
+            Data::None => Data::Line(value - block, end - block),
+            Data::Line(s, e) => {
+                let first = &buf[block + s..block + e];
+                let mut joined = Vec::with_capacity(first.len() + 1 + end - value);
+                joined.extend_from_slice(first);
+                joined.push(b'\n');
+                joined.extend_from_slice(&buf[value..end]);
+                Data::Joined(joined)
+            }
+            Data::Joined(mut joined) => {
+                joined.push(b'\n');
+                joined.extend_from_slice(&buf[value..end]);
+                Data::Joined(joined)
+            }
+        };
+    }
+
+    /// The event starting at `block` is complete: observe it; returns whether to forward it.
+    fn dispatch(&mut self, buf: &[u8], block: usize, obs: &mut impl StreamObserver) -> bool {
+        let forward = match &self.data {
+            Data::None => true,
+            Data::Line(s, e) => observe(&buf[block + s..block + e], self.strip_usage, obs),
+            Data::Joined(d) => observe(d, self.strip_usage, obs),
+        };
+        self.data = Data::None;
+        forward
+    }
+}
+
+/// Read one event's data for metering; returns whether to forward the event.
+///
+/// Keys are found from the colons that follow them, whatever the whitespace, key order or
+/// escaping around them. In valid JSON a `"` not escaped by an odd run of backslashes always
+/// delimits a string, so a colon after such a quote follows a key, and text inside a string
+/// (where every quote is escaped) never reads as one. Text values are counted where they lie
+/// and skipped; only an event with a `usage` object is deserialized (once per stream).
+fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> bool {
+    if data == b"[DONE]" {
+        return true;
+    }
+    let mut chars = 0u64;
+    let mut usage = false;
+    let mut i = 0;
+    while let Some(c) = memchr::memchr(b':', &data[i..]) {
+        let colon = i + c;
+        i = colon + 1;
+        let Some(close) = data[..colon]
+            .iter()
+            .rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        else {
+            continue;
+        };
+        if data[close] != b'"' || escaped(data, close) {
+            continue;
+        }
+        let Some(open) = opening_quote(data, close) else {
+            continue;
+        };
+        let value = skip_ws(data, colon + 1);
+        match (Key::of(&data[open..=close]), data.get(value)) {
+            (Key::Text, Some(b'"')) => {
+                let Some(end) = string_end(data, value + 1) else {
+                    break;
+                };
+                chars += json_str_chars(&data[value + 1..end]);
+                i = end + 1;
+            }
+            (Key::FinishReason, Some(b'"')) => {
+                let Some(end) = string_end(data, value + 1) else {
+                    break;
+                };
+                let raw = &data[value + 1..end];
+                if memchr::memchr(b'\\', raw).is_none() {
+                    obs.finish_reason(&String::from_utf8_lossy(raw));
+                } else if let Ok(s) = serde_json::from_slice::<String>(&data[value..=end]) {
+                    obs.finish_reason(&s);
+                }
+                i = end + 1;
+            }
+            (Key::Usage, Some(b'{')) => usage = true,
+            _ => {}
+        }
+    }
+    if chars > 0 {
+        obs.output_text(chars);
+    }
+    if !usage {
+        return true;
+    }
+    // A `usage` object somewhere: read the event as a whole, so only the top-level one counts.
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        usage: Option<UsageWire>,
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+    }
+    match serde_json::from_slice::<Chunk>(data) {
+        Ok(Chunk {
+            usage: Some(u),
+            choices,
+        }) => {
+            obs.usage(u);
+            let usage_only = choices.is_none_or(|c| c.is_empty());
+            !(strip_usage && usage_only)
+        }
+        _ => true,
+    }
+}
+
+/// Keys whose values the meter reads.
+#[derive(Clone, Copy)]
+enum Key {
+    /// Generated text: chat `content`, completions `text`, reasoning, tool call arguments.
+    Text,
+    FinishReason,
+    Usage,
+    Other,
+}
+
+impl Key {
+    /// `quoted`: the key with its quotes, as it appears in the JSON.
+    fn of(quoted: &[u8]) -> Self {
+        let raw = &quoted[1..quoted.len() - 1];
+        if memchr::memchr(b'\\', raw).is_some() {
+            // A key spelled with escapes: rare, so decoding it may cost an allocation.
+            return match serde_json::from_slice::<String>(quoted) {
+                Ok(k) => Self::of_name(k.as_bytes()),
+                Err(_) => Self::Other,
+            };
+        }
+        Self::of_name(raw)
+    }
+
+    fn of_name(name: &[u8]) -> Self {
+        match name {
+            // Not `reasoning`: servers that send it repeat `reasoning_content` in it.
+            b"content" | b"text" | b"reasoning_content" | b"arguments" => Self::Text,
+            b"finish_reason" => Self::FinishReason,
+            b"usage" => Self::Usage,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Index of the `"` that closes the string whose body starts at `from`.
+fn string_end(data: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', data.get(from..)?)?;
+        if data[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+    }
+}
+
+/// Whether the quote at `q` is escaped: preceded by an odd run of backslashes.
+fn escaped(data: &[u8], q: usize) -> bool {
+    data[..q].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
+}
+
+/// The quote that opens the string closed at `close`: the nearest unescaped one before it.
+fn opening_quote(data: &[u8], mut close: usize) -> Option<usize> {
+    loop {
+        let q = memchr::memrchr(b'"', &data[..close])?;
+        if !escaped(data, q) {
+            return Some(q);
+        }
+        close = q;
+    }
+}
+
+fn skip_ws(data: &[u8], mut i: usize) -> usize {
+    while matches!(data.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Characters of a JSON string body once unescaped (a surrogate pair is one character).
+fn json_str_chars(raw: &[u8]) -> u64 {
+    let utf8_chars = |b: &[u8]| b.iter().filter(|&&c| (c as i8) >= -0x40).count() as u64;
+    let mut n = 0;
+    let mut k = 0;
+    while let Some(r) = memchr::memchr(b'\\', &raw[k..]) {
+        let esc = k + r;
+        n += utf8_chars(&raw[k..esc]);
+        match raw.get(esc + 1) {
+            Some(b'u') => {
+                let low_surrogate = raw
+                    .get(esc + 2..esc + 6)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+                    .is_some_and(|c| (0xDC00..=0xDFFF).contains(&c));
+                n += u64::from(!low_surrogate);
+                k = (esc + 6).min(raw.len());
+            }
+            Some(_) => {
+                n += 1;
+                k = esc + 2;
+            }
+            None => return n,
+        }
+    }
+    n + utf8_chars(&raw[k..])
+}
+
+/// An OpenAI-shaped error event: the last thing a client reads from a stream cut short.
+fn error_event(e: &ScanError) -> Bytes {
+    let body = serde_json::json!({"error": {
+        "message": e.to_string(),
+        "type": "upstream_error",
+        "param": null,
+        "code": "upstream_event_too_large",
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
 }
 
 /// A streamed response on its way to the client, metered as it goes.
@@ -365,12 +807,19 @@ impl Gather {
 
 impl MeteredStream {
     pub fn new(upstream: UpstreamBody, meter: Meter, strip_usage: bool) -> Self {
+        Self::with_max_event(upstream, meter, strip_usage, DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// `max_event`: the largest event held while waiting for its end (see [`SseScanner`]).
+    pub fn with_max_event(
+        upstream: UpstreamBody,
+        meter: Meter,
+        strip_usage: bool,
+        max_event: usize,
+    ) -> Self {
         Self {
             upstream,
-            scanner: SseScanner {
-                pending: BytesMut::new(),
-                strip_usage,
-            },
+            scanner: SseScanner::new(strip_usage, max_event),
             meter: Some(meter),
             upstream_done: false,
             failed: None,
@@ -408,23 +857,28 @@ impl Body for MeteredStream {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => {
                     this.fresh = true;
-                    if let Ok(data) = frame.into_data()
-                        && let Some(out) = this.scanner.feed(data, meter)
-                    {
-                        this.held.push(out);
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let held = &mut this.held;
+                    if let Err(e) = this.scanner.feed(data, meter, |b| held.push(b)) {
+                        tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
+                        // Tell the client in the stream's own terms before the body fails.
+                        held.push(error_event(&e));
+                        this.failed = Some(e.into());
                     }
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    if this.held.is_empty() {
-                        if let Some(m) = this.meter.take() {
-                            m.finish_stream(Some(UpstreamErrorKind::Stream));
-                        }
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    this.failed = Some(e);
-                }
+                Poll::Ready(Some(Err(e))) => this.failed = Some(e),
                 Poll::Ready(None) => this.upstream_done = true,
             }
+        }
+        if this.held.is_empty()
+            && let Some(e) = this.failed.take()
+        {
+            if let Some(m) = this.meter.take() {
+                m.finish_stream(Some(UpstreamErrorKind::Stream));
+            }
+            return Poll::Ready(Some(Err(e)));
         }
         let more_may_come =
             !this.upstream_done && this.failed.is_none() && this.held.len() < COALESCE_LIMIT;
@@ -452,7 +906,9 @@ impl Body for MeteredStream {
             }
         }
         if this.upstream_done {
-            if let Some(rest) = this.scanner.remainder() {
+            if let Some(m) = this.meter.as_mut()
+                && let Some(rest) = this.scanner.finish(m)
+            {
                 this.held.push(rest);
             }
             if let Some(m) = this.meter.take() {
@@ -462,5 +918,391 @@ impl Body for MeteredStream {
         this.turn = None;
         this.turns = 0;
         Poll::Ready(this.held.take().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed `chunks` to a scanner; returns what was forwarded and what was observed.
+    fn run(strip: bool, max: usize, chunks: &[&[u8]]) -> (Vec<u8>, Tally, Result<(), String>) {
+        let mut s = SseScanner::new(strip, max);
+        let mut tally = Tally::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            let r = s.feed(Bytes::copy_from_slice(c), &mut tally, |b| {
+                out.extend_from_slice(&b)
+            });
+            if let Err(e) = r {
+                return (out, tally, Err(e.to_string()));
+            }
+        }
+        if let Some(rest) = s.finish(&mut tally) {
+            out.extend_from_slice(&rest);
+        }
+        (out, tally, Ok(()))
+    }
+
+    fn whole(strip: bool, stream: &[u8]) -> (Vec<u8>, Tally) {
+        let (out, tally, r) = run(strip, DEFAULT_MAX_EVENT_BYTES, &[stream]);
+        r.unwrap();
+        (out, tally)
+    }
+
+    /// Every split of `stream` into byte-sized chunks gives what the whole stream gives.
+    fn byte_by_byte(strip: bool, stream: &[u8]) -> (Vec<u8>, Tally) {
+        let chunks: Vec<&[u8]> = stream.chunks(1).collect();
+        let (out, tally, r) = run(strip, DEFAULT_MAX_EVENT_BYTES, &chunks);
+        r.unwrap();
+        assert_eq!(
+            (&out, &tally),
+            (&whole(strip, stream).0, &whole(strip, stream).1)
+        );
+        (out, tally)
+    }
+
+    const USAGE: UsageWire = UsageWire {
+        prompt_tokens: 7,
+        completion_tokens: 3,
+    };
+
+    fn compact(eol: &str) -> String {
+        [
+            r#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}"#,
+            "",
+            r#"data: {"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}],"usage":null}"#,
+            "",
+            r#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+            "",
+            r#"data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}"#,
+            "",
+            "data: [DONE]",
+            "",
+            "",
+        ]
+        .join(eol)
+    }
+
+    #[test]
+    fn every_line_ending_of_the_spec() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let stream = compact(eol);
+            let (out, t) = byte_by_byte(false, stream.as_bytes());
+            assert_eq!(out, stream.as_bytes(), "{eol:?}: passed through as is");
+            assert_eq!(t.usage, Some(USAGE), "{eol:?}");
+            assert_eq!(t.output_chars, 5, "{eol:?}");
+            assert_eq!(t.finish_reason.as_deref(), Some("stop"), "{eol:?}");
+
+            let (out, t) = byte_by_byte(true, stream.as_bytes());
+            let kept = String::from_utf8(out).unwrap();
+            assert!(
+                !kept.contains("prompt_tokens"),
+                "{eol:?}: usage stripped: {kept:?}"
+            );
+            assert!(
+                kept.ends_with(&format!("data: [DONE]{eol}{eol}")),
+                "{kept:?}"
+            );
+            assert_eq!(t.usage, Some(USAGE), "still metered");
+        }
+    }
+
+    #[test]
+    fn mixed_line_endings() {
+        let stream = "data: {\"text\":\"ab\"}\r\n\r\ndata: {\"text\":\"cd\"}\r\rdata: {\"text\":\"e\"}\n\r\n: c\r\n\n";
+        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        assert_eq!(out, stream.as_bytes());
+        assert_eq!(t.output_chars, 5);
+    }
+
+    #[test]
+    fn any_json_formatting_and_key_order() {
+        let stream = concat!(
+            "data: {\"usage\" : null, \"choices\" :\t[ { \"finish_reason\" : null , \"delta\" : { \"content\" : \"Hi\" } } ] }\n\n",
+            "data:{\"choices\": [{\"delta\": {}, \"finish_reason\": \"length\"}]}\n\n",
+            "data: { \"usage\": {\"completion_tokens\": 3, \"prompt_tokens\": 7}, \"choices\": [ ] }\n\n",
+        );
+        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        assert_eq!(out, stream.as_bytes());
+        assert_eq!(t.usage, Some(USAGE));
+        assert_eq!(t.output_chars, 2);
+        assert_eq!(t.finish_reason.as_deref(), Some("length"));
+        let (out, _) = byte_by_byte(true, stream.as_bytes());
+        assert_eq!(
+            out,
+            &stream.as_bytes()[..stream.find("data: { \"usage\"").unwrap()]
+        );
+    }
+
+    #[test]
+    fn pretty_printed_usage_chunk_is_stripped() {
+        // Multi-line data: one JSON document spread over `data:` lines.
+        let usage_event = "data: {\ndata:   \"choices\": [],\ndata:   \"usage\": {\ndata:     \"prompt_tokens\": 7,\ndata:     \"completion_tokens\": 3\ndata:   }\ndata: }\n\n";
+        let stream = format!(
+            "data: {{\ndata:   \"choices\": [\ndata:     {{\"delta\": {{\"content\": \"Hi there\"}}}}\ndata:   ]\ndata: }}\n\n{usage_event}data: [DONE]\n\n"
+        );
+        let (out, t) = byte_by_byte(true, stream.as_bytes());
+        assert_eq!(out, stream.replace(usage_event, "").as_bytes());
+        assert_eq!(t.usage, Some(USAGE));
+        assert_eq!(t.output_chars, 8);
+        let (out, _) = byte_by_byte(false, stream.as_bytes());
+        assert_eq!(out, stream.as_bytes());
+    }
+
+    #[test]
+    fn escaped_strings_count_as_text_and_never_read_as_keys() {
+        // A content string that mentions usage in JSON syntax is text, not usage.
+        let stream = concat!(
+            r#"data: {"choices":[{"delta":{"content":"say \"usage\":{\"prompt_tokens\":99} \\"}}],"usage":null}"#,
+            "\n\n",
+            r#"data: {"choices":[],"x":"\"usage\":{\"prompt_tokens\":1}"}"#,
+            "\n\n",
+        );
+        let (out, t) = byte_by_byte(true, stream.as_bytes());
+        assert_eq!(out, stream.as_bytes(), "nothing stripped");
+        assert_eq!(t.usage, None);
+        let expected: String =
+            serde_json::from_str(r#""say \"usage\":{\"prompt_tokens\":99} \\""#).unwrap();
+        assert_eq!(t.output_chars, expected.chars().count() as u64);
+
+        // Escaped key names are still the keys they spell.
+        let (_, t) = whole(
+            false,
+            br#"data: {"\u0075sage":{"prompt_tokens":7,"completion_tokens":3},"choices":[{"delta":{"c\u006fntent":"ab"}}]}
+
+"#,
+        );
+        assert_eq!(t.usage, Some(USAGE));
+        assert_eq!(t.output_chars, 2);
+    }
+
+    #[test]
+    fn characters_are_counted_after_unescaping() {
+        for s in [
+            "",
+            "plain",
+            "naïve café",
+            "漢字とかな",
+            "emoji 😀 and \u{1F680}",
+            "quote \" backslash \\ slash / tab \t nl \n",
+            "\u{0}\u{1f}\u{7f}",
+            "<think>&amp;</think>",
+        ] {
+            // serde_json's escaping, and Go's (HTML-safe, \uXXXX) and Python's (ASCII-only).
+            let serde = serde_json::to_string(s).unwrap();
+            let ascii: String = s
+                .encode_utf16()
+                .map(|u| match u {
+                    0x20..=0x7e
+                        if u != u16::from(b'"')
+                            && u != u16::from(b'\\')
+                            && u != u16::from(b'<') =>
+                    {
+                        char::from(u as u8).to_string()
+                    }
+                    _ => format!("\\u{u:04x}"),
+                })
+                .collect();
+            for quoted in [serde, format!("\"{ascii}\"")] {
+                let back: String = serde_json::from_str(&quoted).unwrap();
+                assert_eq!(back, s);
+                let raw = &quoted.as_bytes()[1..quoted.len() - 1];
+                assert_eq!(json_str_chars(raw), s.chars().count() as u64, "{quoted}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_cut_off_by_the_end_of_the_stream_is_metered_and_passed_on() {
+        for end in ["", "\n", "\r\n", "\r"] {
+            let stream = format!(
+                "data: {{\"text\":\"ab\"}}\n\ndata: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":3}}}}{end}"
+            );
+            let (out, t) = byte_by_byte(true, stream.as_bytes());
+            assert_eq!(out, stream.as_bytes(), "{end:?}");
+            assert_eq!(t.usage, Some(USAGE), "{end:?}");
+            assert_eq!(t.output_chars, 2, "{end:?}");
+        }
+    }
+
+    #[test]
+    fn reasoning_and_tool_call_arguments_are_output_text() {
+        let (_, t) = whole(
+            false,
+            concat!(
+                r#"data: {"choices":[{"delta":{"reasoning_content":"hmm","content":null}}]}"#,
+                "\n\n",
+                r#"data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+                "\n\n",
+                r#"data: {"choices":[{"delta":{"content":"ok"},"logprobs":{"content":[{"token":"ok","logprob":-0.1}]}}]}"#,
+                "\n\n",
+            )
+            .as_bytes(),
+        );
+        assert_eq!(
+            t.output_chars,
+            3 + 7 + 2,
+            "function names and logprob tokens are not text"
+        );
+    }
+
+    #[test]
+    fn comments_and_other_fields_pass_through() {
+        let stream = concat!(
+            ": keep-alive\n\n",
+            "event: message\nid: 1\nretry: 1000\ndata: {\"choices\":[{\"text\":\"abc\"}]}\n\n",
+            ":comment inside\ndata: {\"choices\":[{\"text\":\"de\"}]}\nid\n\n",
+            "data\n\n",
+        );
+        let (out, t) = byte_by_byte(true, stream.as_bytes());
+        assert_eq!(out, stream.as_bytes());
+        assert_eq!(t.output_chars, 5);
+    }
+
+    #[test]
+    fn multi_line_data_joins_with_lf() {
+        // Two lines of text: the JSON string spans the joined lines' separator as whitespace.
+        let stream = "data: {\"choices\":\ndata: [{\"text\":\"abcd\"}]}\n\n";
+        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        assert_eq!(out, stream.as_bytes());
+        assert_eq!(t.output_chars, 4);
+        // One space after the colon is the separator; more is the value's.
+        let mut lines = Lines {
+            data: Data::None,
+            after_cr: AfterCr::No,
+            strip_usage: false,
+            max_event: 100,
+        };
+        let buf = b"data:  a\ndata:b\ndata\n";
+        lines.field(buf, 0, 0, 8);
+        lines.field(buf, 0, 9, 15);
+        lines.field(buf, 0, 16, 20);
+        match &lines.data {
+            Data::Joined(d) => assert_eq!(d, b" a\nb\n"),
+            _ => panic!("joined"),
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_field() {
+        let stream = b"\xEF\xBB\xBFdata: {\"text\":\"ab\"}\n\n";
+        let (out, t) = whole(false, stream);
+        assert_eq!(out, stream);
+        assert_eq!(t.output_chars, 2);
+    }
+
+    #[test]
+    fn events_split_across_chunks_are_read_once() {
+        let stream = compact("\n");
+        // Split at every position into two chunks, and three.
+        for i in 0..stream.len() {
+            let (a, b) = stream.as_bytes().split_at(i);
+            let (out, t, r) = run(true, DEFAULT_MAX_EVENT_BYTES, &[a, b]);
+            r.unwrap();
+            assert_eq!((out, t), whole(true, stream.as_bytes()), "split at {i}");
+        }
+        // The scan offset moves forward: an event in 1-byte chunks is scanned in linear time.
+        let big = format!("data: {{\"text\":\"{}\"}}\n\n", "x".repeat(200_000));
+        let (out, t) = byte_by_byte(false, big.as_bytes());
+        assert_eq!(out.len(), big.len());
+        assert_eq!(t.output_chars, 200_000);
+    }
+
+    #[test]
+    fn an_event_over_the_limit_ends_the_stream() {
+        let ok = "data: {\"text\":\"ab\"}\n\n";
+        let big = format!("data: {{\"text\":\"{}\"}}\n\n", "x".repeat(100));
+        // Whole in one chunk, and arriving in pieces that never end the event.
+        let (out, t, r) = run(false, 64, &[format!("{ok}{big}{ok}").as_bytes()]);
+        assert_eq!(
+            r.unwrap_err(),
+            "upstream sent a server-sent event larger than 64 bytes"
+        );
+        assert_eq!(out, ok.as_bytes(), "events before the big one still go out");
+        assert_eq!(t.output_chars, 2);
+        let pieces: Vec<&[u8]> = vec![
+            ok.as_bytes(),
+            b"data: {\"text\":\"",
+            &[b'x'; 40],
+            &[b'x'; 40],
+        ];
+        let (out, _, r) = run(false, 64, &pieces);
+        assert!(r.is_err());
+        assert_eq!(out, ok.as_bytes());
+        // Comment lines without an end count too: nothing grows without bound.
+        let comments = vec![&b": ping\n"[..]; 20];
+        let (_, _, r) = run(false, 64, &comments);
+        assert!(r.is_err());
+        // At the limit is fine.
+        let exact = format!("data: {{\"text\":\"{}\"}}\n\n", "x".repeat(64 - 19));
+        assert_eq!(exact.len(), 64);
+        let (out, _, r) = run(false, 64, &[exact.as_bytes()]);
+        r.unwrap();
+        assert_eq!(out, exact.as_bytes());
+    }
+
+    #[test]
+    fn usage_with_choices_is_kept_and_nested_usage_is_not_usage() {
+        // llama.cpp sends usage on the last choice chunk: metered, never stripped.
+        let (out, t) = whole(
+            true,
+            b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n",
+        );
+        assert!(!out.is_empty());
+        assert_eq!(t.usage, Some(USAGE));
+        let (out, t) = whole(
+            true,
+            b"data: {\"choices\":[],\"meta\":{\"usage\":{\"prompt_tokens\":1}}}\n\n",
+        );
+        assert!(!out.is_empty());
+        assert_eq!(t.usage, None);
+    }
+
+    #[test]
+    fn hostile_input_never_panics() {
+        for s in [
+            &b"data: \"\n\n"[..],
+            b"data: {\"content\":\"\\",
+            b"data: {\"content\":\"\\u12\"}\n\n",
+            b"data: {\"content\":\"\\\n\n",
+            b"data: {\"usage\":{\n\n",
+            b"data: {\"finish_reason\":\"\\u00\n\n",
+            b"data: \"\":\n\n",
+            b"\r",
+            b"\r\r\n\n\r",
+            b"data:",
+        ] {
+            let _ = byte_by_byte(true, s);
+        }
+    }
+
+    #[tokio::test]
+    async fn metered_stream_ends_with_an_error_event_past_the_limit() {
+        use http_body_util::BodyExt;
+        let ok = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        let big = Bytes::from(format!("data: {{\"x\":\"{}\"}}\n\n", "y".repeat(300)));
+        let upstream = UpstreamBody::Mock(MockStream::new(
+            vec![ok.clone(), big.slice(..150), big.slice(150..), ok.clone()],
+            Duration::ZERO,
+        ));
+        let meter = Meter::new(Arc::new(crate::metrics::Metrics::new()), "r".into());
+        let mut body = MeteredStream::with_max_event(upstream, meter, true, 256);
+        let mut got = Vec::new();
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => got.extend_from_slice(f.data_ref().unwrap()),
+                Some(Err(e)) => break e,
+                None => panic!("the stream must fail"),
+            }
+        };
+        assert!(err.to_string().contains("larger than 256 bytes"), "{err}");
+        let text = String::from_utf8(got).unwrap();
+        let (first, last) = text.split_at(ok.len());
+        assert_eq!(first.as_bytes(), &ok[..]);
+        let event: serde_json::Value =
+            serde_json::from_str(last.strip_prefix("data: ").unwrap().trim_end()).unwrap();
+        assert_eq!(event["error"]["code"], "upstream_event_too_large");
+        assert!(body.frame().await.is_none(), "nothing after the error");
     }
 }

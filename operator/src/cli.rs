@@ -375,20 +375,29 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         },
         namespace.clone(),
     ));
-    tokio::spawn(leader::run(
+    let election = leader::Election {
+        name: "modelgate-operator".into(),
+        namespace,
+        identity,
+        url,
+        duration: opts.lease_duration,
+        renew: (opts.lease_duration / 5).max(Duration::from_millis(200)),
+    };
+    let elector = tokio::spawn(leader::run(
         shared.clone(),
-        client,
-        leader::Election {
-            name: "modelgate-operator".into(),
-            namespace,
-            identity,
-            url,
-            duration: opts.lease_duration,
-            renew: (opts.lease_duration / 5).max(Duration::from_millis(200)),
-        },
+        client.clone(),
+        election.clone(),
     ));
     shutdown_signal().await;
     tracing::info!("shutting down");
+    elector.abort();
+    if shared
+        .leader
+        .swap(false, std::sync::atomic::Ordering::Relaxed)
+    {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), leader::release(client, &election)).await;
+    }
     Ok(())
 }
 

@@ -336,11 +336,13 @@ impl Shared {
                     .collect(),
             }
         };
-        let compiled = {
+        // Compile a copy: watchers keep applying events meanwhile, never waiting on a compile.
+        let index = {
             let index = lock(&self.index);
             self.metrics.cached_secrets.set(index.secret_count() as i64);
-            index.compile(&ctx)
+            index.clone()
         };
+        let compiled = index.compile(&ctx);
         self.metrics.compiles.inc();
         self.metrics
             .compile_seconds
@@ -397,13 +399,15 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Compile whenever something changed, after a short debounce.
+/// Compile whenever something changed, after a short debounce, on a blocking thread (a
+/// large index takes a while; the runtime's threads keep serving streams meanwhile).
 pub async fn compile_loop(shared: Arc<Shared>) {
     loop {
         shared.changed.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
         if shared.is_synced() {
-            shared.compile_and_publish();
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.compile_and_publish()).await;
         }
     }
 }

@@ -137,7 +137,7 @@ pub fn minted_secret_name(apikey: &str) -> String {
 /// The data key holding the raw key in a minted Secret.
 pub const MINTED_KEY: &str = "key";
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Index {
     /// Where backends may point (set once at start).
     pub policy: UpstreamPolicy,
@@ -535,6 +535,10 @@ impl Index {
                 ejection_time: o.ejection_time.clone().unwrap_or_else(|| "30s".into()),
                 max_ejection_time: "300s".into(),
             }),
+            // The schema admits 1..=u32::MAX; clamped like the other numbers.
+            max_output_tokens: s
+                .max_output_tokens
+                .map(|n| n.clamp(1, u32::MAX.into()) as u64),
             backends,
         })
     }
@@ -655,6 +659,7 @@ mod tests {
                 timeout: None,
                 retries: None,
                 outlier_detection: None,
+                max_output_tokens: None,
             },
         );
         r.metadata.namespace = Some(ns.into());

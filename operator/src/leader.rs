@@ -20,6 +20,7 @@ use crate::controller::{Shared, lock};
 
 pub const URL_ANNOTATION: &str = "modelgate.dev/config-url";
 
+#[derive(Debug, Clone)]
 pub struct Election {
     pub name: String,
     pub namespace: String,
@@ -31,16 +32,35 @@ pub struct Election {
 
 pub async fn run(shared: Arc<Shared>, client: Client, e: Election) {
     let api: Api<Lease> = Api::namespaced(client, &e.namespace);
+    let mut renewed: Option<std::time::Instant> = None;
     loop {
-        let leader = match try_acquire(&api, &e).await {
-            Ok((leader, url)) => {
+        // A leader must renew before its Lease runs out; a renewal that hangs past that
+        // point (a slow or partitioned API server) means stepping down, not leading on
+        // while another replica takes over. A fifth of the duration is the safety margin
+        // for clock skew between replicas.
+        let budget = match (shared.leader.load(Ordering::Relaxed), renewed) {
+            (true, Some(at)) => (e.duration - e.duration / 5).saturating_sub(at.elapsed()),
+            _ => e.duration,
+        };
+        let leader = match tokio::time::timeout(budget, try_acquire(&api, &e)).await {
+            Ok(Ok((leader, url))) => {
                 *lock(&shared.leader_url) = url;
+                if leader {
+                    renewed = Some(std::time::Instant::now());
+                }
                 leader
             }
-            Err(err) => {
+            Ok(Err(err)) => {
                 shared.metrics.error("lease");
                 tracing::warn!(error = %err, "lease update failed");
                 // Without a renewal we cannot be sure we still lead.
+                false
+            }
+            Err(_) => {
+                shared.metrics.error("lease");
+                tracing::warn!(
+                    "lease renewal did not finish before the lease would expire; stepping down"
+                );
                 false
             }
         };
@@ -128,5 +148,36 @@ async fn try_acquire(
         Ok(_) => Ok((true, Some(e.url.clone()))),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok((false, holder_url)),
         Err(err) => Err(err),
+    }
+}
+
+/// On shutdown: hand the Lease back (no holder, expired), so another replica leads at once
+/// instead of after a full lease duration.
+pub async fn release(client: Client, e: &Election) {
+    let api: Api<Lease> = Api::namespaced(client, &e.namespace);
+    let Ok(Some(current)) = api.get_opt(&e.name).await else {
+        return;
+    };
+    let spec = current.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(e.identity.as_str()) {
+        return;
+    }
+    let mut released = current.clone();
+    released.spec = Some(LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        renew_time: Some(MicroTime(
+            Timestamp::now()
+                .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(3600))
+                .unwrap_or_else(|_| Timestamp::now()),
+        )),
+        ..spec
+    });
+    match api
+        .replace(&e.name, &PostParams::default(), &released)
+        .await
+    {
+        Ok(_) => tracing::info!(identity = %e.identity, "released the leader Lease"),
+        Err(err) => tracing::warn!(error = %err, "could not release the leader Lease"),
     }
 }

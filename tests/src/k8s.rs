@@ -198,6 +198,7 @@ pub struct OperatorConfig {
     pub shared_token: Option<PathBuf>,
     /// `NS/NAME` of gateway ServiceAccounts.
     pub gateway_accounts: Vec<String>,
+    pub lease_duration: String,
     pub extra_args: Vec<String>,
 }
 
@@ -212,6 +213,7 @@ impl OperatorConfig {
             kubeconfig: kubeconfig(),
             shared_token: None,
             gateway_accounts: vec![format!("{namespace}/{GATEWAY_SA}")],
+            lease_duration: "3s".into(),
             extra_args: [
                 "--allow-upstream",
                 "127.0.0.1/32",
@@ -259,7 +261,7 @@ impl Operator {
             "127.0.0.1:0",
         ])
         .args(["--namespace", &c.namespace, "--identity", &c.identity])
-        .args(["--lease-duration", "3s", "--heartbeat", "1s"]);
+        .args(["--lease-duration", &c.lease_duration, "--heartbeat", "1s"]);
         match &c.shared_token {
             Some(t) => {
                 cmd.args(["--proxy-auth", "shared-token", "--token-file"])
@@ -331,6 +333,21 @@ impl Operator {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait (at most 20 s) for the process to exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
     }
 }
 

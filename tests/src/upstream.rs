@@ -22,6 +22,7 @@
 //! | `prompt_tokens=N` | reported prompt tokens (default 10) |
 //! | `reset_after=N` | break the connection after N streamed chunks |
 //! | `hang=1` | never answer |
+//! | `pretty=1` | stream events as indented JSON (one `data:` line per JSON line, `": "`) |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -79,6 +80,7 @@ struct Knobs {
     prompt_tokens: u64,
     reset_after: Option<u64>,
     hang: bool,
+    pretty: bool,
 }
 
 impl Default for Knobs {
@@ -95,6 +97,7 @@ impl Default for Knobs {
             prompt_tokens: 10,
             reset_after: None,
             hang: false,
+            pretty: false,
         }
     }
 }
@@ -122,6 +125,7 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "prompt_tokens" => k.prompt_tokens = num(),
             "reset_after" => k.reset_after = Some(num()),
             "hang" => k.hang = v == "1",
+            "pretty" => k.pretty = v == "1",
             _ => {}
         }
     }
@@ -389,9 +393,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
                 "text_completion"
             };
             let event = |v: serde_json::Value| {
-                let mut out = b"data: ".to_vec();
-                out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
-                out.extend_from_slice(b"\n\n");
+                let mut out = Vec::new();
+                if knobs.pretty {
+                    // As a Python server with `json.dumps(v, indent=2)` would: SSE data cannot
+                    // hold a newline, so each line of the document is a `data:` line.
+                    for line in serde_json::to_string_pretty(&v).unwrap().lines() {
+                        out.extend_from_slice(b"data: ");
+                        out.extend_from_slice(line.as_bytes());
+                        out.push(b'\n');
+                    }
+                } else {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
+                    out.push(b'\n');
+                }
+                out.push(b'\n');
                 Bytes::from(out)
             };
             let base = |choices: serde_json::Value| {
@@ -470,6 +486,9 @@ mod tests {
         assert_eq!(k.fail_first, Some(2));
         assert_eq!(k.delay, Duration::from_millis(5));
         assert_eq!(api, "/v1/chat/completions");
+        assert!(!k.pretty);
+        let (k, _) = parse_path("/s/id=p;pretty=1/v1/chat/completions");
+        assert!(k.pretty);
         let (k, api) = parse_path("/v1/embeddings");
         assert_eq!(k.id, "default");
         assert_eq!(api, "/v1/embeddings");

@@ -1,5 +1,7 @@
 //! Admission under concurrency: reservations keep limits exact.
 
+use std::time::Duration;
+
 use http::StatusCode;
 use modelgate_tests::harness::*;
 use modelgate_tests::upstream::MockUpstream;
@@ -141,4 +143,157 @@ async fn max_concurrent_and_budgets_hold() {
         ),
         1.0
     );
+}
+
+const FIELDS: &str = "sk-test-fields";
+const ONE: &str = "sk-test-one-at-a-time";
+
+fn fields_config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: capped
+    model: capped
+    maxOutputTokens: 100
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{url}"}}
+  - name: open
+    model: open
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{url}"}}
+  - name: stuck
+    model: stuck
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{hang}"}}
+keys:
+  - name: fields
+    sha256: {fields}
+    limits: {{tokensPerMinute: 1000}}
+  - name: one
+    sha256: {one}
+    limits: {{maxConcurrent: 1}}
+"#,
+        url = up.url("id=up"),
+        hang = up.url("id=stuck;hang=1"),
+        fields = sha256_hex(FIELDS),
+        one = sha256_hex(ONE),
+    )
+}
+
+/// `body()` with other output fields; the prompt estimate stays 8 tokens.
+fn with(model: &str, fields: serde_json::Value) -> serde_json::Value {
+    let mut b = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    for (k, v) in fields.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_fields_are_checked_and_reservations_never_overflow() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&fields_config(&up));
+    let url = p.url("/v1/chat/completions");
+
+    // Refused with a 400 that names the field: absurd, negative, fractional, zero choices.
+    for (model, fields, param) in [
+        ("open", json!({"max_tokens": u64::MAX - 3}), "max_tokens"),
+        ("open", json!({"max_tokens": -1}), "max_tokens"),
+        ("open", json!({"max_tokens": 1.5}), "max_tokens"),
+        (
+            "open",
+            json!({"max_tokens": 10, "max_completion_tokens": u64::MAX}),
+            "max_completion_tokens",
+        ),
+        ("open", json!({"n": 0}), "n"),
+        ("open", json!({"n": u64::MAX}), "n"),
+        // Above the route's ceiling, whichever field carries it.
+        ("capped", json!({"max_tokens": 101}), "max_tokens"),
+        (
+            "capped",
+            json!({"max_tokens": 10, "max_completion_tokens": 101}),
+            "max_completion_tokens",
+        ),
+    ] {
+        let r = post(&url, Some(FIELDS), &with(model, fields.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{fields}: {}", r.text());
+        assert_eq!(r.error_code(), "invalid_value", "{fields}");
+        assert_eq!(r.json()["error"]["param"], param, "{fields}");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    let r = post(
+        &url,
+        Some(FIELDS),
+        &with("capped", json!({"max_tokens": 101})),
+    )
+    .await;
+    assert!(r.text().contains("ceiling of 100"), "{}", r.text());
+
+    // The reservation is the larger field times the choices, and it saturates: each of
+    // these needs more than the 1000 tokens a minute this key has.
+    for fields in [
+        json!({"max_tokens": 4_294_967_295_u64, "n": 128}),
+        json!({"max_tokens": 10, "max_completion_tokens": 995}),
+        json!({"max_completion_tokens": 10, "max_tokens": 995}),
+        json!({"max_tokens": 100, "n": 10}),
+    ] {
+        let r = post(&url, Some(FIELDS), &with("open", fields.clone())).await;
+        assert_eq!(
+            r.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{fields}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), "rate_limit_exceeded", "{fields}");
+    }
+    assert_eq!(up.hits("up"), 0, "nothing refused reached the upstream");
+
+    // At the ceiling is fine; 8 + 100 × 9 = 908 fits in the minute.
+    let r = post(
+        &url,
+        Some(FIELDS),
+        &with("capped", json!({"max_tokens": 100})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = post(
+        &url,
+        Some(FIELDS),
+        &with("open", json!({"max_tokens": 100, "n": 9})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(up.hits("up"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_call_gives_its_concurrency_slot_back() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&fields_config(&up));
+    let url = p.url("/v1/chat/completions");
+    let stuck = {
+        let url = url.clone();
+        tokio::spawn(async move { post(&url, Some(ONE), &with("stuck", json!({}))).await })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the call reached the upstream",
+        || async { up.hits("stuck") == 1 },
+    )
+    .await;
+    let r = post(&url, Some(ONE), &with("open", json!({}))).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "the slot is taken");
+    stuck.abort();
+    eventually(Duration::from_secs(10), "the slot came back", || {
+        let url = url.clone();
+        async move {
+            post(&url, Some(ONE), &with("open", json!({}))).await.status == StatusCode::OK
+        }
+    })
+    .await;
+    let m = p.metrics().await;
+    assert_eq!(metric(&m, "modelgate_in_flight_requests", &[]), 0.0);
 }

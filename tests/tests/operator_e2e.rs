@@ -500,3 +500,44 @@ spec:
     let table = kubectl_ok(&["get", "apikeys", "-n", &ns.0], None);
     assert!(table.contains("55"), "usage shows in kubectl get: {table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_the_lease_over_at_once() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-handover");
+    // A long lease: without a hand-over the other replica would wait 60 s for it to expire.
+    let start = |identity: &str| {
+        Operator::launch(OperatorConfig {
+            lease_duration: "60s".into(),
+            ..OperatorConfig::new(&ns.0, identity)
+        })
+    };
+    let mut a = start("op-a");
+    eventually(Duration::from_secs(30), "op-a leads", || async {
+        jsonpath(&ns.0, "lease/modelgate-operator", "{.spec.holderIdentity}") == "op-a"
+    })
+    .await;
+    let b = start("op-b");
+    a.terminate();
+    assert!(
+        a.log_text().contains("released the leader Lease"),
+        "{}",
+        a.log_text()
+    );
+    eventually(
+        Duration::from_secs(30),
+        "op-b leads well before the 60 s lease would have expired",
+        || async {
+            jsonpath(&ns.0, "lease/modelgate-operator", "{.spec.holderIdentity}") == "op-b"
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(20), "op-b reports leading", || async {
+        metric(
+            &get(&format!("{}/metrics", b.admin_url), None).await.text(),
+            "modelgate_operator_leader",
+            &[],
+        ) == 1.0
+    })
+    .await;
+}

@@ -113,3 +113,102 @@ async fn connections_beyond_the_limit_are_refused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_refuses_the_gateways_credentials_never_speaks_to_the_client() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&format!(
+        r#"
+routes:
+  - name: r
+    model: m
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: refuses, provider: openai-compatible, url: "{refuses}"}}
+  - name: f
+    model: fallback
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: refuses, provider: openai-compatible, url: "{forbidden}", priority: 0}}
+      - {{name: spare, provider: openai-compatible, url: "{ok}", priority: 1}}
+keys:
+  - {{name: k, sha256: {key}}}
+"#,
+        refuses = up.url("id=refuses;status=401"),
+        forbidden = up.url("id=forbidden;status=403"),
+        ok = up.url("id=spare"),
+        key = sha256_hex(KEY)
+    ));
+    for stream in [false, true] {
+        let r = post(
+            &p.url("/v1/chat/completions"),
+            Some(KEY),
+            &chat("m", stream),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+        assert_eq!(r.error_code(), "upstream_credentials_refused");
+        assert!(
+            r.text().contains("refused the gateway's credentials"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            !r.text().contains("mock upstream failure"),
+            "the provider's body never reaches the client: {}",
+            r.text()
+        );
+    }
+    // Another backend may still answer: a refused credential falls over like a 5xx.
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("fallback", false),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-modelgate-backend"), Some("spare"));
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_upstream_errors_total",
+            &[("kind", "credentials_refused")]
+        ),
+        3.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_never_lock_clients_out() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    // More silent sockets than maxConnections (3): they connect and never send a byte.
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(tokio::net::TcpStream::connect(p.api).await.unwrap());
+    }
+    // Each is closed once the header read timeout (500 ms) passes, so a client gets in.
+    eventually(Duration::from_secs(10), "a real client is served", || async {
+        let Ok(mut s) = tokio::net::TcpStream::connect(p.api).await else {
+            return false;
+        };
+        let _ = s
+            .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: sk-test-robust\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200")
+    })
+    .await;
+    // And the silent ones were closed by the proxy (reads end with EOF).
+    for mut s in silent {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the proxy closes a silent socket")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+}

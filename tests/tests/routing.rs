@@ -287,3 +287,91 @@ routes:
         up.hits("slow")
     );
 }
+
+/// A client that leaves while its attempt waits on the upstream takes the attempt out of the
+/// backend's in-flight count: `least-latency` keeps preferring the faster backend afterwards
+/// instead of seeing it as loaded by calls nobody waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_mid_call_do_not_count_as_load() {
+    let up = MockUpstream::start();
+    // `b` keeps its health across reloads (same name); weight 0 parks it without forgetting.
+    let yaml = |a: &str, b_weight: u32| {
+        format!(
+            r#"
+routes:
+  - name: ll
+    model: ll
+    strategy: least-latency
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: a, provider: openai-compatible, url: "{a}"}}
+      - {{name: b, provider: openai-compatible, url: "{b}", weight: {b_weight}}}
+{keys}"#,
+            b = up.url("id=b;latency=80"),
+            keys = keys()
+        )
+    };
+    let fast = yaml(&up.url("id=a;latency=5"), 1);
+    let p = Proxy::start(&fast);
+    let url = p.url("/v1/chat/completions");
+    // Unmeasured backends look fastest, so a few requests measure both.
+    eventually(Duration::from_secs(10), "both backends measured", || {
+        let url = url.clone();
+        let up = &up;
+        async move {
+            let r = post(&url, Some(KEY), &chat("ll", false)).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            up.hits("a") > 0 && up.hits("b") > 0
+        }
+    })
+    .await;
+
+    // `a` now hangs; clients give up while their calls wait on it.
+    let version = p.version().await.unwrap();
+    p.write_config(&yaml(&up.url("id=hang;hang=1"), 0));
+    eventually(Duration::from_secs(10), "hanging snapshot", || async {
+        p.version().await.is_some_and(|v| v != version)
+    })
+    .await;
+    const LEFT: u64 = 40;
+    let clients: Vec<_> = (0..LEFT)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url, Some(KEY), &chat("ll", false)).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "every call reached `a`",
+        || async { up.hits("hang") == LEFT },
+    )
+    .await;
+    for c in &clients {
+        c.abort();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the proxy saw every client leave",
+        || async {
+            let m = p.metrics().await;
+            metric(&m, "modelgate_in_flight_requests", &[]) == 0.0
+        },
+    )
+    .await;
+
+    // `a` is fast again. Had the 40 abandoned calls stayed in its count, it would look
+    // 41 times busier than it is (5 ms × 41 > 80 ms) and lose every draw to `b`.
+    let version = p.version().await.unwrap();
+    p.write_config(&fast);
+    eventually(Duration::from_secs(10), "fast snapshot", || async {
+        p.version().await.is_some_and(|v| v != version)
+    })
+    .await;
+    let before = up.hits("b");
+    for _ in 0..10 {
+        let r = post(&url, Some(KEY), &chat("ll", false)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.header("x-modelgate-backend"), Some("a"));
+    }
+    assert_eq!(up.hits("b"), before);
+}

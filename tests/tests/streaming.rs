@@ -29,12 +29,22 @@ routes:
     model: nousage
     backends:
       - {{name: up, provider: openai-compatible, url: "{nousage}"}}
+  - name: pretty
+    model: pretty
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{pretty}"}}
+  - name: prettynousage
+    model: prettynousage
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{pretty_nousage}"}}
 keys:
   - {{name: k, sha256: {key}}}
 "#,
         fast = up.url("id=fast;chunks=5;prompt_tokens=7"),
         slow = up.url("id=slow;chunks=200;delay=20;prompt_tokens=9"),
         nousage = up.url("id=nousage;usage=0;chunks=4"),
+        pretty = up.url("id=pretty;pretty=1;chunks=5;prompt_tokens=7"),
+        pretty_nousage = up.url("id=prettynousage;pretty=1;usage=0;chunks=4"),
         key = sha256_hex(KEY),
     )
 }
@@ -112,7 +122,8 @@ async fn stream_is_metered_and_the_usage_chunk_stripped_unless_asked_for() {
         2.0
     );
 
-    // An upstream that reports nothing is metered from what passed through.
+    // An upstream that reports nothing is metered from the text that passed through:
+    // "tok0 " .. "tok3 " is 20 characters, 5 tokens at 4 characters a token.
     let r = post(&url, Some(KEY), &chat("nousage", true)).await;
     assert_eq!(r.status, StatusCode::OK);
     let m = p.metrics().await;
@@ -122,7 +133,119 @@ async fn stream_is_metered_and_the_usage_chunk_stripped_unless_asked_for() {
             "modelgate_tokens_total",
             &[("route", "default/nousage"), ("kind", "output")]
         ),
-        4.0
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_usage_estimated_total",
+            &[("route", "default/nousage"), ("backend", "up")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_usage_estimated_total",
+            &[("route", "default/s"), ("backend", "up")]
+        ),
+        0.0,
+        "reported usage is not an estimate"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "access log marks the estimate",
+        || async {
+            let log = p.log_text();
+            log.lines().any(|l| {
+                l.contains("\"route\":\"default/nousage\"") && l.contains("\"usage\":\"estimated\"")
+            }) && log.lines().any(|l| {
+                l.contains("\"route\":\"default/s\"") && l.contains("\"usage\":\"reported\"")
+            })
+        },
+    )
+    .await;
+}
+
+/// The data of each event, multi-line data joined as the SSE spec says.
+fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| {
+            let lines: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|v| v.strip_prefix(' ').unwrap_or(v))
+                .collect();
+            (!lines.is_empty()).then(|| lines.join("\n"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_pretty_prints_is_metered_and_stripped() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let url = p.url("/v1/chat/completions");
+
+    let r = post(&url, Some(KEY), &chat("pretty", true)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = r.text();
+    assert!(
+        text.contains("data:   \"choices\": ["),
+        "pretty-printed: {text}"
+    );
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let events: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(
+        events.len(),
+        7,
+        "role + 5 content + finish, usage stripped: {text}"
+    );
+    assert!(events.iter().all(|e| !e["usage"].is_object()), "{text}");
+
+    let mut body = chat("pretty", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = post(&url, Some(KEY), &body).await.text();
+    let data = sse_data(&text);
+    let last: serde_json::Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(
+        last["usage"]["completion_tokens"], 5,
+        "kept when asked for: {text}"
+    );
+
+    let r = post(&url, Some(KEY), &chat("prettynousage", true)).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    let m = p.metrics().await;
+    let tokens = |route, kind| {
+        metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("route", route), ("kind", kind)],
+        )
+    };
+    assert_eq!(
+        tokens("default/pretty", "input"),
+        14.0,
+        "reported usage read"
+    );
+    assert_eq!(tokens("default/pretty", "output"), 10.0);
+    assert_eq!(
+        tokens("default/prettynousage", "output"),
+        5.0,
+        "20 chars of text"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_usage_estimated_total",
+            &[("route", "default/prettynousage"), ("backend", "up")]
+        ),
+        1.0
     );
 }
 

@@ -60,6 +60,9 @@ pub enum Failure {
         status: StatusCode,
         retry_after: Option<HeaderValue>,
     },
+    /// 401/403: the backend refused the gateway's credentials. Another backend may still
+    /// answer (it is a backend failure, not the client's), so it falls over like a 5xx.
+    CredentialsRefused(StatusCode),
 }
 
 impl Failure {
@@ -70,11 +73,14 @@ impl Failure {
             Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
                 RetryOn::RateLimited
             }
-            Self::Status { .. } => RetryOn::ServerError,
+            Self::Status { .. } | Self::CredentialsRefused(_) => RetryOn::ServerError,
         }
     }
 
     pub fn metric_kind(&self) -> UpstreamErrorKind {
+        if let Self::CredentialsRefused(_) = self {
+            return UpstreamErrorKind::CredentialsRefused;
+        }
         match self.retry_on() {
             RetryOn::Connect => UpstreamErrorKind::Connect,
             RetryOn::Timeout => UpstreamErrorKind::Timeout,
@@ -94,6 +100,7 @@ impl Failure {
                 ProxyError::UpstreamRateLimited { retry_after }
             }
             Self::Status { status, .. } => ProxyError::UpstreamStatus(status),
+            Self::CredentialsRefused(status) => ProxyError::UpstreamCredentials(status),
         }
     }
 }
@@ -121,6 +128,10 @@ pub async fn attempt(
                 Ok(Ok(resp)) => resp,
             };
             let status = resp.status();
+            if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                // The body is dropped here: it may echo (part of) the provider key.
+                return Err(Failure::CredentialsRefused(status));
+            }
             if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
                 return Err(Failure::Status {
                     status,

@@ -1056,6 +1056,7 @@ mod scale {
                 timeout: None,
                 retries: None,
                 outlier_detection: None,
+                max_output_tokens: None,
                 backends: vec![BackendSpec {
                     name: "up".into(),
                     provider: ProviderKind::OpenaiCompatible,
@@ -1148,6 +1149,7 @@ mod scale {
                     timeout: None,
                     retries: None,
                     outlier_detection: None,
+                    max_output_tokens: None,
                 },
             );
             r.metadata.namespace = Some(format!("team-{}", i % 100));
