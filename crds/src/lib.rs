@@ -70,6 +70,15 @@ pub struct ModelRouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4_294_967_295_i64))]
     pub max_output_tokens: Option<i64>,
+    /// A streamed answer whose upstream sends nothing for this long ends with an error event
+    /// (the partial usage is metered) [default: 5m].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub stream_idle_timeout: Option<String>,
+    /// The longest a streamed answer may last from its response headers [default: no limit].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub stream_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -117,6 +117,10 @@ impl Default for ServerSpec {
     }
 }
 
+/// A streamed answer may go this long without a byte from its upstream, unless the route
+/// says otherwise.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Where provider `openai` goes when a backend names no url.
 pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
 
@@ -157,6 +161,13 @@ pub struct RouteSpec {
     /// Left out when unset, so proxies that predate it accept snapshots that do not use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_tokens: Option<u64>,
+    /// A streamed answer whose upstream sends nothing for this long ends with an error event
+    /// (metered). Left out when unset (default 5m), like `maxOutputTokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
+    /// The longest a streamed answer may last from its response headers (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_timeout: Option<String>,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -531,6 +542,10 @@ pub fn compile(
             }
         }
         let timeout = p.opt_duration(&format!("{path}.timeout"), &r.timeout);
+        let stream_idle_timeout = p
+            .opt_duration(&format!("{path}.streamIdleTimeout"), &r.stream_idle_timeout)
+            .or(Some(DEFAULT_STREAM_IDLE_TIMEOUT));
+        let stream_timeout = p.opt_duration(&format!("{path}.streamTimeout"), &r.stream_timeout);
         if let Some(n) = r.max_output_tokens
             && !(1..=crate::request::MAX_OUTPUT_TOKENS).contains(&n)
         {
@@ -665,6 +680,8 @@ pub fn compile(
             retry,
             outlier,
             max_output_tokens: r.max_output_tokens,
+            stream_idle_timeout,
+            stream_timeout,
             tiers,
         }));
     }

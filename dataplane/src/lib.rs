@@ -6,7 +6,8 @@
 //!  config (file │ operator) ─► config::compile ─► snapshot::Live (arc-swap)
 //!                                                        │ load once per request
 //!  client ─► server ─► proxy: auth → route → admission → forward (providers) → meter
-//!                                                        └► stream (SSE pass-through)
+//!                                                        ├► stream (SSE pass-through)
+//!                                                        └► synth (whole answers as streams)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -28,3 +29,4 @@ pub mod server;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+pub mod synth;

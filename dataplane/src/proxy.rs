@@ -3,6 +3,8 @@
 //! ```text
 //!  parse path ─► authenticate ─► read body ─► resolve route ─► authorize ─► admit
 //!      ─► forward (pick backend, retry, fall back; before the first byte only) ─► respond
+//!  respond: an event stream passes through (`stream`); a whole JSON answer to a stream
+//!  request is written as one (`synth`); a 2xx that is not JSON is a 502
 //!  meter: always, when the Meter drops (after errors, streams, disconnects too)
 //! ```
 //!
@@ -25,7 +27,8 @@ use crate::providers::{self, Failure, HttpClient};
 use crate::request::{ApiRequest, Endpoint};
 use crate::routes::{Backend, Route};
 use crate::snapshot::{Live, Snapshot};
-use crate::stream::{MeteredStream, ProxyBody, UpstreamBody, usage_of_body};
+use crate::stream::{MeteredStream, MockStream, ProxyBody, UpstreamBody, usage_of_body};
+use crate::synth;
 
 /// Per-attempt deadline when neither the backend nor the route sets one.
 const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -93,11 +96,17 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
             resp.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             add_gateway_headers(&meter, resp.headers_mut());
-            let body = MeteredStream::with_max_event(
+            let (idle, total) = meter
+                .route
+                .as_ref()
+                .map_or((None, None), |r| (r.stream_idle_timeout, r.stream_timeout));
+            let body = MeteredStream::with_limits(
                 upstream.into_body(),
                 meter,
                 strip,
                 gw.settings.max_stream_event_bytes,
+                idle,
+                total,
             );
             *resp.body_mut() = ProxyBody::Stream(Box::new(body));
             return resp;
@@ -274,28 +283,104 @@ async fn serve(
     let (backend, resp) = forward(gw, &route, &api, meter).await?;
     let status = resp.status();
     if api.stream && status.is_success() {
-        return Ok(Reply::Stream(resp, !api.client_wants_usage));
+        if is_event_stream(resp.headers()) {
+            return Ok(Reply::Stream(resp, !api.client_wants_usage));
+        }
+        // A whole answer to a stream request: written as the stream the client asked for,
+        // and metered by the same scanner as any stream.
+        let (parts, bytes) = read_whole(resp, &backend, meter).await?;
+        let answer = synth::stream_of_answer(
+            api.endpoint,
+            &bytes,
+            api.client_wants_usage,
+            &api.model,
+            admission::unix_now(),
+        )
+        .map_err(|e| {
+            ProxyError::UpstreamProtocol(format!(
+                "a stream was asked for and the upstream answered {} instead: {e}",
+                media_type(&parts.headers)
+            ))
+        })?;
+        if let Some(u) = answer.usage {
+            meter.set_usage(u);
+        }
+        let mut synthesized = Response::new(UpstreamBody::Mock(MockStream::new(
+            answer.events,
+            Duration::ZERO,
+        )));
+        synthesized.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        return Ok(Reply::Stream(synthesized, !api.client_wants_usage));
     }
     // A buffered answer (or an upstream client error passed on): read it whole for usage.
-    let timeout = backend.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
-    let started = Instant::now();
-    let (parts, body) = resp.into_parts();
-    let read = tokio::time::timeout(timeout, Limited::new(body, MAX_UPSTREAM_BODY).collect()).await;
-    meter.upstream_time += started.elapsed();
-    let bytes = match read {
-        Err(_) => return Err(ProxyError::UpstreamTimeout),
-        Ok(Err(e)) => return Err(ProxyError::UpstreamProtocol(e.to_string())),
-        Ok(Ok(b)) => b.to_bytes(),
-    };
-    if status.is_success()
-        && let Some(u) = usage_of_body(&bytes)
-    {
-        meter.set_usage(u);
+    let (parts, bytes) = read_whole(resp, &backend, meter).await?;
+    if status.is_success() {
+        match usage_of_body(&bytes) {
+            Some(u) => meter.set_usage(u),
+            // No usage: the output is estimated from the answer's text, so limits still hold;
+            // a body that is not JSON at all is no answer to pass on.
+            None => match synth::output_chars(&bytes) {
+                Ok(chars) => meter.output_text(chars),
+                Err(e) => {
+                    return Err(ProxyError::UpstreamProtocol(format!(
+                        "the upstream answered {}: {e}",
+                        media_type(&parts.headers)
+                    )));
+                }
+            },
+        }
     }
     let mut out = Response::new(ProxyBody::full(bytes));
     *out.status_mut() = status;
     copy_content_type(&parts.headers, out.headers_mut());
     Ok(Reply::Full(out))
+}
+
+/// Read an upstream answer whole, within the backend's timeout and the body size limit.
+async fn read_whole(
+    resp: Response<UpstreamBody>,
+    backend: &Backend,
+    meter: &mut Meter,
+) -> Result<(http::response::Parts, Bytes), ProxyError> {
+    let timeout = backend.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
+    let started = Instant::now();
+    let (parts, body) = resp.into_parts();
+    let read = tokio::time::timeout(timeout, Limited::new(body, MAX_UPSTREAM_BODY).collect()).await;
+    meter.upstream_time += started.elapsed();
+    match read {
+        Err(_) => Err(ProxyError::UpstreamTimeout),
+        Ok(Err(e)) => Err(ProxyError::UpstreamProtocol(e.to_string())),
+        Ok(Ok(b)) => Ok((parts, b.to_bytes())),
+    }
+}
+
+/// The media type of a `Content-Type`, parameters left out.
+fn media_type_of(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(v.split(';').next().unwrap_or("").trim())
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    media_type_of(headers).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// The upstream's content type for an error message: short, and only if it looks like one.
+fn media_type(headers: &HeaderMap) -> String {
+    match media_type_of(headers) {
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= 100
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/+-._".contains(&b)) =>
+        {
+            format!("with Content-Type {t}")
+        }
+        Some(_) => "with an unreadable Content-Type".to_owned(),
+        None => "without a Content-Type".to_owned(),
+    }
 }
 
 fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
@@ -311,6 +396,11 @@ fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
 /// Tiers in priority order; within a tier up to `1 + retries.attempts` attempts, preferring
 /// backends not tried yet. Only failures listed in `retries.on` are retried or fall through.
 /// Every retry happens before any byte reached the client.
+///
+/// No pause outlasts the route's timeout: a backoff that would moves on to the next tier at
+/// once. A backend that answers 429/503 with a `Retry-After` that fits the time left is next
+/// tried after that wait instead of a backoff; one that asks for longer is not tried again,
+/// and the next backend (or tier) is tried at once.
 async fn forward(
     gw: &Gateway,
     route: &Arc<Route>,
@@ -320,6 +410,10 @@ async fn forward(
     let deadline = route.timeout.map(|t| Instant::now() + t);
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<Failure> = None;
+    // Backends that asked to be retried after a time within the budget, and until when.
+    let mut ready_at: Vec<(usize, Instant)> = Vec::new();
+    // Backends that asked for a wait the budget cannot hold.
+    let mut busy: Vec<usize> = Vec::new();
     for (ti, tier) in route.tiers.iter().enumerate() {
         if ti > 0 {
             gw.metrics
@@ -329,11 +423,28 @@ async fn forward(
                 })
                 .inc();
         }
+        // The last failure asked for a wait the budget cannot hold: no backoff before the next.
+        let mut at_once = false;
         for n in 0..=route.retry.attempts {
             let Some(backend) = route.pick(tier, &tried) else {
                 break;
             };
+            if busy.contains(&backend.id()) {
+                // Only backends that cannot answer in time are left in this tier.
+                break;
+            }
             if n > 0 {
+                let asked = ready_at.iter().find(|(id, _)| *id == backend.id());
+                let pause = match asked {
+                    Some((_, at)) => at.saturating_duration_since(Instant::now()),
+                    None if std::mem::take(&mut at_once) => Duration::ZERO,
+                    None => route.retry.backoff(n - 1),
+                };
+                if deadline
+                    .is_some_and(|d| Instant::now().checked_add(pause).is_none_or(|t| t >= d))
+                {
+                    break;
+                }
                 gw.metrics
                     .retries
                     .get_or_create(&BackendLabels {
@@ -341,7 +452,6 @@ async fn forward(
                         backend: backend.name.clone(),
                     })
                     .inc();
-                let pause = route.retry.backoff(n - 1);
                 let started = Instant::now();
                 tokio::time::sleep(pause).await;
                 meter.upstream_time += started.elapsed();
@@ -372,9 +482,20 @@ async fn forward(
                 Err(failure) => {
                     record_failure(gw, route, &backend, &failure);
                     let retryable = route.retry.on.contains(&failure.retry_on());
+                    let wait = failure.retry_after(SystemTime::now());
                     last = Some(failure);
                     if !retryable {
                         return Err(last.map_or(ProxyError::UpstreamTimeout, Failure::into_error));
+                    }
+                    if let Some(wait) = wait {
+                        let now = Instant::now();
+                        if wait <= retry_after_budget(deadline, now) {
+                            ready_at.retain(|(id, _)| *id != backend.id());
+                            ready_at.push((backend.id(), now + wait));
+                        } else {
+                            busy.push(backend.id());
+                            at_once = true;
+                        }
                     }
                 }
             }
@@ -384,6 +505,21 @@ async fn forward(
         || ProxyError::Internal(format!("route {} has no backend to try", route.id)),
         Failure::into_error,
     ))
+}
+
+/// The longest the gateway holds a request to honour an upstream's `Retry-After`, whatever
+/// the route's timeout; clients rarely wait longer for a first byte.
+const MAX_RETRY_AFTER_WAIT: Duration = Duration::from_secs(60);
+/// What a retry after a `Retry-After` wait must still have of the route's timeout.
+const RETRY_AFTER_ATTEMPT_RESERVE: Duration = Duration::from_secs(1);
+
+/// The longest `Retry-After` the request can wait out and still make its attempt in time.
+fn retry_after_budget(deadline: Option<Instant>, now: Instant) -> Duration {
+    let left = deadline.map_or(Duration::MAX, |d| {
+        d.saturating_duration_since(now)
+            .saturating_sub(RETRY_AFTER_ATTEMPT_RESERVE)
+    });
+    left.min(MAX_RETRY_AFTER_WAIT)
 }
 
 fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: &Failure) {
@@ -502,11 +638,31 @@ mod forward_tests {
             retry: RetryPolicy::default(),
             outlier: OutlierPolicy::default(),
             max_output_tokens: None,
+            stream_idle_timeout: None,
+            stream_timeout: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![backend],
             }],
         })
+    }
+
+    #[test]
+    fn a_retry_after_may_use_the_time_left_but_a_reserve_and_never_more_than_a_minute() {
+        let now = Instant::now();
+        let budget = |left: Option<Duration>| retry_after_budget(left.map(|l| now + l), now);
+        assert_eq!(budget(None), MAX_RETRY_AFTER_WAIT);
+        assert_eq!(
+            budget(Some(Duration::from_secs(3600))),
+            MAX_RETRY_AFTER_WAIT
+        );
+        assert_eq!(
+            budget(Some(Duration::from_secs(10))),
+            Duration::from_secs(9)
+        );
+        assert_eq!(budget(Some(Duration::from_millis(500))), Duration::ZERO);
+        let past = now.checked_sub(Duration::from_secs(1)).unwrap();
+        assert_eq!(retry_after_budget(Some(past), now), Duration::ZERO);
     }
 
     /// A client that leaves mid-call drops the request's future with the attempt pending;

@@ -311,6 +311,10 @@ pub struct Route {
     pub outlier: OutlierPolicy,
     /// Largest `max_tokens` / `max_completion_tokens` a request may ask for.
     pub max_output_tokens: Option<u64>,
+    /// A streamed answer ends with an error event after this long without upstream bytes.
+    pub stream_idle_timeout: Option<Duration>,
+    /// The longest a streamed answer may last after its headers.
+    pub stream_timeout: Option<Duration>,
     pub tiers: Vec<Tier>,
 }
 
@@ -471,6 +475,8 @@ mod tests {
                 max_ejection_time: Duration::from_secs(60),
             },
             max_output_tokens: None,
+            stream_idle_timeout: None,
+            stream_timeout: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends,

@@ -170,6 +170,26 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 pub enum ScanError {
     #[error("upstream sent a server-sent event larger than {limit} bytes")]
     EventTooLarge { limit: usize },
+    #[error("the upstream sent nothing for {0:?} (the route's streamIdleTimeout)")]
+    Idle(Duration),
+    #[error("the stream lasted longer than {0:?} (the route's streamTimeout)")]
+    TooLong(Duration),
+}
+
+impl ScanError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::EventTooLarge { .. } => "upstream_event_too_large",
+            Self::Idle(_) | Self::TooLong(_) => "upstream_timeout",
+        }
+    }
+
+    fn metric_kind(&self) -> UpstreamErrorKind {
+        match self {
+            Self::EventTooLarge { .. } => UpstreamErrorKind::Stream,
+            Self::Idle(_) | Self::TooLong(_) => UpstreamErrorKind::Timeout,
+        }
+    }
 }
 
 /// What the scanner reports while it reads a stream: [`Meter`] in the proxy, [`Tally`] in tests.
@@ -689,7 +709,7 @@ fn error_event(e: &ScanError) -> Bytes {
         "message": e.to_string(),
         "type": "upstream_error",
         "param": null,
-        "code": "upstream_event_too_large",
+        "code": e.code(),
     }});
     Bytes::from(format!("data: {body}\n\n"))
 }
@@ -710,6 +730,12 @@ pub struct MeteredStream {
     turns: u8,
     /// Whether upstream data arrived since the current turn began.
     fresh: bool,
+    /// Ends the stream when the upstream is silent this long (reset by every frame).
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// Ends the stream at this point, however lively.
+    deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// How the stream failed, for the meter.
+    failure_kind: UpstreamErrorKind,
 }
 
 /// Frames already waiting upstream are joined up to this size into one write to the client,
@@ -817,7 +843,24 @@ impl MeteredStream {
         strip_usage: bool,
         max_event: usize,
     ) -> Self {
+        Self::with_limits(upstream, meter, strip_usage, max_event, None, None)
+    }
+
+    /// Also end the stream (with an error event, metered) after `idle` without an upstream
+    /// frame, or `total` after it began.
+    pub fn with_limits(
+        upstream: UpstreamBody,
+        meter: Meter,
+        strip_usage: bool,
+        max_event: usize,
+        idle: Option<Duration>,
+        total: Option<Duration>,
+    ) -> Self {
+        let timer = |d: Duration| (d, Box::pin(tokio::time::sleep(d)));
         Self {
+            idle: idle.map(timer),
+            deadline: total.map(timer),
+            failure_kind: UpstreamErrorKind::Stream,
             upstream,
             scanner: SseScanner::new(strip_usage, max_event),
             meter: Some(meter),
@@ -829,6 +872,15 @@ impl MeteredStream {
             fresh: false,
         }
     }
+}
+
+/// Has this timer run out? (Polling it also arms its wake-up.)
+fn fired(
+    timer: &mut Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    cx: &mut Context<'_>,
+) -> Option<Duration> {
+    let (d, sleep) = timer.as_mut()?;
+    sleep.as_mut().poll(cx).is_ready().then_some(*d)
 }
 
 impl Body for MeteredStream {
@@ -844,7 +896,7 @@ impl Body for MeteredStream {
             && let Some(e) = this.failed.take()
         {
             if let Some(m) = this.meter.take() {
-                m.finish_stream(Some(UpstreamErrorKind::Stream));
+                m.finish_stream(Some(this.failure_kind));
             }
             return Poll::Ready(Some(Err(e)));
         }
@@ -857,6 +909,9 @@ impl Body for MeteredStream {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => {
                     this.fresh = true;
+                    if let Some((d, t)) = this.idle.as_mut() {
+                        t.as_mut().reset(tokio::time::Instant::now() + *d);
+                    }
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
@@ -865,6 +920,7 @@ impl Body for MeteredStream {
                         tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
                         // Tell the client in the stream's own terms before the body fails.
                         held.push(error_event(&e));
+                        this.failure_kind = e.metric_kind();
                         this.failed = Some(e.into());
                     }
                 }
@@ -872,11 +928,23 @@ impl Body for MeteredStream {
                 Poll::Ready(None) => this.upstream_done = true,
             }
         }
+        // A silent or endless upstream: the timers were polled (and will wake this task).
+        if !this.upstream_done && this.failed.is_none() {
+            let timeout = fired(&mut this.deadline, cx)
+                .map(ScanError::TooLong)
+                .or_else(|| fired(&mut this.idle, cx).map(ScanError::Idle));
+            if let Some(e) = timeout {
+                tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
+                this.held.push(error_event(&e));
+                this.failure_kind = e.metric_kind();
+                this.failed = Some(e.into());
+            }
+        }
         if this.held.is_empty()
             && let Some(e) = this.failed.take()
         {
             if let Some(m) = this.meter.take() {
-                m.finish_stream(Some(UpstreamErrorKind::Stream));
+                m.finish_stream(Some(this.failure_kind));
             }
             return Poll::Ready(Some(Err(e)));
         }
@@ -1304,5 +1372,67 @@ mod tests {
             serde_json::from_str(last.strip_prefix("data: ").unwrap().trim_end()).unwrap();
         assert_eq!(event["error"]["code"], "upstream_event_too_large");
         assert!(body.frame().await.is_none(), "nothing after the error");
+    }
+
+    /// Drive a stream to its end; returns (bytes, error).
+    async fn drain(mut body: MeteredStream) -> (String, Option<BoxError>) {
+        use http_body_util::BodyExt;
+        let mut got = Vec::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => got.extend_from_slice(f.data_ref().unwrap()),
+                Some(Err(e)) => return (String::from_utf8(got).unwrap(), Some(e)),
+                None => return (String::from_utf8(got).unwrap(), None),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_or_endless_upstream_ends_the_stream_with_an_error_event() {
+        let ok = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        // Silent: the second event would come after an hour.
+        let silent = UpstreamBody::Mock(MockStream::new(
+            vec![ok.clone(), ok.clone()],
+            Duration::from_secs(3600),
+        ));
+        let meter = Meter::new(metrics.clone(), "idle".into());
+        let (text, err) = drain(MeteredStream::with_limits(
+            silent,
+            meter,
+            false,
+            DEFAULT_MAX_EVENT_BYTES,
+            Some(Duration::from_millis(100)),
+            None,
+        ))
+        .await;
+        assert!(err.unwrap().to_string().contains("streamIdleTimeout"));
+        assert!(
+            text.starts_with(std::str::from_utf8(&ok).unwrap()),
+            "{text}"
+        );
+        assert!(text.contains("\"code\":\"upstream_timeout\""), "{text}");
+
+        // Endless: lively, but past the total limit.
+        let lively = UpstreamBody::Mock(MockStream::new(
+            vec![ok.clone(); 10_000],
+            Duration::from_millis(5),
+        ));
+        let meter = Meter::new(metrics.clone(), "total".into());
+        let (text, err) = drain(MeteredStream::with_limits(
+            lively,
+            meter,
+            false,
+            DEFAULT_MAX_EVENT_BYTES,
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_millis(200)),
+        ))
+        .await;
+        assert!(err.unwrap().to_string().contains("streamTimeout"));
+        assert!(text.contains("upstream_timeout"), "{text}");
+        assert!(
+            text.matches("content").count() >= 1,
+            "events before the end went out"
+        );
     }
 }

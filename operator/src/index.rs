@@ -539,6 +539,8 @@ impl Index {
             max_output_tokens: s
                 .max_output_tokens
                 .map(|n| n.clamp(1, u32::MAX.into()) as u64),
+            stream_idle_timeout: s.stream_idle_timeout.clone(),
+            stream_timeout: s.stream_timeout.clone(),
             backends,
         })
     }
@@ -660,6 +662,8 @@ mod tests {
                 retries: None,
                 outlier_detection: None,
                 max_output_tokens: None,
+                stream_idle_timeout: None,
+                stream_timeout: None,
             },
         );
         r.metadata.namespace = Some(ns.into());

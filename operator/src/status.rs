@@ -351,7 +351,8 @@ pub async fn run(shared: Arc<Shared>, client: Client, reporter: Reporter, namesp
                         .inc();
                     written.insert(key.clone(), body);
                 }
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                // The object or its namespace is going away: nothing to report to.
+                Err(kube::Error::Api(s)) if s.code == 404 || terminating(&s) => {}
                 Err(e) => {
                     shared.metrics.error("status_write");
                     tracing::warn!(object = %key.id(), error = %e, "status write failed");
@@ -467,6 +468,16 @@ fn key_status(shared: &Shared, key: &ObjKey, v: &Verdict) -> Option<serde_json::
     Some(json!({"apiVersion": "modelgate.dev/v1alpha1", "kind": "ApiKey", "status": status}))
 }
 
+/// The API server refuses new content in a namespace that is being deleted.
+pub fn terminating(s: &kube::core::Status) -> bool {
+    s.code == 403
+        && s.details.as_ref().is_some_and(|d| {
+            d.causes
+                .iter()
+                .any(|c| c.reason == "NamespaceTerminating")
+        })
+}
+
 async fn event(recorder: &Recorder, shared: &Shared, key: &ObjKey, v: &Verdict) {
     let reference = {
         let index = lock(&shared.index);
@@ -487,9 +498,13 @@ async fn event(recorder: &Recorder, shared: &Shared, key: &ObjKey, v: &Verdict) 
         action: "Validate".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&ev, &reference).await {
-        shared.metrics.error("event");
-        tracing::warn!(object = %key.id(), error = %e, "could not record an Event");
+    match recorder.publish(&ev, &reference).await {
+        Ok(()) => {}
+        Err(kube::Error::Api(s)) if terminating(&s) => {}
+        Err(e) => {
+            shared.metrics.error("event");
+            tracing::warn!(object = %key.id(), error = %e, "could not record an Event");
+        }
     }
 }
 
@@ -561,6 +576,7 @@ async fn mint(shared: &Shared, client: &Client, keys: &[ObjKey]) {
                 // Minted before Secrets needed the opt-in label (an upgrade): label ours.
                 adopt_minted(shared, client, &owner, &key.namespace).await;
             }
+            Err(kube::Error::Api(s)) if terminating(&s) => {}
             Err(e) => {
                 shared.metrics.error("mint");
                 tracing::warn!(apikey = %key.id(), error = %e, "could not mint the key Secret");

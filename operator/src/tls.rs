@@ -471,6 +471,7 @@ pub async fn run(shared: Arc<Shared>, client: Client, tls: Arc<Tls>, pki: Pki) {
                 Ok(()) => {
                     published.insert(ns, bundle.to_string());
                 }
+                Err(kube::Error::Api(s)) if crate::status::terminating(&s) => {}
                 Err(e) => {
                     shared.metrics.error("ca_bundle");
                     tracing::warn!(namespace = %ns, error = %e, "cannot publish the CA bundle");

@@ -23,6 +23,8 @@
 //! | `reset_after=N` | break the connection after N streamed chunks |
 //! | `hang=1` | never answer |
 //! | `pretty=1` | stream events as indented JSON (one `data:` line per JSON line, `": "`) |
+//! | `json_stream=1` | answer a stream request with the whole JSON answer (`application/json`) |
+//! | `text=1` | answer every request 200 with a `text/plain` body |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -81,6 +83,8 @@ struct Knobs {
     reset_after: Option<u64>,
     hang: bool,
     pretty: bool,
+    json_stream: bool,
+    text: bool,
 }
 
 impl Default for Knobs {
@@ -98,6 +102,8 @@ impl Default for Knobs {
             reset_after: None,
             hang: false,
             pretty: false,
+            json_stream: false,
+            text: false,
         }
     }
 }
@@ -126,6 +132,8 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "reset_after" => k.reset_after = Some(num()),
             "hang" => k.hang = v == "1",
             "pretty" => k.pretty = v == "1",
+            "json_stream" => k.json_stream = v == "1",
+            "text" => k.text = v == "1",
             _ => {}
         }
     }
@@ -360,6 +368,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         }
         return r;
     }
+    if knobs.text {
+        let mut r = Response::new(ChunkBody::full(Bytes::from_static(
+            b"mock upstream: all good\n",
+        )));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        counters.completed.fetch_add(1, Ordering::SeqCst);
+        return r;
+    }
     let model = parsed["model"].as_str().unwrap_or("mock").to_owned();
     let usage = |completion: u64| {
         serde_json::json!({"prompt_tokens": knobs.prompt_tokens, "completion_tokens": completion,
@@ -369,7 +388,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         "/v1/chat/completions" | "/v1/completions" => {
             let chat = api == "/v1/chat/completions";
             let stream = parsed["stream"].as_bool().unwrap_or(false);
-            if !stream {
+            if !stream || knobs.json_stream {
                 let text = vec!["tok"; knobs.chunks as usize].join(" ");
                 let choice = if chat {
                     serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
@@ -489,6 +508,8 @@ mod tests {
         assert!(!k.pretty);
         let (k, _) = parse_path("/s/id=p;pretty=1/v1/chat/completions");
         assert!(k.pretty);
+        let (k, _) = parse_path("/s/id=j;json_stream=1;text=1/v1/chat/completions");
+        assert!(k.json_stream && k.text);
         let (k, api) = parse_path("/v1/embeddings");
         assert_eq!(k.id, "default");
         assert_eq!(api, "/v1/embeddings");

@@ -10,7 +10,7 @@ pub mod mock;
 pub mod openai;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -89,6 +89,24 @@ impl Failure {
         }
     }
 
+    /// How long the upstream asked the gateway to wait (`Retry-After` on a 429 or 503), as
+    /// of `now`.
+    pub fn retry_after(&self, now: SystemTime) -> Option<Duration> {
+        match self {
+            Self::Status {
+                status,
+                retry_after: Some(v),
+            } if matches!(
+                *status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            ) =>
+            {
+                retry_after(v, now)
+            }
+            _ => None,
+        }
+    }
+
     pub fn into_error(self) -> ProxyError {
         match self {
             Self::Connect(msg) => ProxyError::UpstreamConnect(msg),
@@ -153,4 +171,155 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     msg
+}
+
+/// Longest `Retry-After` taken at its word; anything longer reads as this (no route waits
+/// that long anyway, and it keeps the arithmetic far from overflow).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) as a wait from `now`: delay-seconds (a fraction is
+/// tolerated) or an HTTP-date in any of its three formats; a date in the past is no wait.
+/// `None` for anything else.
+pub fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let v = value.to_str().ok()?.trim();
+    let wait = if v.bytes().next()?.is_ascii_digit() {
+        let (whole, frac) = v.split_once('.').unwrap_or((v, ""));
+        if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // Beyond 19 digits a number only says "very long".
+        let secs = whole.parse::<u64>().unwrap_or(u64::MAX);
+        let nanos = format!("{:0<9}", &frac[..frac.len().min(9)])
+            .parse::<u32>()
+            .unwrap_or(0);
+        Duration::new(secs.min(MAX_RETRY_AFTER.as_secs()), nanos)
+    } else {
+        let at = UNIX_EPOCH + Duration::from_secs(http_date(v)?);
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// Seconds since the Unix epoch of an HTTP-date: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`),
+/// or the obsolete RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
+/// (`Sun Nov  6 08:49:37 1994`) forms recipients must still accept.
+fn http_date(s: &str) -> Option<u64> {
+    let words: Vec<&str> = s.split_ascii_whitespace().collect();
+    let (day, month, year, time) = match words.as_slice() {
+        [wd, d, m, y, t, "GMT"] if wd.ends_with(',') => (*d, *m, y.parse::<u64>().ok()?, *t),
+        [wd, dmy, t, "GMT"] if wd.ends_with(',') => {
+            let mut parts = dmy.split('-');
+            let (d, m, y) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() || y.len() != 2 {
+                return None;
+            }
+            // Two-digit years: RFC 9110 reads a year more than 50 years ahead as the past.
+            let y = y.parse::<u64>().ok()?;
+            (d, m, if y >= 70 { 1900 + y } else { 2000 + y }, *t)
+        }
+        [_, m, d, t, y] => (*d, *m, y.parse::<u64>().ok()?, *t),
+        _ => return None,
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u64 + 1;
+    let day = day.parse::<u64>().ok().filter(|d| (1..=31).contains(d))?;
+    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some() || h > 23 || m > 59 || sec > 60 || !(1970..=9999).contains(&year) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), with years from 1970 only.
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    fn wait(v: &str, now_secs: u64) -> Option<Duration> {
+        retry_after(
+            &HeaderValue::from_str(v).unwrap(),
+            UNIX_EPOCH + Duration::from_secs(now_secs),
+        )
+    }
+
+    /// 1994-11-06 08:49:37 UTC, RFC 9110's example date.
+    const EXAMPLE: u64 = 784_111_777;
+
+    #[test]
+    fn delay_seconds() {
+        assert_eq!(wait("0", 0), Some(Duration::ZERO));
+        assert_eq!(wait("7", 0), Some(Duration::from_secs(7)));
+        assert_eq!(wait(" 120 ", 0), Some(Duration::from_secs(120)));
+        assert_eq!(wait("1.5", 0), Some(Duration::from_millis(1500)));
+        // Absurd values are capped, never overflow.
+        assert_eq!(wait("99999999999999999999999", 0), Some(MAX_RETRY_AFTER));
+        assert_eq!(wait("604800", 0), Some(MAX_RETRY_AFTER));
+        for bad in ["", "-1", "1s", "1e3", "soon", "1,5", "0x10", "1.5.0"] {
+            assert_eq!(wait(bad, 0), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http_dates_in_all_three_formats() {
+        assert_eq!(http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(EXAMPLE));
+        assert_eq!(http_date("Sunday, 06-Nov-94 08:49:37 GMT"), Some(EXAMPLE));
+        assert_eq!(http_date("Sun Nov  6 08:49:37 1994"), Some(EXAMPLE));
+        assert_eq!(http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            http_date("Tue, 29 Feb 2028 12:00:00 GMT"),
+            Some(1_835_438_400)
+        );
+        for bad in [
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 06 Nov 1994 08:49 GMT",
+            "Sun, 06 Nov 1969 08:49:37 GMT",
+            "2026-01-01T00:00:00Z",
+        ] {
+            assert_eq!(http_date(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_date_is_a_wait_from_now() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        assert_eq!(wait(date, EXAMPLE - 30), Some(Duration::from_secs(30)));
+        assert_eq!(
+            wait(date, EXAMPLE + 30),
+            Some(Duration::ZERO),
+            "past: no wait"
+        );
+        assert_eq!(
+            wait("Fri, 31 Dec 9999 23:59:59 GMT", 0),
+            Some(MAX_RETRY_AFTER)
+        );
+    }
+
+    #[test]
+    fn only_429_and_503_carry_a_wait() {
+        let failure = |status: u16| Failure::Status {
+            status: StatusCode::from_u16(status).unwrap(),
+            retry_after: Some(HeaderValue::from_static("3")),
+        };
+        let now = SystemTime::now();
+        assert_eq!(failure(429).retry_after(now), Some(Duration::from_secs(3)));
+        assert_eq!(failure(503).retry_after(now), Some(Duration::from_secs(3)));
+        assert_eq!(failure(500).retry_after(now), None);
+        assert_eq!(Failure::Timeout.retry_after(now), None);
+    }
 }

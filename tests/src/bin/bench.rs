@@ -1057,6 +1057,8 @@ mod scale {
                 retries: None,
                 outlier_detection: None,
                 max_output_tokens: None,
+                stream_idle_timeout: None,
+                stream_timeout: None,
                 backends: vec![BackendSpec {
                     name: "up".into(),
                     provider: ProviderKind::OpenaiCompatible,
@@ -1150,6 +1152,8 @@ mod scale {
                     retries: None,
                     outlier_detection: None,
                     max_output_tokens: None,
+                    stream_idle_timeout: None,
+                    stream_timeout: None,
                 },
             );
             r.metadata.namespace = Some(format!("team-{}", i % 100));
