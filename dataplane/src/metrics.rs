@@ -132,6 +132,7 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub last_reload_timestamp: Gauge,
     pub operator_stream_failures: Counter,
+    pub access_log_dropped: Counter,
 }
 
 /// OpenMetrics names a counter family without `_total` in `# HELP`/`# TYPE`; the classic
@@ -290,6 +291,12 @@ impl Metrics {
             "Unix time of the last config load attempt",
             last_reload_timestamp.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the log reader could not keep up",
+            access_log_dropped.clone(),
+        );
         let operator_stream_failures = Counter::default();
         registry.register(
             "operator_stream_failures",
@@ -299,6 +306,7 @@ impl Metrics {
         Self {
             registry,
             operator_stream_failures,
+            access_log_dropped,
             requests,
             request_duration,
             ttft,
@@ -322,6 +330,10 @@ impl Metrics {
 
     /// OpenMetrics text, for scrapers that ask for it.
     pub fn encode_openmetrics(&self) -> String {
+        self.access_log_dropped.inner().store(
+            crate::accesslog::dropped_lines(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -471,11 +471,9 @@ fn key_status(shared: &Shared, key: &ObjKey, v: &Verdict) -> Option<serde_json::
 /// The API server refuses new content in a namespace that is being deleted.
 pub fn terminating(s: &kube::core::Status) -> bool {
     s.code == 403
-        && s.details.as_ref().is_some_and(|d| {
-            d.causes
-                .iter()
-                .any(|c| c.reason == "NamespaceTerminating")
-        })
+        && s.details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
 }
 
 async fn event(recorder: &Recorder, shared: &Shared, key: &ObjKey, v: &Verdict) {
