@@ -1,5 +1,5 @@
 # The few commands everyone runs. The README names the same ones.
-.PHONY: build run test test-deps lint fmt bench generate
+.PHONY: build run test test-deps lint fmt bench generate fuzz
 
 build:
 	cargo build --release --workspace --bins
@@ -27,3 +27,7 @@ fmt:
 # Proxy overhead against nginx and going direct; see docs/benchmarks.md.
 bench:
 	bash scripts/bench.sh
+
+# Each fuzz target for 10 minutes on its seeds (nightly toolchain; installs cargo-fuzz once).
+fuzz:
+	bash scripts/fuzz.sh 600

@@ -28,3 +28,5 @@ export MODELGATE_HELM="$TOOLS/bin/helm"
 export MODELGATE_KUBERNETES_VALIDATE="$ROOT/.venv/bin/kubernetes-validate"
 cargo build --workspace --bins --quiet
 cargo test --workspace
+# A short bounded fuzz pass, 30 s per target (`make fuzz` runs each for 10 minutes).
+bash scripts/fuzz.sh 30

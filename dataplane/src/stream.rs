@@ -244,6 +244,8 @@ pub struct SseScanner {
     searched: usize,
     lines: Lines,
     started: bool,
+    /// The first bytes of the stream while they may still be a split byte-order mark.
+    head: Vec<u8>,
 }
 
 /// Field state of the event being received, and the stream's settings.
@@ -287,6 +289,7 @@ impl SseScanner {
                 max_event,
             },
             started: false,
+            head: Vec::new(),
         }
     }
 
@@ -319,6 +322,17 @@ impl SseScanner {
         }
         let mut from = 0;
         if !self.started && !chunk.is_empty() {
+            // A byte-order mark may arrive split over the first reads: hold back a start
+            // that could still be one, so every way of cutting the stream reads the same.
+            if !self.head.is_empty() {
+                let mut joined = std::mem::take(&mut self.head);
+                joined.extend_from_slice(&chunk);
+                chunk = Bytes::from(joined);
+            }
+            if chunk.len() < BOM.len() && BOM.starts_with(&chunk) {
+                self.head = chunk.to_vec();
+                return Ok(());
+            }
             self.started = true;
             if chunk.starts_with(BOM) {
                 from = BOM.len();
@@ -407,6 +421,10 @@ impl SseScanner {
     /// discard it, so it is passed on as it came, never stripped; but the upstream did the
     /// work, so its data (up to the end, line ended or not) is metered.
     pub fn finish(&mut self, obs: &mut impl StreamObserver) -> Option<Bytes> {
+        if !self.head.is_empty() {
+            // The stream was nothing but the start of a byte-order mark.
+            return Some(Bytes::from(std::mem::take(&mut self.head)));
+        }
         if self.pending.is_empty() {
             return None;
         }
@@ -1258,6 +1276,28 @@ mod tests {
         let (out, t) = whole(false, stream);
         assert_eq!(out, stream);
         assert_eq!(t.output_chars, 2);
+    }
+
+    #[test]
+    fn a_byte_order_mark_split_over_the_first_reads_is_still_one() {
+        // Found by the sse fuzz target: a BOM cut into 1-byte reads hid the first event.
+        let stream = b"\xEF\xBB\xBFdata:\"content\":\" \"\n\n";
+        let (_, t) = byte_by_byte(true, stream);
+        assert_eq!(t.output_chars, 1);
+        for cut in 1..3 {
+            let (out, t, r) = run(
+                false,
+                DEFAULT_MAX_EVENT_BYTES,
+                &[&stream[..cut], &stream[cut..]],
+            );
+            r.unwrap();
+            assert_eq!(out, stream);
+            assert_eq!(t.output_chars, 1);
+        }
+        // A stream of nothing but the start of a BOM is forwarded as it came.
+        let (out, _, r) = run(false, DEFAULT_MAX_EVENT_BYTES, &[b"\xEF\xBB"]);
+        r.unwrap();
+        assert_eq!(out, b"\xEF\xBB");
     }
 
     #[test]
