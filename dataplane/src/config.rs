@@ -432,8 +432,10 @@ impl Problems {
     }
 
     fn opt_duration(&mut self, path: &str, text: &Option<String>) -> Option<Duration> {
-        let d = self.duration(path, text.as_deref()?);
-        if d.is_zero() {
+        let text = text.as_deref()?;
+        // An unreadable duration is reported once (as unreadable), not also as zero.
+        let d = self.duration(path, text);
+        if d.is_zero() && humantime::parse_duration(text).is_ok() {
             self.push(path, "must be greater than zero");
         }
         Some(d)
@@ -1046,6 +1048,11 @@ keys:
         assert!(
             all.contains("routes[0] (r1).timeout: invalid duration"),
             "{all}"
+        );
+        assert_eq!(
+            all.matches("routes[0] (r1).timeout").count(),
+            1,
+            "reported once: {all}"
         );
         assert!(all.contains("url is required"), "{all}");
         assert!(all.contains("duplicate backend name"), "{all}");
