@@ -212,17 +212,8 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Re
     let resp = tokio::time::timeout(op.idle_timeout, client.request(req))
         .await
         .map_err(|_| "no answer from the operator".to_owned())?
-        .map_err(|e| {
-            use std::error::Error;
-            // The TLS verdict is the interesting part of a failed connect.
-            let mut msg = format!("cannot connect: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            msg
-        })?;
+        // The TLS verdict, deep in the error chain, is the interesting part of a failed connect.
+        .map_err(|e| format!("cannot connect: {}", crate::providers::describe(&e)))?;
     match resp.status() {
         StatusCode::OK => {}
         s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {

@@ -238,6 +238,12 @@ impl KeyStore {
     }
 }
 
+/// Is a presented token the expected one? Constant time for equal lengths (the length of a
+/// random token is no secret).
+pub fn same_token(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len() && bool::from(presented.ct_eq(expected))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,12 +163,11 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody
 /// `/config` for loopback peers, or for a request with `Authorization: Bearer <admin
 /// token>` (compared in constant time) when one is configured.
 fn may_see_config(loopback: bool, token: Option<&str>, authorization: Option<&[u8]>) -> bool {
-    use subtle::ConstantTimeEq;
     loopback
         || token.is_some_and(|token| {
             authorization
                 .and_then(|v| v.strip_prefix(b"Bearer "))
-                .is_some_and(|p| p.len() == token.len() && bool::from(p.ct_eq(token.as_bytes())))
+                .is_some_and(|p| crate::keys::same_token(p, token.as_bytes()))
         })
 }
 

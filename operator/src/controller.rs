@@ -317,8 +317,14 @@ impl Shared {
     /// Compile now and publish if the version changed. Returns the version in force.
     pub fn compile_and_publish(&self) -> Option<String> {
         let started = Instant::now();
-        let ctx = {
+        // Compile a copy: watchers keep applying events meanwhile, never waiting on a compile,
+        // and the context is computed from the same copy the compile reads.
+        let index = {
             let index = lock(&self.index);
+            self.metrics.cached_secrets.set(index.secret_count() as i64);
+            index.clone()
+        };
+        let ctx = {
             let now = unix_now();
             let book = lock(&self.book);
             Context {
@@ -326,21 +332,9 @@ impl Shared {
                 exhausted: index
                     .keys()
                     .filter(|k| usage::exhausted(k, now) || book.exhausted(k, now))
-                    .map(|k| {
-                        format!(
-                            "{}/{}",
-                            k.metadata.namespace.clone().unwrap_or_default(),
-                            k.metadata.name.clone().unwrap_or_default()
-                        )
-                    })
+                    .map(usage::key_id)
                     .collect(),
             }
-        };
-        // Compile a copy: watchers keep applying events meanwhile, never waiting on a compile.
-        let index = {
-            let index = lock(&self.index);
-            self.metrics.cached_secrets.set(index.secret_count() as i64);
-            index.clone()
         };
         let compiled = index.compile(&ctx);
         self.metrics.compiles.inc();

@@ -514,13 +514,7 @@ async fn forward<T: serde::Serialize>(
     path: &str,
     body: &T,
 ) -> anyhow::Result<Bytes> {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls.client_config()).clone())
-        .https_only()
-        .enable_http1()
-        .build();
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build::<_, Full<Bytes>>(https);
+    let client = tls.replica_client();
     let req = Request::post(format!("{}{path}", url.trim_end_matches('/')))
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;

@@ -244,10 +244,27 @@ pub fn roots(bundle: &str) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// An HTTPS client that presents this replica's client certificate.
+pub type ReplicaClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+fn replica_client(config: rustls::ClientConfig) -> ReplicaClient {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
 /// The configs in force, swapped whole when the CA changes or leaves are renewed.
 pub struct Tls {
     server: ArcSwap<rustls::ServerConfig>,
-    client: ArcSwap<rustls::ClientConfig>,
+    /// The client for calls to other replicas (its client certificate), kept across calls
+    /// so connections are reused until the certificates change.
+    client: ArcSwap<ReplicaClient>,
     bundle: ArcSwap<String>,
     /// The CA content the configs were built from, and when.
     built: std::sync::Mutex<(CaSecret, std::time::Instant)>,
@@ -287,7 +304,7 @@ impl Tls {
         let (server, client) = configs(&ca, &sans)?;
         Ok(Self {
             server: ArcSwap::from_pointee(server),
-            client: ArcSwap::from_pointee(client),
+            client: ArcSwap::from_pointee(replica_client(client)),
             bundle: ArcSwap::from_pointee(ca.bundle()),
             built: std::sync::Mutex::new((ca, std::time::Instant::now())),
             sans,
@@ -298,7 +315,7 @@ impl Tls {
         self.server.load_full()
     }
 
-    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+    pub fn replica_client(&self) -> Arc<ReplicaClient> {
         self.client.load_full()
     }
 
@@ -316,7 +333,7 @@ impl Tls {
         }
         let (server, client) = configs(ca, &self.sans)?;
         self.server.store(Arc::new(server));
-        self.client.store(Arc::new(client));
+        self.client.store(Arc::new(replica_client(client)));
         self.bundle.store(Arc::new(ca.bundle()));
         *built = (ca.clone(), std::time::Instant::now());
         Ok(true)

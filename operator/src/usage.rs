@@ -62,7 +62,12 @@ pub fn from_status(key: &ApiKey, now: u64) -> Option<KeyUsage> {
 
 /// True when the usage in the key's status has reached its budget.
 pub fn exhausted(key: &ApiKey, now: u64) -> bool {
-    let (Some(budget), Some(u)) = (key.spec.budget.as_ref(), from_status(key, now)) else {
+    used_up(key, from_status(key, now))
+}
+
+/// Has `spent` (in the key's current period) reached the key's budget?
+fn used_up(key: &ApiKey, spent: Option<KeyUsage>) -> bool {
+    let (Some(budget), Some(u)) = (key.spec.budget.as_ref(), spent) else {
         return false;
     };
     budget.tokens.is_some_and(|t| u.tokens as i64 >= t) || budget.usd.is_some_and(|d| u.usd >= d)
@@ -222,11 +227,7 @@ impl Book {
 
     /// True when this book (the leader's) says the key used up its budget.
     pub fn exhausted(&self, key: &ApiKey, now: u64) -> bool {
-        let (Some(budget), Some(u)) = (key.spec.budget.as_ref(), self.current(key, now)) else {
-            return false;
-        };
-        budget.tokens.is_some_and(|t| u.tokens as i64 >= t)
-            || budget.usd.is_some_and(|d| u.usd >= d)
+        used_up(key, self.current(key, now))
     }
 
     /// The persisted form: ConfigMap data, one entry per key (`namespace_name`: `_` never
@@ -258,7 +259,8 @@ impl Book {
     }
 }
 
-fn key_id(key: &ApiKey) -> String {
+/// `namespace/name`: how usage reports and the book name a key.
+pub fn key_id(key: &ApiKey) -> String {
     format!(
         "{}/{}",
         key.metadata.namespace.as_deref().unwrap_or_default(),

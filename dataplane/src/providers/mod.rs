@@ -162,7 +162,7 @@ pub async fn attempt(
 }
 
 /// The error chain as one line (hyper's top-level message alone says little).
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
