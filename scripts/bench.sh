@@ -4,6 +4,7 @@
 # crates.io as the load generator), builds in release, and runs everything on 127.0.0.1:
 # the mock upstream, nginx, and modelgate-dataplane, each stopped at the end.
 #   BENCH_ARGS=--quick make bench     one short repetition per point (a smoke run)
+#   BENCH_ARGS="--only c1,slow" make bench   some sections only (see tests/src/bin/bench.rs)
 #   BENCH_SOAK=SECS make bench        length of the memory-over-time run (600; 0 skips it)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,5 +33,10 @@ if [ "${BENCH_PEERS:-}" = 1 ]; then
   set -- --peers "$@"
 fi
 command -v taskset >/dev/null || { echo "bench needs taskset (util-linux)"; exit 1; }
+# The `slow` section holds 1,000 client connections per proxy and as many to the upstream;
+# the servers the bench starts inherit this limit.
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 65536 ]; then
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
 cargo build --release -p modelgate-dataplane -p modelgate-tests --bins
 exec ./target/release/bench ${BENCH_ARGS:-} "$@"

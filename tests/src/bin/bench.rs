@@ -3,9 +3,11 @@
 //! beside the baselines measured in the same run, as a ratio; runs are interleaved
 //! (direct, nginx, modelgate, repeated) and the median is reported.
 //!
-//! Usage: bench [--quick] [--only WORKLOAD|latency] [--scale-only] [--swap-only] [--soak SECS]
-//!              [--peers] [--peers-only]      (`make bench` builds in release and runs this)
-//! SCALE_CPUS=0,1 gives the proxy of the config-scale section both cores (default: core 1).
+//! Usage: bench [--quick] [--only SECTION[,SECTION...]] [--scale-only] [--swap-only]
+//!              [--soak SECS] [--peers] [--peers-only]   (`make bench` builds and runs this)
+//! Sections for `--only`: the workloads small, large, stream, embeddings; `latency` (fixed
+//! rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms, at
+//! 1,000 connections). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
 //! on core 1; the load generator and the mock upstream on core 0.
@@ -20,6 +22,15 @@ use serde_json::json;
 
 const KEY: &str = "sk-bench-0123456789abcdef";
 
+/// The sections that share the throughput and fixed-rate report.
+const MAIN_SECTIONS: [&str; 5] = ["small", "large", "stream", "embeddings", "latency"];
+/// The `slow` section: what the mock upstream adds to every request, and the connections.
+const SLOW_MS: u64 = 20;
+const SLOW_CONNS: u32 = 1000;
+/// A throughput ratio counts only when going direct is at least this much faster than the
+/// fastest proxy: otherwise the load generator or the upstream, not the proxy, set the pace.
+const HEADROOM: f64 = 1.5;
+
 /// `--peers-only`: the modelgate small-body runs and the peer, nothing else.
 fn peers_only() -> bool {
     std::env::args().any(|a| a == "--peers-only")
@@ -32,8 +43,8 @@ fn main() {
         || args.iter().any(|a| a == "--peers")
         || std::env::var("BENCH_PEERS").is_ok_and(|v| v == "1");
     let mut b = Bench::new(quick);
-    // `--only NAME`: one workload (small, large, stream, embeddings) or `latency` (the fixed
-    // rates), with 1 key, for quick before/after checks; no scale section.
+    // `--only NAMES`: some sections (comma-separated), with 1 key, for quick before/after
+    // checks; no scale or memory-over-time section.
     b.only = args
         .iter()
         .position(|a| a == "--only")
@@ -64,10 +75,12 @@ fn bench_config(keys_extra: usize, limits: bool) -> String {
     let hash = modelgate_tests::harness::sha256_hex(KEY);
     let mut s =
         String::from("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
+    let slow = format!("s/latency={SLOW_MS}/");
     for (model, knobs) in [
         ("bench", ""),
         ("bench-stream", "s/chunks=100/"),
         ("bench-embed", ""),
+        ("bench-slow", slow.as_str()),
     ] {
         s.push_str(&format!(
             "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://127.0.0.1:18000/{knobs}v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
@@ -191,6 +204,48 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// The median of each figure over repeated runs; counts are summed.
+fn median_run(runs: &[Run]) -> Run {
+    let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    Run {
+        rps: m(|r| r.rps),
+        p50_ms: m(|r| r.p50_ms),
+        p99_ms: m(|r| r.p99_ms),
+        p999_ms: m(|r| r.p999_ms),
+        ok: runs.iter().map(|r| r.ok).sum(),
+        errors: runs.iter().map(|r| r.errors).sum(),
+        cpu_us_per_req: m(|r| r.cpu_us_per_req),
+    }
+}
+
+/// The soft limit on open files of this process (the servers it starts inherit it).
+fn open_files_limit() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = s.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// What one oha run sends: over how many connections, until when, at what rate (None:
+/// closed loop).
+struct Load<'a> {
+    conns: u32,
+    until: Until<'a>,
+    rate: Option<u32>,
+}
+
+enum Until<'a> {
+    /// `-z`: a fixed time, e.g. "6s".
+    Time(&'a str),
+    /// `-n`: a fixed number of requests.
+    Requests(u64),
+}
+
+/// The small chat body of the throughput, fixed-rate, `c1` and `slow` sections.
+fn small_body(model: &str) -> String {
+    json!({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark of gateways and proxies."}]}).to_string()
+}
+
+#[derive(Clone)]
 struct Workload {
     name: &'static str,
     path: &'static str,
@@ -230,12 +285,17 @@ impl Bench {
         Proc::own(child)
     }
 
+    /// nginx with one worker. Its idle upstream connections (`keepalive 1024`) match
+    /// modelgate's pool (`pool_max_idle_per_host(1024)`): with fewer, the `slow` section's
+    /// 1,000 connections would open and close an upstream connection on most requests. The
+    /// listen backlog is tokio's (modelgate and the mock upstream): 1024.
     fn nginx(&self) -> Proc {
         let conf = self.dir.join("nginx.conf");
         std::fs::write(
             &conf,
             format!(
                 r#"worker_processes 1;
+worker_rlimit_nofile 8192;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
@@ -244,9 +304,9 @@ http {{
   access_log off;
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
-  upstream up {{ server 127.0.0.1:18000; keepalive 256; }}
+  upstream up {{ server 127.0.0.1:18000; keepalive 1024; }}
   server {{
-    listen 127.0.0.1:18002;
+    listen 127.0.0.1:18002 backlog=1024;
     client_max_body_size 16m;
     client_body_buffer_size 1m;
     location / {{
@@ -317,29 +377,40 @@ http {{
         rate: Option<u32>,
         proc_: Option<&Proc>,
     ) -> Run {
+        let load = Load {
+            conns: self.conns,
+            until: Until::Time(&self.duration),
+            rate,
+        };
+        self.oha_load(key, url, w, &load, proc_)
+    }
+
+    fn oha_load(
+        &self,
+        key: &str,
+        url: &str,
+        w: &Workload,
+        load: &Load,
+        proc_: Option<&Proc>,
+    ) -> Run {
         let body_file = self.dir.join(format!("body-{}.json", w.name));
         std::fs::write(&body_file, &w.body).unwrap();
         let mut cmd = Command::new("taskset");
-        cmd.args([
-            "-c",
-            "0",
-            &self.oha,
-            "--no-tui",
-            "--output-format",
-            "json",
-            "-z",
-            &self.duration,
-        ])
-        .args(["-c", &self.conns.to_string(), "-m", "POST"])
-        .args([
-            "-H",
-            "content-type: application/json",
-            "-H",
-            &format!("authorization: Bearer {key}"),
-        ])
-        .arg("-D")
-        .arg(&body_file);
-        if let Some(q) = rate {
+        cmd.args(["-c", "0", &self.oha, "--no-tui", "--output-format", "json"]);
+        match load.until {
+            Until::Time(t) => cmd.args(["-z", t]),
+            Until::Requests(n) => cmd.args(["-n", &n.to_string()]),
+        };
+        cmd.args(["-c", &load.conns.to_string(), "-m", "POST"])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                &format!("authorization: Bearer {key}"),
+            ])
+            .arg("-D")
+            .arg(&body_file);
+        if let Some(q) = load.rate {
             cmd.args(["-q", &q.to_string(), "--latency-correction"]);
         }
         cmd.arg(url);
@@ -419,8 +490,55 @@ http {{
             .output();
     }
 
+    /// `--only`: is this section one of those named (all are when none is)?
+    fn selected(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.split(',').any(|s| s.trim() == section))
+    }
+
     fn run(&self, peers: bool) {
         let _up = self.upstream();
+        println!(
+            "# modelgate benchmark ({} reps × {} per point, {} connections)\n",
+            self.reps, self.duration, self.conns
+        );
+        let small = Workload {
+            name: "small",
+            path: "/v1/chat/completions",
+            body: small_body("bench"),
+            knobs: "",
+        };
+        let mut modelgate_small = None;
+        if peers_only() || MAIN_SECTIONS.iter().any(|s| self.selected(s)) {
+            modelgate_small = self.saturation_and_rates(&small);
+        }
+        if !peers_only() && self.selected("c1") {
+            self.concurrency_one(&small);
+        }
+        if !peers_only() && self.selected("slow") {
+            self.slow_upstream();
+        }
+        if !peers_only() && self.only.is_none() {
+            self.scale();
+            // Memory over time (BENCH_SOAK=SECS, 0 to skip; 600 by default, 60 with --quick).
+            let default = if self.reps == 1 { 60 } else { 600 };
+            let secs = std::env::var("BENCH_SOAK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default);
+            if secs > 0 {
+                self.soak(secs);
+            }
+        }
+        if peers {
+            self.litellm(&small, modelgate_small.as_ref());
+        }
+    }
+
+    /// Throughput at saturation per workload and profile, latency at fixed rates, memory;
+    /// returns the small-body modelgate runs (the peer comparison's reference).
+    fn saturation_and_rates(&self, small: &Workload) -> Option<Vec<Run>> {
         let nginx = self.nginx();
         self.warmup(
             "http://127.0.0.1:18002/v1/chat/completions",
@@ -432,18 +550,12 @@ http {{
                 knobs: "",
             },
         );
-        let small = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark of gateways and proxies."}]}).to_string();
         let large_text: String = "Context passage about the sea and its tides. ".repeat(2300);
         let large = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "system", "content": "Answer from the context."}, {"role": "user", "content": large_text}]}).to_string();
         let stream = json!({"model": "bench-stream", "stream": true, "max_tokens": 128, "messages": [{"role": "user", "content": "Stream a long answer about the sea for a gateway benchmark run."}]}).to_string();
         let embed = json!({"model": "bench-embed", "input": ["The sea is large.", "Tides follow the moon."]}).to_string();
         let workloads = [
-            Workload {
-                name: "small",
-                path: "/v1/chat/completions",
-                body: small.clone(),
-                knobs: "",
-            },
+            small.clone(),
             Workload {
                 name: "large",
                 path: "/v1/chat/completions",
@@ -464,12 +576,8 @@ http {{
             },
         ];
         println!(
-            "# modelgate benchmark ({} reps × {} per point, {} connections)\n",
-            self.reps, self.duration, self.conns
-        );
-        println!(
             "body sizes: small {} B, large {} B\n",
-            small.len(),
+            small.body.len(),
             workloads[1].body.len()
         );
 
@@ -491,7 +599,7 @@ http {{
                 if (profile != "1 key" || peers_only()) && w.name != "small" {
                     continue;
                 }
-                if self.only.as_ref().is_some_and(|o| o != w.name) {
+                if !self.selected(w.name) {
                     continue;
                 }
                 for _ in 0..self.reps {
@@ -523,10 +631,7 @@ http {{
                 }
             }
             // Fixed rates, small body: latency added over going direct.
-            if profile == "1 key"
-                && !peers_only()
-                && self.only.as_ref().is_none_or(|o| o == "latency")
-            {
+            if profile == "1 key" && !peers_only() && self.selected("latency") {
                 let w = &workloads[0];
                 for rate in [500u32, 1000, 5000] {
                     for _ in 0..self.reps {
@@ -564,25 +669,191 @@ http {{
             rss.insert(profile.into(), mg.rss_kib());
         }
         self.report(&results, &rss);
-        drop(nginx);
-        if !peers_only() && self.only.is_none() {
-            self.scale();
-            // Memory over time (BENCH_SOAK=SECS, 0 to skip; 600 by default, 60 with --quick).
-            let default = if self.reps == 1 { 60 } else { 600 };
-            let secs = std::env::var("BENCH_SOAK")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default);
-            if secs > 0 {
-                self.soak(secs);
+        results.remove(&("small [1 key]".to_owned(), "modelgate".to_owned()))
+    }
+
+    /// `c1`: one connection, one request at a time, a fixed number of requests (closed
+    /// loop): what a proxy adds to a request when nothing queues, as public gateway
+    /// comparisons report it (p50 / p99 added over going direct). Runs interleave; medians.
+    fn concurrency_one(&self, w: &Workload) {
+        let requests: u64 = if self.reps == 1 { 2_000 } else { 20_000 };
+        let nginx = self.nginx();
+        let mg = self.modelgate(&bench_config(0, false), "c1");
+        let targets = [
+            ("direct", "http://127.0.0.1:18000/v1/chat/completions", None),
+            (
+                "nginx",
+                "http://127.0.0.1:18002/v1/chat/completions",
+                Some(&nginx),
+            ),
+            (
+                "modelgate",
+                "http://127.0.0.1:18001/v1/chat/completions",
+                Some(&mg),
+            ),
+        ];
+        let one = |n| Load {
+            conns: 1,
+            until: Until::Requests(n),
+            rate: None,
+        };
+        for (_, url, _) in targets {
+            // Warm up: connections, allocator, caches.
+            self.oha_load(KEY, url, w, &one(500), None);
+        }
+        let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+        for _ in 0..self.reps {
+            for (name, url, p) in targets {
+                let run = self.oha_load(KEY, url, w, &one(requests), p);
+                runs.entry(name).or_default().push(run);
             }
         }
-        if peers {
-            self.litellm(
-                &workloads[0],
-                results.get(&("small [1 key]".to_owned(), "modelgate".to_owned())),
+        let med = |name: &str| median_run(&runs[name]);
+        let direct = med("direct");
+        println!(
+            "\n## Added latency at concurrency 1 ({} body, closed loop, 1 connection, {requests} requests × {} reps)\n",
+            w.name, self.reps
+        );
+        println!("| target | p50 ms | p99 ms | added p50 | added p99 | req/s | errors |");
+        println!("|---|---|---|---|---|---|---|");
+        for name in ["direct", "nginx", "modelgate"] {
+            let r = med(name);
+            let added = |ms: f64| {
+                if name == "direct" {
+                    "—".to_owned()
+                } else {
+                    format!("{:.0} µs", ms * 1e3)
+                }
+            };
+            println!(
+                "| {name} | {:.3} | {:.3} | {} | {} | {:.0} | {} |",
+                r.p50_ms,
+                r.p99_ms,
+                added(r.p50_ms - direct.p50_ms),
+                added(r.p99_ms - direct.p99_ms),
+                r.rps,
+                r.errors
             );
         }
+    }
+
+    /// `slow`: sustained throughput against an upstream that adds `SLOW_MS` to every
+    /// request, at `SLOW_CONNS` connections (closed loop, fixed time). The ceiling is
+    /// connections / latency. A ratio between the proxies counts only when going direct is
+    /// at least `HEADROOM` × the fastest proxy in the same run; otherwise the point is
+    /// printed INVALID: the load generator or the upstream set the pace, not the proxy.
+    fn slow_upstream(&self) {
+        let conns = SLOW_CONNS;
+        println!(
+            "\n## Sustained throughput behind a slow upstream (+{SLOW_MS} ms per request, {conns} connections, closed loop)\n"
+        );
+        // The upstream holds oha's connections and both proxies' idle pools at once.
+        let need = 4 * u64::from(conns);
+        match open_files_limit() {
+            Some(limit) if limit >= need => {}
+            limit => {
+                println!(
+                    "SKIPPED: the open-file limit is {} and this section needs {need}: `ulimit -n 65536` first (scripts/bench.sh raises it)",
+                    limit.map_or("unknown".to_owned(), |l| l.to_string())
+                );
+                return;
+            }
+        }
+        let w = Workload {
+            name: "slow",
+            path: "/v1/chat/completions",
+            body: small_body("bench-slow"),
+            knobs: "",
+        };
+        let knobs = format!("s/latency={SLOW_MS}/");
+        let direct_url = format!("http://127.0.0.1:18000/{knobs}v1/chat/completions");
+        let nginx_url = format!("http://127.0.0.1:18002/{knobs}v1/chat/completions");
+        let nginx = self.nginx();
+        let mg = self.modelgate(&bench_config(0, false), "slow");
+        let targets = [
+            ("direct", direct_url.as_str(), None),
+            ("nginx", nginx_url.as_str(), Some(&nginx)),
+            (
+                "modelgate",
+                "http://127.0.0.1:18001/v1/chat/completions",
+                Some(&mg),
+            ),
+        ];
+        let secs = if self.reps == 1 { "3s" } else { "10s" };
+        let load = |t| Load {
+            conns,
+            until: Until::Time(t),
+            rate: None,
+        };
+        for (_, url, _) in targets {
+            // Warm up: opens the proxies' upstream connections (nginx's keepalive cache,
+            // modelgate's pool), so the runs measure serving, not connecting.
+            self.oha_load(KEY, url, &w, &load("2s"), None);
+        }
+        let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+        for _ in 0..self.reps {
+            for (name, url, p) in targets {
+                let run = self.oha_load(KEY, url, &w, &load(secs), p);
+                runs.entry(name).or_default().push(run);
+            }
+        }
+        let med = |name: &str| median_run(&runs[name]);
+        let (d, n, m) = (med("direct"), med("nginx"), med("modelgate"));
+        let ceiling = f64::from(conns) / (SLOW_MS as f64 / 1e3);
+        let (fastest_name, fastest) = if n.rps >= m.rps {
+            ("nginx", n.rps)
+        } else {
+            ("modelgate", m.rps)
+        };
+        let headroom = d.rps / fastest.max(1.0);
+        let valid = headroom >= HEADROOM;
+        println!(
+            "{secs} × {} reps per target; ceiling {conns} connections / {SLOW_MS} ms = {ceiling:.0} req/s\n",
+            self.reps
+        );
+        println!(
+            "| point | direct req/s | nginx req/s | modelgate req/s | modelgate/nginx | direct / fastest proxy | errors (direct / nginx / modelgate) | valid |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        let verdict = if valid {
+            "yes".to_owned()
+        } else {
+            format!("INVALID: direct < {HEADROOM} × {fastest_name}")
+        };
+        println!(
+            "| +{SLOW_MS} ms, {conns} connections | {:.0} | {:.0} | {:.0} | {:.2} | {headroom:.2} | {} / {} / {} | {verdict} |",
+            d.rps,
+            n.rps,
+            m.rps,
+            m.rps / n.rps.max(1.0),
+            d.errors,
+            n.errors,
+            m.errors
+        );
+        println!();
+        println!(
+            "| target | req/s | share of the {ceiling:.0} req/s ceiling | p50 ms | p99 ms | CPU µs/req |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (name, r) in [("direct", &d), ("nginx", &n), ("modelgate", &m)] {
+            let cpu = if name == "direct" {
+                "—".to_owned()
+            } else {
+                format!("{:.1}", r.cpu_us_per_req)
+            };
+            println!(
+                "| {name} | {:.0} | {:.0}% | {:.2} | {:.2} | {cpu} |",
+                r.rps,
+                r.rps / ceiling * 100.0,
+                r.p50_ms,
+                r.p99_ms
+            );
+        }
+        println!(
+            "\n- {} headroom: going direct reached {:.0} req/s, {headroom:.2} × the fastest proxy ({fastest_name}, {fastest:.0} req/s); a ratio counts from {HEADROOM} ×",
+            if valid { "PASS" } else { "INVALID" },
+            d.rps
+        );
     }
 
     /// `--soak SECS` (default 600): steady mixed traffic at fixed rates with 100k keys and a
@@ -907,15 +1178,7 @@ http {{
     ) {
         let med = |name: &str, target: &str| -> Option<Run> {
             let runs = results.get(&(name.to_owned(), target.to_owned()))?;
-            Some(Run {
-                rps: median(runs.iter().map(|r| r.rps).collect()),
-                p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
-                p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
-                p999_ms: median(runs.iter().map(|r| r.p999_ms).collect()),
-                ok: runs.iter().map(|r| r.ok).sum(),
-                errors: runs.iter().map(|r| r.errors).sum(),
-                cpu_us_per_req: median(runs.iter().map(|r| r.cpu_us_per_req).collect()),
-            })
+            Some(median_run(runs))
         };
         println!(
             "## Throughput at saturation (closed loop, {} connections)\n",
