@@ -298,6 +298,21 @@ impl Proxy {
         r.text()
     }
 
+    /// One metric (the sum of its series whose labels include `labels`), scraped now.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.metrics().await, name, labels)
+    }
+
+    /// The request most tests send: a non-streaming chat completion for `model` with `key`.
+    pub async fn chat(&self, key: &str, model: &str) -> Reply {
+        post(
+            &self.url("/v1/chat/completions"),
+            Some(key),
+            &chat(model, false),
+        )
+        .await
+    }
+
     /// The snapshot version `/config` reports.
     pub async fn version(&self) -> Option<String> {
         let r = get(&self.admin_url("/config"), None).await;

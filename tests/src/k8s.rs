@@ -330,6 +330,11 @@ impl Operator {
             .text()
     }
 
+    /// One metric (the sum of its series whose labels include `labels`), scraped now.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        crate::harness::metric(&self.metrics().await, name, labels)
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -887,13 +887,14 @@ async fn gitops_double_server_side_apply_changes_nothing() {
         &sa_token(&ns.0, "gitops-modelgate-proxy"),
         "gitops-proxy",
     );
+    // Settled: every route and key is Programmed, the last status the operator writes for
+    // them (a minted key's Secret comes before it).
     eventually(Duration::from_secs(30), "examples programmed", || async {
-        condition(&ns.0, "modelroute/chat", "Programmed") == "True"
-            && condition(&ns.0, "apikey/team-b", "Programmed") == "True"
+        ["modelroute/chat", "apikey/team-a", "apikey/team-b"]
+            .iter()
+            .all(|o| condition(&ns.0, o, "Programmed") == "True")
     })
     .await;
-    // Let status settle, then look for churn.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let versions = || {
         kubectl_ok(
             &[
@@ -910,7 +911,22 @@ async fn gitops_double_server_side_apply_changes_nothing() {
     let before = versions();
     let second = apply(&manifests);
     assert!(!second.contains("configured"), "{second}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // That nothing changes is only worth checking after the operator has had its chance: look
+    // again once it has handled an event that came after the second apply (a route in another
+    // namespace, accepted). The status pass that wrote that route weighed every other object too.
+    let elsewhere = Namespace::new("chart-gitops-marker");
+    kubectl_ok(
+        &["apply", "-n", &elsewhere.0, "-f", "-"],
+        Some(
+            "apiVersion: modelgate.dev/v1alpha1\nkind: ModelRoute\nmetadata: {name: marker}\nspec: {model: gitops-marker, backends: [{name: m, provider: mock}]}\n",
+        ),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the operator handled an event after the second apply",
+        || async { condition(&elsewhere.0, "modelroute/marker", "Accepted") == "True" },
+    )
+    .await;
     let after = versions();
     assert_eq!(
         before, after,

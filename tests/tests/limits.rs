@@ -20,6 +20,11 @@ routes:
     retries: {{attempts: 0}}
     backends:
       - {{name: up, provider: openai-compatible, url: "{url}"}}
+  - name: stuck
+    model: stuck
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{hang}"}}
 keys:
   - name: tpm
     sha256: {tpm}
@@ -33,6 +38,7 @@ keys:
 "#,
         // Each answer reports 10 prompt + 90 completion tokens = 100, after 300 ms.
         url = up.url("id=up;latency=300;chunks=90;prompt_tokens=10"),
+        hang = up.url("id=stuck;hang=1"),
         tpm = sha256_hex(TPM),
         conc = sha256_hex(CONC),
         budget = sha256_hex(BUDGET),
@@ -104,21 +110,39 @@ async fn concurrent_requests_never_overshoot_a_token_limit() {
 async fn max_concurrent_and_budgets_hold() {
     let up = MockUpstream::start();
     let p = Proxy::start(&config(&up));
-    let replies = burst(&p, CONC, 6).await;
-    let ok = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::OK)
-        .count();
-    assert_eq!(ok, 2, "maxConcurrent: 2");
-    // Slots come back when requests finish.
-    assert_eq!(
-        post(&p.url("/v1/chat/completions"), Some(CONC), &body())
-            .await
-            .status,
-        StatusCode::OK
-    );
-
     let url = p.url("/v1/chat/completions");
+    // Six calls at once to an upstream that never answers: an admitted call holds its slot
+    // until it is dropped, so the count cannot depend on how quickly the machine runs them.
+    let mut held = body();
+    held["model"] = json!("stuck");
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, held) = (url.clone(), held.clone());
+            tokio::spawn(async move { post(&url, Some(CONC), &held).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "every call refused or at the upstream",
+        || async {
+            calls.iter().filter(|c| c.is_finished()).count() as u64 + up.hits("stuck") == 6
+        },
+    )
+    .await;
+    assert_eq!(up.hits("stuck"), 2, "maxConcurrent: 2");
+    let (refused, admitted): (Vec<_>, Vec<_>) = calls.into_iter().partition(|c| c.is_finished());
+    for c in refused {
+        assert_eq!(c.await.unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+    }
+    // Slots come back when calls end (here: their clients leave).
+    for c in admitted {
+        c.abort();
+    }
+    eventually(Duration::from_secs(10), "the slots came back", || async {
+        post(&url, Some(CONC), &body()).await.status == StatusCode::OK
+    })
+    .await;
+
     assert_eq!(
         post(&url, Some(BUDGET), &body()).await.status,
         StatusCode::OK

@@ -215,32 +215,16 @@ async fn a_sidecar_receives_only_its_own_namespace_and_strangers_nothing() {
         get(&sidecar.admin_url("/readyz"), None).await.status == StatusCode::OK
     })
     .await;
-    let r = post(
-        &sidecar.url("/v1/chat/completions"),
-        Some(&raw_a),
-        &chat("private-model", false),
-    )
-    .await;
+    let r = sidecar.chat(&raw_a, "private-model").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(
-        post(
-            &sidecar.url("/v1/chat/completions"),
-            Some(&raw_b),
-            &chat("private-model", false)
-        )
-        .await
-        .status,
+        sidecar.chat(&raw_b, "private-model").await.status,
         StatusCode::UNAUTHORIZED,
         "b's key does not exist for a's sidecar"
     );
     // The gateway serves both.
     for raw in [&raw_a, &raw_b] {
-        let r = post(
-            &gateway.url("/v1/chat/completions"),
-            Some(raw),
-            &chat("private-model", false),
-        )
-        .await;
+        let r = gateway.chat(raw, "private-model").await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
 
@@ -333,26 +317,11 @@ async fn a_sidecar_receives_only_its_own_namespace_and_strangers_nothing() {
     eventually(
         Duration::from_secs(20),
         "the sidecar loses a's key",
-        || async {
-            post(
-                &sidecar.url("/v1/chat/completions"),
-                Some(&raw_a),
-                &chat("private-model", false),
-            )
-            .await
-            .status
-                == StatusCode::UNAUTHORIZED
-        },
+        || async { sidecar.chat(&raw_a, "private-model").await.status == StatusCode::UNAUTHORIZED },
     )
     .await;
     assert_eq!(
-        post(
-            &gateway.url("/v1/chat/completions"),
-            Some(&raw_a),
-            &chat("private-model", false)
-        )
-        .await
-        .status,
+        gateway.chat(&raw_a, "private-model").await.status,
         StatusCode::OK
     );
 
@@ -409,11 +378,10 @@ async fn a_proxy_that_cannot_verify_the_operator_refuses_it_and_keeps_serving() 
         Duration::from_secs(20),
         "the stranger refuses the operator",
         || async {
-            metric(
-                &stranger.metrics().await,
-                "modelgate_operator_stream_failures_total",
-                &[],
-            ) >= 2.0
+            stranger
+                .metric("modelgate_operator_stream_failures_total", &[])
+                .await
+                >= 2.0
         },
     )
     .await;
@@ -435,11 +403,9 @@ async fn a_proxy_that_cannot_verify_the_operator_refuses_it_and_keeps_serving() 
     // tests' namespaces coming and going may still have changed it until now).
     let version = proxy.version().await.unwrap();
     std::fs::copy(other.ca_file(), &ca).unwrap();
-    let failures = metric(
-        &proxy.metrics().await,
-        "modelgate_operator_stream_failures_total",
-        &[],
-    );
+    let failures = proxy
+        .metric("modelgate_operator_stream_failures_total", &[])
+        .await;
     let _op2 = Operator::start_on(&ns.0, "op", &addr);
     kubectl_ok(
         &[
@@ -458,11 +424,10 @@ async fn a_proxy_that_cannot_verify_the_operator_refuses_it_and_keeps_serving() 
         Duration::from_secs(20),
         "the proxy refuses the unverifiable operator",
         || async {
-            metric(
-                &proxy.metrics().await,
-                "modelgate_operator_stream_failures_total",
-                &[],
-            ) >= failures + 2.0
+            proxy
+                .metric("modelgate_operator_stream_failures_total", &[])
+                .await
+                >= failures + 2.0
         },
     )
     .await;
@@ -471,12 +436,7 @@ async fn a_proxy_that_cannot_verify_the_operator_refuses_it_and_keeps_serving() 
         version,
         "no snapshot from an unverified peer"
     );
-    let r = post(
-        &proxy.url("/v1/chat/completions"),
-        Some(&raw),
-        &chat("private-model", false),
-    )
-    .await;
+    let r = proxy.chat(&raw, "private-model").await;
     assert_eq!(r.status, StatusCode::OK, "still serving: {}", r.text());
     assert_eq!(
         get(&proxy.admin_url("/readyz"), None).await.status,
@@ -562,11 +522,9 @@ async fn ca_rotation_keeps_every_stream_and_new_connections_verify() {
     })
     .await;
     assert_eq!(
-        metric(
-            &proxy.metrics().await,
-            "modelgate_operator_stream_failures_total",
-            &[]
-        ),
+        proxy
+            .metric("modelgate_operator_stream_failures_total", &[])
+            .await,
         0.0,
         "the stream never broke"
     );
@@ -586,12 +544,7 @@ async fn ca_rotation_keeps_every_stream_and_new_connections_verify() {
         get(&fresh.admin_url("/readyz"), None).await.status == StatusCode::OK
     })
     .await;
-    let r = post(
-        &fresh.url("/v1/chat/completions"),
-        Some(&raw),
-        &chat("private-model", false),
-    )
-    .await;
+    let r = fresh.chat(&raw, "private-model").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     drop(bundle);
 }
@@ -717,25 +670,13 @@ spec:
     wait_condition(&ns.0, "apikey/fine", "Programmed", "True").await;
     let key = "sk-refs-fine-0123456789";
     assert_eq!(
-        post(
-            &proxy.url("/v1/chat/completions"),
-            Some(key),
-            &chat("fine", false)
-        )
-        .await
-        .status,
+        proxy.chat(key, "fine").await.status,
         StatusCode::OK,
         "the others keep working"
     );
     for refused in ["steal", "metadata", "loopback"] {
         assert_eq!(
-            post(
-                &proxy.url("/v1/chat/completions"),
-                Some(key),
-                &chat(refused, false)
-            )
-            .await
-            .status,
+            proxy.chat(key, refused).await.status,
             StatusCode::NOT_FOUND,
             "{refused} is not served"
         );
@@ -767,12 +708,7 @@ spec:
                 ),
             );
             wait_condition(&ns.0, "modelroute/rebind", "Programmed", "True").await;
-            let r = post(
-                &proxy.url("/v1/chat/completions"),
-                Some(key),
-                &chat("rebind", false),
-            )
-            .await;
+            let r = proxy.chat(key, "rebind").await;
             assert!(
                 r.status.is_server_error(),
                 "{name} -> loopback refused: {} {}",
@@ -813,13 +749,7 @@ async fn the_operator_caches_no_unlabelled_secret() {
         &ns.0,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: opted-in, labels: {modelgate.dev/credential: \"true\"}}\nstringData: {key: sk-cache-0123456789abcdef}\n",
     );
-    let cached = || async {
-        metric(
-            &op.metrics().await,
-            "modelgate_operator_cached_secrets",
-            &[],
-        )
-    };
+    let cached = || op.metric("modelgate_operator_cached_secrets", &[]);
     // Exactly the labelled Secrets of the cluster (other tests' namespaces come and go).
     let labelled = || {
         kubectl_ok(
@@ -844,6 +774,25 @@ async fn the_operator_caches_no_unlabelled_secret() {
     )
     .await;
     let rss = op.rss_kib();
+    // A marker instead of a pause: a route whose credential Secret is created after the
+    // unlabelled ones. The operator reads Secrets from one watch, which delivers in order, so
+    // once the route's reference resolves, any of the unlabelled Secrets the operator could
+    // ever be sent has reached it, and the memory figure below includes it.
+    apply(
+        &ns.0,
+        r#"
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: marker}
+spec:
+  model: marker
+  backends:
+    - name: b
+      provider: openai-compatible
+      url: "http://127.0.0.1:9/v1"
+      credentialsRef: {name: marker, key: api-key}
+"#,
+    );
 
     // 40 unlabelled Secrets of 512 KiB each (20 MiB), like Helm release Secrets.
     let blob: String = (0..512 * 1024 / 64).map(|i| format!("{i:064x}")).collect();
@@ -864,18 +813,18 @@ async fn the_operator_caches_no_unlabelled_secret() {
             None,
         );
     }
-    // The labelled one changes afterwards: the operator has seen everything before it.
-    kubectl_ok(
-        &["label", "secret", "opted-in", "-n", &ns.0, "touched=yes"],
-        None,
+    apply(
+        &ns.0,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: marker, labels: {modelgate.dev/credential: \"true\"}}\nstringData: {api-key: sk-marker-0123456789abcdef}\n",
     );
+    wait_condition(&ns.0, "modelroute/marker", "ResolvedRefs", "True").await;
+    // Other tests' namespaces may still be going away: compare with the cluster as it is.
     eventually(
         Duration::from_secs(20),
         "the cache still matches",
         || async { cached().await == labelled() },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let (count_after, rss_after) = (cached().await, op.rss_kib());
     println!(
         "CACHED-SECRETS {count_after} (= labelled Secrets in the cluster, {}); operator RSS before {rss} KiB after {rss_after} KiB (20 MiB of unlabelled Secrets created)",
@@ -886,6 +835,17 @@ async fn the_operator_caches_no_unlabelled_secret() {
         rss_after < rss + 8 * 1024,
         "the operator's memory did not take in 20 MiB of Secrets: {rss} -> {rss_after} KiB"
     );
+}
+
+/// The requests a minute the proxy `p` allows the key of namespace `ns`: its share of the
+/// key's limit, which the operator divides among the proxies serving that namespace.
+async fn share(p: &Proxy, ns: &str) -> serde_json::Value {
+    let cfg = get(&p.admin_url("/config"), None).await.json();
+    cfg["snapshot"]["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|k| k["namespace"] == ns).cloned())
+        .map(|k| k["limits"]["requestsPerMinute"].clone())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -905,20 +865,8 @@ async fn forged_reports_are_rejected_and_fake_streams_change_no_share() {
     tenant(&attacker.0, &up.url("id=attacker"));
     label_namespace(&attacker.0, "modelgate.dev/sidecars=true");
     wait_condition(&victim.0, "apikey/private-key", "Programmed", "True").await;
-    let share = || async {
-        let cfg = get(&gateway.admin_url("/config"), None).await.json();
-        cfg["snapshot"]["keys"]
-            .as_array()
-            .and_then(|k| {
-                k.iter()
-                    .find(|k| k["namespace"] == json!(victim.0.clone()))
-                    .cloned()
-            })
-            .map(|k| k["limits"]["requestsPerMinute"].clone())
-            .unwrap_or_default()
-    };
     assert_eq!(
-        share().await,
+        share(&gateway, &victim.0).await,
         json!(600),
         "one proxy serves the victim's key"
     );
@@ -946,19 +894,19 @@ async fn forged_reports_are_rejected_and_fake_streams_change_no_share() {
     eventually(
         Duration::from_secs(20),
         "the operator counts the fake streams",
-        || async {
-            metric(
-                &op.metrics().await,
-                "modelgate_operator_connected_proxies",
-                &[],
-            ) >= 201.0
-        },
+        || async { op.metric("modelgate_operator_connected_proxies", &[]).await >= 201.0 },
     )
     .await;
-    // Give a recompile every chance to happen, then look: the victim's share is unchanged.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A snapshot compiled with the fake streams reaches the gateway: the attacker's own share
+    // is 600 / 201 proxies, rounded up. Only then is the victim's unchanged share evidence.
+    eventually(
+        Duration::from_secs(20),
+        "the gateway runs a snapshot that counts the fake streams",
+        || async { share(&gateway, &attacker.0).await == json!(3) },
+    )
+    .await;
     assert_eq!(
-        share().await,
+        share(&gateway, &victim.0).await,
         json!(600),
         "200 fake streams change no other namespace's share"
     );
@@ -1027,12 +975,7 @@ async fn forged_reports_are_rejected_and_fake_streams_change_no_share() {
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text());
     // The victim's usage is untouched: still spendable through the gateway.
     assert!(jsonpath(&victim.0, "apikey/private-key", "{.status.usage.tokens}").is_empty());
-    let r = post(
-        &gateway.url("/v1/chat/completions"),
-        Some(&raw),
-        &chat("private-model", false),
-    )
-    .await;
+    let r = gateway.chat(&raw, "private-model").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     drop(streams);
 }
@@ -1165,14 +1108,7 @@ async fn a_deleted_service_account_loses_its_stream() {
         "sidecar",
     );
     eventually(Duration::from_secs(20), "the sidecar serves", || async {
-        post(
-            &sidecar.url("/v1/chat/completions"),
-            Some(&raw),
-            &chat("private-model", false),
-        )
-        .await
-        .status
-            == StatusCode::OK
+        sidecar.chat(&raw, "private-model").await.status == StatusCode::OK
     })
     .await;
     // Streams are retired every ~2 s and the proxy reconnects with its token: no failure.
@@ -1181,11 +1117,9 @@ async fn a_deleted_service_account_loses_its_stream() {
     })
     .await;
     assert_eq!(
-        metric(
-            &sidecar.metrics().await,
-            "modelgate_operator_stream_failures_total",
-            &[]
-        ),
+        sidecar
+            .metric("modelgate_operator_stream_failures_total", &[])
+            .await,
         0.0
     );
 
@@ -1196,11 +1130,10 @@ async fn a_deleted_service_account_loses_its_stream() {
         Duration::from_secs(20),
         "the reconnect is refused",
         || async {
-            metric(
-                &sidecar.metrics().await,
-                "modelgate_operator_stream_failures_total",
-                &[],
-            ) >= 1.0
+            sidecar
+                .metric("modelgate_operator_stream_failures_total", &[])
+                .await
+                >= 1.0
                 && sidecar.log_text().contains("refused this proxy")
         },
     )
@@ -1219,20 +1152,44 @@ async fn a_deleted_service_account_loses_its_stream() {
         ],
         None,
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Not seeing a change proves something only once the change exists and the proxy has
+    // tried to fetch it: wait until the operator compiled the new generation, then until the
+    // sidecar's next reconnect was refused.
+    eventually(
+        Duration::from_secs(20),
+        "the operator compiled the change",
+        || async {
+            let generation = jsonpath(&app.0, "apikey/private-key", "{.metadata.generation}");
+            !generation.is_empty()
+                && jsonpath(
+                    &app.0,
+                    "apikey/private-key",
+                    "{.status.conditions[?(@.type==\"Accepted\")].observedGeneration}",
+                ) == generation
+        },
+    )
+    .await;
+    let failures = sidecar
+        .metric("modelgate_operator_stream_failures_total", &[])
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "another reconnect is refused",
+        || async {
+            sidecar
+                .metric("modelgate_operator_stream_failures_total", &[])
+                .await
+                > failures
+        },
+    )
+    .await;
     assert_eq!(
         sidecar.version().await,
         version,
         "no snapshot after revocation"
     );
     assert_eq!(
-        post(
-            &sidecar.url("/v1/chat/completions"),
-            Some(&raw),
-            &chat("private-model", false)
-        )
-        .await
-        .status,
+        sidecar.chat(&raw, "private-model").await.status,
         StatusCode::OK,
         "the last good snapshot keeps serving"
     );
