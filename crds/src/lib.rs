@@ -54,7 +54,8 @@ pub struct ModelRouteSpec {
     /// How a backend is chosen within a priority tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
-    /// Deadline until the response headers, across retries (e.g. `60s`).
+    /// Deadline across retries until an answer starts: a stream's first bytes, or the whole
+    /// answer when not streaming (e.g. `60s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub timeout: Option<String>,
@@ -71,7 +72,8 @@ pub struct ModelRouteSpec {
     #[schemars(range(min = 1, max = 4_294_967_295_i64))]
     pub max_output_tokens: Option<i64>,
     /// A streamed answer whose upstream sends nothing for this long ends with an error event
-    /// (the partial usage is metered) [default: 5m].
+    /// (the partial usage is metered); silence before its first byte is a timeout that fails
+    /// over to the next backend like a connect error [default: 5m].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub stream_idle_timeout: Option<String>,
@@ -128,7 +130,7 @@ pub struct RouteBackend {
     /// The provider credential, from a Secret in the route's namespace. Never inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_ref: Option<SecretKeyRef>,
-    /// Deadline for one attempt until the response headers.
+    /// Deadline for one attempt: until a stream's first bytes, or the whole answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub timeout: Option<String>,

@@ -19,13 +19,35 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::HeaderValue;
 
-use crate::config::{BudgetPeriod, BudgetSpec};
 use crate::keys::Key;
 use crate::snapshot::StateRegistry;
+
+pub use modelgate_wire::BudgetPeriod;
+#[cfg(test)]
+use modelgate_wire::clock::days_from_civil;
+pub use modelgate_wire::clock::{budget_period, civil, unix_now};
+
+/// A key's rate limits, as admission reads them (serialized only for `/config`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+}
+
+/// A key's spending cap per budget period.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetRule {
+    pub tokens: Option<u64>,
+    pub usd: Option<f64>,
+    pub period: BudgetPeriod,
+}
 
 const WINDOW: u64 = 60;
 
@@ -164,6 +186,32 @@ impl KeyState {
         (u.last_used != 0).then_some(u)
     }
 
+    /// Take in what the whole fleet spent on this key in budget period `period` (from the
+    /// operator, which sums every proxy's reports): the larger of it and this proxy's own
+    /// count wins. A restarted proxy so starts from the fleet's figure, and nothing this proxy
+    /// already counted is counted twice (the fleet's figure includes what it reported).
+    /// Figures for a period that is not the current day or month are ignored.
+    pub fn seed_budget(&self, period: u64, tokens: u64, usd: f64, now: u64) {
+        let current = [BudgetPeriod::Day, BudgetPeriod::Month]
+            .iter()
+            .any(|p| budget_period(*p, now).0 == period);
+        if !current {
+            return;
+        }
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let b = &mut c.budget;
+        if b.period != period {
+            *b = Budget {
+                period,
+                ..Budget::default()
+            };
+        }
+        b.tokens = b.tokens.max(tokens);
+        if usd.is_finite() && usd > b.usd {
+            b.usd = usd;
+        }
+    }
+
     /// Put back usage whose report failed, to send it with the next one.
     pub fn restore_unreported(&self, u: Unreported) {
         let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
@@ -288,51 +336,6 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.finish(0, 0.0, unix_now());
-    }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Days since 1970-01-01 → (year, month 1..=12, day). Howard Hinnant's civil_from_days.
-pub fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// (period id, seconds until the period ends) for a budget period at `now`.
-pub fn budget_period(period: BudgetPeriod, now: u64) -> (u64, u64) {
-    let days = (now / 86_400) as i64;
-    match period {
-        BudgetPeriod::Day => (days as u64, (days as u64 + 1) * 86_400 - now),
-        BudgetPeriod::Month => {
-            let (y, m, _) = civil(days);
-            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-            let next = days_from_civil(ny, nm, 1) as u64 * 86_400;
-            ((y * 12 + i64::from(m)) as u64, next.saturating_sub(now))
-        }
     }
 }
 
@@ -469,7 +472,7 @@ pub fn admit(
     })
 }
 
-fn over_budget(spec: &BudgetSpec, b: &Budget, est: Estimate) -> Option<String> {
+fn over_budget(spec: &BudgetRule, b: &Budget, est: Estimate) -> Option<String> {
     let period = match spec.period {
         BudgetPeriod::Day => "day",
         BudgetPeriod::Month => "month",
@@ -499,10 +502,10 @@ fn over_budget(spec: &BudgetSpec, b: &Budget, est: Estimate) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LimitsSpec;
+
     use crate::keys::Key;
 
-    fn key(limits: LimitsSpec, budget: Option<BudgetSpec>) -> Key {
+    fn key(limits: Limits, budget: Option<BudgetRule>) -> Key {
         Key {
             id: "default/k".into(),
             namespace: "default".into(),
@@ -523,7 +526,7 @@ mod tests {
     #[test]
     fn token_reservations_never_overshoot() {
         let k = key(
-            LimitsSpec {
+            Limits {
                 tokens_per_minute: Some(1000),
                 ..Default::default()
             },
@@ -551,7 +554,7 @@ mod tests {
     #[test]
     fn window_slides() {
         let k = key(
-            LimitsSpec {
+            Limits {
                 requests_per_minute: Some(2),
                 ..Default::default()
             },
@@ -571,7 +574,7 @@ mod tests {
     #[test]
     fn concurrency_slots_are_released() {
         let k = key(
-            LimitsSpec {
+            Limits {
                 max_concurrent: Some(1),
                 ..Default::default()
             },
@@ -591,8 +594,8 @@ mod tests {
     #[test]
     fn budgets_count_settled_and_reserved_usage() {
         let k = key(
-            LimitsSpec::default(),
-            Some(BudgetSpec {
+            Limits::default(),
+            Some(BudgetRule {
                 tokens: Some(100),
                 usd: None,
                 period: BudgetPeriod::Day,
@@ -627,14 +630,46 @@ mod tests {
         assert_eq!(days_from_civil(2024, 2, 29), 19_782);
     }
     #[test]
+    fn a_seeded_budget_counts_from_the_fleets_figure_and_never_twice() {
+        let k = key(
+            Limits::default(),
+            Some(BudgetRule {
+                tokens: Some(200),
+                usd: None,
+                period: BudgetPeriod::Day,
+            }),
+        );
+        let registry = StateRegistry::default();
+        let now = unix_now();
+        let (day, _) = budget_period(BudgetPeriod::Day, now);
+        let est = |tokens| Estimate { tokens, usd: 0.0 };
+        // This proxy spent 30 itself; the fleet (which includes those 30) spent 165.
+        admit(&k, &registry, est(30), now).unwrap().settle(30, 0.0);
+        let state = k.state(&registry);
+        state.seed_budget(day, 165, 0.0, now);
+        assert!(
+            admit(&k, &registry, est(36), now).is_err(),
+            "165 + 36 > 200"
+        );
+        admit(&k, &registry, est(35), now).unwrap().settle(35, 0.0);
+        // An older fleet figure never lowers the count; one for another period is ignored.
+        state.seed_budget(day, 100, 0.0, now);
+        state.seed_budget(day - 3, 10_000, 0.0, now);
+        assert!(
+            admit(&k, &registry, est(1), now).is_err(),
+            "200 of 200 used"
+        );
+    }
+
+    #[test]
     fn huge_reservations_are_refused_not_wrapped() {
         let k = key(
-            LimitsSpec {
+            Limits {
                 requests_per_minute: Some(u64::MAX),
                 tokens_per_minute: Some(1000),
                 ..Default::default()
             },
-            Some(BudgetSpec {
+            Some(BudgetRule {
                 tokens: Some(u64::MAX),
                 usd: Some(1.0),
                 period: BudgetPeriod::Day,
@@ -665,11 +700,11 @@ mod tests {
     #[test]
     fn huge_usage_reported_by_an_upstream_saturates() {
         let k = key(
-            LimitsSpec {
+            Limits {
                 tokens_per_minute: Some(1000),
                 ..Default::default()
             },
-            Some(BudgetSpec {
+            Some(BudgetRule {
                 tokens: Some(u64::MAX),
                 usd: None,
                 period: BudgetPeriod::Day,
@@ -717,7 +752,7 @@ mod tests {
     #[test]
     fn a_refused_request_never_holds_a_concurrency_slot() {
         let k = key(
-            LimitsSpec {
+            Limits {
                 max_concurrent: Some(2),
                 requests_per_minute: Some(1),
                 ..Default::default()
@@ -752,7 +787,7 @@ mod tests {
         }
 
         #[derive(Debug, Clone)]
-        struct Limits {
+        struct Drawn {
             rpm: Option<u64>,
             tpm: Option<u64>,
             concurrent: Option<u32>,
@@ -785,7 +820,7 @@ mod tests {
             ]
         }
 
-        fn limits() -> impl Strategy<Value = Limits> {
+        fn limits() -> impl Strategy<Value = Drawn> {
             (
                 proptest::option::of(1u64..20),
                 proptest::option::of(1u64..2000),
@@ -794,7 +829,7 @@ mod tests {
                 proptest::option::of(1u32..80),
             )
                 .prop_map(|(rpm, tpm, concurrent, budget_tokens, budget_eighths)| {
-                    Limits {
+                    Drawn {
                         rpm,
                         tpm,
                         concurrent,
@@ -845,15 +880,15 @@ mod tests {
             }
         }
 
-        fn run(limits: Limits, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        fn run(limits: Drawn, ops: Vec<Op>) -> Result<(), TestCaseError> {
             let k = key(
-                LimitsSpec {
+                Limits {
                     requests_per_minute: limits.rpm,
                     tokens_per_minute: limits.tpm,
                     max_concurrent: limits.concurrent,
                 },
                 (limits.budget_tokens.is_some() || limits.budget_eighths.is_some()).then(|| {
-                    BudgetSpec {
+                    BudgetRule {
                         tokens: limits.budget_tokens,
                         usd: limits.budget_eighths.map(|e| f64::from(e) / 8.0),
                         period: BudgetPeriod::Month,

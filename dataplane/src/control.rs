@@ -76,8 +76,14 @@ impl std::fmt::Debug for Operator {
 struct Message {
     #[serde(rename = "type")]
     kind: String,
+    /// The snapshot's version, also outside it (for acks of a snapshot that does not parse).
+    #[serde(default)]
+    version: Option<String>,
     #[serde(default)]
     snapshot: Option<SnapshotSpec>,
+    /// `usage` messages: what the fleet spent per budgeted key (sent before a snapshot).
+    #[serde(default)]
+    keys: Vec<modelgate_wire::KeyUsage>,
 }
 
 /// A client that trusts only the CAs in `ca_file` and speaks HTTP/2 (one connection).
@@ -234,6 +240,9 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Re
     tracing::info!(operator = %op.url, "config stream connected");
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
+    // The states the last usage message seeded, held until the next one so that a snapshot
+    // swap in between cannot drop a seeded state before a key uses it.
+    let mut seeded: Vec<Arc<crate::admission::KeyState>> = Vec::new();
     loop {
         let frame = match tokio::time::timeout(op.idle_timeout, body.frame()).await {
             Err(_) => return Err("no heartbeat from the operator; reconnecting".into()),
@@ -247,7 +256,7 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Re
         buf.extend_from_slice(&data);
         while let Some(end) = memchr::memchr(b'\n', &buf) {
             let line = buf.split_to(end + 1);
-            if handle_line(rt, op, client, &line[..end]).await == Next::Reconnect {
+            if handle_line(rt, op, client, &line[..end], &mut seeded).await == Next::Reconnect {
                 tracing::info!(
                     "the operator asked for a reconnect (a fresh token proves who we are)"
                 );
@@ -267,12 +276,28 @@ enum Next {
     Reconnect,
 }
 
-async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line: &[u8]) -> Next {
+async fn handle_line(
+    rt: &Arc<Runtime>,
+    op: &Operator,
+    client: &TlsClient,
+    line: &[u8],
+    seeded: &mut Vec<Arc<crate::admission::KeyState>>,
+) -> Next {
     if line.is_empty() {
         return Next::Continue;
     }
-    let msg: Message = match serde_json::from_slice(line) {
-        Ok(m) => m,
+    let msg: Message = match modelgate_wire::parse_tolerant(line) {
+        Ok((m, ignored)) => {
+            if !ignored.is_empty() {
+                // A newer operator (a rolling upgrade): what this proxy does not know is
+                // left out, and said once per message so it can be noticed.
+                tracing::warn!(
+                    fields = %ignored.join(", "),
+                    "the config stream carries fields this proxy version does not know; ignoring them (upgrade the proxy to use them)"
+                );
+            }
+            m
+        }
         Err(e) => {
             rt.gateway.metrics.record_reload(None, false);
             tracing::error!(error = %e, "unreadable message on the config stream; keeping the last good snapshot");
@@ -288,13 +313,28 @@ async fn handle_line(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient, line:
     };
     match msg.kind.as_str() {
         "snapshot" => {}
+        "usage" => {
+            let registry = &rt.gateway.live.registry;
+            let now = crate::admission::unix_now();
+            *seeded = msg
+                .keys
+                .iter()
+                .map(|u| {
+                    let state = registry.key_state(&Arc::from(u.key.as_str()));
+                    state.seed_budget(u.period, u.tokens, u.usd, now);
+                    state
+                })
+                .collect();
+            tracing::debug!(keys = seeded.len(), "fleet usage taken in");
+            return Next::Continue;
+        }
         "reconnect" => return Next::Reconnect,
         _ => return Next::Continue,
     }
     let Some(spec) = msg.snapshot else {
         return Next::Continue;
     };
-    let version = spec.version.clone().unwrap_or_default();
+    let version = spec.version.clone().or(msg.version).unwrap_or_default();
     let ack = match rt.apply_off_runtime(spec, Source::Operator).await {
         Ok(v) => serde_json::json!({"proxy": op.proxy_id, "version": v, "error": null}),
         Err(e) => {
@@ -343,5 +383,58 @@ pub async fn report_usage(rt: Arc<Runtime>, op: Operator) {
                 state.restore_unreported(u);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rolling upgrade: the operator is newer and writes fields (and a message type) this
+    /// proxy does not know. The snapshot is taken, with what is unknown left out and named.
+    #[test]
+    fn a_newer_operators_snapshot_is_taken_without_what_this_proxy_does_not_know() {
+        let line = br#"{"type":"snapshot","version":"v2","wireRevision":7,"snapshot":{
+            "version":"v2","routes":[{"name":"chat","namespace":"team-a","model":"gpt-x",
+            "responseCache":{"ttl":"5m"},"backends":[{"name":"primary","provider":"mock",
+            "weight":1,"priority":0,"shadow":{"share":0.1}}]}],
+            "keys":[{"name":"k","namespace":"team-a","sha256":"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "masking":["email"]}]}}"#;
+        let (msg, ignored): (Message, _) = modelgate_wire::parse_tolerant(line).unwrap();
+        assert_eq!(
+            ignored,
+            [
+                "wireRevision",
+                "snapshot.routes.0.responseCache",
+                "snapshot.routes.0.backends.0.shadow",
+                "snapshot.keys.0.masking"
+            ]
+        );
+        let spec = msg.snapshot.expect("a snapshot");
+        let snap = crate::config::compile(
+            spec,
+            Source::Operator,
+            &crate::snapshot::StateRegistry::default(),
+            None,
+        )
+        .expect("the known part compiles");
+        assert_eq!(snap.version, "v2");
+        assert!(snap.routes.get("team-a", "gpt-x").is_some());
+        assert!(snap.keys.authenticate(b"abc").is_some());
+
+        // A message type from the future is read (and skipped by `handle_line`).
+        let (msg, _): (Message, _) =
+            modelgate_wire::parse_tolerant(br#"{"type":"drain","after":"30s"}"#).unwrap();
+        assert_eq!(msg.kind, "drain");
+    }
+
+    #[test]
+    fn fleet_usage_messages_are_read() {
+        let line = br#"{"type":"usage","keys":[{"key":"team-a/k","period":24324,"tokens":165,"usd":0.5}]}"#;
+        let (msg, ignored): (Message, _) = modelgate_wire::parse_tolerant(line).unwrap();
+        assert!(ignored.is_empty());
+        assert_eq!(msg.kind, "usage");
+        assert_eq!(msg.keys[0].key, "team-a/k");
+        assert_eq!(msg.keys[0].tokens, 165);
     }
 }

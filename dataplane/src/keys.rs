@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::admission::KeyState;
-use crate::config::{BudgetSpec, LimitsSpec};
+use crate::admission::{BudgetRule, Limits};
 use crate::snapshot::StateRegistry;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -121,8 +121,8 @@ pub struct Key {
     pub namespace: Arc<str>,
     /// Empty = every route of the namespace.
     pub models: Box<[Glob]>,
-    pub limits: LimitsSpec,
-    pub budget: Option<Box<BudgetSpec>>,
+    pub limits: Limits,
+    pub budget: Option<Box<BudgetRule>>,
     pub expires_at: Option<SystemTime>,
     pub disabled: bool,
     pub exhausted: bool,
@@ -144,19 +144,20 @@ impl Key {
                 .any(|g| g.matches(route_model) || g.matches(asked))
     }
 
-    /// Whether this key is what `spec` (with its expiry and limits already read) compiles to,
-    /// so a new snapshot can share it instead of building it again.
+    /// Whether this key is what `spec` (with its expiry, limits and budget already read)
+    /// compiles to, so a new snapshot can share it instead of building it again.
     pub fn same_as(
         &self,
-        spec: &crate::config::KeySpec,
+        spec: &modelgate_wire::KeySpec,
         expires_at: Option<SystemTime>,
-        limits: &LimitsSpec,
+        limits: &Limits,
+        budget: Option<&BudgetRule>,
     ) -> bool {
         let (ns, name) = self.id.split_once('/').unwrap_or(("", &self.id));
         ns == spec.namespace
             && name == spec.name
             && self.limits == *limits
-            && self.budget.as_deref() == spec.budget.as_ref()
+            && self.budget.as_deref() == budget
             && self.expires_at == expires_at
             && self.disabled == spec.disabled
             && self.exhausted == spec.exhausted
@@ -240,9 +241,7 @@ impl KeyStore {
 
 /// Is a presented token the expected one? Constant time for equal lengths (the length of a
 /// random token is no secret).
-pub fn same_token(presented: &[u8], expected: &[u8]) -> bool {
-    presented.len() == expected.len() && bool::from(presented.ct_eq(expected))
-}
+pub use modelgate_wire::same_token;
 
 #[cfg(test)]
 mod tests {
@@ -266,7 +265,7 @@ mod tests {
             id: "default/k".into(),
             namespace: "default".into(),
             models: Box::default(),
-            limits: LimitsSpec::default(),
+            limits: Limits::default(),
             budget: None,
             expires_at: None,
             disabled: false,

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::admission::Ticket;
 use crate::keys::Key;
-use crate::metrics::{
-    BackendLabels, CostLabels, Metrics, RequestLabels, RouteLabels, TokenKind, TokenLabels,
-    UpstreamErrorKind,
-};
+use crate::metrics::{Metrics, TokenKind, UpstreamErrorKind};
 use crate::routes::{Backend, Route};
 use crate::stream::{StreamObserver, UsageWire};
 
@@ -145,15 +142,8 @@ impl Meter {
         });
         if let Some(kind) = error {
             self.error = Some("upstream_stream_broken");
-            if let (Some(r), Some(b)) = (&self.route, &self.backend) {
-                self.metrics
-                    .upstream_errors
-                    .get_or_create(&crate::metrics::UpstreamErrorLabels {
-                        route: r.id.clone(),
-                        backend: b.name.clone(),
-                        kind,
-                    })
-                    .inc();
+            if let Some(b) = &self.backend {
+                b.series(&self.metrics).upstream_error(kind).inc();
             }
         }
     }
@@ -203,60 +193,33 @@ impl Drop for Meter {
         let backend = self.backend.as_ref().map(|b| b.name.as_str()).unwrap_or("");
         let key = self.key.as_ref().map(|k| &*k.id).unwrap_or("");
         let duration = self.start.elapsed();
-        m.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                backend: backend.to_owned(),
-                key: key.to_owned(),
-                status,
-            })
-            .inc();
-        if !route.is_empty() {
-            m.request_duration
-                .get_or_create(&RouteLabels {
-                    route: route.to_owned(),
-                })
-                .observe(duration.as_secs_f64());
+        // Handles resolved once per key, route and backend: no label set is built here.
+        let key_series = m.key(key);
+        let route_series = self.route.as_ref().map(|r| m.route(&r.id));
+        let backend_series = self.backend.as_ref().map(|b| b.series(m));
+        let traffic = key_series.traffic(route, backend);
+        traffic.requests(status).inc();
+        if let Some(r) = &route_series {
+            r.duration().observe(duration.as_secs_f64());
         }
         if let Some(o) = self.overhead {
             m.overhead.observe(o.as_secs_f64());
         }
-        if let (Some(t), false) = (self.ttft, backend.is_empty()) {
-            m.ttft
-                .get_or_create(&BackendLabels {
-                    route: route.to_owned(),
-                    backend: backend.to_owned(),
-                })
-                .observe(t.as_secs_f64());
+        if let (Some(t), Some(b)) = (self.ttft, backend_series) {
+            b.ttft().observe(t.as_secs_f64());
         }
-        if source == UsageSource::Estimated && !backend.is_empty() {
-            m.usage_estimated
-                .get_or_create(&BackendLabels {
-                    route: route.to_owned(),
-                    backend: backend.to_owned(),
-                })
-                .inc();
+        if source == UsageSource::Estimated
+            && let Some(b) = backend_series
+        {
+            b.usage_estimated().inc();
         }
         if input.saturating_add(output) > 0 {
             for (kind, n) in [(TokenKind::Input, input), (TokenKind::Output, output)] {
-                m.tokens
-                    .get_or_create(&TokenLabels {
-                        route: route.to_owned(),
-                        backend: backend.to_owned(),
-                        key: key.to_owned(),
-                        kind,
-                    })
-                    .inc_by(n);
+                traffic.tokens(kind).inc_by(n);
             }
         }
         if cost > 0.0 {
-            m.cost
-                .get_or_create(&CostLabels {
-                    route: route.to_owned(),
-                    backend: backend.to_owned(),
-                    key: key.to_owned(),
-                })
-                .inc_by(cost);
+            traffic.cost().inc_by(cost);
         }
         crate::accesslog::record(&crate::accesslog::Entry {
             request_id: &self.request_id,
@@ -307,18 +270,26 @@ impl StreamObserver for Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::Limits;
     use crate::admission::{Estimate, admit};
-    use crate::config::LimitsSpec;
+    use crate::keys::{KeyHash, KeyStore};
+    use crate::metrics::SERIES_GRACE;
     use crate::providers::mock::MockSettings;
-    use crate::routes::{BackendState, Pricing, Provider};
-    use crate::snapshot::StateRegistry;
+    use crate::routes::{
+        BackendState, OutlierPolicy, Pricing, Provider, RetryPolicy, RouteTable, Tier,
+    };
+    use crate::snapshot::{Live, Snapshot, StateRegistry};
 
     fn key() -> Key {
+        key_named("default/k")
+    }
+
+    fn key_named(id: &str) -> Key {
         Key {
-            id: "default/k".into(),
+            id: id.into(),
             namespace: "default".into(),
             models: Box::default(),
-            limits: LimitsSpec {
+            limits: Limits {
                 tokens_per_minute: Some(1000),
                 ..Default::default()
             },
@@ -384,7 +355,8 @@ mod tests {
         assert_eq!(used.tokens, 3 + 4);
         let text = metrics.encode_prometheus();
         assert!(
-            text.contains("modelgate_usage_estimated_total{route=\"\",backend=\"b\"} 1"),
+            // The backend's series carry its own route.
+            text.contains("modelgate_usage_estimated_total{route=\"default/r\",backend=\"b\"} 1"),
             "{text}"
         );
     }
@@ -410,6 +382,166 @@ mod tests {
                 .encode_prometheus()
                 .contains("modelgate_usage_estimated_total{")
         );
+    }
+
+    /// Route `id` answering to `model`, with one priced backend `b`: new objects every call,
+    /// as every compile makes them.
+    fn routed(id: &str, model: &str) -> Arc<Route> {
+        let backend = Backend::new(
+            id,
+            "b",
+            Provider::Mock(MockSettings::default()),
+            None,
+            1,
+            None,
+            Pricing {
+                input_per_million: 1.0,
+                output_per_million: 2.0,
+            },
+            Arc::default(),
+        );
+        Arc::new(Route {
+            id: id.into(),
+            namespace: "default".into(),
+            model: model.into(),
+            aliases: vec![],
+            strategy: Default::default(),
+            timeout: None,
+            retry: RetryPolicy::default(),
+            outlier: OutlierPolicy::default(),
+            max_output_tokens: None,
+            stream_idle_timeout: None,
+            stream_timeout: None,
+            tiers: vec![Tier {
+                priority: 0,
+                backends: vec![Arc::new(backend)],
+            }],
+        })
+    }
+
+    fn snapshot(routes: Vec<Arc<Route>>, keys: &[&Arc<Key>]) -> Snapshot {
+        let mut store = KeyStore::with_capacity(keys.len());
+        for k in keys {
+            assert!(store.insert(KeyHash::of(k.id.as_bytes()), Arc::clone(k)));
+        }
+        Snapshot {
+            version: String::new(),
+            routes: RouteTable::new(routes),
+            keys: store,
+            routes_summary: String::new(),
+        }
+    }
+
+    /// One answered request of `key` for `model` on the snapshot in force.
+    fn send(live: &Live, metrics: &Arc<Metrics>, key: &Arc<Key>, model: &str) {
+        let route = live
+            .load()
+            .unwrap()
+            .routes
+            .get("default", model)
+            .unwrap()
+            .clone();
+        let mut m = Meter::new(metrics.clone(), "r".into());
+        m.key = Some(key.clone());
+        m.backend = Some(route.tiers[0].backends[0].clone());
+        m.route = Some(route);
+        m.output_text(8);
+        m.set_usage(UsageWire {
+            prompt_tokens: 5,
+            completion_tokens: 2,
+        });
+        m.response_ready(200);
+    }
+
+    fn requests_of(metrics: &Metrics, key: &str, route: &str) -> Option<u64> {
+        let series = format!(
+            "modelgate_requests_total{{route=\"{route}\",backend=\"b\",key=\"{key}\",status=\"200\"}} "
+        );
+        let text = metrics.encode_prometheus();
+        let line = text.lines().find_map(|l| l.strip_prefix(&series))?;
+        Some(line.parse().unwrap())
+    }
+
+    #[test]
+    fn the_same_request_twice_builds_no_label_set() {
+        let metrics = Arc::new(Metrics::new());
+        let live = Live::metered(metrics.clone());
+        let key = Arc::new(key());
+        live.store(snapshot(vec![routed("default/r", "m")], &[&key]));
+        send(&live, &metrics, &key, "m");
+        let resolved = metrics.label_sets_resolved();
+        // requests, input and output tokens, cost, duration, time to first token.
+        assert_eq!(resolved, 6);
+        send(&live, &metrics, &key, "m");
+        assert_eq!(metrics.label_sets_resolved(), resolved);
+        // A reload makes new route and backend objects; their names keep the handles.
+        drop(live.store(snapshot(vec![routed("default/r", "m")], &[&key])));
+        send(&live, &metrics, &key, "m");
+        assert_eq!(metrics.label_sets_resolved(), resolved);
+        assert_eq!(requests_of(&metrics, "default/k", "default/r"), Some(3));
+        assert!(metrics.encode_prometheus().contains(
+            "modelgate_tokens_total{route=\"default/r\",backend=\"b\",key=\"default/k\",kind=\"input\"} 15"
+        ));
+    }
+
+    #[test]
+    fn series_of_a_removed_key_and_route_leave_after_the_grace() {
+        let metrics = Arc::new(Metrics::new());
+        let live = Live::metered(metrics.clone());
+        let (gone, kept) = (
+            Arc::new(key_named("default/gone")),
+            Arc::new(key_named("default/kept")),
+        );
+        let both = vec![routed("default/old", "old"), routed("default/r", "m")];
+        drop(live.store(snapshot(both, &[&gone, &kept])));
+        send(&live, &metrics, &gone, "old");
+        send(&live, &metrics, &kept, "m");
+        let mentions = |name: &str| {
+            let quoted = format!("\"{name}\"");
+            metrics
+                .encode_prometheus()
+                .lines()
+                .any(|l| !l.starts_with('#') && l.contains(&quoted))
+        };
+        assert!(mentions("default/gone") && mentions("default/old"));
+
+        let t0 = Instant::now();
+        drop(live.store(snapshot(vec![routed("default/r", "m")], &[&kept])));
+        let t1 = Instant::now();
+        drop(gone);
+        metrics.sweep(t0 + SERIES_GRACE - Duration::from_millis(1));
+        assert!(mentions("default/gone") && mentions("default/old"));
+        assert_eq!(
+            requests_of(&metrics, "default/gone", "default/old"),
+            Some(1)
+        );
+
+        metrics.sweep(t1 + SERIES_GRACE);
+        assert!(!mentions("default/gone"));
+        assert!(!mentions("default/old"));
+        // What the snapshot kept stays, idle or not.
+        assert_eq!(requests_of(&metrics, "default/kept", "default/r"), Some(1));
+        assert!(metrics.encode_prometheus().contains(
+            "modelgate_time_to_first_token_seconds_count{route=\"default/r\",backend=\"b\"} 1"
+        ));
+    }
+
+    #[test]
+    fn a_key_that_returns_keeps_its_counts() {
+        let metrics = Arc::new(Metrics::new());
+        let live = Live::metered(metrics.clone());
+        let key = Arc::new(key());
+        drop(live.store(snapshot(vec![routed("default/r", "m")], &[&key])));
+        send(&live, &metrics, &key, "m");
+        drop(live.store(snapshot(vec![routed("default/r", "m")], &[])));
+        drop(key);
+        // Back within the grace, as a new object (its spec changed, say).
+        let key = Arc::new(key_named("default/k"));
+        drop(live.store(snapshot(vec![routed("default/r", "m")], &[&key])));
+        metrics.sweep(Instant::now() + 2 * SERIES_GRACE);
+        assert_eq!(requests_of(&metrics, "default/k", "default/r"), Some(1));
+        send(&live, &metrics, &key, "m");
+        assert_eq!(requests_of(&metrics, "default/k", "default/r"), Some(2));
     }
 
     #[test]

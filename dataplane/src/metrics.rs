@@ -3,14 +3,37 @@
 //! `prometheus-client` (the official Rust client) gives typed label sets, so a label can only
 //! ever be a route, backend or key name from the snapshot, a status code or a fixed word —
 //! never request data, never a secret. Exposed in the Prometheus text format on the admin port.
+//!
+//! The request path builds no label set: the handles of a key, a route, a backend and of each
+//! route and backend a key's traffic went through are resolved once, kept by name, and shared
+//! by every request and every snapshot that holds the object.
+//!
+//! ```text
+//!  Metrics ─┬─► KeySeries (key id) ──► TrafficSeries (route, backend): requests by status,
+//!           │       └ limit rejections                                 tokens, cost
+//!           ├─► RouteSeries (route id): duration, fallbacks
+//!           └─► BackendSeries (route, backend; cached on the Backend): time to first token,
+//!                   estimated usage, retries, ejections, upstream errors by kind
+//! ```
+//!
+//! A snapshot swap takes a [`Census`] of the names the new snapshot holds. The series of a
+//! name it no longer holds stay for [`SERIES_GRACE`], so their last values get scraped, and
+//! are then removed from the families (`Family::remove`) once no request uses them: a proxy
+//! that churns through keys does not grow its `/metrics` without bound. A name that comes
+//! back within the grace keeps its series.
 
-use std::sync::atomic::AtomicU64;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use std::fmt::Write as _;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -38,6 +61,10 @@ pub struct BackendLabels {
 pub enum TokenKind {
     Input,
     Output,
+}
+
+impl TokenKind {
+    const ALL: [Self; 2] = [Self::Input, Self::Output];
 }
 
 impl EncodeLabelValue for TokenKind {
@@ -73,6 +100,17 @@ pub enum UpstreamErrorKind {
     Stream,
     /// The upstream refused the gateway's own credentials (401/403).
     CredentialsRefused,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [Self; 6] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::RateLimited,
+        Self::ServerError,
+        Self::Stream,
+        Self::CredentialsRefused,
+    ];
 }
 
 impl EncodeLabelValue for UpstreamErrorKind {
@@ -111,20 +149,24 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// How long the series of a key, route or backend stay after a snapshot swap dropped it, so
+/// that scrapes see their last values.
+pub const SERIES_GRACE: Duration = Duration::from_secs(5 * 60);
+
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RouteLabels, Histogram>,
-    pub ttft: Family<BackendLabels, Histogram>,
+    /// The families labelled by key, route or backend: reached only through series handles.
+    families: Arc<Families>,
+    keys: Index<Arc<str>, KeySeries>,
+    routes: Index<Arc<str>, RouteSeries>,
+    backends: Index<(Arc<str>, Arc<str>), BackendSeries>,
+    /// Requests that never had a key (no or an unknown one): never removed.
+    anonymous: Arc<KeySeries>,
+    /// Bumped by every census: an entry seen by the latest one is held by the snapshot in force.
+    generation: AtomicU64,
+    /// One census at a time.
+    census: Mutex<()>,
     pub overhead: Histogram,
-    pub tokens: Family<TokenLabels, Counter>,
-    pub usage_estimated: Family<BackendLabels, Counter>,
-    pub cost: Family<CostLabels, Counter<f64, AtomicU64>>,
-    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
-    pub rejected: Family<LimitLabels, Counter>,
-    pub retries: Family<BackendLabels, Counter>,
-    pub fallbacks: Family<RouteLabels, Counter>,
-    pub ejections: Family<BackendLabels, Counter>,
     pub in_flight: Gauge,
     pub connections_refused: Counter,
     pub snapshot_info: Family<VersionLabels, Gauge>,
@@ -135,34 +177,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
 }
 
-/// OpenMetrics names a counter family without `_total` in `# HELP`/`# TYPE`; the classic
-/// format names it as its samples are named. `# UNIT` and `# EOF` do not exist there.
-pub fn openmetrics_to_prometheus(om: &str) -> String {
-    let counters: std::collections::HashSet<&str> = om
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(om.len() + counters.len() * 16);
-    for line in om.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        match renamed {
-            Some(l) => out.push_str(&l),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
+pub use modelgate_wire::openmetrics_to_prometheus;
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
@@ -303,14 +318,10 @@ impl Metrics {
             "Config streams to the operator that failed or were refused (TLS, token, network)",
             operator_stream_failures.clone(),
         );
-        Self {
-            registry,
-            operator_stream_failures,
-            access_log_dropped,
+        let families = Arc::new(Families {
             requests,
             request_duration,
             ttft,
-            overhead,
             tokens,
             usage_estimated,
             cost,
@@ -319,6 +330,20 @@ impl Metrics {
             retries,
             fallbacks,
             ejections,
+            resolved: AtomicU64::new(0),
+        });
+        Self {
+            registry,
+            operator_stream_failures,
+            access_log_dropped,
+            anonymous: Arc::new(KeySeries::new(families.clone(), "".into())),
+            families,
+            keys: Index::default(),
+            routes: Index::default(),
+            backends: Index::default(),
+            generation: AtomicU64::new(0),
+            census: Mutex::new(()),
+            overhead,
             in_flight,
             connections_refused,
             snapshot_info,
@@ -330,6 +355,7 @@ impl Metrics {
 
     /// OpenMetrics text, for scrapers that ask for it.
     pub fn encode_openmetrics(&self) -> String {
+        self.sweep(Instant::now());
         self.access_log_dropped.inner().store(
             crate::accesslog::dropped_lines(),
             std::sync::atomic::Ordering::Relaxed,
@@ -368,6 +394,626 @@ impl Metrics {
                 .set(1);
         }
     }
+
+    /// The series of key `id` (`""`: a request that had none). Found by name, so every
+    /// snapshot that holds the key counts into the same ones; no label set is built.
+    pub fn key(&self, id: &str) -> Arc<KeySeries> {
+        if id.is_empty() {
+            return self.anonymous.clone();
+        }
+        self.keys.get_or_insert(id, &self.generation, || {
+            let id: Arc<str> = id.into();
+            (id.clone(), KeySeries::new(self.families.clone(), id))
+        })
+    }
+
+    /// The series of route `id`.
+    pub fn route(&self, id: &str) -> Arc<RouteSeries> {
+        self.routes.get_or_insert(id, &self.generation, || {
+            let id: Arc<str> = id.into();
+            let series = RouteSeries {
+                families: self.families.clone(),
+                id: id.clone(),
+                duration: OnceLock::new(),
+                fallbacks: OnceLock::new(),
+            };
+            (id, series)
+        })
+    }
+
+    /// The series of backend `name` of route `route`. The request path reaches them through
+    /// `Backend::series`, which asks here once per backend object.
+    pub fn backend(&self, route: &str, name: &str) -> Arc<BackendSeries> {
+        let name: (Arc<str>, Arc<str>) = (route.into(), name.into());
+        self.backends.get_or_insert(&name, &self.generation, || {
+            let series = BackendSeries::new(self.families.clone(), &name);
+            (name.clone(), series)
+        })
+    }
+
+    /// Start telling which names a new snapshot holds; see [`Census`].
+    pub fn census(&self) -> Census<'_> {
+        let one_at_a_time = lock(&self.census);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // Series made from here on count as seen by this census, so empty indexes need no
+        // marking: a snapshot of 100k keys none of which has series yet costs nothing.
+        Census {
+            metrics: self,
+            generation,
+            keys: !self.keys.is_empty(),
+            routes: !self.routes.is_empty(),
+            backends: !self.backends.is_empty(),
+            _one_at_a_time: one_at_a_time,
+        }
+    }
+
+    /// Remove the series of names that no snapshot in force held for the whole grace up to
+    /// `now` and that nothing uses any more (no request, no backend of a snapshot still
+    /// alive). Runs at every scrape and every census; tests pass their own `now`.
+    pub fn sweep(&self, now: Instant) {
+        let Some(cutoff) = now.checked_sub(SERIES_GRACE) else {
+            return;
+        };
+        // Most scrapes find nothing to remove: they take no write lock, so no request waits.
+        if !(self.keys.has_expired(cutoff)
+            || self.routes.has_expired(cutoff)
+            || self.backends.has_expired(cutoff))
+        {
+            return;
+        }
+        // Routes and backends stay locked until the traffic through them is gone as well, so
+        // a request finds new series for a name only once all of the old ones are removed.
+        let mut routes = write(&self.routes.map);
+        let mut backends = write(&self.backends.map);
+        let gone_routes = expire(&mut routes, cutoff);
+        let gone_backends = expire(&mut backends, cutoff);
+        let mut keys = write(&self.keys.map);
+        for key in expire(&mut keys, cutoff) {
+            key.remove();
+        }
+        if gone_routes.is_empty() && gone_backends.is_empty() {
+            return;
+        }
+        gone_routes.iter().for_each(|r| r.remove());
+        gone_backends.iter().for_each(|b| b.remove());
+        let gone_routes: HashSet<&str> = gone_routes.iter().map(|r| &*r.id).collect();
+        let gone_backends: HashSet<(&str, &str)> = gone_backends
+            .iter()
+            .map(|b| (&*b.route, &*b.name))
+            .collect();
+        let gone = |t: &TrafficSeries| {
+            if t.backend.is_empty() {
+                gone_routes.contains(&*t.route)
+            } else {
+                gone_backends.contains(&(&*t.route, &*t.backend))
+            }
+        };
+        for key in keys.values().map(|e| &e.series).chain([&self.anonymous]) {
+            key.forget_traffic(gone);
+        }
+    }
+
+    /// Label sets looked up in a family so far.
+    #[cfg(test)]
+    pub(crate) fn label_sets_resolved(&self) -> u64 {
+        self.families.resolved.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The names one snapshot holds, told to [`Metrics`] before the snapshot goes live: the series
+/// of names it keeps carry over (a backend object is handed its existing ones), those of names
+/// it dropped start their grace.
+pub struct Census<'a> {
+    metrics: &'a Metrics,
+    generation: u64,
+    keys: bool,
+    routes: bool,
+    backends: bool,
+    _one_at_a_time: MutexGuard<'a, ()>,
+}
+
+impl Census<'_> {
+    pub fn key(&self, id: &str) {
+        if self.keys {
+            self.metrics.keys.mark(id, self.generation);
+        }
+    }
+
+    pub fn route(&self, id: &str) {
+        if self.routes {
+            self.metrics.routes.mark(id, self.generation);
+        }
+    }
+
+    /// Marks a backend; its existing series, if it has any, for the snapshot's `Backend`.
+    pub fn backend(&self, route: &str, name: &str) -> Option<Arc<BackendSeries>> {
+        if !self.backends {
+            return None;
+        }
+        let name: (Arc<str>, Arc<str>) = (route.into(), name.into());
+        self.metrics.backends.mark(&name, self.generation)
+    }
+
+    /// Every name is told: those not told are absent from `now` on.
+    pub fn finish(self, now: Instant) {
+        let m = self.metrics;
+        m.keys.retire(self.generation, now);
+        m.routes.retire(self.generation, now);
+        m.backends.retire(self.generation, now);
+        drop(self);
+        m.sweep(now);
+    }
+}
+
+/// The families labelled by key, route or backend, shared by the series handles so that each
+/// can resolve and remove its own label sets.
+struct Families {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    ttft: Family<BackendLabels, Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    usage_estimated: Family<BackendLabels, Counter>,
+    cost: Family<CostLabels, Counter<f64, AtomicU64>>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    rejected: Family<LimitLabels, Counter>,
+    retries: Family<BackendLabels, Counter>,
+    fallbacks: Family<RouteLabels, Counter>,
+    ejections: Family<BackendLabels, Counter>,
+    /// Label sets looked up so far: once per series, never per request.
+    resolved: AtomicU64,
+}
+
+impl Families {
+    /// The handle of one label set, made on its first use.
+    fn once<'a, S, M, C>(
+        &self,
+        slot: &'a OnceLock<M>,
+        family: &Family<S, M, C>,
+        labels: impl FnOnce() -> S,
+    ) -> &'a M
+    where
+        S: Clone + Hash + Eq,
+        M: Clone,
+        C: MetricConstructor<M>,
+    {
+        slot.get_or_init(|| self.resolve(family, &labels()))
+    }
+
+    fn resolve<S, M, C>(&self, family: &Family<S, M, C>, labels: &S) -> M
+    where
+        S: Clone + Hash + Eq,
+        M: Clone,
+        C: MetricConstructor<M>,
+    {
+        self.resolved.fetch_add(1, Ordering::Relaxed);
+        family.get_or_create_owned(labels)
+    }
+}
+
+/// The handles of one key, and of its traffic through each route and backend.
+pub struct KeySeries {
+    families: Arc<Families>,
+    id: Arc<str>,
+    rejections: ByValue<&'static str, Counter>,
+    /// A few per key: the routes and backends it was used with.
+    traffic: RwLock<Vec<Arc<TrafficSeries>>>,
+}
+
+impl KeySeries {
+    fn new(families: Arc<Families>, id: Arc<str>) -> Self {
+        Self {
+            families,
+            id,
+            rejections: ByValue::default(),
+            traffic: RwLock::default(),
+        }
+    }
+
+    /// Requests of this key refused by `limit`.
+    pub fn rejected(&self, limit: &'static str) -> Counter {
+        self.rejections.get(limit, || {
+            let labels = LimitLabels {
+                key: self.id.to_string(),
+                limit,
+            };
+            self.families.resolve(&self.families.rejected, &labels)
+        })
+    }
+
+    /// This key's requests through `route` and `backend` (`""` where none was reached).
+    pub fn traffic(&self, route: &str, backend: &str) -> Arc<TrafficSeries> {
+        let find = |list: &[Arc<TrafficSeries>]| {
+            list.iter()
+                .find(|t| &*t.route == route && &*t.backend == backend)
+                .cloned()
+        };
+        if let Some(t) = find(&read(&self.traffic)) {
+            return t;
+        }
+        let mut list = write(&self.traffic);
+        if let Some(t) = find(&list) {
+            return t;
+        }
+        let t = Arc::new(TrafficSeries {
+            families: self.families.clone(),
+            route: route.into(),
+            backend: backend.into(),
+            key: self.id.clone(),
+            requests: ByValue::default(),
+            tokens: Default::default(),
+            cost: OnceLock::new(),
+        });
+        list.push(t.clone());
+        t
+    }
+
+    fn forget_traffic(&self, gone: impl Fn(&TrafficSeries) -> bool) {
+        write(&self.traffic).retain(|t| {
+            let forget = gone(t);
+            if forget {
+                t.remove();
+            }
+            !forget
+        });
+    }
+
+    fn remove(&self) {
+        for limit in self.rejections.values() {
+            self.families.rejected.remove(&LimitLabels {
+                key: self.id.to_string(),
+                limit,
+            });
+        }
+        read(&self.traffic).iter().for_each(|t| t.remove());
+    }
+}
+
+/// The handles of one key's requests through one route and backend.
+pub struct TrafficSeries {
+    families: Arc<Families>,
+    route: Box<str>,
+    backend: Box<str>,
+    key: Arc<str>,
+    requests: ByValue<u16, Counter>,
+    tokens: [OnceLock<Counter>; TokenKind::ALL.len()],
+    cost: OnceLock<Counter<f64, AtomicU64>>,
+}
+
+impl TrafficSeries {
+    /// Requests answered with `status`.
+    pub fn requests(&self, status: u16) -> Counter {
+        self.requests.get(status, || {
+            let labels = self.request_labels(status);
+            self.families.resolve(&self.families.requests, &labels)
+        })
+    }
+
+    pub fn tokens(&self, kind: TokenKind) -> &Counter {
+        let f = &self.families;
+        f.once(&self.tokens[kind as usize], &f.tokens, || {
+            self.token_labels(kind)
+        })
+    }
+
+    pub fn cost(&self) -> &Counter<f64, AtomicU64> {
+        let f = &self.families;
+        f.once(&self.cost, &f.cost, || self.cost_labels())
+    }
+
+    fn request_labels(&self, status: u16) -> RequestLabels {
+        RequestLabels {
+            route: self.route.to_string(),
+            backend: self.backend.to_string(),
+            key: self.key.to_string(),
+            status,
+        }
+    }
+
+    fn token_labels(&self, kind: TokenKind) -> TokenLabels {
+        TokenLabels {
+            route: self.route.to_string(),
+            backend: self.backend.to_string(),
+            key: self.key.to_string(),
+            kind,
+        }
+    }
+
+    fn cost_labels(&self) -> CostLabels {
+        CostLabels {
+            route: self.route.to_string(),
+            backend: self.backend.to_string(),
+            key: self.key.to_string(),
+        }
+    }
+
+    fn remove(&self) {
+        let f = &self.families;
+        for status in self.requests.values() {
+            f.requests.remove(&self.request_labels(status));
+        }
+        for kind in TokenKind::ALL {
+            f.tokens.remove(&self.token_labels(kind));
+        }
+        f.cost.remove(&self.cost_labels());
+    }
+}
+
+/// The handles of one route.
+pub struct RouteSeries {
+    families: Arc<Families>,
+    id: Arc<str>,
+    duration: OnceLock<Histogram>,
+    fallbacks: OnceLock<Counter>,
+}
+
+impl RouteSeries {
+    pub fn duration(&self) -> &Histogram {
+        let f = &self.families;
+        f.once(&self.duration, &f.request_duration, || self.labels())
+    }
+
+    pub fn fallbacks(&self) -> &Counter {
+        let f = &self.families;
+        f.once(&self.fallbacks, &f.fallbacks, || self.labels())
+    }
+
+    fn labels(&self) -> RouteLabels {
+        RouteLabels {
+            route: self.id.to_string(),
+        }
+    }
+
+    fn remove(&self) {
+        let labels = self.labels();
+        self.families.request_duration.remove(&labels);
+        self.families.fallbacks.remove(&labels);
+    }
+}
+
+/// The handles of one backend of one route.
+pub struct BackendSeries {
+    families: Arc<Families>,
+    route: Arc<str>,
+    name: Arc<str>,
+    ttft: OnceLock<Histogram>,
+    usage_estimated: OnceLock<Counter>,
+    retries: OnceLock<Counter>,
+    ejections: OnceLock<Counter>,
+    upstream_errors: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
+}
+
+impl BackendSeries {
+    fn new(families: Arc<Families>, (route, name): &(Arc<str>, Arc<str>)) -> Self {
+        Self {
+            families,
+            route: route.clone(),
+            name: name.clone(),
+            ttft: OnceLock::new(),
+            usage_estimated: OnceLock::new(),
+            retries: OnceLock::new(),
+            ejections: OnceLock::new(),
+            upstream_errors: Default::default(),
+        }
+    }
+
+    pub fn ttft(&self) -> &Histogram {
+        let f = &self.families;
+        f.once(&self.ttft, &f.ttft, || self.labels())
+    }
+
+    pub fn usage_estimated(&self) -> &Counter {
+        let f = &self.families;
+        f.once(&self.usage_estimated, &f.usage_estimated, || self.labels())
+    }
+
+    pub fn retries(&self) -> &Counter {
+        let f = &self.families;
+        f.once(&self.retries, &f.retries, || self.labels())
+    }
+
+    pub fn ejections(&self) -> &Counter {
+        let f = &self.families;
+        f.once(&self.ejections, &f.ejections, || self.labels())
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) -> &Counter {
+        let f = &self.families;
+        f.once(
+            &self.upstream_errors[kind as usize],
+            &f.upstream_errors,
+            || self.error_labels(kind),
+        )
+    }
+
+    fn labels(&self) -> BackendLabels {
+        BackendLabels {
+            route: self.route.to_string(),
+            backend: self.name.to_string(),
+        }
+    }
+
+    fn error_labels(&self, kind: UpstreamErrorKind) -> UpstreamErrorLabels {
+        UpstreamErrorLabels {
+            route: self.route.to_string(),
+            backend: self.name.to_string(),
+            kind,
+        }
+    }
+
+    fn remove(&self) {
+        let (f, labels) = (&self.families, self.labels());
+        f.ttft.remove(&labels);
+        f.usage_estimated.remove(&labels);
+        f.retries.remove(&labels);
+        f.ejections.remove(&labels);
+        for kind in UpstreamErrorKind::ALL {
+            f.upstream_errors.remove(&self.error_labels(kind));
+        }
+    }
+}
+
+impl std::fmt::Debug for BackendSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendSeries")
+            .field("route", &self.route)
+            .field("backend", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One handle per value of a label that varies per request over a few values (a status, a
+/// limit), each made at the first request with that value.
+struct ByValue<V, M>(RwLock<Vec<(V, M)>>);
+
+impl<V, M> Default for ByValue<V, M> {
+    fn default() -> Self {
+        Self(RwLock::default())
+    }
+}
+
+impl<V: Copy + PartialEq, M: Clone> ByValue<V, M> {
+    fn get(&self, value: V, make: impl FnOnce() -> M) -> M {
+        let find = |list: &[(V, M)]| {
+            list.iter()
+                .find(|(v, _)| *v == value)
+                .map(|(_, m)| m.clone())
+        };
+        if let Some(m) = find(&read(&self.0)) {
+            return m;
+        }
+        let mut list = write(&self.0);
+        if let Some(m) = find(&list) {
+            return m;
+        }
+        let m = make();
+        list.push((value, m.clone()));
+        m
+    }
+
+    fn values(&self) -> Vec<V> {
+        read(&self.0).iter().map(|(v, _)| *v).collect()
+    }
+}
+
+/// Series by name, with what the censuses said about each name.
+struct Index<N, S> {
+    map: RwLock<HashMap<N, Entry<S>, foldhash::fast::RandomState>>,
+}
+
+impl<N, S> Default for Index<N, S> {
+    fn default() -> Self {
+        Self {
+            map: RwLock::new(HashMap::default()),
+        }
+    }
+}
+
+struct Entry<S> {
+    series: Arc<S>,
+    /// The last census that found the name, or that was under way when the series was made.
+    seen: AtomicU64,
+    /// Since when the snapshot in force has not held the name.
+    absent_since: Option<Instant>,
+}
+
+impl<N: Hash + Eq, S> Index<N, S> {
+    fn get_or_insert<Q>(
+        &self,
+        name: &Q,
+        generation: &AtomicU64,
+        make: impl FnOnce() -> (N, S),
+    ) -> Arc<S>
+    where
+        N: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(e) = read(&self.map).get(name) {
+            return e.series.clone();
+        }
+        let mut map = write(&self.map);
+        if let Some(e) = map.get(name) {
+            return e.series.clone();
+        }
+        let (name, series) = make();
+        let series = Arc::new(series);
+        let entry = Entry {
+            series: series.clone(),
+            seen: AtomicU64::new(generation.load(Ordering::SeqCst)),
+            absent_since: None,
+        };
+        map.insert(name, entry);
+        series
+    }
+
+    fn mark<Q>(&self, name: &Q, generation: u64) -> Option<Arc<S>>
+    where
+        N: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let map = read(&self.map);
+        let e = map.get(name)?;
+        e.seen.store(generation, Ordering::Relaxed);
+        Some(e.series.clone())
+    }
+
+    fn is_empty(&self) -> bool {
+        read(&self.map).is_empty()
+    }
+
+    fn has_expired(&self, cutoff: Instant) -> bool {
+        read(&self.map).values().any(|e| e.expired(cutoff))
+    }
+
+    fn retire(&self, generation: u64, now: Instant) {
+        for e in write(&self.map).values_mut() {
+            if *e.seen.get_mut() == generation {
+                e.absent_since = None;
+            } else {
+                e.absent_since.get_or_insert(now);
+            }
+        }
+    }
+}
+
+impl<S> Entry<S> {
+    /// Absent since `cutoff` or earlier, and held by nothing but the index.
+    fn expired(&self, cutoff: Instant) -> bool {
+        self.absent_since.is_some_and(|t| t <= cutoff) && Arc::strong_count(&self.series) == 1
+    }
+}
+
+/// Take out of `map` the series absent since `cutoff` or longer that only the map holds.
+fn expire<N, S>(
+    map: &mut HashMap<N, Entry<S>, foldhash::fast::RandomState>,
+    cutoff: Instant,
+) -> Vec<Arc<S>> {
+    let mut gone = Vec::new();
+    map.retain(|_, e| {
+        let expired = e.expired(cutoff);
+        if expired {
+            gone.push(e.series.clone());
+        }
+        !expired
+    });
+    gone
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -377,13 +1023,9 @@ mod tests {
     #[test]
     fn classic_format_names_counters_like_their_samples() {
         let m = Metrics::new();
-        m.requests
-            .get_or_create(&RequestLabels {
-                route: "default/r".into(),
-                backend: "b".into(),
-                key: "default/k".into(),
-                status: 200,
-            })
+        m.key("default/k")
+            .traffic("default/r", "b")
+            .requests(200)
             .inc();
         let text = m.encode_prometheus();
         assert!(
@@ -397,5 +1039,164 @@ mod tests {
         assert!(text.contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 1"));
         assert!(!text.contains("# EOF"));
         assert!(m.encode_openmetrics().ends_with("# EOF\n"));
+    }
+
+    /// What one request through `route` (backend `b`) with `key` records, with every kind
+    /// of series a key, a route and a backend have.
+    fn request(m: &Metrics, key: &str, route: &str) {
+        let k = m.key(key);
+        let t = k.traffic(route, "b");
+        t.requests(200).inc();
+        t.tokens(TokenKind::Input).inc_by(3);
+        t.tokens(TokenKind::Output).inc_by(2);
+        t.cost().inc_by(0.25);
+        k.rejected("budget").inc();
+        let r = m.route(route);
+        r.duration().observe(0.1);
+        r.fallbacks().inc();
+        let b = m.backend(route, "b");
+        b.ttft().observe(0.05);
+        b.usage_estimated().inc();
+        b.retries().inc();
+        b.ejections().inc();
+        b.upstream_error(UpstreamErrorKind::Timeout).inc();
+    }
+
+    /// Sample lines that mention `name` in a label.
+    fn samples(m: &Metrics, name: &str) -> Vec<String> {
+        let quoted = format!("\"{name}\"");
+        m.encode_prometheus()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&quoted))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Tell `m` a snapshot holding `keys` and `routes` (each with backend `b`) went live.
+    fn swap(m: &Metrics, keys: &[&str], routes: &[&str]) {
+        let census = m.census();
+        for r in routes {
+            census.route(r);
+            census.backend(r, "b");
+        }
+        for k in keys {
+            census.key(k);
+        }
+        census.finish(Instant::now());
+    }
+
+    #[test]
+    fn a_series_is_resolved_once_and_then_only_counted() {
+        let m = Metrics::new();
+        request(&m, "default/k", "default/r");
+        let resolved = m.label_sets_resolved();
+        // requests, 2 token kinds, cost, rejections, duration, fallbacks, ttft, estimated
+        // usage, retries, ejections, one upstream error kind.
+        assert_eq!(resolved, 12);
+        request(&m, "default/k", "default/r");
+        assert_eq!(m.label_sets_resolved(), resolved, "label sets built again");
+        let k = m.key("default/k");
+        assert!(Arc::ptr_eq(&k, &m.key("default/k")));
+        assert!(Arc::ptr_eq(
+            &k.traffic("default/r", "b"),
+            &k.traffic("default/r", "b")
+        ));
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("modelgate_tokens_total{route=\"default/r\",backend=\"b\",key=\"default/k\",kind=\"input\"} 6"));
+        assert!(text.contains(
+            "modelgate_upstream_errors_total{route=\"default/r\",backend=\"b\",kind=\"timeout\"} 2"
+        ));
+        // A new status is a new label set, once.
+        k.traffic("default/r", "b").requests(429).inc();
+        k.traffic("default/r", "b").requests(429).inc();
+        assert_eq!(m.label_sets_resolved(), resolved + 1);
+    }
+
+    #[test]
+    fn series_of_names_a_snapshot_dropped_leave_after_the_grace() {
+        let m = Metrics::new();
+        request(&m, "default/gone", "default/old");
+        request(&m, "default/stays", "default/kept");
+        // The key that stays also went through the route that goes.
+        request(&m, "default/stays", "default/old");
+        swap(
+            &m,
+            &["default/gone", "default/stays"],
+            &["default/old", "default/kept"],
+        );
+        let before = |name| samples(&m, name).len();
+        let (gone, old, stays, kept) = (
+            before("default/gone"),
+            before("default/old"),
+            before("default/stays"),
+            before("default/kept"),
+        );
+        assert!(gone > 0 && old > 0 && stays > 0 && kept > 0);
+
+        let t0 = Instant::now();
+        swap(&m, &["default/stays"], &["default/kept"]);
+        let t1 = Instant::now();
+        // Within the grace everything is still scraped.
+        m.sweep(t0 + SERIES_GRACE - Duration::from_millis(1));
+        assert_eq!(samples(&m, "default/gone").len(), gone);
+        assert_eq!(samples(&m, "default/old").len(), old);
+
+        m.sweep(t1 + SERIES_GRACE);
+        assert_eq!(samples(&m, "default/gone"), Vec::<String>::new());
+        assert_eq!(samples(&m, "default/old"), Vec::<String>::new());
+        // Only the traffic of the staying key through the removed route went with it.
+        let through_old = samples(&m, "default/stays").len();
+        assert!(through_old > 0 && through_old < stays);
+        assert_eq!(samples(&m, "default/kept").len(), kept);
+    }
+
+    #[test]
+    fn a_series_in_use_outlives_the_grace() {
+        let m = Metrics::new();
+        request(&m, "default/k", "default/r");
+        swap(&m, &["default/k"], &["default/r"]);
+        swap(&m, &[], &[]);
+        // A request that started on the old snapshot is still recording.
+        let (key, backend) = (m.key("default/k"), m.backend("default/r", "b"));
+        let later = Instant::now() + SERIES_GRACE;
+        m.sweep(later);
+        assert!(!samples(&m, "default/k").is_empty());
+        // The route's own series are unused and go; the backend's and the key's stay.
+        let left = samples(&m, "default/r");
+        let has = |metric: &str| left.iter().any(|l| l.starts_with(metric));
+        assert!(!has("modelgate_request_duration_seconds") && !has("modelgate_fallbacks"));
+        assert!(has("modelgate_time_to_first_token_seconds") && has("modelgate_requests"));
+        drop((key, backend));
+        m.sweep(later);
+        assert!(samples(&m, "default/k").is_empty());
+        assert!(samples(&m, "default/r").is_empty());
+    }
+
+    #[test]
+    fn a_name_back_within_the_grace_keeps_its_series() {
+        let m = Metrics::new();
+        request(&m, "default/k", "default/r");
+        swap(&m, &["default/k"], &["default/r"]);
+        swap(&m, &[], &[]);
+        swap(&m, &["default/k"], &["default/r"]);
+        m.sweep(Instant::now() + 2 * SERIES_GRACE);
+        request(&m, "default/k", "default/r");
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("modelgate_fallbacks_total{route=\"default/r\"} 2"));
+
+        // Back only after the grace: new series, from zero.
+        swap(&m, &[], &[]);
+        m.sweep(Instant::now() + SERIES_GRACE);
+        swap(&m, &["default/k"], &["default/r"]);
+        request(&m, "default/k", "default/r");
+        assert!(m.encode_prometheus().contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 1"));
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //!  parse path ─► authenticate ─► read body ─► resolve route ─► authorize ─► admit
-//!      ─► forward (pick backend, retry, fall back; before the first byte only) ─► respond
+//!      ─► forward (pick backend, send, receive; retry, fall back) ─► respond
+//!  receive: an event stream's first bytes, or a whole answer, before anything is committed
+//!  to the client, so an upstream that answers headers and then nothing is retried too
 //!  respond: an event stream passes through (`stream`); a whole JSON answer to a stream
 //!  request is written as one (`synth`); a 2xx that is not JSON is a 502
 //!  meter: always, when the Meter drops (after errors, streams, disconnects too)
@@ -22,15 +24,16 @@ use crate::admission::{self, Estimate};
 use crate::error::{ProxyError, json_response};
 use crate::keys::Key;
 use crate::meter::Meter;
-use crate::metrics::{BackendLabels, LimitLabels, Metrics, RouteLabels, UpstreamErrorLabels};
+use crate::metrics::Metrics;
 use crate::providers::{self, Failure, HttpClient};
 use crate::request::{ApiRequest, Endpoint};
 use crate::routes::{Backend, Route};
 use crate::snapshot::{Live, Snapshot};
-use crate::stream::{MeteredStream, MockStream, ProxyBody, UpstreamBody, usage_of_body};
+use crate::stream::{self, MeteredStream, MockStream, ProxyBody, UpstreamBody, usage_of_body};
 use crate::synth;
 
-/// Per-attempt deadline when neither the backend nor the route sets one.
+/// Per-attempt deadline (until the answer's first bytes, or all of a whole answer) when
+/// neither the backend nor the route sets one.
 const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest non-streamed upstream body the proxy reads.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
@@ -56,9 +59,10 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(settings: Settings) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
-            live: Live::default(),
-            metrics: Arc::new(Metrics::new()),
+            live: Live::metered(metrics.clone()),
+            metrics,
             client: providers::http_client(settings.egress.clone()),
             settings,
         }
@@ -67,7 +71,15 @@ impl Gateway {
 
 enum Reply {
     Full(Response<ProxyBody>),
-    Stream(Response<UpstreamBody>, bool),
+    /// An event stream to pass on, the upstream's or one written from a whole answer.
+    Stream {
+        resp: Response<UpstreamBody>,
+        /// Bytes already read from the body, to send first.
+        first: Option<Bytes>,
+        /// When the stream's headers came: its `streamTimeout` counts from here.
+        since: Instant,
+        strip_usage: bool,
+    },
 }
 
 fn request_id(headers: &HeaderMap) -> String {
@@ -88,7 +100,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
             meter.response_ready(resp.status().as_u16());
             (resp, Some(meter))
         }
-        Ok(Reply::Stream(upstream, strip)) => {
+        Ok(Reply::Stream {
+            resp: upstream,
+            first,
+            since,
+            strip_usage,
+        }) => {
             meter.response_ready(upstream.status().as_u16());
             let mut resp = Response::new(ProxyBody::Full(None));
             *resp.status_mut() = upstream.status();
@@ -103,11 +120,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
             let body = MeteredStream::with_limits(
                 upstream.into_body(),
                 meter,
-                strip,
+                strip_usage,
                 gw.settings.max_stream_event_bytes,
                 idle,
                 total,
-            );
+            )
+            .starting_with(first, since);
             *resp.body_mut() = ProxyBody::Stream(Box::new(body));
             return resp;
         }
@@ -279,16 +297,28 @@ async fn serve(
         }
     }
 
-    // pick and forward
-    let (backend, resp) = forward(gw, &route, &api, meter).await?;
-    let status = resp.status();
-    if api.stream && status.is_success() {
-        if is_event_stream(resp.headers()) {
-            return Ok(Reply::Stream(resp, !api.client_wants_usage));
+    // pick, forward and receive
+    let (parts, bytes) = match forward(gw, &route, &api, meter).await? {
+        Answer::Stream { resp, first, since } => {
+            return Ok(Reply::Stream {
+                resp,
+                first,
+                since,
+                strip_usage: !api.client_wants_usage,
+            });
         }
+        Answer::Whole(parts, bytes) => (parts, bytes),
+        Answer::Oversized(parts) => {
+            return Err(ProxyError::UpstreamProtocol(format!(
+                "the upstream's answer ({}) is larger than {MAX_UPSTREAM_BODY} bytes",
+                media_type(&parts.headers)
+            )));
+        }
+    };
+    let status = parts.status;
+    if api.stream && status.is_success() {
         // A whole answer to a stream request: written as the stream the client asked for,
         // and metered by the same scanner as any stream.
-        let (parts, bytes) = read_whole(resp, &backend, meter).await?;
         let answer = synth::stream_of_answer(
             api.endpoint,
             &bytes,
@@ -313,10 +343,14 @@ async fn serve(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
         );
-        return Ok(Reply::Stream(synthesized, !api.client_wants_usage));
+        return Ok(Reply::Stream {
+            resp: synthesized,
+            first: None,
+            since: Instant::now(),
+            strip_usage: !api.client_wants_usage,
+        });
     }
-    // A buffered answer (or an upstream client error passed on): read it whole for usage.
-    let (parts, bytes) = read_whole(resp, &backend, meter).await?;
+    // A buffered answer (or an upstream client error passed on), read whole for usage.
     if status.is_success() {
         match usage_of_body(&bytes) {
             Some(u) => meter.set_usage(u),
@@ -339,22 +373,70 @@ async fn serve(
     Ok(Reply::Full(out))
 }
 
-/// Read an upstream answer whole, within the backend's timeout and the body size limit.
-async fn read_whole(
-    resp: Response<UpstreamBody>,
-    backend: &Backend,
-    meter: &mut Meter,
-) -> Result<(http::response::Parts, Bytes), ProxyError> {
-    let timeout = backend.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
-    let started = Instant::now();
-    let (parts, body) = resp.into_parts();
-    let read = tokio::time::timeout(timeout, Limited::new(body, MAX_UPSTREAM_BODY).collect()).await;
-    meter.upstream_time += started.elapsed();
-    match read {
-        Err(_) => Err(ProxyError::UpstreamTimeout),
-        Ok(Err(e)) => Err(ProxyError::UpstreamProtocol(e.to_string())),
-        Ok(Ok(b)) => Ok((parts, b.to_bytes())),
+/// What an attempt brought back, before anything went to the client.
+enum Answer {
+    /// An event stream and its first bytes (`None`: it ended without any).
+    Stream {
+        resp: Response<UpstreamBody>,
+        first: Option<Bytes>,
+        since: Instant,
+    },
+    /// A whole body: a JSON answer, or an upstream client error to pass on.
+    Whole(http::response::Parts, Bytes),
+    /// A body over the size limit: nothing to pass on, and no reason to ask another backend.
+    Oversized(http::response::Parts),
+}
+
+/// The second half of an attempt: wait for what the client will get, within what is `left`
+/// of the attempt's time. An event stream goes on once its first bytes came, which must be
+/// within the route's `streamIdleTimeout` (and `streamTimeout`) of its headers; any other
+/// answer is read whole. An upstream silent until then failed like one that never answered
+/// (a timeout), one that broke off like one that could not be reached: the client has seen
+/// nothing yet, so both may be retried.
+async fn receive(
+    mut resp: Response<UpstreamBody>,
+    route: &Route,
+    stream: bool,
+    left: Duration,
+) -> Result<Answer, Failure> {
+    let since = Instant::now();
+    if stream && resp.status().is_success() && is_event_stream(resp.headers()) {
+        let wait = first_byte_wait(route, left);
+        return match tokio::time::timeout(wait, stream::first_bytes(resp.body_mut())).await {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(e)) => Err(broke_off(&*e)),
+            Ok(Ok(first)) => {
+                if first.is_none() {
+                    // Ended: never polled again.
+                    *resp.body_mut() =
+                        UpstreamBody::Mock(MockStream::new(Vec::new(), Duration::ZERO));
+                }
+                Ok(Answer::Stream { resp, first, since })
+            }
+        };
     }
+    let (parts, body) = resp.into_parts();
+    match tokio::time::timeout(left, Limited::new(body, MAX_UPSTREAM_BODY).collect()).await {
+        Err(_) => Err(Failure::Timeout),
+        Ok(Ok(b)) => Ok(Answer::Whole(parts, b.to_bytes())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Ok(Answer::Oversized(parts)),
+        Ok(Err(e)) => Err(broke_off(&*e)),
+    }
+}
+
+/// The longest an event stream may take from its headers to its first bytes.
+fn first_byte_wait(route: &Route, left: Duration) -> Duration {
+    [route.stream_idle_timeout, route.stream_timeout]
+        .into_iter()
+        .flatten()
+        .fold(left, Duration::min)
+}
+
+fn broke_off(e: &(dyn std::error::Error + 'static)) -> Failure {
+    Failure::Connect(format!(
+        "the connection broke before the answer came: {}",
+        providers::describe(e)
+    ))
 }
 
 /// The media type of a `Content-Type`, parameters left out.
@@ -384,18 +466,14 @@ fn media_type(headers: &HeaderMap) -> String {
 }
 
 fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
-    metrics
-        .rejected
-        .get_or_create(&LimitLabels {
-            key: key.id.to_string(),
-            limit,
-        })
-        .inc();
+    metrics.key(&key.id).rejected(limit).inc();
 }
 
 /// Tiers in priority order; within a tier up to `1 + retries.attempts` attempts, preferring
 /// backends not tried yet. Only failures listed in `retries.on` are retried or fall through.
-/// Every retry happens before any byte reached the client.
+/// Every retry happens before any byte reached the client: an attempt lasts until its
+/// answer can go on (see [`receive`]), and its timeout (the backend's, capped by what is
+/// left of the route's) covers all of it.
 ///
 /// No pause outlasts the route's timeout: a backoff that would moves on to the next tier at
 /// once. A backend that answers 429/503 with a `Retry-After` that fits the time left is next
@@ -406,7 +484,7 @@ async fn forward(
     route: &Arc<Route>,
     api: &ApiRequest<'_>,
     meter: &mut Meter,
-) -> Result<(Arc<Backend>, Response<UpstreamBody>), ProxyError> {
+) -> Result<Answer, ProxyError> {
     let deadline = route.timeout.map(|t| Instant::now() + t);
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<Failure> = None;
@@ -416,12 +494,7 @@ async fn forward(
     let mut busy: Vec<usize> = Vec::new();
     for (ti, tier) in route.tiers.iter().enumerate() {
         if ti > 0 {
-            gw.metrics
-                .fallbacks
-                .get_or_create(&RouteLabels {
-                    route: route.id.clone(),
-                })
-                .inc();
+            gw.metrics.route(&route.id).fallbacks().inc();
         }
         // The last failure asked for a wait the budget cannot hold: no backoff before the next.
         let mut at_once = false;
@@ -445,13 +518,7 @@ async fn forward(
                 {
                     break;
                 }
-                gw.metrics
-                    .retries
-                    .get_or_create(&BackendLabels {
-                        route: route.id.clone(),
-                        backend: backend.name.clone(),
-                    })
-                    .inc();
+                backend.series(&gw.metrics).retries().inc();
                 let started = Instant::now();
                 tokio::time::sleep(pause).await;
                 meter.upstream_time += started.elapsed();
@@ -470,14 +537,20 @@ async fn forward(
             // Dropped after the attempt, or with this future when the client leaves mid-call.
             let in_flight = backend.state.start_attempt();
             let started = Instant::now();
-            let result = providers::attempt(&gw.client, &backend, api, timeout).await;
+            let result = match providers::attempt(&gw.client, &backend, api, timeout).await {
+                Ok(resp) => {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    receive(resp, route, api.stream, left).await
+                }
+                Err(failure) => Err(failure),
+            };
             let took = started.elapsed();
             drop(in_flight);
             meter.upstream_time += took;
             match result {
-                Ok(resp) => {
+                Ok(answer) => {
                     backend.state.record_success(took);
-                    return Ok((backend, resp));
+                    return Ok(answer);
                 }
                 Err(failure) => {
                     record_failure(gw, route, &backend, &failure);
@@ -523,14 +596,8 @@ fn retry_after_budget(deadline: Option<Instant>, now: Instant) -> Duration {
 }
 
 fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: &Failure) {
-    gw.metrics
-        .upstream_errors
-        .get_or_create(&UpstreamErrorLabels {
-            route: route.id.clone(),
-            backend: backend.name.clone(),
-            kind: failure.metric_kind(),
-        })
-        .inc();
+    let series = backend.series(&gw.metrics);
+    series.upstream_error(failure.metric_kind()).inc();
     if failure.retry_on() == crate::routes::RetryOn::RateLimited {
         // A busy upstream is healthy; ejecting it would only move the load elsewhere.
         return;
@@ -539,13 +606,7 @@ fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: 
         .state
         .record_failure(&route.outlier, route.may_eject(backend))
     {
-        gw.metrics
-            .ejections
-            .get_or_create(&BackendLabels {
-                route: route.id.clone(),
-                backend: backend.name.clone(),
-            })
-            .inc();
+        series.ejections().inc();
         tracing::warn!(route = %route.id, backend = %backend.name, "backend ejected after consecutive failures");
     }
     tracing::debug!(route = %route.id, backend = %backend.name, ?failure, "upstream attempt failed");
@@ -693,5 +754,230 @@ mod forward_tests {
             0,
             "the dropped call left the count"
         );
+    }
+
+    /// What a loopback upstream does after it sent its response head.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Nothing, with the connection open.
+        Idle,
+        /// Close the connection.
+        Close,
+    }
+
+    const EVENT_STREAM_HEAD: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    const JSON_HEAD: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
+
+    /// An upstream on 127.0.0.1 that answers every request with `head` and then `then`;
+    /// returns its base URL.
+    async fn upstream_that_stalls(head: &'static str, then: Then) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while memchr::memmem::find(&seen, b"\r\n\r\n").is_none() {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    conn.write_all(head.as_bytes()).await.unwrap();
+                    if let Then::Idle = then {
+                        // Hold the connection until the gateway lets go of it.
+                        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn backend(name: &str, provider: Provider, timeout: Option<Duration>) -> Arc<Backend> {
+        Arc::new(Backend::new(
+            "default/r",
+            name,
+            provider,
+            None,
+            1,
+            timeout,
+            Pricing::default(),
+            Arc::default(),
+        ))
+    }
+
+    fn http(url: &str) -> Provider {
+        Provider::OpenAi(Box::new(
+            crate::providers::openai::Upstream::new(url, None).unwrap(),
+        ))
+    }
+
+    /// One backend per tier, tried in order; no retries within a tier.
+    fn tiered(backends: Vec<Arc<Backend>>, on: Vec<crate::routes::RetryOn>) -> Arc<Route> {
+        Arc::new(Route {
+            id: "default/r".into(),
+            namespace: "default".into(),
+            model: "m".into(),
+            aliases: vec![],
+            strategy: Strategy::Weighted,
+            timeout: None,
+            retry: RetryPolicy {
+                attempts: 0,
+                on,
+                ..RetryPolicy::default()
+            },
+            outlier: OutlierPolicy {
+                consecutive_failures: 1,
+                ..OutlierPolicy::default()
+            },
+            max_output_tokens: None,
+            stream_idle_timeout: Some(Duration::from_millis(50)),
+            stream_timeout: None,
+            tiers: backends
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| Tier {
+                    priority: i as u32,
+                    backends: vec![b],
+                })
+                .collect(),
+        })
+    }
+
+    fn gateway() -> Gateway {
+        Gateway::new(Settings {
+            max_body_bytes: 1 << 20,
+            default_max_tokens: 16,
+            max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES,
+            egress: None,
+        })
+    }
+
+    const STREAM: &[u8] =
+        br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    const WHOLE: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+    fn upstream_errors(gw: &Gateway, backend: &str, kind: &str) -> bool {
+        gw.metrics.encode_prometheus().contains(&format!(
+            "modelgate_upstream_errors_total{{route=\"default/r\",backend=\"{backend}\",kind=\"{kind}\"}} 1"
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_stream_silent_after_its_headers_fails_over_like_a_timeout() {
+        use crate::routes::RetryOn;
+        let gw = gateway();
+        let silent = backend(
+            "silent",
+            http(&upstream_that_stalls(EVENT_STREAM_HEAD, Then::Idle).await),
+            None,
+        );
+        let healthy = backend("healthy", Provider::Mock(MockSettings::default()), None);
+        let route = tiered(vec![silent.clone(), healthy], vec![RetryOn::Timeout]);
+        let api = ApiRequest::parse(Endpoint::Chat, STREAM).unwrap();
+        let mut meter = Meter::new(gw.metrics.clone(), "test".into());
+        let answer = forward(&gw, &route, &api, &mut meter).await;
+        let Ok(Answer::Stream {
+            first: Some(first), ..
+        }) = answer
+        else {
+            panic!("the second tier's stream, with its first bytes");
+        };
+        assert!(first.starts_with(b"data: "), "{first:?}");
+        assert_eq!(meter.backend.as_ref().unwrap().name, "healthy");
+        assert_eq!(meter.attempts, 2);
+        assert!(upstream_errors(&gw, "silent", "timeout"));
+        assert!(
+            silent.state.is_ejected(),
+            "the outlier detector saw a failure"
+        );
+        assert_eq!(silent.state.in_flight(), 0);
+
+        // Not retried when the policy leaves timeouts out: the client gets a 504.
+        let silent = backend(
+            "silent",
+            http(&upstream_that_stalls(EVENT_STREAM_HEAD, Then::Idle).await),
+            None,
+        );
+        let healthy = backend("healthy", Provider::Mock(MockSettings::default()), None);
+        let route = tiered(vec![silent, healthy], vec![RetryOn::Connect]);
+        let mut meter = Meter::new(gw.metrics.clone(), "test".into());
+        let Err(e) = forward(&gw, &route, &api, &mut meter).await else {
+            panic!("no retry on a timeout");
+        };
+        assert_eq!(e.into_response().status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(meter.attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_that_never_comes_fails_over_within_the_attempt_timeout() {
+        use crate::routes::RetryOn;
+        let gw = gateway();
+        let silent = backend(
+            "silent",
+            http(&upstream_that_stalls(JSON_HEAD, Then::Idle).await),
+            Some(Duration::from_millis(50)),
+        );
+        let healthy = backend("healthy", Provider::Mock(MockSettings::default()), None);
+        let route = tiered(vec![silent, healthy], vec![RetryOn::Timeout]);
+        let api = ApiRequest::parse(Endpoint::Chat, WHOLE).unwrap();
+        let mut meter = Meter::new(gw.metrics.clone(), "test".into());
+        let Ok(Answer::Whole(parts, body)) = forward(&gw, &route, &api, &mut meter).await else {
+            panic!("the second tier's answer");
+        };
+        assert_eq!(parts.status, StatusCode::OK);
+        assert!(usage_of_body(&body).is_some());
+        assert_eq!(meter.backend.as_ref().unwrap().name, "healthy");
+        assert!(upstream_errors(&gw, "silent", "timeout"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_broken_before_the_first_byte_fails_over_like_a_connect_error() {
+        use crate::routes::RetryOn;
+        for (head, body) in [(EVENT_STREAM_HEAD, STREAM), (JSON_HEAD, WHOLE)] {
+            let gw = gateway();
+            let broken = backend(
+                "broken",
+                http(&upstream_that_stalls(head, Then::Close).await),
+                None,
+            );
+            let healthy = backend("healthy", Provider::Mock(MockSettings::default()), None);
+            let route = tiered(vec![broken, healthy], vec![RetryOn::Connect]);
+            let api = ApiRequest::parse(Endpoint::Chat, body).unwrap();
+            let mut meter = Meter::new(gw.metrics.clone(), "test".into());
+            let answer = forward(&gw, &route, &api, &mut meter).await;
+            assert!(
+                matches!(
+                    answer,
+                    Ok(Answer::Stream { first: Some(_), .. } | Answer::Whole(..))
+                ),
+                "{head}"
+            );
+            assert_eq!(meter.backend.as_ref().unwrap().name, "healthy");
+            assert!(upstream_errors(&gw, "broken", "connect"), "{head}");
+        }
+    }
+
+    #[test]
+    fn the_first_byte_waits_no_longer_than_any_limit() {
+        let mut route = Arc::try_unwrap(tiered(vec![], vec![])).unwrap();
+        let s = Duration::from_secs;
+        route.stream_idle_timeout = Some(s(300));
+        assert_eq!(first_byte_wait(&route, s(600)), s(300), "idle");
+        assert_eq!(
+            first_byte_wait(&route, s(20)),
+            s(20),
+            "the attempt's time left"
+        );
+        route.stream_timeout = Some(s(60));
+        assert_eq!(first_byte_wait(&route, s(600)), s(60), "the stream's total");
+        route.stream_idle_timeout = None;
+        route.stream_timeout = None;
+        assert_eq!(first_byte_wait(&route, s(600)), s(600));
     }
 }

@@ -17,13 +17,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
-use serde::{Deserialize, Serialize};
 
 use crate::providers::mock::MockSettings;
 use crate::providers::openai::Upstream;
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Strategy {
     /// Random by weight.
     #[default]
@@ -35,18 +33,15 @@ pub enum Strategy {
 }
 
 /// Failures that may be retried (and fall through to the next tier).
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryOn {
     /// Connection refused, reset or TLS failure before a response.
     Connect,
     /// The attempt ran past its timeout.
     Timeout,
     /// Upstream answered 429.
-    #[serde(rename = "429")]
     RateLimited,
     /// Upstream answered 5xx.
-    #[serde(rename = "5xx")]
     ServerError,
 }
 
@@ -152,7 +147,7 @@ pub enum Provider {
 /// Live health of one backend, shared across snapshots.
 #[derive(Debug)]
 pub struct BackendState {
-    /// EWMA of time to response headers, in microseconds, as f64 bits; 0 = no sample yet.
+    /// EWMA of time to the first bytes of a stream (or the whole answer), in microseconds, as f64 bits; 0 = no sample yet.
     ewma_us: AtomicU64,
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
@@ -260,6 +255,9 @@ pub struct Backend {
     pub timeout: Option<Duration>,
     pub pricing: Pricing,
     pub state: Arc<BackendState>,
+    /// Metric handles: linked to the existing ones when the snapshot goes live, else made at
+    /// first use; shared with every snapshot in which the backend keeps its name.
+    series: std::sync::OnceLock<Arc<crate::metrics::BackendSeries>>,
 }
 
 impl Backend {
@@ -283,7 +281,19 @@ impl Backend {
             timeout,
             pricing,
             state,
+            series: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This backend's metric handles, resolved by name once per backend object.
+    pub fn series(&self, metrics: &crate::metrics::Metrics) -> &crate::metrics::BackendSeries {
+        self.series
+            .get_or_init(|| metrics.backend(&self.route_id, &self.name))
+    }
+
+    /// Hand the backend the handles its name already has (a snapshot swap does).
+    pub fn link_series(&self, series: Arc<crate::metrics::BackendSeries>) {
+        let _ = self.series.set(series);
     }
 
     /// Identity within a snapshot, for "already tried" bookkeeping.
@@ -413,18 +423,27 @@ fn weighted<'a>(candidates: &[&'a Arc<Backend>]) -> &'a Arc<Backend> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_namespace: HashMap<String, HashMap<String, Arc<Route>>>,
+    /// Each route once (the map holds one under every name it answers to).
+    routes: Vec<Arc<Route>>,
 }
 
 impl RouteTable {
     pub fn new(routes: Vec<Arc<Route>>) -> Self {
         let mut by_namespace: HashMap<String, HashMap<String, Arc<Route>>> = HashMap::new();
-        for r in routes {
+        for r in &routes {
             let ns = by_namespace.entry(r.namespace.clone()).or_default();
             for m in std::iter::once(&r.model).chain(r.aliases.iter()) {
                 ns.insert(m.clone(), r.clone());
             }
         }
-        Self { by_namespace }
+        Self {
+            by_namespace,
+            routes,
+        }
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
     }
 
     pub fn get(&self, namespace: &str, model: &str) -> Option<&Arc<Route>> {

@@ -3,15 +3,18 @@
 //! `Live` holds the current `Snapshot` behind `arc-swap`: every request loads it once and
 //! keeps that `Arc` to its end, so in-flight requests finish on the snapshot they started
 //! with while a reload swaps in the next one. `StateRegistry` keeps per-key counters and
-//! per-backend health by name, so a reload carries them over.
+//! per-backend health by name, so a reload carries them over. Metric series are kept by name
+//! too (in `metrics`); every swap first tells them which names the new snapshot holds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 
 use crate::admission::KeyState;
 use crate::keys::KeyStore;
+use crate::metrics::Metrics;
 use crate::routes::{BackendState, RouteTable};
 
 #[derive(Debug)]
@@ -75,9 +78,20 @@ impl StateRegistry {
 pub struct Live {
     current: ArcSwapOption<Snapshot>,
     pub registry: StateRegistry,
+    /// Told which names each snapshot holds; None keeps no metrics in step (benchmarks).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Live {
+    /// A `Live` whose swaps keep `metrics` in step: series of the names a snapshot drops
+    /// leave `/metrics` after a grace period.
+    pub fn metered(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
     pub fn load(&self) -> Option<Arc<Snapshot>> {
         self.current.load_full()
     }
@@ -85,8 +99,29 @@ impl Live {
     /// Swap in a snapshot; returns the previous one so the caller decides where the
     /// (possibly large) deallocation happens.
     pub fn store(&self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
+        if let Some(m) = &self.metrics {
+            take_census(m, &snapshot, Instant::now());
+        }
         let old = self.current.swap(Some(Arc::new(snapshot)));
         self.registry.prune();
         old
     }
+}
+
+/// Tell `metrics` the names `snapshot` holds before it goes live, so its backends start with
+/// the handles their names have and nothing it keeps starts a grace period.
+fn take_census(metrics: &Metrics, snapshot: &Snapshot, now: Instant) {
+    let census = metrics.census();
+    for route in snapshot.routes.routes() {
+        census.route(&route.id);
+        for b in route.backends() {
+            if let Some(series) = census.backend(&b.route_id, &b.name) {
+                b.link_series(series);
+            }
+        }
+    }
+    for key in snapshot.keys.iter() {
+        census.key(&key.id);
+    }
+    census.finish(now);
 }

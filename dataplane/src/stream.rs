@@ -9,6 +9,10 @@
 //! than a limit ends the stream with an error event. The stream owns the request's [`Meter`],
 //! so metering runs when the stream ends, fails, or the client goes away (the body is
 //! dropped, which also drops the upstream body and so cancels the upstream request).
+//!
+//! Nothing is committed to the client before the upstream's first bytes: the proxy waits for
+//! them with [`first_bytes`] (an upstream silent until then is a failed attempt, retried like
+//! any other) and hands them in with [`MeteredStream::starting_with`].
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -75,6 +79,20 @@ impl Body for UpstreamBody {
             Self::Mock(m) => m.chunks.is_empty(),
         }
     }
+}
+
+/// Wait for the first bytes of an upstream body; `None` when it ended without any. Frames
+/// without data (trailers) and empty ones are passed over. The caller bounds the wait.
+pub async fn first_bytes(body: &mut UpstreamBody) -> Result<Option<Bytes>, BoxError> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data()
+            && !data.is_empty()
+        {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
 }
 
 /// Pre-built chunks released one at a time with a delay between them.
@@ -735,6 +753,8 @@ fn error_event(e: &ScanError) -> Bytes {
 /// A streamed response on its way to the client, metered as it goes.
 pub struct MeteredStream {
     upstream: UpstreamBody,
+    /// The upstream's first bytes, read before the response was committed; sent first.
+    first: Option<Bytes>,
     scanner: SseScanner,
     meter: Option<Meter>,
     upstream_done: bool,
@@ -880,6 +900,7 @@ impl MeteredStream {
             deadline: total.map(timer),
             failure_kind: UpstreamErrorKind::Stream,
             upstream,
+            first: None,
             scanner: SseScanner::new(strip_usage, max_event),
             meter: Some(meter),
             upstream_done: false,
@@ -889,6 +910,20 @@ impl MeteredStream {
             turns: 0,
             fresh: false,
         }
+    }
+
+    /// Begin with `first`, the upstream's first bytes (read by [`first_bytes`] before the
+    /// response was committed), and count the total limit from `since`, when the upstream's
+    /// headers came: the wait for those bytes is part of the stream's time.
+    pub fn starting_with(mut self, first: Option<Bytes>, since: std::time::Instant) -> Self {
+        self.first = first;
+        if let Some((d, sleep)) = &mut self.deadline {
+            let at = tokio::time::Instant::from_std(since);
+            if let Some(end) = at.checked_add(*d) {
+                sleep.as_mut().reset(end);
+            }
+        }
+        self
     }
 }
 
@@ -923,7 +958,11 @@ impl Body for MeteredStream {
         };
         // Gather what the upstream has ready.
         while !this.upstream_done && this.failed.is_none() && this.held.len() < COALESCE_LIMIT {
-            match Pin::new(&mut this.upstream).poll_frame(cx) {
+            let polled = match this.first.take() {
+                Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+                None => Pin::new(&mut this.upstream).poll_frame(cx),
+            };
+            match polled {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => {
                     this.fresh = true;
@@ -1474,5 +1513,55 @@ mod tests {
             text.matches("content").count() >= 1,
             "events before the end went out"
         );
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_the_headers_went_out_lead_the_stream() {
+        let ok = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        let mut upstream = UpstreamBody::Mock(MockStream::new(
+            vec![Bytes::new(), ok.clone(), ok.clone()],
+            Duration::ZERO,
+        ));
+        let first = first_bytes(&mut upstream).await.unwrap();
+        assert_eq!(first.as_ref(), Some(&ok), "empty frames are passed over");
+        let meter = Meter::new(Arc::new(crate::metrics::Metrics::new()), "first".into());
+        let body = MeteredStream::new(upstream, meter, false)
+            .starting_with(first, std::time::Instant::now());
+        let (text, err) = drain(body).await;
+        assert!(err.is_none());
+        assert_eq!(text.as_bytes(), [&ok[..], &ok[..]].concat());
+
+        let mut ended = UpstreamBody::Mock(MockStream::new(Vec::new(), Duration::ZERO));
+        assert!(first_bytes(&mut ended).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_total_limit_counts_from_the_upstreams_headers() {
+        let ok = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        let lively = UpstreamBody::Mock(MockStream::new(
+            vec![ok.clone(); 10_000],
+            Duration::from_millis(5),
+        ));
+        let meter = Meter::new(Arc::new(crate::metrics::Metrics::new()), "since".into());
+        // The headers came a minute ago, as long as the stream may last.
+        let since = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .unwrap();
+        let body = MeteredStream::with_limits(
+            lively,
+            meter,
+            false,
+            DEFAULT_MAX_EVENT_BYTES,
+            None,
+            Some(Duration::from_secs(60)),
+        )
+        .starting_with(Some(ok.clone()), since);
+        let (text, err) = drain(body).await;
+        assert!(err.unwrap().to_string().contains("streamTimeout"));
+        assert!(
+            text.starts_with(std::str::from_utf8(&ok).unwrap()),
+            "{text}"
+        );
+        assert!(text.contains("upstream_timeout"), "{text}");
     }
 }

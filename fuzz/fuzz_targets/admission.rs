@@ -17,8 +17,10 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use modelgate_dataplane::admission::{Estimate, Ticket, admit, budget_period, unix_now};
-use modelgate_dataplane::config::{BudgetPeriod, BudgetSpec, LimitsSpec};
+use modelgate_dataplane::admission::{
+    BudgetPeriod, BudgetRule, Estimate, Limits as KeyLimits, Ticket, admit, budget_period,
+    unix_now,
+};
 use modelgate_dataplane::keys::Key;
 use modelgate_dataplane::snapshot::StateRegistry;
 
@@ -203,13 +205,13 @@ fuzz_target!(|input: Input| {
         id: "default/fuzz".into(),
         namespace: "default".into(),
         models: Box::default(),
-        limits: LimitsSpec {
+        limits: KeyLimits {
             requests_per_minute: limits.rpm,
             tokens_per_minute: limits.tpm,
             max_concurrent: limits.concurrent,
         },
         budget: (limits.budget_tokens.is_some() || limits.budget_usd.is_some()).then(|| {
-            Box::new(BudgetSpec {
+            Box::new(BudgetRule {
                 tokens: limits.budget_tokens,
                 usd: limits.budget_usd,
                 period,

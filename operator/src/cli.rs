@@ -12,7 +12,7 @@ use kube::runtime::events::Reporter;
 use crate::controller::{self, Shared, lock};
 use crate::tenancy::{self, Authenticator, Mode, Tenancy};
 use crate::{leader, server, status, tls};
-use modelgate_dataplane::egress::UpstreamPolicy;
+use modelgate_wire::egress::UpstreamPolicy;
 
 const USAGE: &str = "\
 modelgate-operator: compiles ModelRoutes and ApiKeys into snapshots for the proxies

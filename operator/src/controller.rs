@@ -17,7 +17,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use modelgate_crds::{ApiKey, ModelRoute};
-use modelgate_dataplane::admission::unix_now;
+use modelgate_wire::clock::unix_now;
 use tokio::sync::{Notify, watch};
 
 use crate::index::{CREDENTIAL_LABEL, Compiled, Context, Index, ObjKey};

@@ -18,15 +18,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
-use modelgate_dataplane::config::{
-    self, BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec,
+use modelgate_wire::{
+    BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec,
     OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source,
 };
-use modelgate_dataplane::snapshot::StateRegistry;
 use sha2::{Digest, Sha256};
 
 use crate::tenancy::{Namespaces, View};
-use modelgate_dataplane::egress::UpstreamPolicy;
+use modelgate_wire::egress::UpstreamPolicy;
 
 /// The label a Secret carries to be read by the operator at all (provider credentials and
 /// raw keys). Everything else (Helm release Secrets, tokens, TLS keys) is never cached.
@@ -263,7 +262,6 @@ impl Index {
     /// Build the snapshot and a verdict for every object.
     pub fn compile(&self, ctx: &Context) -> Compiled {
         let mut out = Compiled::default();
-        let registry = StateRegistry::default();
 
         // Routes, oldest first so an older route keeps a contested model name.
         let mut routes: Vec<&ModelRoute> = self.routes.values().collect();
@@ -309,7 +307,7 @@ impl Index {
                             routes: vec![spec.clone()],
                             keys: vec![],
                         };
-                        match config::compile(single, Source::Operator, &registry, None) {
+                        match modelgate_wire::check(&single, Source::Operator) {
                             Err(e) => Verdict::bad(generation, "Invalid", e.to_string()),
                             Ok(_) => {
                                 for m in names {
@@ -402,7 +400,7 @@ impl Index {
                 routes: vec![],
                 keys: vec![spec.clone()],
             };
-            if let Err(e) = config::compile(single, Source::Operator, &registry, None) {
+            if let Err(e) = modelgate_wire::check(&single, Source::Operator) {
                 out.verdicts
                     .insert(key, Verdict::bad(generation, "Invalid", e.to_string()));
                 continue;
@@ -441,7 +439,7 @@ impl Index {
                 }
             };
             let url = b.url.clone().or_else(|| match provider {
-                ProviderKind::Openai => Some(config::OPENAI_DEFAULT_URL.to_owned()),
+                ProviderKind::Openai => Some(modelgate_wire::OPENAI_DEFAULT_URL.to_owned()),
                 _ => None,
             });
             if let Some(url) = &url
@@ -510,9 +508,9 @@ impl Index {
             model: s.model.clone(),
             aliases: s.aliases.clone(),
             strategy: match s.strategy {
-                None | Some(Strategy::Weighted) => modelgate_dataplane::routes::Strategy::Weighted,
-                Some(Strategy::LeastLatency) => modelgate_dataplane::routes::Strategy::LeastLatency,
-                Some(Strategy::LowestCost) => modelgate_dataplane::routes::Strategy::LowestCost,
+                None | Some(Strategy::Weighted) => modelgate_wire::Strategy::Weighted,
+                Some(Strategy::LeastLatency) => modelgate_wire::Strategy::LeastLatency,
+                Some(Strategy::LowestCost) => modelgate_wire::Strategy::LowestCost,
             },
             timeout: s.timeout.clone(),
             retries: s.retries.as_ref().map(|r| RetrySpec {
@@ -521,10 +519,10 @@ impl Index {
                     .retry_on
                     .iter()
                     .map(|o| match o {
-                        RetryOn::Connect => modelgate_dataplane::routes::RetryOn::Connect,
-                        RetryOn::Timeout => modelgate_dataplane::routes::RetryOn::Timeout,
-                        RetryOn::RateLimited => modelgate_dataplane::routes::RetryOn::RateLimited,
-                        RetryOn::ServerError => modelgate_dataplane::routes::RetryOn::ServerError,
+                        RetryOn::Connect => modelgate_wire::RetryOn::Connect,
+                        RetryOn::Timeout => modelgate_wire::RetryOn::Timeout,
+                        RetryOn::RateLimited => modelgate_wire::RetryOn::RateLimited,
+                        RetryOn::ServerError => modelgate_wire::RetryOn::ServerError,
                     })
                     .collect(),
                 backoff: r.backoff.clone().unwrap_or_else(|| "100ms".into()),
@@ -576,13 +574,7 @@ fn key_spec(k: &ApiKey, ns: &str, name: &str, hash: String, ctx: &Context) -> Ke
 
 /// The content version of a snapshot: a hash of everything in it but the version.
 pub fn version_of(spec: &SnapshotSpec) -> String {
-    let unversioned = SnapshotSpec {
-        version: None,
-        ..spec.clone()
-    };
-    let body = serde_json::to_vec(&unversioned).unwrap_or_default();
-    let digest = Sha256::digest(&body);
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    spec.content_version()
 }
 
 impl Compiled {
@@ -907,6 +899,12 @@ mod tests {
         assert_ne!(v1, idx.compile(&Context::default()).spec.version);
         // The compiled snapshot passes the proxy's validation as a whole.
         let c = idx.compile(&Context::default());
-        config::compile(c.spec, Source::Operator, &StateRegistry::default(), None).unwrap();
+        modelgate_dataplane::config::compile(
+            c.spec,
+            Source::Operator,
+            &modelgate_dataplane::snapshot::StateRegistry::default(),
+            None,
+        )
+        .unwrap();
     }
 }

@@ -160,6 +160,6 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        modelgate_dataplane::metrics::openmetrics_to_prometheus(&out)
+        modelgate_wire::openmetrics_to_prometheus(&out)
     }
 }

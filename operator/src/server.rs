@@ -612,7 +612,23 @@ fn stream(
                 return None;
             }
             *sent = Some(p.version.clone());
-            Some(p.line.clone())
+            let usage = {
+                let index = lock(&shared.index);
+                let book = lock(&shared.book);
+                let keys = index
+                    .keys()
+                    .filter(|k| view.covers(k.metadata.namespace.as_deref().unwrap_or_default()));
+                crate::usage::fleet_usage(keys, &book, modelgate_wire::clock::unix_now())
+            };
+            if usage.is_empty() {
+                return Some(p.line.clone());
+            }
+            // The fleet's spending first, so the snapshot's keys start from it.
+            let mut line = serde_json::to_vec(&serde_json::json!({"type": "usage", "keys": usage}))
+                .unwrap_or_default();
+            line.push(b'\n');
+            line.extend_from_slice(&p.line);
+            Some(Bytes::from(line))
         };
         let first = updates.borrow_and_update().clone();
         if let Some(line) = next_line(&mut sent, first)

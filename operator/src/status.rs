@@ -21,7 +21,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 use modelgate_crds::{ApiKey, Condition, ModelRoute};
-use modelgate_dataplane::admission::unix_now;
+use modelgate_wire::clock::unix_now;
 use serde_json::json;
 
 use crate::controller::{Shared, lock};

@@ -224,7 +224,7 @@ impl Authenticator {
             .ok_or(Refusal::Missing)?;
         match &self.mode {
             Mode::SharedToken(want) => {
-                if modelgate_dataplane::keys::same_token(token, want.as_bytes()) {
+                if modelgate_wire::same_token(token, want.as_bytes()) {
                     Ok(Identity::SharedToken)
                 } else {
                     Err(Refusal::Invalid("wrong shared token".into()))

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use modelgate_crds::{ApiKey, BudgetPeriod};
-use modelgate_dataplane::admission::{civil, unix_now};
+use modelgate_wire::clock::{civil, unix_now};
 use serde::{Deserialize, Serialize};
 
 /// What a proxy sends: usage since its previous report, per key id (`namespace/name`).
@@ -257,6 +257,31 @@ impl Book {
             e.month.merge(&stored.month);
         }
     }
+}
+
+/// What the fleet spent on each budgeted key of `keys` in the budget's current period (the
+/// book's sums, else the key's status): sent to a proxy before each snapshot, so a proxy
+/// that (re)starts counts from the fleet's figure, not from zero.
+pub fn fleet_usage<'a>(
+    keys: impl Iterator<Item = &'a ApiKey>,
+    book: &Book,
+    now: u64,
+) -> Vec<modelgate_wire::KeyUsage> {
+    keys.filter_map(|k| {
+        let budget = k.spec.budget.as_ref()?;
+        let spent = book.current(k, now).or_else(|| from_status(k, now))?;
+        let period = match budget.period {
+            BudgetPeriod::Day => modelgate_wire::BudgetPeriod::Day,
+            BudgetPeriod::Month => modelgate_wire::BudgetPeriod::Month,
+        };
+        (spent.tokens > 0 || spent.usd > 0.0).then(|| modelgate_wire::KeyUsage {
+            key: key_id(k),
+            period: modelgate_wire::clock::budget_period(period, now).0,
+            tokens: spent.tokens,
+            usd: spent.usd,
+        })
+    })
+    .collect()
 }
 
 /// `namespace/name`: how usage reports and the book name a key.

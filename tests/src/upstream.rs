@@ -25,6 +25,7 @@
 //! | `pretty=1` | stream events as indented JSON (one `data:` line per JSON line, `": "`) |
 //! | `json_stream=1` | answer a stream request with the whole JSON answer (`application/json`) |
 //! | `text=1` | answer every request 200 with a `text/plain` body |
+//! | `silent=1` | send a 200's headers (event stream or JSON), then nothing: the body never comes |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -85,6 +86,7 @@ struct Knobs {
     pretty: bool,
     json_stream: bool,
     text: bool,
+    silent: bool,
 }
 
 impl Default for Knobs {
@@ -104,6 +106,7 @@ impl Default for Knobs {
             pretty: false,
             json_stream: false,
             text: false,
+            silent: false,
         }
     }
 }
@@ -134,6 +137,7 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "pretty" => k.pretty = v == "1",
             "json_stream" => k.json_stream = v == "1",
             "text" => k.text = v == "1",
+            "silent" => k.silent = v == "1",
             _ => {}
         }
     }
@@ -322,6 +326,15 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<ChunkBody> {
     r
 }
 
+/// `silent=1`: the headers go out, the body waits a day. Counted as cancelled when the
+/// gateway lets go of it.
+fn silenced(mut r: Response<ChunkBody>, counters: &Arc<Counters>) -> Response<ChunkBody> {
+    let body = r.body_mut();
+    body.sleep = Some(Box::pin(tokio::time::sleep(Duration::from_secs(86_400))));
+    body.counters = Some(counters.clone());
+    r
+}
+
 fn error(status: StatusCode, msg: &str) -> Response<ChunkBody> {
     json(
         status,
@@ -400,6 +413,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
                 if knobs.usage {
                     v["usage"] = usage(knobs.chunks);
                 }
+                if knobs.silent {
+                    return silenced(json(StatusCode::OK, &v), &counters);
+                }
                 counters.completed.fetch_add(1, Ordering::SeqCst);
                 return json(StatusCode::OK, &v);
             }
@@ -472,6 +488,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/event-stream"),
             );
+            if knobs.silent {
+                r = silenced(r, &counters);
+            }
             r
         }
         "/v1/embeddings" => {
@@ -510,6 +529,8 @@ mod tests {
         assert!(k.pretty);
         let (k, _) = parse_path("/s/id=j;json_stream=1;text=1/v1/chat/completions");
         assert!(k.json_stream && k.text);
+        let (k, _) = parse_path("/s/id=q;silent=1/v1/chat/completions");
+        assert!(k.silent);
         let (k, api) = parse_path("/v1/embeddings");
         assert_eq!(k.id, "default");
         assert_eq!(api, "/v1/embeddings");

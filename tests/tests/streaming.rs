@@ -253,6 +253,7 @@ async fn an_upstream_that_pretty_prints_is_metered_and_stripped() {
 async fn chunks_arrive_as_they_are_produced() {
     let up = MockUpstream::start();
     let p = Proxy::start(&config(&up));
+    let upstream = up.counters("slow");
     let started = Instant::now();
     let resp = post_stream(
         &p.url("/v1/chat/completions"),
@@ -272,18 +273,22 @@ async fn chunks_arrive_as_they_are_produced() {
             assert_eq!(text.matches("data:").count(), 1, "frame {frames}: {text}");
             if first_content.is_none() && String::from_utf8_lossy(d).contains("tok0") {
                 first_content = Some(started.elapsed());
+                // The upstream sends 200 chunks 20 ms apart: a proxy that buffered would pass
+                // nothing on before the upstream finished. Judged by the upstream's state, not
+                // by a clock a busy machine slows down.
+                assert_eq!(
+                    upstream.completed.load(std::sync::atomic::Ordering::SeqCst),
+                    0,
+                    "the first token waited for the whole stream: it was buffered"
+                );
             }
         }
         if frames >= 5 {
             break;
         }
     }
-    // 200 chunks 20 ms apart take 4 s; the first ones must not wait for the rest.
     let first = first_content.expect("content arrived");
-    assert!(
-        first < Duration::from_secs(2),
-        "first token after {first:?}: the stream was buffered"
-    );
+    println!("FIRST-TOKEN through the proxy after {first:?} (printed, not asserted)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,4 +344,225 @@ async fn client_disconnect_cancels_upstream_and_is_metered() {
         || async { p.log_text().contains("\"outcome\":\"client_closed\"") },
     )
     .await;
+}
+
+/// Routes whose first backend answers 200 with headers and then sends nothing.
+fn silent_config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: failover
+    model: failover
+    streamIdleTimeout: 300ms
+    retries: {{attempts: 0, retryOn: [timeout]}}
+    outlierDetection: {{consecutiveFailures: 2, ejectionTime: 5m}}
+    backends:
+      - {{name: silent, provider: openai-compatible, url: "{silent}", priority: 0}}
+      - {{name: healthy, provider: openai-compatible, url: "{healthy}", priority: 1}}
+  - name: lonely
+    model: lonely
+    streamIdleTimeout: 300ms
+    retries: {{attempts: 0, retryOn: [timeout]}}
+    backends:
+      - {{name: silent, provider: openai-compatible, url: "{lonely}"}}
+  - name: whole
+    model: whole
+    retries: {{attempts: 0, retryOn: [timeout]}}
+    backends:
+      - {{name: silent, provider: openai-compatible, url: "{silent_whole}", priority: 0, timeout: 300ms}}
+      - {{name: healthy, provider: openai-compatible, url: "{healthy}", priority: 1}}
+keys:
+  - {{name: k, sha256: {key}, limits: {{maxConcurrent: 1}}}}
+"#,
+        silent = up.url("id=silent;silent=1"),
+        lonely = up.url("id=lonely;silent=1"),
+        silent_whole = up.url("id=silentwhole;silent=1"),
+        healthy = up.url("id=healthy;chunks=5;prompt_tokens=7"),
+        key = sha256_hex(KEY),
+    )
+}
+
+/// The test upstream really does commit a 200 with event-stream headers and then idle, which
+/// is what a proxy that passes headers on at once would commit to its client too.
+async fn assert_upstream_sends_headers_then_nothing(up: &MockUpstream) {
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        post_stream(
+            &format!("{}/chat/completions", up.url("id=probe;silent=1")),
+            None,
+            &chat("probe", true),
+        ),
+    )
+    .await
+    .expect("the upstream's headers arrive");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    let mut body = resp.into_body();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), body.frame())
+            .await
+            .is_err(),
+        "and then no body"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_silent_after_its_headers_fails_over_before_the_first_byte() {
+    let up = MockUpstream::start();
+    assert_upstream_sends_headers_then_nothing(&up).await;
+    let p = Proxy::start(&silent_config(&up));
+    let url = p.url("/v1/chat/completions");
+
+    for n in 1..=2 {
+        // Headers first: a proxy that passed the silent upstream's on is caught here.
+        let resp = post_stream(&url, Some(KEY), &chat("failover", true)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-modelgate-backend"], "healthy");
+        let r = read(resp).await;
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let text = r.text();
+        assert!(
+            !text.contains("error"),
+            "no error event, a clean stream: {text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert_eq!(data_events(&text).len(), 7, "role + 5 content + finish");
+        assert_eq!(up.hits("silent"), n);
+        assert_eq!(up.hits("healthy"), n);
+    }
+
+    // The stuck upstream requests were let go of, not left hanging.
+    let silent = up.counters("silent");
+    eventually(
+        Duration::from_secs(10),
+        "the silent upstream's requests cancelled",
+        || {
+            let c = silent.clone();
+            async move { c.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 2 }
+        },
+    )
+    .await;
+    let m = p.metrics().await;
+    let route = ("route", "default/failover");
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_upstream_errors_total",
+            &[route, ("backend", "silent"), ("kind", "timeout")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "modelgate_upstream_errors_total", &[route]),
+        2.0,
+        "nothing else failed (no broken stream)"
+    );
+    assert_eq!(metric(&m, "modelgate_fallbacks_total", &[route]), 2.0);
+    // Two failures in a row: the outlier detector counted them.
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_backend_ejections_total",
+            &[route, ("backend", "silent")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_requests_total",
+            &[route, ("backend", "healthy"), ("status", "200")]
+        ),
+        2.0
+    );
+    // The healthy backend's usage was metered: 7 prompt tokens and 5 output tokens a time.
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_tokens_total",
+            &[route, ("backend", "healthy"), ("kind", "output")]
+        ),
+        10.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_silent_upstream_gets_the_client_a_504_not_a_broken_stream() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&silent_config(&up));
+    let url = p.url("/v1/chat/completions");
+
+    // Twice: the key may have one request in flight, so the first one's reservation must
+    // have been released for the second to get past admission.
+    for n in 1..=2 {
+        let resp = post_stream(&url, Some(KEY), &chat("lonely", true)).await;
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        let r = read(resp).await;
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.error_code(), "upstream_timeout");
+        assert_eq!(up.hits("lonely"), n);
+    }
+    let m = p.metrics().await;
+    let route = ("route", "default/lonely");
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_upstream_errors_total",
+            &[route, ("kind", "timeout")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "modelgate_requests_total", &[route, ("status", "504")]),
+        2.0
+    );
+    eventually(
+        Duration::from_secs(5),
+        "access log: an error, not a stream",
+        || async {
+            let log = p.log_text();
+            log.lines()
+                .filter(|l| l.contains("\"route\":\"default/lonely\""))
+                .filter(|l| l.contains("\"status\":504") && l.contains("\"outcome\":\"error\""))
+                .count()
+                == 2
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_answer_that_never_comes_fails_over_too() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&silent_config(&up));
+
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("whole", false),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-modelgate-backend"), Some("healthy"));
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "tok tok tok tok tok"
+    );
+    assert_eq!(up.hits("silentwhole"), 1);
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_upstream_errors_total",
+            &[
+                ("route", "default/whole"),
+                ("backend", "silent"),
+                ("kind", "timeout")
+            ]
+        ),
+        1.0
+    );
 }

@@ -20,20 +20,9 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(base: &str, credential: Option<Credential>) -> Result<Self, String> {
+        // The snapshot check applies the same rule; a caller that skipped it is told here.
+        modelgate_wire::check::check_url(base)?;
         let base = base.trim_end_matches('/');
-        let parsed: Uri = base
-            .parse()
-            .map_err(|e| format!("invalid URL {base:?}: {e}"))?;
-        match parsed.scheme_str() {
-            Some("http" | "https") => {}
-            _ => return Err(format!("URL {base:?} must start with http:// or https://")),
-        }
-        if parsed.authority().is_none() {
-            return Err(format!("URL {base:?} has no host"));
-        }
-        if parsed.query().is_some() {
-            return Err(format!("URL {base:?} must not have a query string"));
-        }
         let uri = |e: Endpoint| -> Result<Uri, String> {
             format!("{base}{}", e.upstream_path())
                 .parse()

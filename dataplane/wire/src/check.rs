@@ -1,0 +1,416 @@
+//! The rules every snapshot satisfies, checked by the operator (object by object, so one bad
+//! object gets a condition and cannot take the snapshot down) and again by the proxy before
+//! it builds anything (so a bad snapshot is refused whole and the last good one serves).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::time::Duration;
+
+use crate::spec::{
+    BackendSpec, CredentialSpec, KeySpec, ProviderKind, RetryOn, RouteSpec, SnapshotSpec, Strategy,
+};
+
+/// The largest `max_tokens` a request or a route ceiling may name.
+pub const MAX_OUTPUT_TOKENS: u64 = u32::MAX as u64;
+
+/// Where a snapshot came from; decides which credential sources are allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A local file that may be committed: credentials must come from env vars or files.
+    File,
+    /// The operator's authenticated stream: credentials arrive inline.
+    Operator,
+}
+
+/// Every problem found in a snapshot, each with the path of the field at fault.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    pub fn single(path: &str, msg: impl Into<String>) -> Self {
+        let msg = msg.into();
+        Self {
+            problems: vec![if path.is_empty() {
+                msg
+            } else {
+                format!("{path}: {msg}")
+            }],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A duration as the snapshot writes it (`30s`, `500ms`); zero when unreadable, which
+/// [`check`] has already refused.
+pub fn duration(text: &str) -> Duration {
+    humantime::parse_duration(text).unwrap_or_default()
+}
+
+/// Names of routes, backends, keys and namespaces.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// Problems found so far, each with its path.
+#[derive(Default)]
+pub struct Problems(pub Vec<String>);
+
+impl Problems {
+    pub fn push(&mut self, path: &str, msg: impl fmt::Display) {
+        self.0.push(format!("{path}: {msg}"));
+    }
+
+    pub fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: self.0 })
+        }
+    }
+
+    fn duration(&mut self, path: &str, text: &str) {
+        if let Err(e) = humantime::parse_duration(text) {
+            self.push(
+                path,
+                format_args!("invalid duration {text:?} ({e}); use e.g. 30s or 500ms"),
+            );
+        }
+    }
+
+    fn positive_duration(&mut self, path: &str, text: &Option<String>) {
+        let Some(text) = text.as_deref() else { return };
+        // An unreadable duration is reported once (as unreadable), not also as zero.
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => self.push(path, "must be greater than zero"),
+            Ok(_) => {}
+            Err(_) => self.duration(path, text),
+        }
+    }
+}
+
+/// Check a whole snapshot. Reading credentials from env vars or files is the proxy's part.
+pub fn check(spec: &SnapshotSpec, source: Source) -> Result<(), ConfigError> {
+    let mut p = Problems::default();
+    let mut names: HashSet<(&str, &str)> = HashSet::new();
+    let mut models: HashMap<(&str, &str), &str> = HashMap::new();
+    for (ri, r) in spec.routes.iter().enumerate() {
+        let path = format!("routes[{ri}] ({})", r.name);
+        if !names.insert((&r.namespace, &r.name)) {
+            p.push(&path, "duplicate route name in this namespace");
+        }
+        for m in std::iter::once(&r.model).chain(r.aliases.iter()) {
+            if m.is_empty() {
+                continue;
+            }
+            if let Some(other) = models.insert((&r.namespace, m), &r.name)
+                && other != r.name
+            {
+                p.push(
+                    &path,
+                    format_args!(
+                        "model {m:?} is already served by route {other:?} in namespace {:?}",
+                        r.namespace
+                    ),
+                );
+            }
+        }
+        check_route(&mut p, &path, r, source);
+    }
+    let mut ids: HashSet<(&str, &str)> = HashSet::with_capacity(spec.keys.len());
+    let mut hashes: HashSet<[u8; 32]> = HashSet::with_capacity(spec.keys.len());
+    for (ki, k) in spec.keys.iter().enumerate() {
+        let path = || format!("keys[{ki}] ({})", k.name);
+        if !check_key(&mut p, &path, k) {
+            continue;
+        }
+        if !ids.insert((&k.namespace, &k.name)) {
+            p.push(&path(), "duplicate key name in this namespace");
+        }
+        if let Some(h) = crate::parse_key_hash(&k.sha256)
+            && !hashes.insert(h)
+        {
+            p.push(
+                &format!("{}.sha256", path()),
+                "another key has the same hash",
+            );
+        }
+    }
+    p.into_result()
+}
+
+fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
+    if !valid_name(&r.name) {
+        p.push(
+            path,
+            "name must be non-empty and use only letters, digits, '-', '.', '_'",
+        );
+    }
+    if !valid_name(&r.namespace) {
+        p.push(path, "namespace is not a valid name");
+    }
+    if std::iter::once(&r.model)
+        .chain(r.aliases.iter())
+        .any(|m| m.is_empty())
+    {
+        p.push(path, "model and aliases must be non-empty");
+    }
+    if r.strategy == Strategy::Unknown {
+        p.push(
+            &format!("{path}.strategy"),
+            "this strategy is not known to this proxy version; upgrade the proxies",
+        );
+    }
+    p.positive_duration(&format!("{path}.timeout"), &r.timeout);
+    p.positive_duration(&format!("{path}.streamIdleTimeout"), &r.stream_idle_timeout);
+    p.positive_duration(&format!("{path}.streamTimeout"), &r.stream_timeout);
+    if let Some(n) = r.max_output_tokens
+        && !(1..=MAX_OUTPUT_TOKENS).contains(&n)
+    {
+        p.push(
+            &format!("{path}.maxOutputTokens"),
+            format_args!("must be from 1 to {MAX_OUTPUT_TOKENS}"),
+        );
+    }
+    if let Some(rs) = &r.retries {
+        p.duration(&format!("{path}.retries.backoff"), &rs.backoff);
+        p.duration(&format!("{path}.retries.maxBackoff"), &rs.max_backoff);
+        if rs.attempts > 10 {
+            p.push(&format!("{path}.retries.attempts"), "at most 10");
+        }
+        if rs.retry_on.contains(&RetryOn::Unknown) {
+            p.push(
+                &format!("{path}.retries.retryOn"),
+                "a condition is not known to this proxy version; upgrade the proxies",
+            );
+        }
+    }
+    if let Some(o) = &r.outlier_detection {
+        p.duration(
+            &format!("{path}.outlierDetection.ejectionTime"),
+            &o.ejection_time,
+        );
+        p.duration(
+            &format!("{path}.outlierDetection.maxEjectionTime"),
+            &o.max_ejection_time,
+        );
+        if o.consecutive_failures == 0 {
+            p.push(
+                &format!("{path}.outlierDetection.consecutiveFailures"),
+                "must be at least 1",
+            );
+        }
+    }
+    if r.backends.is_empty() {
+        p.push(path, "needs at least one backend");
+    }
+    let mut backend_names = HashSet::new();
+    for (bi, b) in r.backends.iter().enumerate() {
+        let bpath = format!("{path}.backends[{bi}] ({})", b.name);
+        if !valid_name(&b.name) {
+            p.push(
+                &bpath,
+                "name must be non-empty and use only letters, digits, '-', '.', '_'",
+            );
+        }
+        if !backend_names.insert(&b.name) {
+            p.push(&bpath, "duplicate backend name in this route");
+        }
+        if b.weight == 0
+            && r.backends
+                .iter()
+                .filter(|o| o.priority == b.priority)
+                .all(|o| o.weight == 0)
+        {
+            p.push(
+                &bpath,
+                "every backend of this priority tier has weight 0; give one a positive weight",
+            );
+        }
+        if b.weight > 1_000_000 {
+            p.push(&bpath, "weight must be at most 1000000");
+        }
+        p.positive_duration(&format!("{bpath}.timeout"), &b.timeout);
+        if let Some(c) = &b.credentials {
+            check_credential(p, &format!("{bpath}.credentials"), c, source);
+        }
+        if let Some(pr) = &b.pricing {
+            let price_ok = |x: f64| x.is_finite() && x >= 0.0;
+            if !price_ok(pr.input_per_million) || !price_ok(pr.output_per_million) {
+                p.push(
+                    &format!("{bpath}.pricing"),
+                    "prices must be finite and not negative",
+                );
+            }
+        }
+        check_provider(p, &bpath, b);
+    }
+}
+
+fn check_credential(p: &mut Problems, path: &str, c: &CredentialSpec, source: Source) {
+    let set = [c.env.is_some(), c.file.is_some(), c.value.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if set != 1 {
+        p.push(path, "set exactly one of env, file or value");
+        return;
+    }
+    if let Some(v) = &c.value {
+        if source == Source::File {
+            p.push(
+                path,
+                "inline credential values are not allowed in a config file; use env or file so the file can be committed safely",
+            );
+            return;
+        }
+        let v = v.trim();
+        if v.is_empty() {
+            p.push(path, "the credential is empty");
+        } else if !credential_chars_ok(v) {
+            p.push(
+                path,
+                "the credential contains characters not allowed in an HTTP header",
+            );
+        }
+    }
+}
+
+/// Whether a (trimmed) credential can travel in an HTTP header value.
+pub fn credential_chars_ok(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
+    if !b.provider.supported() {
+        let what = if b.provider == ProviderKind::Unknown {
+            "this provider is not known to this proxy version; upgrade the proxies".to_owned()
+        } else {
+            format!(
+                "provider {} is not supported by this proxy version yet",
+                b.provider.as_str()
+            )
+        };
+        p.push(path, what);
+        return;
+    }
+    if b.provider == ProviderKind::Mock {
+        let m = b.mock.clone().unwrap_or_default();
+        p.duration(&format!("{path}.mock.latency"), &m.latency);
+        p.duration(&format!("{path}.mock.chunkDelay"), &m.chunk_delay);
+        if m.output_tokens == 0 || m.output_tokens > 100_000 {
+            p.push(
+                &format!("{path}.mock.outputTokens"),
+                "must be between 1 and 100000",
+            );
+        }
+        if m.dimensions == 0 || m.dimensions > 16_384 {
+            p.push(
+                &format!("{path}.mock.dimensions"),
+                "must be between 1 and 16384",
+            );
+        }
+        return;
+    }
+    if b.mock.is_some() {
+        p.push(path, "mock settings apply only to provider mock");
+    }
+    match (&b.url, &b.provider) {
+        (Some(u), _) => {
+            if let Err(e) = check_url(u) {
+                p.push(&format!("{path}.url"), e);
+            }
+        }
+        (None, ProviderKind::Openai) => {}
+        (None, _) => p.push(path, "url is required for provider openai-compatible"),
+    }
+    if b.provider == ProviderKind::Openai && b.credentials.is_none() {
+        p.push(
+            path,
+            "provider openai needs credentials (env or file with the API key)",
+        );
+    }
+}
+
+/// A backend base URL: http(s), a host, no query string.
+pub fn check_url(url: &str) -> Result<http::Uri, String> {
+    let base = url.trim_end_matches('/');
+    let parsed: http::Uri = base
+        .parse()
+        .map_err(|e| format!("invalid URL {base:?}: {e}"))?;
+    match parsed.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("URL {base:?} must start with http:// or https://")),
+    }
+    if parsed.authority().is_none() {
+        return Err(format!("URL {base:?} has no host"));
+    }
+    if parsed.query().is_some() {
+        return Err(format!("URL {base:?} must not have a query string"));
+    }
+    Ok(parsed)
+}
+
+/// Checks one key; false when its hash is unreadable (nothing more to check against).
+fn check_key(p: &mut Problems, path: &dyn Fn() -> String, k: &KeySpec) -> bool {
+    if !valid_name(&k.name) || !valid_name(&k.namespace) {
+        p.push(
+            &path(),
+            "name and namespace must be non-empty and use only letters, digits, '-', '.', '_'",
+        );
+    }
+    if crate::parse_key_hash(&k.sha256).is_none() {
+        p.push(
+            &format!("{}.sha256", path()),
+            "must be 64 hex digits (the SHA-256 of the raw key)",
+        );
+        return false;
+    }
+    if let Some(t) = &k.expires_at
+        && let Err(e) = humantime::parse_rfc3339_weak(t)
+    {
+        p.push(
+            &format!("{}.expiresAt", path()),
+            format_args!("invalid RFC 3339 time {t:?} ({e})"),
+        );
+    }
+    if let Some(l) = &k.limits {
+        for (field, v) in [
+            ("requestsPerMinute", l.requests_per_minute),
+            ("tokensPerMinute", l.tokens_per_minute),
+            ("maxConcurrent", l.max_concurrent.map(u64::from)),
+        ] {
+            if v == Some(0) {
+                p.push(
+                    &format!("{}.limits.{field}", path()),
+                    "must be at least 1 (omit it for no limit)",
+                );
+            }
+        }
+    }
+    if let Some(b) = &k.budget {
+        if b.tokens.is_none() && b.usd.is_none() {
+            p.push(&format!("{}.budget", path()), "set tokens or usd");
+        }
+        if let Some(usd) = b.usd
+            && !(usd.is_finite() && usd > 0.0)
+        {
+            p.push(
+                &format!("{}.budget.usd", path()),
+                "must be a positive number",
+            );
+        }
+    }
+    true
+}

@@ -1,0 +1,369 @@
+//! The snapshot as it travels: the routes and keys of the namespaces a proxy serves.
+//!
+//! No `deny_unknown_fields` here: the stream reads these types tolerantly (a newer operator
+//! may add fields) and a file strictly ([`crate::refuse_unknown`]). A field added later
+//! is `#[serde(default, skip_serializing_if = ...)]`, so a snapshot that does not use it is
+//! byte-for-byte what older proxies read.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The snapshot: routes and keys. `version` is set by the operator (a content hash) and
+/// computed by the proxy when absent.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSpec {
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+impl SnapshotSpec {
+    /// A hash of everything in the snapshot but its version (16 hex digits), written as
+    /// the JSON is produced: a 100k-key snapshot is not copied for it.
+    pub fn content_version(&self) -> String {
+        use sha2::Digest;
+        struct HashWriter(sha2::Sha256);
+        impl std::io::Write for HashWriter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        #[derive(Serialize)]
+        struct Unversioned<'a> {
+            version: Option<()>,
+            routes: &'a [RouteSpec],
+            keys: &'a [KeySpec],
+        }
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, HashWriter(sha2::Sha256::new()));
+        let _ = serde_json::to_writer(
+            &mut w,
+            &Unversioned {
+                version: None,
+                routes: &self.routes,
+                keys: &self.keys,
+            },
+        );
+        let _ = std::io::Write::flush(&mut w);
+        let digest = w.into_parts().0.0.finalize();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The public model name clients send.
+    pub model: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Deadline across retries until an answer starts: a stream's first bytes, or the whole
+    /// answer when not streaming.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<RetrySpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierSpec>,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for; larger ones get
+    /// a 400 naming this ceiling. Requests that set neither reserve at most this much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// A streamed answer whose upstream sends nothing for this long ends with an error event
+    /// (metered); silence before its first byte is a timeout that fails over. Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
+    /// The longest a streamed answer may last from its response headers (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_timeout: Option<String>,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// How a tier's backend is picked.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Random by weight.
+    #[default]
+    Weighted,
+    /// Power of two choices over weighted picks, preferring the lower latency × load.
+    LeastLatency,
+    /// The cheapest backend by pricing; ties by weight.
+    LowestCost,
+    /// A value from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Attempts after the first one, per priority tier.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Which failures are retried; all of them when empty. (Not `on`: YAML 1.1 tools read
+    /// a bare `on` key as `true`.)
+    #[serde(default)]
+    pub retry_on: Vec<RetryOn>,
+    /// First backoff; doubles per attempt, with jitter.
+    #[serde(default = "default_backoff")]
+    pub backoff: String,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: String,
+}
+
+/// Failures that may be retried (and fall through to the next tier).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// Connection refused, reset or TLS failure before a response.
+    Connect,
+    /// The attempt ran past its timeout.
+    Timeout,
+    /// Upstream answered 429.
+    #[serde(rename = "429")]
+    RateLimited,
+    /// Upstream answered 5xx.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// A condition from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierSpec {
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_ejection_time")]
+    pub ejection_time: String,
+    #[serde(default = "default_max_ejection_time")]
+    pub max_ejection_time: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    Openai,
+    OpenaiCompatible,
+    Anthropic,
+    AzureOpenai,
+    Mock,
+    /// A provider from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+impl ProviderKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::OpenaiCompatible => "openai-compatible",
+            Self::Anthropic => "anthropic",
+            Self::AzureOpenai => "azure-openai",
+            Self::Mock => "mock",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Whether this version of the proxy can call this provider.
+    pub fn supported(&self) -> bool {
+        matches!(self, Self::Openai | Self::OpenaiCompatible | Self::Mock)
+    }
+}
+
+/// Where provider `openai` goes when a backend names no url.
+pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    pub name: String,
+    pub provider: ProviderKind,
+    /// Base URL including the API version path, e.g. `http://127.0.0.1:8000/v1`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Upstream model name (pins a version); the client's model name when absent.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Fallback tier: lower first.
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default)]
+    pub credentials: Option<CredentialSpec>,
+    /// Deadline for one attempt: until a stream's first bytes, or the whole answer.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub pricing: Option<PricingSpec>,
+    /// Settings of the built-in mock provider.
+    #[serde(default)]
+    pub mock: Option<MockSpec>,
+}
+
+/// One of `env`, `file` or (operator stream only) `value`.
+#[derive(Clone, Deserialize, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialSpec {
+    #[serde(default)]
+    pub env: Option<String>,
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+impl fmt::Debug for CredentialSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialSpec")
+            .field("env", &self.env)
+            .field("file", &self.file)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PricingSpec {
+    /// USD per million input (prompt) tokens.
+    #[serde(default)]
+    pub input_per_million: f64,
+    /// USD per million output (completion) tokens.
+    #[serde(default)]
+    pub output_per_million: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MockSpec {
+    /// Wait before the response headers.
+    pub latency: String,
+    /// Completion tokens per answer (one streamed chunk each).
+    pub output_tokens: u32,
+    /// Wait between streamed chunks.
+    pub chunk_delay: String,
+    /// Embedding vector length.
+    pub dimensions: u32,
+}
+
+impl Default for MockSpec {
+    fn default() -> Self {
+        Self {
+            latency: "0ms".into(),
+            output_tokens: 16,
+            chunk_delay: "0ms".into(),
+            dimensions: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Hex SHA-256 of the raw key (`modelgate-dataplane hash-key` prints it).
+    pub sha256: String,
+    /// Allowed model names or globs (`gpt-*`); every route of the namespace when empty.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+    /// RFC 3339 time after which the key is refused.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    /// Set by the operator when usage across all proxies used up the budget.
+    #[serde(default)]
+    pub exhausted: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetSpec {
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    #[serde(default)]
+    pub usd: Option<f64>,
+    #[serde(default)]
+    pub period: BudgetPeriod,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    #[default]
+    Month,
+}
+
+/// What the fleet spent on one key in its current budget period, as the operator knows it
+/// from every proxy's reports. Sent to a proxy before its first snapshot (and again with
+/// later ones), so a proxy that restarts does not hand out the budget afresh.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyUsage {
+    /// `namespace/name`.
+    pub key: String,
+    /// The budget period these figures belong to ([`crate::clock::budget_period`]'s id).
+    pub period: u64,
+    pub tokens: u64,
+    pub usd: f64,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_attempts() -> u32 {
+    2
+}
+fn default_backoff() -> String {
+    "100ms".into()
+}
+fn default_max_backoff() -> String {
+    "2s".into()
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_ejection_time() -> String {
+    "30s".into()
+}
+fn default_max_ejection_time() -> String {
+    "300s".into()
+}
