@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark (README: `make bench`; results in docs/benchmarks.md). Installs what it
 # needs when missing (nginx-light from Debian as the reverse-proxy baseline, oha from
-# crates.io as the load generator), builds in release, and runs everything on 127.0.0.1:
-# the mock upstream, nginx, and modelgate-dataplane, each stopped at the end.
+# crates.io as the load generator, wrk from Debian as the cheaper one the `slow` section's
+# 1,000 connections need), builds in release, and runs everything on 127.0.0.1: the mock
+# upstream, nginx, and modelgate-dataplane, each stopped at the end.
 #   BENCH_ARGS=--quick make bench     one short repetition per point (a smoke run)
 #   BENCH_ARGS="--only c1,slow" make bench   some sections only (see tests/src/bin/bench.rs)
 #   BENCH_SOAK=SECS make bench        length of the memory-over-time run (600; 0 skips it)
@@ -10,12 +11,20 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+# apt_install PACKAGE: from the package lists as they are, or after refreshing them.
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$1" >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+  }
+}
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   echo "bench: installing nginx-light (the baseline reverse proxy)"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null 2>&1 || {
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
-  }
+  apt_install nginx-light
+fi
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "bench: installing wrk (the load generator of the slow section)"
+  apt_install wrk
 fi
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 if ! command -v oha >/dev/null 2>&1; then

@@ -1,7 +1,8 @@
 //! modelgate's benchmark: the proxy against a plain nginx reverse proxy and against going
-//! direct, on 127.0.0.1, with an established load generator (oha). Every figure is printed
-//! beside the baselines measured in the same run, as a ratio; runs are interleaved
-//! (direct, nginx, modelgate, repeated) and the median is reported.
+//! direct, on 127.0.0.1, with established load generators (oha; wrk for the `slow` section,
+//! where oha's cost per request would set the pace). Every figure is printed beside the
+//! baselines measured in the same run, as a ratio; runs are interleaved (direct, nginx,
+//! modelgate, repeated) and the median is reported.
 //!
 //! Usage: bench [--quick] [--only SECTION[,SECTION...]] [--scale-only] [--swap-only]
 //!              [--soak SECS] [--peers] [--peers-only]   (`make bench` builds and runs this)
@@ -27,6 +28,9 @@ const MAIN_SECTIONS: [&str; 5] = ["small", "large", "stream", "embeddings", "lat
 /// The `slow` section: what the mock upstream adds to every request, and the connections.
 const SLOW_MS: u64 = 20;
 const SLOW_CONNS: u32 = 1000;
+/// wrk's threads in the `slow` section. One thread on its one core: a second thread on
+/// the same core only adds switches (going direct measured lower with two).
+const WRK_THREADS: u32 = 1;
 /// A throughput ratio counts only when going direct is at least this much faster than the
 /// fastest proxy: otherwise the load generator or the upstream, not the proxy, set the pace.
 const HEADROOM: f64 = 1.5;
@@ -106,6 +110,7 @@ struct Bench {
     dir: PathBuf,
     bin: PathBuf,
     oha: String,
+    wrk: String,
     reps: usize,
     duration: String,
     conns: u32,
@@ -245,6 +250,100 @@ fn small_body(model: &str) -> String {
     json!({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark of gateways and proxies."}]}).to_string()
 }
 
+/// wrk's Lua script for a POST of `body` with the bench's headers.
+fn wrk_script(body: &str, key: &str) -> String {
+    format!(
+        "wrk.method = \"POST\"\nwrk.body = {}\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = {}\n",
+        lua_string(body),
+        lua_string(&format!("Bearer {key}"))
+    )
+}
+
+/// A Lua string literal holding exactly `s`: quotes and backslashes escaped, every byte
+/// outside printable ASCII as a three-digit `\ddd` (the form Lua 5.1 and LuaJIT read alike).
+fn lua_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for b in s.bytes() {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            0x20..0x7f => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\{b:03}")),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The figures of one wrk run, from what wrk 4 prints with `--latency`.
+#[derive(Debug, PartialEq)]
+struct WrkOutput {
+    requests: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    non_2xx: u64,
+    socket_errors: u64,
+}
+
+/// Reads wrk's report: "N requests in", "Requests/sec:", the "50%" and "99%" lines of the
+/// latency distribution (wrk2's "50.000%" too), and the "Socket errors:" and "Non-2xx or
+/// 3xx responses:" lines, which wrk prints only when not zero. None when a figure that must
+/// be there is missing (a run that served requests always has its percentiles).
+fn parse_wrk(text: &str) -> Option<WrkOutput> {
+    let mut requests = None;
+    let mut rps = None;
+    let (mut p50_ms, mut p99_ms) = (None, None);
+    let (mut non_2xx, mut socket_errors) = (0, 0);
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse::<f64>().ok();
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            non_2xx = v.trim().parse().ok()?;
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 12"
+            for part in v.split(',') {
+                socket_errors += part.split_whitespace().last()?.parse::<u64>().ok()?;
+            }
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            requests = n.trim().parse::<u64>().ok();
+        } else if let Some((pct, value)) = line.split_once('%') {
+            let ms = wrk_duration_ms(value.trim());
+            match pct.parse::<f64>() {
+                Ok(50.0) => p50_ms = ms,
+                Ok(99.0) => p99_ms = ms,
+                _ => {}
+            }
+        }
+    }
+    let requests = requests?;
+    let served = requests > 0;
+    Some(WrkOutput {
+        requests,
+        rps: rps?,
+        p50_ms: if served { p50_ms? } else { 0.0 },
+        p99_ms: if served { p99_ms? } else { 0.0 },
+        non_2xx,
+        socket_errors,
+    })
+}
+
+/// A wrk duration ("980.00us", "38.57ms", "1.02s", "1.50m", "1.00h") in milliseconds.
+fn wrk_duration_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    match unit {
+        "us" => Some(n / 1e3),
+        "ms" => Some(n),
+        "s" => Some(n * 1e3),
+        "m" => Some(n * 60e3),
+        "h" => Some(n * 3600e3),
+        _ => None,
+    }
+}
+
 #[derive(Clone)]
 struct Workload {
     name: &'static str,
@@ -254,6 +353,19 @@ struct Workload {
     knobs: &'static str,
 }
 
+/// The temp folder (configs, bodies, logs) goes with the bench; after a panic it stays, for
+/// the logs the panic message names. The servers are gone by then: every `Proc` lives in a
+/// scope inside the bench's.
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("bench: kept {} (logs)", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 impl Bench {
     fn new(quick: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("modelgate-bench-{}", std::process::id()));
@@ -261,10 +373,12 @@ impl Bench {
         let exe = std::env::current_exe().unwrap();
         let bin = exe.parent().unwrap().to_path_buf();
         let oha = std::env::var("OHA").unwrap_or_else(|_| "oha".into());
+        let wrk = std::env::var("WRK").unwrap_or_else(|_| "wrk".into());
         Self {
             dir,
             bin,
             oha,
+            wrk,
             reps: if quick { 1 } else { 3 },
             duration: if quick { "3s".into() } else { "6s".into() },
             conns: 32,
@@ -460,6 +574,57 @@ http {{
         }
     }
 
+    /// One wrk run (closed loop, `conns` connections for `secs`, on core 0), for the `slow`
+    /// section: at 1,000 connections wrk costs core 0 less per request than oha, which
+    /// leaves more of it to the upstream. What wrk reports as "Non-2xx or 3xx responses"
+    /// (status 400 and above) and its socket errors (connect, read, write, timeout) count
+    /// as errors; requests cut off by the end of the run are not counted at all, as with
+    /// oha.
+    fn wrk_load(
+        &self,
+        url: &str,
+        w: &Workload,
+        conns: u32,
+        secs: &str,
+        proc_: Option<&Proc>,
+    ) -> Run {
+        let script = self.dir.join(format!("wrk-{}.lua", w.name));
+        std::fs::write(&script, wrk_script(&w.body, KEY)).unwrap();
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0", &self.wrk, "--latency"])
+            .args(["-t", &WRK_THREADS.to_string(), "-c", &conns.to_string()])
+            .args(["-d", secs, "-s"])
+            .arg(&script)
+            .arg(url);
+        let before = proc_.map(Proc::cpu_ticks);
+        let out = cmd.output().expect("wrk (apt-get install wrk)");
+        let after = proc_.map(Proc::cpu_ticks);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(r) = parse_wrk(&text).filter(|_| out.status.success()) else {
+            panic!(
+                "wrk ({}): {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ok = r.requests.saturating_sub(r.non_2xx);
+        let cpu = match (before, after) {
+            (Some(b), Some(a)) if ok > 0 => {
+                (a - b) as f64 / ticks_per_sec() as f64 * 1e6 / ok as f64
+            }
+            _ => 0.0,
+        };
+        Run {
+            rps: r.rps,
+            p50_ms: r.p50_ms,
+            p99_ms: r.p99_ms,
+            p999_ms: 0.0,
+            ok,
+            errors: r.non_2xx + r.socket_errors,
+            cpu_us_per_req: cpu,
+        }
+    }
+
     fn warmup(&self, url: &str, w: &Workload) {
         let body_file = self.dir.join("body-warmup.json");
         std::fs::write(&body_file, &w.body).unwrap();
@@ -499,10 +664,16 @@ http {{
 
     fn run(&self, peers: bool) {
         let _up = self.upstream();
-        println!(
-            "# modelgate benchmark ({} reps × {} per point, {} connections)\n",
-            self.reps, self.duration, self.conns
-        );
+        let main_sections = peers_only() || MAIN_SECTIONS.iter().any(|s| self.selected(s));
+        if main_sections {
+            println!(
+                "# modelgate benchmark ({} reps × {} per point, {} connections)\n",
+                self.reps, self.duration, self.conns
+            );
+        } else {
+            // `c1` and `slow` alone: each prints its own load in its heading.
+            println!("# modelgate benchmark ({} reps per point)", self.reps);
+        }
         let small = Workload {
             name: "small",
             path: "/v1/chat/completions",
@@ -510,7 +681,7 @@ http {{
             knobs: "",
         };
         let mut modelgate_small = None;
-        if peers_only() || MAIN_SECTIONS.iter().any(|s| self.selected(s)) {
+        if main_sections {
             modelgate_small = self.saturation_and_rates(&small);
         }
         if !peers_only() && self.selected("c1") {
@@ -747,7 +918,8 @@ http {{
         println!(
             "\n## Sustained throughput behind a slow upstream (+{SLOW_MS} ms per request, {conns} connections, closed loop)\n"
         );
-        // The upstream holds oha's connections and both proxies' idle pools at once.
+        // The upstream holds wrk's connections and both proxies' idle pools at once; wrk
+        // and the servers inherit this process's limit.
         let need = 4 * u64::from(conns);
         match open_files_limit() {
             Some(limit) if limit >= need => {}
@@ -780,20 +952,15 @@ http {{
             ),
         ];
         let secs = if self.reps == 1 { "3s" } else { "10s" };
-        let load = |t| Load {
-            conns,
-            until: Until::Time(t),
-            rate: None,
-        };
         for (_, url, _) in targets {
             // Warm up: opens the proxies' upstream connections (nginx's keepalive cache,
             // modelgate's pool), so the runs measure serving, not connecting.
-            self.oha_load(KEY, url, &w, &load("2s"), None);
+            self.wrk_load(url, &w, conns, "2s", None);
         }
         let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
         for _ in 0..self.reps {
             for (name, url, p) in targets {
-                let run = self.oha_load(KEY, url, &w, &load(secs), p);
+                let run = self.wrk_load(url, &w, conns, secs, p);
                 runs.entry(name).or_default().push(run);
             }
         }
@@ -1516,5 +1683,79 @@ mod scale {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wrk 4.1.0 (Debian), `--latency`, a run with errors.
+    const WRK_ERRORS: &str =
+        "Running 3s test @ http://127.0.0.1:18000/s/latency=20/v1/chat/completions
+  1 threads and 1000 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    42.45ms   16.93ms   1.16s    77.19%
+    Req/Sec    23.22k     4.11k   32.97k    73.33%
+  Latency Distribution
+     50%  980.00us
+     75%   51.80ms
+     90%   66.70ms
+     99%    1.02s
+  69497 requests in 3.09s, 25.38MB read
+  Socket errors: connect 0, read 3, write 0, timeout 12
+  Non-2xx or 3xx responses: 5
+Requests/sec:  22495.12
+Transfer/sec:      8.22MB
+";
+
+    #[test]
+    fn wrk_report_with_errors() {
+        assert_eq!(
+            parse_wrk(WRK_ERRORS),
+            Some(WrkOutput {
+                requests: 69497,
+                rps: 22495.12,
+                p50_ms: 0.98,
+                p99_ms: 1020.0,
+                non_2xx: 5,
+                socket_errors: 15,
+            })
+        );
+    }
+
+    #[test]
+    fn wrk_report_clean_and_truncated() {
+        // No error lines: none counted.
+        let clean: String = WRK_ERRORS
+            .lines()
+            .filter(|l| !l.contains("errors") && !l.contains("Non-2xx"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let r = parse_wrk(&clean).unwrap();
+        assert_eq!((r.non_2xx, r.socket_errors, r.requests), (0, 0, 69497));
+        // Served requests but no percentiles (no `--latency`): not a report.
+        let no_latency: String = clean
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("99%"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(parse_wrk(&no_latency), None);
+        assert_eq!(
+            parse_wrk("unable to connect to 127.0.0.1:18000 Connection refused\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn lua_literal_keeps_every_byte() {
+        assert_eq!(
+            lua_string("{\"a\": \"b\\\\c\"}\n\u{e9}"),
+            "\"{\\\"a\\\": \\\"b\\\\\\\\c\\\"}\\010\\195\\169\""
+        );
+        let script = wrk_script("{}", "sk-1");
+        assert!(script.contains("wrk.method = \"POST\""));
+        assert!(script.contains("wrk.body = \"{}\""));
+        assert!(script.contains("wrk.headers[\"Authorization\"] = \"Bearer sk-1\""));
     }
 }
