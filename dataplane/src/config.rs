@@ -10,7 +10,7 @@
 //!  file / stream ──parse──► SnapshotSpec ──check──► compile(StateRegistry) ──► Snapshot ──arc-swap──► proxy
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
@@ -137,16 +137,19 @@ pub fn compile(
     registry: &StateRegistry,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ConfigError> {
-    modelgate_wire::check(&spec, source)?;
+    // Routes are checked first, keys one by one as they are built (one pass over 100k keys).
+    let mut p = Problems::default();
+    modelgate_wire::check::check_routes(&mut p, &spec.routes, source);
+    // Routes with problems are not built (their keys are still checked, to report all).
+    let build_routes = p.0.is_empty();
     let version = match spec.version.take() {
         Some(v) => v,
         None => spec.content_version(),
     };
     let routes_summary = summarize(&spec);
-    // What only the proxy can find: unset env vars, unreadable credential files.
-    let mut p = Problems::default();
+    // Then what only the proxy can find: unset env vars, unreadable credential files.
     let mut routes: Vec<Arc<Route>> = Vec::with_capacity(spec.routes.len());
-    for (ri, r) in spec.routes.iter().enumerate() {
+    for (ri, r) in spec.routes.iter().enumerate().filter(|_| build_routes) {
         let path = format!("routes[{ri}] ({})", r.name);
         let retry = match &r.retries {
             None => RetryPolicy::default(),
@@ -243,16 +246,14 @@ pub fn compile(
     let mut keys = KeyStore::with_capacity(key_specs.len());
     let mut namespaces: HashMap<String, Arc<str>, _> =
         HashMap::with_hasher(foldhash::fast::RandomState::default());
+    let mut ids: HashSet<Arc<str>, _> =
+        HashSet::with_capacity_and_hasher(key_specs.len(), foldhash::fast::RandomState::default());
     let mut id_buf = String::new();
-    for k in key_specs {
-        // The check read every hash and expiry already.
-        let Some(hash) = modelgate_wire::parse_key_hash(&k.sha256).map(KeyHash) else {
+    for (ki, k) in key_specs.into_iter().enumerate() {
+        let Some(checked) = modelgate_wire::check::check_key(&mut p, ki, &k) else {
             continue;
         };
-        let expires_at = k
-            .expires_at
-            .as_deref()
-            .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+        let (hash, expires_at) = (KeyHash(checked.hash), checked.expires_at);
         let limits = k.limits.as_ref().map(Limits::from).unwrap_or_default();
         let budget = k.budget.as_ref().map(BudgetRule::from);
         let shared = previous
@@ -291,8 +292,20 @@ pub fn compile(
                 })
             }
         };
-        keys.insert(hash, key);
+        if !ids.insert(key.id.clone()) {
+            p.push(
+                &modelgate_wire::check::key_path(ki, &k),
+                "duplicate key name in this namespace",
+            );
+        }
+        if !keys.insert(hash, key) {
+            p.push(
+                &format!("{}.sha256", modelgate_wire::check::key_path(ki, &k)),
+                "another key has the same hash",
+            );
+        }
     }
+    drop(ids);
 
     p.into_result()?;
     Ok(Snapshot {

@@ -103,9 +103,31 @@ impl Problems {
 /// Check a whole snapshot. Reading credentials from env vars or files is the proxy's part.
 pub fn check(spec: &SnapshotSpec, source: Source) -> Result<(), ConfigError> {
     let mut p = Problems::default();
+    check_routes(&mut p, &spec.routes, source);
+    let mut ids: HashSet<(&str, &str)> = HashSet::with_capacity(spec.keys.len());
+    let mut hashes: HashSet<[u8; 32]> = HashSet::with_capacity(spec.keys.len());
+    for (ki, k) in spec.keys.iter().enumerate() {
+        let Some(checked) = check_key(&mut p, ki, k) else {
+            continue;
+        };
+        if !ids.insert((&k.namespace, &k.name)) {
+            p.push(&key_path(ki, k), "duplicate key name in this namespace");
+        }
+        if !hashes.insert(checked.hash) {
+            p.push(
+                &format!("{}.sha256", key_path(ki, k)),
+                "another key has the same hash",
+            );
+        }
+    }
+    p.into_result()
+}
+
+/// Check the routes of a snapshot (names, models unique per namespace, every field).
+pub fn check_routes(p: &mut Problems, routes: &[RouteSpec], source: Source) {
     let mut names: HashSet<(&str, &str)> = HashSet::new();
     let mut models: HashMap<(&str, &str), &str> = HashMap::new();
-    for (ri, r) in spec.routes.iter().enumerate() {
+    for (ri, r) in routes.iter().enumerate() {
         let path = format!("routes[{ri}] ({})", r.name);
         if !names.insert((&r.namespace, &r.name)) {
             p.push(&path, "duplicate route name in this namespace");
@@ -126,28 +148,13 @@ pub fn check(spec: &SnapshotSpec, source: Source) -> Result<(), ConfigError> {
                 );
             }
         }
-        check_route(&mut p, &path, r, source);
+        check_route(p, &path, r, source);
     }
-    let mut ids: HashSet<(&str, &str)> = HashSet::with_capacity(spec.keys.len());
-    let mut hashes: HashSet<[u8; 32]> = HashSet::with_capacity(spec.keys.len());
-    for (ki, k) in spec.keys.iter().enumerate() {
-        let path = || format!("keys[{ki}] ({})", k.name);
-        if !check_key(&mut p, &path, k) {
-            continue;
-        }
-        if !ids.insert((&k.namespace, &k.name)) {
-            p.push(&path(), "duplicate key name in this namespace");
-        }
-        if let Some(h) = crate::parse_key_hash(&k.sha256)
-            && !hashes.insert(h)
-        {
-            p.push(
-                &format!("{}.sha256", path()),
-                "another key has the same hash",
-            );
-        }
-    }
-    p.into_result()
+}
+
+/// The path of key `index` in problems.
+pub fn key_path(index: usize, k: &KeySpec) -> String {
+    format!("keys[{index}] ({})", k.name)
 }
 
 fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
@@ -362,29 +369,42 @@ pub fn check_url(url: &str) -> Result<http::Uri, String> {
     Ok(parsed)
 }
 
-/// Checks one key; false when its hash is unreadable (nothing more to check against).
-fn check_key(p: &mut Problems, path: &dyn Fn() -> String, k: &KeySpec) -> bool {
+/// What checking a key read, so the proxy does not read it twice.
+pub struct CheckedKey {
+    pub hash: [u8; 32],
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
+/// Check one key on its own (duplicates are the caller's part: a proxy finds them as it
+/// builds its key table, in the same pass). None when its hash is unreadable.
+pub fn check_key(p: &mut Problems, index: usize, k: &KeySpec) -> Option<CheckedKey> {
+    let path = || key_path(index, k);
     if !valid_name(&k.name) || !valid_name(&k.namespace) {
         p.push(
             &path(),
             "name and namespace must be non-empty and use only letters, digits, '-', '.', '_'",
         );
     }
-    if crate::parse_key_hash(&k.sha256).is_none() {
+    let Some(hash) = crate::parse_key_hash(&k.sha256) else {
         p.push(
             &format!("{}.sha256", path()),
             "must be 64 hex digits (the SHA-256 of the raw key)",
         );
-        return false;
-    }
-    if let Some(t) = &k.expires_at
-        && let Err(e) = humantime::parse_rfc3339_weak(t)
-    {
-        p.push(
-            &format!("{}.expiresAt", path()),
-            format_args!("invalid RFC 3339 time {t:?} ({e})"),
-        );
-    }
+        return None;
+    };
+    let expires_at = match &k.expires_at {
+        None => None,
+        Some(t) => match humantime::parse_rfc3339_weak(t) {
+            Ok(at) => Some(at),
+            Err(e) => {
+                p.push(
+                    &format!("{}.expiresAt", path()),
+                    format_args!("invalid RFC 3339 time {t:?} ({e})"),
+                );
+                None
+            }
+        },
+    };
     if let Some(l) = &k.limits {
         for (field, v) in [
             ("requestsPerMinute", l.requests_per_minute),
@@ -412,5 +432,5 @@ fn check_key(p: &mut Problems, path: &dyn Fn() -> String, k: &KeySpec) -> bool {
             );
         }
     }
-    true
+    Some(CheckedKey { hash, expires_at })
 }
