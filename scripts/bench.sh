@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The benchmark (README: `make bench`; results in docs/benchmarks.md). Installs what it
-# needs when missing (nginx-light from Debian as the reverse-proxy baseline, oha from
-# crates.io as the load generator, wrk from Debian as the cheaper one the `slow` section's
-# 1,000 connections need), builds in release, and runs everything on 127.0.0.1: the mock
-# upstream, nginx, and modelgate-dataplane, each stopped at the end.
+# needs when missing (nginx-light from Debian as the reverse-proxy baseline and as the
+# fixed upstream of the throughput rows, wrk from Debian as their load generator and the
+# `slow` section's, oha from crates.io for the fixed-rate and concurrency-1 rows), builds
+# in release, and runs everything on 127.0.0.1: the upstreams (nginx `return 200`, the mock
+# for streams and knob paths), nginx as a proxy and modelgate-dataplane, each stopped at
+# the end.
 #   BENCH_ARGS=--quick make bench     one short repetition per point (a smoke run)
-#   BENCH_ARGS="--only c1,slow" make bench   some sections only (see tests/src/bin/bench.rs)
+#   BENCH_ARGS="--only small,16k" make bench   some sections only (see tests/src/bin/bench.rs)
 #   BENCH_SOAK=SECS make bench        length of the memory-over-time run (600; 0 skips it)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,16 +21,16 @@ apt_install() {
   }
 }
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  echo "bench: installing nginx-light (the baseline reverse proxy)"
+  echo "bench: installing nginx-light (the baseline reverse proxy and the fixed upstream)"
   apt_install nginx-light
 fi
 if ! command -v wrk >/dev/null 2>&1; then
-  echo "bench: installing wrk (the load generator of the slow section)"
+  echo "bench: installing wrk (the load generator of the throughput rows)"
   apt_install wrk
 fi
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 if ! command -v oha >/dev/null 2>&1; then
-  echo "bench: installing oha (the load generator; a few minutes, once)"
+  echo "bench: installing oha (the fixed-rate load generator; a few minutes, once)"
   cargo install --locked oha --version 1.16.0
 fi
 if [ "${BENCH_PEERS:-}" = 1 ]; then

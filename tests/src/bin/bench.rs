@@ -1,17 +1,30 @@
 //! modelgate's benchmark: the proxy against a plain nginx reverse proxy and against going
-//! direct, on 127.0.0.1, with established load generators (oha; wrk for the `slow` section,
-//! where oha's cost per request would set the pace). Every figure is printed beside the
+//! direct, on 127.0.0.1, with established load generators. Every figure is printed beside the
 //! baselines measured in the same run, as a ratio; runs are interleaved (direct, nginx,
 //! modelgate, repeated) and the median is reported.
 //!
 //! Usage: bench [--quick] [--only SECTION[,SECTION...]] [--scale-only] [--swap-only]
 //!              [--soak SECS] [--peers] [--peers-only]   (`make bench` builds and runs this)
-//! Sections for `--only`: the workloads small, large, stream, embeddings; `latency` (fixed
-//! rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms, at
-//! 1,000 connections). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
+//! Sections for `--only`: the workloads small, 16k, large, stream, embeddings; `latency`
+//! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
+//! at 1,000 connections). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
 //!
-//! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each)
-//! on core 1; the load generator and the mock upstream on core 0.
+//! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each,
+//! both with their access log on unless a row says otherwise) alone on core 1; the load
+//! generator and the upstreams on core 0:
+//!
+//! ```text
+//!   core 0                                   core 1
+//!   wrk (throughput) / oha (fixed rates, c1) ──► nginx :18002 (log on) / :18004 (log off)
+//!        │                                      modelgate :18001
+//!        └──── direct ────┐                          │
+//!   fixed upstream :18010 (nginx, `return 200`) ◄────┤ chat and embeddings
+//!   mock upstream  :18000 (tests/src/upstream.rs) ◄──┘ streams and knob paths (`/s/...`)
+//! ```
+//!
+//! CPU per request (the proxy process's utime + stime over a run, per answer) is the
+//! headline: it does not depend on core 0. Throughput counts only where going direct is at
+//! least `HEADROOM` × the fastest proxy in the same run; otherwise the point is INVALID.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -23,8 +36,20 @@ use serde_json::json;
 
 const KEY: &str = "sk-bench-0123456789abcdef";
 
+/// The mock upstream (`mock-upstream`): streams and the cases its path knobs drive.
+const MOCK_UPSTREAM: &str = "127.0.0.1:18000";
+/// nginx answering `return 200` with a fixed body: the cheap upstream of the non-streaming
+/// rows, so that core 0 has room to spare for the proxy on core 1.
+const FIXED_UPSTREAM: &str = "127.0.0.1:18010";
+/// nginx as the reverse-proxy baseline, access log on and off (one worker, two servers).
+const NGINX_PORT: u16 = 18002;
+const NGINX_NO_LOG_PORT: u16 = 18004;
+/// nginx keeps request bodies up to this size in memory; a larger one would go to a temp
+/// file (its 8k default does that to a 16 KB body). Every measured body must fit.
+const NGINX_BODY_BUFFER: usize = 256 * 1024;
+
 /// The sections that share the throughput and fixed-rate report.
-const MAIN_SECTIONS: [&str; 5] = ["small", "large", "stream", "embeddings", "latency"];
+const MAIN_SECTIONS: [&str; 6] = ["small", "16k", "large", "stream", "embeddings", "latency"];
 /// The `slow` section: what the mock upstream adds to every request, and the connections.
 const SLOW_MS: u64 = 20;
 const SLOW_CONNS: u32 = 1000;
@@ -34,6 +59,9 @@ const WRK_THREADS: u32 = 1;
 /// A throughput ratio counts only when going direct is at least this much faster than the
 /// fastest proxy: otherwise the load generator or the upstream, not the proxy, set the pace.
 const HEADROOM: f64 = 1.5;
+/// A proxy at saturation on a core of its own uses at least this much of it; less, and the
+/// throughput row gets a note (on a shared machine other processes run on core 1 too).
+const BUSY_CORE: f64 = 0.9;
 
 /// `--peers-only`: the modelgate small-body runs and the peer, nothing else.
 fn peers_only() -> bool {
@@ -61,7 +89,7 @@ fn main() {
     }
     if let Some(i) = args.iter().position(|a| a == "--soak") {
         let secs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(600);
-        let _up = b.upstream();
+        let _up = (b.upstream(), b.fixed_upstream());
         b.soak(secs);
         return;
     }
@@ -73,21 +101,23 @@ fn main() {
     b.run(peers);
 }
 
-/// The proxy's config for the throughput runs: three routes on the mock upstream, the bench
-/// key (with generous limits when `limits`) and `keys_extra` more keys.
+/// The proxy's config for the throughput runs: chat and embeddings routes on the fixed
+/// upstream, the stream and slow routes on the mock (through its path knobs), the bench key
+/// (with generous limits when `limits`) and `keys_extra` more keys.
 fn bench_config(keys_extra: usize, limits: bool) -> String {
     let hash = modelgate_tests::harness::sha256_hex(KEY);
     let mut s =
         String::from("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
-    let slow = format!("s/latency={SLOW_MS}/");
-    for (model, knobs) in [
-        ("bench", ""),
-        ("bench-stream", "s/chunks=100/"),
-        ("bench-embed", ""),
+    let slow = format!("{MOCK_UPSTREAM}/s/latency={SLOW_MS}");
+    let stream = format!("{MOCK_UPSTREAM}/s/chunks=100");
+    for (model, upstream) in [
+        ("bench", FIXED_UPSTREAM),
+        ("bench-stream", stream.as_str()),
+        ("bench-embed", FIXED_UPSTREAM),
         ("bench-slow", slow.as_str()),
     ] {
         s.push_str(&format!(
-            "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://127.0.0.1:18000/{knobs}v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
+            "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://{upstream}/v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
         ));
     }
     s.push_str("keys:\n");
@@ -104,6 +134,104 @@ fn bench_config(keys_extra: usize, limits: bool) -> String {
         ));
     }
     s
+}
+
+/// One modelgate setup of the throughput table, measured against nginx with its access
+/// log in the same state.
+struct Profile {
+    label: &'static str,
+    /// Names its config and log files in the temp folder.
+    tag: &'static str,
+    keys_extra: usize,
+    limits: bool,
+    access_log: bool,
+}
+
+/// "1 key" runs every workload and the fixed rates; the others the small body only. The
+/// first two are the fair pair: both proxies with their access log on, then both off.
+const PROFILES: [Profile; 4] = [
+    Profile {
+        label: "1 key",
+        tag: "1-key",
+        keys_extra: 0,
+        limits: false,
+        access_log: true,
+    },
+    Profile {
+        label: "1 key, logs off",
+        tag: "logs-off",
+        keys_extra: 0,
+        limits: false,
+        access_log: false,
+    },
+    Profile {
+        label: "100k keys",
+        tag: "100k-keys",
+        keys_extra: 100_000,
+        limits: false,
+        access_log: true,
+    },
+    Profile {
+        label: "1 key + limits",
+        tag: "limits",
+        keys_extra: 0,
+        limits: true,
+        access_log: true,
+    },
+];
+
+/// The mean size of an access log line in `path` (lines with `"message":"request"`, from
+/// the first MiB of the file), to show that the two proxies' lines are comparable.
+fn access_line_bytes(path: &std::path::Path) -> Option<f64> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(1 << 20)
+        .read_to_end(&mut head)
+        .ok()?;
+    // The last piece may be a line cut in two.
+    let mut lines: Vec<&[u8]> = head.split(|b| *b == b'\n').collect();
+    lines.pop();
+    let lens: Vec<usize> = lines
+        .iter()
+        .filter(|l| l.windows(19).any(|w| w == br#""message":"request""#))
+        .map(|l| l.len() + 1)
+        .collect();
+    (!lens.is_empty()).then(|| lens.iter().sum::<usize>() as f64 / lens.len() as f64)
+}
+
+/// Going direct over the fastest proxy, and which proxy that was (name, req/s).
+fn headroom(direct: &Run, nginx: &Run, modelgate: &Run) -> (f64, &'static str, f64) {
+    let (name, fastest) = if nginx.rps >= modelgate.rps {
+        ("nginx", nginx.rps)
+    } else {
+        ("modelgate", modelgate.rps)
+    };
+    (direct.rps / fastest.max(1.0), name, fastest)
+}
+
+/// A target's outcome; INVALID when the figure it judges is a throughput ratio from a
+/// point without headroom.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Pass,
+    Miss,
+    Invalid,
+}
+
+impl Verdict {
+    fn of(pass: bool) -> Self {
+        if pass { Self::Pass } else { Self::Miss }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Miss => "MISS",
+            Self::Invalid => "INVALID",
+        }
+    }
 }
 
 struct Bench {
@@ -250,6 +378,33 @@ fn small_body(model: &str) -> String {
     json!({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark of gateways and proxies."}]}).to_string()
 }
 
+/// A chat request whose messages total about 16 KB: a system prompt and the turns of a
+/// conversation so far, as a chat client resends them with every question.
+fn body_16k() -> String {
+    let passage = "A passage of the conversation so far, about the sea, its tides and the boats that wait for them. ";
+    let mut messages = vec![
+        json!({"role": "system", "content": "You are a helpful assistant. Answer briefly, from the conversation."}),
+    ];
+    for turn in 0..8 {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        messages.push(json!({"role": role, "content": passage.repeat(21)}));
+    }
+    messages
+        .push(json!({"role": "user", "content": "So, in one sentence: when do the boats leave?"}));
+    json!({"model": "bench", "max_tokens": 16, "messages": messages}).to_string()
+}
+
+/// What the fixed upstream answers to every chat completion: a realistic non-streaming
+/// answer with `usage`, 333 bytes. nginx quotes it in its config: no `'`, `\` or `$`.
+const CHAT_ANSWER: &str = r#"{"id":"chatcmpl-bench7f3a9c1e5d2b0","object":"chat.completion","created":1700000000,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The sea keeps its own time: each tide gives back what the last one took."},"finish_reason":"stop"}],"usage":{"prompt_tokens":27,"completion_tokens":16,"total_tokens":43}}"#;
+/// ... and to every embeddings request: two short vectors, with `usage`.
+const EMBEDDINGS_ANSWER: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789,-0.0112,0.0345,-0.0678,0.0901,-0.0234]},{"object":"embedding","index":1,"embedding":[-0.0321,0.0654,-0.0987,0.0211,-0.0543,0.0876,-0.0109,0.0432]}],"model":"bench-embed","usage":{"prompt_tokens":12,"total_tokens":12}}"#;
+
+/// nginx's access log line for the fair pair: what nginx knows of the fields modelgate
+/// logs (no model, key or tokens), as JSON, the same envelope (`timestamp`, `level`,
+/// `message`, `target`).
+const NGINX_LOG_FORMAT: &str = r#"'{"timestamp":"$time_iso8601","level":"INFO","message":"request","request_id":"$request_id","method":"$request_method","endpoint":"$uri","status":$status,"duration_s":$request_time,"upstream":"$upstream_addr","upstream_status":"$upstream_status","upstream_s":"$upstream_response_time","request_bytes":$request_length,"response_bytes":$bytes_sent,"target":"nginx::access"}'"#;
+
 /// wrk's Lua script for a POST of `body` with the bench's headers.
 fn wrk_script(body: &str, key: &str) -> String {
     format!(
@@ -349,8 +504,39 @@ struct Workload {
     name: &'static str,
     path: &'static str,
     body: String,
-    /// Knobs for the mock upstream (see tests/src/upstream.rs).
-    knobs: &'static str,
+    /// Knobs for the mock upstream (see tests/src/upstream.rs), e.g. "s/chunks=100/";
+    /// empty: the workload goes to the fixed upstream.
+    knobs: String,
+}
+
+impl Workload {
+    fn chat(name: &'static str, body: String) -> Self {
+        Self {
+            name,
+            path: "/v1/chat/completions",
+            body,
+            knobs: String::new(),
+        }
+    }
+
+    /// Going direct: the mock when the workload has knobs, else the fixed upstream.
+    fn direct_url(&self) -> String {
+        if self.knobs.is_empty() {
+            format!("http://{FIXED_UPSTREAM}{}", self.path)
+        } else {
+            format!("http://{MOCK_UPSTREAM}/{}{}", self.knobs, &self.path[1..])
+        }
+    }
+
+    /// Through nginx on `port`, which sends knob paths (`/s/...`) to the mock and the rest
+    /// to the fixed upstream, as modelgate's routes do by model.
+    fn nginx_url(&self, port: u16) -> String {
+        format!("http://127.0.0.1:{port}/{}{}", self.knobs, &self.path[1..])
+    }
+
+    fn modelgate_url(&self) -> String {
+        format!("http://127.0.0.1:18001{}", self.path)
+    }
 }
 
 /// The temp folder (configs, bodies, logs) goes with the bench; after a panic it stays, for
@@ -386,65 +572,129 @@ impl Bench {
         }
     }
 
+    /// The mock upstream, one thread on core 0: streams and knob-driven paths.
     fn upstream(&self) -> Proc {
         let child = Command::new("taskset")
             .args(["-c", "0"])
             .arg(self.bin.join("mock-upstream"))
-            .args(["127.0.0.1:18000", "1"])
+            .args([MOCK_UPSTREAM, "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("mock-upstream (cargo build --release -p modelgate-tests)");
-        wait_port("127.0.0.1:18000");
+        wait_port(MOCK_UPSTREAM);
         Proc::own(child)
     }
 
-    /// nginx with one worker. Its idle upstream connections (`keepalive 1024`) match
-    /// modelgate's pool (`pool_max_idle_per_host(1024)`): with fewer, the `slow` section's
-    /// 1,000 connections would open and close an upstream connection on most requests. The
-    /// listen backlog is tokio's (modelgate and the mock upstream): 1024.
+    /// The fixed upstream: nginx, one worker on core 0, answering every chat completion and
+    /// embeddings request with the same body (`return 200`; nginx reads the request body
+    /// and drops it). Keep-alive without a cap on requests per connection (nginx's default
+    /// closes a connection after 1,000), as the mock has none.
+    fn fixed_upstream(&self) -> Proc {
+        for answer in [CHAT_ANSWER, EMBEDDINGS_ANSWER] {
+            assert!(
+                !answer.contains(['\'', '\\', '$']),
+                "an answer nginx cannot quote as it is"
+            );
+        }
+        let conf = format!(
+            r#"worker_processes 1;
+worker_rlimit_nofile 8192;
+daemon off;
+pid {dir}/upstream.pid;
+error_log {dir}/upstream-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server_tokens off;
+  default_type application/json;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  client_body_temp_path {dir}/upstream-body;
+  proxy_temp_path {dir}/upstream-proxy;
+  server {{
+    listen {FIXED_UPSTREAM} backlog=1024;
+    location = /v1/chat/completions {{ return 200 '{CHAT_ANSWER}'; }}
+    location = /v1/embeddings {{ return 200 '{EMBEDDINGS_ANSWER}'; }}
+    location / {{ return 404 '{{"error":{{"message":"unknown path","type":"not_found"}}}}'; }}
+  }}
+}}
+"#,
+            dir = self.dir.display()
+        );
+        self.start_nginx("upstream", "0", &conf, FIXED_UPSTREAM)
+    }
+
+    /// nginx as the reverse proxy, one worker on core 1, two servers: :18002 with its access
+    /// log on (JSON lines, `NGINX_LOG_FORMAT`, to a file in the temp folder, buffered like
+    /// modelgate's: 256 KiB or 50 ms) and :18004 with it off. Knob paths (`/s/...`) go to
+    /// the mock, the rest to the fixed upstream. Its idle upstream connections
+    /// (`keepalive 1024`) match modelgate's pool (`pool_max_idle_per_host(1024)`): with
+    /// fewer, the `slow` section's 1,000 connections would open and close an upstream
+    /// connection on most requests. No cap on requests per connection on either side, as
+    /// modelgate has none. The listen backlog is tokio's (modelgate and the mock): 1024.
+    /// Request bodies are read whole into memory before they are sent on
+    /// (`NGINX_BODY_BUFFER`), as modelgate reads them.
     fn nginx(&self) -> Proc {
-        let conf = self.dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
+        let server = |port: u16, log: &str| {
             format!(
-                r#"worker_processes 1;
+                r#"  server {{
+    listen 127.0.0.1:{port} backlog=1024;
+    access_log {log};
+    client_max_body_size 16m;
+    client_body_buffer_size {buffer}k;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
+    proxy_request_buffering on;
+    location /s/ {{ proxy_pass http://mock; }}
+    location / {{ proxy_pass http://fixed; }}
+  }}
+"#,
+                buffer = NGINX_BODY_BUFFER / 1024
+            )
+        };
+        let dir = self.dir.display();
+        let conf = format!(
+            r#"worker_processes 1;
 worker_rlimit_nofile 8192;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  log_format bench escape=json {NGINX_LOG_FORMAT};
+  keepalive_requests 1000000;
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
-  upstream up {{ server 127.0.0.1:18000; keepalive 1024; }}
-  server {{
-    listen 127.0.0.1:18002 backlog=1024;
-    client_max_body_size 16m;
-    client_body_buffer_size 1m;
-    location / {{
-      proxy_pass http://up;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_request_buffering on;
-    }}
-  }}
-}}
+  upstream fixed {{ server {FIXED_UPSTREAM}; keepalive 1024; keepalive_requests 1000000; }}
+  upstream mock {{ server {MOCK_UPSTREAM}; keepalive 1024; keepalive_requests 1000000; }}
+{on}{off}}}
 "#,
-                dir = self.dir.display()
+            on = server(
+                NGINX_PORT,
+                &format!("{dir}/nginx-access.log bench buffer=256k flush=50ms")
             ),
-        )
-        .unwrap();
+            off = server(NGINX_NO_LOG_PORT, "off"),
+        );
+        let nginx = self.start_nginx("nginx", "1", &conf, &format!("127.0.0.1:{NGINX_PORT}"));
+        wait_port(&format!("127.0.0.1:{NGINX_NO_LOG_PORT}"));
+        nginx
+    }
+
+    /// Starts nginx with `conf` (written as NAME.conf) on `cpus`; its CPU time is its
+    /// worker's.
+    fn start_nginx(&self, name: &str, cpus: &str, conf: &str, addr: &str) -> Proc {
+        let path = self.dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf).unwrap();
         let child = Command::new("taskset")
-            .args(["-c", "1", "nginx", "-c"])
-            .arg(&conf)
+            .args(["-c", cpus, "nginx", "-c"])
+            .arg(&path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx (apt-get install nginx-light)");
-        wait_port("127.0.0.1:18002");
+        wait_port(addr);
         // The worker is nginx's only child.
         let master = child.id();
         let worker = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
@@ -457,19 +707,23 @@ http {{
         }
     }
 
-    fn modelgate(&self, config: &str, tag: &str) -> Proc {
+    /// modelgate on core 1. Its access log (one JSON line per request, on stderr) goes to
+    /// modelgate-TAG.log in the temp folder, with the operational log; `access_log: false`
+    /// turns the access log off (`modelgate::access=off`) and leaves the rest.
+    fn modelgate(&self, config: &str, tag: &str, access_log: bool) -> Proc {
         let path = self.dir.join(format!("modelgate-{tag}.yaml"));
         std::fs::write(&path, config).unwrap();
+        let mut filter = std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".into());
+        if !access_log {
+            filter.push_str(",modelgate::access=off");
+        }
         let child = Command::new("taskset")
             .args(["-c", "1"])
             .arg(self.bin.join("modelgate-dataplane"))
             .arg("--config")
             .arg(&path)
             .args(["--listen", "127.0.0.1:18001", "--admin", "127.0.0.1:19001"])
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(format!("modelgate-{tag}.log"))).unwrap())
             .spawn()
@@ -663,7 +917,7 @@ http {{
     }
 
     fn run(&self, peers: bool) {
-        let _up = self.upstream();
+        let _up = (self.upstream(), self.fixed_upstream());
         let main_sections = peers_only() || MAIN_SECTIONS.iter().any(|s| self.selected(s));
         if main_sections {
             println!(
@@ -674,12 +928,7 @@ http {{
             // `c1` and `slow` alone: each prints its own load in its heading.
             println!("# modelgate benchmark ({} reps per point)", self.reps);
         }
-        let small = Workload {
-            name: "small",
-            path: "/v1/chat/completions",
-            body: small_body("bench"),
-            knobs: "",
-        };
+        let small = Workload::chat("small", small_body("bench"));
         let mut modelgate_small = None;
         if main_sections {
             modelgate_small = self.saturation_and_rates(&small);
@@ -707,139 +956,144 @@ http {{
         }
     }
 
+    /// One closed-loop throughput run (wrk, `conns` connections, the run's duration).
+    fn throughput(&self, url: &str, w: &Workload, proc_: Option<&Proc>) -> Run {
+        self.wrk_load(url, w, self.conns, &self.duration, proc_)
+    }
+
     /// Throughput at saturation per workload and profile, latency at fixed rates, memory;
     /// returns the small-body modelgate runs (the peer comparison's reference).
     fn saturation_and_rates(&self, small: &Workload) -> Option<Vec<Run>> {
         let nginx = self.nginx();
-        self.warmup(
-            "http://127.0.0.1:18002/v1/chat/completions",
-            &Workload {
-                name: "warmup",
-                path: "/v1/chat/completions",
-                body: json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
-                    .to_string(),
-                knobs: "",
-            },
-        );
+        // Warm up: nginx's upstream connections, both servers.
+        for port in [NGINX_PORT, NGINX_NO_LOG_PORT] {
+            self.wrk_load(&small.nginx_url(port), small, self.conns, "1s", None);
+        }
         let large_text: String = "Context passage about the sea and its tides. ".repeat(2300);
         let large = json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "system", "content": "Answer from the context."}, {"role": "user", "content": large_text}]}).to_string();
         let stream = json!({"model": "bench-stream", "stream": true, "max_tokens": 128, "messages": [{"role": "user", "content": "Stream a long answer about the sea for a gateway benchmark run."}]}).to_string();
         let embed = json!({"model": "bench-embed", "input": ["The sea is large.", "Tides follow the moon."]}).to_string();
         let workloads = [
             small.clone(),
-            Workload {
-                name: "large",
-                path: "/v1/chat/completions",
-                body: large,
-                knobs: "",
-            },
+            Workload::chat("16k", body_16k()),
+            Workload::chat("large", large),
             Workload {
                 name: "stream",
                 path: "/v1/chat/completions",
                 body: stream,
-                knobs: "s/chunks=100/",
+                knobs: "s/chunks=100/".into(),
             },
             Workload {
                 name: "embeddings",
                 path: "/v1/embeddings",
                 body: embed,
-                knobs: "",
+                knobs: String::new(),
             },
         ];
+        for w in &workloads {
+            assert!(
+                w.body.len() <= NGINX_BODY_BUFFER,
+                "the {} body ({} B) would spill out of nginx's body buffer: raise NGINX_BODY_BUFFER",
+                w.name,
+                w.body.len()
+            );
+        }
         println!(
-            "body sizes: small {} B, large {} B\n",
+            "body sizes: small {} B, 16k {} B, large {} B; the fixed upstream answers {} B (chat), {} B (embeddings)\n",
             small.body.len(),
-            workloads[1].body.len()
+            workloads[1].body.len(),
+            workloads[2].body.len(),
+            CHAT_ANSWER.len(),
+            EMBEDDINGS_ANSWER.len()
         );
 
         let mut results: BTreeMap<(String, String), Vec<Run>> = BTreeMap::new();
         let mut rss: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        let profiles: [(&str, usize, bool); 3] = [
-            ("1 key", 0, false),
-            ("100k keys", 100_000, false),
-            ("1 key + limits", 0, true),
-        ];
-        for (profile, extra, limits) in profiles {
-            if (peers_only() || self.only.is_some()) && profile != "1 key" {
+        for profile in &PROFILES {
+            let full = profile.label == "1 key";
+            // `--only`: the fair pair, not the key-table and limits profiles; `--peers-only`:
+            // modelgate's small body with 1 key and its baselines.
+            let more_state = profile.keys_extra > 0 || profile.limits;
+            if (peers_only() && !full) || (self.only.is_some() && more_state) {
                 continue;
             }
-            let mg = self.modelgate(&bench_config(extra, limits), &profile.replace(' ', "-"));
+            // Profiles other than "1 key" measure the small body only.
+            let runs: Vec<&Workload> = workloads
+                .iter()
+                .filter(|w| self.selected(w.name))
+                .filter(|w| w.name == "small" || (full && !peers_only()))
+                .collect();
+            let latency = full && !peers_only() && self.selected("latency");
+            if runs.is_empty() && !latency {
+                continue;
+            }
+            let mg = self.modelgate(
+                &bench_config(profile.keys_extra, profile.limits),
+                profile.tag,
+                profile.access_log,
+            );
             // Warm up: upstream connection pool, allocator, caches.
-            self.warmup("http://127.0.0.1:18001/v1/chat/completions", &workloads[0]);
-            for w in &workloads {
-                if (profile != "1 key" || peers_only()) && w.name != "small" {
-                    continue;
-                }
-                if !self.selected(w.name) {
-                    continue;
-                }
+            self.wrk_load(&small.modelgate_url(), small, self.conns, "1s", None);
+            let (nginx_port, nginx_name) = if profile.access_log {
+                (NGINX_PORT, "nginx")
+            } else {
+                (NGINX_NO_LOG_PORT, "nginx, logs off")
+            };
+            // Direct and nginx once per workload and log setting; modelgate per profile.
+            let baselines = full || !profile.access_log;
+            for w in runs {
                 for _ in 0..self.reps {
-                    let direct_url = format!(
-                        "http://127.0.0.1:18000/{}{}",
-                        w.knobs,
-                        w.path.trim_start_matches('/')
-                    );
-                    let nginx_url = format!(
-                        "http://127.0.0.1:18002/{}{}",
-                        w.knobs,
-                        w.path.trim_start_matches('/')
-                    );
-                    let mg_url = format!("http://127.0.0.1:18001{}", w.path);
-                    if profile == "1 key" {
-                        results
-                            .entry((w.name.into(), "direct".into()))
-                            .or_default()
-                            .push(self.oha(&direct_url, w, None, None));
-                        results
-                            .entry((w.name.into(), "nginx".into()))
-                            .or_default()
-                            .push(self.oha(&nginx_url, w, None, Some(&nginx)));
+                    let mut push = |row: String, target: &str, run: Run| {
+                        results.entry((row, target.into())).or_default().push(run);
+                    };
+                    if full {
+                        push(
+                            w.name.into(),
+                            "direct",
+                            self.throughput(&w.direct_url(), w, None),
+                        );
                     }
-                    results
-                        .entry((format!("{} [{profile}]", w.name), "modelgate".into()))
-                        .or_default()
-                        .push(self.oha(&mg_url, w, None, Some(&mg)));
+                    if baselines {
+                        let run = self.throughput(&w.nginx_url(nginx_port), w, Some(&nginx));
+                        push(w.name.into(), nginx_name, run);
+                    }
+                    let run = self.throughput(&w.modelgate_url(), w, Some(&mg));
+                    push(format!("{} [{}]", w.name, profile.label), "modelgate", run);
                 }
             }
-            // Fixed rates, small body: latency added over going direct.
-            if profile == "1 key" && !peers_only() && self.selected("latency") {
+            // Fixed rates, small body: latency added over going direct (oha: `-q` and its
+            // correction for coordinated omission, which wrk does not have).
+            if latency {
                 let w = &workloads[0];
                 for rate in [500u32, 1000, 5000] {
                     for _ in 0..self.reps {
                         let key = format!("small@{rate}/s");
+                        let direct = self.oha(&w.direct_url(), w, Some(rate), None);
                         results
                             .entry((key.clone(), "direct".into()))
                             .or_default()
-                            .push(self.oha(
-                                "http://127.0.0.1:18000/v1/chat/completions",
-                                w,
-                                Some(rate),
-                                None,
-                            ));
+                            .push(direct);
+                        let n = self.oha(&w.nginx_url(NGINX_PORT), w, Some(rate), Some(&nginx));
                         results
                             .entry((key.clone(), "nginx".into()))
                             .or_default()
-                            .push(self.oha(
-                                "http://127.0.0.1:18002/v1/chat/completions",
-                                w,
-                                Some(rate),
-                                Some(&nginx),
-                            ));
+                            .push(n);
+                        let m = self.oha(&w.modelgate_url(), w, Some(rate), Some(&mg));
                         results
                             .entry((format!("{key} [1 key]"), "modelgate".into()))
                             .or_default()
-                            .push(self.oha(
-                                "http://127.0.0.1:18001/v1/chat/completions",
-                                w,
-                                Some(rate),
-                                Some(&mg),
-                            ));
+                            .push(m);
                     }
                 }
             }
-            rss.insert(profile.into(), mg.rss_kib());
+            rss.insert(profile.label.into(), mg.rss_kib());
         }
-        self.report(&results, &rss);
+        let lines = [
+            ("nginx", self.dir.join("nginx-access.log")),
+            ("modelgate", self.dir.join("modelgate-1-key.log")),
+        ]
+        .map(|(name, path)| (name, access_line_bytes(&path)));
+        self.report(&results, &rss, lines);
         results.remove(&("small [1 key]".to_owned(), "modelgate".to_owned()))
     }
 
@@ -849,19 +1103,12 @@ http {{
     fn concurrency_one(&self, w: &Workload) {
         let requests: u64 = if self.reps == 1 { 2_000 } else { 20_000 };
         let nginx = self.nginx();
-        let mg = self.modelgate(&bench_config(0, false), "c1");
+        let mg = self.modelgate(&bench_config(0, false), "c1", true);
+        let urls = [w.direct_url(), w.nginx_url(NGINX_PORT), w.modelgate_url()];
         let targets = [
-            ("direct", "http://127.0.0.1:18000/v1/chat/completions", None),
-            (
-                "nginx",
-                "http://127.0.0.1:18002/v1/chat/completions",
-                Some(&nginx),
-            ),
-            (
-                "modelgate",
-                "http://127.0.0.1:18001/v1/chat/completions",
-                Some(&mg),
-            ),
+            ("direct", urls[0].as_str(), None),
+            ("nginx", urls[1].as_str(), Some(&nginx)),
+            ("modelgate", urls[2].as_str(), Some(&mg)),
         ];
         let one = |n| Load {
             conns: 1,
@@ -931,25 +1178,21 @@ http {{
                 return;
             }
         }
+        // The mock adds the delay (its `latency` knob); modelgate's `bench-slow` route has
+        // the same knob in its upstream URL.
         let w = Workload {
             name: "slow",
             path: "/v1/chat/completions",
             body: small_body("bench-slow"),
-            knobs: "",
+            knobs: format!("s/latency={SLOW_MS}/"),
         };
-        let knobs = format!("s/latency={SLOW_MS}/");
-        let direct_url = format!("http://127.0.0.1:18000/{knobs}v1/chat/completions");
-        let nginx_url = format!("http://127.0.0.1:18002/{knobs}v1/chat/completions");
         let nginx = self.nginx();
-        let mg = self.modelgate(&bench_config(0, false), "slow");
+        let mg = self.modelgate(&bench_config(0, false), "slow", true);
+        let urls = [w.direct_url(), w.nginx_url(NGINX_PORT), w.modelgate_url()];
         let targets = [
-            ("direct", direct_url.as_str(), None),
-            ("nginx", nginx_url.as_str(), Some(&nginx)),
-            (
-                "modelgate",
-                "http://127.0.0.1:18001/v1/chat/completions",
-                Some(&mg),
-            ),
+            ("direct", urls[0].as_str(), None),
+            ("nginx", urls[1].as_str(), Some(&nginx)),
+            ("modelgate", urls[2].as_str(), Some(&mg)),
         ];
         let secs = if self.reps == 1 { "3s" } else { "10s" };
         for (_, url, _) in targets {
@@ -967,12 +1210,7 @@ http {{
         let med = |name: &str| median_run(&runs[name]);
         let (d, n, m) = (med("direct"), med("nginx"), med("modelgate"));
         let ceiling = f64::from(conns) / (SLOW_MS as f64 / 1e3);
-        let (fastest_name, fastest) = if n.rps >= m.rps {
-            ("nginx", n.rps)
-        } else {
-            ("modelgate", m.rps)
-        };
-        let headroom = d.rps / fastest.max(1.0);
+        let (headroom, fastest_name, fastest) = headroom(&d, &n, &m);
         let valid = headroom >= HEADROOM;
         println!(
             "{secs} × {} reps per target; ceiling {conns} connections / {SLOW_MS} ms = {ceiling:.0} req/s\n",
@@ -1030,7 +1268,7 @@ http {{
             "\n## Memory over a {secs}-second run (100k keys, mixed traffic, reload every 30 s)\n"
         );
         let config = bench_config(100_000, true);
-        let mg = self.modelgate(&config, "soak");
+        let mg = self.modelgate(&config, "soak", true);
         let config_path = self.dir.join("modelgate-soak.yaml");
         let loads: [(&str, &str, String, u32); 5] = [
             ("small", "/v1/chat/completions", json!({"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea."}]}).to_string(), 800),
@@ -1172,7 +1410,7 @@ http {{
             name: "scale",
             path: "/v1/chat/completions",
             body: json!({"model": "model-0", "max_tokens": 16, "messages": [{"role": "user", "content": "Write one short sentence about the sea, please, for a benchmark."}]}).to_string(),
-            knobs: "",
+            knobs: String::new(),
         };
         let url = "http://127.0.0.1:18001/v1/chat/completions";
         self.warmup(url, &w);
@@ -1274,7 +1512,7 @@ http {{
         std::fs::write(
             &cfg,
             format!(
-                "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://127.0.0.1:18000/v1\n      api_key: sk-upstream\ngeneral_settings:\n  master_key: {KEY}\n"
+                "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://{FIXED_UPSTREAM}/v1\n      api_key: sk-upstream\ngeneral_settings:\n  master_key: {KEY}\n"
             ),
         )
         .unwrap();
@@ -1338,64 +1576,168 @@ http {{
         );
     }
 
+    /// The throughput table (CPU per request first, then throughput per core beside req/s,
+    /// and each point's headroom), the fixed rates, memory, and the targets.
     fn report(
         &self,
         results: &BTreeMap<(String, String), Vec<Run>>,
         rss: &BTreeMap<String, (u64, u64)>,
+        log_lines: [(&str, Option<f64>); 2],
     ) {
         let med = |name: &str, target: &str| -> Option<Run> {
             let runs = results.get(&(name.to_owned(), target.to_owned()))?;
             Some(median_run(runs))
         };
-        println!(
-            "## Throughput at saturation (closed loop, {} connections)\n",
-            self.conns
-        );
-        println!(
-            "| workload | direct rps | nginx rps | modelgate rps | modelgate/nginx | nginx CPU µs/req | modelgate CPU µs/req | CPU ratio | errors |"
-        );
-        println!("|---|---|---|---|---|---|---|---|---|");
-        let mut verdicts = Vec::new();
-        for (w, floor) in [
-            ("small", 0.8),
-            ("large", 0.7),
-            ("stream", 0.0),
-            ("embeddings", 0.0),
-        ] {
-            let (Some(d), Some(n)) = (med(w, "direct"), med(w, "nginx")) else {
+        /// What the targets read from a row.
+        struct Figures {
+            cpu_ratio: f64,
+            ratio: f64,
+            headroom: f64,
+        }
+        let mut figures: BTreeMap<String, Figures> = BTreeMap::new();
+        let (mut rows, mut points) = (Vec::new(), Vec::new());
+        for w in ["small", "16k", "large", "stream", "embeddings"] {
+            let Some(d) = med(w, "direct") else {
                 continue;
             };
-            for profile in ["1 key", "100k keys", "1 key + limits"] {
-                let Some(m) = med(&format!("{w} [{profile}]"), "modelgate") else {
+            for profile in &PROFILES {
+                let row = format!("{w} [{}]", profile.label);
+                let nginx = if profile.access_log {
+                    "nginx"
+                } else {
+                    "nginx, logs off"
+                };
+                let (Some(n), Some(m)) = (med(w, nginx), med(&row, "modelgate")) else {
                     continue;
                 };
                 let ratio = m.rps / n.rps.max(1.0);
                 let cpu_ratio = m.cpu_us_per_req / n.cpu_us_per_req.max(0.001);
-                println!(
-                    "| {w} [{profile}] | {:.0} | {:.0} | {:.0} | {ratio:.2} | {:.1} | {:.1} | {cpu_ratio:.2} | {} |",
-                    d.rps, n.rps, m.rps, n.cpu_us_per_req, m.cpu_us_per_req, m.errors
+                let per_core = |r: &Run| 1e6 / r.cpu_us_per_req.max(0.001);
+                let (headroom, fastest_name, fastest) = headroom(&d, &n, &m);
+                let valid = headroom >= HEADROOM;
+                let verdict = if valid {
+                    "yes".to_owned()
+                } else {
+                    format!("INVALID: direct < {HEADROOM} × {fastest_name}")
+                };
+                rows.push(format!(
+                    "| {row} | {:.1} | {:.1} | {cpu_ratio:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {ratio:.2} | {:.0} | {headroom:.2} | {} / {} / {} | {verdict} |",
+                    n.cpu_us_per_req,
+                    m.cpu_us_per_req,
+                    n.rps,
+                    per_core(&n),
+                    m.rps,
+                    per_core(&m),
+                    d.rps,
+                    d.errors,
+                    n.errors,
+                    m.errors
+                ));
+                // At saturation with core 0 to spare, a proxy alone on core 1 uses all of it;
+                // one that used less was held back by something the headroom check does not
+                // see (another process on core 1): its req/s understate it, its CPU per
+                // request still counts.
+                let cores = |r: &Run| r.rps * r.cpu_us_per_req / 1e6;
+                let (cn, cm) = (cores(&n), cores(&m));
+                let note = if cn.min(cm) < BUSY_CORE {
+                    format!(
+                        " (below {BUSY_CORE}: core 1 was not the proxies' alone, their req/s understate them)"
+                    )
+                } else {
+                    String::new()
+                };
+                points.push(format!(
+                    "- {} {row}: going direct reached {:.0} req/s, {headroom:.2} × the fastest proxy ({fastest_name}, {fastest:.0} req/s); cores used: nginx {cn:.2}, modelgate {cm:.2}{note}",
+                    if valid { "PASS" } else { "INVALID" },
+                    d.rps,
+                ));
+                figures.insert(
+                    row,
+                    Figures {
+                        cpu_ratio,
+                        ratio,
+                        headroom,
+                    },
                 );
-                if floor > 0.0 {
-                    verdicts.push((
-                        format!("throughput {w} [{profile}] ≥ {floor} × nginx"),
-                        ratio >= floor,
-                        format!("{ratio:.2}"),
-                    ));
-                }
-                if w == "small" {
-                    verdicts.push((
-                        format!("CPU per request {w} [{profile}] ≤ 2 × nginx"),
-                        cpu_ratio <= 2.0,
-                        format!("{cpu_ratio:.2}"),
-                    ));
-                }
             }
         }
-        println!("\n## Latency at fixed rates (small body; open loop with latency correction)\n");
-        println!(
-            "| rate | direct p50 / p99 / p99.9 ms | nginx p50 / p99 ms | modelgate p50 / p99 / p99.9 ms | nginx added p50 / p99 | modelgate added p50 | modelgate added p99 |"
-        );
-        println!("|---|---|---|---|---|---|---|");
+        if !rows.is_empty() {
+            println!(
+                "## Throughput at saturation (wrk, closed loop, {} connections)\n",
+                self.conns
+            );
+            println!(
+                "Both proxies with their access log on, except in the rows marked logs off. CPU µs/req: the proxy process's CPU time over the run per answer; req/s per core: answers per second of that CPU time (1e6 / CPU µs/req). A throughput ratio counts only where going direct reached {HEADROOM} × the fastest proxy.\n"
+            );
+            println!(
+                "| workload | nginx CPU µs/req | modelgate CPU µs/req | CPU ratio | nginx req/s | nginx req/s per core | modelgate req/s | modelgate req/s per core | modelgate/nginx req/s | direct req/s | direct / fastest proxy | errors (direct / nginx / modelgate) | valid |"
+            );
+            println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+            for r in rows {
+                println!("{r}");
+            }
+            println!("\nHeadroom per point (a throughput ratio counts from {HEADROOM} ×):\n");
+            for p in points {
+                println!("{p}");
+            }
+            if let [(_, Some(n)), (_, Some(m))] = log_lines {
+                println!(
+                    "\nAccess log lines, mean of the first MiB of each file: nginx {n:.0} B, modelgate {m:.0} B."
+                );
+            }
+        }
+        let mut verdicts: Vec<(String, Verdict, String)> = Vec::new();
+        // Throughput targets hold only on a point with headroom.
+        let throughput = |row: &str, floor: f64| {
+            let f = figures.get(row)?;
+            let (verdict, value) = if f.headroom >= HEADROOM {
+                (Verdict::of(f.ratio >= floor), format!("{:.2}", f.ratio))
+            } else {
+                (
+                    Verdict::Invalid,
+                    format!(
+                        "{:.2}, but going direct reached only {:.2} × the fastest proxy",
+                        f.ratio, f.headroom
+                    ),
+                )
+            };
+            Some((
+                format!("throughput {row} ≥ {floor} × nginx's"),
+                verdict,
+                value,
+            ))
+        };
+        // Issue 15: small body, both access logs on, one core each.
+        if let Some(f) = figures.get("small [1 key]") {
+            verdicts.push((
+                "CPU per request small [1 key], access logs on, ≤ 1.5 × nginx's".into(),
+                Verdict::of(f.cpu_ratio <= 1.5),
+                format!("{:.2}", f.cpu_ratio),
+            ));
+            let per_core = 1.0 / f.cpu_ratio.max(0.001);
+            verdicts.push((
+                "throughput per core small [1 key], access logs on, ≥ 0.7 × nginx's".into(),
+                Verdict::of(per_core >= 0.7),
+                format!("{per_core:.2}"),
+            ));
+        }
+        verdicts.extend(throughput("16k [1 key]", 0.7));
+        // Earlier targets.
+        for profile in ["1 key", "100k keys", "1 key + limits"] {
+            let row = format!("small [{profile}]");
+            verdicts.extend(throughput(&row, 0.8));
+            if let Some(f) = figures.get(&row)
+                && profile != "1 key"
+            {
+                verdicts.push((
+                    format!("CPU per request {row} ≤ 2 × nginx's"),
+                    Verdict::of(f.cpu_ratio <= 2.0),
+                    format!("{:.2}", f.cpu_ratio),
+                ));
+            }
+        }
+        verdicts.extend(throughput("large [1 key]", 0.7));
+        let mut heading = true;
         for rate in [500u32, 1000, 5000] {
             let key = format!("small@{rate}/s");
             let (Some(d), Some(n), Some(m)) = (
@@ -1405,6 +1747,15 @@ http {{
             ) else {
                 continue;
             };
+            if std::mem::take(&mut heading) {
+                println!(
+                    "\n## Latency at fixed rates (small body; oha, open loop with latency correction)\n"
+                );
+                println!(
+                    "| rate | direct p50 / p99 / p99.9 ms | nginx p50 / p99 ms | modelgate p50 / p99 / p99.9 ms | nginx added p50 / p99 | modelgate added p50 | modelgate added p99 |"
+                );
+                println!("|---|---|---|---|---|---|---|");
+            }
             let (a50, a99) = ((m.p50_ms - d.p50_ms) * 1e3, (m.p99_ms - d.p99_ms) * 1e3);
             println!(
                 "| {rate}/s | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} / {:.0} µs | {a50:.0} µs | {a99:.0} µs |",
@@ -1422,12 +1773,12 @@ http {{
             if rate == 500 || rate == 5000 {
                 verdicts.push((
                     format!("added p50 at {rate}/s < 100 µs"),
-                    a50 < 100.0,
+                    Verdict::of(a50 < 100.0),
                     format!("{a50:.0} µs"),
                 ));
                 verdicts.push((
                     format!("added p99 at {rate}/s < 500 µs"),
-                    a99 < 500.0,
+                    Verdict::of(a99 < 500.0),
                     format!("{a99:.0} µs"),
                 ));
             }
@@ -1444,13 +1795,13 @@ http {{
             let limit = if p.contains("100k") { 64.0 } else { 32.0 };
             verdicts.push((
                 format!("peak RSS [{p}] < {limit} MiB"),
-                (*peak as f64 / 1024.0) < limit,
+                Verdict::of((*peak as f64 / 1024.0) < limit),
                 format!("{:.1} MiB", *peak as f64 / 1024.0),
             ));
         }
         println!("\n## Targets\n");
-        for (what, pass, value) in verdicts {
-            println!("- {} {what}: {value}", if pass { "PASS" } else { "MISS" });
+        for (what, verdict, value) in verdicts {
+            println!("- {} {what}: {value}", verdict.word());
         }
     }
 }
@@ -1745,6 +2096,46 @@ Transfer/sec:      8.22MB
             parse_wrk("unable to connect to 127.0.0.1:18000 Connection refused\n"),
             None
         );
+    }
+
+    #[test]
+    fn fixed_answers_and_the_16k_body() {
+        for answer in [CHAT_ANSWER, EMBEDDINGS_ANSWER] {
+            let v: serde_json::Value = serde_json::from_str(answer).unwrap();
+            assert!(v["usage"]["prompt_tokens"].is_u64(), "{answer}");
+        }
+        assert_eq!(CHAT_ANSWER.len(), 333);
+        let v: serde_json::Value = serde_json::from_str(&body_16k()).unwrap();
+        let text: usize = v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().len())
+            .sum();
+        assert!((16_000..17_000).contains(&text), "{text} B of messages");
+        assert!(body_16k().len() < NGINX_BODY_BUFFER);
+    }
+
+    /// nginx's log line is JSON once it fills in its variables (a bare one is a number).
+    #[test]
+    fn nginx_log_line_is_json() {
+        let format = NGINX_LOG_FORMAT.trim_matches('\'');
+        let mut line = String::new();
+        let mut chars = format.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '$' {
+                while chars
+                    .next_if(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .is_some()
+                {}
+                line.push('0');
+            } else {
+                line.push(c);
+            }
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["message"], "request");
+        assert!(v["status"].is_number() && v["duration_s"].is_number());
     }
 
     #[test]
