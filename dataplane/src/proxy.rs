@@ -271,10 +271,10 @@ async fn serve(
     let route = snapshot
         .routes
         .get(&key.namespace, &api.model)
-        .ok_or_else(|| ProxyError::UnknownModel(api.model.clone()))?
+        .ok_or_else(|| ProxyError::UnknownModel(api.model.to_string()))?
         .clone();
     if !key.allows(&route.model, &api.model) {
-        return Err(ProxyError::ModelNotAllowed(api.model.clone()));
+        return Err(ProxyError::ModelNotAllowed(api.model.to_string()));
     }
     meter.route = Some(route.clone());
 
