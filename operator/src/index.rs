@@ -22,7 +22,6 @@ use modelgate_wire::{
     BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec,
     OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source,
 };
-use sha2::{Digest, Sha256};
 
 use crate::tenancy::{Namespaces, View};
 use modelgate_wire::egress::UpstreamPolicy;
@@ -380,7 +379,7 @@ impl Index {
                 );
                 continue;
             }
-            let hash = hex_sha256(raw.as_bytes());
+            let hash = modelgate_wire::hash_key(&raw);
             if let Some(other) = hashes.get(&hash) {
                 // Never name an object of another namespace to this one's tenant.
                 let message = match other.split_once('/') {
@@ -623,13 +622,6 @@ fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-pub fn hex_sha256(raw: &[u8]) -> String {
-    Sha256::digest(raw)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -853,7 +845,7 @@ mod tests {
         });
         assert_eq!(c.spec.keys.len(), 1);
         let k = &c.spec.keys[0];
-        assert_eq!(k.sha256, hex_sha256(b"sk-0123456789abcdef"));
+        assert_eq!(k.sha256, modelgate_wire::hash_key("sk-0123456789abcdef"));
         assert!(
             !serde_json::to_string(&c.spec)
                 .unwrap()
