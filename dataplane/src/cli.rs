@@ -50,6 +50,10 @@ OPTIONS:
                              never connected to; standalone, only when one of these is given
     --proxy-id ID            this proxy's name for the operator [default: $POD_NAME or host-pid]
     --usage-interval DUR     how often usage is reported to the operator [default: 2s]
+    --workers N              threads serving requests (or env MODELGATE_WORKERS) [default: the
+                             CPUs this process may use, cgroup quota included]; with 1, one
+                             thread serves everything without work stealing, as nginx's worker
+                             does (the cheapest per request on a one-CPU pod)
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
 ";
 
@@ -69,9 +73,30 @@ struct Options {
     admin_token_file: Option<PathBuf>,
     proxy_id: Option<String>,
     usage_interval: Option<Duration>,
+    workers: Option<usize>,
     check: bool,
     text_logs: bool,
     hash_key: Option<Option<String>>,
+}
+
+fn workers(v: &str) -> anyhow::Result<usize> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => bail!("must be a number of threads from 1 to 1024, not {v:?}"),
+    }
+}
+
+/// One thread for one worker (a current-thread runtime: no work stealing, no wake-ups across
+/// threads), else a multi-threaded runtime with that many workers.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    b.enable_all().build()
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
@@ -116,6 +141,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                         .with_context(|| format!("--usage-interval {v:?}"))?,
                 );
             }
+            "--workers" => o.workers = Some(workers(&value("--workers")?).context("--workers")?),
             "--log-format" => match value("--log-format")?.as_str() {
                 "json" => o.text_logs = false,
                 "text" => o.text_logs = true,
@@ -161,10 +187,20 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logs(opts.text_logs);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = match opts.workers {
+        Some(n) => n,
+        None => match std::env::var("MODELGATE_WORKERS") {
+            Ok(v) => match workers(&v) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("error: MODELGATE_WORKERS: {e:#}");
+                    return ExitCode::from(2);
+                }
+            },
+            Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+    };
+    let runtime = match runtime(workers) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -427,5 +463,22 @@ mod tests {
         assert_eq!(o.reload_interval, Some(Duration::from_millis(200)));
         assert!(parse_args(["--bogus"].into_iter().map(String::from)).is_err());
         assert!(parse_args(["--config"].into_iter().map(String::from)).is_err());
+    }
+
+    #[test]
+    fn workers_are_a_thread_count() {
+        let args = |a: &[&str]| parse_args(a.iter().map(|s| s.to_string()));
+        assert_eq!(args(&["--workers", "1"]).unwrap().workers, Some(1));
+        assert_eq!(args(&["--workers=4"]).unwrap().workers, Some(4));
+        for bad in ["0", "-1", "two", "100000"] {
+            let e = format!("{:#}", args(&["--workers", bad]).unwrap_err());
+            assert!(e.contains("--workers: must be a number of threads"), "{e}");
+        }
+        // One worker: a current-thread runtime still runs spawned tasks.
+        let rt = runtime(1).unwrap();
+        assert_eq!(
+            rt.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }),
+            7
+        );
     }
 }

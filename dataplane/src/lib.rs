@@ -13,6 +13,7 @@
 
 pub mod accesslog;
 pub mod admission;
+pub mod busy;
 pub mod cli;
 pub mod config;
 pub mod control;

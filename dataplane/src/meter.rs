@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::admission::Ticket;
+use crate::busy::BusyClock;
 use crate::keys::Key;
 use crate::metrics::{Metrics, TokenKind, UpstreamErrorKind};
 use crate::routes::{Backend, Route};
@@ -60,8 +61,12 @@ pub struct Meter {
     pub status: u16,
     pub error: Option<&'static str>,
     pub attempts: u32,
-    /// Time spent waiting on upstreams (and backoffs), excluded from the overhead.
-    pub upstream_time: Duration,
+    /// The busy clocks of the client's connection and of the upstream connection that
+    /// answered (see `busy`), and what was taken from them so far.
+    connection: Option<BusyClock>,
+    upstream: Option<BusyClock>,
+    busy: Duration,
+    /// The busy time when the response headers were ready (`x-modelgate-overhead-us`).
     overhead: Option<Duration>,
     ttft: Option<Duration>,
     usage: Option<UsageWire>,
@@ -89,7 +94,9 @@ impl Meter {
             status: 0,
             error: None,
             attempts: 0,
-            upstream_time: Duration::ZERO,
+            connection: None,
+            upstream: None,
+            busy: Duration::ZERO,
             overhead: None,
             ttft: None,
             usage: None,
@@ -104,15 +111,38 @@ impl Meter {
         self.start.elapsed()
     }
 
-    /// The response headers are ready: fix the gateway's own share of the time so far.
+    /// The request starts on the client connection `clock`: what the connection spent since
+    /// its previous request took its share (reading this request, mostly) is charged now,
+    /// the rest as the request goes on.
+    pub fn charge_connection(&mut self, clock: BusyClock) {
+        self.busy += clock.take();
+        self.connection = Some(clock);
+    }
+
+    /// An attempt used the upstream connection `clock`: its reads and writes so far are
+    /// charged now; the last one's (the answer that goes on) as the request goes on.
+    pub fn charge_upstream(&mut self, clock: BusyClock) {
+        self.busy += clock.take();
+        self.upstream = Some(clock);
+    }
+
+    /// The request's busy time so far.
+    fn busy_now(&mut self) -> Duration {
+        for clock in [&self.connection, &self.upstream].into_iter().flatten() {
+            self.busy += clock.take();
+        }
+        self.busy
+    }
+
+    /// The response headers are ready: fix the gateway's own time so far.
     pub fn response_ready(&mut self, status: u16) -> Duration {
         self.status = status;
-        let overhead = self.start.elapsed().saturating_sub(self.upstream_time);
+        let overhead = self.busy_now();
         self.overhead = Some(overhead);
         overhead
     }
 
-    /// The gateway's own time, as fixed by `response_ready`.
+    /// The gateway's own time when the response headers were ready.
     pub fn overhead(&self) -> Option<Duration> {
         self.overhead
     }
@@ -170,6 +200,8 @@ impl Meter {
 
 impl Drop for Meter {
     fn drop(&mut self) {
+        // Streams included: their reading and writing after the headers counts too.
+        let busy = self.busy_now();
         let m = &self.metrics;
         m.in_flight.dec();
         let status = if self.status == 0 { 499 } else { self.status };
@@ -202,8 +234,8 @@ impl Drop for Meter {
         if let Some(r) = &route_series {
             r.duration().observe(duration.as_secs_f64());
         }
-        if let Some(o) = self.overhead {
-            m.overhead.observe(o.as_secs_f64());
+        if self.overhead.is_some() {
+            m.overhead.observe(busy.as_secs_f64());
         }
         if let (Some(t), Some(b)) = (self.ttft, backend_series) {
             b.ttft().observe(t.as_secs_f64());
@@ -234,7 +266,7 @@ impl Drop for Meter {
             attempts: self.attempts,
             duration_ms: duration.as_secs_f64() * 1e3,
             ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
-            overhead_us: self.overhead.map(|o| o.as_micros() as u64),
+            overhead_us: self.overhead.map(|_| busy.as_micros() as u64),
             input_tokens: input,
             output_tokens: output,
             usage: source.as_str(),

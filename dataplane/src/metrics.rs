@@ -188,7 +188,8 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 fn overhead_buckets() -> impl Iterator<Item = f64> {
     [
-        0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+        0.000_01, 0.000_02, 0.000_03, 0.000_04, 0.000_05, 0.000_075, 0.000_1, 0.000_25, 0.000_5,
+        0.001, 0.002_5, 0.01, 0.05,
     ]
     .into_iter()
 }
@@ -227,7 +228,7 @@ impl Metrics {
         let overhead = Histogram::new(overhead_buckets());
         registry.register(
             "gateway_overhead_seconds",
-            "Time spent in the proxy itself, excluding waiting for upstreams",
+            "The proxy's own busy time per request: its client and upstream connections' work (reading, parsing, the gateway's code, writing), never the wait for an upstream",
             overhead.clone(),
         );
         let tokens = Family::<TokenLabels, Counter>::default();

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::admission::{self, Estimate};
+use crate::busy::BusyClock;
 use crate::error::{ProxyError, json_response};
 use crate::keys::Key;
 use crate::meter::Meter;
@@ -92,8 +93,16 @@ fn request_id(headers: &HeaderMap) -> String {
 }
 
 /// Serve one API request. Never fails: every error becomes an OpenAI-shaped response.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// `connection`: the busy clock of the client's connection, charged to the request.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    connection: Option<BusyClock>,
+) -> Response<ProxyBody> {
     let mut meter = Meter::new(gw.metrics.clone(), request_id(req.headers()));
+    if let Some(clock) = connection {
+        meter.charge_connection(clock);
+    }
     let reply = serve(&gw, req, &mut meter).await;
     let (mut resp, meter) = match reply {
         Ok(Reply::Full(resp)) => {
@@ -519,9 +528,7 @@ async fn forward(
                     break;
                 }
                 backend.series(&gw.metrics).retries().inc();
-                let started = Instant::now();
                 tokio::time::sleep(pause).await;
-                meter.upstream_time += started.elapsed();
             }
             let mut timeout = backend.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
             if let Some(d) = deadline {
@@ -539,14 +546,19 @@ async fn forward(
             let started = Instant::now();
             let result = match providers::attempt(&gw.client, &backend, api, timeout).await {
                 Ok(resp) => {
+                    // The upstream connection's reads and writes are the request's cost too.
+                    let connection = resp.extensions().get::<BusyClock>().cloned();
                     let left = timeout.saturating_sub(started.elapsed());
-                    receive(resp, route, api.stream, left).await
+                    let answer = receive(resp, route, api.stream, left).await;
+                    if let Some(clock) = connection {
+                        meter.charge_upstream(clock);
+                    }
+                    answer
                 }
                 Err(failure) => Err(failure),
             };
             let took = started.elapsed();
             drop(in_flight);
-            meter.upstream_time += took;
             match result {
                 Ok(answer) => {
                     backend.state.record_success(took);

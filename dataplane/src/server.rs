@@ -20,6 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use crate::busy::BusyClock;
 use crate::error::json_response;
 use crate::proxy::{self, Gateway};
 use crate::source::Runtime;
@@ -72,16 +73,22 @@ pub async fn serve_api(
         };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(gw, req).await) }
-        });
+        // The connection's task is timed while it works: its requests are charged for it.
+        let clock = BusyClock::default();
+        let service = {
+            let clock = clock.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let gw = gw.clone();
+                let clock = clock.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(gw, req, Some(clock)).await) }
+            })
+        };
         // A socket that sends nothing would sit in protocol detection (before HTTP/1's
         // header timeout applies) holding a slot forever: it gets the same deadline for its
         // first byte.
         let graceful_watch = graceful.watcher();
         let builder = builder.clone();
-        tokio::spawn(async move {
+        tokio::spawn(clock.time(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
                 Ok(Ok(n)) if n > 0 => {}
@@ -95,7 +102,7 @@ pub async fn serve_api(
                 .into_owned();
             let _ = graceful_watch.watch(conn).await;
             drop(permit);
-        });
+        }));
     }
     drop(listener);
     tracing::info!(

@@ -97,6 +97,60 @@ keys:
     )
 }
 
+/// `MODELGATE_WORKERS=1` (a current-thread runtime, the cheapest per request on one CPU)
+/// serves concurrent calls and streams; the overhead header and histogram report the
+/// proxy's own busy time, never the upstream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_serves_concurrent_calls_and_streams() {
+    let up = MockUpstream::start();
+    let p = Proxy::start_with(
+        &config(&up),
+        &[
+            ("MODELGATE_WORKERS", "1"),
+            ("TEST_UPSTREAM_KEY", "sk-upstream"),
+        ],
+    );
+    let calls = (0..16).map(|i| {
+        let url = p.url("/v1/chat/completions");
+        async move { post(&url, Some(KEY), &chat("gpt-test", i % 4 == 0)).await }
+    });
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let own: u64 = r
+            .header("x-modelgate-overhead-us")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(own > 0, "the proxy's own time is never nothing");
+    }
+    // The slow route's upstream never answers within 300 ms: the wait is not the proxy's.
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(KEY),
+        &chat("slow", false),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    let own: u64 = r
+        .header("x-modelgate-overhead-us")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        own < 300_000,
+        "waiting on the upstream was charged: {own} µs"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "every call observed in the overhead histogram",
+        || async {
+            let text = get(&p.admin_url("/metrics"), None).await.text();
+            metric(&text, "modelgate_gateway_overhead_seconds_count", &[]) == 17.0
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_rewrite_the_model_and_inject_credentials() {
     let up = MockUpstream::start();

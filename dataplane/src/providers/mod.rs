@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::busy::TimedConnector;
 use crate::egress::{GuardedResolver, UpstreamPolicy};
 use crate::error::ProxyError;
 use crate::metrics::UpstreamErrorKind;
@@ -27,11 +28,13 @@ use crate::request::ApiRequest;
 use crate::routes::{Backend, Provider, RetryOn};
 use crate::stream::UpstreamBody;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+pub type HttpClient =
+    Client<TimedConnector<HttpsConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
 
 /// One pooled client for every upstream: keep-alive, TCP_NODELAY, HTTP/2 where TLS
 /// negotiates it, rustls with the ring provider and the Mozilla root set. With an egress
-/// policy, names are resolved only to addresses it admits.
+/// policy, names are resolved only to addresses it admits. Each connection's reads and
+/// writes are timed (`busy`): the requests it serves are charged for them.
 pub fn http_client(egress: Option<Arc<UpstreamPolicy>>) -> HttpClient {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(egress));
@@ -48,7 +51,7 @@ pub fn http_client(egress: Option<Arc<UpstreamPolicy>>) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
-        .build(https)
+        .build(TimedConnector(https))
 }
 
 /// A failed attempt that the retry policy may retry.

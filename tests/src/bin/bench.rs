@@ -5,6 +5,7 @@
 //!
 //! Usage: bench [--quick] [--only SECTION[,SECTION...]] [--scale-only] [--swap-only]
 //!              [--soak SECS] [--peers] [--peers-only]   (`make bench` builds and runs this)
+//!              [--profile small|16k|slow[,...] [--out DIR]]   (perf profiles, flame graphs)
 //! Sections for `--only`: the workloads small, 16k, large, stream, embeddings; `latency`
 //! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
 //! at 1,000 connections). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
@@ -91,6 +92,20 @@ fn main() {
         let secs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(600);
         let _up = (b.upstream(), b.fixed_upstream());
         b.soak(secs);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        let what = args.get(i + 1).cloned().unwrap_or_else(|| "small".into());
+        let out = args
+            .iter()
+            .position(|a| a == "--out")
+            .and_then(|i| args.get(i + 1))
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| b.dir.join("profiles"));
+        let _up = (b.upstream(), b.fixed_upstream());
+        for w in what.split(',') {
+            b.profile(w.trim(), &out);
+        }
         return;
     }
     if args.iter().any(|a| a == "--scale-only") {
@@ -330,6 +345,9 @@ struct Run {
     ok: u64,
     errors: u64,
     cpu_us_per_req: f64,
+    /// modelgate's own time per request as it reports it: the mean of its
+    /// `gateway_overhead_seconds` histogram over the run (0 for other targets).
+    overhead_us: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -348,6 +366,32 @@ fn median_run(runs: &[Run]) -> Run {
         ok: runs.iter().map(|r| r.ok).sum(),
         errors: runs.iter().map(|r| r.errors).sum(),
         cpu_us_per_req: m(|r| r.cpu_us_per_req),
+        overhead_us: m(|r| r.overhead_us),
+    }
+}
+
+/// The sum and count of modelgate's `gateway_overhead_seconds` histogram, when `url` is
+/// modelgate's API.
+fn overhead_totals(url: &str) -> Option<(f64, f64)> {
+    if !url.starts_with("http://127.0.0.1:18001/") {
+        return None;
+    }
+    let text = http_get("127.0.0.1:19001", "/metrics");
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    Some((
+        value("modelgate_gateway_overhead_seconds_sum")?,
+        value("modelgate_gateway_overhead_seconds_count")?,
+    ))
+}
+
+/// The histogram's mean in µs between two readings of `overhead_totals`.
+fn overhead_mean_us(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> f64 {
+    match (before, after) {
+        (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => (s1 - s0) / (c1 - c0) * 1e6,
+        _ => 0.0,
     }
 }
 
@@ -782,9 +826,11 @@ http {{
             cmd.args(["-q", &q.to_string(), "--latency-correction"]);
         }
         cmd.arg(url);
+        let own_before = overhead_totals(url);
         let before = proc_.map(Proc::cpu_ticks);
         let out = cmd.output().expect("oha (cargo install oha)");
         let after = proc_.map(Proc::cpu_ticks);
+        let overhead_us = overhead_mean_us(own_before, overhead_totals(url));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "oha output ({e}): {}{}",
@@ -825,6 +871,7 @@ http {{
             ok,
             errors,
             cpu_us_per_req: cpu,
+            overhead_us,
         }
     }
 
@@ -850,9 +897,11 @@ http {{
             .args(["-d", secs, "-s"])
             .arg(&script)
             .arg(url);
+        let own_before = overhead_totals(url);
         let before = proc_.map(Proc::cpu_ticks);
         let out = cmd.output().expect("wrk (apt-get install wrk)");
         let after = proc_.map(Proc::cpu_ticks);
+        let overhead_us = overhead_mean_us(own_before, overhead_totals(url));
         let text = String::from_utf8_lossy(&out.stdout);
         let Some(r) = parse_wrk(&text).filter(|_| out.status.success()) else {
             panic!(
@@ -876,6 +925,7 @@ http {{
             ok,
             errors: r.non_2xx + r.socket_errors,
             cpu_us_per_req: cpu,
+            overhead_us,
         }
     }
 
@@ -953,6 +1003,90 @@ http {{
         }
         if peers {
             self.litellm(&small, modelgate_small.as_ref());
+        }
+    }
+
+    /// `--profile WORKLOAD`: modelgate (1 key, access log on) and nginx (access log on), each
+    /// at saturation under wrk as in the throughput table (`slow`: 1,000 connections behind
+    /// the mock's 20 ms), sampled with `perf record --call-graph dwarf` for 5 s of a 9 s run.
+    /// Writes `WORKLOAD-TARGET.folded` (stacks folded by `inferno-collapse-perf`) and `.svg`
+    /// (`inferno-flamegraph`) into `out` when inferno is on PATH (`cargo install inferno`),
+    /// else leaves `perf.data` files there; prints each target's CPU per request over the run
+    /// (perf's sampling adds a few per cent to both).
+    fn profile(&self, name: &str, out: &std::path::Path) {
+        std::fs::create_dir_all(out).unwrap();
+        let (w, conns) = match name {
+            "small" => (Workload::chat("small", small_body("bench")), self.conns),
+            "16k" => (Workload::chat("16k", body_16k()), self.conns),
+            "slow" => (
+                Workload {
+                    name: "slow",
+                    path: "/v1/chat/completions",
+                    body: small_body("bench-slow"),
+                    knobs: format!("s/latency={SLOW_MS}/"),
+                },
+                SLOW_CONNS,
+            ),
+            other => panic!("--profile: no workload {other} (small, 16k, slow)"),
+        };
+        let inferno = Command::new("inferno-collapse-perf")
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        for target in ["modelgate", "nginx"] {
+            let (proc_, url) = if target == "modelgate" {
+                (
+                    self.modelgate(&bench_config(0, false), "profile", true),
+                    w.modelgate_url(),
+                )
+            } else {
+                (self.nginx(), w.nginx_url(NGINX_PORT))
+            };
+            self.wrk_load(&url, &w, conns, "2s", None);
+            let data = out.join(format!("{}-{target}.data", w.name));
+            let pid = proc_.cpu_pid.to_string();
+            let (run, perf) = std::thread::scope(|s| {
+                let load = s.spawn(|| self.wrk_load(&url, &w, conns, "9s", Some(&proc_)));
+                std::thread::sleep(Duration::from_secs(2));
+                let perf = Command::new("perf")
+                    .args(["record", "-q", "-F", "997", "--call-graph", "dwarf,32768"])
+                    .args(["-p", &pid, "-o"])
+                    .arg(&data)
+                    .args(["--", "sleep", "5"])
+                    .output()
+                    .expect("perf (apt-get install linux-perf)");
+                (load.join().unwrap(), perf)
+            });
+            assert!(
+                perf.status.success(),
+                "perf record: {}",
+                String::from_utf8_lossy(&perf.stderr)
+            );
+            println!(
+                "{} {target}: {:.0} req/s, {:.1} CPU µs/req, {} errors over the run; samples in {}",
+                w.name,
+                run.rps,
+                run.cpu_us_per_req,
+                run.errors,
+                data.display()
+            );
+            if inferno {
+                let folded = out.join(format!("{}-{target}.folded", w.name));
+                let svg = out.join(format!("{}-{target}.svg", w.name));
+                let title = format!(
+                    "{target}, {} body, {conns} connections, {:.1} CPU us/req",
+                    w.name, run.cpu_us_per_req
+                );
+                let script = format!(
+                    "perf script -i '{data}' 2>/dev/null | inferno-collapse-perf > '{folded}' && inferno-flamegraph --title '{title}' < '{folded}' > '{svg}' && rm '{data}'",
+                    data = data.display(),
+                    folded = folded.display(),
+                    svg = svg.display(),
+                );
+                let status = Command::new("sh").args(["-c", &script]).status().unwrap();
+                assert!(status.success(), "folding {}", data.display());
+                println!("  flame graph {}", svg.display());
+            }
         }
     }
 
@@ -1596,6 +1730,8 @@ http {{
         }
         let mut figures: BTreeMap<String, Figures> = BTreeMap::new();
         let (mut rows, mut points) = (Vec::new(), Vec::new());
+        // modelgate's own time as it reports it, against its CPU per request.
+        let mut own: Vec<(String, f64, f64)> = Vec::new();
         for w in ["small", "16k", "large", "stream", "embeddings"] {
             let Some(d) = med(w, "direct") else {
                 continue;
@@ -1651,6 +1787,7 @@ http {{
                     if valid { "PASS" } else { "INVALID" },
                     d.rps,
                 ));
+                own.push((row.clone(), m.overhead_us, m.cpu_us_per_req));
                 figures.insert(
                     row,
                     Figures {
@@ -1683,6 +1820,17 @@ http {{
             if let [(_, Some(n)), (_, Some(m))] = log_lines {
                 println!(
                     "\nAccess log lines, mean of the first MiB of each file: nginx {n:.0} B, modelgate {m:.0} B."
+                );
+            }
+            println!(
+                "\nmodelgate's own time per request as it reports it (`x-modelgate-overhead-us`; here the mean of its `gateway_overhead_seconds` histogram over each run) against its CPU time per request:\n"
+            );
+            println!("| workload | reported µs/req | CPU µs/req | reported / CPU |");
+            println!("|---|---|---|---|");
+            for (row, reported, cpu) in &own {
+                println!(
+                    "| {row} | {reported:.1} | {cpu:.1} | {:.2} |",
+                    reported / cpu.max(0.001)
                 );
             }
         }
@@ -1722,6 +1870,14 @@ http {{
             ));
         }
         verdicts.extend(throughput("16k [1 key]", 0.7));
+        if let Some((row, reported, cpu)) = own.iter().find(|(r, ..)| r == "small [1 key]") {
+            let ratio = reported / cpu.max(0.001);
+            verdicts.push((
+                format!("overhead reported {row} within 20 % of CPU per request"),
+                Verdict::of((0.8..=1.2).contains(&ratio)),
+                format!("{reported:.1} / {cpu:.1} µs = {ratio:.2}"),
+            ));
+        }
         // Earlier targets.
         for profile in ["1 key", "100k keys", "1 key + limits"] {
             let row = format!("small [{profile}]");
