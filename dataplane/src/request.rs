@@ -523,7 +523,8 @@ fn json_str_len(s: &str) -> usize {
     })
 }
 
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
+/// Appends `s` as a JSON string, quotes included.
+pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.push(b'"');
