@@ -124,6 +124,18 @@ impl<F: Future> Future for Timed<F> {
 pub struct TimedIo<T> {
     io: T,
     clock: BusyClock,
+    flush_writes: bool,
+}
+
+/// Whether flushing a connection writes to its socket (TLS) or not (plain TCP).
+pub trait FlushWrites {
+    fn flush_writes(&self) -> bool;
+}
+
+impl<T> FlushWrites for hyper_rustls::MaybeHttpsStream<T> {
+    fn flush_writes(&self) -> bool {
+        matches!(self, Self::Https(_))
+    }
 }
 
 impl<T> TimedIo<T> {
@@ -169,12 +181,19 @@ impl<T: Write + Unpin> Write for TimedIo<T> {
         self.io.is_write_vectored()
     }
 
+    /// Timed on TLS only, where a flush writes records to the socket; on plain TCP it is no
+    /// system call. A shutdown happens once per connection and is not timed.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().timed(|io| io.poll_flush(cx))
+        let this = self.get_mut();
+        if this.flush_writes {
+            this.timed(|io| io.poll_flush(cx))
+        } else {
+            Pin::new(&mut this.io).poll_flush(cx)
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().timed(|io| io.poll_shutdown(cx))
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -193,6 +212,7 @@ type Connecting<T, E> = Pin<Box<dyn Future<Output = Result<TimedIo<T>, E>> + Sen
 impl<C> tower_service::Service<Uri> for TimedConnector<C>
 where
     C: tower_service::Service<Uri>,
+    C::Response: FlushWrites,
     C::Future: Send + 'static,
 {
     type Response = TimedIo<C::Response>;
@@ -208,6 +228,7 @@ where
         Box::pin(async move {
             let io = connecting.await?;
             Ok(TimedIo {
+                flush_writes: io.flush_writes(),
                 io,
                 clock: BusyClock::default(),
             })

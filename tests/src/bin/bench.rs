@@ -1008,7 +1008,8 @@ http {{
 
     /// `--profile WORKLOAD`: modelgate (1 key, access log on) and nginx (access log on), each
     /// at saturation under wrk as in the throughput table (`slow`: 1,000 connections behind
-    /// the mock's 20 ms), sampled with `perf record --call-graph dwarf` for 5 s of a 9 s run.
+    /// the mock's 20 ms), sampled with `perf record --call-graph dwarf` (`BENCH_CALL_GRAPH`
+    /// to change it) for 5 s of a 9 s run.
     /// Writes `WORKLOAD-TARGET.folded` (stacks folded by `inferno-collapse-perf`) and `.svg`
     /// (`inferno-flamegraph`) into `out` when inferno is on PATH (`cargo install inferno`),
     /// else leaves `perf.data` files there; prints each target's CPU per request over the run
@@ -1048,8 +1049,12 @@ http {{
             let (run, perf) = std::thread::scope(|s| {
                 let load = s.spawn(|| self.wrk_load(&url, &w, conns, "9s", Some(&proc_)));
                 std::thread::sleep(Duration::from_secs(2));
+                // `fp` for a build with frame pointers (RUSTFLAGS="-C force-frame-pointers=yes"),
+                // which also unwinds through libc's functions.
+                let graph =
+                    std::env::var("BENCH_CALL_GRAPH").unwrap_or_else(|_| "dwarf,32768".into());
                 let perf = Command::new("perf")
-                    .args(["record", "-q", "-F", "997", "--call-graph", "dwarf,32768"])
+                    .args(["record", "-q", "-F", "997", "--call-graph", &graph])
                     .args(["-p", &pid, "-o"])
                     .arg(&data)
                     .args(["--", "sleep", "5"])
