@@ -102,6 +102,22 @@ impl BusyClock {
     }
 }
 
+/// Spawns tasks timed on a connection's clock: an HTTP/2 connection serves each of its
+/// streams in a task of its own. With several workers, tasks of one connection polled at the
+/// same time on different threads share one running stamp, and the figure undercounts.
+#[derive(Clone, Debug)]
+pub struct TimedExecutor(pub BusyClock);
+
+impl<F> hyper::rt::Executor<F> for TimedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, work: F) {
+        tokio::spawn(self.0.time(work));
+    }
+}
+
 /// A future timed for each poll (see [`BusyClock::time`]).
 pub struct Timed<F> {
     work: Pin<Box<F>>,

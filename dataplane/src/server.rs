@@ -20,14 +20,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::busy::BusyClock;
+use crate::busy::{BusyClock, TimedExecutor};
 use crate::error::json_response;
 use crate::proxy::{self, Gateway};
 use crate::source::Runtime;
 use crate::stream::ProxyBody;
 
-fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn builder<E: Clone>(executor: E, header_read_timeout: Duration) -> auto::Builder<E> {
+    let mut b = auto::Builder::new(executor);
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
@@ -49,7 +49,6 @@ pub async fn serve_api(
     drain: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = builder(header_read_timeout);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -87,7 +86,8 @@ pub async fn serve_api(
         // header timeout applies) holding a slot forever: it gets the same deadline for its
         // first byte.
         let graceful_watch = graceful.watcher();
-        let builder = builder.clone();
+        // HTTP/2 streams run in tasks of their own, timed on the connection's clock too.
+        let builder = builder(TimedExecutor(clock.clone()), header_read_timeout);
         tokio::spawn(clock.time(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
@@ -125,7 +125,7 @@ pub async fn serve_admin(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let token: Option<Arc<str>> = token.map(Into::into);
-    let builder = builder(Duration::from_secs(10));
+    let builder = builder(TokioExecutor::new(), Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,

@@ -151,6 +151,46 @@ async fn one_worker_thread_serves_concurrent_calls_and_streams() {
     .await;
 }
 
+/// HTTP/2 clients (prior knowledge): each stream is served in a task of its own, timed on
+/// the connection's busy clock, so a call over HTTP/2 reports the gateway's work on it as one
+/// over HTTP/1.1 does. A 2 MB prompt makes that work (reading and checking the body) far
+/// larger than the connection's own frame handling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_calls_report_the_gateways_work_as_http1_calls_do() {
+    let p = Proxy::start(&format!(
+        "server: {{maxBodyBytes: 8388608}}\nroutes:\n  - {{name: m, model: mock-gpt, backends: [{{name: mock, provider: mock}}]}}\nkeys:\n  - {{name: a, sha256: {}}}\n",
+        sha256_hex(KEY)
+    ));
+    let text = "The sea keeps its own time. ".repeat(75_000);
+    let body = serde_json::to_vec(&json!({"model": "mock-gpt",
+        "messages": [{"role": "user", "content": text}]}))
+    .unwrap();
+    let url = p.url("/v1/chat/completions");
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let own = |r: &Reply| -> u64 {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        r.header("x-modelgate-overhead-us")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut h1_best = u64::MAX;
+    let mut h2_best = u64::MAX;
+    for _ in 0..3 {
+        let r = send(request(Method::POST, &url, Some(KEY), body.clone())).await;
+        h1_best = h1_best.min(own(&r));
+        let resp = h2.request(request(Method::POST, &url, Some(KEY), body.clone()));
+        let r = read(resp.await.expect("an HTTP/2 answer")).await;
+        h2_best = h2_best.min(own(&r));
+    }
+    assert!(
+        h2_best * 3 > h1_best,
+        "HTTP/2 reported {h2_best} µs where HTTP/1.1 reported {h1_best} µs: the stream's task is not timed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_rewrite_the_model_and_inject_credentials() {
     let up = MockUpstream::start();
