@@ -255,8 +255,8 @@ async fn stream_once(rt: &Arc<Runtime>, op: &Operator, client: &TlsClient) -> Re
         };
         buf.extend_from_slice(&data);
         while let Some(end) = memchr::memchr(b'\n', &buf) {
-            let line = buf.split_to(end + 1);
-            if handle_line(rt, op, client, &line[..end], &mut seeded).await == Next::Reconnect {
+            let line = buf.split_to(end + 1).freeze().slice(..end);
+            if handle_line(rt, op, client, line, &mut seeded).await == Next::Reconnect {
                 tracing::info!(
                     "the operator asked for a reconnect (a fresh token proves who we are)"
                 );
@@ -280,13 +280,24 @@ async fn handle_line(
     rt: &Arc<Runtime>,
     op: &Operator,
     client: &TlsClient,
-    line: &[u8],
+    line: Bytes,
     seeded: &mut Vec<Arc<crate::admission::KeyState>>,
 ) -> Next {
     if line.is_empty() {
         return Next::Continue;
     }
-    let msg: Message = match modelgate_wire::parse_tolerant(line) {
+    // A snapshot message can be tens of MB (100k keys: ~25 MB, ~0.4 s to parse): every
+    // message is read on the apply thread, never on the threads serving requests (with one
+    // worker, the only one). Messages are rare (config changes, heartbeats): the hand-over
+    // costs nothing that matters.
+    let owned = line.clone();
+    let parsed = rt
+        .off_runtime(move || {
+            modelgate_wire::parse_tolerant::<Message>(&owned).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|| Err("the message reading task failed".into()));
+    let msg: Message = match parsed {
         Ok((m, ignored)) => {
             if !ignored.is_empty() {
                 // A newer operator (a rolling upgrade): what this proxy does not know is
@@ -301,7 +312,7 @@ async fn handle_line(
         Err(e) => {
             rt.gateway.metrics.record_reload(None, false);
             tracing::error!(error = %e, "unreadable message on the config stream; keeping the last good snapshot");
-            let version = serde_json::from_slice::<serde_json::Value>(line)
+            let version = serde_json::from_slice::<serde_json::Value>(&line)
                 .ok()
                 .and_then(|v| v["version"].as_str().map(str::to_owned))
                 .unwrap_or_default();

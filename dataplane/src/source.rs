@@ -113,6 +113,15 @@ impl Runtime {
         }
     }
 
+    /// Run `f` on the apply thread and wait for it: work on a large snapshot (reading a
+    /// message of tens of MB) that must not stall the threads serving requests.
+    pub async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        self.applier.run(f).await
+    }
+
     /// Validate and swap in a snapshot on the apply thread: a snapshot with 100k keys takes
     /// a couple of hundred milliseconds to validate, which must not stall requests.
     pub async fn apply_off_runtime(
