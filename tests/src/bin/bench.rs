@@ -1153,7 +1153,9 @@ http {{
             // `--only`: the fair pair, not the key-table and limits profiles; `--peers-only`:
             // modelgate's small body with 1 key and its baselines.
             let more_state = profile.keys_extra > 0 || profile.limits;
-            if (peers_only() && !full) || (self.only.is_some() && more_state) {
+            // `BENCH_ALL_PROFILES=1` keeps them with `--only` (a quick A/B of the small body).
+            let all = std::env::var("BENCH_ALL_PROFILES").is_ok_and(|v| v == "1");
+            if (peers_only() && !full) || (self.only.is_some() && more_state && !all) {
                 continue;
             }
             // Profiles other than "1 key" measure the small body only.
