@@ -641,14 +641,8 @@ impl Bench {
                 "an answer nginx cannot quote as it is"
             );
         }
-        let conf = format!(
-            r#"worker_processes 1;
-worker_rlimit_nofile 8192;
-daemon off;
-pid {dir}/upstream.pid;
-error_log {dir}/upstream-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
+        let http = format!(
+            r#"http {{
   access_log off;
   server_tokens off;
   default_type application/json;
@@ -666,7 +660,7 @@ http {{
 "#,
             dir = self.dir.display()
         );
-        self.start_nginx("upstream", "0", &conf, FIXED_UPSTREAM)
+        self.start_nginx("upstream", "0", &http, FIXED_UPSTREAM)
     }
 
     /// nginx as the reverse proxy, one worker on core 1, two servers: :18002 with its access
@@ -699,14 +693,8 @@ http {{
             )
         };
         let dir = self.dir.display();
-        let conf = format!(
-            r#"worker_processes 1;
-worker_rlimit_nofile 8192;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
+        let http = format!(
+            r#"http {{
   log_format bench escape=json {NGINX_LOG_FORMAT};
   keepalive_requests 1000000;
   client_body_temp_path {dir}/body;
@@ -721,14 +709,25 @@ http {{
             ),
             off = server(NGINX_NO_LOG_PORT, "off"),
         );
-        let nginx = self.start_nginx("nginx", "1", &conf, &format!("127.0.0.1:{NGINX_PORT}"));
+        let nginx = self.start_nginx("nginx", "1", &http, &format!("127.0.0.1:{NGINX_PORT}"));
         wait_port(&format!("127.0.0.1:{NGINX_NO_LOG_PORT}"));
         nginx
     }
 
-    /// Starts nginx with `conf` (written as NAME.conf) on `cpus`; its CPU time is its
-    /// worker's.
-    fn start_nginx(&self, name: &str, cpus: &str, conf: &str, addr: &str) -> Proc {
+    /// Starts nginx on `cpus` with one worker, in the foreground, its pid file and error log
+    /// named NAME in the temp folder, and the `http` block given (the whole written as
+    /// NAME.conf); its CPU time is its worker's.
+    fn start_nginx(&self, name: &str, cpus: &str, http: &str, addr: &str) -> Proc {
+        let dir = self.dir.display();
+        let conf = format!(
+            r#"worker_processes 1;
+worker_rlimit_nofile 8192;
+daemon off;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+{http}"#
+        );
         let path = self.dir.join(format!("{name}.conf"));
         std::fs::write(&path, conf).unwrap();
         let child = Command::new("taskset")
