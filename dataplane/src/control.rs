@@ -288,15 +288,20 @@ async fn handle_line(
     }
     // A snapshot message can be tens of MB (100k keys: ~25 MB, ~0.4 s to parse): every
     // message is read on the apply thread, never on the threads serving requests (with one
-    // worker, the only one). Messages are rare (config changes, heartbeats): the hand-over
-    // costs nothing that matters.
-    let owned = line.clone();
+    // worker, the only one), and so is the version of one that cannot be read. Messages are
+    // rare (config changes, heartbeats): the hand-over costs nothing that matters.
     let parsed = rt
         .off_runtime(move || {
-            modelgate_wire::parse_tolerant::<Message>(&owned).map_err(|e| e.to_string())
+            modelgate_wire::parse_tolerant::<Message>(&line).map_err(|e| {
+                let version = serde_json::from_slice::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v["version"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (e.to_string(), version)
+            })
         })
         .await
-        .unwrap_or_else(|| Err("the message reading task failed".into()));
+        .unwrap_or_else(|| Err(("the message reading task failed".into(), String::new())));
     let msg: Message = match parsed {
         Ok((m, ignored)) => {
             if !ignored.is_empty() {
@@ -309,15 +314,15 @@ async fn handle_line(
             }
             m
         }
-        Err(e) => {
+        Err((e, version)) => {
             rt.gateway.metrics.record_reload(None, false);
             tracing::error!(error = %e, "unreadable message on the config stream; keeping the last good snapshot");
-            let version = serde_json::from_slice::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v["version"].as_str().map(str::to_owned))
-                .unwrap_or_default();
             let _ = op
-                .post(client, "/v1/ack", serde_json::json!({"proxy": op.proxy_id, "version": version, "error": e.to_string()}))
+                .post(
+                    client,
+                    "/v1/ack",
+                    serde_json::json!({"proxy": op.proxy_id, "version": version, "error": e}),
+                )
                 .await;
             return Next::Continue;
         }

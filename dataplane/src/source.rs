@@ -130,7 +130,7 @@ impl Runtime {
         source: Source,
     ) -> Result<String, ConfigError> {
         let rt = self.clone();
-        match self.applier.run(move || rt.apply(spec, source)).await {
+        match self.off_runtime(move || rt.apply(spec, source)).await {
             Some(r) => r,
             None => Err(ConfigError::single("", "snapshot apply task failed")),
         }
