@@ -14,6 +14,7 @@
 pub mod accesslog;
 pub mod admission;
 pub mod busy;
+pub mod canonical;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -31,3 +32,4 @@ pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod synth;
+pub mod translate;
