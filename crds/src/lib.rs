@@ -140,7 +140,37 @@ pub struct RouteBackend {
     /// Settings of the built-in `mock` provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockSettings>,
+    /// Settings of provider `anthropic` (Anthropic's Messages API; OpenAI clients' requests
+    /// and answers are translated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic: Option<AnthropicSettings>,
 }
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnthropicSettings {
+    /// The `anthropic-version` header [default: 2023-06-01].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub version: Option<String>,
+    /// `anthropic-beta` flags sent with every request, e.g. `prompt-caching-2024-07-31`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub beta: Vec<AnthropicBetaFlag>,
+    /// `max_tokens` sent when an OpenAI client sets none (Anthropic requires one); never
+    /// more than the request's output reservation [default: the proxy's
+    /// `--default-max-tokens`, held to the route's `maxOutputTokens`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4_294_967_295_i64))]
+    pub default_max_tokens: Option<i64>,
+}
+
+/// One `anthropic-beta` flag.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct AnthropicBetaFlag(
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))] pub String,
+);
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct SecretKeyRef {
@@ -158,9 +188,19 @@ pub struct Pricing {
     /// USD per million input (prompt) tokens.
     #[schemars(range(min = 0))]
     pub input_per_million: f64,
-    /// USD per million output (completion) tokens.
+    /// USD per million output (completion) tokens; reasoning tokens are output.
     #[schemars(range(min = 0))]
     pub output_per_million: f64,
+    /// USD per million prompt tokens read from the provider's prompt cache [default: the
+    /// input price].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub cache_read_per_million: Option<f64>,
+    /// USD per million prompt tokens written to the provider's prompt cache [default: the
+    /// input price].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub cache_write_per_million: Option<f64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

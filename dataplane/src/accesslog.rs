@@ -96,8 +96,14 @@ pub struct Entry<'a> {
     pub duration_ms: f64,
     pub ttft_ms: Option<f64>,
     pub overhead_us: Option<u64>,
+    /// Prompt tokens neither read from nor written to a cache.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Written only when the backend reported them.
+    pub cache_read_tokens: Option<u64>,
+    pub cache_write_tokens: Option<u64>,
+    /// Part of `output_tokens`.
+    pub reasoning_tokens: Option<u64>,
     /// `reported` (the upstream's numbers), `estimated` (it reported none: the prompt
     /// estimate and the streamed text) or `none` (no model was reached).
     pub usage: &'a str,
@@ -170,6 +176,16 @@ fn write_line(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
     out.extend_from_slice(n.format(e.input_tokens).as_bytes());
     field(out, "output_tokens");
     out.extend_from_slice(n.format(e.output_tokens).as_bytes());
+    for (name, v) in [
+        ("cache_read_tokens", e.cache_read_tokens),
+        ("cache_write_tokens", e.cache_write_tokens),
+        ("reasoning_tokens", e.reasoning_tokens),
+    ] {
+        if let Some(v) = v {
+            field(out, name);
+            out.extend_from_slice(n.format(v).as_bytes());
+        }
+    }
     field(out, "usage");
     write_json_str(out, e.usage);
     if let Some(f) = e.finish_reason {
@@ -280,6 +296,9 @@ mod tests {
             overhead_us: Some(31),
             input_tokens: 27,
             output_tokens: 16,
+            cache_read_tokens: Some(5),
+            cache_write_tokens: None,
+            reasoning_tokens: Some(4),
             usage: "reported",
             finish_reason: Some("stop"),
             cost_usd: 0.0000123,
@@ -306,6 +325,12 @@ mod tests {
         assert_eq!(v["overhead_us"], 31);
         assert_eq!(v["input_tokens"], 27);
         assert_eq!(v["output_tokens"], 16);
+        assert_eq!(v["cache_read_tokens"], 5);
+        assert_eq!(v["reasoning_tokens"], 4);
+        assert!(
+            v.get("cache_write_tokens").is_none(),
+            "not reported: not written"
+        );
         assert_eq!(v["finish_reason"], "stop");
         assert_eq!(v["cost_usd"], 0.0000123);
         assert_eq!(v["error"], "upstream_timeout");
@@ -345,6 +370,9 @@ mod tests {
             overhead_us: None,
             input_tokens: 1,
             output_tokens: 1,
+            cache_read_tokens: None,
+            cache_write_tokens: None,
+            reasoning_tokens: None,
             usage: "reported",
             finish_reason: None,
             cost_usd: 0.0,

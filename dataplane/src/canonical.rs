@@ -111,7 +111,10 @@ pub enum ImageSource {
     Url(String),
     /// `media_type` is one of image/jpeg, image/png, image/gif, image/webp; `data` is base64,
     /// never decoded.
-    Base64 { media_type: String, data: String },
+    Base64 {
+        media_type: String,
+        data: String,
+    },
 }
 
 /// A prompt-cache breakpoint (Anthropic `cache_control`).

@@ -25,9 +25,9 @@ use crate::snapshot::{Snapshot, StateRegistry};
 
 pub use modelgate_wire::check::{Problems, duration};
 pub use modelgate_wire::{
-    BackendSpec, BudgetPeriod, BudgetSpec, ConfigError, CredentialSpec, KeySpec, LimitsSpec,
-    MockSpec, OPENAI_DEFAULT_URL, OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec,
-    SnapshotSpec, Source, hash_key,
+    ANTHROPIC_DEFAULT_URL, BackendSpec, BudgetPeriod, BudgetSpec, ConfigError, CredentialSpec,
+    KeySpec, LimitsSpec, MockSpec, OPENAI_DEFAULT_URL, OutlierSpec, PricingSpec, ProviderKind,
+    RetrySpec, RouteSpec, SnapshotSpec, Source, hash_key,
 };
 
 /// The whole standalone config file: listener settings plus the snapshot itself. Read
@@ -193,8 +193,13 @@ pub fn compile(
                 .pricing
                 .as_ref()
                 .map(|pr| Pricing {
-                    input_per_million: pr.input_per_million,
-                    output_per_million: pr.output_per_million,
+                    cache_read_per_million: pr
+                        .cache_read_per_million
+                        .unwrap_or(pr.input_per_million),
+                    cache_write_per_million: pr
+                        .cache_write_per_million
+                        .unwrap_or(pr.input_per_million),
+                    ..Pricing::flat(pr.input_per_million, pr.output_per_million)
                 })
                 .unwrap_or_default();
             let backend = Arc::new(Backend::new(
@@ -413,8 +418,19 @@ fn build_provider(
                 }
             }
         }
+        ProviderKind::Anthropic => {
+            let url = b.url.as_deref().unwrap_or(ANTHROPIC_DEFAULT_URL);
+            let spec = b.anthropic.clone().unwrap_or_default();
+            match crate::providers::anthropic::Upstream::new(url, credential, &spec) {
+                Ok(u) => Some(Provider::Anthropic(Box::new(u))),
+                Err(e) => {
+                    p.push(&format!("{path}.url"), e);
+                    None
+                }
+            }
+        }
         // Refused by the check.
-        ProviderKind::Anthropic | ProviderKind::AzureOpenai | ProviderKind::Unknown => None,
+        ProviderKind::AzureOpenai | ProviderKind::Unknown => None,
     }
 }
 

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use crate::admission::Ticket;
 use crate::busy::BusyClock;
+use crate::canonical::{StopReason, Usage};
 use crate::keys::Key;
 use crate::metrics::{Metrics, TokenKind, UpstreamErrorKind};
 use crate::routes::{Backend, Route};
-use crate::stream::{StreamObserver, UsageWire};
+use crate::stream::StreamObserver;
 
 /// Output tokens estimated from streamed text when an upstream reports no usage: about four
 /// characters a token, the usual rule of thumb for English with BPE tokenizers.
@@ -69,7 +70,7 @@ pub struct Meter {
     /// The busy time when the response headers were ready (`x-modelgate-overhead-us`).
     overhead: Option<Duration>,
     ttft: Option<Duration>,
-    usage: Option<UsageWire>,
+    usage: Option<Usage>,
     pub prompt_estimate: u64,
     /// Characters of generated text streamed so far (after JSON unescaping).
     output_chars: u64,
@@ -147,8 +148,23 @@ impl Meter {
         self.overhead
     }
 
-    pub fn set_usage(&mut self, u: UsageWire) {
+    /// The upstream's whole usage report: replaces any earlier one.
+    pub fn set_usage(&mut self, u: Usage) {
         self.usage = Some(u);
+    }
+
+    /// A partial usage report (a translated stream's `message_start`, then its
+    /// `message_delta`): each field it carries replaces the earlier value.
+    pub fn merge_usage(&mut self, u: Usage) {
+        match &mut self.usage {
+            Some(have) => have.merge(u),
+            None => self.usage = Some(u),
+        }
+    }
+
+    /// How a translated answer stopped, in OpenAI's words (what the log says).
+    pub fn stop_reason(&mut self, stop: StopReason) {
+        StreamObserver::finish_reason(self, stop.openai());
     }
 
     /// Generated text streamed to the client: counts towards an estimate, and the first of
@@ -181,19 +197,20 @@ impl Meter {
     /// Usage to charge: what the upstream reported, else an estimate if a model was reached.
     /// The estimate settles the admission ticket like reported usage, so limits and budgets
     /// hold against upstreams that report nothing.
-    fn charged(&self) -> (u64, u64, UsageSource) {
+    fn charged(&self) -> (Usage, UsageSource) {
         match self.usage {
-            Some(u) => (u.prompt_tokens, u.completion_tokens, UsageSource::Reported),
+            Some(u) => (u, UsageSource::Reported),
             None if self.backend.is_some()
                 && (self.status == 0 || self.status < 300 || self.stream) =>
             {
-                (
-                    self.prompt_estimate,
-                    estimated_output_tokens(self.output_chars),
-                    UsageSource::Estimated,
-                )
+                let u = Usage {
+                    input: Some(self.prompt_estimate),
+                    output: Some(estimated_output_tokens(self.output_chars)),
+                    ..Usage::default()
+                };
+                (u, UsageSource::Estimated)
             }
-            None => (0, 0, UsageSource::None),
+            None => (Usage::default(), UsageSource::None),
         }
     }
 }
@@ -212,14 +229,14 @@ impl Drop for Meter {
             (s, None) if s >= 400 => "error",
             _ => "complete",
         };
-        let (input, output, source) = self.charged();
+        let (usage, source) = self.charged();
         let cost = self
             .backend
             .as_ref()
-            .map(|b| b.pricing.cost(input, output))
+            .map(|b| b.pricing.cost_of(&usage))
             .unwrap_or(0.0);
         if let Some(t) = self.ticket.take() {
-            t.settle(input.saturating_add(output), cost);
+            t.settle(usage.processed(), cost);
         }
         let route = self.route.as_ref().map(|r| r.id.as_str()).unwrap_or("");
         let backend = self.backend.as_ref().map(|b| b.name.as_str()).unwrap_or("");
@@ -245,9 +262,20 @@ impl Drop for Meter {
         {
             b.usage_estimated().inc();
         }
-        if input.saturating_add(output) > 0 {
-            for (kind, n) in [(TokenKind::Input, input), (TokenKind::Output, output)] {
-                traffic.tokens(kind).inc_by(n);
+        if usage.processed() > 0 {
+            // Cache and reasoning series only where a backend reports them, so a
+            // deployment without caching keeps its two series per key.
+            let n = |v: Option<u64>| v.unwrap_or(0);
+            traffic.tokens(TokenKind::Input).inc_by(n(usage.input));
+            traffic.tokens(TokenKind::Output).inc_by(n(usage.output));
+            for (kind, v) in [
+                (TokenKind::CacheRead, usage.cache_read),
+                (TokenKind::CacheWrite, usage.cache_write),
+                (TokenKind::Reasoning, usage.reasoning),
+            ] {
+                if let Some(v) = v {
+                    traffic.tokens(kind).inc_by(v);
+                }
             }
         }
         if cost > 0.0 {
@@ -267,8 +295,11 @@ impl Drop for Meter {
             duration_ms: duration.as_secs_f64() * 1e3,
             ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
             overhead_us: self.overhead.map(|_| busy.as_micros() as u64),
-            input_tokens: input,
-            output_tokens: output,
+            input_tokens: usage.input.unwrap_or(0),
+            output_tokens: usage.output.unwrap_or(0),
+            cache_read_tokens: usage.cache_read,
+            cache_write_tokens: usage.cache_write,
+            reasoning_tokens: usage.reasoning,
             usage: source.as_str(),
             finish_reason: self.finish_reason,
             cost_usd: cost,
@@ -278,7 +309,7 @@ impl Drop for Meter {
 }
 
 impl StreamObserver for Meter {
-    fn usage(&mut self, usage: UsageWire) {
+    fn usage(&mut self, usage: Usage) {
         self.set_usage(usage);
     }
 
@@ -380,7 +411,11 @@ mod tests {
         m.output_text(0);
         StreamObserver::output_text(&mut m, 3);
         StreamObserver::finish_reason(&mut m, "stop");
-        assert_eq!(m.charged(), (3, 4, UsageSource::Estimated));
+        let (u, source) = m.charged();
+        assert_eq!(
+            (u.input, u.output, source),
+            (Some(3), Some(4), UsageSource::Estimated)
+        );
         m.finish_stream(None);
         // The estimate settled the ticket: it counts against the key's limits and budget.
         let used = key.state(&registry).take_unreported().unwrap();
@@ -401,12 +436,17 @@ mod tests {
         m.output_text(4000);
         StreamObserver::usage(
             &mut m,
-            UsageWire {
-                prompt_tokens: 11,
-                completion_tokens: 2,
+            Usage {
+                input: Some(11),
+                output: Some(2),
+                ..Usage::default()
             },
         );
-        assert_eq!(m.charged(), (11, 2, UsageSource::Reported));
+        let (u, source) = m.charged();
+        assert_eq!(
+            (u.input, u.output, source),
+            (Some(11), Some(2), UsageSource::Reported)
+        );
         drop(m);
         assert_eq!(key.state(&registry).take_unreported().unwrap().tokens, 13);
         assert!(
@@ -426,10 +466,7 @@ mod tests {
             None,
             1,
             None,
-            Pricing {
-                input_per_million: 1.0,
-                output_per_million: 2.0,
-            },
+            Pricing::flat(1.0, 2.0),
             Arc::default(),
         );
         Arc::new(Route {
@@ -478,9 +515,10 @@ mod tests {
         m.backend = Some(route.tiers[0].backends[0].clone());
         m.route = Some(route);
         m.output_text(8);
-        m.set_usage(UsageWire {
-            prompt_tokens: 5,
-            completion_tokens: 2,
+        m.set_usage(Usage {
+            input: Some(5),
+            output: Some(2),
+            ..Usage::default()
         });
         m.response_ready(200);
     }

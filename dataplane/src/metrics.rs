@@ -59,12 +59,23 @@ pub struct BackendLabels {
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum TokenKind {
+    /// Prompt tokens neither read from nor written to a cache.
     Input,
     Output,
+    CacheRead,
+    CacheWrite,
+    /// Part of `output`, never to be added to it.
+    Reasoning,
 }
 
 impl TokenKind {
-    const ALL: [Self; 2] = [Self::Input, Self::Output];
+    const ALL: [Self; 5] = [
+        Self::Input,
+        Self::Output,
+        Self::CacheRead,
+        Self::CacheWrite,
+        Self::Reasoning,
+    ];
 }
 
 impl EncodeLabelValue for TokenKind {
@@ -72,6 +83,9 @@ impl EncodeLabelValue for TokenKind {
         e.write_str(match self {
             Self::Input => "input",
             Self::Output => "output",
+            Self::CacheRead => "cache_read",
+            Self::CacheWrite => "cache_write",
+            Self::Reasoning => "reasoning",
         })
     }
 }

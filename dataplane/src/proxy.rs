@@ -26,12 +26,13 @@ use crate::error::{ProxyError, json_response};
 use crate::keys::Key;
 use crate::meter::Meter;
 use crate::metrics::Metrics;
-use crate::providers::{self, Failure, HttpClient};
+use crate::providers::{self, Failure, HttpClient, Outbound};
 use crate::request::{ApiRequest, Endpoint};
 use crate::routes::{Backend, Route};
 use crate::snapshot::{Live, Snapshot};
 use crate::stream::{self, MeteredStream, MockStream, ProxyBody, UpstreamBody, usage_of_body};
 use crate::synth;
+use crate::translate::{self, Dialect, StreamTranslator};
 
 /// Per-attempt deadline (until the answer's first bytes, or all of a whole answer) when
 /// neither the backend nor the route sets one.
@@ -80,6 +81,8 @@ enum Reply {
         /// When the stream's headers came: its `streamTimeout` counts from here.
         since: Instant,
         strip_usage: bool,
+        /// Set when the upstream speaks another dialect than the client.
+        translator: Option<Box<StreamTranslator>>,
     },
 }
 
@@ -114,6 +117,7 @@ pub async fn handle(
             first,
             since,
             strip_usage,
+            translator,
         }) => {
             meter.response_ready(upstream.status().as_u16());
             let mut resp = Response::new(ProxyBody::Full(None));
@@ -135,6 +139,10 @@ pub async fn handle(
                 total,
             )
             .starting_with(first, since);
+            let body = match translator {
+                Some(t) => body.translating(t),
+                None => body,
+            };
             *resp.body_mut() = ProxyBody::Stream(Box::new(body));
             return resp;
         }
@@ -307,13 +315,31 @@ async fn serve(
     }
 
     // pick, forward and receive
-    let (parts, bytes) = match forward(gw, &route, &api, meter).await? {
+    let mut out = Outbound::new(&api, output / api.choices.max(1));
+    let answer = forward(gw, &route, &mut out, meter).await?;
+    // The dialect of the backend that answered, when it is not the client's.
+    let translated = meter
+        .backend
+        .as_ref()
+        .and_then(|b| b.provider.dialect())
+        .filter(|d| *d != Dialect::OpenAiChat);
+    let (parts, bytes) = match answer {
         Answer::Stream { resp, first, since } => {
+            let translator = translated.map(|from| {
+                Box::new(StreamTranslator::new(
+                    from,
+                    Dialect::OpenAiChat,
+                    &api.model,
+                    admission::unix_now(),
+                    api.client_wants_usage,
+                ))
+            });
             return Ok(Reply::Stream {
                 resp,
                 first,
                 since,
                 strip_usage: !api.client_wants_usage,
+                translator,
             });
         }
         Answer::Whole(parts, bytes) => (parts, bytes),
@@ -325,6 +351,9 @@ async fn serve(
         }
     };
     let status = parts.status;
+    if let Some(from) = translated {
+        return translate_whole(&api, from, parts, &bytes, meter);
+    }
     if api.stream && status.is_success() {
         // A whole answer to a stream request: written as the stream the client asked for,
         // and metered by the same scanner as any stream.
@@ -357,6 +386,7 @@ async fn serve(
             first: None,
             since: Instant::now(),
             strip_usage: !api.client_wants_usage,
+            translator: None,
         });
     }
     // A buffered answer (or an upstream client error passed on), read whole for usage.
@@ -380,6 +410,76 @@ async fn serve(
     *out.status_mut() = status;
     copy_content_type(&parts.headers, out.headers_mut());
     Ok(Reply::Full(out))
+}
+
+/// A whole answer from a backend of another dialect, in the client's: a 2xx answer (as a
+/// stream if the client asked for one), or an error the client must fix, passed on with its
+/// status and rewritten.
+fn translate_whole(
+    api: &ApiRequest<'_>,
+    from: Dialect,
+    parts: http::response::Parts,
+    bytes: &[u8],
+    meter: &mut Meter,
+) -> Result<Reply, ProxyError> {
+    let status = parts.status;
+    if !status.is_success() {
+        let err = match from {
+            Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), bytes),
+            Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), bytes),
+        };
+        let mut resp = Response::new(ProxyBody::full(translate::openai_chat::error_out(&err)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok(Reply::Full(resp));
+    }
+    let answer = match from {
+        Dialect::Anthropic => translate::anthropic::response_in(bytes),
+        Dialect::OpenAiChat => translate::openai_chat::response_in(bytes),
+    }
+    .map_err(|e| {
+        ProxyError::UpstreamProtocol(format!(
+            "the upstream answered {}: {e}",
+            media_type(&parts.headers)
+        ))
+    })?;
+    meter.set_usage(answer.usage);
+    meter.stop_reason(answer.stop);
+    let now = admission::unix_now();
+    if api.stream {
+        let events = translate::stream_of(
+            &answer,
+            Dialect::OpenAiChat,
+            &api.model,
+            now,
+            api.client_wants_usage,
+        );
+        let mut resp = Response::new(UpstreamBody::Mock(MockStream::new(
+            vec![Bytes::from(events)],
+            Duration::ZERO,
+        )));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        return Ok(Reply::Stream {
+            resp,
+            first: None,
+            since: Instant::now(),
+            strip_usage: false,
+            translator: None,
+        });
+    }
+    let body = translate::openai_chat::response_out(&answer, &api.model, now);
+    let mut resp = Response::new(ProxyBody::full(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(Reply::Full(resp))
 }
 
 /// What an attempt brought back, before anything went to the client.
@@ -491,9 +591,10 @@ fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
 async fn forward(
     gw: &Gateway,
     route: &Arc<Route>,
-    api: &ApiRequest<'_>,
+    out: &mut Outbound<'_, '_>,
     meter: &mut Meter,
 ) -> Result<Answer, ProxyError> {
+    let api = out.api;
     let deadline = route.timeout.map(|t| Instant::now() + t);
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<Failure> = None;
@@ -544,7 +645,7 @@ async fn forward(
             // Dropped after the attempt, or with this future when the client leaves mid-call.
             let in_flight = backend.state.start_attempt();
             let started = Instant::now();
-            let result = match providers::attempt(&gw.client, &backend, api, timeout).await {
+            let result = match providers::attempt(&gw.client, &backend, out, timeout).await {
                 Ok(resp) => {
                     // The upstream connection's reads and writes are the request's cost too.
                     let connection = resp.extensions().get::<BusyClock>().cloned();
@@ -564,9 +665,11 @@ async fn forward(
                     backend.state.record_success(took);
                     return Ok(answer);
                 }
+                // The client's request, not the backend, is at fault: no retry, no health mark.
+                Err(refused @ Failure::Refused(_)) => return Err(refused.into_error()),
                 Err(failure) => {
                     record_failure(gw, route, &backend, &failure);
-                    let retryable = route.retry.on.contains(&failure.retry_on());
+                    let retryable = failure.retryable(&route.retry.on);
                     let wait = failure.retry_after(SystemTime::now());
                     last = Some(failure);
                     if !retryable {
@@ -754,7 +857,8 @@ mod forward_tests {
         let api = ApiRequest::parse(Endpoint::Chat, body).unwrap();
         let mut meter = Meter::new(gw.metrics.clone(), "test".into());
         {
-            let mut call = std::pin::pin!(forward(&gw, &route, &api, &mut meter));
+            let mut out = Outbound::new(&api, 16);
+            let mut call = std::pin::pin!(forward(&gw, &route, &mut out, &mut meter));
             assert!(
                 call.as_mut().now_or_never().is_none(),
                 "the attempt is pending"
@@ -893,7 +997,7 @@ mod forward_tests {
         let route = tiered(vec![silent.clone(), healthy], vec![RetryOn::Timeout]);
         let api = ApiRequest::parse(Endpoint::Chat, STREAM).unwrap();
         let mut meter = Meter::new(gw.metrics.clone(), "test".into());
-        let answer = forward(&gw, &route, &api, &mut meter).await;
+        let answer = forward(&gw, &route, &mut Outbound::new(&api, 16), &mut meter).await;
         let Ok(Answer::Stream {
             first: Some(first), ..
         }) = answer
@@ -919,7 +1023,7 @@ mod forward_tests {
         let healthy = backend("healthy", Provider::Mock(MockSettings::default()), None);
         let route = tiered(vec![silent, healthy], vec![RetryOn::Connect]);
         let mut meter = Meter::new(gw.metrics.clone(), "test".into());
-        let Err(e) = forward(&gw, &route, &api, &mut meter).await else {
+        let Err(e) = forward(&gw, &route, &mut Outbound::new(&api, 16), &mut meter).await else {
             panic!("no retry on a timeout");
         };
         assert_eq!(e.into_response().status(), StatusCode::GATEWAY_TIMEOUT);
@@ -939,7 +1043,9 @@ mod forward_tests {
         let route = tiered(vec![silent, healthy], vec![RetryOn::Timeout]);
         let api = ApiRequest::parse(Endpoint::Chat, WHOLE).unwrap();
         let mut meter = Meter::new(gw.metrics.clone(), "test".into());
-        let Ok(Answer::Whole(parts, body)) = forward(&gw, &route, &api, &mut meter).await else {
+        let Ok(Answer::Whole(parts, body)) =
+            forward(&gw, &route, &mut Outbound::new(&api, 16), &mut meter).await
+        else {
             panic!("the second tier's answer");
         };
         assert_eq!(parts.status, StatusCode::OK);
@@ -962,7 +1068,7 @@ mod forward_tests {
             let route = tiered(vec![broken, healthy], vec![RetryOn::Connect]);
             let api = ApiRequest::parse(Endpoint::Chat, body).unwrap();
             let mut meter = Meter::new(gw.metrics.clone(), "test".into());
-            let answer = forward(&gw, &route, &api, &mut meter).await;
+            let answer = forward(&gw, &route, &mut Outbound::new(&api, 16), &mut meter).await;
             assert!(
                 matches!(
                     answer,

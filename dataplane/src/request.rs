@@ -328,6 +328,11 @@ impl<'a> ApiRequest<'a> {
         (self.prompt_bytes as u64).div_ceil(4)
     }
 
+    /// The client's body as it came.
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
     /// Raw JSON of a top-level field. The fields the gateway does not read are not kept:
     /// asking for one walks the body again (the mock provider does, the proxy does not) and
     /// finds the last copy, as serde_json would.

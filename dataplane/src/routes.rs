@@ -106,27 +106,68 @@ impl Default for OutlierPolicy {
 pub struct Pricing {
     pub input_per_million: f64,
     pub output_per_million: f64,
+    /// Prompt tokens read from the provider's cache (the input price when not configured).
+    pub cache_read_per_million: f64,
+    /// Prompt tokens written to the provider's cache (the input price when not configured).
+    pub cache_write_per_million: f64,
 }
 
 impl Pricing {
+    /// Prices with both cache kinds at the input price.
+    pub fn flat(input_per_million: f64, output_per_million: f64) -> Self {
+        Self {
+            input_per_million,
+            output_per_million,
+            cache_read_per_million: input_per_million,
+            cache_write_per_million: input_per_million,
+        }
+    }
+
+    /// What `input` uncached prompt tokens and `output` tokens cost: admission's estimate.
     pub fn cost(&self, input: u64, output: u64) -> f64 {
         (input as f64 * self.input_per_million + output as f64 * self.output_per_million) / 1e6
+    }
+
+    /// What a reported usage costs, each kind at its price; reasoning is inside `output`.
+    pub fn cost_of(&self, u: &crate::canonical::Usage) -> f64 {
+        let n = |v: Option<u64>| v.unwrap_or(0) as f64;
+        (n(u.input) * self.input_per_million
+            + n(u.cache_read) * self.cache_read_per_million
+            + n(u.cache_write) * self.cache_write_per_million
+            + n(u.output) * self.output_per_million)
+            / 1e6
     }
 }
 
 /// An upstream credential, ready to be injected. Redacted in `Debug`; never logged.
 #[derive(Clone)]
-pub struct Credential(HeaderValue);
+pub struct Credential {
+    bearer: HeaderValue,
+    raw: HeaderValue,
+}
 
 impl Credential {
+    /// A credential from the raw key; `None` if it cannot travel in a header.
     pub fn bearer(raw: &str) -> Option<Self> {
-        let mut v = HeaderValue::from_str(&format!("Bearer {raw}")).ok()?;
-        v.set_sensitive(true);
-        Some(Self(v))
+        let sensitive = |s: &str| {
+            let mut v = HeaderValue::from_str(s).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        };
+        Some(Self {
+            bearer: sensitive(&format!("Bearer {raw}"))?,
+            raw: sensitive(raw)?,
+        })
     }
 
+    /// `Bearer <key>`, for `Authorization`.
     pub fn header(&self) -> &HeaderValue {
-        &self.0
+        &self.bearer
+    }
+
+    /// The key alone, for `x-api-key` or `api-key`.
+    pub fn raw(&self) -> &HeaderValue {
+        &self.raw
     }
 }
 
@@ -140,8 +181,22 @@ impl fmt::Debug for Credential {
 pub enum Provider {
     /// OpenAI and every server that speaks its wire format.
     OpenAi(Box<Upstream>),
+    /// Anthropic's Messages API: requests and answers translated.
+    Anthropic(Box<crate::providers::anthropic::Upstream>),
     /// The built-in mock model: no network.
     Mock(MockSettings),
+}
+
+impl Provider {
+    /// The API the backend speaks, for translation; `None`: it answers in the client's own
+    /// (the mock provider speaks every dialect the proxy serves).
+    pub fn dialect(&self) -> Option<crate::translate::Dialect> {
+        match self {
+            Self::OpenAi(_) => Some(crate::translate::Dialect::OpenAiChat),
+            Self::Anthropic(_) => Some(crate::translate::Dialect::Anthropic),
+            Self::Mock(_) => None,
+        }
+    }
 }
 
 /// Live health of one backend, shared across snapshots.
@@ -338,6 +393,12 @@ impl Route {
         self.backends().fold(Pricing::default(), |acc, b| Pricing {
             input_per_million: acc.input_per_million.max(b.pricing.input_per_million),
             output_per_million: acc.output_per_million.max(b.pricing.output_per_million),
+            cache_read_per_million: acc
+                .cache_read_per_million
+                .max(b.pricing.cache_read_per_million),
+            cache_write_per_million: acc
+                .cache_write_per_million
+                .max(b.pricing.cache_write_per_million),
         })
     }
 

@@ -28,29 +28,30 @@ use hyper::body::Incoming;
 use memchr::memmem;
 use serde::Deserialize;
 
+use crate::canonical::{ApiError, Delta, ErrorKind, Event, Usage};
 use crate::meter::Meter;
 use crate::metrics::UpstreamErrorKind;
+use crate::translate::StreamTranslator;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Token usage as providers report it.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-pub struct UsageWire {
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    #[serde(default)]
-    pub completion_tokens: u64,
-}
+/// Token usage as OpenAI-shaped upstreams report it.
+pub use crate::translate::openai_chat::OpenAiUsage as UsageWire;
 
-/// Usage of a non-streamed response body, if it reports one.
-pub fn usage_of_body(body: &[u8]) -> Option<UsageWire> {
+/// Usage of a non-streamed OpenAI-shaped response body, if it reports one, normalized.
+pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct WithUsage {
         #[serde(default)]
         usage: Option<UsageWire>,
     }
     memmem::find(body, b"\"usage\"")?;
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+    Some(
+        serde_json::from_slice::<WithUsage>(body)
+            .ok()?
+            .usage?
+            .normalized(),
+    )
 }
 
 /// An upstream response body: from the network or from the built-in mock.
@@ -213,23 +214,26 @@ impl ScanError {
 /// What the scanner reports while it reads a stream: [`Meter`] in the proxy, [`Tally`] in tests.
 pub trait StreamObserver {
     /// Usage the upstream reported; a later report replaces an earlier one.
-    fn usage(&mut self, usage: UsageWire);
+    fn usage(&mut self, usage: Usage);
     /// Generated text of one event, in characters after JSON unescaping.
     fn output_text(&mut self, chars: u64);
     /// A choice ended with this `finish_reason`.
     fn finish_reason(&mut self, reason: &str);
+    /// The data of one whole event, for a scanner that delivers events instead of
+    /// forwarding them ([`SseScanner::delivering`]).
+    fn event_data(&mut self, _data: &[u8]) {}
 }
 
 /// A [`StreamObserver`] that only adds up: for tests, fuzzing and tools.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tally {
-    pub usage: Option<UsageWire>,
+    pub usage: Option<Usage>,
     pub output_chars: u64,
     pub finish_reason: Option<String>,
 }
 
 impl StreamObserver for Tally {
-    fn usage(&mut self, usage: UsageWire) {
+    fn usage(&mut self, usage: Usage) {
         self.usage = Some(usage);
     }
     fn output_text(&mut self, chars: u64) {
@@ -272,6 +276,8 @@ struct Lines {
     after_cr: AfterCr,
     strip_usage: bool,
     max_event: usize,
+    /// Hand each event's data to the observer and forward nothing (a translated stream).
+    deliver: bool,
 }
 
 /// The `data` field of the event being received. Positions are relative to the event's start.
@@ -305,10 +311,19 @@ impl SseScanner {
                 after_cr: AfterCr::No,
                 strip_usage,
                 max_event,
+                deliver: false,
             },
             started: false,
             head: Vec::new(),
         }
+    }
+
+    /// A scanner that forwards nothing: each complete event's data goes to
+    /// [`StreamObserver::event_data`], for a translator to write the client's events.
+    pub fn delivering(max_event: usize) -> Self {
+        let mut s = Self::new(false, max_event);
+        s.lines.deliver = true;
+        s
     }
 
     /// Feed one upstream chunk; `emit` receives the bytes to forward now, in order.
@@ -552,7 +567,15 @@ impl Lines {
     /// The event starting at `block` is complete: observe it; returns whether to forward it.
     fn dispatch(&mut self, buf: &[u8], block: usize, obs: &mut impl StreamObserver) -> bool {
         let forward = match &self.data {
-            Data::None => true,
+            Data::None => !self.deliver,
+            Data::Line(s, e) if self.deliver => {
+                obs.event_data(&buf[block + s..block + e]);
+                false
+            }
+            Data::Joined(d) if self.deliver => {
+                obs.event_data(d);
+                false
+            }
             Data::Line(s, e) => observe(&buf[block + s..block + e], self.strip_usage, obs),
             Data::Joined(d) => observe(d, self.strip_usage, obs),
         };
@@ -634,7 +657,7 @@ fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> boo
             usage: Some(u),
             choices,
         }) => {
-            obs.usage(u);
+            obs.usage(u.normalized());
             let usage_only = choices.is_none_or(|c| c.is_empty());
             !(strip_usage && usage_only)
         }
@@ -774,6 +797,76 @@ pub struct MeteredStream {
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     /// How the stream failed, for the meter.
     failure_kind: UpstreamErrorKind,
+    /// Set when the upstream speaks another dialect than the client: events are translated
+    /// instead of forwarded.
+    translator: Option<Box<StreamTranslator>>,
+}
+
+/// The observer of a translated stream: each upstream event goes through the translator,
+/// and the canonical events it makes are metered.
+struct Translating<'a> {
+    meter: &'a mut Meter,
+    translator: &'a mut StreamTranslator,
+    out: Vec<u8>,
+    failed: Option<String>,
+}
+
+impl StreamObserver for Translating<'_> {
+    fn usage(&mut self, _: Usage) {}
+    fn output_text(&mut self, _: u64) {}
+    fn finish_reason(&mut self, _: &str) {}
+
+    fn event_data(&mut self, data: &[u8]) {
+        let meter = &mut *self.meter;
+        if let Err(e) = self
+            .translator
+            .event(data, &mut self.out, |e| meter_event(meter, e))
+            && self.failed.is_none()
+        {
+            self.failed = Some(e);
+        }
+    }
+}
+
+/// What the meter reads from a canonical event.
+fn meter_event(meter: &mut Meter, e: &Event) {
+    match e {
+        Event::MessageStart { usage, .. } if !usage.is_empty() => meter.merge_usage(*usage),
+        Event::Usage(u) => meter.merge_usage(*u),
+        Event::BlockDelta {
+            delta: Delta::Text(t) | Delta::ToolArgs(t) | Delta::Thinking(t),
+            ..
+        } => meter.output_text(t.chars().count() as u64),
+        Event::MessageStop { stop, .. } => meter.stop_reason(*stop),
+        _ => {}
+    }
+}
+
+/// The client's last event for a failure of the gateway's, in the client's dialect.
+fn failure_event(translator: Option<&mut StreamTranslator>, e: &ScanError) -> Bytes {
+    match translator {
+        None => error_event(e),
+        Some(t) => {
+            let mut out = Vec::new();
+            t.fail(scan_failure(e), &mut out);
+            Bytes::from(out)
+        }
+    }
+}
+
+/// A translated stream's error event for a failure of the gateway's (oversized event,
+/// timeout).
+fn scan_failure(e: &ScanError) -> ApiError {
+    ApiError {
+        status: 502,
+        kind: match e {
+            ScanError::EventTooLarge { .. } => ErrorKind::Server,
+            ScanError::Idle(_) | ScanError::TooLong(_) => ErrorKind::Timeout,
+        },
+        message: e.to_string(),
+        param: None,
+        code: Some(e.code().to_owned()),
+    }
 }
 
 /// Frames already waiting upstream are joined up to this size into one write to the client,
@@ -909,7 +1002,15 @@ impl MeteredStream {
             turn: None,
             turns: 0,
             fresh: false,
+            translator: None,
         }
+    }
+
+    /// Translate the upstream's events instead of forwarding them.
+    pub fn translating(mut self, translator: Box<StreamTranslator>) -> Self {
+        self.scanner = SseScanner::delivering(self.scanner.lines.max_event);
+        self.translator = Some(translator);
+        self
     }
 
     /// Begin with `first`, the upstream's first bytes (read by [`first_bytes`] before the
@@ -973,10 +1074,32 @@ impl Body for MeteredStream {
                         continue;
                     };
                     let held = &mut this.held;
-                    if let Err(e) = this.scanner.feed(data, meter, |b| held.push(b)) {
+                    let scanned = match this.translator.as_deref_mut() {
+                        None => this.scanner.feed(data, meter, |b| held.push(b)),
+                        Some(translator) => {
+                            let mut t = Translating {
+                                meter: &mut *meter,
+                                translator,
+                                out: Vec::new(),
+                                failed: None,
+                            };
+                            let scanned = this.scanner.feed(data, &mut t, |_| {});
+                            if !t.out.is_empty() {
+                                held.push(Bytes::from(t.out));
+                            }
+                            if let Some(e) = t.failed {
+                                tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
+                                this.failure_kind = UpstreamErrorKind::Stream;
+                                this.failed = Some(e.into());
+                            }
+                            scanned
+                        }
+                    };
+                    if let Err(e) = scanned {
                         tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
                         // Tell the client in the stream's own terms before the body fails.
-                        held.push(error_event(&e));
+                        let last = failure_event(this.translator.as_deref_mut(), &e);
+                        this.held.push(last);
                         this.failure_kind = e.metric_kind();
                         this.failed = Some(e.into());
                     }
@@ -992,7 +1115,8 @@ impl Body for MeteredStream {
                 .or_else(|| fired(&mut this.idle, cx).map(ScanError::Idle));
             if let Some(e) = timeout {
                 tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
-                this.held.push(error_event(&e));
+                let last = failure_event(this.translator.as_deref_mut(), &e);
+                this.held.push(last);
                 this.failure_kind = e.metric_kind();
                 this.failed = Some(e.into());
             }
@@ -1031,10 +1155,33 @@ impl Body for MeteredStream {
             }
         }
         if this.upstream_done {
-            if let Some(m) = this.meter.as_mut()
-                && let Some(rest) = this.scanner.finish(m)
-            {
-                this.held.push(rest);
+            match (this.meter.as_mut(), this.translator.as_deref_mut()) {
+                (Some(m), None) => {
+                    if let Some(rest) = this.scanner.finish(m) {
+                        this.held.push(rest);
+                    }
+                }
+                (Some(meter), Some(translator)) => {
+                    let mut t = Translating {
+                        meter,
+                        translator,
+                        out: Vec::new(),
+                        failed: None,
+                    };
+                    // An event cut off without its blank line still counts here.
+                    this.scanner.finish(&mut t);
+                    let Translating {
+                        meter,
+                        translator,
+                        mut out,
+                        ..
+                    } = t;
+                    translator.finish(&mut out, |e| meter_event(meter, e));
+                    if !out.is_empty() {
+                        this.held.push(Bytes::from(out));
+                    }
+                }
+                (None, _) => {}
             }
             if let Some(m) = this.meter.take() {
                 m.finish_stream(None);
@@ -1087,9 +1234,12 @@ mod tests {
         (out, tally)
     }
 
-    const USAGE: UsageWire = UsageWire {
-        prompt_tokens: 7,
-        completion_tokens: 3,
+    const USAGE: Usage = Usage {
+        input: Some(7),
+        cache_read: None,
+        cache_write: None,
+        output: Some(3),
+        reasoning: None,
     };
 
     fn compact(eol: &str) -> String {
@@ -1298,6 +1448,7 @@ mod tests {
             after_cr: AfterCr::No,
             strip_usage: false,
             max_event: 100,
+            deliver: false,
         };
         let buf = b"data:  a\ndata:b\ndata\n";
         lines.field(buf, 0, 0, 8);

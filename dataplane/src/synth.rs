@@ -19,6 +19,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
+use crate::canonical::Usage;
 use crate::request::Endpoint;
 use crate::stream::UsageWire;
 
@@ -40,7 +41,7 @@ pub struct Synthesized {
     /// Server-sent events, the last one `data: [DONE]`.
     pub events: Vec<Bytes>,
     /// The answer's own usage, if it reported one.
-    pub usage: Option<UsageWire>,
+    pub usage: Option<Usage>,
 }
 
 /// The body as a JSON object, or why not.
@@ -220,7 +221,9 @@ pub fn stream_of_answer(
     }
 
     let usage_value = answer.get("usage").filter(|u| u.is_object());
-    let usage = usage_value.and_then(|u| serde_json::from_value::<UsageWire>(u.clone()).ok());
+    let usage = usage_value
+        .and_then(|u| serde_json::from_value::<UsageWire>(u.clone()).ok())
+        .map(|u| u.normalized());
     if include_usage && let Some(u) = usage_value {
         let mut v = envelope.clone();
         v.insert("choices".into(), json!([]));
@@ -368,9 +371,10 @@ mod tests {
         assert_eq!(events[1]["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             s.usage,
-            Some(UsageWire {
-                prompt_tokens: 9,
-                completion_tokens: 4
+            Some(Usage {
+                input: Some(9),
+                output: Some(4),
+                ..Usage::default()
             })
         );
         // The scanner meters the synthesized stream like an upstream's.
@@ -487,7 +491,7 @@ mod tests {
         assert_eq!(events[2]["usage"]["prompt_tokens"], 2);
         let t = scanned(&s);
         assert_eq!(t.output_chars, 9);
-        assert_eq!(t.usage.map(|u| u.completion_tokens), Some(2));
+        assert_eq!(t.usage.and_then(|u| u.output), Some(2));
     }
 
     #[test]

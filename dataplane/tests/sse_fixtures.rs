@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use modelgate_dataplane::meter::estimated_output_tokens;
-use modelgate_dataplane::stream::{DEFAULT_MAX_EVENT_BYTES, SseScanner, Tally, UsageWire};
+use modelgate_dataplane::stream::{DEFAULT_MAX_EVENT_BYTES, SseScanner, Tally};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -120,17 +120,17 @@ fn fixtures_are_metered_and_forwarded_exactly() {
             );
 
             assert_eq!(
-                tally.usage,
-                expected.usage.as_ref().map(|u| UsageWire {
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                }),
-                "{ctx}: usage"
+                tally.usage.map(|u| (u.prompt(), u.output.unwrap_or(0))),
+                expected
+                    .usage
+                    .as_ref()
+                    .map(|u| (u.prompt_tokens, u.completion_tokens)),
+                "{ctx}: usage (every prompt token, cached or not)"
             );
             assert_eq!(tally.output_chars, expected.output_chars, "{ctx}: text");
             assert_eq!(tally.finish_reason, expected.finish_reason, "{ctx}: finish");
             let (input, output, source) = match tally.usage {
-                Some(u) => (Some(u.prompt_tokens), u.completion_tokens, "reported"),
+                Some(u) => (Some(u.prompt()), u.output.unwrap_or(0), "reported"),
                 None => (
                     None,
                     estimated_output_tokens(tally.output_chars),

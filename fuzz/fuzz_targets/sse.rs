@@ -21,6 +21,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use modelgate_dataplane::canonical::Usage;
 use modelgate_dataplane::stream::{
     DEFAULT_MAX_EVENT_BYTES, ScanError, SseScanner, StreamObserver, UsageWire,
 };
@@ -34,7 +35,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// One report of the scanner to its observer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Report {
-    Usage(UsageWire),
+    Usage(Usage),
     Text(u64),
     Finish(String),
 }
@@ -44,7 +45,7 @@ enum Report {
 struct Recorder(Vec<Report>);
 
 impl StreamObserver for Recorder {
-    fn usage(&mut self, usage: UsageWire) {
+    fn usage(&mut self, usage: Usage) {
         self.0.push(Report::Usage(usage));
     }
     fn output_text(&mut self, chars: u64) {
@@ -212,7 +213,7 @@ impl<'de> serde::Deserialize<'de> for Entries<'de> {
 /// What an event's data means for metering: `Some((usage, usage_only))`, or None where the
 /// answer depends on serde's treatment of input that is not JSON text (no UTF-8) or of
 /// duplicate keys.
-fn meaning(data: &[u8]) -> Option<(Option<UsageWire>, bool)> {
+fn meaning(data: &[u8]) -> Option<(Option<Usage>, bool)> {
     let text = std::str::from_utf8(data).ok()?;
     let Ok(Entries(fields)) = serde_json::from_str::<Entries>(text) else {
         return Some((None, false));
@@ -230,6 +231,7 @@ fn meaning(data: &[u8]) -> Option<(Option<UsageWire>, bool)> {
     let Some(usage) = usage
         .filter(|u| u.get().starts_with('{'))
         .and_then(|u| serde_json::from_str::<UsageWire>(u.get()).ok())
+        .map(|u| u.normalized())
     else {
         return Some((None, false));
     };

@@ -19,8 +19,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
 use modelgate_wire::{
-    BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec,
-    OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source,
+    AnthropicSpec, BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec,
+    MockSpec, OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source,
 };
 
 use crate::tenancy::{Namespaces, View};
@@ -426,7 +426,8 @@ impl Index {
                 Provider::Openai => ProviderKind::Openai,
                 Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
                 Provider::Mock => ProviderKind::Mock,
-                Provider::Anthropic | Provider::AzureOpenai => {
+                Provider::Anthropic => ProviderKind::Anthropic,
+                Provider::AzureOpenai => {
                     return Err((
                         "UnsupportedProvider",
                         format!(
@@ -437,10 +438,10 @@ impl Index {
                     ));
                 }
             };
-            let url = b.url.clone().or_else(|| match provider {
-                ProviderKind::Openai => Some(modelgate_wire::OPENAI_DEFAULT_URL.to_owned()),
-                _ => None,
-            });
+            let url = b
+                .url
+                .clone()
+                .or_else(|| provider.default_url().map(str::to_owned));
             if let Some(url) = &url
                 && provider != ProviderKind::Mock
                 && let Err(why) = self.policy.check(url)
@@ -489,6 +490,13 @@ impl Index {
                 pricing: b.pricing.as_ref().map(|p| PricingSpec {
                     input_per_million: p.input_per_million,
                     output_per_million: p.output_per_million,
+                    cache_read_per_million: p.cache_read_per_million,
+                    cache_write_per_million: p.cache_write_per_million,
+                }),
+                anthropic: b.anthropic.as_ref().map(|a| AnthropicSpec {
+                    version: a.version.clone(),
+                    beta: a.beta.iter().map(|f| f.0.clone()).collect(),
+                    default_max_tokens: a.default_max_tokens.map(|n| n.max(0) as u64),
                 }),
                 mock: b.mock.as_ref().map(|m| {
                     let d = MockSpec::default();
@@ -673,6 +681,7 @@ mod tests {
             timeout: None,
             pricing: None,
             mock: None,
+            anthropic: None,
         }
     }
 

@@ -26,6 +26,20 @@
 //! | `json_stream=1` | answer a stream request with the whole JSON answer (`application/json`) |
 //! | `text=1` | answer every request 200 with a `text/plain` body |
 //! | `silent=1` | send a 200's headers (event stream or JSON), then nothing: the body never comes |
+//!
+//! `POST /v1/messages` answers as Anthropic's Messages API does (docs.anthropic.com, and the
+//! recorded streams of `anthropics/anthropic-sdk-python`): a `message` JSON answer or a stream
+//! of named events (`message_start` with the input side of the usage, `ping`, content blocks,
+//! `message_delta` with the cumulative usage, `message_stop`); errors as
+//! `{"type":"error","error":{"type","message"}}`. Its own knobs:
+//!
+//! | knob | meaning |
+//! |---|---|
+//! | `cache_read=N`, `cache_write=N` | prompt-cache tokens in the usage |
+//! | `thinking=1` | a thinking block with its signature comes first |
+//! | `tool=1` | the answer ends with a `tool_use` block (arguments streamed in fragments) |
+//! | `old_usage=1` | `message_delta` carries `output_tokens` only (older recordings) |
+//! | `overloaded_mid=1` | an `overloaded_error` event right after `message_start` |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -52,6 +66,8 @@ pub struct Counters {
     pub cancelled: AtomicU64,
     pub last_body: Mutex<Option<serde_json::Value>>,
     pub last_authorization: Mutex<Option<String>>,
+    /// Every header of the last request (credentials included: tests assert on them).
+    pub last_headers: Mutex<Option<http::HeaderMap>>,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +103,12 @@ struct Knobs {
     json_stream: bool,
     text: bool,
     silent: bool,
+    cache_read: u64,
+    cache_write: u64,
+    thinking: bool,
+    tool: bool,
+    old_usage: bool,
+    overloaded_mid: bool,
 }
 
 impl Default for Knobs {
@@ -107,6 +129,12 @@ impl Default for Knobs {
             json_stream: false,
             text: false,
             silent: false,
+            cache_read: 0,
+            cache_write: 0,
+            thinking: false,
+            tool: false,
+            old_usage: false,
+            overloaded_mid: false,
         }
     }
 }
@@ -138,6 +166,12 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "json_stream" => k.json_stream = v == "1",
             "text" => k.text = v == "1",
             "silent" => k.silent = v == "1",
+            "cache_read" => k.cache_read = num(),
+            "cache_write" => k.cache_write = num(),
+            "thinking" => k.thinking = v == "1",
+            "tool" => k.tool = v == "1",
+            "old_usage" => k.old_usage = v == "1",
+            "overloaded_mid" => k.overloaded_mid = v == "1",
             _ => {}
         }
     }
@@ -352,6 +386,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    *counters.last_headers.lock().unwrap() = Some(req.headers().clone());
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(StatusCode::BAD_REQUEST, "unreadable body"),
@@ -371,10 +406,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
     if let Some(status) = knobs.status
         && knobs.fail_first.is_none_or(|f| n <= f)
     {
-        let mut r = error(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            "mock upstream failure",
-        );
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = if api == "/v1/messages" {
+            anthropic_error(status, "mock upstream failure")
+        } else {
+            error(status, "mock upstream failure")
+        };
         if let Some(ra) = &knobs.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_str(ra).unwrap());
@@ -508,8 +545,167 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
             counters.completed.fetch_add(1, Ordering::SeqCst);
             json(StatusCode::OK, &v)
         }
+        "/v1/messages" => anthropic(&knobs, &parsed, &counters),
         _ => error(StatusCode::NOT_FOUND, &format!("unknown path {api}")),
     }
+}
+
+/// An error body as Anthropic writes one, its type chosen by status as its docs list them.
+fn anthropic_error(status: StatusCode, msg: &str) -> Response<ChunkBody> {
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    };
+    json(
+        status,
+        &serde_json::json!({"type": "error", "error": {"type": kind, "message": msg}, "request_id": "req_mock"}),
+    )
+}
+
+/// One named server-sent event, as Anthropic writes them.
+fn named_event(name: &str, data: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+/// `POST /v1/messages`: a message, or its stream, as Anthropic's API sends them.
+fn anthropic(
+    knobs: &Knobs,
+    req: &serde_json::Value,
+    counters: &Arc<Counters>,
+) -> Response<ChunkBody> {
+    use serde_json::json;
+    let model = req["model"].as_str().unwrap_or("claude-mock").to_owned();
+    if !req["max_tokens"].is_u64() || !req["messages"].is_array() {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "max_tokens and messages are required",
+        );
+    }
+    let output = knobs.chunks + u64::from(knobs.thinking) * 3 + u64::from(knobs.tool) * 4;
+    let input_side = json!({"input_tokens": knobs.prompt_tokens,
+        "cache_creation_input_tokens": knobs.cache_write, "cache_read_input_tokens": knobs.cache_read});
+    let text = (0..knobs.chunks)
+        .map(|i| format!("tok{i} "))
+        .collect::<String>();
+    let stop = if knobs.tool { "tool_use" } else { "end_turn" };
+    const SIGNATURE: &str = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds";
+    const ARGS: [&str; 3] = ["", "{\"city\": ", "\"Paris\"}"];
+    if !req["stream"].as_bool().unwrap_or(false) {
+        let mut content = Vec::new();
+        if knobs.thinking {
+            content.push(
+                json!({"type": "thinking", "thinking": "Let me think.", "signature": SIGNATURE}),
+            );
+        }
+        content.push(json!({"type": "text", "text": text}));
+        if knobs.tool {
+            content.push(json!({"type": "tool_use", "id": "toolu_mock1", "name": "get_weather", "input": {"city": "Paris"}}));
+        }
+        let mut usage = input_side.clone();
+        usage["output_tokens"] = json!(output);
+        counters.completed.fetch_add(1, Ordering::SeqCst);
+        return json(
+            StatusCode::OK,
+            &json!({"id": "msg_mock1", "type": "message", "role": "assistant", "model": model,
+                "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage}),
+        );
+    }
+    let mut start_usage = input_side.clone();
+    start_usage["output_tokens"] = json!(1);
+    let mut chunks = vec![
+        named_event(
+            "message_start",
+            &json!({"type": "message_start", "message": {"id": "msg_mock1", "type": "message",
+                "role": "assistant", "model": model, "content": [], "stop_reason": null,
+                "stop_sequence": null, "usage": start_usage}}),
+        ),
+        named_event("ping", &json!({"type": "ping"})),
+    ];
+    if knobs.overloaded_mid {
+        chunks.push(named_event(
+            "error",
+            &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ));
+    } else {
+        let mut index = 0;
+        let mut block = |start: serde_json::Value, deltas: Vec<serde_json::Value>| {
+            let mut out = vec![named_event(
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": index, "content_block": start}),
+            )];
+            for d in deltas {
+                out.push(named_event(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": index, "delta": d}),
+                ));
+            }
+            out.push(named_event(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            ));
+            index += 1;
+            out
+        };
+        if knobs.thinking {
+            chunks.extend(block(
+                json!({"type": "thinking", "thinking": "", "signature": ""}),
+                vec![
+                    json!({"type": "thinking_delta", "thinking": "Let me "}),
+                    json!({"type": "thinking_delta", "thinking": "think."}),
+                    json!({"type": "signature_delta", "signature": SIGNATURE}),
+                ],
+            ));
+        }
+        chunks.extend(block(
+            json!({"type": "text", "text": ""}),
+            (0..knobs.chunks)
+                .map(|i| json!({"type": "text_delta", "text": format!("tok{i} ")}))
+                .collect(),
+        ));
+        if knobs.tool {
+            chunks.extend(block(
+                json!({"type": "tool_use", "id": "toolu_mock1", "name": "get_weather", "input": {}}),
+                ARGS.iter()
+                    .map(|a| json!({"type": "input_json_delta", "partial_json": a}))
+                    .collect(),
+            ));
+        }
+        let mut usage = if knobs.old_usage {
+            json!({})
+        } else {
+            input_side
+        };
+        usage["output_tokens"] = json!(output);
+        chunks.push(named_event(
+            "message_delta",
+            &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage}),
+        ));
+        chunks.push(named_event(
+            "message_stop",
+            &json!({"type": "message_stop"}),
+        ));
+    }
+    let mut r = Response::new(ChunkBody {
+        chunks: chunks.into(),
+        delay: knobs.delay,
+        sleep: None,
+        reset_after: knobs.reset_after,
+        sent: 0,
+        counters: Some(counters.clone()),
+    });
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
 }
 
 #[cfg(test)]

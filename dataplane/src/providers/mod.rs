@@ -6,6 +6,7 @@
 //! module answers in-process. A provider that needs translation (Anthropic, Azure) adds a
 //! module and a `Provider` variant; the request path does not change.
 
+pub mod anthropic;
 pub mod mock;
 pub mod openai;
 
@@ -21,12 +22,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::busy::TimedConnector;
+use crate::canonical;
 use crate::egress::{GuardedResolver, UpstreamPolicy};
 use crate::error::ProxyError;
 use crate::metrics::UpstreamErrorKind;
-use crate::request::ApiRequest;
+use crate::request::{ApiRequest, Endpoint};
 use crate::routes::{Backend, Provider, RetryOn};
 use crate::stream::UpstreamBody;
+use crate::translate::{self, Refused};
 
 pub type HttpClient =
     Client<TimedConnector<HttpsConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
@@ -66,6 +69,9 @@ pub enum Failure {
     /// 401/403: the backend refused the gateway's credentials. Another backend may still
     /// answer (it is a backend failure, not the client's), so it falls over like a 5xx.
     CredentialsRefused(StatusCode),
+    /// The request asks for what this backend's API cannot express: the client's to fix,
+    /// never retried.
+    Refused(Refused),
 }
 
 impl Failure {
@@ -76,8 +82,15 @@ impl Failure {
             Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
                 RetryOn::RateLimited
             }
-            Self::Status { .. } | Self::CredentialsRefused(_) => RetryOn::ServerError,
+            Self::Status { .. } | Self::CredentialsRefused(_) | Self::Refused(_) => {
+                RetryOn::ServerError
+            }
         }
+    }
+
+    /// Whether the route's retry policy may try again (or fall through) after this.
+    pub fn retryable(&self, on: &[RetryOn]) -> bool {
+        !matches!(self, Self::Refused(_)) && on.contains(&self.retry_on())
     }
 
     pub fn metric_kind(&self) -> UpstreamErrorKind {
@@ -122,7 +135,51 @@ impl Failure {
             }
             Self::Status { status, .. } => ProxyError::UpstreamStatus(status),
             Self::CredentialsRefused(status) => ProxyError::UpstreamCredentials(status),
+            Self::Refused(r) => match r.param {
+                Some(param) => ProxyError::InvalidParam {
+                    param,
+                    message: r.message,
+                },
+                None => ProxyError::BadRequest(r.message),
+            },
         }
+    }
+}
+
+/// A request on its way out: the client's request as parsed, and its canonical form, read
+/// from the body once, when the first backend that needs a translation is tried.
+pub struct Outbound<'r, 'a> {
+    pub api: &'r ApiRequest<'a>,
+    /// Output tokens admission reserved (per choice): the most a translated request may ask.
+    pub output_reservation: u64,
+    canonical: Option<Result<canonical::Request, Refused>>,
+}
+
+impl<'r, 'a> Outbound<'r, 'a> {
+    pub fn new(api: &'r ApiRequest<'a>, output_reservation: u64) -> Self {
+        Self {
+            api,
+            output_reservation,
+            canonical: None,
+        }
+    }
+
+    /// The canonical request, read from the body the first time it is asked for.
+    fn canonical(&mut self) -> Result<&canonical::Request, Refused> {
+        let api = self.api;
+        let parsed = self.canonical.get_or_insert_with(|| {
+            if api.endpoint != Endpoint::Chat {
+                return Err(Refused::new(
+                    None,
+                    format!(
+                        "this model's backend speaks Anthropic's Messages API, which has no {} endpoint; use /v1/chat/completions",
+                        api.endpoint.upstream_path()
+                    ),
+                ));
+            }
+            translate::openai_chat::request_in(api.body())
+        });
+        parsed.as_ref().map_err(Clone::clone)
     }
 }
 
@@ -130,9 +187,10 @@ impl Failure {
 pub async fn attempt(
     client: &HttpClient,
     backend: &Backend,
-    req: &ApiRequest<'_>,
+    out: &mut Outbound<'_, '_>,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, Failure> {
+    let req = out.api;
     let model = backend.upstream_model.as_deref().unwrap_or(&req.model);
     match &backend.provider {
         Provider::Mock(settings) => {
@@ -143,25 +201,53 @@ pub async fn attempt(
         }
         Provider::OpenAi(upstream) => {
             let request = upstream.request(req.endpoint, req.upstream_body(model), req.stream);
-            let resp = match tokio::time::timeout(timeout, client.request(request)).await {
-                Err(_) => return Err(Failure::Timeout),
-                Ok(Err(e)) => return Err(Failure::Connect(describe(&e))),
-                Ok(Ok(resp)) => resp,
-            };
-            let status = resp.status();
-            if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-                // The body is dropped here: it may echo (part of) the provider key.
-                return Err(Failure::CredentialsRefused(status));
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-                return Err(Failure::Status {
-                    status,
-                    retry_after: resp.headers().get(header::RETRY_AFTER).cloned(),
-                });
-            }
-            Ok(resp.map(UpstreamBody::Http))
+            send(client, request, timeout).await
+        }
+        Provider::Anthropic(upstream) => {
+            // Never more than admission reserved: settlement cannot undershoot.
+            let reserved = out.output_reservation;
+            let default_max_tokens = upstream
+                .default_max_tokens
+                .map_or(reserved, |d| d.min(reserved));
+            let body = translate::anthropic::request_out(
+                out.canonical().map_err(Failure::Refused)?,
+                model,
+                translate::anthropic::Out { default_max_tokens },
+            )
+            .map_err(Failure::Refused)?;
+            send(
+                client,
+                upstream.request(Bytes::from(body), req.stream),
+                timeout,
+            )
+            .await
         }
     }
+}
+
+/// Send a request to an upstream and classify its status.
+async fn send(
+    client: &HttpClient,
+    request: http::Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Response<UpstreamBody>, Failure> {
+    let resp = match tokio::time::timeout(timeout, client.request(request)).await {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(e)) => return Err(Failure::Connect(describe(&e))),
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status();
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        // The body is dropped here: it may echo (part of) the provider key.
+        return Err(Failure::CredentialsRefused(status));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Err(Failure::Status {
+            status,
+            retry_after: resp.headers().get(header::RETRY_AFTER).cloned(),
+        });
+    }
+    Ok(resp.map(UpstreamBody::Http))
 }
 
 /// The error chain as one line (hyper's top-level message alone says little).

@@ -36,3 +36,219 @@ impl Refused {
 
 /// Most tool calls one streamed answer may open; past it the stream ends with an error.
 pub const MAX_STREAM_TOOL_CALLS: usize = 128;
+
+use crate::canonical::{ApiError, BlockKind, Delta, ErrorKind, Event, Response};
+
+/// The API of a request's client or of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAiChat,
+    Anthropic,
+}
+
+/// Reads a backend's stream into canonical events.
+#[derive(Debug)]
+enum EventsIn {
+    OpenAiChat(openai_chat::EventsIn),
+    Anthropic(anthropic::EventsIn),
+}
+
+/// Writes canonical events in a client's dialect.
+#[derive(Debug)]
+enum EventsOut {
+    OpenAiChat(openai_chat::EventsOut),
+    Anthropic(anthropic::EventsOut),
+}
+
+impl EventsOut {
+    fn new(to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
+        match to {
+            Dialect::OpenAiChat => {
+                Self::OpenAiChat(openai_chat::EventsOut::new(model, created, include_usage))
+            }
+            Dialect::Anthropic => Self::Anthropic(anthropic::EventsOut::new(model)),
+        }
+    }
+
+    fn event(&mut self, e: &Event, out: &mut Vec<u8>) {
+        match self {
+            Self::OpenAiChat(w) => w.event(e, out),
+            Self::Anthropic(w) => w.event(e, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        match self {
+            Self::OpenAiChat(w) => w.finish(out),
+            Self::Anthropic(w) => w.finish(out),
+        }
+    }
+}
+
+/// One translated stream: upstream events in one dialect, client events in another, with
+/// the canonical events in between shown to the meter. State is bounded by the translators'.
+#[derive(Debug)]
+pub struct StreamTranslator {
+    input: EventsIn,
+    output: EventsOut,
+    events: Vec<Event>,
+    /// A last event (stop or error) was written: nothing more goes to the client.
+    over: bool,
+}
+
+impl StreamTranslator {
+    /// `model`: the client's public name; `include_usage`: the client asked for a usage
+    /// chunk (OpenAI clients).
+    pub fn new(from: Dialect, to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
+        let input = match from {
+            Dialect::OpenAiChat => EventsIn::OpenAiChat(openai_chat::EventsIn::new()),
+            Dialect::Anthropic => EventsIn::Anthropic(anthropic::EventsIn::new()),
+        };
+        Self {
+            input,
+            output: EventsOut::new(to, model, created, include_usage),
+            events: Vec::new(),
+            over: false,
+        }
+    }
+
+    /// One upstream event's data: the client's bytes for it are appended to `out`, and each
+    /// canonical event is shown to `seen`. An event that cannot be read ends the stream with
+    /// an error event (written here) and is reported as `Err`.
+    pub fn event(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        seen: impl FnMut(&Event),
+    ) -> Result<(), String> {
+        if self.over {
+            return Ok(());
+        }
+        let read = match &mut self.input {
+            EventsIn::OpenAiChat(r) => r.event(data, &mut self.events),
+            EventsIn::Anthropic(r) => r.event(data, &mut self.events),
+        };
+        self.write(out, seen);
+        if let Err(e) = &read {
+            self.fail(
+                ApiError {
+                    status: 502,
+                    kind: ErrorKind::Server,
+                    message: format!(
+                        "the upstream sent a stream event the gateway cannot read: {e}"
+                    ),
+                    param: None,
+                    code: Some("upstream_protocol_error".into()),
+                },
+                out,
+            );
+        }
+        read
+    }
+
+    /// The upstream body ended: what closes the client's stream is appended.
+    pub fn finish(&mut self, out: &mut Vec<u8>, seen: impl FnMut(&Event)) {
+        if !self.over {
+            match &mut self.input {
+                EventsIn::OpenAiChat(r) => r.finish(&mut self.events),
+                EventsIn::Anthropic(r) => r.finish(&mut self.events),
+            }
+            self.write(out, seen);
+        }
+        self.output.finish(out);
+    }
+
+    /// The stream fails for a reason of the gateway's (an oversized event, a timeout): the
+    /// client gets `err` as its last event.
+    pub fn fail(&mut self, err: ApiError, out: &mut Vec<u8>) {
+        if self.over {
+            return;
+        }
+        self.over = true;
+        self.output.event(&Event::Error(err), out);
+        self.output.finish(out);
+    }
+
+    fn write(&mut self, out: &mut Vec<u8>, mut seen: impl FnMut(&Event)) {
+        for e in self.events.drain(..) {
+            if self.over {
+                break;
+            }
+            seen(&e);
+            self.output.event(&e, out);
+            self.over = matches!(e, Event::MessageStop { .. } | Event::Error(_));
+        }
+        self.events.clear();
+    }
+}
+
+/// The events of a whole answer, for a client that asked for a stream.
+pub fn events_of(resp: &Response) -> Vec<Event> {
+    let mut events = vec![Event::MessageStart {
+        id: resp.id.clone(),
+        usage: crate::canonical::Usage::default(),
+    }];
+    let mut index = 0u32;
+    for block in &resp.content {
+        let (kind, deltas) = match block {
+            crate::canonical::Block::Text(t) => {
+                (BlockKind::Text, vec![Delta::Text(t.text.clone())])
+            }
+            crate::canonical::Block::Thinking { text, signature } => {
+                let mut d = vec![Delta::Thinking(text.clone())];
+                if let Some(s) = signature {
+                    d.push(Delta::Signature(s.value.clone()));
+                }
+                (BlockKind::Thinking, d)
+            }
+            crate::canonical::Block::RedactedThinking { data } => (
+                BlockKind::RedactedThinking {
+                    data: data.value.clone(),
+                },
+                Vec::new(),
+            ),
+            crate::canonical::Block::ToolUse {
+                id, name, input, ..
+            } => (
+                BlockKind::ToolUse {
+                    id: id.clone(),
+                    name: name.clone(),
+                },
+                vec![Delta::ToolArgs(input.get().to_owned())],
+            ),
+            // Answers carry no other blocks.
+            _ => continue,
+        };
+        events.push(Event::BlockStart { index, kind });
+        events.extend(
+            deltas
+                .into_iter()
+                .map(|delta| Event::BlockDelta { index, delta }),
+        );
+        events.push(Event::BlockStop { index });
+        index += 1;
+    }
+    events.push(Event::Usage(resp.usage));
+    events.push(Event::MessageStop {
+        stop: resp.stop,
+        stop_sequence: resp.stop_sequence.clone(),
+    });
+    events
+}
+
+/// A whole answer written as a stream in `to`'s dialect.
+pub fn stream_of(
+    resp: &Response,
+    to: Dialect,
+    model: &str,
+    created: u64,
+    include_usage: bool,
+) -> Vec<u8> {
+    let mut w = EventsOut::new(to, model, created, include_usage);
+    let mut out = Vec::new();
+    for e in events_of(resp) {
+        w.event(&e, &mut out);
+    }
+    w.finish(&mut out);
+    out
+}

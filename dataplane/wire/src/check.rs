@@ -254,7 +254,11 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
         }
         if let Some(pr) = &b.pricing {
             let price_ok = |x: f64| x.is_finite() && x >= 0.0;
-            if !price_ok(pr.input_per_million) || !price_ok(pr.output_per_million) {
+            let cache = [pr.cache_read_per_million, pr.cache_write_per_million];
+            if !price_ok(pr.input_per_million)
+                || !price_ok(pr.output_per_million)
+                || !cache.into_iter().flatten().all(price_ok)
+            {
                 p.push(
                     &format!("{bpath}.pricing"),
                     "prices must be finite and not negative",
@@ -333,19 +337,69 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
     if b.mock.is_some() {
         p.push(path, "mock settings apply only to provider mock");
     }
-    match (&b.url, &b.provider) {
+    match (&b.url, b.provider.default_url()) {
         (Some(u), _) => {
             if let Err(e) = check_url(u) {
                 p.push(&format!("{path}.url"), e);
             }
         }
-        (None, ProviderKind::Openai) => {}
-        (None, _) => p.push(path, "url is required for provider openai-compatible"),
+        (None, Some(_)) => {}
+        (None, None) => p.push(
+            path,
+            format!("url is required for provider {}", b.provider.as_str()),
+        ),
     }
-    if b.provider == ProviderKind::Openai && b.credentials.is_none() {
+    if matches!(b.provider, ProviderKind::Openai | ProviderKind::Anthropic)
+        && b.credentials.is_none()
+    {
         p.push(
             path,
-            "provider openai needs credentials (env or file with the API key)",
+            format!(
+                "provider {} needs credentials (the API key)",
+                b.provider.as_str()
+            ),
+        );
+    }
+    match (&b.anthropic, &b.provider) {
+        (None, _) => {}
+        (Some(a), ProviderKind::Anthropic) => check_anthropic(p, &format!("{path}.anthropic"), a),
+        (Some(_), _) => p.push(path, "anthropic settings apply only to provider anthropic"),
+    }
+}
+
+fn check_anthropic(p: &mut Problems, path: &str, a: &crate::AnthropicSpec) {
+    // Both travel as header values: printable ASCII, and no comma inside one flag.
+    let token = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 128
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    if let Some(v) = &a.version
+        && !token(v)
+    {
+        p.push(
+            &format!("{path}.version"),
+            "must be a version such as 2023-06-01 (letters, digits, '-', '_', '.')",
+        );
+    }
+    for (i, flag) in a.beta.iter().enumerate() {
+        if !token(flag) {
+            p.push(
+                &format!("{path}.beta[{i}]"),
+                "must be one flag such as prompt-caching-2024-07-31 (letters, digits, '-', '_', '.')",
+            );
+        }
+    }
+    if a.beta.len() > 32 {
+        p.push(&format!("{path}.beta"), "at most 32 flags");
+    }
+    if a.default_max_tokens
+        .is_some_and(|n| n == 0 || n > u64::from(u32::MAX))
+    {
+        p.push(
+            &format!("{path}.defaultMaxTokens"),
+            "must be between 1 and 4294967295",
         );
     }
 }

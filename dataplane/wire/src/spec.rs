@@ -182,12 +182,29 @@ impl ProviderKind {
 
     /// Whether this version of the proxy can call this provider.
     pub fn supported(&self) -> bool {
-        matches!(self, Self::Openai | Self::OpenaiCompatible | Self::Mock)
+        matches!(
+            self,
+            Self::Openai | Self::OpenaiCompatible | Self::Anthropic | Self::Mock
+        )
+    }
+
+    /// Where the provider goes when a backend names no url.
+    pub fn default_url(&self) -> Option<&'static str> {
+        match self {
+            Self::Openai => Some(OPENAI_DEFAULT_URL),
+            Self::Anthropic => Some(ANTHROPIC_DEFAULT_URL),
+            Self::OpenaiCompatible | Self::AzureOpenai | Self::Mock | Self::Unknown => None,
+        }
     }
 }
 
 /// Where provider `openai` goes when a backend names no url.
 pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
+/// Where provider `anthropic` goes when a backend names no url.
+pub const ANTHROPIC_DEFAULT_URL: &str = "https://api.anthropic.com/v1";
+/// The `anthropic-version` sent when neither the backend nor (on pass-through) the client
+/// names one: the only value Anthropic's SDKs send.
+pub const ANTHROPIC_DEFAULT_VERSION: &str = "2023-06-01";
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -215,6 +232,24 @@ pub struct BackendSpec {
     /// Settings of the built-in mock provider.
     #[serde(default)]
     pub mock: Option<MockSpec>,
+    /// Settings of provider `anthropic`.
+    #[serde(default)]
+    pub anthropic: Option<AnthropicSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnthropicSpec {
+    /// `anthropic-version` header [default: 2023-06-01].
+    #[serde(default)]
+    pub version: Option<String>,
+    /// `anthropic-beta` flags sent with translated requests.
+    #[serde(default)]
+    pub beta: Vec<String>,
+    /// `max_tokens` sent when an OpenAI client sets none (Anthropic requires one)
+    /// [default: the proxy's default output reservation].
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
 }
 
 /// One of `env`, `file` or (operator stream only) `value`.
@@ -248,6 +283,12 @@ pub struct PricingSpec {
     /// USD per million output (completion) tokens.
     #[serde(default)]
     pub output_per_million: f64,
+    /// USD per million prompt tokens read from the provider's cache [default: the input price].
+    #[serde(default)]
+    pub cache_read_per_million: Option<f64>,
+    /// USD per million prompt tokens written to the provider's cache [default: the input price].
+    #[serde(default)]
+    pub cache_write_per_million: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -2020,6 +2020,7 @@ mod scale {
                     timeout: None,
                     pricing: None,
                     mock: None,
+                    anthropic: None,
                 }],
             })
             .collect();
@@ -2096,6 +2097,7 @@ mod scale {
                         timeout: None,
                         pricing: None,
                         mock: None,
+                        anthropic: None,
                     }],
                     strategy: None,
                     timeout: None,
