@@ -64,6 +64,86 @@ async fn openai_python_sdk_works_against_the_proxy() {
     assert!(report.contains("8 passed"), "{report}");
 }
 
+/// Runs one pytest file against `base` with `envs`; the report, which must say `passed`.
+fn pytest(file: &str, envs: &[(&str, String)], passed: usize) -> String {
+    let out = Command::new(python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(repo_root().join("tests/python").join(file))
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{file} failed:\n{report}");
+    assert!(report.contains(&format!("{passed} passed")), "{report}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_works_against_an_anthropic_backend() {
+    let up = modelgate_tests::upstream::MockUpstream::start();
+    let route = |name: &str, knobs: &str| {
+        format!(
+            "  - name: {name}\n    model: {name}\n    retries: {{attempts: 0}}\n    backends:\n      - {{name: anthropic, provider: anthropic, url: {}, credentials: {{env: ANTHROPIC_TEST_KEY}}}}\n",
+            up.url(knobs)
+        )
+    };
+    let yaml = format!(
+        "routes:\n{}{}{}{}{}keys:\n  - {{name: demo, sha256: {}}}\n",
+        route("claude-text", "id=text;cache_read=3;chunks=3"),
+        route("claude-sdk", "id=sdk;thinking=1;tool=1;chunks=2"),
+        route("claude-turns", "id=turns;thinking=1;tool=1;chunks=2"),
+        route("claude-bad", "id=bad;status=400"),
+        route("claude-busy", "id=busy;status=529"),
+        sha256_hex(DEMO_KEY),
+    );
+    let p = Proxy::start_with(&yaml, &[("ANTHROPIC_TEST_KEY", "sk-ant-sdk-test")]);
+    let envs = [
+        ("MODELGATE_BASE_URL", p.url("/v1")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+    ];
+    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_anthropic.py", &envs, 7))
+        .await
+        .unwrap();
+    // The second tool turn reached Anthropic as Anthropic wants it: the assistant's thinking
+    // block (signature included) first, then its tool call; the result in a user turn.
+    let sent = up
+        .counters("turns")
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    let messages = sent["messages"].as_array().unwrap();
+    let turn = messages
+        .iter()
+        .find(|m| m["role"] == "assistant")
+        .expect("the assistant turn went back");
+    assert_eq!(turn["content"][0]["type"], "thinking", "{sent}");
+    assert_eq!(turn["content"][0]["thinking"], "Let me think.");
+    assert!(
+        turn["content"][0]["signature"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
+    assert!(
+        turn["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["type"] == "tool_use"
+                && b["id"] == "toolu_mock1"
+                && b["input"]["city"] == "Paris"),
+        "{sent}"
+    );
+    let result = &messages.last().unwrap()["content"][0];
+    assert_eq!(result["type"], "tool_result", "{sent}");
+    assert_eq!(result["tool_use_id"], "toolu_mock1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let p = Proxy::start(&config());
