@@ -17,9 +17,9 @@ fi
 promtool --version 2>&1 | head -1
 
 VENV="$ROOT/.venv"
-if ! "$VENV/bin/python" -c 'import openai, pytest, kubernetes_validate' >/dev/null 2>&1; then
-  echo "test-deps: creating $VENV with the openai SDK, pytest and kubernetes-validate"
+if ! "$VENV/bin/python" -c 'import openai, anthropic, pytest, kubernetes_validate' >/dev/null 2>&1; then
+  echo "test-deps: creating $VENV with the openai and anthropic SDKs, pytest and kubernetes-validate"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "openai==3.57.0" "pytest==9.2.0" "kubernetes-validate==1.37.0"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "openai==3.57.0" "anthropic==2.15.0" "pytest==9.2.0" "kubernetes-validate==1.37.0"
 fi
-"$VENV/bin/python" -c 'import openai; print("openai SDK", openai.__version__)'
+"$VENV/bin/python" -c 'import openai, anthropic; print("openai SDK", openai.__version__, "anthropic SDK", anthropic.__version__)'

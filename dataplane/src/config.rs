@@ -411,7 +411,13 @@ fn build_provider(
         ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
             let url = b.url.as_deref().unwrap_or(OPENAI_DEFAULT_URL);
             match crate::providers::openai::Upstream::new(url, credential) {
-                Ok(u) => Some(Provider::OpenAi(Box::new(u))),
+                Ok(mut u) => {
+                    if b.provider == ProviderKind::Openai {
+                        u.max_tokens_field =
+                            crate::translate::openai_chat::MaxTokensField::MaxCompletionTokens;
+                    }
+                    Some(Provider::OpenAi(Box::new(u)))
+                }
                 Err(e) => {
                     p.push(&format!("{path}.url"), e);
                     None

@@ -11,6 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::admission::{LimitKind, Rejection};
 use crate::stream::ProxyBody;
+use crate::translate::Dialect;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -23,7 +24,7 @@ pub enum ProxyError {
         message: String,
     },
     #[error(
-        "unknown path {0}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models"
+        "unknown path {0}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/messages, /v1/messages/count_tokens and /v1/models"
     )]
     UnknownPath(String),
     #[error("method {0} is not allowed here")]
@@ -102,8 +103,56 @@ impl ProxyError {
         }
     }
 
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let (status, kind, retry_after): (StatusCode, &str, Option<HeaderValue>) = match &self {
+    /// The response in the client's dialect: OpenAI's error shape, or Anthropic's with the
+    /// request id (docs/providers.md 6.1).
+    pub fn into_response_for(self, dialect: Dialect, request_id: &str) -> Response<ProxyBody> {
+        match dialect {
+            Dialect::OpenAiChat => self.into_response(),
+            Dialect::Anthropic => self.into_anthropic_response(request_id),
+        }
+    }
+
+    fn into_anthropic_response(self, request_id: &str) -> Response<ProxyBody> {
+        let (mut status, _, retry_after) = self.parts();
+        let kind = match &self {
+            Self::BadRequest(_) | Self::InvalidParam { .. } | Self::MethodNotAllowed(_) => {
+                "invalid_request_error"
+            }
+            Self::UnknownPath(_) | Self::UnknownModel(_) => "not_found_error",
+            Self::PayloadTooLarge(_) => "request_too_large",
+            Self::MissingKey | Self::InvalidKey => "authentication_error",
+            Self::KeyDisabled | Self::KeyExpired | Self::ModelNotAllowed(_) => "permission_error",
+            Self::Limited(_) | Self::BudgetExhausted | Self::UpstreamRateLimited { .. } => {
+                "rate_limit_error"
+            }
+            Self::UpstreamTimeout => "timeout_error",
+            // Anthropic's own overload, passed on as Anthropic's SDKs know it.
+            Self::UpstreamStatus(s) if s.as_u16() == 529 => {
+                status = *s;
+                "overloaded_error"
+            }
+            Self::NotReady
+            | Self::Internal(_)
+            | Self::UpstreamConnect(_)
+            | Self::UpstreamStatus(_)
+            | Self::UpstreamProtocol(_)
+            | Self::UpstreamCredentials(_) => "api_error",
+        };
+        let body = serde_json::json!({
+            "type": "error",
+            "error": {"type": kind, "message": self.to_string()},
+            "request_id": request_id,
+        });
+        let mut resp = json_response(status, &body);
+        if let Some(v) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+
+    /// Status, OpenAI error type and `Retry-After` of each variant.
+    fn parts(&self) -> (StatusCode, &'static str, Option<HeaderValue>) {
+        match self {
             Self::BadRequest(_) | Self::InvalidParam { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None)
             }
@@ -162,7 +211,11 @@ impl ProxyError {
             ),
             Self::UpstreamProtocol(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
             Self::UpstreamCredentials(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
-        };
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, kind, retry_after) = self.parts();
         let param = match &self {
             Self::InvalidParam { param, .. } => Some(*param),
             _ => None,

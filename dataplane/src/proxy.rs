@@ -32,7 +32,7 @@ use crate::routes::{Backend, Route};
 use crate::snapshot::{Live, Snapshot};
 use crate::stream::{self, MeteredStream, MockStream, ProxyBody, UpstreamBody, usage_of_body};
 use crate::synth;
-use crate::translate::{self, Dialect, StreamTranslator};
+use crate::translate::{self, Dialect, StreamTranslator, StreamWatcher};
 
 /// Per-attempt deadline (until the answer's first bytes, or all of a whole answer) when
 /// neither the backend nor the route sets one.
@@ -81,9 +81,33 @@ enum Reply {
         /// When the stream's headers came: its `streamTimeout` counts from here.
         since: Instant,
         strip_usage: bool,
-        /// Set when the upstream speaks another dialect than the client.
-        translator: Option<Box<StreamTranslator>>,
+        /// What happens to the upstream's events besides metering.
+        stage: Stage,
     },
+}
+
+/// How a stream's events reach the client.
+enum Stage {
+    /// As the upstream wrote them, metered by the OpenAI scanner.
+    Pass,
+    /// Translated: the upstream speaks another dialect than the client.
+    Translate(Box<StreamTranslator>),
+    /// As the upstream wrote them, read for metering in their own (non-OpenAI) dialect.
+    Watch(Box<StreamWatcher>),
+}
+
+/// The dialect a client of `path` speaks, for errors written before the body is read: the
+/// Anthropic endpoints, and `/v1/models` asked with an `anthropic-version` header.
+fn client_dialect(path: &str, headers: &HeaderMap) -> Dialect {
+    let p = path
+        .strip_prefix("/v1")
+        .unwrap_or(path)
+        .trim_end_matches('/');
+    if p.starts_with("/messages") || (p == "/models" && headers.contains_key("anthropic-version")) {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAiChat
+    }
 }
 
 fn request_id(headers: &HeaderMap) -> String {
@@ -106,6 +130,7 @@ pub async fn handle(
     if let Some(clock) = connection {
         meter.charge_connection(clock);
     }
+    let dialect = client_dialect(req.uri().path(), req.headers());
     let reply = serve(&gw, req, &mut meter).await;
     let (mut resp, meter) = match reply {
         Ok(Reply::Full(resp)) => {
@@ -117,7 +142,7 @@ pub async fn handle(
             first,
             since,
             strip_usage,
-            translator,
+            stage,
         }) => {
             meter.response_ready(upstream.status().as_u16());
             let mut resp = Response::new(ProxyBody::Full(None));
@@ -139,16 +164,17 @@ pub async fn handle(
                 total,
             )
             .starting_with(first, since);
-            let body = match translator {
-                Some(t) => body.translating(t),
-                None => body,
+            let body = match stage {
+                Stage::Pass => body,
+                Stage::Translate(t) => body.translating(t),
+                Stage::Watch(w) => body.watching(w),
             };
             *resp.body_mut() = ProxyBody::Stream(Box::new(body));
             return resp;
         }
         Err(e) => {
             meter.error = Some(e.code());
-            let resp = e.into_response();
+            let resp = e.into_response_for(dialect, &meter.request_id);
             meter.response_ready(resp.status().as_u16());
             (resp, Some(meter))
         }
@@ -194,6 +220,8 @@ fn parse_path(method: &Method, path: &str) -> Result<Call, ProxyError> {
         "/chat/completions" => (Call::Api(Endpoint::Chat), Method::POST),
         "/completions" => (Call::Api(Endpoint::Completions), Method::POST),
         "/embeddings" => (Call::Api(Endpoint::Embeddings), Method::POST),
+        "/messages" => (Call::Api(Endpoint::Messages), Method::POST),
+        "/messages/count_tokens" => (Call::Api(Endpoint::CountTokens), Method::POST),
         "/models" => (Call::Models, Method::GET),
         _ => return Err(ProxyError::UnknownPath(path.chars().take(200).collect())),
     };
@@ -270,7 +298,8 @@ async fn serve(
     let endpoint = match call {
         Call::Models => {
             meter.endpoint = "models";
-            return Ok(Reply::Full(list_models(&snapshot, &key)));
+            let dialect = client_dialect(req.uri().path(), req.headers());
+            return Ok(Reply::Full(list_models(&snapshot, &key, dialect)));
         }
         Call::Api(e) => e,
     };
@@ -301,7 +330,11 @@ async fn serve(
         return Err(ProxyError::BudgetExhausted);
     }
     let output = api.output_reservation(gw.settings.default_max_tokens, route.max_output_tokens)?;
-    let prompt = api.prompt_tokens_estimate();
+    // Counting tokens makes no model work: it counts as a request and charges nothing.
+    let prompt = match endpoint {
+        Endpoint::CountTokens => 0,
+        _ => api.prompt_tokens_estimate(),
+    };
     let estimate = Estimate {
         tokens: prompt.saturating_add(output),
         usd: route.max_pricing().cost(prompt, output),
@@ -315,31 +348,41 @@ async fn serve(
     }
 
     // pick, forward and receive
+    let client = endpoint.dialect();
     let mut out = Outbound::new(&api, output / api.choices.max(1));
+    if client == Dialect::Anthropic {
+        out.anthropic_headers = providers::anthropic::ClientHeaders::of(&parts.headers);
+    }
+    if endpoint == Endpoint::CountTokens {
+        return count_tokens(gw, &route, &mut out, meter).await;
+    }
     let answer = forward(gw, &route, &mut out, meter).await?;
-    // The dialect of the backend that answered, when it is not the client's.
-    let translated = meter
+    // The dialect of the backend that answered.
+    let backend = meter
         .backend
         .as_ref()
-        .and_then(|b| b.provider.dialect())
-        .filter(|d| *d != Dialect::OpenAiChat);
+        .map_or(client, |b| b.provider.dialect());
     let (parts, bytes) = match answer {
         Answer::Stream { resp, first, since } => {
-            let translator = translated.map(|from| {
-                Box::new(StreamTranslator::new(
-                    from,
-                    Dialect::OpenAiChat,
+            let stage = if backend != client {
+                Stage::Translate(Box::new(StreamTranslator::new(
+                    backend,
+                    client,
                     &api.model,
                     admission::unix_now(),
                     api.client_wants_usage,
-                ))
-            });
+                )))
+            } else if client == Dialect::Anthropic {
+                Stage::Watch(Box::new(StreamWatcher::new(client)))
+            } else {
+                Stage::Pass
+            };
             return Ok(Reply::Stream {
                 resp,
                 first,
                 since,
                 strip_usage: !api.client_wants_usage,
-                translator,
+                stage,
             });
         }
         Answer::Whole(parts, bytes) => (parts, bytes),
@@ -351,8 +394,8 @@ async fn serve(
         }
     };
     let status = parts.status;
-    if let Some(from) = translated {
-        return translate_whole(&api, from, parts, &bytes, meter);
+    if backend != client || client != Dialect::OpenAiChat {
+        return translate_whole(&api, backend, client, parts, bytes, meter);
     }
     if api.stream && status.is_success() {
         // A whole answer to a stream request: written as the stream the client asked for,
@@ -386,7 +429,7 @@ async fn serve(
             first: None,
             since: Instant::now(),
             strip_usage: !api.client_wants_usage,
-            translator: None,
+            stage: Stage::Pass,
         });
     }
     // A buffered answer (or an upstream client error passed on), read whole for usage.
@@ -412,33 +455,45 @@ async fn serve(
     Ok(Reply::Full(out))
 }
 
-/// A whole answer from a backend of another dialect, in the client's: a 2xx answer (as a
-/// stream if the client asked for one), or an error the client must fix, passed on with its
-/// status and rewritten.
+/// A whole answer to a client of another dialect than OpenAI's, or from a backend of
+/// another dialect than the client's: a 2xx answer (as a stream if the client asked for
+/// one) or an error the client must fix, passed on with its status. Same dialect on both
+/// sides: the bytes as they came, read for usage; otherwise rewritten.
 fn translate_whole(
     api: &ApiRequest<'_>,
     from: Dialect,
+    to: Dialect,
     parts: http::response::Parts,
-    bytes: &[u8],
+    bytes: Bytes,
     meter: &mut Meter,
 ) -> Result<Reply, ProxyError> {
     let status = parts.status;
-    if !status.is_success() {
-        let err = match from {
-            Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), bytes),
-            Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), bytes),
-        };
-        let mut resp = Response::new(ProxyBody::full(translate::openai_chat::error_out(&err)));
+    let json = |body: Bytes| {
+        let mut resp = Response::new(ProxyBody::full(body));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        return Ok(Reply::Full(resp));
+        resp
+    };
+    if !status.is_success() {
+        if from == to {
+            return Ok(Reply::Full(json(bytes)));
+        }
+        let err = match from {
+            Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), &bytes),
+            Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), &bytes),
+        };
+        let body = match to {
+            Dialect::OpenAiChat => translate::openai_chat::error_out(&err),
+            Dialect::Anthropic => translate::anthropic::error_out(&err, &meter.request_id),
+        };
+        return Ok(Reply::Full(json(Bytes::from(body))));
     }
     let answer = match from {
-        Dialect::Anthropic => translate::anthropic::response_in(bytes),
-        Dialect::OpenAiChat => translate::openai_chat::response_in(bytes),
+        Dialect::Anthropic => translate::anthropic::response_in(&bytes),
+        Dialect::OpenAiChat => translate::openai_chat::response_in(&bytes),
     }
     .map_err(|e| {
         ProxyError::UpstreamProtocol(format!(
@@ -450,13 +505,7 @@ fn translate_whole(
     meter.stop_reason(answer.stop);
     let now = admission::unix_now();
     if api.stream {
-        let events = translate::stream_of(
-            &answer,
-            Dialect::OpenAiChat,
-            &api.model,
-            now,
-            api.client_wants_usage,
-        );
+        let events = translate::stream_of(&answer, to, &api.model, now, api.client_wants_usage);
         let mut resp = Response::new(UpstreamBody::Mock(MockStream::new(
             vec![Bytes::from(events)],
             Duration::ZERO,
@@ -465,20 +514,71 @@ fn translate_whole(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
         );
+        // Written by the gateway in the client's dialect: metered above, passed as is.
+        let stage = match to {
+            Dialect::OpenAiChat => Stage::Pass,
+            Dialect::Anthropic => Stage::Watch(Box::new(StreamWatcher::new(to))),
+        };
         return Ok(Reply::Stream {
             resp,
             first: None,
             since: Instant::now(),
             strip_usage: false,
-            translator: None,
+            stage,
         });
     }
-    let body = translate::openai_chat::response_out(&answer, &api.model, now);
-    let mut resp = Response::new(ProxyBody::full(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    if from == to {
+        return Ok(Reply::Full(json(bytes)));
+    }
+    let body = match to {
+        Dialect::OpenAiChat => translate::openai_chat::response_out(&answer, &api.model, now),
+        Dialect::Anthropic => translate::anthropic::response_out(&answer, &api.model),
+    };
+    Ok(Reply::Full(json(Bytes::from(body))))
+}
+
+/// `/v1/messages/count_tokens`: exact from the route's first Anthropic backend, passed
+/// through; estimated (prompt bytes / 4, the gateway's admission rule) when the route has
+/// none, and said so in `x-modelgate-token-count: estimated`.
+async fn count_tokens(
+    gw: &Gateway,
+    route: &Arc<Route>,
+    out: &mut Outbound<'_, '_>,
+    meter: &mut Meter,
+) -> Result<Reply, ProxyError> {
+    // Nothing is charged either way.
+    meter.set_usage(crate::canonical::Usage::default());
+    let anthropic = route
+        .backends()
+        .find(|b| matches!(b.provider, crate::routes::Provider::Anthropic(_)));
+    let Some(backend) = anthropic else {
+        let mut resp = json_response(
+            StatusCode::OK,
+            &serde_json::json!({"input_tokens": out.api.prompt_tokens_estimate()}),
+        );
+        resp.headers_mut().insert(
+            "x-modelgate-token-count",
+            HeaderValue::from_static("estimated"),
+        );
+        return Ok(Reply::Full(resp));
+    };
+    meter.attempts += 1;
+    meter.backend = Some(backend.clone());
+    let timeout = backend.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
+    let resp = providers::attempt(&gw.client, backend, out, timeout)
+        .await
+        .map_err(Failure::into_error)?;
+    let (parts, body) = resp.into_parts();
+    let bytes = match tokio::time::timeout(timeout, Limited::new(body, MAX_UPSTREAM_BODY).collect())
+        .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return Err(ProxyError::UpstreamConnect(providers::describe(&*e))),
+        Err(_) => return Err(ProxyError::UpstreamTimeout),
+    };
+    let mut resp = Response::new(ProxyBody::full(bytes));
+    *resp.status_mut() = parts.status;
+    copy_content_type(&parts.headers, resp.headers_mut());
     Ok(Reply::Full(resp))
 }
 
@@ -727,8 +827,10 @@ fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: 
     tracing::debug!(route = %route.id, backend = %backend.name, ?failure, "upstream attempt failed");
 }
 
-fn list_models(snapshot: &Snapshot, key: &Key) -> Response<ProxyBody> {
-    let data: Vec<_> = snapshot
+/// The models `key` may call, in the client's shape: OpenAI's list, or Anthropic's page
+/// (`anthropic-version` sent) with every model on it.
+fn list_models(snapshot: &Snapshot, key: &Key, dialect: Dialect) -> Response<ProxyBody> {
+    let names: Vec<_> = snapshot
         .routes
         .names(&key.namespace)
         .into_iter()
@@ -738,12 +840,28 @@ fn list_models(snapshot: &Snapshot, key: &Key) -> Response<ProxyBody> {
                 .get(&key.namespace, name)
                 .is_some_and(|r| key.allows(&r.model, name))
         })
-        .map(|name| serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "modelgate"}))
         .collect();
-    json_response(
-        StatusCode::OK,
-        &serde_json::json!({"object": "list", "data": data}),
-    )
+    let body = match dialect {
+        Dialect::OpenAiChat => {
+            let data: Vec<_> = names
+                .iter()
+                .map(|name| serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "modelgate"}))
+                .collect();
+            serde_json::json!({"object": "list", "data": data})
+        }
+        Dialect::Anthropic => {
+            let data: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    serde_json::json!({"type": "model", "id": name, "display_name": name,
+                    "created_at": "1970-01-01T00:00:00Z"})
+                })
+                .collect();
+            serde_json::json!({"data": data, "has_more": false,
+                "first_id": names.first(), "last_id": names.last()})
+        }
+    };
+    json_response(StatusCode::OK, &body)
 }
 
 #[cfg(test)]

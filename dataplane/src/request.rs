@@ -31,6 +31,10 @@ pub enum Endpoint {
     Chat,
     Completions,
     Embeddings,
+    /// Anthropic's Messages API.
+    Messages,
+    /// Anthropic's token counting: no model output, nothing metered but the request.
+    CountTokens,
 }
 
 impl Endpoint {
@@ -40,6 +44,8 @@ impl Endpoint {
             Self::Chat => "/chat/completions",
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
+            Self::Messages => "/messages",
+            Self::CountTokens => "/messages/count_tokens",
         }
     }
 
@@ -48,12 +54,28 @@ impl Endpoint {
             Self::Chat => "chat",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Messages => "messages",
+            Self::CountTokens => "count_tokens",
         }
+    }
+
+    /// The dialect a client of this endpoint speaks, for translations and errors.
+    pub fn dialect(self) -> crate::translate::Dialect {
+        match self {
+            Self::Messages | Self::CountTokens => crate::translate::Dialect::Anthropic,
+            Self::Chat | Self::Completions | Self::Embeddings => {
+                crate::translate::Dialect::OpenAiChat
+            }
+        }
+    }
+
+    fn anthropic(self) -> bool {
+        matches!(self, Self::Messages | Self::CountTokens)
     }
 
     fn input_field(self) -> Field {
         match self {
-            Self::Chat => Field::Messages,
+            Self::Chat | Self::Messages | Self::CountTokens => Field::Messages,
             Self::Completions => Field::Prompt,
             Self::Embeddings => Field::Input,
         }
@@ -87,10 +109,13 @@ enum Field {
     Messages,
     Prompt,
     Input,
+    /// Anthropic bodies: part of the prompt.
+    System,
+    Tools,
 }
 
 impl Field {
-    const COUNT: usize = 10;
+    const COUNT: usize = 12;
 
     /// Matches the key as JSON decodes it, so `"mod\u0065l"` is `model`.
     fn of(key: &str) -> Option<Self> {
@@ -105,6 +130,8 @@ impl Field {
             "messages" => Self::Messages,
             "prompt" => Self::Prompt,
             "input" => Self::Input,
+            "system" => Self::System,
+            "tools" => Self::Tools,
             _ => return None,
         })
     }
@@ -121,6 +148,8 @@ impl Field {
             Self::Messages => "messages",
             Self::Prompt => "prompt",
             Self::Input => "input",
+            Self::System => "system",
+            Self::Tools => "tools",
         }
     }
 }
@@ -164,7 +193,13 @@ impl<'a> ApiRequest<'a> {
         }
         let mut fields = [None; Field::COUNT];
         let mut repeated = None;
-        each_field(body, Field::of, |field, raw| {
+        // `system` and `tools` are read (and so refused when repeated) only in Anthropic
+        // bodies, where they are part of the prompt.
+        let read = |key: &str| {
+            Field::of(key)
+                .filter(|f| endpoint.anthropic() || !matches!(f, Field::System | Field::Tools))
+        };
+        each_field(body, read, |field, raw| {
             if fields[field as usize].replace(raw).is_some() {
                 repeated.get_or_insert(field);
             }
@@ -193,8 +228,8 @@ impl<'a> ApiRequest<'a> {
                 _ => return Err(bad("'stream' must be a boolean")),
             },
         };
-        if stream && endpoint == Endpoint::Embeddings {
-            return Err(bad("embeddings cannot be streamed"));
+        if stream && matches!(endpoint, Endpoint::Embeddings | Endpoint::CountTokens) {
+            return Err(bad(format!("{} cannot be streamed", endpoint.as_str())));
         }
         let stream_options = get(Field::StreamOptions);
         let include_usage = match stream_options {
@@ -222,9 +257,11 @@ impl<'a> ApiRequest<'a> {
                 }
             }
         };
-        let client_wants_usage = include_usage.is_some_and(|v| v.get() == "true");
+        // Anthropic streams always carry their usage.
+        let client_wants_usage =
+            endpoint.anthropic() || include_usage.is_some_and(|v| v.get() == "true");
         let usage_splice = match stream_options {
-            _ if !stream => None,
+            _ if !stream || endpoint.anthropic() => None,
             None => {
                 let close = body
                     .iter()
@@ -276,8 +313,25 @@ impl<'a> ApiRequest<'a> {
             Some(raw) if raw.get() != "null" => raw.get(),
             _ => return Err(bad(format!("missing required field '{}'", input.name()))),
         };
-        if endpoint == Endpoint::Chat && !prompt.starts_with('[') {
+        if matches!(
+            endpoint,
+            Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens
+        ) && !prompt.starts_with('[')
+        {
             return Err(bad("'messages' must be an array"));
+        }
+        let mut prompt_bytes = prompt.len();
+        if endpoint.anthropic() {
+            if endpoint == Endpoint::Messages && get(Field::MaxTokens).is_none() {
+                return Err(ProxyError::InvalidParam {
+                    param: "max_tokens",
+                    message: "missing required field 'max_tokens'".into(),
+                });
+            }
+            // Anthropic's prompt is also its system text and tool definitions.
+            for f in [Field::System, Field::Tools] {
+                prompt_bytes += get(f).map_or(0, |raw| raw.get().len());
+            }
         }
         Ok(Self {
             endpoint,
@@ -291,7 +345,7 @@ impl<'a> ApiRequest<'a> {
             max_tokens,
             max_tokens_field,
             choices,
-            prompt_bytes: prompt.len(),
+            prompt_bytes,
         })
     }
 
@@ -303,7 +357,7 @@ impl<'a> ApiRequest<'a> {
         default: u64,
         ceiling: Option<u64>,
     ) -> Result<u64, ProxyError> {
-        if self.endpoint == Endpoint::Embeddings {
+        if matches!(self.endpoint, Endpoint::Embeddings | Endpoint::CountTokens) {
             return Ok(0);
         }
         let per_choice = match (self.max_tokens, ceiling) {

@@ -188,13 +188,11 @@ pub enum Provider {
 }
 
 impl Provider {
-    /// The API the backend speaks, for translation; `None`: it answers in the client's own
-    /// (the mock provider speaks every dialect the proxy serves).
-    pub fn dialect(&self) -> Option<crate::translate::Dialect> {
+    /// The API the backend speaks, for translation (the mock speaks OpenAI's).
+    pub fn dialect(&self) -> crate::translate::Dialect {
         match self {
-            Self::OpenAi(_) => Some(crate::translate::Dialect::OpenAiChat),
-            Self::Anthropic(_) => Some(crate::translate::Dialect::Anthropic),
-            Self::Mock(_) => None,
+            Self::OpenAi(_) | Self::Mock(_) => crate::translate::Dialect::OpenAiChat,
+            Self::Anthropic(_) => crate::translate::Dialect::Anthropic,
         }
     }
 }

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use crate::canonical::{ApiError, Delta, ErrorKind, Event, Usage};
 use crate::meter::Meter;
 use crate::metrics::UpstreamErrorKind;
-use crate::translate::StreamTranslator;
+use crate::translate::{Dialect, StreamTranslator, StreamWatcher};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -276,8 +276,18 @@ struct Lines {
     after_cr: AfterCr,
     strip_usage: bool,
     max_event: usize,
-    /// Hand each event's data to the observer and forward nothing (a translated stream).
-    deliver: bool,
+    /// What happens to each event besides what `observe` reads.
+    mode: Mode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// OpenAI events: read by `observe`, forwarded (or stripped).
+    Observe,
+    /// Each event's data goes to the observer, nothing is forwarded (a translated stream).
+    Deliver,
+    /// Each event's data goes to the observer, and the event is forwarded as it came.
+    Watch,
 }
 
 /// The `data` field of the event being received. Positions are relative to the event's start.
@@ -311,7 +321,7 @@ impl SseScanner {
                 after_cr: AfterCr::No,
                 strip_usage,
                 max_event,
-                deliver: false,
+                mode: Mode::Observe,
             },
             started: false,
             head: Vec::new(),
@@ -322,7 +332,15 @@ impl SseScanner {
     /// [`StreamObserver::event_data`], for a translator to write the client's events.
     pub fn delivering(max_event: usize) -> Self {
         let mut s = Self::new(false, max_event);
-        s.lines.deliver = true;
+        s.lines.mode = Mode::Deliver;
+        s
+    }
+
+    /// A scanner that forwards every event as it came and hands its data to
+    /// [`StreamObserver::event_data`] (a dialect `observe` does not read).
+    pub fn watching(max_event: usize) -> Self {
+        let mut s = Self::new(false, max_event);
+        s.lines.mode = Mode::Watch;
         s
     }
 
@@ -566,18 +584,18 @@ impl Lines {
 
     /// The event starting at `block` is complete: observe it; returns whether to forward it.
     fn dispatch(&mut self, buf: &[u8], block: usize, obs: &mut impl StreamObserver) -> bool {
-        let forward = match &self.data {
-            Data::None => !self.deliver,
-            Data::Line(s, e) if self.deliver => {
-                obs.event_data(&buf[block + s..block + e]);
-                false
-            }
-            Data::Joined(d) if self.deliver => {
+        let data = match &self.data {
+            Data::None => None,
+            Data::Line(s, e) => Some(&buf[block + s..block + e]),
+            Data::Joined(d) => Some(&d[..]),
+        };
+        let forward = match (data, self.mode) {
+            (None, mode) => mode != Mode::Deliver,
+            (Some(d), Mode::Observe) => observe(d, self.strip_usage, obs),
+            (Some(d), mode) => {
                 obs.event_data(d);
-                false
+                mode == Mode::Watch
             }
-            Data::Line(s, e) => observe(&buf[block + s..block + e], self.strip_usage, obs),
-            Data::Joined(d) => observe(d, self.strip_usage, obs),
         };
         self.data = Data::None;
         forward
@@ -800,6 +818,27 @@ pub struct MeteredStream {
     /// Set when the upstream speaks another dialect than the client: events are translated
     /// instead of forwarded.
     translator: Option<Box<StreamTranslator>>,
+    /// Set when events pass through in a dialect the OpenAI scanner does not read.
+    watcher: Option<Box<StreamWatcher>>,
+    /// The client's dialect, for the error event of a failure of the gateway's.
+    dialect: Dialect,
+}
+
+/// The observer of a passed-through stream in another dialect than OpenAI's.
+struct Watching<'a> {
+    meter: &'a mut Meter,
+    watcher: &'a mut StreamWatcher,
+}
+
+impl StreamObserver for Watching<'_> {
+    fn usage(&mut self, _: Usage) {}
+    fn output_text(&mut self, _: u64) {}
+    fn finish_reason(&mut self, _: &str) {}
+
+    fn event_data(&mut self, data: &[u8]) {
+        let meter = &mut *self.meter;
+        self.watcher.event(data, |e| meter_event(meter, e));
+    }
 }
 
 /// The observer of a translated stream: each upstream event goes through the translator,
@@ -843,14 +882,19 @@ fn meter_event(meter: &mut Meter, e: &Event) {
 }
 
 /// The client's last event for a failure of the gateway's, in the client's dialect.
-fn failure_event(translator: Option<&mut StreamTranslator>, e: &ScanError) -> Bytes {
-    match translator {
-        None => error_event(e),
-        Some(t) => {
+fn failure_event(
+    translator: Option<&mut StreamTranslator>,
+    dialect: Dialect,
+    e: &ScanError,
+) -> Bytes {
+    match (translator, dialect) {
+        (Some(t), _) => {
             let mut out = Vec::new();
             t.fail(scan_failure(e), &mut out);
             Bytes::from(out)
         }
+        (None, Dialect::OpenAiChat) => error_event(e),
+        (None, d) => Bytes::from(crate::translate::stream_error(d, &scan_failure(e))),
     }
 }
 
@@ -1003,7 +1047,18 @@ impl MeteredStream {
             turns: 0,
             fresh: false,
             translator: None,
+            watcher: None,
+            dialect: Dialect::OpenAiChat,
         }
+    }
+
+    /// Forward the upstream's events as they came, read for metering by `watcher` (a
+    /// dialect the OpenAI scanner does not read).
+    pub fn watching(mut self, watcher: Box<StreamWatcher>) -> Self {
+        self.scanner = SseScanner::watching(self.scanner.lines.max_event);
+        self.watcher = Some(watcher);
+        self.dialect = Dialect::Anthropic;
+        self
     }
 
     /// Translate the upstream's events instead of forwarding them.
@@ -1074,9 +1129,19 @@ impl Body for MeteredStream {
                         continue;
                     };
                     let held = &mut this.held;
-                    let scanned = match this.translator.as_deref_mut() {
-                        None => this.scanner.feed(data, meter, |b| held.push(b)),
-                        Some(translator) => {
+                    let scanned = match (
+                        this.translator.as_deref_mut(),
+                        this.watcher.as_deref_mut(),
+                    ) {
+                        (None, None) => this.scanner.feed(data, meter, |b| held.push(b)),
+                        (None, Some(watcher)) => {
+                            let mut w = Watching {
+                                meter: &mut *meter,
+                                watcher,
+                            };
+                            this.scanner.feed(data, &mut w, |b| held.push(b))
+                        }
+                        (Some(translator), _) => {
                             let mut t = Translating {
                                 meter: &mut *meter,
                                 translator,
@@ -1098,7 +1163,7 @@ impl Body for MeteredStream {
                     if let Err(e) = scanned {
                         tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
                         // Tell the client in the stream's own terms before the body fails.
-                        let last = failure_event(this.translator.as_deref_mut(), &e);
+                        let last = failure_event(this.translator.as_deref_mut(), this.dialect, &e);
                         this.held.push(last);
                         this.failure_kind = e.metric_kind();
                         this.failed = Some(e.into());
@@ -1115,7 +1180,7 @@ impl Body for MeteredStream {
                 .or_else(|| fired(&mut this.idle, cx).map(ScanError::Idle));
             if let Some(e) = timeout {
                 tracing::warn!(request_id = %meter.request_id, error = %e, "stream ended");
-                let last = failure_event(this.translator.as_deref_mut(), &e);
+                let last = failure_event(this.translator.as_deref_mut(), this.dialect, &e);
                 this.held.push(last);
                 this.failure_kind = e.metric_kind();
                 this.failed = Some(e.into());
@@ -1156,8 +1221,12 @@ impl Body for MeteredStream {
         }
         if this.upstream_done {
             match (this.meter.as_mut(), this.translator.as_deref_mut()) {
-                (Some(m), None) => {
-                    if let Some(rest) = this.scanner.finish(m) {
+                (Some(meter), None) => {
+                    let rest = match this.watcher.as_deref_mut() {
+                        None => this.scanner.finish(meter),
+                        Some(watcher) => this.scanner.finish(&mut Watching { meter, watcher }),
+                    };
+                    if let Some(rest) = rest {
                         this.held.push(rest);
                     }
                 }
@@ -1448,7 +1517,7 @@ mod tests {
             after_cr: AfterCr::No,
             strip_usage: false,
             max_event: 100,
-            deliver: false,
+            mode: Mode::Observe,
         };
         let buf = b"data:  a\ndata:b\ndata\n";
         lines.field(buf, 0, 0, 8);

@@ -132,7 +132,9 @@ pub fn stream_of_answer(
             "chatcmpl-modelgate",
         ),
         Endpoint::Completions => ("text_completion", "text_completion", "cmpl-modelgate"),
-        Endpoint::Embeddings => return Err(NotAnAnswer::Incomplete("streamable")),
+        Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
+            return Err(NotAnAnswer::Incomplete("streamable"));
+        }
     };
     let incomplete = NotAnAnswer::Incomplete(kind);
     if answer

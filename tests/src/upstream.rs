@@ -546,6 +546,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
             json(StatusCode::OK, &v)
         }
         "/v1/messages" => anthropic(&knobs, &parsed, &counters),
+        "/v1/messages/count_tokens" => {
+            counters.completed.fetch_add(1, Ordering::SeqCst);
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"input_tokens": knobs.prompt_tokens}),
+            )
+        }
         _ => error(StatusCode::NOT_FOUND, &format!("unknown path {api}")),
     }
 }

@@ -145,6 +145,92 @@ async fn openai_python_sdk_works_against_an_anthropic_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_python_sdk_works_against_the_proxy() {
+    let up = modelgate_tests::upstream::MockUpstream::start();
+    let anthropic = |name: &str, knobs: &str| {
+        format!(
+            "  - name: {name}\n    model: {name}\n    retries: {{attempts: 0}}\n    backends:\n      - {{name: anthropic, provider: anthropic, url: {}, model: claude-upstream, credentials: {{env: ANTHROPIC_TEST_KEY}}}}\n",
+            up.url(knobs)
+        )
+    };
+    let yaml = format!(
+        r#"routes:
+  - name: mock-gpt
+    model: mock-gpt
+    backends:
+      - {{name: mock, provider: mock, mock: {{outputTokens: 6}}}}
+  - name: gpt-up
+    model: gpt-up
+    backends:
+      - {{name: openai, provider: openai-compatible, url: {oai}}}
+{pass}{tools}{turns}{bad}{busy}keys:
+  - {{name: demo, sha256: {demo}}}
+  - {{name: limited, sha256: {limited}, limits: {{requestsPerMinute: 1}}}}
+"#,
+        oai = up.url("id=oai"),
+        pass = anthropic("claude-pass", "id=pass;cache_read=3"),
+        tools = anthropic("claude-tools", "id=tools;thinking=1;tool=1"),
+        turns = anthropic("claude-turns", "id=turns;thinking=1;tool=1"),
+        bad = anthropic("claude-bad", "id=bad;status=400"),
+        busy = anthropic("claude-busy", "id=busy;status=529"),
+        demo = sha256_hex(DEMO_KEY),
+        limited = sha256_hex(LIMITED),
+    );
+    let p = Proxy::start_with(&yaml, &[("ANTHROPIC_TEST_KEY", "sk-ant-upstream")]);
+    let envs = [
+        ("MODELGATE_BASE_URL", p.url("")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+        ("MODELGATE_LIMITED_KEY", LIMITED.to_owned()),
+    ];
+    tokio::task::spawn_blocking(move || pytest("test_anthropic_sdk.py", &envs, 12))
+        .await
+        .unwrap();
+    // Pass-through: the client's own Anthropic headers, the gateway's credential, the
+    // upstream model spliced, the thinking block sent back byte for byte.
+    let c = up.counters("pass");
+    let headers = c.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        headers["x-api-key"], "sk-ant-upstream",
+        "never the client's key"
+    );
+    // The pinned SDK (anthropic 2.15.0) sends a newer version than the gateway's default
+    // for translated requests (2023-06-01): what arrives is the client's, unchanged.
+    let version = headers["anthropic-version"].to_str().unwrap();
+    assert!(!version.is_empty() && version != "2023-06-01", "{version}");
+    assert_eq!(
+        c.last_body.lock().unwrap().as_ref().unwrap()["model"],
+        "claude-upstream"
+    );
+    let sent = up
+        .counters("turns")
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    let turn = &sent["messages"][1];
+    assert_eq!(turn["role"], "assistant", "{sent}");
+    assert_eq!(turn["content"][0]["type"], "thinking");
+    assert!(
+        turn["content"][0]["signature"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
+    // Translated: an OpenAI chat request, with the limit where OpenAI-compatible servers
+    // read it and usage asked for.
+    let oai = up
+        .counters("oai")
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(oai["max_tokens"], 64, "{oai}");
+    assert_eq!(oai["messages"][0]["role"], "user");
+    assert_eq!(oai["stream_options"]["include_usage"], true, "{oai}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let p = Proxy::start(&config());
     let url = p.url("/v1/chat/completions");

@@ -13,9 +13,26 @@ static VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 static BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// The Anthropic headers an Anthropic client sent, forwarded unchanged on pass-through.
+#[derive(Debug, Clone, Default)]
+pub struct ClientHeaders {
+    pub version: Option<HeaderValue>,
+    pub beta: Option<HeaderValue>,
+}
+
+impl ClientHeaders {
+    pub fn of(headers: &http::HeaderMap) -> Self {
+        Self {
+            version: headers.get(&VERSION).cloned(),
+            beta: headers.get(&BETA).cloned(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Upstream {
     messages: Uri,
+    count_tokens: Uri,
     credential: Option<Credential>,
     version: HeaderValue,
     beta: Option<HeaderValue>,
@@ -31,9 +48,12 @@ impl Upstream {
     ) -> Result<Self, String> {
         modelgate_wire::check::check_url(base)?;
         let base = base.trim_end_matches('/');
-        let messages = format!("{base}/messages")
-            .parse()
-            .map_err(|e| format!("invalid URL {base:?}: {e}"))?;
+        let uri = |path: &str| -> Result<Uri, String> {
+            format!("{base}{path}")
+                .parse()
+                .map_err(|e| format!("invalid URL {base:?}: {e}"))
+        };
+        let (messages, count_tokens) = (uri("/messages")?, uri("/messages/count_tokens")?);
         let version = spec.version.as_deref().unwrap_or(ANTHROPIC_DEFAULT_VERSION);
         let version = HeaderValue::from_str(version)
             .map_err(|_| format!("anthropic.version {version:?} cannot be a header value"))?;
@@ -48,6 +68,7 @@ impl Upstream {
         };
         Ok(Self {
             messages,
+            count_tokens,
             credential,
             version,
             beta,
@@ -57,9 +78,37 @@ impl Upstream {
 
     /// A Messages request with `body` (already in Anthropic's format).
     pub fn request(&self, body: Bytes, stream: bool) -> Request<Full<Bytes>> {
+        self.request_to(&self.messages, body, stream, &ClientHeaders::default())
+    }
+
+    /// An Anthropic client's own request, passed through: to `/messages` or
+    /// `/messages/count_tokens`, with the client's `anthropic-version` and `anthropic-beta`
+    /// in place of the backend's when it sent them.
+    pub fn pass_through(
+        &self,
+        count_tokens: bool,
+        body: Bytes,
+        stream: bool,
+        client: &ClientHeaders,
+    ) -> Request<Full<Bytes>> {
+        let uri = if count_tokens {
+            &self.count_tokens
+        } else {
+            &self.messages
+        };
+        self.request_to(uri, body, stream, client)
+    }
+
+    fn request_to(
+        &self,
+        uri: &Uri,
+        body: Bytes,
+        stream: bool,
+        client: &ClientHeaders,
+    ) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.messages.clone();
+        *req.uri_mut() = uri.clone();
         let h = req.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -73,8 +122,11 @@ impl Upstream {
                 "application/json"
             }),
         );
-        h.insert(VERSION.clone(), self.version.clone());
-        if let Some(b) = &self.beta {
+        h.insert(
+            VERSION.clone(),
+            client.version.as_ref().unwrap_or(&self.version).clone(),
+        );
+        if let Some(b) = client.beta.as_ref().or(self.beta.as_ref()) {
             h.insert(BETA.clone(), b.clone());
         }
         if let Some(c) = &self.credential {

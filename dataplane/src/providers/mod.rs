@@ -29,7 +29,8 @@ use crate::metrics::UpstreamErrorKind;
 use crate::request::{ApiRequest, Endpoint};
 use crate::routes::{Backend, Provider, RetryOn};
 use crate::stream::UpstreamBody;
-use crate::translate::{self, Refused};
+use crate::translate::openai_chat::MaxTokensField;
+use crate::translate::{self, Dialect, Refused};
 
 pub type HttpClient =
     Client<TimedConnector<HttpsConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
@@ -152,6 +153,8 @@ pub struct Outbound<'r, 'a> {
     pub api: &'r ApiRequest<'a>,
     /// Output tokens admission reserved (per choice): the most a translated request may ask.
     pub output_reservation: u64,
+    /// An Anthropic client's `anthropic-version` and `anthropic-beta`, for pass-through.
+    pub anthropic_headers: anthropic::ClientHeaders,
     canonical: Option<Result<canonical::Request, Refused>>,
 }
 
@@ -160,6 +163,7 @@ impl<'r, 'a> Outbound<'r, 'a> {
         Self {
             api,
             output_reservation,
+            anthropic_headers: anthropic::ClientHeaders::default(),
             canonical: None,
         }
     }
@@ -167,23 +171,34 @@ impl<'r, 'a> Outbound<'r, 'a> {
     /// The canonical request, read from the body the first time it is asked for.
     fn canonical(&mut self) -> Result<&canonical::Request, Refused> {
         let api = self.api;
-        let parsed = self.canonical.get_or_insert_with(|| {
-            if api.endpoint != Endpoint::Chat {
-                return Err(Refused::new(
+        let parsed = self.canonical.get_or_insert_with(|| match api.endpoint {
+            Endpoint::Chat => translate::openai_chat::request_in(api.body()),
+            Endpoint::Messages => translate::anthropic::request_in(api.body()),
+            e @ (Endpoint::Completions | Endpoint::Embeddings | Endpoint::CountTokens) => {
+                Err(Refused::new(
                     None,
                     format!(
-                        "this model's backend speaks Anthropic's Messages API, which has no {} endpoint; use /v1/chat/completions",
-                        api.endpoint.upstream_path()
+                        "this model's backend speaks another API, which has no {} endpoint; use /v1/chat/completions or /v1/messages",
+                        e.upstream_path()
                     ),
-                ));
+                ))
             }
-            translate::openai_chat::request_in(api.body())
         });
         parsed.as_ref().map_err(Clone::clone)
     }
+
+    /// The request as an OpenAI chat body for `model`.
+    fn openai_chat(&mut self, model: &str, field: MaxTokensField) -> Result<Vec<u8>, Refused> {
+        let out = translate::openai_chat::Out {
+            max_tokens_field: field,
+        };
+        translate::openai_chat::request_out(self.canonical()?, model, out)
+    }
 }
 
-/// Send one attempt and wait for the response headers, at most `timeout`.
+/// Send one attempt and wait for the response headers, at most `timeout`. A backend whose
+/// API is not the client's gets the request translated (`translate`); one that speaks it gets
+/// the client's bytes with the model spliced.
 pub async fn attempt(
     client: &HttpClient,
     backend: &Backend,
@@ -192,15 +207,45 @@ pub async fn attempt(
 ) -> Result<Response<UpstreamBody>, Failure> {
     let req = out.api;
     let model = backend.upstream_model.as_deref().unwrap_or(&req.model);
+    let dialect = req.endpoint.dialect();
     match &backend.provider {
-        Provider::Mock(settings) => {
+        Provider::Mock(settings) if dialect == Dialect::OpenAiChat => {
             match tokio::time::timeout(timeout, mock::respond(settings, req, model)).await {
                 Ok(resp) => Ok(resp),
                 Err(_) => Err(Failure::Timeout),
             }
         }
-        Provider::OpenAi(upstream) => {
+        Provider::Mock(settings) => {
+            // The mock speaks OpenAI chat: other dialects reach it translated.
+            let body = out
+                .openai_chat(model, MaxTokensField::MaxTokens)
+                .map_err(Failure::Refused)?;
+            let chat = ApiRequest::parse(Endpoint::Chat, &body).map_err(|e| {
+                Failure::Refused(Refused::new(None, format!("the translated request: {e}")))
+            })?;
+            match tokio::time::timeout(timeout, mock::respond(settings, &chat, model)).await {
+                Ok(resp) => Ok(resp),
+                Err(_) => Err(Failure::Timeout),
+            }
+        }
+        Provider::OpenAi(upstream) if dialect == Dialect::OpenAiChat => {
             let request = upstream.request(req.endpoint, req.upstream_body(model), req.stream);
+            send(client, request, timeout).await
+        }
+        Provider::OpenAi(upstream) => {
+            let body = out
+                .openai_chat(model, upstream.max_tokens_field)
+                .map_err(Failure::Refused)?;
+            let request = upstream.request(Endpoint::Chat, Bytes::from(body), req.stream);
+            send(client, request, timeout).await
+        }
+        Provider::Anthropic(upstream) if dialect == Dialect::Anthropic => {
+            let request = upstream.pass_through(
+                req.endpoint == Endpoint::CountTokens,
+                req.upstream_body(model),
+                req.stream,
+                &out.anthropic_headers,
+            );
             send(client, request, timeout).await
         }
         Provider::Anthropic(upstream) => {

@@ -8,6 +8,7 @@ use http_body_util::Full;
 
 use crate::request::Endpoint;
 use crate::routes::Credential;
+use crate::translate::openai_chat::MaxTokensField;
 
 #[derive(Debug)]
 pub struct Upstream {
@@ -16,6 +17,9 @@ pub struct Upstream {
     completions: Uri,
     embeddings: Uri,
     credential: Option<Credential>,
+    /// Where a translated request puts its output limit: OpenAI takes
+    /// `max_completion_tokens`, many compatible servers know only `max_tokens`.
+    pub max_tokens_field: MaxTokensField,
 }
 
 impl Upstream {
@@ -33,12 +37,14 @@ impl Upstream {
             completions: uri(Endpoint::Completions)?,
             embeddings: uri(Endpoint::Embeddings)?,
             credential,
+            max_tokens_field: MaxTokensField::MaxTokens,
         })
     }
 
     pub fn request(&self, endpoint: Endpoint, body: Bytes, stream: bool) -> Request<Full<Bytes>> {
         let uri = match endpoint {
-            Endpoint::Chat => &self.chat,
+            // Anthropic clients' requests reach an OpenAI backend translated into chat.
+            Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => &self.chat,
             Endpoint::Completions => &self.completions,
             Endpoint::Embeddings => &self.embeddings,
         };

@@ -252,3 +252,44 @@ pub fn stream_of(
     w.finish(&mut out);
     out
 }
+
+/// Reads a stream passed through unchanged in a dialect the OpenAI scanner does not know
+/// (Anthropic to an Anthropic client), for the meter only.
+#[derive(Debug)]
+pub struct StreamWatcher {
+    input: EventsIn,
+    events: Vec<Event>,
+}
+
+impl StreamWatcher {
+    pub fn new(dialect: Dialect) -> Self {
+        let input = match dialect {
+            Dialect::OpenAiChat => EventsIn::OpenAiChat(openai_chat::EventsIn::new()),
+            Dialect::Anthropic => EventsIn::Anthropic(anthropic::EventsIn::new()),
+        };
+        Self {
+            input,
+            events: Vec::new(),
+        }
+    }
+
+    /// One event's data; each canonical event it makes is shown to `seen`. An event that
+    /// cannot be read is the client's to see (it passes through); it is not metered.
+    pub fn event(&mut self, data: &[u8], mut seen: impl FnMut(&Event)) {
+        let _ = match &mut self.input {
+            EventsIn::OpenAiChat(r) => r.event(data, &mut self.events),
+            EventsIn::Anthropic(r) => r.event(data, &mut self.events),
+        };
+        for e in self.events.drain(..) {
+            seen(&e);
+        }
+    }
+}
+
+/// A failure of the gateway's, as the last event of a stream in `dialect`.
+pub fn stream_error(dialect: Dialect, err: &ApiError) -> Vec<u8> {
+    let mut w = EventsOut::new(dialect, "", 0, false);
+    let mut out = Vec::new();
+    w.event(&Event::Error(err.clone()), &mut out);
+    out
+}
