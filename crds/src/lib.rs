@@ -227,7 +227,9 @@ pub struct Retries {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10))]
     pub attempts: Option<i32>,
-    /// Which failures are retried: `connect`, `timeout`, `429`, `5xx` (all when empty).
+    /// Which failures are retried: `connect`, `timeout`, `429`, `5xx` (all four when none
+    /// is listed). `contextLength` (opt-in, on top of the others) lets a prompt too long for
+    /// a backend's context window fall to the next priority tier.
     /// (Not `on`: YAML 1.1 tools read a bare `on` key as `true`.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_on: Vec<RetryOn>,
@@ -247,6 +249,9 @@ pub enum RetryOn {
     RateLimited,
     #[serde(rename = "5xx")]
     ServerError,
+    /// A prompt too long for a backend's context window falls to the next priority tier.
+    #[serde(rename = "contextLength")]
+    ContextLength,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

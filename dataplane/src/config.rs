@@ -155,13 +155,15 @@ pub fn compile(
             None => RetryPolicy::default(),
             Some(rs) => {
                 let backoff = duration(&rs.backoff);
+                // `contextLength` is opt-in on top of the list: alone, the others are the
+                // default (all).
+                let on: Vec<RetryOn> = rs.retry_on.iter().filter_map(|&o| retry_on(o)).collect();
                 RetryPolicy {
                     attempts: rs.attempts,
-                    on: if rs.retry_on.is_empty() {
-                        RetryOn::ALL.to_vec()
-                    } else {
-                        rs.retry_on.iter().filter_map(|&o| retry_on(o)).collect()
-                    },
+                    on: if on.is_empty() { RetryOn::ALL.to_vec() } else { on },
+                    context_length: rs
+                        .retry_on
+                        .contains(&modelgate_wire::RetryOn::ContextLength),
                     backoff,
                     max_backoff: duration(&rs.max_backoff).max(backoff),
                 }
@@ -327,7 +329,7 @@ fn retry_on(o: modelgate_wire::RetryOn) -> Option<RetryOn> {
         modelgate_wire::RetryOn::Timeout => RetryOn::Timeout,
         modelgate_wire::RetryOn::RateLimited => RetryOn::RateLimited,
         modelgate_wire::RetryOn::ServerError => RetryOn::ServerError,
-        modelgate_wire::RetryOn::Unknown => return None,
+        modelgate_wire::RetryOn::ContextLength | modelgate_wire::RetryOn::Unknown => return None,
     })
 }
 

@@ -109,21 +109,35 @@ pub struct CostLabels {
 pub enum UpstreamErrorKind {
     Connect,
     Timeout,
+    /// 429 with a `Retry-After`.
     RateLimited,
+    /// 429 without one.
+    RateLimitedNoWait,
+    /// Anthropic's 529 or an `overloaded_error` body: busy, not broken.
+    Overloaded,
+    /// 429 `insufficient_quota`: the account is out of credit; this backend is not asked
+    /// again for the request.
+    QuotaExhausted,
     ServerError,
     Stream,
     /// The upstream refused the gateway's own credentials (401/403).
     CredentialsRefused,
+    /// 400: the prompt does not fit the model's context window.
+    ContextLength,
 }
 
 impl UpstreamErrorKind {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 10] = [
         Self::Connect,
         Self::Timeout,
         Self::RateLimited,
+        Self::RateLimitedNoWait,
+        Self::Overloaded,
+        Self::QuotaExhausted,
         Self::ServerError,
         Self::Stream,
         Self::CredentialsRefused,
+        Self::ContextLength,
     ];
 }
 
@@ -133,9 +147,13 @@ impl EncodeLabelValue for UpstreamErrorKind {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::RateLimited => "rate_limited",
+            Self::RateLimitedNoWait => "rate_limited_no_wait",
+            Self::Overloaded => "overloaded",
+            Self::QuotaExhausted => "quota_exhausted",
             Self::ServerError => "server_error",
             Self::Stream => "stream_broken",
             Self::CredentialsRefused => "credentials_refused",
+            Self::ContextLength => "context_length",
         })
     }
 }
@@ -145,6 +163,20 @@ pub struct UpstreamErrorLabels {
     pub route: String,
     pub backend: String,
     pub kind: UpstreamErrorKind,
+}
+
+/// A retry or a fallback, and the failure that caused it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub route: String,
+    pub backend: String,
+    pub reason: UpstreamErrorKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub route: String,
+    pub reason: UpstreamErrorKind,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -271,16 +303,16 @@ impl Metrics {
             "Requests refused by a key's rate limit, concurrency limit or budget",
             rejected.clone(),
         );
-        let retries = Family::<BackendLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
             "retries",
-            "Attempts retried after a failure",
+            "Attempts retried after a failure, by the failure (reason: an upstream error kind)",
             retries.clone(),
         );
-        let fallbacks = Family::<RouteLabels, Counter>::default();
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
         registry.register(
             "fallbacks",
-            "Requests that fell through to a lower priority tier",
+            "Requests that fell through to a lower priority tier, by the failure that made them",
             fallbacks.clone(),
         );
         let ejections = Family::<BackendLabels, Counter>::default();
@@ -430,7 +462,7 @@ impl Metrics {
                 families: self.families.clone(),
                 id: id.clone(),
                 duration: OnceLock::new(),
-                fallbacks: OnceLock::new(),
+                fallbacks: Default::default(),
             };
             (id, series)
         })
@@ -577,8 +609,8 @@ struct Families {
     cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     rejected: Family<LimitLabels, Counter>,
-    retries: Family<BackendLabels, Counter>,
-    fallbacks: Family<RouteLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
     /// Label sets looked up so far: once per series, never per request.
     resolved: AtomicU64,
@@ -764,7 +796,7 @@ pub struct RouteSeries {
     families: Arc<Families>,
     id: Arc<str>,
     duration: OnceLock<Histogram>,
-    fallbacks: OnceLock<Counter>,
+    fallbacks: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
 }
 
 impl RouteSeries {
@@ -773,9 +805,15 @@ impl RouteSeries {
         f.once(&self.duration, &f.request_duration, || self.labels())
     }
 
-    pub fn fallbacks(&self) -> &Counter {
+    /// Fallbacks to a lower tier after a failure of `reason`.
+    pub fn fallbacks(&self, reason: UpstreamErrorKind) -> &Counter {
         let f = &self.families;
-        f.once(&self.fallbacks, &f.fallbacks, || self.labels())
+        f.once(&self.fallbacks[reason as usize], &f.fallbacks, || {
+            FallbackLabels {
+                route: self.id.to_string(),
+                reason,
+            }
+        })
     }
 
     fn labels(&self) -> RouteLabels {
@@ -787,7 +825,12 @@ impl RouteSeries {
     fn remove(&self) {
         let labels = self.labels();
         self.families.request_duration.remove(&labels);
-        self.families.fallbacks.remove(&labels);
+        for reason in UpstreamErrorKind::ALL {
+            self.families.fallbacks.remove(&FallbackLabels {
+                route: self.id.to_string(),
+                reason,
+            });
+        }
     }
 }
 
@@ -798,7 +841,7 @@ pub struct BackendSeries {
     name: Arc<str>,
     ttft: OnceLock<Histogram>,
     usage_estimated: OnceLock<Counter>,
-    retries: OnceLock<Counter>,
+    retries: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
     ejections: OnceLock<Counter>,
     upstream_errors: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
 }
@@ -811,7 +854,7 @@ impl BackendSeries {
             name: name.clone(),
             ttft: OnceLock::new(),
             usage_estimated: OnceLock::new(),
-            retries: OnceLock::new(),
+            retries: Default::default(),
             ejections: OnceLock::new(),
             upstream_errors: Default::default(),
         }
@@ -827,9 +870,20 @@ impl BackendSeries {
         f.once(&self.usage_estimated, &f.usage_estimated, || self.labels())
     }
 
-    pub fn retries(&self) -> &Counter {
+    /// Retries of this backend after a failure of `reason`.
+    pub fn retries(&self, reason: UpstreamErrorKind) -> &Counter {
         let f = &self.families;
-        f.once(&self.retries, &f.retries, || self.labels())
+        f.once(&self.retries[reason as usize], &f.retries, || {
+            self.retry_labels(reason)
+        })
+    }
+
+    fn retry_labels(&self, reason: UpstreamErrorKind) -> RetryLabels {
+        RetryLabels {
+            route: self.route.to_string(),
+            backend: self.name.to_string(),
+            reason,
+        }
     }
 
     pub fn ejections(&self) -> &Counter {
@@ -865,10 +919,10 @@ impl BackendSeries {
         let (f, labels) = (&self.families, self.labels());
         f.ttft.remove(&labels);
         f.usage_estimated.remove(&labels);
-        f.retries.remove(&labels);
         f.ejections.remove(&labels);
         for kind in UpstreamErrorKind::ALL {
             f.upstream_errors.remove(&self.error_labels(kind));
+            f.retries.remove(&self.retry_labels(kind));
         }
     }
 }
@@ -1068,11 +1122,11 @@ mod tests {
         k.rejected("budget").inc();
         let r = m.route(route);
         r.duration().observe(0.1);
-        r.fallbacks().inc();
+        r.fallbacks(UpstreamErrorKind::ServerError).inc();
         let b = m.backend(route, "b");
         b.ttft().observe(0.05);
         b.usage_estimated().inc();
-        b.retries().inc();
+        b.retries(UpstreamErrorKind::Timeout).inc();
         b.ejections().inc();
         b.upstream_error(UpstreamErrorKind::Timeout).inc();
     }
@@ -1205,7 +1259,9 @@ mod tests {
             text.contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 2"),
             "{text}"
         );
-        assert!(text.contains("modelgate_fallbacks_total{route=\"default/r\"} 2"));
+        assert!(text.contains(
+            "modelgate_fallbacks_total{route=\"default/r\",reason=\"server_error\"} 2"
+        ));
 
         // Back only after the grace: new series, from zero.
         swap(&m, &[], &[]);

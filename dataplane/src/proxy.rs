@@ -25,7 +25,7 @@ use crate::busy::BusyClock;
 use crate::error::{ProxyError, json_response};
 use crate::keys::Key;
 use crate::meter::Meter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::providers::{self, Failure, HttpClient, Outbound};
 use crate::request::{ApiRequest, Endpoint};
 use crate::routes::{Backend, Route};
@@ -702,9 +702,10 @@ async fn forward(
     let mut ready_at: Vec<(usize, Instant)> = Vec::new();
     // Backends that asked for a wait the budget cannot hold.
     let mut busy: Vec<usize> = Vec::new();
-    for (ti, tier) in route.tiers.iter().enumerate() {
+    'tiers: for (ti, tier) in route.tiers.iter().enumerate() {
         if ti > 0 {
-            gw.metrics.route(&route.id).fallbacks().inc();
+            let reason = last.as_ref().map_or(UpstreamErrorKind::Connect, Failure::reason);
+            gw.metrics.route(&route.id).fallbacks(reason).inc();
         }
         // The last failure asked for a wait the budget cannot hold: no backoff before the next.
         let mut at_once = false;
@@ -728,7 +729,8 @@ async fn forward(
                 {
                     break;
                 }
-                backend.series(&gw.metrics).retries().inc();
+                let reason = last.as_ref().map_or(UpstreamErrorKind::Connect, Failure::reason);
+                backend.series(&gw.metrics).retries(reason).inc();
                 tokio::time::sleep(pause).await;
             }
             let mut timeout = backend.timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
@@ -760,10 +762,31 @@ async fn forward(
             };
             let took = started.elapsed();
             drop(in_flight);
+            // A prompt too long for this backend: a later tier may hold it.
+            let result = match result {
+                Ok(Answer::Whole(parts, bytes)) if parts.status == StatusCode::BAD_REQUEST => {
+                    if context_overflow(backend.provider.dialect(), &bytes) {
+                        Err(Failure::ContextLength(parts, bytes))
+                    } else {
+                        Ok(Answer::Whole(parts, bytes))
+                    }
+                }
+                other => other,
+            };
             match result {
                 Ok(answer) => {
                     backend.state.record_success(took);
                     return Ok(answer);
+                }
+                Err(Failure::ContextLength(parts, bytes)) => {
+                    // The backend is fine; the prompt is too long for it.
+                    backend.state.record_success(took);
+                    record_failure(gw, route, &backend, &Failure::ContextLength(parts.clone(), Bytes::new()));
+                    if !route.retry.context_length || ti + 1 == route.tiers.len() {
+                        return Ok(Answer::Whole(parts, bytes));
+                    }
+                    last = Some(Failure::ContextLength(parts, bytes));
+                    continue 'tiers;
                 }
                 // The client's request, not the backend, is at fault: no retry, no health mark.
                 Err(refused @ Failure::Refused(_)) => return Err(refused.into_error()),
@@ -771,9 +794,16 @@ async fn forward(
                     record_failure(gw, route, &backend, &failure);
                     let retryable = failure.retryable(&route.retry.on);
                     let wait = failure.retry_after(SystemTime::now());
+                    let again = failure.may_ask_again();
                     last = Some(failure);
                     if !retryable {
                         return Err(last.map_or(ProxyError::UpstreamTimeout, Failure::into_error));
+                    }
+                    if !again {
+                        // Out of quota: the others may answer, at once.
+                        busy.push(backend.id());
+                        at_once = true;
+                        continue;
                     }
                     if let Some(wait) = wait {
                         let now = Instant::now();
@@ -810,10 +840,19 @@ fn retry_after_budget(deadline: Option<Instant>, now: Instant) -> Duration {
     left.min(MAX_RETRY_AFTER_WAIT)
 }
 
+/// Whether a 400 from a backend of `dialect` says the prompt exceeds the model's window.
+fn context_overflow(dialect: Dialect, body: &[u8]) -> bool {
+    let err = match dialect {
+        Dialect::OpenAiChat => translate::openai_chat::error_in(400, body),
+        Dialect::Anthropic => translate::anthropic::error_in(400, body),
+    };
+    err.kind == crate::canonical::ErrorKind::ContextLength
+}
+
 fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: &Failure) {
     let series = backend.series(&gw.metrics);
     series.upstream_error(failure.metric_kind()).inc();
-    if failure.retry_on() == crate::routes::RetryOn::RateLimited {
+    if !failure.unhealthy() {
         // A busy upstream is healthy; ejecting it would only move the load elsewhere.
         return;
     }

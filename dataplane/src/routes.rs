@@ -58,6 +58,8 @@ impl RetryOn {
 pub struct RetryPolicy {
     pub attempts: u32,
     pub on: Vec<RetryOn>,
+    /// A prompt too long for a backend's window falls to the next tier (`contextLength`).
+    pub context_length: bool,
     pub backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -67,6 +69,7 @@ impl Default for RetryPolicy {
         Self {
             attempts: 2,
             on: RetryOn::ALL.to_vec(),
+            context_length: false,
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
         }

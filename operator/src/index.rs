@@ -530,6 +530,7 @@ impl Index {
                         RetryOn::Timeout => modelgate_wire::RetryOn::Timeout,
                         RetryOn::RateLimited => modelgate_wire::RetryOn::RateLimited,
                         RetryOn::ServerError => modelgate_wire::RetryOn::ServerError,
+                        RetryOn::ContextLength => modelgate_wire::RetryOn::ContextLength,
                     })
                     .collect(),
                 backoff: r.backoff.clone().unwrap_or_else(|| "100ms".into()),

@@ -66,6 +66,8 @@ pub enum Failure {
     Status {
         status: StatusCode,
         retry_after: Option<HeaderValue>,
+        /// What the error body said, where it changes the handling (quota, overload).
+        kind: Option<canonical::ErrorKind>,
     },
     /// 401/403: the backend refused the gateway's credentials. Another backend may still
     /// answer (it is a backend failure, not the client's), so it falls over like a 5xx.
@@ -73,6 +75,9 @@ pub enum Failure {
     /// The request asks for what this backend's API cannot express: the client's to fix,
     /// never retried.
     Refused(Refused),
+    /// A 400 saying the prompt does not fit the model's window: a later tier may take it if
+    /// the route says so (`retryOn: [contextLength]`); else the answer goes to the client.
+    ContextLength(http::response::Parts, Bytes),
 }
 
 impl Failure {
@@ -83,27 +88,76 @@ impl Failure {
             Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
                 RetryOn::RateLimited
             }
-            Self::Status { .. } | Self::CredentialsRefused(_) | Self::Refused(_) => {
-                RetryOn::ServerError
-            }
+            Self::Status { .. }
+            | Self::CredentialsRefused(_)
+            | Self::Refused(_)
+            | Self::ContextLength(..) => RetryOn::ServerError,
         }
     }
 
     /// Whether the route's retry policy may try again (or fall through) after this.
+    /// A refusal is the client's to fix; a context overflow has its own rule (the route's
+    /// `contextLength`, later tiers only).
     pub fn retryable(&self, on: &[RetryOn]) -> bool {
-        !matches!(self, Self::Refused(_)) && on.contains(&self.retry_on())
+        !matches!(self, Self::Refused(_) | Self::ContextLength(..)) && on.contains(&self.retry_on())
+    }
+
+    /// Whether the same backend may be asked again for this request: not when its account
+    /// is out of quota, nor when it cannot hold the prompt.
+    pub fn may_ask_again(&self) -> bool {
+        !matches!(
+            self.reason(),
+            UpstreamErrorKind::QuotaExhausted | UpstreamErrorKind::ContextLength
+        )
+    }
+
+    /// Whether this failure says the backend is unhealthy (counts towards ejection). A busy
+    /// or rate-limited upstream is healthy; ejecting it would only move the load elsewhere.
+    pub fn unhealthy(&self) -> bool {
+        !matches!(
+            self.reason(),
+            UpstreamErrorKind::RateLimited
+                | UpstreamErrorKind::RateLimitedNoWait
+                | UpstreamErrorKind::Overloaded
+                | UpstreamErrorKind::QuotaExhausted
+                | UpstreamErrorKind::ContextLength
+        )
+    }
+
+    /// Why the attempt failed: the `kind` of `upstream_errors` and the `reason` of
+    /// `retries` and `fallbacks` (docs/providers.md 6.3).
+    pub fn reason(&self) -> UpstreamErrorKind {
+        match self {
+            Self::Connect(_) | Self::Refused(_) => UpstreamErrorKind::Connect,
+            Self::Timeout => UpstreamErrorKind::Timeout,
+            Self::CredentialsRefused(_) => UpstreamErrorKind::CredentialsRefused,
+            Self::ContextLength(..) => UpstreamErrorKind::ContextLength,
+            Self::Status {
+                kind: Some(canonical::ErrorKind::QuotaExhausted),
+                ..
+            } => UpstreamErrorKind::QuotaExhausted,
+            Self::Status { status, .. } if status.as_u16() == 529 => UpstreamErrorKind::Overloaded,
+            Self::Status {
+                kind: Some(canonical::ErrorKind::Overloaded),
+                ..
+            } if status_is_5xx(self) => UpstreamErrorKind::Overloaded,
+            Self::Status {
+                status,
+                retry_after,
+                ..
+            } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                if retry_after.is_some() {
+                    UpstreamErrorKind::RateLimited
+                } else {
+                    UpstreamErrorKind::RateLimitedNoWait
+                }
+            }
+            Self::Status { .. } => UpstreamErrorKind::ServerError,
+        }
     }
 
     pub fn metric_kind(&self) -> UpstreamErrorKind {
-        if let Self::CredentialsRefused(_) = self {
-            return UpstreamErrorKind::CredentialsRefused;
-        }
-        match self.retry_on() {
-            RetryOn::Connect => UpstreamErrorKind::Connect,
-            RetryOn::Timeout => UpstreamErrorKind::Timeout,
-            RetryOn::RateLimited => UpstreamErrorKind::RateLimited,
-            RetryOn::ServerError => UpstreamErrorKind::ServerError,
-        }
+        self.reason()
     }
 
     /// How long the upstream asked the gateway to wait (`Retry-After` on a 429 or 503), as
@@ -113,6 +167,7 @@ impl Failure {
             Self::Status {
                 status,
                 retry_after: Some(v),
+                ..
             } if matches!(
                 *status,
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
@@ -126,11 +181,15 @@ impl Failure {
 
     pub fn into_error(self) -> ProxyError {
         match self {
+            // Only ever the last failure when no later tier was allowed; forward passes the
+            // answer itself on instead.
+            Self::ContextLength(parts, _) => ProxyError::UpstreamStatus(parts.status),
             Self::Connect(msg) => ProxyError::UpstreamConnect(msg),
             Self::Timeout => ProxyError::UpstreamTimeout,
             Self::Status {
                 status,
                 retry_after,
+                ..
             } if status == StatusCode::TOO_MANY_REQUESTS => {
                 ProxyError::UpstreamRateLimited { retry_after }
             }
@@ -230,14 +289,14 @@ pub async fn attempt(
         }
         Provider::OpenAi(upstream) if dialect == Dialect::OpenAiChat => {
             let request = upstream.request(req.endpoint, req.upstream_body(model), req.stream);
-            send(client, request, timeout).await
+            send(client, request, timeout, Dialect::OpenAiChat).await
         }
         Provider::OpenAi(upstream) => {
             let body = out
                 .openai_chat(model, upstream.max_tokens_field)
                 .map_err(Failure::Refused)?;
             let request = upstream.request(Endpoint::Chat, Bytes::from(body), req.stream);
-            send(client, request, timeout).await
+            send(client, request, timeout, Dialect::OpenAiChat).await
         }
         Provider::Anthropic(upstream) if dialect == Dialect::Anthropic => {
             let request = upstream.pass_through(
@@ -246,7 +305,7 @@ pub async fn attempt(
                 req.stream,
                 &out.anthropic_headers,
             );
-            send(client, request, timeout).await
+            send(client, request, timeout, Dialect::Anthropic).await
         }
         Provider::Anthropic(upstream) => {
             // Never more than admission reserved: settlement cannot undershoot.
@@ -264,18 +323,54 @@ pub async fn attempt(
                 client,
                 upstream.request(Bytes::from(body), req.stream),
                 timeout,
+                Dialect::Anthropic,
             )
             .await
         }
     }
 }
 
-/// Send a request to an upstream and classify its status.
+fn status_is_5xx(f: &Failure) -> bool {
+    matches!(f, Failure::Status { status, .. } if status.is_server_error())
+}
+
+/// The longest the gateway waits for a 429/5xx body it classifies.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(2);
+
+/// Largest error body read to classify a 429 or 5xx; never logged or passed on.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// What a 429/5xx body says, in the backend's dialect: only the kinds that change the
+/// handling (quota exhausted, overloaded) are kept.
+async fn error_kind(
+    body: hyper::body::Incoming,
+    status: StatusCode,
+    dialect: Dialect,
+    within: Duration,
+) -> Option<canonical::ErrorKind> {
+    use http_body_util::{BodyExt, Limited};
+    let read = Limited::new(body, MAX_ERROR_BODY).collect();
+    let bytes = tokio::time::timeout(within, read).await.ok()?.ok()?.to_bytes();
+    let err = match dialect {
+        Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), &bytes),
+        Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), &bytes),
+    };
+    matches!(
+        err.kind,
+        canonical::ErrorKind::QuotaExhausted | canonical::ErrorKind::Overloaded
+    )
+    .then_some(err.kind)
+}
+
+/// Send a request to an upstream and classify its status; a 429/5xx body is read (at most
+/// 64 KiB, briefly) for what it says.
 async fn send(
     client: &HttpClient,
     request: http::Request<Full<Bytes>>,
     timeout: Duration,
+    dialect: Dialect,
 ) -> Result<Response<UpstreamBody>, Failure> {
+    let started = std::time::Instant::now();
     let resp = match tokio::time::timeout(timeout, client.request(request)).await {
         Err(_) => return Err(Failure::Timeout),
         Ok(Err(e)) => return Err(Failure::Connect(describe(&e))),
@@ -287,9 +382,13 @@ async fn send(
         return Err(Failure::CredentialsRefused(status));
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+        let left = timeout.saturating_sub(started.elapsed());
+        let kind = error_kind(resp.into_body(), status, dialect, left.min(ERROR_BODY_WAIT)).await;
         return Err(Failure::Status {
             status,
-            retry_after: resp.headers().get(header::RETRY_AFTER).cloned(),
+            retry_after,
+            kind,
         });
     }
     Ok(resp.map(UpstreamBody::Http))
@@ -449,6 +548,7 @@ mod retry_after_tests {
         let failure = |status: u16| Failure::Status {
             status: StatusCode::from_u16(status).unwrap(),
             retry_after: Some(HeaderValue::from_static("3")),
+            kind: None,
         };
         let now = SystemTime::now();
         assert_eq!(failure(429).retry_after(now), Some(Duration::from_secs(3)));

@@ -139,6 +139,10 @@ pub enum RetryOn {
     /// Upstream answered 5xx.
     #[serde(rename = "5xx")]
     ServerError,
+    /// A prompt too long for a backend's context window falls to the next priority tier
+    /// (never retried on the same tier).
+    #[serde(rename = "contextLength")]
+    ContextLength,
     /// A condition from a newer operator; refused by [`crate::check`].
     #[serde(other, skip_serializing)]
     Unknown,
