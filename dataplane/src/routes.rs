@@ -183,6 +183,8 @@ pub enum Provider {
     OpenAi(Box<Upstream>),
     /// Anthropic's Messages API: requests and answers translated.
     Anthropic(Box<crate::providers::anthropic::Upstream>),
+    /// Azure OpenAI: OpenAI's chat format at Azure's URLs, with Azure's auth headers.
+    Azure(Box<crate::providers::azure::Upstream>),
     /// The built-in mock model: no network.
     Mock(MockSettings),
 }
@@ -192,7 +194,7 @@ impl Provider {
     /// (the mock provider speaks every dialect the proxy serves).
     pub fn dialect(&self) -> Option<crate::translate::Dialect> {
         match self {
-            Self::OpenAi(_) => Some(crate::translate::Dialect::OpenAiChat),
+            Self::OpenAi(_) | Self::Azure(_) => Some(crate::translate::Dialect::OpenAiChat),
             Self::Anthropic(_) => Some(crate::translate::Dialect::Anthropic),
             Self::Mock(_) => None,
         }
