@@ -42,7 +42,8 @@
 //! | `overloaded_mid=1` | an `overloaded_error` event right after `message_start` |
 //!
 //! `POST /openai/deployments/{deployment}/{chat/completions,completions,embeddings}` (classic,
-//! `?api-version=` required: 404 without it, as Azure answers an unknown route) and `POST
+//! `?api-version=` required: 404 `Resource not found` without it, the body commonly reported
+//! for Azure, not confirmed from its docs) and `POST
 //! /openai/v1/{chat/completions,completions,embeddings}` (v1) answer as Azure OpenAI does
 //! (`MicrosoftDocs/azure-ai-docs`: `articles/ai-foundry/openai/concepts/content-streaming.md`,
 //! `content-filter-annotations.md`, `content-filter.md`): the OpenAI answers above, JSON ones
@@ -55,7 +56,7 @@
 //! | knob | meaning |
 //! |---|---|
 //! | `filter=1` | answer Azure's content-filter 400 (`code: content_filter`, `innererror`) |
-//! | `blocked=1` | the completion is filtered: a stream ends with an annotation chunk carrying `finish_reason: content_filter` (no `delta`), a JSON answer has that finish reason |
+//! | `blocked=1` | the completion is filtered: a stream ends with an annotation chunk carrying `finish_reason: content_filter` (no `delta`), as content-streaming.md's blocked sample; a JSON answer has that finish reason (shape built, not from a recording) |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
