@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzz the parsers of outside input, the dialect translators and the admission arithmetic
-# (README: `make fuzz`; CI runs a short pass from scripts/test.sh). Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]
-# (default 600). Needs a nightly toolchain; installs cargo-fuzz once when it is missing.
+# (README: `make fuzz`; CI runs a short pass from scripts/test.sh).
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] (default 600). Needs a nightly toolchain;
+# installs cargo-fuzz once when it is missing.
 # Each target starts from its committed seeds (fuzz/corpus/<target>/) copied into a scratch
 # corpus outside the repository, which later runs keep growing; crashing inputs land there
 # too. MODELGATE_FUZZ_TARGETS="sse admission" runs a subset, MODELGATE_FUZZ_DIR moves the
@@ -10,7 +11,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 SECONDS_PER_TARGET=${1:-600}
-TARGETS=${MODELGATE_FUZZ_TARGETS:-request sse snapshot admission messages_request translate_request_openai_anthropic translate_request_anthropic_openai translate_stream_anthropic_openai translate_stream_openai_anthropic translate_error}
+ALL_TARGETS="request sse snapshot admission messages_request
+  translate_request_openai_anthropic translate_request_anthropic_openai
+  translate_stream_anthropic_openai translate_stream_openai_anthropic translate_error"
+TARGETS=${MODELGATE_FUZZ_TARGETS:-$ALL_TARGETS}
 DIR=${MODELGATE_FUZZ_DIR:-${TMPDIR:-/tmp}/modelgate-fuzz}
 CARGO_FUZZ_VERSION=0.13.2
 

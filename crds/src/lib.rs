@@ -111,8 +111,9 @@ pub struct RouteBackend {
     #[schemars(length(min = 1, max = 63), regex(pattern = NAME_PATTERN))]
     pub name: String,
     pub provider: Provider,
-    /// Base URL including the API version path, e.g. `http://vllm.models:8000/v1`.
-    /// Optional for `openai` (api.openai.com) and `mock`.
+    /// Base URL including the API version path, e.g. `http://vllm.models:8000/v1`; for
+    /// `azure-openai` the resource endpoint (see `azure`). Optional for `openai`
+    /// (api.openai.com), `anthropic` (api.anthropic.com) and `mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://[^\s]+$"))]
     pub url: Option<String>,
@@ -144,6 +145,44 @@ pub struct RouteBackend {
     /// and answers are translated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anthropic: Option<AnthropicSettings>,
+    /// Settings of provider `azure-openai`. `url` is the resource endpoint, e.g.
+    /// `https://myres.openai.azure.com`; requests go to
+    /// `{url}/openai/deployments/{deployment}/chat/completions?api-version={apiVersion}`.
+    /// A url ending in `/openai/v1` uses the v1 API instead: `{url}/chat/completions`, no
+    /// deployment or apiVersion, and the backend's `model` names the deployment. OpenAI
+    /// clients' requests and answers pass through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureSettings>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureSettings {
+    /// The deployment name in the classic URL; required unless `url` ends in `/openai/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub deployment: Option<String>,
+    /// The `api-version` query of the classic URL, e.g. `2024-10-21`; required with
+    /// `deployment`, absent with the v1 API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub api_version: Option<String>,
+    /// How the credential from `credentialsRef` is sent: `apiKey` as the `api-key` header,
+    /// `bearer` as `Authorization: Bearer` (a Microsoft Entra ID token for scope
+    /// `https://cognitiveservices.azure.com/.default`, kept fresh in the Secret by something
+    /// else) [default: apiKey].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AzureAuth>,
+}
+
+// No doc comment here: schemars would put it in place of the field's in the schema.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AzureAuth {
+    /// The `api-key` header.
+    ApiKey,
+    /// `Authorization: Bearer <token>`.
+    Bearer,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -160,7 +160,11 @@ pub fn compile(
                 let on: Vec<RetryOn> = rs.retry_on.iter().filter_map(|&o| retry_on(o)).collect();
                 RetryPolicy {
                     attempts: rs.attempts,
-                    on: if on.is_empty() { RetryOn::ALL.to_vec() } else { on },
+                    on: if on.is_empty() {
+                        RetryOn::ALL.to_vec()
+                    } else {
+                        on
+                    },
                     context_length: rs
                         .retry_on
                         .contains(&modelgate_wire::RetryOn::ContextLength),
@@ -437,8 +441,20 @@ fn build_provider(
                 }
             }
         }
+        ProviderKind::AzureOpenai => {
+            // The check made url required.
+            let url = b.url.as_deref().unwrap_or_default();
+            let spec = b.azure.clone().unwrap_or_default();
+            match crate::providers::azure::Upstream::new(url, credential, &spec) {
+                Ok(u) => Some(Provider::Azure(Box::new(u))),
+                Err(e) => {
+                    p.push(&format!("{path}.url"), e);
+                    None
+                }
+            }
+        }
         // Refused by the check.
-        ProviderKind::AzureOpenai | ProviderKind::Unknown => None,
+        ProviderKind::Unknown => None,
     }
 }
 
@@ -655,6 +671,63 @@ keys:
         let s = compile_yaml(&two("other")).expect("valid");
         assert!(s.routes.get("default", "m").is_some());
         assert!(s.routes.get("other", "m").is_some());
+    }
+
+    #[test]
+    fn azure_backends_compile_from_yaml_and_mistakes_name_their_path() {
+        let dir = std::env::temp_dir().join(format!("modelgate-azure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "azure-key-in-a-file\n").unwrap();
+        let yaml = |backend: &str| {
+            format!(
+                "routes: [{{name: r, model: m, backends: [{{name: az, provider: azure-openai, credentials: {{file: {}}}, {backend}}}]}}]\n",
+                key.display()
+            )
+        };
+        let snap = compile_yaml(&yaml(
+            "url: 'https://myres.openai.azure.com', azure: {deployment: gpt-4o, apiVersion: 2024-10-21}",
+        ))
+        .unwrap();
+        let route = snap.routes.get("default", "m").unwrap();
+        let backend = route.backends().next().unwrap();
+        assert!(matches!(backend.provider, Provider::Azure(_)));
+        assert_eq!(
+            backend.provider.dialect(),
+            crate::translate::Dialect::OpenAiChat
+        );
+        assert!(
+            !format!("{:?}", backend.provider).contains("azure-key-in-a-file"),
+            "never in Debug"
+        );
+        compile_yaml(&yaml(
+            "url: 'https://myres.openai.azure.com/openai/v1', model: gpt-4o-deployment, azure: {auth: bearer}",
+        ))
+        .unwrap();
+
+        let err = compile_yaml(&yaml("url: 'https://myres.openai.azure.com'"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("routes[0] (r).backends[0] (az).azure.deployment: is required unless url ends in /openai/v1"),
+            "{err}"
+        );
+        let err = compile_yaml(&yaml(
+            "url: 'https://myres.openai.azure.com', azure: {deployment: gpt-4o, apiVersion: 2024-10-21, bogus: 1}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bogus"), "unknown fields are refused: {err}");
+        let err = compile_yaml(&yaml(
+            "url: 'https://myres.openai.azure.com', azure: {deployment: gpt-4o, apiVersion: 2024-10-21, auth: msi}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("azure.auth: must be apiKey or bearer"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1259,9 +1259,11 @@ mod tests {
             text.contains("modelgate_requests_total{route=\"default/r\",backend=\"b\",key=\"default/k\",status=\"200\"} 2"),
             "{text}"
         );
-        assert!(text.contains(
-            "modelgate_fallbacks_total{route=\"default/r\",reason=\"server_error\"} 2"
-        ));
+        assert!(
+            text.contains(
+                "modelgate_fallbacks_total{route=\"default/r\",reason=\"server_error\"} 2"
+            )
+        );
 
         // Back only after the grace: new series, from zero.
         swap(&m, &[], &[]);

@@ -704,7 +704,9 @@ async fn forward(
     let mut busy: Vec<usize> = Vec::new();
     'tiers: for (ti, tier) in route.tiers.iter().enumerate() {
         if ti > 0 {
-            let reason = last.as_ref().map_or(UpstreamErrorKind::Connect, Failure::reason);
+            let reason = last
+                .as_ref()
+                .map_or(UpstreamErrorKind::Connect, Failure::reason);
             gw.metrics.route(&route.id).fallbacks(reason).inc();
         }
         // The last failure asked for a wait the budget cannot hold: no backoff before the next.
@@ -729,7 +731,9 @@ async fn forward(
                 {
                     break;
                 }
-                let reason = last.as_ref().map_or(UpstreamErrorKind::Connect, Failure::reason);
+                let reason = last
+                    .as_ref()
+                    .map_or(UpstreamErrorKind::Connect, Failure::reason);
                 backend.series(&gw.metrics).retries(reason).inc();
                 tokio::time::sleep(pause).await;
             }
@@ -781,7 +785,12 @@ async fn forward(
                 Err(Failure::ContextLength(parts, bytes)) => {
                     // The backend is fine; the prompt is too long for it.
                     backend.state.record_success(took);
-                    record_failure(gw, route, &backend, &Failure::ContextLength(parts.clone(), Bytes::new()));
+                    record_failure(
+                        gw,
+                        route,
+                        &backend,
+                        &Failure::ContextLength(parts.clone(), Bytes::new()),
+                    );
                     if !route.retry.context_length || ti + 1 == route.tiers.len() {
                         return Ok(Answer::Whole(parts, bytes));
                     }

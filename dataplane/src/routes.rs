@@ -186,6 +186,8 @@ pub enum Provider {
     OpenAi(Box<Upstream>),
     /// Anthropic's Messages API: requests and answers translated.
     Anthropic(Box<crate::providers::anthropic::Upstream>),
+    /// Azure OpenAI: OpenAI's chat format at Azure's URLs, with Azure's auth headers.
+    Azure(Box<crate::providers::azure::Upstream>),
     /// The built-in mock model: no network.
     Mock(MockSettings),
 }
@@ -194,7 +196,9 @@ impl Provider {
     /// The API the backend speaks, for translation (the mock speaks OpenAI's).
     pub fn dialect(&self) -> crate::translate::Dialect {
         match self {
-            Self::OpenAi(_) | Self::Mock(_) => crate::translate::Dialect::OpenAiChat,
+            Self::OpenAi(_) | Self::Azure(_) | Self::Mock(_) => {
+                crate::translate::Dialect::OpenAiChat
+            }
             Self::Anthropic(_) => crate::translate::Dialect::Anthropic,
         }
     }

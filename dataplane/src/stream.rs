@@ -615,6 +615,10 @@ fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> boo
     }
     let mut chars = 0u64;
     let mut usage = false;
+    // Azure's prompt-filter chunk (`"choices": []`, no usage) and annotation-only chunks (a
+    // choice without `delta`, or `text` for completions) are looked at further, below
+    // (docs/providers.md 3.3).
+    let (mut no_choices, mut some_choice, mut delta_or_text) = (false, false, false);
     let mut i = 0;
     while let Some(c) = memchr::memchr(b':', &data[i..]) {
         let colon = i + c;
@@ -632,6 +636,17 @@ fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> boo
             continue;
         };
         let value = skip_ws(data, colon + 1);
+        match &data[open..=close] {
+            b"\"choices\"" if data.get(value) == Some(&b'[') => {
+                if data.get(skip_ws(data, value + 1)) == Some(&b']') {
+                    no_choices = true;
+                } else {
+                    some_choice = true;
+                }
+            }
+            b"\"delta\"" | b"\"text\"" => delta_or_text = true,
+            _ => {}
+        }
         match (Key::of(&data[open..=close]), data.get(value)) {
             (Key::Text, Some(b'"')) => {
                 let Some(end) = string_end(data, value + 1) else {
@@ -658,6 +673,49 @@ fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> boo
     }
     if chars > 0 {
         obs.output_text(chars);
+    }
+    if !usage && (no_choices || (some_choice && !delta_or_text)) {
+        // Dropped: the prompt-filter chunk (no choices, `prompt_filter_results` or the older
+        // `prompt_annotations`) and chunks whose every choice is an annotation (no delta, no
+        // text, no finish reason: a `content_filter` finish is kept, no logprobs); never a
+        // chunk with an `error`.
+        #[derive(Deserialize)]
+        struct Annotated {
+            choices: Vec<AnnotatedChoice>,
+            #[serde(default)]
+            error: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            prompt_filter_results: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            prompt_annotations: Option<serde::de::IgnoredAny>,
+        }
+        #[derive(Deserialize)]
+        struct AnnotatedChoice {
+            #[serde(default)]
+            delta: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            text: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            finish_reason: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            logprobs: Option<serde::de::IgnoredAny>,
+        }
+        return match serde_json::from_slice::<Annotated>(data) {
+            Ok(a) if a.choices.is_empty() => {
+                a.error.is_some()
+                    || (a.prompt_filter_results.is_none() && a.prompt_annotations.is_none())
+            }
+            Ok(a) => {
+                a.error.is_some()
+                    || a.choices.iter().any(|c| {
+                        c.delta.is_some()
+                            || c.text.is_some()
+                            || c.finish_reason.is_some()
+                            || c.logprobs.is_some()
+                    })
+            }
+            Err(_) => true,
+        };
     }
     if !usage {
         return true;
@@ -1783,5 +1841,104 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("upstream_timeout"), "{text}");
+    }
+
+    /// The events of a `\n\n`-separated stream, those `drop` picks left out.
+    fn without(stream: &str, drop: impl Fn(&str) -> bool) -> String {
+        stream
+            .split_inclusive("\n\n")
+            .filter(|e| !drop(e))
+            .collect()
+    }
+
+    const AZURE_ASYNC: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/providers/openai/streams/azure_async_filter.sse"
+    ));
+    const AZURE_BLOCKED: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/providers/openai/streams/azure_blocked.sse"
+    ));
+
+    #[test]
+    fn azure_prompt_filter_and_annotation_chunks_are_dropped_whole() {
+        for strip in [false, true] {
+            let (out, t) = byte_by_byte(strip, AZURE_ASYNC.as_bytes());
+            let out = String::from_utf8(out).unwrap();
+            // Azure writes `"id":""` on exactly its filter chunks here.
+            assert_eq!(out, without(AZURE_ASYNC, |e| e.contains(r#""id":"""#)));
+            assert!(!out.contains("prompt_annotations"), "{out}");
+            assert!(!out.contains("content_filter_offsets"), "{out}");
+            assert!(out.contains(r#""delta":{"content":"Color"}"#), "{out}");
+            assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+            assert_eq!(t.output_chars, "Color is a".chars().count() as u64);
+            assert_eq!(t.finish_reason.as_deref(), Some("stop"));
+        }
+    }
+
+    #[test]
+    fn an_azure_content_filter_finish_is_kept_without_a_delta() {
+        let (out, t) = byte_by_byte(false, AZURE_BLOCKED.as_bytes());
+        let out = String::from_utf8(out).unwrap();
+        let dropped = |e: &str| e.contains(r#""id":"""#) && !e.contains("\"content_filter\"");
+        assert_eq!(out, without(AZURE_BLOCKED, dropped));
+        assert!(!out.contains("prompt_filter_results"), "{out}");
+        assert_eq!(
+            out.matches(r#""finish_reason":"content_filter""#).count(),
+            1,
+            "{out}"
+        );
+        assert_eq!(out.matches("content_filter_offsets").count(), 1, "{out}");
+        assert_eq!(t.finish_reason.as_deref(), Some("content_filter"));
+        assert_eq!(t.output_chars, "Hey Jude, better".chars().count() as u64);
+    }
+
+    #[test]
+    fn azure_filter_chunks_in_any_formatting_and_with_a_usage_object() {
+        // Pretty-printed over several data lines, keys in another order.
+        let prompt = "data: {\ndata:   \"choices\" : [ ],\ndata:   \"prompt_filter_results\": [{\"prompt_index\": 0, \"content_filter_results\": {}}],\ndata:   \"usage\": null\ndata: }\n\n";
+        let annotation = "data: {\"choices\": [ {\"content_filter_results\": {\"hate\": {\"filtered\": false, \"severity\": \"safe\"}}, \"finish_reason\" : null, \"index\": 0} ]}\n\n";
+        let content = "data: {\"choices\":[{\"index\":0,\"content_filter_results\":{},\"delta\":{\"content\":\"ok\"},\"finish_reason\":null}]}\n\n";
+        let stream = format!("{prompt}{content}{annotation}data: [DONE]\n\n");
+        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{content}data: [DONE]\n\n")
+        );
+        assert_eq!(t.output_chars, 2);
+
+        // Azure's usage chunk (empty choices, a usage object) is metered and, as OpenAI's,
+        // stripped only when the client did not ask for it.
+        let usage = "data: {\"choices\":[],\"prompt_filter_results\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n";
+        let (out, t) = whole(false, usage.as_bytes());
+        assert_eq!(out, usage.as_bytes());
+        assert_eq!(t.usage, Some(USAGE));
+        let (out, _) = whole(true, usage.as_bytes());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn chunks_that_only_resemble_azure_filter_chunks_are_forwarded() {
+        let stream = concat!(
+            // Completions: choices carry `text`, never `delta`.
+            "data: {\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"hi\",\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"\",\"content_filter_results\":{},\"finish_reason\":null}]}\n\n",
+            // No choices, but no prompt-filter results either.
+            "data: {\"id\":\"x\",\"choices\":[],\"usage\":null}\n\n",
+            // An error rides on what looks like an annotation.
+            "data: {\"choices\":[{\"index\":0,\"finish_reason\":null}],\"error\":{\"message\":\"boom\"}}\n\n",
+            "data: {\"choices\":[],\"prompt_filter_results\":[],\"error\":{\"message\":\"boom\"}}\n\n",
+            // Logprobs without a delta.
+            "data: {\"choices\":[{\"index\":0,\"finish_reason\":null,\"logprobs\":{\"content\":[]}}]}\n\n",
+            // Not JSON the scanner can read as a chunk.
+            "data: {\"choices\":[{\"index\":0}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        assert_eq!(String::from_utf8(out).unwrap(), stream);
+        assert_eq!(t.output_chars, 2);
+        // Two choices, one of them an annotation: the chunk carries content, so it goes on.
+        let mixed = "data: {\"choices\":[{\"index\":0,\"content_filter_results\":{}},{\"index\":1,\"delta\":{\"content\":\"b\"}}]}\n\n";
+        assert_eq!(whole(false, mixed.as_bytes()).0, mixed.as_bytes());
     }
 }

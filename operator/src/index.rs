@@ -19,8 +19,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
 use modelgate_wire::{
-    AnthropicSpec, BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec, KeySpec, LimitsSpec,
-    MockSpec, OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source,
+    AnthropicSpec, AzureAuth, AzureSpec, BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec,
+    KeySpec, LimitsSpec, MockSpec, OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec,
+    SnapshotSpec, Source,
 };
 
 use crate::tenancy::{Namespaces, View};
@@ -427,16 +428,7 @@ impl Index {
                 Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
                 Provider::Mock => ProviderKind::Mock,
                 Provider::Anthropic => ProviderKind::Anthropic,
-                Provider::AzureOpenai => {
-                    return Err((
-                        "UnsupportedProvider",
-                        format!(
-                            "backend {}: provider {:?} is not supported by this modelgate version yet",
-                            b.name, b.provider
-                        ),
-                        None,
-                    ));
-                }
+                Provider::AzureOpenai => ProviderKind::AzureOpenai,
             };
             let url = b
                 .url
@@ -497,6 +489,14 @@ impl Index {
                     version: a.version.clone(),
                     beta: a.beta.iter().map(|f| f.0.clone()).collect(),
                     default_max_tokens: a.default_max_tokens.map(|n| n.max(0) as u64),
+                }),
+                azure: b.azure.as_ref().map(|a| AzureSpec {
+                    deployment: a.deployment.clone(),
+                    api_version: a.api_version.clone(),
+                    auth: match a.auth {
+                        None | Some(modelgate_crds::AzureAuth::ApiKey) => AzureAuth::ApiKey,
+                        Some(modelgate_crds::AzureAuth::Bearer) => AzureAuth::Bearer,
+                    },
                 }),
                 mock: b.mock.as_ref().map(|m| {
                     let d = MockSpec::default();
@@ -683,6 +683,7 @@ mod tests {
             pricing: None,
             mock: None,
             anthropic: None,
+            azure: None,
         }
     }
 
@@ -774,7 +775,13 @@ mod tests {
         );
         assert_eq!(v("a", "younger-dup").reason, "DuplicateModel");
         assert!(v("a", "younger-dup").message.contains("ModelRoute good"));
-        assert_eq!(v("a", "anthropic").reason, "UnsupportedProvider");
+        // Supported since the Anthropic provider landed: refused only for its missing key.
+        assert_eq!(v("a", "anthropic").reason, "Invalid");
+        assert!(
+            v("a", "anthropic").message.contains("needs credentials"),
+            "{}",
+            v("a", "anthropic").message
+        );
         let names: Vec<_> = c
             .spec
             .routes
@@ -840,6 +847,126 @@ mod tests {
             r.backends[0].credentials.as_ref().unwrap().value.as_deref(),
             Some("sk-provider")
         );
+    }
+
+    #[test]
+    fn azure_backends_map_to_the_wire_with_their_settings_and_checks() {
+        use modelgate_crds::{AzureAuth as CrdAuth, AzureSettings};
+        let mut idx = Index {
+            policy: UpstreamPolicy::new(&["127.0.0.1/32".into()], &[]).unwrap(),
+            ..Index::default()
+        };
+        idx.apply_secret(secret("a", "azure", "key", "azure-key-0123\n"));
+        let azure = |url: &str, settings: Option<AzureSettings>| {
+            let mut b = backend("az", Provider::AzureOpenai, Some(("azure", "key")));
+            b.url = Some(url.into());
+            b.azure = settings;
+            b
+        };
+        let settings = |d: Option<&str>, v: Option<&str>, auth: Option<CrdAuth>| {
+            Some(AzureSettings {
+                deployment: d.map(str::to_owned),
+                api_version: v.map(str::to_owned),
+                auth,
+            })
+        };
+        idx.apply_route(route(
+            "a",
+            "classic",
+            "m1",
+            vec![azure(
+                "http://127.0.0.1:9",
+                settings(Some("gpt-4o"), Some("2024-10-21"), None),
+            )],
+            0,
+        ));
+        let mut v1 = azure(
+            "http://127.0.0.1:9/openai/v1",
+            settings(None, None, Some(CrdAuth::Bearer)),
+        );
+        v1.model = Some("gpt-4o-deployment".into());
+        idx.apply_route(route("a", "v1", "m2", vec![v1], 0));
+        idx.apply_route(route(
+            "a",
+            "nodeployment",
+            "m3",
+            vec![azure("http://127.0.0.1:9", None)],
+            0,
+        ));
+        idx.apply_route(route(
+            "a",
+            "v1-with-version",
+            "m4",
+            vec![azure(
+                "http://127.0.0.1:9/openai/v1",
+                settings(None, Some("2024-10-21"), None),
+            )],
+            0,
+        ));
+        let mut elsewhere = azure(
+            "http://10.0.0.1/openai/v1",
+            settings(None, None, Some(CrdAuth::ApiKey)),
+        );
+        elsewhere.name = "far".into();
+        idx.apply_route(route("a", "far", "m5", vec![elsewhere], 0));
+        let c = idx.compile(&Context::default());
+        let v = |n: &str| c.verdicts[&ObjKey::route("a", n)].clone();
+        assert!(v("classic").accepted, "{}", v("classic").message);
+        assert!(v("v1").accepted, "{}", v("v1").message);
+        let b = |name: &str| {
+            c.spec
+                .routes
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap()
+                .backends[0]
+                .clone()
+        };
+        let classic = b("classic");
+        assert_eq!(classic.provider, ProviderKind::AzureOpenai);
+        assert_eq!(classic.url.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(
+            classic.azure,
+            Some(AzureSpec {
+                deployment: Some("gpt-4o".into()),
+                api_version: Some("2024-10-21".into()),
+                auth: AzureAuth::ApiKey,
+            })
+        );
+        assert_eq!(
+            classic.credentials.as_ref().unwrap().value.as_deref(),
+            Some("azure-key-0123")
+        );
+        let v1 = b("v1");
+        assert_eq!(v1.azure.as_ref().unwrap().auth, AzureAuth::Bearer);
+        assert_eq!(v1.azure.as_ref().unwrap().deployment, None);
+        assert_eq!(v1.model.as_deref(), Some("gpt-4o-deployment"));
+
+        assert_eq!(v("nodeployment").reason, "Invalid");
+        assert!(
+            v("nodeployment").message.contains(
+                "backends[0] (az).azure.deployment: is required unless url ends in /openai/v1"
+            ),
+            "{}",
+            v("nodeployment").message
+        );
+        assert_eq!(v("v1-with-version").reason, "Invalid");
+        assert!(
+            v("v1-with-version")
+                .message
+                .contains("azure.apiVersion: must be absent when url ends in /openai/v1"),
+            "{}",
+            v("v1-with-version").message
+        );
+        assert_eq!(v("far").reason, "UpstreamNotAllowed");
+        // The compiled snapshot builds in the proxy, Azure backends included.
+        modelgate_dataplane::config::compile(
+            c.spec,
+            Source::Operator,
+            &modelgate_dataplane::snapshot::StateRegistry::default(),
+            None,
+        )
+        .unwrap();
     }
 
     #[test]

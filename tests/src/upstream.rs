@@ -40,6 +40,23 @@
 //! | `tool=1` | the answer ends with a `tool_use` block (arguments streamed in fragments) |
 //! | `old_usage=1` | `message_delta` carries `output_tokens` only (older recordings) |
 //! | `overloaded_mid=1` | an `overloaded_error` event right after `message_start` |
+//!
+//! `POST /openai/deployments/{deployment}/{chat/completions,completions,embeddings}` (classic,
+//! `?api-version=` required: 404 `Resource not found` without it, the body commonly reported
+//! for Azure, not confirmed from its docs) and `POST
+//! /openai/v1/{chat/completions,completions,embeddings}` (v1) answer as Azure OpenAI does
+//! (`MicrosoftDocs/azure-ai-docs`: `articles/ai-foundry/openai/concepts/content-streaming.md`,
+//! `content-filter-annotations.md`, `content-filter.md`): the OpenAI answers above, JSON ones
+//! with `prompt_filter_results` and per-choice `content_filter_results`; streams start with the
+//! prompt-filter chunk (`id: ""`, `choices: []`, `usage: null`) and carry an annotation-only
+//! chunk (a choice with `content_filter_results` and `content_filter_offsets`, no `delta`)
+//! between content chunks and after the finish. The request's path (knobs stripped) and query
+//! are recorded (`last_path`, `last_query`). Its own knobs:
+//!
+//! | knob | meaning |
+//! |---|---|
+//! | `filter=1` | answer Azure's content-filter 400 (`code: content_filter`, `innererror`) |
+//! | `blocked=1` | the completion is filtered: a stream ends with an annotation chunk carrying `finish_reason: content_filter` (no `delta`), as content-streaming.md's blocked sample; a JSON answer has that finish reason (shape built, not from a recording) |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -68,6 +85,10 @@ pub struct Counters {
     pub last_authorization: Mutex<Option<String>>,
     /// Every header of the last request (credentials included: tests assert on them).
     pub last_headers: Mutex<Option<http::HeaderMap>>,
+    /// The path of the last request, knobs stripped (`/openai/deployments/d/chat/completions`).
+    pub last_path: Mutex<Option<String>>,
+    /// The query of the last request (`api-version=2024-10-21`), if it had one.
+    pub last_query: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +130,8 @@ struct Knobs {
     tool: bool,
     old_usage: bool,
     overloaded_mid: bool,
+    filter: bool,
+    blocked: bool,
 }
 
 impl Default for Knobs {
@@ -135,6 +158,8 @@ impl Default for Knobs {
             tool: false,
             old_usage: false,
             overloaded_mid: false,
+            filter: false,
+            blocked: false,
         }
     }
 }
@@ -172,6 +197,8 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "tool" => k.tool = v == "1",
             "old_usage" => k.old_usage = v == "1",
             "overloaded_mid" => k.overloaded_mid = v == "1",
+            "filter" => k.filter = v == "1",
+            "blocked" => k.blocked = v == "1",
             _ => {}
         }
     }
@@ -227,6 +254,12 @@ impl MockUpstream {
         } else {
             format!("http://{}/s/{knobs}/v1", self.addr)
         }
+    }
+
+    /// An Azure OpenAI resource endpoint with these knobs (no `/v1`): the gateway appends
+    /// `/openai/deployments/...`, or the backend's url adds `/openai/v1` for the v1 API.
+    pub fn azure_endpoint(&self, knobs: &str) -> String {
+        format!("http://{}/s/{knobs}", self.addr)
     }
 
     pub fn counters(&self, id: &str) -> Arc<Counters> {
@@ -387,6 +420,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     *counters.last_headers.lock().unwrap() = Some(req.headers().clone());
+    *counters.last_path.lock().unwrap() = Some(api.to_owned());
+    *counters.last_query.lock().unwrap() = req.uri().query().map(str::to_owned);
+    // Azure's paths answer as the OpenAI ones do, dressed as Azure dresses them.
+    let azure = azure_api(api);
+    if azure.is_some_and(|a| a.classic)
+        && !req
+            .uri()
+            .query()
+            .is_some_and(|q| q.contains("api-version="))
+    {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": {"code": "404", "message": "Resource not found"}}),
+        );
+    }
+    let api = azure.map_or(api, |a| a.api);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(StatusCode::BAD_REQUEST, "unreadable body"),
@@ -418,6 +467,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         }
         return r;
     }
+    if knobs.filter && azure.is_some() {
+        return json(StatusCode::BAD_REQUEST, &azure_content_filter_error());
+    }
     if knobs.text {
         let mut r = Response::new(ChunkBody::full(Bytes::from_static(
             b"mock upstream: all good\n",
@@ -440,13 +492,24 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
             let stream = parsed["stream"].as_bool().unwrap_or(false);
             if !stream || knobs.json_stream {
                 let text = vec!["tok"; knobs.chunks as usize].join(" ");
-                let choice = if chat {
-                    serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+                let finish = if azure.is_some() && knobs.blocked {
+                    "content_filter"
                 } else {
-                    serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
+                    "stop"
                 };
+                let mut choice = if chat {
+                    serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+                } else {
+                    serde_json::json!({"index": 0, "text": text, "finish_reason": finish})
+                };
+                if azure.is_some() {
+                    choice["content_filter_results"] = completion_filter_results(knobs.blocked);
+                }
                 let mut v = serde_json::json!({"id": "chatcmpl-upstream", "object": if chat {"chat.completion"} else {"text_completion"},
                     "created": 1_700_000_000, "model": model, "choices": [choice]});
+                if azure.is_some() {
+                    v["prompt_filter_results"] = prompt_filter_results();
+                }
                 if knobs.usage {
                     v["usage"] = usage(knobs.chunks);
                 }
@@ -491,6 +554,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
                 v
             };
             let mut chunks = Vec::new();
+            // Azure's filter chunks carry no id, model or object (content-streaming.md).
+            let annotation = |finish: Option<&str>, end: u64| {
+                event(
+                    serde_json::json!({"id": "", "object": "", "created": 0, "model": "",
+                    "choices": [{"index": 0, "finish_reason": finish,
+                        "content_filter_results": completion_filter_results(finish.is_some()),
+                        "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": end}}],
+                    "usage": null}),
+                )
+            };
+            if azure.is_some() {
+                chunks.push(event(serde_json::json!({"id": "", "object": "", "created": 0, "model": "",
+                    "prompt_filter_results": prompt_filter_results(), "choices": [], "usage": null})));
+            }
             if chat {
                 chunks.push(event(base(serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))));
             }
@@ -501,12 +578,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
                     serde_json::json!([{"index": 0, "text": format!("tok{i} "), "finish_reason": null}])
                 };
                 chunks.push(event(base(c)));
+                if azure.is_some() && i == 0 && chat {
+                    chunks.push(annotation(None, 5));
+                }
             }
-            chunks.push(event(base(if chat {
-                serde_json::json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+            if azure.is_some() && knobs.blocked {
+                // A blocked completion ends on the annotation that blocks it, without a delta.
+                chunks.push(annotation(Some("content_filter"), 5 * knobs.chunks));
             } else {
-                serde_json::json!([{"index": 0, "text": "", "finish_reason": "stop"}])
-            })));
+                chunks.push(event(base(if chat {
+                    serde_json::json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+                } else {
+                    serde_json::json!([{"index": 0, "text": "", "finish_reason": "stop"}])
+                })));
+                if azure.is_some() && chat {
+                    chunks.push(annotation(None, 5 * knobs.chunks));
+                }
+            }
             if include_usage && knobs.usage {
                 let mut v = base(serde_json::json!([]));
                 v["usage"] = usage(knobs.chunks);
@@ -555,6 +643,68 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         }
         _ => error(StatusCode::NOT_FOUND, &format!("unknown path {api}")),
     }
+}
+
+/// An Azure OpenAI path as the OpenAI path it answers like.
+#[derive(Clone, Copy)]
+struct AzureApi {
+    api: &'static str,
+    /// `/openai/deployments/{d}/...`, which needs `?api-version=`.
+    classic: bool,
+}
+
+fn azure_api(path: &str) -> Option<AzureApi> {
+    let (rest, classic) = match path.strip_prefix("/openai/v1/") {
+        Some(rest) => (rest, false),
+        None => (
+            path.strip_prefix("/openai/deployments/")?
+                .split_once('/')?
+                .1,
+            true,
+        ),
+    };
+    let api = match rest {
+        "chat/completions" => "/v1/chat/completions",
+        "completions" => "/v1/completions",
+        "embeddings" => "/v1/embeddings",
+        _ => return None,
+    };
+    Some(AzureApi { api, classic })
+}
+
+/// A prompt's `prompt_filter_results`, nothing filtered (content-filter-annotations.md).
+fn prompt_filter_results() -> serde_json::Value {
+    serde_json::json!([{"prompt_index": 0, "content_filter_results": {
+        "hate": {"filtered": false, "severity": "safe"},
+        "jailbreak": {"filtered": false, "detected": false},
+        "self_harm": {"filtered": false, "severity": "safe"},
+        "sexual": {"filtered": false, "severity": "safe"},
+        "violence": {"filtered": false, "severity": "safe"}}}])
+}
+
+/// A choice's `content_filter_results`; `blocked`: protected material found and filtered,
+/// as in the blocked stream of content-streaming.md.
+fn completion_filter_results(blocked: bool) -> serde_json::Value {
+    serde_json::json!({
+        "hate": {"filtered": false, "severity": "safe"},
+        "protected_material_code": {"filtered": false, "detected": false},
+        "protected_material_text": {"filtered": blocked, "detected": blocked},
+        "self_harm": {"filtered": false, "severity": "safe"},
+        "sexual": {"filtered": false, "severity": "safe"},
+        "violence": {"filtered": false, "severity": "safe"}})
+}
+
+/// Azure's answer to a prompt its filters block: content-filter.md's example, with the
+/// `innererror` member spelled `content_filter_result` as there.
+fn azure_content_filter_error() -> serde_json::Value {
+    serde_json::json!({"error": {
+        "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766",
+        "type": null, "param": "prompt", "code": "content_filter", "status": 400,
+        "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+            "hate": {"filtered": true, "severity": "high"},
+            "self_harm": {"filtered": false, "severity": "safe"},
+            "sexual": {"filtered": false, "severity": "safe"},
+            "violence": {"filtered": false, "severity": "safe"}}}}})
 }
 
 /// An error body as Anthropic writes one, its type chosen by status as its docs list them.
@@ -737,5 +887,14 @@ mod tests {
         let (k, api) = parse_path("/v1/embeddings");
         assert_eq!(k.id, "default");
         assert_eq!(api, "/v1/embeddings");
+        let (k, api) =
+            parse_path("/s/id=az;filter=1;blocked=1/openai/deployments/gpt-4o/chat/completions");
+        assert!(k.filter && k.blocked);
+        let a = azure_api(api).unwrap();
+        assert_eq!((a.api, a.classic), ("/v1/chat/completions", true));
+        let a = azure_api("/openai/v1/embeddings").unwrap();
+        assert_eq!((a.api, a.classic), ("/v1/embeddings", false));
+        assert!(azure_api("/openai/deployments/d").is_none());
+        assert!(azure_api("/v1/chat/completions").is_none());
     }
 }

@@ -314,3 +314,52 @@ async fn metrics_pass_promtool() {
     );
     assert!(r.text().ends_with("# EOF\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_works_against_an_azure_backend() {
+    let up = modelgate_tests::upstream::MockUpstream::start();
+    let classic = |name: &str, knobs: &str| {
+        format!(
+            "  - name: {name}\n    model: {name}\n    retries: {{attempts: 0}}\n    backends:\n      - {{name: azure, provider: azure-openai, url: {}, credentials: {{env: AZURE_TEST_KEY}}, azure: {{deployment: gpt-4o-prod, apiVersion: 2024-10-21}}}}\n",
+            up.azure_endpoint(knobs)
+        )
+    };
+    let v1 = format!(
+        "  - name: azure-v1\n    model: azure-v1\n    backends:\n      - {{name: azure, provider: azure-openai, url: {}/openai/v1, model: gpt-4o-deployment, credentials: {{env: AZURE_TEST_KEY}}}}\n",
+        up.azure_endpoint("id=v1;chunks=3")
+    );
+    let yaml = format!(
+        "routes:\n{}{v1}{}{}keys:\n  - {{name: demo, sha256: {}}}\n",
+        classic("azure-gpt", "id=classic;chunks=3"),
+        classic("azure-filter", "id=filter;filter=1"),
+        classic("azure-blocked", "id=blocked;blocked=1;chunks=3"),
+        sha256_hex(DEMO_KEY),
+    );
+    let p = Proxy::start_with(&yaml, &[("AZURE_TEST_KEY", "azure-sdk-test-key")]);
+    let envs = [
+        ("MODELGATE_BASE_URL", p.url("/v1")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+    ];
+    let report = tokio::task::spawn_blocking(move || pytest("test_openai_sdk_azure.py", &envs, 8))
+        .await
+        .unwrap();
+    assert!(!report.contains("azure-sdk-test-key"), "{report}");
+    // The SDK's requests reached Azure's URLs with Azure's key header, never a bearer.
+    for (id, path, query) in [
+        (
+            "classic",
+            "/openai/deployments/gpt-4o-prod/embeddings",
+            Some("api-version=2024-10-21"),
+        ),
+        ("v1", "/openai/v1/chat/completions", None),
+    ] {
+        let c = up.counters(id);
+        assert_eq!(c.last_path.lock().unwrap().as_deref(), Some(path));
+        assert_eq!(c.last_query.lock().unwrap().as_deref(), query);
+        let headers = c.last_headers.lock().unwrap().clone().unwrap();
+        assert_eq!(headers["api-key"], "azure-sdk-test-key");
+        assert!(headers.get("authorization").is_none());
+    }
+    let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
+    assert_eq!(sent["model"], "gpt-4o-deployment");
+}

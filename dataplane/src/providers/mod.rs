@@ -3,10 +3,11 @@
 //! `attempt` sends one request to one backend and classifies the outcome: a response to pass
 //! on (success, or a client error the upstream explains best), or a [`Failure`] that may be
 //! retried. OpenAI and OpenAI-compatible servers share the `openai` wire module; the `mock`
-//! module answers in-process. A provider that needs translation (Anthropic, Azure) adds a
-//! module and a `Provider` variant; the request path does not change.
+//! module answers in-process. A provider that needs translation (Anthropic) or other URLs and
+//! headers (Azure) adds a module and a `Provider` variant; the request path does not change.
 
 pub mod anthropic;
+pub mod azure;
 pub mod mock;
 pub mod openai;
 
@@ -307,6 +308,22 @@ pub async fn attempt(
             );
             send(client, request, timeout, Dialect::Anthropic).await
         }
+        Provider::Azure(upstream) => {
+            let started = std::time::Instant::now();
+            let request = if dialect == Dialect::OpenAiChat {
+                upstream.request(req.endpoint, req.upstream_body(model), req.stream)
+            } else {
+                let body = out
+                    .openai_chat(model, MaxTokensField::MaxCompletionTokens)
+                    .map_err(Failure::Refused)?;
+                upstream.request(Endpoint::Chat, Bytes::from(body), req.stream)
+            };
+            let resp = send(client, request, timeout, Dialect::OpenAiChat).await?;
+            if resp.status() != StatusCode::BAD_REQUEST {
+                return Ok(resp);
+            }
+            azure_bad_request(resp, timeout.saturating_sub(started.elapsed())).await
+        }
         Provider::Anthropic(upstream) => {
             // Never more than admission reserved: settlement cannot undershoot.
             let reserved = out.output_reservation;
@@ -330,6 +347,50 @@ pub async fn attempt(
     }
 }
 
+/// An Azure 400 to pass on: its body is read when its announced length fits
+/// [`azure::MAX_ERROR_BODY`], and a content-filter error is rewritten in OpenAI's words;
+/// any other body, or one of unannounced length, goes on as it came.
+async fn azure_bad_request(
+    resp: Response<UpstreamBody>,
+    left: Duration,
+) -> Result<Response<UpstreamBody>, Failure> {
+    use http_body_util::{BodyExt, Limited};
+    use hyper::body::Body;
+    // The length hyper read from Content-Length (`UpstreamBody` does not pass it on).
+    let fits = match resp.body() {
+        UpstreamBody::Http(b) => b
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= azure::MAX_ERROR_BODY as u64),
+        UpstreamBody::Mock(_) => false,
+    };
+    if !fits {
+        return Ok(resp);
+    }
+    let (mut parts, body) = resp.into_parts();
+    let read = Limited::new(body, azure::MAX_ERROR_BODY).collect();
+    let bytes = match tokio::time::timeout(left, read).await {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(e)) => return Err(Failure::Connect(describe(&*e))),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let bytes = match azure::content_filter_error(&bytes) {
+        Some(rewritten) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Bytes::from(rewritten)
+        }
+        None => bytes,
+    };
+    Ok(Response::from_parts(
+        parts,
+        UpstreamBody::Mock(crate::stream::MockStream::new(vec![bytes], Duration::ZERO)),
+    ))
+}
+
 fn status_is_5xx(f: &Failure) -> bool {
     matches!(f, Failure::Status { status, .. } if status.is_server_error())
 }
@@ -350,7 +411,11 @@ async fn error_kind(
 ) -> Option<canonical::ErrorKind> {
     use http_body_util::{BodyExt, Limited};
     let read = Limited::new(body, MAX_ERROR_BODY).collect();
-    let bytes = tokio::time::timeout(within, read).await.ok()?.ok()?.to_bytes();
+    let bytes = tokio::time::timeout(within, read)
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
     let err = match dialect {
         Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), &bytes),
         Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), &bytes),

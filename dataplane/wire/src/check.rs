@@ -349,13 +349,19 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
             format!("url is required for provider {}", b.provider.as_str()),
         ),
     }
-    if matches!(b.provider, ProviderKind::Openai | ProviderKind::Anthropic)
-        && b.credentials.is_none()
+    if matches!(
+        b.provider,
+        ProviderKind::Openai | ProviderKind::Anthropic | ProviderKind::AzureOpenai
+    ) && b.credentials.is_none()
     {
+        let what = match b.provider {
+            ProviderKind::AzureOpenai => "the API key, or an Entra ID token with auth: bearer",
+            _ => "the API key",
+        };
         p.push(
             path,
             format!(
-                "provider {} needs credentials (the API key)",
+                "provider {} needs credentials ({what})",
                 b.provider.as_str()
             ),
         );
@@ -364,6 +370,85 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
         (None, _) => {}
         (Some(a), ProviderKind::Anthropic) => check_anthropic(p, &format!("{path}.anthropic"), a),
         (Some(_), _) => p.push(path, "anthropic settings apply only to provider anthropic"),
+    }
+    match (&b.azure, &b.provider) {
+        (a, ProviderKind::AzureOpenai) => {
+            let default = crate::AzureSpec::default();
+            let a = a.as_ref().unwrap_or(&default);
+            check_azure(p, path, b.url.as_deref().unwrap_or_default(), a);
+        }
+        (None, _) => {}
+        (Some(_), _) => p.push(path, "azure settings apply only to provider azure-openai"),
+    }
+}
+
+/// Letters, digits, `-`, `_`, `.`: safe in a URL path segment and a query value unescaped.
+fn url_token(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn check_azure(p: &mut Problems, path: &str, url: &str, a: &crate::AzureSpec) {
+    let apath = format!("{path}.azure");
+    if a.auth == crate::AzureAuth::Unknown {
+        p.push(
+            &format!("{apath}.auth"),
+            "must be apiKey or bearer (this proxy version knows no other)",
+        );
+    }
+    if let Some(d) = &a.deployment
+        && !url_token(d)
+    {
+        p.push(
+            &format!("{apath}.deployment"),
+            "must be a deployment name of 1 to 128 letters, digits, '-', '_', '.'",
+        );
+    }
+    if let Some(v) = &a.api_version
+        && !url_token(v)
+    {
+        p.push(
+            &format!("{apath}.apiVersion"),
+            "must be a version such as 2024-10-21 (letters, digits, '-', '_', '.')",
+        );
+    }
+    if url.is_empty() {
+        // Already reported: url is required.
+        return;
+    }
+    if crate::AzureSpec::is_v1_url(url) {
+        for (field, set) in [
+            ("deployment", a.deployment.is_some()),
+            ("apiVersion", a.api_version.is_some()),
+        ] {
+            if set {
+                p.push(
+                    &format!("{apath}.{field}"),
+                    "must be absent when url ends in /openai/v1 (the v1 API names the deployment in the body's model: set the backend's model)",
+                );
+            }
+        }
+        return;
+    }
+    let base = url.trim_end_matches('/');
+    if base.ends_with("/openai") || base.contains("/openai/deployments") {
+        p.push(
+            &format!("{path}.url"),
+            "must be the resource endpoint, e.g. https://myres.openai.azure.com (the gateway adds /openai/deployments/...), or end in /openai/v1 for the v1 API",
+        );
+    }
+    match (&a.deployment, &a.api_version) {
+        (None, _) => p.push(
+            &format!("{apath}.deployment"),
+            "is required unless url ends in /openai/v1 (the v1 API)",
+        ),
+        (Some(_), None) => p.push(
+            &format!("{apath}.apiVersion"),
+            "is required with azure.deployment, e.g. 2024-10-21",
+        ),
+        (Some(_), Some(_)) => {}
     }
 }
 
@@ -487,4 +572,161 @@ pub fn check_key(p: &mut Problems, index: usize, k: &KeySpec) -> Option<CheckedK
         }
     }
     Some(CheckedKey { hash, expires_at })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn azure(url: Option<&str>, settings: Option<crate::AzureSpec>, creds: bool) -> SnapshotSpec {
+        let json = serde_json::json!({"routes": [{"name": "r", "model": "m", "backends": [{
+            "name": "az", "provider": "azure-openai", "url": url,
+            "credentials": if creds { serde_json::json!({"value": "k"}) } else { serde_json::Value::Null },
+            "azure": settings,
+        }]}]});
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn spec(d: Option<&str>, v: Option<&str>) -> Option<crate::AzureSpec> {
+        Some(crate::AzureSpec {
+            deployment: d.map(str::to_owned),
+            api_version: v.map(str::to_owned),
+            auth: crate::AzureAuth::ApiKey,
+        })
+    }
+
+    fn problems(s: &SnapshotSpec) -> String {
+        match check(s, Source::Operator) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const AT: &str = "routes[0] (r).backends[0] (az)";
+
+    #[test]
+    fn azure_classic_and_v1_shapes_are_accepted() {
+        let classic = azure(
+            Some("https://myres.openai.azure.com"),
+            spec(Some("gpt-4o"), Some("2024-10-21")),
+            true,
+        );
+        assert_eq!(problems(&classic), "");
+        let v1 = azure(
+            Some("https://myres.openai.azure.com/openai/v1/"),
+            None,
+            true,
+        );
+        assert_eq!(problems(&v1), "");
+        let bearer: SnapshotSpec = serde_json::from_str(
+            r#"{"routes":[{"name":"r","model":"m","backends":[{"name":"az","provider":"azure-openai",
+            "url":"https://r.openai.azure.com/openai/v1","credentials":{"value":"t"},
+            "azure":{"auth":"bearer"}}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(problems(&bearer), "");
+        assert_eq!(
+            bearer.routes[0].backends[0].azure.as_ref().unwrap().auth,
+            crate::AzureAuth::Bearer
+        );
+    }
+
+    #[test]
+    fn azure_mistakes_are_named_with_their_path() {
+        let cases: Vec<(SnapshotSpec, String)> = vec![
+            (
+                azure(None, spec(Some("d"), Some("v")), true),
+                format!("{AT}: url is required for provider azure-openai"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com"),
+                    spec(Some("d"), Some("v")),
+                    false,
+                ),
+                format!("{AT}: provider azure-openai needs credentials"),
+            ),
+            (
+                azure(Some("https://r.openai.azure.com"), None, true),
+                format!("{AT}.azure.deployment: is required unless url ends in /openai/v1"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com"),
+                    spec(Some("d"), None),
+                    true,
+                ),
+                format!("{AT}.azure.apiVersion: is required with azure.deployment"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com/openai/v1"),
+                    spec(Some("d"), None),
+                    true,
+                ),
+                format!("{AT}.azure.deployment: must be absent when url ends in /openai/v1"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com/openai/v1"),
+                    spec(None, Some("2024-10-21")),
+                    true,
+                ),
+                format!("{AT}.azure.apiVersion: must be absent when url ends in /openai/v1"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com"),
+                    spec(Some("my deployment"), Some("v")),
+                    true,
+                ),
+                format!("{AT}.azure.deployment: must be a deployment name"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com"),
+                    spec(Some("d"), Some("2024-10-21&x=1")),
+                    true,
+                ),
+                format!("{AT}.azure.apiVersion: must be a version"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com/openai"),
+                    spec(Some("d"), Some("v")),
+                    true,
+                ),
+                format!("{AT}.url: must be the resource endpoint"),
+            ),
+            (
+                azure(
+                    Some("https://r.openai.azure.com/openai/deployments/d"),
+                    spec(Some("d"), Some("v")),
+                    true,
+                ),
+                format!("{AT}.url: must be the resource endpoint"),
+            ),
+        ];
+        for (s, want) in cases {
+            let got = problems(&s);
+            assert!(got.contains(&want), "want {want:?} in {got:?}");
+        }
+        // An auth this proxy does not know, and settings on another provider.
+        let other: SnapshotSpec = serde_json::from_str(
+            r#"{"routes":[{"name":"r","model":"m","backends":[
+              {"name":"az","provider":"azure-openai","url":"https://r.openai.azure.com/openai/v1",
+               "credentials":{"value":"k"},"azure":{"auth":"managedIdentity"}},
+              {"name":"o","provider":"openai-compatible","url":"http://h/v1","azure":{}}]}]}"#,
+        )
+        .unwrap();
+        let got = problems(&other);
+        assert!(
+            got.contains(&format!("{AT}.azure.auth: must be apiKey or bearer")),
+            "{got}"
+        );
+        assert!(
+            got.contains("backends[1] (o): azure settings apply only to provider azure-openai"),
+            "{got}"
+        );
+    }
 }

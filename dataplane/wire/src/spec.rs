@@ -188,7 +188,11 @@ impl ProviderKind {
     pub fn supported(&self) -> bool {
         matches!(
             self,
-            Self::Openai | Self::OpenaiCompatible | Self::Anthropic | Self::Mock
+            Self::Openai
+                | Self::OpenaiCompatible
+                | Self::Anthropic
+                | Self::AzureOpenai
+                | Self::Mock
         )
     }
 
@@ -239,6 +243,51 @@ pub struct BackendSpec {
     /// Settings of provider `anthropic`.
     #[serde(default)]
     pub anthropic: Option<AnthropicSpec>,
+    /// Settings of provider `azure-openai`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureSpec>,
+}
+
+/// Where an `azure-openai` backend sends requests and how it signs them. `url` is the
+/// resource endpoint (`https://myres.openai.azure.com`): with `deployment` (and then
+/// `api_version`) the classic `{url}/openai/deployments/{deployment}/chat/completions?
+/// api-version=...`; with a url ending in `/openai/v1` (and neither) the v1 API
+/// `{url}/chat/completions`, where the body's `model` names the deployment.
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureSpec {
+    /// The deployment name in the classic URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The `api-version` query of the classic URL, e.g. `2024-10-21`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// How the credential is sent [default: `apiKey`].
+    #[serde(default)]
+    pub auth: AzureAuth,
+}
+
+impl AzureSpec {
+    /// Whether `url` is a v1 API base (`.../openai/v1`), which takes no deployment or
+    /// api-version.
+    pub fn is_v1_url(url: &str) -> bool {
+        url.trim_end_matches('/').ends_with("/openai/v1")
+    }
+}
+
+/// How an Azure OpenAI backend presents its credential.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AzureAuth {
+    /// `api-key: <key>`: the resource's key.
+    #[default]
+    ApiKey,
+    /// `Authorization: Bearer <token>`: a Microsoft Entra ID token (scope
+    /// `https://cognitiveservices.azure.com/.default`), read from the credential as a key is.
+    Bearer,
+    /// A value from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]

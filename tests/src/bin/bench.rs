@@ -2021,6 +2021,7 @@ mod scale {
                     pricing: None,
                     mock: None,
                     anthropic: None,
+                    azure: None,
                 }],
             })
             .collect();
@@ -2098,6 +2099,7 @@ mod scale {
                         pricing: None,
                         mock: None,
                         anthropic: None,
+                        azure: None,
                     }],
                     strategy: None,
                     timeout: None,
