@@ -26,6 +26,7 @@
 //! | `json_stream=1` | answer a stream request with the whole JSON answer (`application/json`) |
 //! | `text=1` | answer every request 200 with a `text/plain` body |
 //! | `silent=1` | send a 200's headers (event stream or JSON), then nothing: the body never comes |
+//! | `code=CODE` | with `status`: the error body's `code` (`insufficient_quota`, `context_length_exceeded`; for `/v1/messages` the latter is Anthropic's "prompt is too long" message) |
 //!
 //! `POST /v1/messages` answers as Anthropic's Messages API does (docs.anthropic.com, and the
 //! recorded streams of `anthropics/anthropic-sdk-python`): a `message` JSON answer or a stream
@@ -131,6 +132,7 @@ struct Knobs {
     old_usage: bool,
     overloaded_mid: bool,
     filter: bool,
+    code: Option<String>,
     blocked: bool,
 }
 
@@ -159,6 +161,7 @@ impl Default for Knobs {
             old_usage: false,
             overloaded_mid: false,
             filter: false,
+            code: None,
             blocked: false,
         }
     }
@@ -198,6 +201,7 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "old_usage" => k.old_usage = v == "1",
             "overloaded_mid" => k.overloaded_mid = v == "1",
             "filter" => k.filter = v == "1",
+            "code" => k.code = Some(v.to_owned()),
             "blocked" => k.blocked = v == "1",
             _ => {}
         }
@@ -456,10 +460,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         && knobs.fail_first.is_none_or(|f| n <= f)
     {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut r = if api == "/v1/messages" {
-            anthropic_error(status, "mock upstream failure")
-        } else {
-            error(status, "mock upstream failure")
+        let mut r = match (api, knobs.code.as_deref()) {
+            // Anthropic has no code for it: its message says so (docs/providers.md 4.5).
+            ("/v1/messages", Some("context_length_exceeded")) => {
+                anthropic_error(status, "prompt is too long: 250000 tokens > 200000 maximum")
+            }
+            ("/v1/messages", _) => anthropic_error(status, "mock upstream failure"),
+            // As OpenAI words these: the code is also the type for quota.
+            (_, Some(code)) => json(
+                status,
+                &serde_json::json!({"error": {"message": format!("mock upstream failure: {code}"),
+                    "type": if code == "insufficient_quota" { code } else { "invalid_request_error" },
+                    "param": null, "code": code}}),
+            ),
+            _ => error(status, "mock upstream failure"),
         };
         if let Some(ra) = &knobs.retry_after {
             r.headers_mut()
