@@ -33,6 +33,9 @@ pub enum UsageSource {
     Reported,
     /// The prompt estimate and the streamed text: the upstream said nothing.
     Estimated,
+    /// The upstream's input figures, and the streamed text for the output it never reported
+    /// (a stream cut after Anthropic's `message_start`).
+    Partial,
     /// Nothing charged: no model was reached.
     None,
 }
@@ -42,6 +45,7 @@ impl UsageSource {
         match self {
             Self::Reported => "reported",
             Self::Estimated => "estimated",
+            Self::Partial => "partial",
             Self::None => "none",
         }
     }
@@ -199,6 +203,13 @@ impl Meter {
     /// hold against upstreams that report nothing.
     fn charged(&self) -> (Usage, UsageSource) {
         match self.usage {
+            Some(u) if u.output.is_none() && self.backend.is_some() => (
+                Usage {
+                    output: Some(estimated_output_tokens(self.output_chars)),
+                    ..u
+                },
+                UsageSource::Partial,
+            ),
             Some(u) => (u, UsageSource::Reported),
             None if self.backend.is_some()
                 && (self.status == 0 || self.status < 300 || self.stream) =>
@@ -257,7 +268,7 @@ impl Drop for Meter {
         if let (Some(t), Some(b)) = (self.ttft, backend_series) {
             b.ttft().observe(t.as_secs_f64());
         }
-        if source == UsageSource::Estimated
+        if matches!(source, UsageSource::Estimated | UsageSource::Partial)
             && let Some(b) = backend_series
         {
             b.usage_estimated().inc();
@@ -454,6 +465,28 @@ mod tests {
                 .encode_prometheus()
                 .contains("modelgate_usage_estimated_total{")
         );
+    }
+
+    #[test]
+    fn a_stream_cut_after_its_input_figures_charges_them_and_estimates_the_output() {
+        let metrics = Arc::new(Metrics::new());
+        let (key, registry) = (key(), StateRegistry::default());
+        let mut m = streamed(&metrics, &key, &registry);
+        // Anthropic's message_start: the input side only; then text, then the cut.
+        m.merge_usage(Usage {
+            input: Some(30),
+            cache_read: Some(5),
+            ..Usage::default()
+        });
+        m.output_text(40);
+        let (u, source) = m.charged();
+        assert_eq!(source, UsageSource::Partial);
+        assert_eq!(
+            (u.input, u.cache_read, u.output),
+            (Some(30), Some(5), Some(10))
+        );
+        m.finish_stream(Some(UpstreamErrorKind::Stream));
+        assert_eq!(key.state(&registry).take_unreported().unwrap().tokens, 45);
     }
 
     /// Route `id` answering to `model`, with one priced backend `b`: new objects every call,

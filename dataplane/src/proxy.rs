@@ -547,7 +547,10 @@ async fn count_tokens(
     meter: &mut Meter,
 ) -> Result<Reply, ProxyError> {
     // Nothing is charged either way.
-    meter.set_usage(crate::canonical::Usage::default());
+    meter.set_usage(crate::canonical::Usage {
+        output: Some(0),
+        ..Default::default()
+    });
     let anthropic = route
         .backends()
         .find(|b| matches!(b.provider, crate::routes::Provider::Anthropic(_)));

@@ -626,6 +626,60 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_bodies_pass_with_the_model_spliced_and_nothing_added() {
+        let body = br#"{"model":"claude","max_tokens":300,"system":"Be brief.","tools":[{"name":"t","input_schema":{"type":"object"}}],"messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let req = ApiRequest::parse(Endpoint::Messages, body).unwrap();
+        assert!(
+            req.stream && req.client_wants_usage,
+            "Anthropic streams carry usage"
+        );
+        assert_eq!(req.max_tokens, Some(300));
+        // The prompt is the messages, the system text and the tool definitions.
+        let parts = [
+            r#""Be brief.""#.len(),
+            r#"[{"name":"t","input_schema":{"type":"object"}}]"#.len(),
+            r#"[{"role":"user","content":"hi"}]"#.len(),
+        ];
+        assert_eq!(req.prompt_bytes, parts.iter().sum::<usize>());
+        let up = req.upstream_body("claude-upstream");
+        let expected = String::from_utf8_lossy(body).replace(r#""claude""#, r#""claude-upstream""#);
+        assert_eq!(
+            std::str::from_utf8(&up).unwrap(),
+            expected,
+            "no stream_options"
+        );
+        assert_eq!(req.output_reservation(1024, None).unwrap(), 300);
+    }
+
+    #[test]
+    fn anthropic_bodies_need_max_tokens_and_count_tokens_none() {
+        let no_max = br#"{"model":"claude","messages":[]}"#;
+        match ApiRequest::parse(Endpoint::Messages, no_max) {
+            Err(ProxyError::InvalidParam { param, .. }) => assert_eq!(param, "max_tokens"),
+            other => panic!("{other:?}"),
+        }
+        let zero = br#"{"model":"claude","max_tokens":0,"messages":[]}"#;
+        assert_eq!(
+            ApiRequest::parse(Endpoint::Messages, zero)
+                .unwrap()
+                .max_tokens,
+            Some(0)
+        );
+        let count = ApiRequest::parse(Endpoint::CountTokens, no_max).unwrap();
+        assert_eq!(count.output_reservation(1024, None).unwrap(), 0);
+        let streamed = br#"{"model":"claude","messages":[],"stream":true}"#;
+        assert!(ApiRequest::parse(Endpoint::CountTokens, streamed).is_err());
+        // Repeats of what the gateway reads are refused here as in chat bodies.
+        let twice = br#"{"model":"c","max_tokens":1,"system":"a","system":"b","messages":[]}"#;
+        assert!(ApiRequest::parse(Endpoint::Messages, twice).is_err());
+        let chat = br#"{"model":"c","system":"a","system":"b","messages":[]}"#;
+        assert!(
+            ApiRequest::parse(Endpoint::Chat, chat).is_ok(),
+            "not read in chat bodies"
+        );
+    }
+
+    #[test]
     fn keeps_client_stream_options() {
         let body = br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true,"x":1}}"#;
         let req = ApiRequest::parse(Endpoint::Chat, body).unwrap();

@@ -605,6 +605,53 @@ mod tests {
     const AT: &str = "routes[0] (r).backends[0] (az)";
 
     #[test]
+    fn anthropic_settings_are_checked_and_named_with_their_path() {
+        let backend = |extra: serde_json::Value| -> SnapshotSpec {
+            let mut b = serde_json::json!({"name": "an", "provider": "anthropic", "credentials": {"value": "k"}});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(
+                serde_json::json!({"routes": [{"name": "r", "model": "m", "backends": [b]}]}),
+            )
+            .unwrap()
+        };
+        let at = "routes[0] (r).backends[0] (an)";
+        assert_eq!(
+            problems(&backend(serde_json::json!({}))),
+            "",
+            "the default URL"
+        );
+        assert_eq!(
+            problems(&backend(
+                serde_json::json!({"anthropic": {"version": "2023-06-01",
+                "beta": ["prompt-caching-2024-07-31"], "defaultMaxTokens": 4096}})
+            )),
+            ""
+        );
+        let bad = problems(&backend(
+            serde_json::json!({"anthropic": {"version": "2023 06 01",
+            "beta": ["a,b"], "defaultMaxTokens": 0}}),
+        ));
+        for want in [
+            format!("{at}.anthropic.version: must be a version"),
+            format!("{at}.anthropic.beta[0]: must be one flag"),
+            format!("{at}.anthropic.defaultMaxTokens: must be between 1 and 4294967295"),
+        ] {
+            assert!(bad.contains(&want), "{want} in {bad}");
+        }
+        let mut no_key = backend(serde_json::json!({}));
+        no_key.routes[0].backends[0].credentials = None;
+        assert!(problems(&no_key).contains("provider anthropic needs credentials"));
+        let other: SnapshotSpec =
+            serde_json::from_value(serde_json::json!({"routes": [{"name": "r",
+            "model": "m", "backends": [{"name": "an", "provider": "openai-compatible",
+            "url": "http://127.0.0.1:1/v1", "anthropic": {}}]}]}))
+            .unwrap();
+        assert!(problems(&other).contains("anthropic settings apply only to provider anthropic"));
+    }
+
+    #[test]
     fn azure_classic_and_v1_shapes_are_accepted() {
         let classic = azure(
             Some("https://myres.openai.azure.com"),
