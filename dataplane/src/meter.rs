@@ -76,6 +76,8 @@ pub struct Meter {
     ttft: Option<Duration>,
     usage: Option<Usage>,
     pub prompt_estimate: u64,
+    /// Request fields a translation dropped (`x-modelgate-ignored-params`).
+    pub ignored_params: Vec<&'static str>,
     /// Characters of generated text streamed so far (after JSON unescaping).
     output_chars: u64,
     finish_reason: Option<&'static str>,
@@ -106,6 +108,7 @@ impl Meter {
             ttft: None,
             usage: None,
             prompt_estimate: 0,
+            ignored_params: Vec::new(),
             output_chars: 0,
             finish_reason: None,
             stream_outcome: None,

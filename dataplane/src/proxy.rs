@@ -201,6 +201,11 @@ fn add_gateway_headers(meter: &Meter, h: &mut HeaderMap) {
             h.insert(*name, v.clone());
         }
     }
+    if !meter.ignored_params.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&meter.ignored_params.join(","))
+    {
+        h.insert("x-modelgate-ignored-params", v);
+    }
 }
 
 fn copy_content_type(from: &HeaderMap, to: &mut HeaderMap) {
@@ -356,7 +361,9 @@ async fn serve(
     if endpoint == Endpoint::CountTokens {
         return count_tokens(gw, &route, &mut out, meter).await;
     }
-    let answer = forward(gw, &route, &mut out, meter).await?;
+    let answer = forward(gw, &route, &mut out, meter).await;
+    meter.ignored_params = out.ignored().to_vec();
+    let answer = answer?;
     // The dialect of the backend that answered.
     let backend = meter
         .backend

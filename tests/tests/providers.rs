@@ -127,6 +127,7 @@ async fn an_openai_client_gets_an_anthropic_answer_in_openai_shape() {
     // No max_tokens from the client: the reservation (the proxy's default) is sent.
     assert_eq!(sent["max_tokens"], 1024);
     assert_eq!(sent["tools"][0]["name"], "get_weather");
+    assert!(sent.get("seed").is_none() && sent.get("presence_penalty").is_none());
     assert_eq!(
         sent["tools"][0]["input_schema"]["properties"]["city"]["type"],
         "string"

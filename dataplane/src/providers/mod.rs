@@ -247,6 +247,15 @@ impl<'r, 'a> Outbound<'r, 'a> {
         parsed.as_ref().map_err(Clone::clone)
     }
 
+    /// The fields of the client's request the translation dropped (none when it was not
+    /// translated): said back in `x-modelgate-ignored-params`.
+    pub fn ignored(&self) -> &[&'static str] {
+        match &self.canonical {
+            Some(Ok(r)) => &r.ignored,
+            _ => &[],
+        }
+    }
+
     /// The request as an OpenAI chat body for `model`.
     fn openai_chat(&mut self, model: &str, field: MaxTokensField) -> Result<Vec<u8>, Refused> {
         let out = translate::openai_chat::Out {
