@@ -82,6 +82,7 @@ pub struct Meter {
     output_chars: u64,
     finish_reason: Option<&'static str>,
     stream_outcome: Option<&'static str>,
+    upstream_stream_failed: bool,
 }
 
 impl Meter {
@@ -112,6 +113,7 @@ impl Meter {
             output_chars: 0,
             finish_reason: None,
             stream_outcome: None,
+            upstream_stream_failed: false,
         }
     }
 
@@ -186,8 +188,17 @@ impl Meter {
         }
     }
 
+    /// The upstream's own stream carried an error event (e.g. Anthropic's `overloaded_error`
+    /// after `message_start`): the stream ends as broken, whatever follows.
+    pub fn upstream_stream_error(&mut self) {
+        self.upstream_stream_failed = true;
+    }
+
     /// The stream ended, cleanly or with an upstream error.
     pub fn finish_stream(mut self, error: Option<UpstreamErrorKind>) {
+        let error = error.or(self
+            .upstream_stream_failed
+            .then_some(UpstreamErrorKind::Stream));
         self.stream_outcome = Some(if error.is_some() {
             "upstream_error"
         } else {

@@ -935,6 +935,7 @@ fn meter_event(meter: &mut Meter, e: &Event) {
             ..
         } => meter.output_text(t.chars().count() as u64),
         Event::MessageStop { stop, .. } => meter.stop_reason(*stop),
+        Event::Error(_) => meter.upstream_stream_error(),
         _ => {}
     }
 }

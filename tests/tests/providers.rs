@@ -288,6 +288,63 @@ async fn input_tokens_from_message_start_count_when_message_delta_reports_output
     .await;
 }
 
+/// An Anthropic client asks for a stream; the OpenAI-compatible upstream answers with a whole
+/// JSON answer instead: the client still gets Anthropic's named events, metered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_answer_to_a_stream_request_reaches_an_anthropic_client_as_its_events() {
+    let up = MockUpstream::start();
+    let yaml = format!(
+        "routes:\n  - name: gpt\n    model: gpt\n    backends:\n      - {{name: up, provider: openai-compatible, url: {}}}\nkeys:\n  - {{name: demo, sha256: {}}}\n",
+        up.url("id=whole;json_stream=1;chunks=3;prompt_tokens=12"),
+        sha256_hex(DEMO_KEY)
+    );
+    let p = Proxy::start(&yaml);
+    let r = post(
+        &p.url("/v1/messages"),
+        Some(DEMO_KEY),
+        &json!({"model": "gpt", "max_tokens": 32, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = r.text();
+    let data: Vec<Value> = text
+        .split(
+            "
+
+",
+        )
+        .filter_map(|e| {
+            e.split_once(
+                "
+data: ",
+            )
+            .map(|(_, d)| d)
+        })
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(data[0]["type"], "message_start", "{text}");
+    let joined: String = data
+        .iter()
+        .filter_map(|d| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(joined, "tok tok tok");
+    let delta = data.iter().find(|d| d["type"] == "message_delta").unwrap();
+    assert_eq!(delta["usage"]["input_tokens"], 12);
+    assert_eq!(delta["usage"]["output_tokens"], 3);
+    assert_eq!(data.last().unwrap()["type"], "message_stop");
+    eventually(Duration::from_secs(10), "metered once", || async {
+        p.metric(
+            "modelgate_tokens_total",
+            &[("route", "default/gpt"), ("kind", "input")],
+        )
+        .await
+            == 12.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_errors_reach_openai_clients_in_openai_shape() {
     let up = MockUpstream::start();
@@ -354,4 +411,18 @@ async fn an_overloaded_anthropic_backend_falls_over_and_a_mid_stream_overload_en
     assert!(last["error"]["message"].as_str().is_some(), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
     assert_eq!(up.counters("mid").completed.load(Ordering::SeqCst), 1);
+    // The upstream's own error event breaks the stream for the meter too.
+    eventually(
+        Duration::from_secs(10),
+        "the broken stream is counted",
+        || async {
+            p.metric(
+                "modelgate_upstream_errors_total",
+                &[("route", "default/claude"), ("kind", "stream_broken")],
+            )
+            .await
+                == 1.0
+        },
+    )
+    .await;
 }

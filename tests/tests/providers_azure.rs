@@ -433,3 +433,64 @@ keys:
     let text = p.log_text();
     assert!(!text.contains("entra-token"), "never logged: {text}");
 }
+
+/// An Anthropic client of an Azure backend: its request reaches the deployment translated
+/// into chat (with `max_completion_tokens`), and the answer and the stream (Azure's filter
+/// chunks and all) come back as Anthropic's message and named events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_client_reaches_azure_through_the_chat_translation() {
+    let up = MockUpstream::start();
+    let p = start(&up, "chunks=3");
+    let body = |stream: bool| {
+        json!({"model": "gpt", "max_tokens": 64, "stream": stream,
+            "system": "Be brief.", "messages": [{"role": "user", "content": "Say hello"}]})
+    };
+    let r = post(&p.url("/v1/messages"), Some(DEMO_KEY), &body(false)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["model"], "gpt");
+    assert_eq!(v["content"][0]["type"], "text");
+    assert!(
+        v["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert!(
+        v["usage"]["input_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{v}"
+    );
+    let (path, query, headers, sent) = received(&up.counters("classic"));
+    assert!(
+        path.ends_with("/openai/deployments/gpt-4o-prod/chat/completions"),
+        "{path}"
+    );
+    assert_eq!(query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(headers["api-key"], AZURE_KEY);
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(sent["max_completion_tokens"], 64, "{sent}");
+
+    let r = post(&p.url("/v1/messages"), Some(DEMO_KEY), &body(true)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let text = r.text();
+    let names: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("event: "))
+        .map(|e| e.split('\n').next().unwrap_or(""))
+        .collect();
+    assert_eq!(names.first(), Some(&"message_start"), "{text}");
+    assert_eq!(names.last(), Some(&"message_stop"), "{text}");
+    assert!(names.contains(&"content_block_delta") && names.contains(&"message_delta"));
+    assert!(!text.contains("prompt_filter_results") && !text.contains("content_filter_results"));
+    eventually(Duration::from_secs(10), "both calls metered", || async {
+        p.metric("modelgate_requests_total", &[("route", "default/gpt")])
+            .await
+            == 2.0
+    })
+    .await;
+}

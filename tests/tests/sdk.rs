@@ -228,6 +228,23 @@ async fn anthropic_python_sdk_works_against_the_proxy() {
     assert_eq!(oai["max_tokens"], 64, "{oai}");
     assert_eq!(oai["messages"][0]["role"], "user");
     assert_eq!(oai["stream_options"]["include_usage"], true, "{oai}");
+    // Metered in every direction: Anthropic's cache reads passed through (3 per call to
+    // claude-pass: create and stream in test_create/test_stream, twice more in
+    // test_cache_tokens_reach_the_client), OpenAI's usage translated.
+    let m = p.metrics().await;
+    let tokens = |route: &str, kind: &str| {
+        metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("route", &format!("default/{route}")), ("kind", kind)],
+        )
+    };
+    assert_eq!(tokens("claude-pass", "cache_read"), 12.0, "{m}");
+    assert_eq!(tokens("claude-pass", "input"), 40.0, "{m}");
+    assert!(
+        tokens("gpt-up", "input") > 0.0 && tokens("gpt-up", "output") > 0.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1471,6 +1471,8 @@ struct WireDelta {
 struct OpenBlock {
     upstream: u64,
     ours: Option<u32>,
+    /// The delta type this block takes (`text_delta`, ...); `None` for a skipped block.
+    takes: Option<&'static str>,
 }
 
 /// Reads an Anthropic stream (the `data` of each server-sent event; its `type` names the
@@ -1484,6 +1486,8 @@ pub struct EventsIn {
     next_index: u32,
     tool_calls: usize,
     stop: Option<(StopReason, Option<String>)>,
+    /// `message_start` came: a second one is a broken stream.
+    started: bool,
     /// `message_stop` or an error was passed on: nothing follows.
     done: bool,
 }
@@ -1502,6 +1506,10 @@ impl EventsIn {
         }
         match event.kind.as_ref() {
             "message_start" => {
+                if self.started {
+                    return Err("a second `message_start`".into());
+                }
+                self.started = true;
                 let message = event.message.ok_or("`message_start` without `message`")?;
                 let usage = message.usage.canonical();
                 // The input side only: the output count here is provisional.
@@ -1531,6 +1539,24 @@ impl EventsIn {
                 let Some(delta) = event.delta else {
                     return Err("`content_block_delta` without `delta`".into());
                 };
+                // A delta must fit its block: text into a tool call, or thinking into text,
+                // would reach the client as something the model did not write.
+                let takes = self.block(upstream)?.takes;
+                let fits = |kind: &str| match kind {
+                    "signature_delta" => takes == Some("thinking_delta"),
+                    kind => takes == Some(kind),
+                };
+                if let Some(
+                    kind @ ("text_delta" | "input_json_delta" | "thinking_delta"
+                    | "signature_delta"),
+                ) = delta.kind.as_deref()
+                    && !fits(kind)
+                {
+                    return Err(format!(
+                        "a {kind} for block {upstream}, which takes {}",
+                        takes.unwrap_or("none")
+                    ));
+                }
                 let delta = match delta.kind.as_deref() {
                     Some("text_delta") => delta.text.map(Delta::Text),
                     Some("input_json_delta") => delta.partial_json.map(Delta::ToolArgs),
@@ -1650,15 +1676,23 @@ impl EventsIn {
                 self.open.push(OpenBlock {
                     upstream,
                     ours: None,
+                    takes: None,
                 });
                 return Ok(());
             }
+        };
+        let takes = match kind {
+            BlockKind::Text => "text_delta",
+            BlockKind::Thinking => "thinking_delta",
+            BlockKind::ToolUse { .. } => "input_json_delta",
+            BlockKind::RedactedThinking { .. } => "no delta",
         };
         let index = self.next_index;
         self.next_index = index.saturating_add(1);
         self.open.push(OpenBlock {
             upstream,
             ours: Some(index),
+            takes: Some(takes),
         });
         out.push(Event::BlockStart { index, kind });
         if let Some(delta) = first.filter(|d| !delta_is_empty(d)) {
@@ -1669,10 +1703,13 @@ impl EventsIn {
 
     /// Our index for an open upstream block; `None` for a skipped one.
     fn ours(&self, upstream: u64) -> Result<Option<u32>, String> {
+        self.block(upstream).map(|b| b.ours)
+    }
+
+    fn block(&self, upstream: u64) -> Result<&OpenBlock, String> {
         self.open
             .iter()
             .find(|b| b.upstream == upstream)
-            .map(|b| b.ours)
             .ok_or_else(|| format!("a delta for block {upstream}, which is not open"))
     }
 

@@ -8,7 +8,8 @@
 //!              [--profile small|16k|slow[,...] [--out DIR]]   (perf profiles, flame graphs)
 //! Sections for `--only`: the workloads small, 16k, large, stream, embeddings; `latency`
 //! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
-//! at 1,000 connections). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
+//! at 1,000 connections); `translate` (OpenAI and Anthropic clients on backends of the other
+//! API, against pass-through, CPU per request). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each,
 //! both with their access log on unless a row says otherwise) alone on core 1; the load
@@ -125,14 +126,28 @@ fn bench_config(keys_extra: usize, limits: bool) -> String {
         String::from("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
     let slow = format!("{MOCK_UPSTREAM}/s/latency={SLOW_MS}");
     let stream = format!("{MOCK_UPSTREAM}/s/chunks=100");
-    for (model, upstream) in [
-        ("bench", FIXED_UPSTREAM),
-        ("bench-stream", stream.as_str()),
-        ("bench-embed", FIXED_UPSTREAM),
-        ("bench-slow", slow.as_str()),
+    let fixed_stream = format!("{FIXED_UPSTREAM}/stream");
+    for (model, provider, upstream) in [
+        ("bench", "openai-compatible", FIXED_UPSTREAM),
+        ("bench-stream", "openai-compatible", stream.as_str()),
+        ("bench-embed", "openai-compatible", FIXED_UPSTREAM),
+        ("bench-slow", "openai-compatible", slow.as_str()),
+        // The translation section: the fixed upstream in both APIs, JSON and streams.
+        ("bench-anthropic", "anthropic", FIXED_UPSTREAM),
+        (
+            "bench-fixed-stream",
+            "openai-compatible",
+            fixed_stream.as_str(),
+        ),
+        ("bench-anthropic-stream", "anthropic", fixed_stream.as_str()),
     ] {
+        let creds = if provider == "anthropic" {
+            ", credentials: {env: BENCH_ANTHROPIC_KEY}"
+        } else {
+            ""
+        };
         s.push_str(&format!(
-            "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: openai-compatible, url: \"http://{upstream}/v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}}}\n"
+            "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: {provider}, url: \"http://{upstream}/v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}{creds}}}\n"
         ));
     }
     s.push_str("keys:\n");
@@ -444,6 +459,75 @@ const CHAT_ANSWER: &str = r#"{"id":"chatcmpl-bench7f3a9c1e5d2b0","object":"chat.
 /// ... and to every embeddings request: two short vectors, with `usage`.
 const EMBEDDINGS_ANSWER: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789,-0.0112,0.0345,-0.0678,0.0901,-0.0234]},{"object":"embedding","index":1,"embedding":[-0.0321,0.0654,-0.0987,0.0211,-0.0543,0.0876,-0.0109,0.0432]}],"model":"bench-embed","usage":{"prompt_tokens":12,"total_tokens":12}}"#;
 
+/// What the fixed upstream answers to every Anthropic Messages request: the same answer as
+/// `CHAT_ANSWER`, in Anthropic's shape.
+const ANTHROPIC_ANSWER: &str = r#"{"id":"msg_bench7f3a9c1e5d2b0","type":"message","role":"assistant","model":"bench","content":[{"type":"text","text":"The sea keeps its own time: each tide gives back what the last one took."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":27,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":16}}"#;
+
+/// The same answer streamed in 8 text pieces, as OpenAI writes streams (with the usage chunk
+/// the gateway asks for) and as Anthropic does (named events, a `ping`).
+fn stream_answers() -> (String, String) {
+    const PIECES: [&str; 8] = [
+        "The sea ",
+        "keeps its ",
+        "own time: ",
+        "each tide ",
+        "gives back ",
+        "what the ",
+        "last one ",
+        "took.",
+    ];
+    let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+        json!({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "bench", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut openai = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        json!(null),
+    )];
+    openai.extend(
+        PIECES
+            .iter()
+            .map(|p| chunk(json!({"content": p}), json!(null))),
+    );
+    openai.push(chunk(json!({}), json!("stop")));
+    openai.push(json!({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+        "model": "bench", "choices": [], "usage": {"prompt_tokens": 27, "completion_tokens": 16, "total_tokens": 43}}));
+    let mut o: String = openai.iter().map(|c| format!("data: {c}\n\n")).collect();
+    o.push_str("data: [DONE]\n\n");
+    let event = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut a = event(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_bench",
+        "type": "message", "role": "assistant", "model": "bench", "content": [], "stop_reason": null,
+        "stop_sequence": null, "usage": {"input_tokens": 27, "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0, "output_tokens": 1}}}),
+    );
+    a.push_str(&event(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0,
+        "content_block": {"type": "text", "text": ""}}),
+    ));
+    a.push_str(&event("ping", json!({"type": "ping"})));
+    for p in PIECES {
+        a.push_str(&event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": p}}),
+        ));
+    }
+    a.push_str(&event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    a.push_str(&event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason":
+        "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 16}}),
+    ));
+    a.push_str(&event("message_stop", json!({"type": "message_stop"})));
+    (o, a)
+}
+
 /// nginx's access log line for the fair pair: what nginx knows of the fields modelgate
 /// logs (no model, key or tokens), as JSON, the same envelope (`timestamp`, `level`,
 /// `message`, `target`).
@@ -635,7 +719,14 @@ impl Bench {
     /// and drops it). Keep-alive without a cap on requests per connection (nginx's default
     /// closes a connection after 1,000), as the mock has none.
     fn fixed_upstream(&self) -> Proc {
-        for answer in [CHAT_ANSWER, EMBEDDINGS_ANSWER] {
+        let (openai_stream, anthropic_stream) = stream_answers();
+        for answer in [
+            CHAT_ANSWER,
+            EMBEDDINGS_ANSWER,
+            ANTHROPIC_ANSWER,
+            &openai_stream,
+            &anthropic_stream,
+        ] {
             assert!(
                 !answer.contains(['\'', '\\', '$']),
                 "an answer nginx cannot quote as it is"
@@ -654,6 +745,9 @@ impl Bench {
     listen {FIXED_UPSTREAM} backlog=1024;
     location = /v1/chat/completions {{ return 200 '{CHAT_ANSWER}'; }}
     location = /v1/embeddings {{ return 200 '{EMBEDDINGS_ANSWER}'; }}
+    location = /v1/messages {{ return 200 '{ANTHROPIC_ANSWER}'; }}
+    location = /stream/v1/chat/completions {{ default_type text/event-stream; return 200 '{openai_stream}'; }}
+    location = /stream/v1/messages {{ default_type text/event-stream; return 200 '{anthropic_stream}'; }}
     location / {{ return 404 '{{"error":{{"message":"unknown path","type":"not_found"}}}}'; }}
   }}
 }}
@@ -767,6 +861,7 @@ events {{ worker_connections 4096; }}
             .arg(&path)
             .args(["--listen", "127.0.0.1:18001", "--admin", "127.0.0.1:19001"])
             .env("RUST_LOG", filter)
+            .env("BENCH_ANTHROPIC_KEY", "sk-bench-anthropic")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(format!("modelgate-{tag}.log"))).unwrap())
             .spawn()
@@ -988,6 +1083,9 @@ events {{ worker_connections 4096; }}
         if !peers_only() && self.selected("slow") {
             self.slow_upstream();
         }
+        if !peers_only() && self.selected("translate") {
+            self.translation();
+        }
         if !peers_only() && self.only.is_none() {
             self.scale();
             // Memory over time (BENCH_SOAK=SECS, 0 to skip; 600 by default, 60 with --quick).
@@ -1095,6 +1193,121 @@ events {{ worker_connections 4096; }}
     }
 
     /// One closed-loop throughput run (wrk, `conns` connections, the run's duration).
+    /// `translate`: modelgate's CPU per request when the client's API and the backend's
+    /// differ, against the same-API (pass-through) row of the same client in the same run;
+    /// the fixed upstream answers every row with the same answer in the backend's API
+    /// (JSON, or 8 text pieces streamed). Target: at most `TRANSLATE_TARGET` × pass-through.
+    fn translation(&self) {
+        const TRANSLATE_TARGET: f64 = 1.5;
+        let mg = self.modelgate(&bench_config(0, false), "translate", true);
+        let prompt = "Write one short sentence about the sea, please, for a benchmark of gateways and proxies.";
+        let openai = |name, model, stream| Workload {
+            name,
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "max_tokens": 16, "stream": stream,
+                "messages": [{"role": "user", "content": prompt}]})
+            .to_string(),
+            knobs: String::new(),
+        };
+        let anthropic = |name, model, stream| Workload {
+            name,
+            path: "/v1/messages",
+            body: json!({"model": model, "max_tokens": 16, "stream": stream,
+                "messages": [{"role": "user", "content": prompt}]})
+            .to_string(),
+            knobs: String::new(),
+        };
+        // (row, workload, the pass-through row it is compared with)
+        let rows = [
+            (
+                "OpenAI → OpenAI (pass-through)",
+                openai("t-oo", "bench", false),
+                None,
+            ),
+            (
+                "OpenAI → Anthropic",
+                openai("t-oa", "bench-anthropic", false),
+                Some(0),
+            ),
+            (
+                "Anthropic → Anthropic (pass-through)",
+                anthropic("t-aa", "bench-anthropic", false),
+                None,
+            ),
+            (
+                "Anthropic → OpenAI",
+                anthropic("t-ao", "bench", false),
+                Some(2),
+            ),
+            (
+                "OpenAI → OpenAI stream (pass-through)",
+                openai("t-oos", "bench-fixed-stream", true),
+                None,
+            ),
+            (
+                "OpenAI → Anthropic stream",
+                openai("t-oas", "bench-anthropic-stream", true),
+                Some(4),
+            ),
+            (
+                "Anthropic → Anthropic stream (pass-through)",
+                anthropic("t-aas", "bench-anthropic-stream", true),
+                None,
+            ),
+            (
+                "Anthropic → OpenAI stream",
+                anthropic("t-aos", "bench-fixed-stream", true),
+                Some(6),
+            ),
+        ];
+        let mut runs: Vec<Vec<Run>> = rows.iter().map(|_| Vec::new()).collect();
+        for (_, w, _) in &rows {
+            self.warmup(&w.modelgate_url(), w);
+        }
+        // Interleaved repetitions, so drift on the machine hits every row alike.
+        for _ in 0..self.reps {
+            for (i, (_, w, _)) in rows.iter().enumerate() {
+                runs[i].push(self.throughput(&w.modelgate_url(), w, Some(&mg)));
+            }
+        }
+        let medians: Vec<Run> = runs.iter().map(|r| median_run(r)).collect();
+        println!(
+            "\n## Translation (modelgate only, {} connections, fixed upstream in the backend's API)\n",
+            self.conns
+        );
+        println!(
+            "| client → backend | req/s | CPU µs/req | vs pass-through | target ≤ {TRANSLATE_TARGET}× | errors |"
+        );
+        println!("|---|---:|---:|---:|---|---:|");
+        for (i, (label, _, base)) in rows.iter().enumerate() {
+            let m = &medians[i];
+            let (ratio, verdict) = match base {
+                Some(b) if medians[*b].cpu_us_per_req > 0.0 => {
+                    let r = m.cpu_us_per_req / medians[*b].cpu_us_per_req;
+                    (
+                        format!("{r:.2}×"),
+                        if r <= TRANSLATE_TARGET {
+                            "PASS"
+                        } else {
+                            "FAIL"
+                        },
+                    )
+                }
+                Some(_) => ("n/a".to_owned(), "INVALID (no baseline)"),
+                None => ("1.00×".to_owned(), "baseline"),
+            };
+            let verdict = if m.errors > 0 || m.ok == 0 {
+                "INVALID (errors)"
+            } else {
+                verdict
+            };
+            println!(
+                "| {label} | {:.0} | {:.1} | {ratio} | {verdict} | {} |",
+                m.rps, m.cpu_us_per_req, m.errors
+            );
+        }
+    }
+
     fn throughput(&self, url: &str, w: &Workload, proc_: Option<&Proc>) -> Run {
         self.wrk_load(url, w, self.conns, &self.duration, proc_)
     }
