@@ -96,8 +96,8 @@ const MAX_STOP: usize = 4;
 /// Most bytes of an upstream's error text copied into an error; the rest is cut.
 const MAX_ERROR_TEXT: usize = 1024;
 
-/// Most bytes of one thinking block's text kept by `EventsOut` for its `thinking_blocks`
-/// entry (the stream's default event limit, docs/providers.md 2.7).
+/// Most bytes of thinking text and signatures `EventsOut` keeps, over all open blocks, for
+/// their `thinking_blocks` entries (the stream's default event limit, docs/providers.md 2.7).
 pub const MAX_THINKING_BYTES: usize = 1 << 20;
 
 /// What a stream that stops without finishing says.
@@ -2203,6 +2203,20 @@ impl EventsOut {
         self.failed = true;
     }
 
+    /// Thinking text and signatures held for every open block: bounded together, so many
+    /// open thinking blocks cannot hold more than one block's allowance.
+    fn thinking_held(&self) -> usize {
+        self.open
+            .iter()
+            .map(|(_, b)| match b {
+                OpenBlock::Thinking {
+                    text, signature, ..
+                } => text.len() + signature.len(),
+                OpenBlock::Other | OpenBlock::Tool(_) => 0,
+            })
+            .sum()
+    }
+
     fn block(&mut self, index: u32) -> Option<&mut OpenBlock> {
         self.open
             .iter_mut()
@@ -2280,8 +2294,9 @@ impl EventsOut {
                     },
                 ),
                 Delta::Thinking(t) if !t.is_empty() => {
+                    let held = self.thinking_held();
                     if let Some(OpenBlock::Thinking { text, overflow, .. }) = self.block(*index) {
-                        if text.len() + t.len() <= MAX_THINKING_BYTES {
+                        if held + t.len() <= MAX_THINKING_BYTES {
                             text.push_str(t);
                         } else {
                             *overflow = true;
@@ -2296,13 +2311,14 @@ impl EventsOut {
                     );
                 }
                 Delta::Signature(s) => {
+                    let held = self.thinking_held();
                     if let Some(OpenBlock::Thinking {
                         signature,
                         overflow,
                         ..
                     }) = self.block(*index)
                     {
-                        if signature.len() + s.len() <= MAX_THINKING_BYTES {
+                        if held + s.len() <= MAX_THINKING_BYTES {
                             signature.push_str(s);
                         } else {
                             *overflow = true;
@@ -3475,6 +3491,36 @@ mod tests {
             "past the cap the stream ends with an error"
         );
         assert!(!out.contains("thinking_blocks"));
+    }
+
+    #[test]
+    fn thinking_held_over_all_open_blocks_is_capped_together() {
+        let big = "x".repeat(MAX_THINKING_BYTES / 2 + 1);
+        let mut events = vec![Event::MessageStart {
+            id: "m".into(),
+            usage: Usage::default(),
+        }];
+        // Two blocks open at once, each under the cap alone, over it together.
+        for index in 0..2 {
+            events.push(Event::BlockStart {
+                index,
+                kind: BlockKind::Thinking,
+            });
+            events.push(Event::BlockDelta {
+                index,
+                delta: Delta::Thinking(big.clone()),
+            });
+        }
+        events.push(Event::BlockDelta {
+            index: 1,
+            delta: Delta::Signature("s".into()),
+        });
+        events.push(Event::BlockStop { index: 1 });
+        let out = events_out(&events, false);
+        assert!(
+            out.ends_with("\"code\":\"upstream_error\"}}\n\n"),
+            "the second block went past the shared allowance"
+        );
     }
 
     /// OpenAI in, OpenAI out: what a client sees through two translations is what the
