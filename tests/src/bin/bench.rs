@@ -120,19 +120,23 @@ fn main() {
 /// The proxy's config for the throughput runs: chat and embeddings routes on the fixed
 /// upstream, the stream and slow routes on the mock (through its path knobs), the bench key
 /// (with generous limits when `limits`) and `keys_extra` more keys.
-fn bench_config(keys_extra: usize, limits: bool) -> String {
-    let hash = modelgate_tests::harness::sha256_hex(KEY);
-    let mut s =
-        String::from("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
-    let slow = format!("{MOCK_UPSTREAM}/s/latency={SLOW_MS}");
-    let stream = format!("{MOCK_UPSTREAM}/s/chunks=100");
+/// One route of the bench's config: `model` on one backend at `upstream`.
+fn route(model: &str, provider: &str, upstream: &str) -> String {
+    let creds = if provider == "anthropic" {
+        ", credentials: {env: BENCH_ANTHROPIC_KEY}"
+    } else {
+        ""
+    };
+    format!(
+        "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: {provider}, url: \"http://{upstream}/v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}{creds}}}\n"
+    )
+}
+
+/// The translation section's config: the bench's, and the fixed upstream in both APIs,
+/// JSON and streams.
+fn translate_config() -> String {
     let fixed_stream = format!("{FIXED_UPSTREAM}/stream");
-    for (model, provider, upstream) in [
-        ("bench", "openai-compatible", FIXED_UPSTREAM),
-        ("bench-stream", "openai-compatible", stream.as_str()),
-        ("bench-embed", "openai-compatible", FIXED_UPSTREAM),
-        ("bench-slow", "openai-compatible", slow.as_str()),
-        // The translation section: the fixed upstream in both APIs, JSON and streams.
+    let extra: String = [
         ("bench-anthropic", "anthropic", FIXED_UPSTREAM),
         (
             "bench-fixed-stream",
@@ -140,15 +144,26 @@ fn bench_config(keys_extra: usize, limits: bool) -> String {
             fixed_stream.as_str(),
         ),
         ("bench-anthropic-stream", "anthropic", fixed_stream.as_str()),
+    ]
+    .iter()
+    .map(|(m, p, u)| route(m, p, u))
+    .collect();
+    bench_config(0, false).replacen("keys:\n", &format!("{extra}keys:\n"), 1)
+}
+
+fn bench_config(keys_extra: usize, limits: bool) -> String {
+    let hash = modelgate_tests::harness::sha256_hex(KEY);
+    let mut s =
+        String::from("server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}\nroutes:\n");
+    let slow = format!("{MOCK_UPSTREAM}/s/latency={SLOW_MS}");
+    let stream = format!("{MOCK_UPSTREAM}/s/chunks=100");
+    for (model, upstream) in [
+        ("bench", FIXED_UPSTREAM),
+        ("bench-stream", stream.as_str()),
+        ("bench-embed", FIXED_UPSTREAM),
+        ("bench-slow", slow.as_str()),
     ] {
-        let creds = if provider == "anthropic" {
-            ", credentials: {env: BENCH_ANTHROPIC_KEY}"
-        } else {
-            ""
-        };
-        s.push_str(&format!(
-            "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: {provider}, url: \"http://{upstream}/v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}{creds}}}\n"
-        ));
+        s.push_str(&route(model, "openai-compatible", upstream));
     }
     s.push_str("keys:\n");
     let lim = if limits {
@@ -1199,7 +1214,7 @@ events {{ worker_connections 4096; }}
     /// (JSON, or 8 text pieces streamed). Target: at most `TRANSLATE_TARGET` × pass-through.
     fn translation(&self) {
         const TRANSLATE_TARGET: f64 = 1.5;
-        let mg = self.modelgate(&bench_config(0, false), "translate", true);
+        let mg = self.modelgate(&translate_config(), "translate", true);
         let prompt = "Write one short sentence about the sea, please, for a benchmark of gateways and proxies.";
         let openai = |name, model, stream| Workload {
             name,
