@@ -117,6 +117,13 @@ enum Field {
 impl Field {
     const COUNT: usize = 12;
 
+    /// The field the gateway reads under `key` in a body of `endpoint`: `system` and `tools`
+    /// are read (and so refused when repeated) only in Anthropic bodies, where they are part
+    /// of the prompt.
+    fn read(key: &str, endpoint: Endpoint) -> Option<Self> {
+        Self::of(key).filter(|f| endpoint.anthropic() || !matches!(f, Self::System | Self::Tools))
+    }
+
     /// Matches the key as JSON decodes it, so `"mod\u0065l"` is `model`.
     fn of(key: &str) -> Option<Self> {
         Some(match key {
@@ -193,17 +200,15 @@ impl<'a> ApiRequest<'a> {
         }
         let mut fields = [None; Field::COUNT];
         let mut repeated = None;
-        // `system` and `tools` are read (and so refused when repeated) only in Anthropic
-        // bodies, where they are part of the prompt.
-        let read = |key: &str| {
-            Field::of(key)
-                .filter(|f| endpoint.anthropic() || !matches!(f, Field::System | Field::Tools))
-        };
-        each_field(body, read, |field, raw| {
-            if fields[field as usize].replace(raw).is_some() {
-                repeated.get_or_insert(field);
-            }
-        })
+        each_field(
+            body,
+            |key| Field::read(key, endpoint),
+            |field, raw| {
+                if fields[field as usize].replace(raw).is_some() {
+                    repeated.get_or_insert(field);
+                }
+            },
+        )
         .map_err(|e| bad(format!("the request body is not a JSON object: {e}")))?;
         if let Some(field) = repeated {
             return Err(bad(format!(
@@ -391,7 +396,7 @@ impl<'a> ApiRequest<'a> {
     /// asking for one walks the body again (the mock provider does, the proxy does not) and
     /// finds the last copy, as serde_json would.
     pub fn field(&self, name: &str) -> Option<&'a str> {
-        if let Some(field) = Field::of(name) {
+        if let Some(field) = Field::read(name, self.endpoint) {
             return self.fields[field as usize].map(RawValue::get);
         }
         let mut found = None;
