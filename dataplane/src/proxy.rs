@@ -155,6 +155,10 @@ pub async fn handle(
                 .route
                 .as_ref()
                 .map_or((None, None), |r| (r.stream_idle_timeout, r.stream_timeout));
+            let azure = meter
+                .backend
+                .as_ref()
+                .is_some_and(|b| matches!(b.provider, crate::routes::Provider::Azure(_)));
             let body = MeteredStream::with_limits(
                 upstream.into_body(),
                 meter,
@@ -165,6 +169,7 @@ pub async fn handle(
             )
             .starting_with(first, since);
             let body = match stage {
+                Stage::Pass if azure => body.azure_filtered(),
                 Stage::Pass => body,
                 Stage::Translate(t) => body.translating(t),
                 Stage::Watch(w) => body.watching(w),

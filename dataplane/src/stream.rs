@@ -278,6 +278,8 @@ struct Lines {
     max_event: usize,
     /// What happens to each event besides what `observe` reads.
     mode: Mode,
+    /// Drop Azure OpenAI's filter-only chunks (the backend is Azure's).
+    azure: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -322,6 +324,7 @@ impl SseScanner {
                 strip_usage,
                 max_event,
                 mode: Mode::Observe,
+                azure: false,
             },
             started: false,
             head: Vec::new(),
@@ -334,6 +337,14 @@ impl SseScanner {
         let mut s = Self::new(false, max_event);
         s.lines.mode = Mode::Deliver;
         s
+    }
+
+    /// Also drop Azure OpenAI's prompt-filter and annotation-only chunks (docs/providers.md
+    /// 3.3): for a stream from an Azure backend only; other servers' chunks are never
+    /// second-guessed.
+    pub fn with_azure_filter(mut self) -> Self {
+        self.lines.azure = true;
+        self
     }
 
     /// A scanner that forwards every event as it came and hands its data to
@@ -591,7 +602,7 @@ impl Lines {
         };
         let forward = match (data, self.mode) {
             (None, mode) => mode != Mode::Deliver,
-            (Some(d), Mode::Observe) => observe(d, self.strip_usage, obs),
+            (Some(d), Mode::Observe) => observe(d, self.strip_usage, self.azure, obs),
             (Some(d), mode) => {
                 obs.event_data(d);
                 mode == Mode::Watch
@@ -609,7 +620,7 @@ impl Lines {
 /// delimits a string, so a colon after such a quote follows a key, and text inside a string
 /// (where every quote is escaped) never reads as one. Text values are counted where they lie
 /// and skipped; only an event with a `usage` object is deserialized (once per stream).
-fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> bool {
+fn observe(data: &[u8], strip_usage: bool, azure: bool, obs: &mut impl StreamObserver) -> bool {
     if data == b"[DONE]" {
         return true;
     }
@@ -674,7 +685,7 @@ fn observe(data: &[u8], strip_usage: bool, obs: &mut impl StreamObserver) -> boo
     if chars > 0 {
         obs.output_text(chars);
     }
-    if !usage && (no_choices || (some_choice && !delta_or_text)) {
+    if azure && !usage && (no_choices || (some_choice && !delta_or_text)) {
         // Dropped: the prompt-filter chunk (no choices, `prompt_filter_results` or the older
         // `prompt_annotations`) and chunks whose every choice is an annotation (no delta, no
         // text, no finish reason: a `content_filter` finish is kept, no logprobs); never a
@@ -1120,6 +1131,13 @@ impl MeteredStream {
         self
     }
 
+    /// Drop Azure OpenAI's filter-only chunks ([`SseScanner::with_azure_filter`]).
+    pub fn azure_filtered(mut self) -> Self {
+        let scanner = std::mem::replace(&mut self.scanner, SseScanner::new(false, 0));
+        self.scanner = scanner.with_azure_filter();
+        self
+    }
+
     /// Translate the upstream's events instead of forwarding them.
     pub fn translating(mut self, translator: Box<StreamTranslator>) -> Self {
         self.scanner = SseScanner::delivering(self.scanner.lines.max_event);
@@ -1327,7 +1345,10 @@ mod tests {
 
     /// Feed `chunks` to a scanner; returns what was forwarded and what was observed.
     fn run(strip: bool, max: usize, chunks: &[&[u8]]) -> (Vec<u8>, Tally, Result<(), String>) {
-        let mut s = SseScanner::new(strip, max);
+        run_on(SseScanner::new(strip, max), chunks)
+    }
+
+    fn run_on(mut s: SseScanner, chunks: &[&[u8]]) -> (Vec<u8>, Tally, Result<(), String>) {
         let mut tally = Tally::default();
         let mut out = Vec::new();
         for c in chunks {
@@ -1359,6 +1380,18 @@ mod tests {
             (&out, &tally),
             (&whole(strip, stream).0, &whole(strip, stream).1)
         );
+        (out, tally)
+    }
+
+    /// `byte_by_byte` for a stream from an Azure backend (its filter chunks dropped).
+    fn azure_byte_by_byte(strip: bool, stream: &[u8]) -> (Vec<u8>, Tally) {
+        let scanner = || SseScanner::new(strip, DEFAULT_MAX_EVENT_BYTES).with_azure_filter();
+        let chunks: Vec<&[u8]> = stream.chunks(1).collect();
+        let (out, tally, r) = run_on(scanner(), &chunks);
+        r.unwrap();
+        let (whole_out, whole_tally, r) = run_on(scanner(), &[stream]);
+        r.unwrap();
+        assert_eq!((&out, &tally), (&whole_out, &whole_tally));
         (out, tally)
     }
 
@@ -1577,6 +1610,7 @@ mod tests {
             strip_usage: false,
             max_event: 100,
             mode: Mode::Observe,
+            azure: false,
         };
         let buf = b"data:  a\ndata:b\ndata\n";
         lines.field(buf, 0, 0, 8);
@@ -1864,7 +1898,7 @@ mod tests {
     #[test]
     fn azure_prompt_filter_and_annotation_chunks_are_dropped_whole() {
         for strip in [false, true] {
-            let (out, t) = byte_by_byte(strip, AZURE_ASYNC.as_bytes());
+            let (out, t) = azure_byte_by_byte(strip, AZURE_ASYNC.as_bytes());
             let out = String::from_utf8(out).unwrap();
             // Azure writes `"id":""` on exactly its filter chunks here.
             assert_eq!(out, without(AZURE_ASYNC, |e| e.contains(r#""id":"""#)));
@@ -1874,12 +1908,15 @@ mod tests {
             assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
             assert_eq!(t.output_chars, "Color is a".chars().count() as u64);
             assert_eq!(t.finish_reason.as_deref(), Some("stop"));
+            // From any other backend, nothing is second-guessed: every chunk goes on.
+            let (out, _) = byte_by_byte(strip, AZURE_ASYNC.as_bytes());
+            assert_eq!(out, AZURE_ASYNC.as_bytes());
         }
     }
 
     #[test]
     fn an_azure_content_filter_finish_is_kept_without_a_delta() {
-        let (out, t) = byte_by_byte(false, AZURE_BLOCKED.as_bytes());
+        let (out, t) = azure_byte_by_byte(false, AZURE_BLOCKED.as_bytes());
         let out = String::from_utf8(out).unwrap();
         let dropped = |e: &str| e.contains(r#""id":"""#) && !e.contains("\"content_filter\"");
         assert_eq!(out, without(AZURE_BLOCKED, dropped));
@@ -1901,7 +1938,7 @@ mod tests {
         let annotation = "data: {\"choices\": [ {\"content_filter_results\": {\"hate\": {\"filtered\": false, \"severity\": \"safe\"}}, \"finish_reason\" : null, \"index\": 0} ]}\n\n";
         let content = "data: {\"choices\":[{\"index\":0,\"content_filter_results\":{},\"delta\":{\"content\":\"ok\"},\"finish_reason\":null}]}\n\n";
         let stream = format!("{prompt}{content}{annotation}data: [DONE]\n\n");
-        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        let (out, t) = azure_byte_by_byte(false, stream.as_bytes());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!("{content}data: [DONE]\n\n")
@@ -1911,10 +1948,10 @@ mod tests {
         // Azure's usage chunk (empty choices, a usage object) is metered and, as OpenAI's,
         // stripped only when the client did not ask for it.
         let usage = "data: {\"choices\":[],\"prompt_filter_results\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n";
-        let (out, t) = whole(false, usage.as_bytes());
+        let (out, t) = azure_byte_by_byte(false, usage.as_bytes());
         assert_eq!(out, usage.as_bytes());
         assert_eq!(t.usage, Some(USAGE));
-        let (out, _) = whole(true, usage.as_bytes());
+        let (out, _) = azure_byte_by_byte(true, usage.as_bytes());
         assert!(out.is_empty());
     }
 
@@ -1935,7 +1972,7 @@ mod tests {
             "data: {\"choices\":[{\"index\":0}\n\n",
             "data: [DONE]\n\n",
         );
-        let (out, t) = byte_by_byte(false, stream.as_bytes());
+        let (out, t) = azure_byte_by_byte(false, stream.as_bytes());
         assert_eq!(String::from_utf8(out).unwrap(), stream);
         assert_eq!(t.output_chars, 2);
         // Two choices, one of them an annotation: the chunk carries content, so it goes on.
