@@ -3,7 +3,7 @@
 //! canonical request; this module only says where it goes and with which headers.
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
+use http::{HeaderName, HeaderValue, Request, Uri};
 use http_body_util::Full;
 use modelgate_wire::{ANTHROPIC_DEFAULT_VERSION, AnthropicSpec};
 
@@ -106,22 +106,8 @@ impl Upstream {
         stream: bool,
         client: &ClientHeaders,
     ) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri.clone();
+        let mut req = super::json_post(uri, body, stream);
         let h = req.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(if stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            }),
-        );
         h.insert(
             VERSION.clone(),
             client.version.as_ref().unwrap_or(&self.version).clone(),

@@ -12,10 +12,11 @@
 //! a content-filter 400 in OpenAI's words (docs/providers.md 3.3, 6.2).
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
+use http::{HeaderName, Request, Uri, header};
 use http_body_util::Full;
 use modelgate_wire::{AzureAuth, AzureSpec};
 
+use super::{OpenAiUris, json_post};
 use crate::canonical::ErrorKind;
 use crate::request::Endpoint;
 use crate::routes::Credential;
@@ -29,9 +30,7 @@ pub const MAX_ERROR_BODY: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Upstream {
     /// Request URIs per endpoint, built once.
-    chat: Uri,
-    completions: Uri,
-    embeddings: Uri,
+    uris: OpenAiUris,
     credential: Option<Credential>,
     auth: AzureAuth,
 }
@@ -68,37 +67,15 @@ impl Upstream {
             return Err("azure.auth must be apiKey or bearer".into());
         }
         Ok(Self {
-            chat: uri(Endpoint::Chat)?,
-            completions: uri(Endpoint::Completions)?,
-            embeddings: uri(Endpoint::Embeddings)?,
+            uris: OpenAiUris::new(uri)?,
             credential,
             auth: spec.auth,
         })
     }
 
     pub fn request(&self, endpoint: Endpoint, body: Bytes, stream: bool) -> Request<Full<Bytes>> {
-        let uri = match endpoint {
-            // Anthropic clients' requests reach Azure translated into chat.
-            Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => &self.chat,
-            Endpoint::Completions => &self.completions,
-            Endpoint::Embeddings => &self.embeddings,
-        };
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri.clone();
+        let mut req = json_post(self.uris.of(endpoint), body, stream);
         let h = req.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(if stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            }),
-        );
         if let Some(c) = &self.credential {
             match self.auth {
                 AzureAuth::ApiKey => {

@@ -59,6 +59,55 @@ pub fn http_client(egress: Option<Arc<UpstreamPolicy>>) -> HttpClient {
         .build(TimedConnector(https))
 }
 
+/// The request URIs of an OpenAI-shaped upstream, one per endpoint, built once.
+#[derive(Debug)]
+pub struct OpenAiUris {
+    chat: http::Uri,
+    completions: http::Uri,
+    embeddings: http::Uri,
+}
+
+impl OpenAiUris {
+    /// `uri` makes the URI of one endpoint.
+    pub fn new(uri: impl Fn(Endpoint) -> Result<http::Uri, String>) -> Result<Self, String> {
+        Ok(Self {
+            chat: uri(Endpoint::Chat)?,
+            completions: uri(Endpoint::Completions)?,
+            embeddings: uri(Endpoint::Embeddings)?,
+        })
+    }
+
+    pub fn of(&self, endpoint: Endpoint) -> &http::Uri {
+        match endpoint {
+            // Anthropic clients' requests reach an OpenAI-shaped backend translated into chat.
+            Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => &self.chat,
+            Endpoint::Completions => &self.completions,
+            Endpoint::Embeddings => &self.embeddings,
+        }
+    }
+}
+
+/// A JSON POST to `uri`, accepting an event stream or JSON; the provider adds its auth.
+pub fn json_post(uri: &http::Uri, body: Bytes, stream: bool) -> http::Request<Full<Bytes>> {
+    let mut req = http::Request::new(Full::new(body));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = uri.clone();
+    let h = req.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::ACCEPT,
+        HeaderValue::from_static(if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    );
+    req
+}
+
 /// A failed attempt that the retry policy may retry.
 #[derive(Debug)]
 pub enum Failure {

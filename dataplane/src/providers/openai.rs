@@ -3,9 +3,10 @@
 //! and the credential goes into `Authorization: Bearer`.
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Uri, header};
+use http::{Request, Uri, header};
 use http_body_util::Full;
 
+use super::{OpenAiUris, json_post};
 use crate::request::Endpoint;
 use crate::routes::Credential;
 use crate::translate::openai_chat::MaxTokensField;
@@ -13,9 +14,7 @@ use crate::translate::openai_chat::MaxTokensField;
 #[derive(Debug)]
 pub struct Upstream {
     /// Request URIs per endpoint, built once from the base URL.
-    chat: Uri,
-    completions: Uri,
-    embeddings: Uri,
+    uris: OpenAiUris,
     credential: Option<Credential>,
     /// Where a translated request puts its output limit: OpenAI takes
     /// `max_completion_tokens`, many compatible servers know only `max_tokens`.
@@ -33,37 +32,15 @@ impl Upstream {
                 .map_err(|e| format!("invalid URL {base:?}: {e}"))
         };
         Ok(Self {
-            chat: uri(Endpoint::Chat)?,
-            completions: uri(Endpoint::Completions)?,
-            embeddings: uri(Endpoint::Embeddings)?,
+            uris: OpenAiUris::new(uri)?,
             credential,
             max_tokens_field: MaxTokensField::MaxTokens,
         })
     }
 
     pub fn request(&self, endpoint: Endpoint, body: Bytes, stream: bool) -> Request<Full<Bytes>> {
-        let uri = match endpoint {
-            // Anthropic clients' requests reach an OpenAI backend translated into chat.
-            Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => &self.chat,
-            Endpoint::Completions => &self.completions,
-            Endpoint::Embeddings => &self.embeddings,
-        };
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri.clone();
+        let mut req = json_post(self.uris.of(endpoint), body, stream);
         let h = req.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(if stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            }),
-        );
         if let Some(c) = &self.credential {
             h.insert(header::AUTHORIZATION, c.header().clone());
         }
