@@ -493,21 +493,14 @@ fn translate_whole(
         if from == to {
             return Ok(Reply::Full(json(bytes)));
         }
-        let err = match from {
-            Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), &bytes),
-            Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), &bytes),
-        };
+        let err = translate::error_in(from, status.as_u16(), &bytes);
         let body = match to {
             Dialect::OpenAiChat => translate::openai_chat::error_out(&err),
             Dialect::Anthropic => translate::anthropic::error_out(&err, &meter.request_id),
         };
         return Ok(Reply::Full(json(Bytes::from(body))));
     }
-    let answer = match from {
-        Dialect::Anthropic => translate::anthropic::response_in(&bytes),
-        Dialect::OpenAiChat => translate::openai_chat::response_in(&bytes),
-    }
-    .map_err(|e| {
+    let answer = translate::response_in(from, &bytes).map_err(|e| {
         ProxyError::UpstreamProtocol(format!(
             "the upstream answered {}: {e}",
             media_type(&parts.headers)
@@ -866,11 +859,7 @@ fn retry_after_budget(deadline: Option<Instant>, now: Instant) -> Duration {
 
 /// Whether a 400 from a backend of `dialect` says the prompt exceeds the model's window.
 fn context_overflow(dialect: Dialect, body: &[u8]) -> bool {
-    let err = match dialect {
-        Dialect::OpenAiChat => translate::openai_chat::error_in(400, body),
-        Dialect::Anthropic => translate::anthropic::error_in(400, body),
-    };
-    err.kind == crate::canonical::ErrorKind::ContextLength
+    translate::error_in(dialect, 400, body).kind == crate::canonical::ErrorKind::ContextLength
 }
 
 fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: &Failure) {

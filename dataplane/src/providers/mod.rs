@@ -474,10 +474,7 @@ async fn error_kind(
         .ok()?
         .ok()?
         .to_bytes();
-    let err = match dialect {
-        Dialect::OpenAiChat => translate::openai_chat::error_in(status.as_u16(), &bytes),
-        Dialect::Anthropic => translate::anthropic::error_in(status.as_u16(), &bytes),
-    };
+    let err = translate::error_in(dialect, status.as_u16(), &bytes);
     matches!(
         err.kind,
         canonical::ErrorKind::QuotaExhausted | canonical::ErrorKind::Overloaded

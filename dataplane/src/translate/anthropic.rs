@@ -1344,7 +1344,7 @@ fn kind_of(status: u16, error_type: &str, message: &str) -> ErrorKind {
 
 fn api_error(status: u16, error_type: &str, message: Option<&str>) -> ApiError {
     let message = match message {
-        Some(m) => clip_to(m, MAX_UPSTREAM_MESSAGE_BYTES).to_owned(),
+        Some(m) => super::clip(m, MAX_UPSTREAM_MESSAGE_BYTES).to_owned(),
         None => format!("the upstream answered {status} without an Anthropic error body"),
     };
     ApiError {
@@ -1992,20 +1992,8 @@ fn write_event(out: &mut Vec<u8>, event: &OutEvent) {
 
 // ---------------------------------------------------------------------------------------------
 
-/// At most `max` bytes of `s`, cut at a character boundary.
-fn clip_to(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.get(..end).unwrap_or("")
-}
-
 fn clip(s: &str) -> &str {
-    clip_to(s, MAX_PARSE_ERROR_BYTES)
+    super::clip(s, MAX_PARSE_ERROR_BYTES)
 }
 
 #[cfg(test)]

@@ -34,6 +34,35 @@ impl Refused {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary: how much upstream text an error
+/// message may carry.
+pub(crate) fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
+}
+
+/// An error body (any status) from a backend of `dialect`, read into the canonical model.
+pub fn error_in(dialect: Dialect, status: u16, body: &[u8]) -> ApiError {
+    match dialect {
+        Dialect::OpenAiChat => openai_chat::error_in(status, body),
+        Dialect::Anthropic => anthropic::error_in(status, body),
+    }
+}
+
+/// A 2xx answer from a backend of `dialect`, read into the canonical model.
+pub fn response_in(dialect: Dialect, body: &[u8]) -> Result<Response, String> {
+    match dialect {
+        Dialect::OpenAiChat => openai_chat::response_in(body),
+        Dialect::Anthropic => anthropic::response_in(body),
+    }
+}
+
 /// Most tool calls one streamed answer may open; past it the stream ends with an error.
 pub const MAX_STREAM_TOOL_CALLS: usize = 128;
 
@@ -51,6 +80,29 @@ pub enum Dialect {
 enum EventsIn {
     OpenAiChat(openai_chat::EventsIn),
     Anthropic(anthropic::EventsIn),
+}
+
+impl EventsIn {
+    fn new(from: Dialect) -> Self {
+        match from {
+            Dialect::OpenAiChat => Self::OpenAiChat(openai_chat::EventsIn::new()),
+            Dialect::Anthropic => Self::Anthropic(anthropic::EventsIn::new()),
+        }
+    }
+
+    fn event(&mut self, data: &[u8], out: &mut Vec<Event>) -> Result<(), String> {
+        match self {
+            Self::OpenAiChat(r) => r.event(data, out),
+            Self::Anthropic(r) => r.event(data, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<Event>) {
+        match self {
+            Self::OpenAiChat(r) => r.finish(out),
+            Self::Anthropic(r) => r.finish(out),
+        }
+    }
 }
 
 /// Writes canonical events in a client's dialect.
@@ -100,12 +152,8 @@ impl StreamTranslator {
     /// `model`: the client's public name; `include_usage`: the client asked for a usage
     /// chunk (OpenAI clients).
     pub fn new(from: Dialect, to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
-        let input = match from {
-            Dialect::OpenAiChat => EventsIn::OpenAiChat(openai_chat::EventsIn::new()),
-            Dialect::Anthropic => EventsIn::Anthropic(anthropic::EventsIn::new()),
-        };
         Self {
-            input,
+            input: EventsIn::new(from),
             output: EventsOut::new(to, model, created, include_usage),
             events: Vec::new(),
             over: false,
@@ -124,10 +172,7 @@ impl StreamTranslator {
         if self.over {
             return Ok(());
         }
-        let read = match &mut self.input {
-            EventsIn::OpenAiChat(r) => r.event(data, &mut self.events),
-            EventsIn::Anthropic(r) => r.event(data, &mut self.events),
-        };
+        let read = self.input.event(data, &mut self.events);
         self.write(out, seen);
         if let Err(e) = &read {
             self.fail(
@@ -149,10 +194,7 @@ impl StreamTranslator {
     /// The upstream body ended: what closes the client's stream is appended.
     pub fn finish(&mut self, out: &mut Vec<u8>, seen: impl FnMut(&Event)) {
         if !self.over {
-            match &mut self.input {
-                EventsIn::OpenAiChat(r) => r.finish(&mut self.events),
-                EventsIn::Anthropic(r) => r.finish(&mut self.events),
-            }
+            self.input.finish(&mut self.events);
             self.write(out, seen);
         }
         self.output.finish(out);
@@ -263,12 +305,8 @@ pub struct StreamWatcher {
 
 impl StreamWatcher {
     pub fn new(dialect: Dialect) -> Self {
-        let input = match dialect {
-            Dialect::OpenAiChat => EventsIn::OpenAiChat(openai_chat::EventsIn::new()),
-            Dialect::Anthropic => EventsIn::Anthropic(anthropic::EventsIn::new()),
-        };
         Self {
-            input,
+            input: EventsIn::new(dialect),
             events: Vec::new(),
         }
     }
@@ -276,10 +314,7 @@ impl StreamWatcher {
     /// One event's data; each canonical event it makes is shown to `seen`. An event that
     /// cannot be read is the client's to see (it passes through); it is not metered.
     pub fn event(&mut self, data: &[u8], mut seen: impl FnMut(&Event)) {
-        let _ = match &mut self.input {
-            EventsIn::OpenAiChat(r) => r.event(data, &mut self.events),
-            EventsIn::Anthropic(r) => r.event(data, &mut self.events),
-        };
+        let _ = self.input.event(data, &mut self.events);
         for e in self.events.drain(..) {
             seen(&e);
         }

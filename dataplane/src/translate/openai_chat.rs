@@ -1636,26 +1636,14 @@ struct WireInnerError<'a> {
     content_filter_results: Option<&'a RawValue>,
 }
 
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn capped(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// A string or number field as text, capped; anything else is none.
 fn text_of(raw: Option<&RawValue>, max: usize) -> Option<String> {
     let raw = raw?;
     match first_byte(raw) {
         b'"' => serde_json::from_str::<String>(raw.get())
             .ok()
-            .map(|s| capped(&s, max).to_owned()),
-        b'-' | b'0'..=b'9' => Some(capped(raw.get(), max).to_owned()),
+            .map(|s| super::clip(&s, max).to_owned()),
+        b'-' | b'0'..=b'9' => Some(super::clip(raw.get(), max).to_owned()),
         _ => None,
     }
 }
