@@ -18,6 +18,12 @@ use serde_json::value::RawValue;
 pub enum Api {
     OpenAiChat,
     AnthropicMessages,
+    /// OpenAI Responses: a reasoning item's `encrypted_content`.
+    OpenAiResponses,
+    /// AWS Bedrock Converse: `reasoningContent` signatures.
+    BedrockConverse,
+    /// Google Gemini (and Gemini on Vertex AI): `thoughtSignature`.
+    Gemini,
 }
 
 /// A chat request.
