@@ -7,7 +7,9 @@
 //! headers (Azure) adds a module and a `Provider` variant; the request path does not change.
 
 pub mod anthropic;
+pub mod aws_auth;
 pub mod azure;
+pub mod google_auth;
 pub mod mock;
 pub mod openai;
 

@@ -13,7 +13,10 @@
 //! passed in. Streams are translated event by event with bounded state, never buffered whole.
 
 pub mod anthropic;
+pub mod bedrock;
+pub mod gemini;
 pub mod openai_chat;
+pub mod openai_responses;
 
 /// A request body that cannot be read, or that asks for what the target cannot express.
 /// Answered with 400 in the client's dialect, naming the field.
