@@ -101,6 +101,9 @@ pub enum Provider {
     OpenaiCompatible,
     Anthropic,
     AzureOpenai,
+    Bedrock,
+    Gemini,
+    Vertex,
     Mock,
 }
 
@@ -153,6 +156,92 @@ pub struct RouteBackend {
     /// clients' requests and answers pass through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureSettings>,
+    /// Settings of provider `bedrock` (AWS Bedrock's Converse API, any model family it
+    /// serves; requests signed with SigV4). `url` defaults to
+    /// `https://bedrock-runtime.{region}.amazonaws.com`; `model` is the Bedrock model or
+    /// inference-profile id, e.g. `anthropic.claude-3-5-haiku-20241022-v1:0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bedrock: Option<BedrockSettings>,
+    /// Settings of provider `vertex` (Google Vertex AI: Gemini models by `generateContent`,
+    /// Anthropic models by `rawPredict`). `url` defaults to
+    /// `https://{location}-aiplatform.googleapis.com`. Provider `gemini` (the Gemini API with
+    /// an API key in `credentialsRef`) needs no settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex: Option<VertexSettings>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BedrockSettings {
+    /// The AWS region, e.g. `us-east-1`.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub region: String,
+    /// Where the signing credentials come from: `credentials` (the Secret in
+    /// `credentialsRef` holds JSON as AWS's `credential_process` prints it: `AccessKeyId`,
+    /// `SecretAccessKey`, optional `SessionToken`) or `webIdentity` (the proxy pod's
+    /// projected ServiceAccount token exchanged with STS for `roleArn`, the IRSA / EKS
+    /// pattern; only where the proxies allow ambient identity) [default: credentials].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<BedrockAuth>,
+    /// `webIdentity`: the IAM role to assume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^arn:"))]
+    pub role_arn: Option<String>,
+    /// `webIdentity`: the STS endpoint [default: `https://sts.{region}.amazonaws.com`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s]+$"))]
+    pub sts_url: Option<String>,
+}
+
+// No doc comment here: schemars would put it in place of the field's in the schema.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BedrockAuth {
+    /// AWS keys from `credentialsRef`.
+    Credentials,
+    /// The proxy's projected token exchanged with STS.
+    WebIdentity,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VertexSettings {
+    /// The Google Cloud project id.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub project: String,
+    /// The location, e.g. `us-central1`, `europe-west4` or `global`.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub location: String,
+    /// Whose models: `google` (Gemini) or `anthropic` (Claude on Vertex) [default: google].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<VertexPublisher>,
+    /// Where the OAuth2 token comes from: `serviceAccountKey` (the Secret in
+    /// `credentialsRef` holds a service-account key file; the proxy signs the JWT-bearer
+    /// grant and refreshes the token before it expires) or `workloadIdentity` (the proxy
+    /// pod's own identity from the metadata server; only where the proxies allow ambient
+    /// identity) [default: serviceAccountKey].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<VertexAuth>,
+}
+
+// No doc comment here: schemars would put it in place of the field's in the schema.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VertexPublisher {
+    /// Gemini models.
+    Google,
+    /// Claude models.
+    Anthropic,
+}
+
+// No doc comment here: schemars would put it in place of the field's in the schema.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VertexAuth {
+    /// A service-account key from `credentialsRef`.
+    ServiceAccountKey,
+    /// The proxy's own identity (GKE workload identity).
+    WorkloadIdentity,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -70,6 +70,7 @@ struct Options {
     operator_ca: Option<PathBuf>,
     allow_upstream: Vec<String>,
     deny_upstream: Vec<String>,
+    allow_ambient_identity: bool,
     admin_token_file: Option<PathBuf>,
     proxy_id: Option<String>,
     usage_interval: Option<Duration>,
@@ -131,6 +132,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             }
             "--operator-ca" => o.operator_ca = Some(value("--operator-ca")?.into()),
             "--allow-upstream" => o.allow_upstream.push(value("--allow-upstream")?),
+            "--allow-ambient-identity" => o.allow_ambient_identity = true,
             "--deny-upstream" | "--service-cidr" => o.deny_upstream.push(value(&a)?),
             "--admin-token-file" => o.admin_token_file = Some(value("--admin-token-file")?.into()),
             "--proxy-id" => o.proxy_id = Some(value("--proxy-id")?),
@@ -316,6 +318,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             .unwrap_or(usize::MAX)
             .max(1024),
     }));
+    // Standalone, the file's author is the admin; following an operator, a tenant's route may
+    // sign with the pod's own cloud identity only when the admin said so.
+    gateway.live.registry.ambient_identity.store(
+        operator.is_none() || opts.allow_ambient_identity,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let source_name = match (&operator, &path) {
         (Some(op), _) => format!("operator:{}", op.url),
         (None, Some(p)) => format!("file:{}", p.display()),

@@ -188,11 +188,21 @@ pub fn compile(
         let mut tiers: Vec<Tier> = Vec::new();
         for (bi, b) in r.backends.iter().enumerate() {
             let bpath = format!("{path}.backends[{bi}] ({})", b.name);
-            let credential = b
+            let cpath = format!("{bpath}.credentials");
+            let text = b
                 .credentials
                 .as_ref()
-                .and_then(|c| resolve_credential(&mut p, &format!("{bpath}.credentials"), c));
-            let Some(provider) = build_provider(&mut p, &bpath, b, credential) else {
+                .and_then(|c| credential_text(&mut p, &cpath, c));
+            let credential = match &text {
+                Some(t) if !b.provider.credential_is_document() => header_credential(&mut p, &cpath, t),
+                _ => None,
+            };
+            let ambient = registry
+                .ambient_identity
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let Some(provider) =
+                build_provider(&mut p, &bpath, b, credential, text.as_deref(), ambient)
+            else {
                 continue;
             };
             let pricing = b
@@ -357,8 +367,9 @@ impl From<&BudgetSpec> for BudgetRule {
     }
 }
 
-/// A credential read from where the (checked) spec says: an env var, a file, or inline.
-fn resolve_credential(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Option<Credential> {
+/// A credential's text read from where the (checked) spec says: an env var, a file, or
+/// inline; trimmed, never empty.
+fn credential_text(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Option<String> {
     let raw = if let Some(var) = &spec.env {
         match std::env::var(var) {
             Ok(v) => v,
@@ -386,6 +397,11 @@ fn resolve_credential(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Op
         p.push(path, "the credential is empty");
         return None;
     }
+    Some(raw.to_owned())
+}
+
+/// A credential sent in a header (an API key or a bearer token).
+fn header_credential(p: &mut Problems, path: &str, raw: &str) -> Option<Credential> {
     match Credential::bearer(raw) {
         Some(c) => Some(c),
         None => {
@@ -398,13 +414,40 @@ fn resolve_credential(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Op
     }
 }
 
+/// The backend's provider. `text`: its credential's text, for the providers whose
+/// credential is a document (AWS keys, a service-account key); `ambient`: whether this proxy
+/// lends its own cloud identity to routes.
 fn build_provider(
     p: &mut Problems,
     path: &str,
     b: &BackendSpec,
     credential: Option<Credential>,
+    text: Option<&str>,
+    ambient: bool,
 ) -> Option<Provider> {
+    let built = |p: &mut Problems, r: Result<Provider, String>| match r {
+        Ok(provider) => Some(provider),
+        Err(e) => {
+            p.push(path, e);
+            None
+        }
+    };
     match b.provider {
+        ProviderKind::Bedrock => {
+            let spec = b.bedrock.clone().unwrap_or_default();
+            let up = crate::providers::bedrock::Upstream::new(b.url.as_deref(), text, &spec, ambient);
+            built(p, up.map(|u| Provider::Bedrock(Box::new(u))))
+        }
+        ProviderKind::Gemini => {
+            let url = b.url.as_deref().unwrap_or(modelgate_wire::GEMINI_DEFAULT_URL);
+            let up = crate::providers::gemini::Upstream::new(url, credential);
+            built(p, up.map(|u| Provider::Gemini(Box::new(u))))
+        }
+        ProviderKind::Vertex => {
+            let spec = b.vertex.clone().unwrap_or_default();
+            let up = crate::providers::vertex::Upstream::new(b.url.as_deref(), text, &spec, ambient);
+            built(p, up.map(|u| Provider::Vertex(Box::new(u))))
+        }
         ProviderKind::Mock => {
             let m = b.mock.clone().unwrap_or_default();
             Some(Provider::Mock(crate::providers::mock::MockSettings {
@@ -421,6 +464,7 @@ fn build_provider(
                     if b.provider == ProviderKind::Openai {
                         u.max_tokens_field =
                             crate::translate::openai_chat::MaxTokensField::MaxCompletionTokens;
+                        u.responses = true;
                     }
                     Some(Provider::OpenAi(Box::new(u)))
                 }
@@ -693,7 +737,9 @@ keys:
         let backend = route.backends().next().unwrap();
         assert!(matches!(backend.provider, Provider::Azure(_)));
         assert_eq!(
-            backend.provider.dialect(),
+            backend
+                .provider
+                .dialect(crate::translate::Dialect::OpenAiChat),
             crate::translate::Dialect::OpenAiChat
         );
         assert!(

@@ -107,8 +107,12 @@ impl ProxyError {
     /// request id (docs/providers.md 6.1).
     pub fn into_response_for(self, dialect: Dialect, request_id: &str) -> Response<ProxyBody> {
         match dialect {
-            Dialect::OpenAiChat => self.into_response(),
             Dialect::Anthropic => self.into_anthropic_response(request_id),
+            // Responses errors are OpenAI's envelope; no client speaks the others.
+            Dialect::OpenAiChat
+            | Dialect::OpenAiResponses
+            | Dialect::Bedrock
+            | Dialect::Gemini => self.into_response(),
         }
     }
 

@@ -105,6 +105,8 @@ fn client_dialect(path: &str, headers: &HeaderMap) -> Dialect {
         .trim_end_matches('/');
     if p.starts_with("/messages") || (p == "/models" && headers.contains_key("anthropic-version")) {
         Dialect::Anthropic
+    } else if p == "/responses" {
+        Dialect::OpenAiResponses
     } else {
         Dialect::OpenAiChat
     }
@@ -147,7 +149,14 @@ pub async fn handle(
             meter.response_ready(upstream.status().as_u16());
             let mut resp = Response::new(ProxyBody::Full(None));
             *resp.status_mut() = upstream.status();
-            copy_content_type(upstream.headers(), resp.headers_mut());
+            if matches!(stage, Stage::Translate(_)) {
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
+            } else {
+                copy_content_type(upstream.headers(), resp.headers_mut());
+            }
             resp.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             add_gateway_headers(&meter, resp.headers_mut());
@@ -232,6 +241,7 @@ fn parse_path(method: &Method, path: &str) -> Result<Call, ProxyError> {
         "/embeddings" => (Call::Api(Endpoint::Embeddings), Method::POST),
         "/messages" => (Call::Api(Endpoint::Messages), Method::POST),
         "/messages/count_tokens" => (Call::Api(Endpoint::CountTokens), Method::POST),
+        "/responses" => (Call::Api(Endpoint::Responses), Method::POST),
         "/models" => (Call::Models, Method::GET),
         _ => return Err(ProxyError::UnknownPath(path.chars().take(200).collect())),
     };
@@ -373,7 +383,7 @@ async fn serve(
     let backend = meter
         .backend
         .as_ref()
-        .map_or(client, |b| b.provider.dialect());
+        .map_or(client, |b| b.provider.dialect(client));
     let (parts, bytes) = match answer {
         Answer::Stream { resp, first, since } => {
             let stage = if backend != client {
@@ -383,8 +393,9 @@ async fn serve(
                     &api.model,
                     admission::unix_now(),
                     api.client_wants_usage,
+                    &meter.request_id,
                 )))
-            } else if client == Dialect::Anthropic {
+            } else if client != Dialect::OpenAiChat {
                 Stage::Watch(Box::new(StreamWatcher::new(client)))
             } else {
                 Stage::Pass
@@ -493,14 +504,11 @@ fn translate_whole(
         if from == to {
             return Ok(Reply::Full(json(bytes)));
         }
-        let err = translate::error_in(from, status.as_u16(), &bytes);
-        let body = match to {
-            Dialect::OpenAiChat => translate::openai_chat::error_out(&err),
-            Dialect::Anthropic => translate::anthropic::error_out(&err, &meter.request_id),
-        };
+        let err = translate::error_in(from, status.as_u16(), &parts.headers, &bytes);
+        let body = translate::error_out(to, &err, &meter.request_id);
         return Ok(Reply::Full(json(Bytes::from(body))));
     }
-    let answer = translate::response_in(from, &bytes).map_err(|e| {
+    let answer = translate::response_in(from, &bytes, &meter.request_id).map_err(|e| {
         ProxyError::UpstreamProtocol(format!(
             "the upstream answered {}: {e}",
             media_type(&parts.headers)
@@ -522,7 +530,7 @@ fn translate_whole(
         // Written by the gateway in the client's dialect: metered above, passed as is.
         let stage = match to {
             Dialect::OpenAiChat => Stage::Pass,
-            Dialect::Anthropic => Stage::Watch(Box::new(StreamWatcher::new(to))),
+            _ => Stage::Watch(Box::new(StreamWatcher::new(to))),
         };
         return Ok(Reply::Stream {
             resp,
@@ -535,10 +543,7 @@ fn translate_whole(
     if from == to {
         return Ok(Reply::Full(json(bytes)));
     }
-    let body = match to {
-        Dialect::OpenAiChat => translate::openai_chat::response_out(&answer, &api.model, now),
-        Dialect::Anthropic => translate::anthropic::response_out(&answer, &api.model),
-    };
+    let body = translate::response_out(to, &answer, &api.model, now);
     Ok(Reply::Full(json(Bytes::from(body))))
 }
 
@@ -663,7 +668,10 @@ fn media_type_of(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
-    media_type_of(headers).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+    media_type_of(headers).is_some_and(|t| {
+        t.eq_ignore_ascii_case("text/event-stream")
+            || t.eq_ignore_ascii_case("application/vnd.amazon.eventstream")
+    })
 }
 
 /// The upstream's content type for an error message: short, and only if it looks like one.
@@ -777,7 +785,8 @@ async fn forward(
             // A prompt too long for this backend: a later tier may hold it.
             let result = match result {
                 Ok(Answer::Whole(parts, bytes)) if parts.status == StatusCode::BAD_REQUEST => {
-                    if context_overflow(backend.provider.dialect(), &bytes) {
+                    let dialect = backend.provider.dialect(api.endpoint.dialect());
+                    if context_overflow(dialect, &parts.headers, &bytes) {
                         Err(Failure::ContextLength(parts, bytes))
                     } else {
                         Ok(Answer::Whole(parts, bytes))
@@ -858,8 +867,9 @@ fn retry_after_budget(deadline: Option<Instant>, now: Instant) -> Duration {
 }
 
 /// Whether a 400 from a backend of `dialect` says the prompt exceeds the model's window.
-fn context_overflow(dialect: Dialect, body: &[u8]) -> bool {
-    translate::error_in(dialect, 400, body).kind == crate::canonical::ErrorKind::ContextLength
+fn context_overflow(dialect: Dialect, headers: &HeaderMap, body: &[u8]) -> bool {
+    translate::error_in(dialect, 400, headers, body).kind
+        == crate::canonical::ErrorKind::ContextLength
 }
 
 fn record_failure(gw: &Gateway, route: &Route, backend: &Arc<Backend>, failure: &Failure) {
@@ -894,7 +904,7 @@ fn list_models(snapshot: &Snapshot, key: &Key, dialect: Dialect) -> Response<Pro
         })
         .collect();
     let body = match dialect {
-        Dialect::OpenAiChat => {
+        Dialect::OpenAiChat | Dialect::OpenAiResponses | Dialect::Bedrock | Dialect::Gemini => {
             let data: Vec<_> = names
                 .iter()
                 .map(|name| serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "modelgate"}))

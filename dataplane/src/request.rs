@@ -35,6 +35,8 @@ pub enum Endpoint {
     Messages,
     /// Anthropic's token counting: no model output, nothing metered but the request.
     CountTokens,
+    /// OpenAI's Responses API.
+    Responses,
 }
 
 impl Endpoint {
@@ -46,6 +48,7 @@ impl Endpoint {
             Self::Embeddings => "/embeddings",
             Self::Messages => "/messages",
             Self::CountTokens => "/messages/count_tokens",
+            Self::Responses => "/responses",
         }
     }
 
@@ -56,6 +59,7 @@ impl Endpoint {
             Self::Embeddings => "embeddings",
             Self::Messages => "messages",
             Self::CountTokens => "count_tokens",
+            Self::Responses => "responses",
         }
     }
 
@@ -63,6 +67,7 @@ impl Endpoint {
     pub fn dialect(self) -> crate::translate::Dialect {
         match self {
             Self::Messages | Self::CountTokens => crate::translate::Dialect::Anthropic,
+            Self::Responses => crate::translate::Dialect::OpenAiResponses,
             Self::Chat | Self::Completions | Self::Embeddings => {
                 crate::translate::Dialect::OpenAiChat
             }
@@ -77,7 +82,7 @@ impl Endpoint {
         match self {
             Self::Chat | Self::Messages | Self::CountTokens => Field::Messages,
             Self::Completions => Field::Prompt,
-            Self::Embeddings => Field::Input,
+            Self::Embeddings | Self::Responses => Field::Input,
         }
     }
 }
@@ -111,17 +116,32 @@ enum Field {
     Input,
     /// Anthropic bodies: part of the prompt.
     System,
+    /// Anthropic and Responses bodies: part of the prompt.
     Tools,
+    /// Responses bodies: part of the prompt.
+    Instructions,
+    /// Responses bodies: the output bound.
+    MaxOutputTokens,
 }
 
 impl Field {
-    const COUNT: usize = 12;
+    const COUNT: usize = 14;
 
-    /// The field the gateway reads under `key` in a body of `endpoint`: `system` and `tools`
-    /// are read (and so refused when repeated) only in Anthropic bodies, where they are part
-    /// of the prompt.
+    /// The field the gateway reads under `key` in a body of `endpoint`: `system` is read
+    /// (and so refused when repeated) only in Anthropic bodies and `instructions` only in
+    /// Responses bodies, `tools` in both, where they are part of the prompt; a Responses body
+    /// is bounded by `max_output_tokens` alone (its API has no `max_tokens` or `n`).
     fn read(key: &str, endpoint: Endpoint) -> Option<Self> {
-        Self::of(key).filter(|f| endpoint.anthropic() || !matches!(f, Self::System | Self::Tools))
+        let responses = endpoint == Endpoint::Responses;
+        Self::of(key).filter(|f| match f {
+            Self::System => endpoint.anthropic(),
+            Self::Tools => endpoint.anthropic() || responses,
+            Self::Instructions | Self::MaxOutputTokens => responses,
+            Self::MaxTokens | Self::MaxCompletionTokens | Self::N | Self::StreamOptions => {
+                !responses
+            }
+            _ => true,
+        })
     }
 
     /// Matches the key as JSON decodes it, so `"mod\u0065l"` is `model`.
@@ -139,6 +159,8 @@ impl Field {
             "input" => Self::Input,
             "system" => Self::System,
             "tools" => Self::Tools,
+            "instructions" => Self::Instructions,
+            "max_output_tokens" => Self::MaxOutputTokens,
             _ => return None,
         })
     }
@@ -157,6 +179,8 @@ impl Field {
             Self::Input => "input",
             Self::System => "system",
             Self::Tools => "tools",
+            Self::Instructions => "instructions",
+            Self::MaxOutputTokens => "max_output_tokens",
         }
     }
 }
@@ -262,11 +286,11 @@ impl<'a> ApiRequest<'a> {
                 }
             }
         };
-        // Anthropic streams always carry their usage.
-        let client_wants_usage =
-            endpoint.anthropic() || include_usage.is_some_and(|v| v.get() == "true");
+        // Anthropic and Responses streams always carry their usage.
+        let own_usage = endpoint.anthropic() || endpoint == Endpoint::Responses;
+        let client_wants_usage = own_usage || include_usage.is_some_and(|v| v.get() == "true");
         let usage_splice = match stream_options {
-            _ if !stream || endpoint.anthropic() => None,
+            _ if !stream || own_usage => None,
             None => {
                 let close = body
                     .iter()
@@ -299,7 +323,11 @@ impl<'a> ApiRequest<'a> {
 
         let mut max_tokens: Option<u64> = None;
         let mut max_tokens_field = "max_tokens";
-        for field in [Field::MaxTokens, Field::MaxCompletionTokens] {
+        for field in [
+            Field::MaxTokens,
+            Field::MaxCompletionTokens,
+            Field::MaxOutputTokens,
+        ] {
             if let Some(v) = int_field(get(field), field, 0, MAX_OUTPUT_TOKENS)?
                 && max_tokens.is_none_or(|m| v > m)
             {
@@ -325,7 +353,20 @@ impl<'a> ApiRequest<'a> {
         {
             return Err(bad("'messages' must be an array"));
         }
+        if endpoint == Endpoint::Responses && !(prompt.starts_with('[') || prompt.starts_with('"'))
+        {
+            return Err(ProxyError::InvalidParam {
+                param: "input",
+                message: "'input' must be a string or an array of input items".into(),
+            });
+        }
         let mut prompt_bytes = prompt.len();
+        if endpoint == Endpoint::Responses {
+            // The instructions and tool definitions are prompt too.
+            for f in [Field::Instructions, Field::Tools] {
+                prompt_bytes += get(f).map_or(0, |raw| raw.get().len());
+            }
+        }
         if endpoint.anthropic() {
             if endpoint == Endpoint::Messages && get(Field::MaxTokens).is_none() {
                 return Err(ProxyError::InvalidParam {

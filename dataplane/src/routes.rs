@@ -188,18 +188,35 @@ pub enum Provider {
     Anthropic(Box<crate::providers::anthropic::Upstream>),
     /// Azure OpenAI: OpenAI's chat format at Azure's URLs, with Azure's auth headers.
     Azure(Box<crate::providers::azure::Upstream>),
+    /// AWS Bedrock's Converse API, SigV4-signed: requests and answers translated.
+    Bedrock(Box<crate::providers::bedrock::Upstream>),
+    /// Google's Gemini API with an API key: requests and answers translated.
+    Gemini(Box<crate::providers::gemini::Upstream>),
+    /// Google Vertex AI: Gemini's API or Anthropic's, with an OAuth2 token.
+    Vertex(Box<crate::providers::vertex::Upstream>),
     /// The built-in mock model: no network.
     Mock(MockSettings),
 }
 
 impl Provider {
-    /// The API the backend speaks, for translation (the mock speaks OpenAI's).
-    pub fn dialect(&self) -> crate::translate::Dialect {
+    /// The API the backend answers a client of `client`'s dialect in, for translation:
+    /// OpenAI (and Azure's v1 API) answer Responses clients in kind, other OpenAI-shaped
+    /// servers and the mock in chat.
+    pub fn dialect(&self, client: crate::translate::Dialect) -> crate::translate::Dialect {
+        use crate::translate::Dialect;
         match self {
-            Self::OpenAi(_) | Self::Azure(_) | Self::Mock(_) => {
-                crate::translate::Dialect::OpenAiChat
-            }
+            Self::OpenAi(u) if client == Dialect::OpenAiResponses && u.responses => client,
+            Self::Azure(u) if client == Dialect::OpenAiResponses && u.responses => client,
+            Self::OpenAi(_) | Self::Azure(_) | Self::Mock(_) => Dialect::OpenAiChat,
             Self::Anthropic(_) => crate::translate::Dialect::Anthropic,
+            Self::Bedrock(_) => crate::translate::Dialect::Bedrock,
+            Self::Gemini(_) => crate::translate::Dialect::Gemini,
+            Self::Vertex(v) => match v.publisher {
+                modelgate_wire::VertexPublisher::Anthropic => {
+                    crate::translate::Dialect::Anthropic
+                }
+                _ => crate::translate::Dialect::Gemini,
+            },
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct Snapshot {
 pub struct StateRegistry {
     keys: Mutex<HashMap<Arc<str>, Arc<KeyState>, foldhash::fast::RandomState>>,
     backends: Mutex<HashMap<(String, String), Arc<BackendState>>>,
+    /// Whether routes may sign with the proxy's own cloud identity (AWS web identity, GKE
+    /// workload identity): set once at start-up, read when snapshots are compiled.
+    pub ambient_identity: std::sync::atomic::AtomicBool,
 }
 
 impl StateRegistry {

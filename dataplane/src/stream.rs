@@ -1126,8 +1126,8 @@ impl MeteredStream {
     /// dialect the OpenAI scanner does not read).
     pub fn watching(mut self, watcher: Box<StreamWatcher>) -> Self {
         self.scanner = SseScanner::watching(self.scanner.lines.max_event);
+        self.dialect = watcher.dialect();
         self.watcher = Some(watcher);
-        self.dialect = Dialect::Anthropic;
         self
     }
 
@@ -1225,7 +1225,17 @@ impl Body for MeteredStream {
                                 out: Vec::new(),
                                 failed: None,
                             };
-                            let scanned = this.scanner.feed(data, &mut t, |_| {});
+                            let scanned = if t.translator.binary() {
+                                // AWS's event stream: the translator splits its messages.
+                                if let Err(e) = t.translator.bytes(&data, &mut t.out, |e| {
+                                    meter_event(t.meter, e)
+                                }) {
+                                    t.failed = Some(e);
+                                }
+                                Ok(())
+                            } else {
+                                this.scanner.feed(data, &mut t, |_| {})
+                            };
                             if !t.out.is_empty() {
                                 held.push(Bytes::from(t.out));
                             }
@@ -1315,7 +1325,9 @@ impl Body for MeteredStream {
                         failed: None,
                     };
                     // An event cut off without its blank line still counts here.
-                    this.scanner.finish(&mut t);
+                    if !t.translator.binary() {
+                        this.scanner.finish(&mut t);
+                    }
                     let Translating {
                         meter,
                         translator,

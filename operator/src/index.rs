@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
 use modelgate_wire::{
-    AnthropicSpec, AzureAuth, AzureSpec, BackendSpec, BudgetPeriod, BudgetSpec, CredentialSpec,
+    AnthropicSpec, AzureAuth, AzureSpec, BackendSpec, BedrockAuth, BedrockSpec, BudgetPeriod,
+    BudgetSpec, CredentialSpec, VertexAuth, VertexPublisher, VertexSpec,
     KeySpec, LimitsSpec, MockSpec, OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec,
     SnapshotSpec, Source,
 };
@@ -429,11 +430,23 @@ impl Index {
                 Provider::Mock => ProviderKind::Mock,
                 Provider::Anthropic => ProviderKind::Anthropic,
                 Provider::AzureOpenai => ProviderKind::AzureOpenai,
+                Provider::Bedrock => ProviderKind::Bedrock,
+                Provider::Gemini => ProviderKind::Gemini,
+                Provider::Vertex => ProviderKind::Vertex,
             };
             let url = b
                 .url
                 .clone()
-                .or_else(|| provider.default_url().map(str::to_owned));
+                .or_else(|| provider.default_url().map(str::to_owned))
+                .or_else(|| match (&b.bedrock, &b.vertex) {
+                    (Some(s), _) if provider == ProviderKind::Bedrock => {
+                        Some(modelgate_wire::bedrock_url(&s.region))
+                    }
+                    (_, Some(s)) if provider == ProviderKind::Vertex => {
+                        Some(modelgate_wire::vertex_url(&s.location))
+                    }
+                    _ => None,
+                });
             if let Some(url) = &url
                 && provider != ProviderKind::Mock
                 && let Err(why) = self.policy.check(url)
@@ -497,6 +510,41 @@ impl Index {
                         None | Some(modelgate_crds::AzureAuth::ApiKey) => AzureAuth::ApiKey,
                         Some(modelgate_crds::AzureAuth::Bearer) => AzureAuth::Bearer,
                     },
+                }),
+                bedrock: b.bedrock.as_ref().map(|s| BedrockSpec {
+                    region: s.region.clone(),
+                    auth: match s.auth {
+                        None | Some(modelgate_crds::BedrockAuth::Credentials) => {
+                            BedrockAuth::Credentials
+                        }
+                        Some(modelgate_crds::BedrockAuth::WebIdentity) => BedrockAuth::WebIdentity,
+                    },
+                    role_arn: s.role_arn.clone(),
+                    // The proxy's own token file: not a tenant's to choose.
+                    web_identity_token_file: None,
+                    sts_url: s.sts_url.clone(),
+                }),
+                vertex: b.vertex.as_ref().map(|s| VertexSpec {
+                    project: s.project.clone(),
+                    location: s.location.clone(),
+                    publisher: match s.publisher {
+                        None | Some(modelgate_crds::VertexPublisher::Google) => {
+                            VertexPublisher::Google
+                        }
+                        Some(modelgate_crds::VertexPublisher::Anthropic) => {
+                            VertexPublisher::Anthropic
+                        }
+                    },
+                    auth: match s.auth {
+                        None | Some(modelgate_crds::VertexAuth::ServiceAccountKey) => {
+                            VertexAuth::ServiceAccountKey
+                        }
+                        Some(modelgate_crds::VertexAuth::WorkloadIdentity) => {
+                            VertexAuth::WorkloadIdentity
+                        }
+                    },
+                    // The metadata server is the node's: not a tenant's to choose.
+                    metadata_url: None,
                 }),
                 mock: b.mock.as_ref().map(|m| {
                     let d = MockSpec::default();
@@ -684,6 +732,8 @@ mod tests {
             mock: None,
             anthropic: None,
             azure: None,
+            bedrock: None,
+            vertex: None,
         }
     }
 

@@ -31,6 +31,9 @@ pub const MAX_ERROR_BODY: usize = 64 * 1024;
 pub struct Upstream {
     /// Request URIs per endpoint, built once.
     uris: OpenAiUris,
+    /// The v1 API, which has the Responses API: Responses clients' requests pass through;
+    /// with a classic URL they are translated to chat (its api-version may predate it).
+    pub responses: bool,
     credential: Option<Credential>,
     auth: AzureAuth,
 }
@@ -59,6 +62,13 @@ impl Upstream {
             }
         };
         let uri = |e: Endpoint| -> Result<Uri, String> {
+            // The Responses API is the resource's, not a deployment's: the body's model
+            // names the deployment.
+            if e == Endpoint::Responses && !v1 {
+                return format!("{base}/openai/responses{query}")
+                    .parse()
+                    .map_err(|e| format!("invalid Azure URL from {base:?}: {e}"));
+            }
             format!("{prefix}{}{query}", e.upstream_path())
                 .parse()
                 .map_err(|e| format!("invalid Azure URL from {base:?}: {e}"))
@@ -68,6 +78,7 @@ impl Upstream {
         }
         Ok(Self {
             uris: OpenAiUris::new(uri)?,
+            responses: v1,
             credential,
             auth: spec.auth,
         })

@@ -10,8 +10,12 @@ pub mod anthropic;
 pub mod aws_auth;
 pub mod azure;
 pub mod google_auth;
+pub mod bedrock;
+pub mod gemini;
 pub mod mock;
 pub mod openai;
+pub mod token;
+pub mod vertex;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -67,6 +71,7 @@ pub struct OpenAiUris {
     chat: http::Uri,
     completions: http::Uri,
     embeddings: http::Uri,
+    responses: http::Uri,
 }
 
 impl OpenAiUris {
@@ -76,6 +81,7 @@ impl OpenAiUris {
             chat: uri(Endpoint::Chat)?,
             completions: uri(Endpoint::Completions)?,
             embeddings: uri(Endpoint::Embeddings)?,
+            responses: uri(Endpoint::Responses)?,
         })
     }
 
@@ -85,6 +91,7 @@ impl OpenAiUris {
             Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => &self.chat,
             Endpoint::Completions => &self.completions,
             Endpoint::Embeddings => &self.embeddings,
+            Endpoint::Responses => &self.responses,
         }
     }
 }
@@ -285,11 +292,12 @@ impl<'r, 'a> Outbound<'r, 'a> {
         let parsed = self.canonical.get_or_insert_with(|| match api.endpoint {
             Endpoint::Chat => translate::openai_chat::request_in(api.body()),
             Endpoint::Messages => translate::anthropic::request_in(api.body()),
+            Endpoint::Responses => translate::openai_responses::request_in(api.body()),
             e @ (Endpoint::Completions | Endpoint::Embeddings | Endpoint::CountTokens) => {
                 Err(Refused::new(
                     None,
                     format!(
-                        "this model's backend speaks another API, which has no {} endpoint; use /v1/chat/completions or /v1/messages",
+                        "this model's backend speaks another API, which has no {} endpoint; use /v1/chat/completions, /v1/responses or /v1/messages",
                         e.upstream_path()
                     ),
                 ))
@@ -305,6 +313,30 @@ impl<'r, 'a> Outbound<'r, 'a> {
             Some(Ok(r)) => &r.ignored,
             _ => &[],
         }
+    }
+
+    /// The request as an Anthropic Messages body for `model`; `max_tokens`, when the client
+    /// set none, is the backend's default held to the reservation (never more than
+    /// admission reserved: settlement cannot undershoot).
+    fn anthropic(&mut self, model: &str, default: Option<u64>) -> Result<Vec<u8>, Failure> {
+        let reserved = self.output_reservation;
+        let default_max_tokens = default.map_or(reserved, |d| d.min(reserved));
+        translate::anthropic::request_out(
+            self.canonical().map_err(Failure::Refused)?,
+            model,
+            translate::anthropic::Out { default_max_tokens },
+        )
+        .map_err(Failure::Refused)
+    }
+
+    /// The request as a Gemini generateContent body (the model is in the URL).
+    fn gemini(&mut self) -> Result<Vec<u8>, Failure> {
+        let max_tokens = Some(self.output_reservation);
+        translate::gemini::request_out(
+            self.canonical().map_err(Failure::Refused)?,
+            translate::gemini::Out { max_tokens },
+        )
+        .map_err(Failure::Refused)
     }
 
     /// The request as an OpenAI chat body for `model`.
@@ -348,9 +380,12 @@ pub async fn attempt(
                 Err(_) => Err(Failure::Timeout),
             }
         }
-        Provider::OpenAi(upstream) if dialect == Dialect::OpenAiChat => {
+        Provider::OpenAi(upstream)
+            if dialect == Dialect::OpenAiChat
+                || (dialect == Dialect::OpenAiResponses && upstream.responses) =>
+        {
             let request = upstream.request(req.endpoint, req.upstream_body(model), req.stream);
-            send(client, request, timeout, Dialect::OpenAiChat).await
+            send(client, request, timeout, dialect).await
         }
         Provider::OpenAi(upstream) => {
             let body = out
@@ -370,7 +405,9 @@ pub async fn attempt(
         }
         Provider::Azure(upstream) => {
             let started = std::time::Instant::now();
-            let request = if dialect == Dialect::OpenAiChat {
+            let pass = dialect == Dialect::OpenAiChat
+                || (dialect == Dialect::OpenAiResponses && upstream.responses);
+            let request = if pass {
                 upstream.request(req.endpoint, req.upstream_body(model), req.stream)
             } else {
                 let body = out
@@ -378,24 +415,56 @@ pub async fn attempt(
                     .map_err(Failure::Refused)?;
                 upstream.request(Endpoint::Chat, Bytes::from(body), req.stream)
             };
-            let resp = send(client, request, timeout, Dialect::OpenAiChat).await?;
+            let resp = send(client, request, timeout, dialect_if(pass, dialect)).await?;
             if resp.status() != StatusCode::BAD_REQUEST {
                 return Ok(resp);
             }
             azure_bad_request(resp, timeout.saturating_sub(started.elapsed())).await
         }
-        Provider::Anthropic(upstream) => {
-            // Never more than admission reserved: settlement cannot undershoot.
-            let reserved = out.output_reservation;
-            let default_max_tokens = upstream
-                .default_max_tokens
-                .map_or(reserved, |d| d.min(reserved));
-            let body = translate::anthropic::request_out(
+        Provider::Bedrock(upstream) => {
+            let body = translate::bedrock::request_out(
                 out.canonical().map_err(Failure::Refused)?,
-                model,
-                translate::anthropic::Out { default_max_tokens },
+                translate::bedrock::Out {
+                    max_tokens: out.output_reservation,
+                },
             )
             .map_err(Failure::Refused)?;
+            let started = std::time::Instant::now();
+            let request = upstream
+                .request(client, model, Bytes::from(body), req.stream, timeout)
+                .await?;
+            let left = timeout.saturating_sub(started.elapsed());
+            send(client, request, left, Dialect::Bedrock).await
+        }
+        Provider::Gemini(upstream) => {
+            let body = out.gemini()?;
+            let request = upstream
+                .request(model, Bytes::from(body), req.stream)
+                .map_err(Failure::Connect)?;
+            send(client, request, timeout, Dialect::Gemini).await
+        }
+        Provider::Vertex(upstream) => {
+            let body = match upstream.publisher {
+                modelgate_wire::VertexPublisher::Anthropic => {
+                    let anthropic = if dialect == Dialect::Anthropic {
+                        req.body().to_vec()
+                    } else {
+                        out.anthropic(model, None)?
+                    };
+                    vertex::anthropic_body(&anthropic)
+                        .map_err(|e| Failure::Refused(Refused::new(None, e)))?
+                }
+                _ => out.gemini()?,
+            };
+            let started = std::time::Instant::now();
+            let request = upstream
+                .request(client, model, Bytes::from(body), req.stream, timeout)
+                .await?;
+            let left = timeout.saturating_sub(started.elapsed());
+            send(client, request, left, upstream_dialect(upstream)).await
+        }
+        Provider::Anthropic(upstream) => {
+            let body = out.anthropic(model, upstream.default_max_tokens)?;
             send(
                 client,
                 upstream.request(Bytes::from(body), req.stream),
@@ -404,6 +473,19 @@ pub async fn attempt(
             )
             .await
         }
+    }
+}
+
+/// The API a request to an OpenAI-shaped backend was sent in: the client's on
+/// pass-through, else chat.
+fn dialect_if(pass: bool, client: Dialect) -> Dialect {
+    if pass { client } else { Dialect::OpenAiChat }
+}
+
+fn upstream_dialect(v: &vertex::Upstream) -> Dialect {
+    match v.publisher {
+        modelgate_wire::VertexPublisher::Anthropic => Dialect::Anthropic,
+        _ => Dialect::Gemini,
     }
 }
 
@@ -464,11 +546,12 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// What a 429/5xx body says, in the backend's dialect: only the kinds that change the
 /// handling (quota exhausted, overloaded) are kept.
 async fn error_kind(
-    body: hyper::body::Incoming,
-    status: StatusCode,
+    resp: Response<hyper::body::Incoming>,
     dialect: Dialect,
     within: Duration,
 ) -> Option<canonical::ErrorKind> {
+    let status = resp.status();
+    let (parts, body) = resp.into_parts();
     use http_body_util::{BodyExt, Limited};
     let read = Limited::new(body, MAX_ERROR_BODY).collect();
     let bytes = tokio::time::timeout(within, read)
@@ -476,7 +559,7 @@ async fn error_kind(
         .ok()?
         .ok()?
         .to_bytes();
-    let err = translate::error_in(dialect, status.as_u16(), &bytes);
+    let err = translate::error_in(dialect, status.as_u16(), &parts.headers, &bytes);
     matches!(
         err.kind,
         canonical::ErrorKind::QuotaExhausted | canonical::ErrorKind::Overloaded
@@ -506,7 +589,7 @@ async fn send(
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
         let left = timeout.saturating_sub(started.elapsed());
-        let kind = error_kind(resp.into_body(), status, dialect, left.min(ERROR_BODY_WAIT)).await;
+        let kind = error_kind(resp, dialect, left.min(ERROR_BODY_WAIT)).await;
         return Err(Failure::Status {
             status,
             retry_after,

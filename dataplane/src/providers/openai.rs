@@ -19,6 +19,9 @@ pub struct Upstream {
     /// Where a translated request puts its output limit: OpenAI takes
     /// `max_completion_tokens`, many compatible servers know only `max_tokens`.
     pub max_tokens_field: MaxTokensField,
+    /// Whether the server has OpenAI's Responses API (OpenAI itself): Responses clients'
+    /// requests pass through; otherwise they are translated to chat.
+    pub responses: bool,
 }
 
 impl Upstream {
@@ -35,6 +38,7 @@ impl Upstream {
             uris: OpenAiUris::new(uri)?,
             credential,
             max_tokens_field: MaxTokensField::MaxTokens,
+            responses: false,
         })
     }
 

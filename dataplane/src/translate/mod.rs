@@ -50,19 +50,53 @@ pub(crate) fn clip(s: &str, max: usize) -> &str {
     s.get(..end).unwrap_or("")
 }
 
-/// An error body (any status) from a backend of `dialect`, read into the canonical model.
-pub fn error_in(dialect: Dialect, status: u16, body: &[u8]) -> ApiError {
+/// An error answer (any status) from a backend of `dialect`, read into the canonical model.
+/// `headers`: the answer's (Bedrock names the error in `x-amzn-ErrorType`).
+pub fn error_in(dialect: Dialect, status: u16, headers: &http::HeaderMap, body: &[u8]) -> ApiError {
     match dialect {
         Dialect::OpenAiChat => openai_chat::error_in(status, body),
         Dialect::Anthropic => anthropic::error_in(status, body),
+        Dialect::OpenAiResponses => openai_responses::error_in(status, body),
+        Dialect::Bedrock => {
+            let kind = headers
+                .get("x-amzn-errortype")
+                .and_then(|v| v.to_str().ok());
+            bedrock::error_in(status, kind, body)
+        }
+        Dialect::Gemini => gemini::error_in(status, body),
     }
 }
 
-/// A 2xx answer from a backend of `dialect`, read into the canonical model.
-pub fn response_in(dialect: Dialect, body: &[u8]) -> Result<Response, String> {
+/// A 2xx answer from a backend of `dialect`, read into the canonical model. `id`: the
+/// gateway's request id, for the APIs whose answers carry none.
+pub fn response_in(dialect: Dialect, body: &[u8], id: &str) -> Result<Response, String> {
     match dialect {
         Dialect::OpenAiChat => openai_chat::response_in(body),
         Dialect::Anthropic => anthropic::response_in(body),
+        Dialect::OpenAiResponses => openai_responses::response_in(body),
+        Dialect::Bedrock => bedrock::response_in(body, id),
+        Dialect::Gemini => gemini::response_in(body, id),
+    }
+}
+
+/// A canonical answer in a client's dialect. `model`: the client's public name.
+pub fn response_out(to: Dialect, resp: &Response, model: &str, created: u64) -> Vec<u8> {
+    match to {
+        Dialect::Anthropic => anthropic::response_out(resp, model),
+        Dialect::OpenAiResponses => openai_responses::response_out(resp, model, created),
+        // No client speaks the backend-only APIs.
+        Dialect::OpenAiChat | Dialect::Bedrock | Dialect::Gemini => {
+            openai_chat::response_out(resp, model, created)
+        }
+    }
+}
+
+/// A canonical error in a client's dialect.
+pub fn error_out(to: Dialect, err: &ApiError, request_id: &str) -> Vec<u8> {
+    match to {
+        Dialect::Anthropic => anthropic::error_out(err, request_id),
+        Dialect::OpenAiResponses => openai_responses::error_out(err),
+        Dialect::OpenAiChat | Dialect::Bedrock | Dialect::Gemini => openai_chat::error_out(err),
     }
 }
 
@@ -71,32 +105,77 @@ pub const MAX_STREAM_TOOL_CALLS: usize = 128;
 
 use crate::canonical::{ApiError, BlockKind, Delta, ErrorKind, Event, Response};
 
-/// The API of a request's client or of a backend.
+/// The API of a request's client or of a backend. Clients speak the first three;
+/// Bedrock's Converse and Gemini's generateContent are spoken only by backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     OpenAiChat,
     Anthropic,
+    OpenAiResponses,
+    Bedrock,
+    Gemini,
 }
+
+impl Dialect {
+    /// Whether the backend's stream is AWS's binary event stream rather than SSE.
+    pub fn binary_stream(self) -> bool {
+        self == Self::Bedrock
+    }
+}
+
+/// Largest message of a binary (Bedrock) event stream; AWS's own limit is 16 MiB, a
+/// ConverseStream event is a few hundred bytes.
+pub const MAX_BINARY_MESSAGE: usize = 1 << 20;
 
 /// Reads a backend's stream into canonical events.
 #[derive(Debug)]
 enum EventsIn {
     OpenAiChat(openai_chat::EventsIn),
     Anthropic(anthropic::EventsIn),
+    OpenAiResponses(openai_responses::EventsIn),
+    Bedrock(Box<(bedrock::FrameDecoder, bedrock::EventsIn)>),
+    Gemini(gemini::EventsIn),
 }
 
 impl EventsIn {
-    fn new(from: Dialect) -> Self {
+    fn new(from: Dialect, id: &str) -> Self {
         match from {
             Dialect::OpenAiChat => Self::OpenAiChat(openai_chat::EventsIn::new()),
             Dialect::Anthropic => Self::Anthropic(anthropic::EventsIn::new()),
+            Dialect::OpenAiResponses => {
+                Self::OpenAiResponses(openai_responses::EventsIn::new())
+            }
+            Dialect::Bedrock => Self::Bedrock(Box::new((
+                bedrock::FrameDecoder::new(MAX_BINARY_MESSAGE),
+                bedrock::EventsIn::new(id),
+            ))),
+            Dialect::Gemini => Self::Gemini(gemini::EventsIn::new(id)),
         }
     }
 
+    /// One SSE event's data.
     fn event(&mut self, data: &[u8], out: &mut Vec<Event>) -> Result<(), String> {
         match self {
             Self::OpenAiChat(r) => r.event(data, out),
             Self::Anthropic(r) => r.event(data, out),
+            Self::OpenAiResponses(r) => r.event(data, out),
+            Self::Gemini(r) => r.event(data, out),
+            Self::Bedrock(_) => Err("a binary event stream has no text events".into()),
+        }
+    }
+
+    /// Bytes of a binary event stream, at any boundary.
+    fn bytes(&mut self, chunk: &[u8], out: &mut Vec<Event>) -> Result<(), String> {
+        match self {
+            Self::Bedrock(b) => {
+                let (frames, reader) = &mut **b;
+                frames.push(chunk);
+                while let Some(frame) = frames.next_frame()? {
+                    reader.event(&frame, out)?;
+                }
+                Ok(())
+            }
+            _ => Err("a text event stream is read event by event".into()),
         }
     }
 
@@ -104,6 +183,9 @@ impl EventsIn {
         match self {
             Self::OpenAiChat(r) => r.finish(out),
             Self::Anthropic(r) => r.finish(out),
+            Self::OpenAiResponses(r) => r.finish(out),
+            Self::Bedrock(b) => b.1.finish(out),
+            Self::Gemini(r) => r.finish(out),
         }
     }
 }
@@ -113,15 +195,20 @@ impl EventsIn {
 enum EventsOut {
     OpenAiChat(openai_chat::EventsOut),
     Anthropic(anthropic::EventsOut),
+    OpenAiResponses(Box<openai_responses::EventsOut>),
 }
 
 impl EventsOut {
     fn new(to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
         match to {
-            Dialect::OpenAiChat => {
+            Dialect::Anthropic => Self::Anthropic(anthropic::EventsOut::new(model)),
+            Dialect::OpenAiResponses => Self::OpenAiResponses(Box::new(
+                openai_responses::EventsOut::new(model, created),
+            )),
+            // No client speaks the backend-only APIs.
+            Dialect::OpenAiChat | Dialect::Bedrock | Dialect::Gemini => {
                 Self::OpenAiChat(openai_chat::EventsOut::new(model, created, include_usage))
             }
-            Dialect::Anthropic => Self::Anthropic(anthropic::EventsOut::new(model)),
         }
     }
 
@@ -129,6 +216,7 @@ impl EventsOut {
         match self {
             Self::OpenAiChat(w) => w.event(e, out),
             Self::Anthropic(w) => w.event(e, out),
+            Self::OpenAiResponses(w) => w.event(e, out),
         }
     }
 
@@ -136,6 +224,7 @@ impl EventsOut {
         match self {
             Self::OpenAiChat(w) => w.finish(out),
             Self::Anthropic(w) => w.finish(out),
+            Self::OpenAiResponses(w) => w.finish(out),
         }
     }
 }
@@ -153,10 +242,18 @@ pub struct StreamTranslator {
 
 impl StreamTranslator {
     /// `model`: the client's public name; `include_usage`: the client asked for a usage
-    /// chunk (OpenAI clients).
-    pub fn new(from: Dialect, to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
+    /// chunk (OpenAI clients); `id`: the gateway's request id, the answer's id where the
+    /// backend's stream names none.
+    pub fn new(
+        from: Dialect,
+        to: Dialect,
+        model: &str,
+        created: u64,
+        include_usage: bool,
+        id: &str,
+    ) -> Self {
         Self {
-            input: EventsIn::new(from),
+            input: EventsIn::new(from, id),
             output: EventsOut::new(to, model, created, include_usage),
             events: Vec::new(),
             over: false,
@@ -176,6 +273,35 @@ impl StreamTranslator {
             return Ok(());
         }
         let read = self.input.event(data, &mut self.events);
+        self.after_read(read, out, seen)
+    }
+
+    /// Whether the upstream's stream is binary: fed to [`Self::bytes`], not [`Self::event`].
+    pub fn binary(&self) -> bool {
+        matches!(self.input, EventsIn::Bedrock(_))
+    }
+
+    /// Bytes of a binary upstream stream (`Dialect::binary_stream`), at any boundary: as
+    /// [`Self::event`] for each whole message in them.
+    pub fn bytes(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        seen: impl FnMut(&Event),
+    ) -> Result<(), String> {
+        if self.over {
+            return Ok(());
+        }
+        let read = self.input.bytes(chunk, &mut self.events);
+        self.after_read(read, out, seen)
+    }
+
+    fn after_read(
+        &mut self,
+        read: Result<(), String>,
+        out: &mut Vec<u8>,
+        seen: impl FnMut(&Event),
+    ) -> Result<(), String> {
         self.write(out, seen);
         if let Err(e) = &read {
             self.fail(
@@ -304,14 +430,21 @@ pub fn stream_of(
 pub struct StreamWatcher {
     input: EventsIn,
     events: Vec<Event>,
+    dialect: Dialect,
 }
 
 impl StreamWatcher {
     pub fn new(dialect: Dialect) -> Self {
         Self {
-            input: EventsIn::new(dialect),
+            input: EventsIn::new(dialect, ""),
             events: Vec::new(),
+            dialect,
         }
+    }
+
+    /// The stream's (and its client's) dialect.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// One event's data; each canonical event it makes is shown to `seen`. An event that

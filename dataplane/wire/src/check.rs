@@ -250,7 +250,7 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
         }
         p.positive_duration(&format!("{bpath}.timeout"), &b.timeout);
         if let Some(c) = &b.credentials {
-            check_credential(p, &format!("{bpath}.credentials"), c, source);
+            check_credential(p, &format!("{bpath}.credentials"), c, source, b.provider.credential_is_document());
         }
         if let Some(pr) = &b.pricing {
             let price_ok = |x: f64| x.is_finite() && x >= 0.0;
@@ -269,7 +269,13 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
     }
 }
 
-fn check_credential(p: &mut Problems, path: &str, c: &CredentialSpec, source: Source) {
+fn check_credential(
+    p: &mut Problems,
+    path: &str,
+    c: &CredentialSpec,
+    source: Source,
+    document: bool,
+) {
     let set = [c.env.is_some(), c.file.is_some(), c.value.is_some()]
         .iter()
         .filter(|x| **x)
@@ -289,6 +295,12 @@ fn check_credential(p: &mut Problems, path: &str, c: &CredentialSpec, source: So
         let v = v.trim();
         if v.is_empty() {
             p.push(path, "the credential is empty");
+        } else if document {
+            // A JSON document (AWS keys, a Google service-account key): the proxy reads its
+            // fields and says what is missing; here only that it is JSON at all.
+            if serde_json::from_str::<serde::de::IgnoredAny>(v).is_err() {
+                p.push(path, "the credential must be a JSON document");
+            }
         } else if !credential_chars_ok(v) {
             p.push(
                 path,
@@ -337,6 +349,11 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
     if b.mock.is_some() {
         p.push(path, "mock settings apply only to provider mock");
     }
+    let derived_url = match b.provider {
+        ProviderKind::Bedrock => b.bedrock.is_some(),
+        ProviderKind::Vertex => b.vertex.is_some(),
+        _ => false,
+    };
     match (&b.url, b.provider.default_url()) {
         (Some(u), _) => {
             if let Err(e) = check_url(u) {
@@ -344,18 +361,49 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
             }
         }
         (None, Some(_)) => {}
+        // Checked with the settings it comes from.
+        (None, None) if derived_url => {}
         (None, None) => p.push(
             path,
             format!("url is required for provider {}", b.provider.as_str()),
         ),
     }
+    let ambient = match &b.provider {
+        ProviderKind::Bedrock => b
+            .bedrock
+            .as_ref()
+            .is_some_and(|s| s.auth == crate::BedrockAuth::WebIdentity),
+        ProviderKind::Vertex => b
+            .vertex
+            .as_ref()
+            .is_some_and(|s| s.auth == crate::VertexAuth::WorkloadIdentity),
+        _ => false,
+    };
+    if ambient && b.credentials.is_some() {
+        p.push(
+            &format!("{path}.credentials"),
+            "must be absent: this backend signs with the proxy's own cloud identity",
+        );
+    }
     if matches!(
         b.provider,
-        ProviderKind::Openai | ProviderKind::Anthropic | ProviderKind::AzureOpenai
+        ProviderKind::Openai
+            | ProviderKind::Anthropic
+            | ProviderKind::AzureOpenai
+            | ProviderKind::Bedrock
+            | ProviderKind::Gemini
+            | ProviderKind::Vertex
     ) && b.credentials.is_none()
+        && !ambient
     {
         let what = match b.provider {
             ProviderKind::AzureOpenai => "the API key, or an Entra ID token with auth: bearer",
+            ProviderKind::Bedrock => {
+                "AWS keys as JSON {\"AccessKeyId\", \"SecretAccessKey\", \"SessionToken\"?}, or auth: webIdentity"
+            }
+            ProviderKind::Vertex => {
+                "a service-account key (JSON), or auth: workloadIdentity"
+            }
             _ => "the API key",
         };
         p.push(
@@ -371,6 +419,24 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
         (Some(a), ProviderKind::Anthropic) => check_anthropic(p, &format!("{path}.anthropic"), a),
         (Some(_), _) => p.push(path, "anthropic settings apply only to provider anthropic"),
     }
+    match (&b.bedrock, &b.provider) {
+        (Some(s), ProviderKind::Bedrock) => check_bedrock(p, &format!("{path}.bedrock"), s),
+        (None, ProviderKind::Bedrock) => p.push(
+            path,
+            "provider bedrock needs bedrock settings (at least region)",
+        ),
+        (None, _) => {}
+        (Some(_), _) => p.push(path, "bedrock settings apply only to provider bedrock"),
+    }
+    match (&b.vertex, &b.provider) {
+        (Some(s), ProviderKind::Vertex) => check_vertex(p, &format!("{path}.vertex"), s),
+        (None, ProviderKind::Vertex) => p.push(
+            path,
+            "provider vertex needs vertex settings (at least project and location)",
+        ),
+        (None, _) => {}
+        (Some(_), _) => p.push(path, "vertex settings apply only to provider vertex"),
+    }
     match (&b.azure, &b.provider) {
         (a, ProviderKind::AzureOpenai) => {
             let default = crate::AzureSpec::default();
@@ -379,6 +445,100 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
         }
         (None, _) => {}
         (Some(_), _) => p.push(path, "azure settings apply only to provider azure-openai"),
+    }
+}
+
+/// A region or location name: lowercase letters, digits and `-`, safe in a host name.
+fn region_token(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_bedrock(p: &mut Problems, path: &str, s: &crate::BedrockSpec) {
+    if !region_token(&s.region) {
+        p.push(
+            &format!("{path}.region"),
+            "must be an AWS region such as us-east-1",
+        );
+    }
+    match s.auth {
+        crate::BedrockAuth::Credentials => {
+            for (field, set) in [
+                ("roleArn", s.role_arn.is_some()),
+                ("webIdentityTokenFile", s.web_identity_token_file.is_some()),
+                ("stsUrl", s.sts_url.is_some()),
+            ] {
+                if set {
+                    p.push(
+                        &format!("{path}.{field}"),
+                        "applies only with auth: webIdentity",
+                    );
+                }
+            }
+        }
+        crate::BedrockAuth::WebIdentity => {
+            match &s.role_arn {
+                Some(arn) if arn.starts_with("arn:") && arn.len() <= 2048 => {}
+                _ => p.push(
+                    &format!("{path}.roleArn"),
+                    "is required with auth: webIdentity, e.g. arn:aws:iam::123456789012:role/modelgate",
+                ),
+            }
+            if let Some(u) = &s.sts_url
+                && let Err(e) = check_url(u)
+            {
+                p.push(&format!("{path}.stsUrl"), e);
+            }
+        }
+        crate::BedrockAuth::Unknown => p.push(
+            &format!("{path}.auth"),
+            "must be credentials or webIdentity (this proxy version knows no other)",
+        ),
+    }
+}
+
+fn check_vertex(p: &mut Problems, path: &str, s: &crate::VertexSpec) {
+    // Project ids: 6 to 30 lowercase letters, digits and hyphens.
+    if !region_token(&s.project) {
+        p.push(
+            &format!("{path}.project"),
+            "must be a Google Cloud project id (lowercase letters, digits, '-')",
+        );
+    }
+    if !region_token(&s.location) {
+        p.push(
+            &format!("{path}.location"),
+            "must be a location such as us-central1 or global",
+        );
+    }
+    if s.publisher == crate::VertexPublisher::Unknown {
+        p.push(
+            &format!("{path}.publisher"),
+            "must be google or anthropic (this proxy version knows no other)",
+        );
+    }
+    match s.auth {
+        crate::VertexAuth::ServiceAccountKey => {
+            if s.metadata_url.is_some() {
+                p.push(
+                    &format!("{path}.metadataUrl"),
+                    "applies only with auth: workloadIdentity",
+                );
+            }
+        }
+        crate::VertexAuth::WorkloadIdentity => {
+            if let Some(u) = &s.metadata_url
+                && let Err(e) = check_url(u)
+            {
+                p.push(&format!("{path}.metadataUrl"), e);
+            }
+        }
+        crate::VertexAuth::Unknown => p.push(
+            &format!("{path}.auth"),
+            "must be serviceAccountKey or workloadIdentity (this proxy version knows no other)",
+        ),
     }
 }
 

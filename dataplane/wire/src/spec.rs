@@ -166,6 +166,9 @@ pub enum ProviderKind {
     OpenaiCompatible,
     Anthropic,
     AzureOpenai,
+    Bedrock,
+    Gemini,
+    Vertex,
     Mock,
     /// A provider from a newer operator; refused by [`crate::check`].
     #[serde(other, skip_serializing)]
@@ -179,6 +182,9 @@ impl ProviderKind {
             Self::OpenaiCompatible => "openai-compatible",
             Self::Anthropic => "anthropic",
             Self::AzureOpenai => "azure-openai",
+            Self::Bedrock => "bedrock",
+            Self::Gemini => "gemini",
+            Self::Vertex => "vertex",
             Self::Mock => "mock",
             Self::Unknown => "unknown",
         }
@@ -192,8 +198,17 @@ impl ProviderKind {
                 | Self::OpenaiCompatible
                 | Self::Anthropic
                 | Self::AzureOpenai
+                | Self::Bedrock
+                | Self::Gemini
+                | Self::Vertex
                 | Self::Mock
         )
+    }
+
+    /// Whether the credential is a JSON document (AWS keys, a Google service-account key)
+    /// rather than a key sent in a header.
+    pub fn credential_is_document(&self) -> bool {
+        matches!(self, Self::Bedrock | Self::Vertex)
     }
 
     /// Where the provider goes when a backend names no url.
@@ -201,7 +216,15 @@ impl ProviderKind {
         match self {
             Self::Openai => Some(OPENAI_DEFAULT_URL),
             Self::Anthropic => Some(ANTHROPIC_DEFAULT_URL),
-            Self::OpenaiCompatible | Self::AzureOpenai | Self::Mock | Self::Unknown => None,
+            Self::Gemini => Some(GEMINI_DEFAULT_URL),
+            // Bedrock's and Vertex's come from the region or location (`bedrock_url`,
+            // `vertex_url`).
+            Self::OpenaiCompatible
+            | Self::AzureOpenai
+            | Self::Bedrock
+            | Self::Vertex
+            | Self::Mock
+            | Self::Unknown => None,
         }
     }
 }
@@ -210,6 +233,24 @@ impl ProviderKind {
 pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
 /// Where provider `anthropic` goes when a backend names no url.
 pub const ANTHROPIC_DEFAULT_URL: &str = "https://api.anthropic.com/v1";
+/// Where provider `gemini` goes when a backend names no url (the Generative Language API).
+pub const GEMINI_DEFAULT_URL: &str = "https://generativelanguage.googleapis.com/v1beta";
+
+/// Bedrock's runtime endpoint in `region`, where a backend names no url.
+pub fn bedrock_url(region: &str) -> String {
+    format!("https://bedrock-runtime.{region}.amazonaws.com")
+}
+
+/// Vertex AI's endpoint for `location`, where a backend names no url (`global` has no
+/// location prefix).
+pub fn vertex_url(location: &str) -> String {
+    if location == "global" {
+        "https://aiplatform.googleapis.com".to_owned()
+    } else {
+        format!("https://{location}-aiplatform.googleapis.com")
+    }
+}
+
 /// The `anthropic-version` sent when neither the backend nor (on pass-through) the client
 /// names one: the only value Anthropic's SDKs send.
 pub const ANTHROPIC_DEFAULT_VERSION: &str = "2023-06-01";
@@ -246,6 +287,100 @@ pub struct BackendSpec {
     /// Settings of provider `azure-openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureSpec>,
+    /// Settings of provider `bedrock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bedrock: Option<BedrockSpec>,
+    /// Settings of provider `vertex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex: Option<VertexSpec>,
+}
+
+/// Where a `bedrock` backend sends requests and how it signs them (SigV4, service
+/// `bedrock`). `url` defaults to `https://bedrock-runtime.{region}.amazonaws.com`; the
+/// backend's `model` (or the client's) is the Bedrock model or inference-profile id.
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BedrockSpec {
+    /// The AWS region, e.g. `us-east-1`.
+    #[serde(default)]
+    pub region: String,
+    /// Where the signing credentials come from [default: `credentials`].
+    #[serde(default)]
+    pub auth: BedrockAuth,
+    /// `webIdentity`: the IAM role to assume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// `webIdentity`: the projected ServiceAccount token file [default:
+    /// `$AWS_WEB_IDENTITY_TOKEN_FILE`, else the EKS path].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_identity_token_file: Option<String>,
+    /// `webIdentity`: the STS endpoint [default: `https://sts.{region}.amazonaws.com`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sts_url: Option<String>,
+}
+
+/// Where a Bedrock backend's AWS credentials come from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum BedrockAuth {
+    /// The backend's credential: JSON as AWS's `credential_process` prints it
+    /// (`AccessKeyId`, `SecretAccessKey`, optional `SessionToken`).
+    #[default]
+    Credentials,
+    /// The proxy pod's projected token exchanged with STS (`AssumeRoleWithWebIdentity`,
+    /// the IRSA / EKS pattern); needs the proxy's `allowAmbientIdentity`.
+    WebIdentity,
+    /// A value from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+/// Where a `vertex` backend sends requests and how it gets its OAuth2 token.
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VertexSpec {
+    /// The Google Cloud project id.
+    #[serde(default)]
+    pub project: String,
+    /// The location, e.g. `us-central1` or `global`.
+    #[serde(default)]
+    pub location: String,
+    /// Whose models: `google` (Gemini, `generateContent`) or `anthropic` (Claude,
+    /// `rawPredict`) [default: google].
+    #[serde(default)]
+    pub publisher: VertexPublisher,
+    /// Where the token comes from [default: `serviceAccountKey`].
+    #[serde(default)]
+    pub auth: VertexAuth,
+    /// `workloadIdentity`: the metadata server [default: `http://metadata.google.internal`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_url: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum VertexPublisher {
+    #[default]
+    Google,
+    Anthropic,
+    /// A value from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum VertexAuth {
+    /// The backend's credential is a service-account key file (JSON); the proxy signs the
+    /// OAuth2 JWT-bearer grant with it.
+    #[default]
+    ServiceAccountKey,
+    /// The proxy pod's own identity from the metadata server (GKE workload identity); needs
+    /// the proxy's `allowAmbientIdentity`.
+    WorkloadIdentity,
+    /// A value from a newer operator; refused by [`crate::check`].
+    #[serde(other, skip_serializing)]
+    Unknown,
 }
 
 /// Where an `azure-openai` backend sends requests and how it signs them. `url` is the

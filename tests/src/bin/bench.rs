@@ -2250,6 +2250,8 @@ mod scale {
                     mock: None,
                     anthropic: None,
                     azure: None,
+                    bedrock: None,
+                    vertex: None,
                 }],
             })
             .collect();
@@ -2328,6 +2330,8 @@ mod scale {
                         mock: None,
                         anthropic: None,
                         azure: None,
+                        bedrock: None,
+                        vertex: None,
                     }],
                     strategy: None,
                     timeout: None,

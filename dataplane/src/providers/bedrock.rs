@@ -1,0 +1,333 @@
+//! AWS Bedrock: the Converse and ConverseStream APIs, signed with SigV4 (service `bedrock`).
+//!
+//! ```text
+//!   POST {url}/model/{model id, percent-encoded}/converse          JSON answer
+//!   POST {url}/model/{model id, percent-encoded}/converse-stream   application/vnd.amazon.eventstream
+//!   credentials: the backend's (JSON as `credential_process` prints it), or
+//!                web identity: the pod's projected token ─► STS AssumeRoleWithWebIdentity ─► temporary keys (cached)
+//! ```
+//!
+//! Every client dialect reaches Bedrock translated (`translate::bedrock` writes the body and
+//! reads the answers); this module only says where a request goes and signs it.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Uri, header};
+use http_body_util::Full;
+use modelgate_wire::{BedrockAuth, BedrockSpec};
+
+use super::aws_auth::{self, Credentials};
+use super::token::{Cached, Expiring};
+use super::{Failure, HttpClient};
+
+/// Where EKS projects the ServiceAccount token for IRSA when the environment names no file.
+const EKS_TOKEN_FILE: &str = "/var/run/secrets/eks.amazonaws.com/serviceaccount/token";
+
+/// Largest STS answer read.
+const MAX_STS_BODY: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub struct Upstream {
+    /// `{url}/model/`: the model id and the operation follow.
+    base: String,
+    host: HeaderValue,
+    region: String,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    Static(Credentials),
+    WebIdentity {
+        role_arn: String,
+        token_file: PathBuf,
+        sts: Uri,
+        cached: Cached<Credentials>,
+    },
+}
+
+/// Static keys as AWS's `credential_process` prints them.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KeysJson {
+    access_key_id: String,
+    secret_access_key: String,
+    #[serde(default)]
+    session_token: Option<String>,
+}
+
+/// Static credentials from the backend's credential text (JSON with `AccessKeyId`,
+/// `SecretAccessKey` and optionally `SessionToken`). Errors never repeat the text.
+pub fn parse_keys(text: &str) -> Result<Credentials, String> {
+    let k: KeysJson = serde_json::from_str(text).map_err(|_| {
+        "the credential must be JSON with AccessKeyId and SecretAccessKey (and optionally SessionToken), as AWS's credential_process prints it".to_owned()
+    })?;
+    if k.access_key_id.is_empty() || k.secret_access_key.is_empty() {
+        return Err("the credential's AccessKeyId and SecretAccessKey must not be empty".into());
+    }
+    Ok(Credentials::new(
+        k.access_key_id,
+        k.secret_access_key,
+        k.session_token.filter(|t| !t.is_empty()),
+        None,
+    ))
+}
+
+impl Upstream {
+    /// `url`: the runtime endpoint (`None`: the region's); `credential`: the backend's
+    /// credential text, for `auth: credentials`; `ambient`: whether this proxy lends its own
+    /// identity (web identity) to routes.
+    pub fn new(
+        url: Option<&str>,
+        credential: Option<&str>,
+        spec: &BedrockSpec,
+        ambient: bool,
+    ) -> Result<Self, String> {
+        let url = url
+            .map(str::to_owned)
+            .unwrap_or_else(|| modelgate_wire::bedrock_url(&spec.region));
+        modelgate_wire::check::check_url(&url)?;
+        let base = format!("{}/model/", url.trim_end_matches('/'));
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        let host = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| format!("the URL {url:?} names no host"))?;
+        let source = match spec.auth {
+            BedrockAuth::Credentials => Source::Static(parse_keys(
+                credential.ok_or("provider bedrock needs credentials (AWS keys as JSON)")?,
+            )?),
+            BedrockAuth::WebIdentity => {
+                if !ambient {
+                    return Err(ambient_refused());
+                }
+                let role_arn = spec
+                    .role_arn
+                    .clone()
+                    .ok_or("bedrock.roleArn is required with auth: webIdentity")?;
+                let token_file = spec
+                    .web_identity_token_file
+                    .clone()
+                    .or_else(|| std::env::var("AWS_WEB_IDENTITY_TOKEN_FILE").ok())
+                    .unwrap_or_else(|| EKS_TOKEN_FILE.to_owned());
+                let sts = spec
+                    .sts_url
+                    .clone()
+                    .unwrap_or_else(|| format!("https://sts.{}.amazonaws.com", spec.region));
+                modelgate_wire::check::check_url(&sts)?;
+                let sts = format!("{}/", sts.trim_end_matches('/'))
+                    .parse()
+                    .map_err(|e| format!("invalid bedrock.stsUrl: {e}"))?;
+                Source::WebIdentity {
+                    role_arn,
+                    token_file: token_file.into(),
+                    sts,
+                    cached: Cached::default(),
+                }
+            }
+            BedrockAuth::Unknown => return Err("bedrock.auth must be credentials or webIdentity".into()),
+        };
+        Ok(Self {
+            base,
+            host,
+            region: spec.region.clone(),
+            source,
+        })
+    }
+
+    /// The URL of a Converse (or ConverseStream) call to `model`.
+    pub fn url(&self, model: &str, stream: bool) -> String {
+        let op = if stream { "converse-stream" } else { "converse" };
+        format!("{}{}/{op}", self.base, encode_segment(model))
+    }
+
+    /// A signed Converse request with `body` (already Bedrock's JSON). Fetches temporary
+    /// credentials first when they come from web identity.
+    pub async fn request(
+        &self,
+        client: &HttpClient,
+        model: &str,
+        body: Bytes,
+        stream: bool,
+        timeout: Duration,
+    ) -> Result<Request<Full<Bytes>>, Failure> {
+        let url = self.url(model, stream);
+        let accept = if stream {
+            "application/vnd.amazon.eventstream"
+        } else {
+            "application/json"
+        };
+        let creds = match &self.source {
+            Source::Static(c) => SignWith::Borrowed(c),
+            Source::WebIdentity {
+                role_arn,
+                token_file,
+                sts,
+                cached,
+            } => SignWith::Cached(
+                cached
+                    .get(|| assume_role(client, sts, role_arn, token_file, timeout))
+                    .await
+                    .map_err(|e| Failure::Connect(format!("AWS web identity: {e}")))?,
+            ),
+        };
+        let host = self.host.to_str().unwrap_or_default();
+        let signed = aws_auth::sign(
+            creds.get(),
+            &self.region,
+            "bedrock",
+            "POST",
+            &url,
+            &[
+                ("host", host),
+                ("content-type", "application/json"),
+                ("accept", accept),
+            ],
+            &body,
+            SystemTime::now(),
+        )
+        .map_err(|e| Failure::Connect(format!("signing the Bedrock request: {e}")))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| Failure::Connect(format!("the Bedrock URL: {e}")))?;
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static(accept));
+        for (name, mut value) in signed {
+            value.set_sensitive(true);
+            h.insert(name, value);
+        }
+        Ok(req)
+    }
+}
+
+enum SignWith<'a> {
+    Borrowed(&'a Credentials),
+    Cached(std::sync::Arc<Expiring<Credentials>>),
+}
+
+impl SignWith<'_> {
+    fn get(&self) -> &Credentials {
+        match self {
+            Self::Borrowed(c) => c,
+            Self::Cached(c) => &c.value,
+        }
+    }
+}
+
+pub(crate) fn ambient_refused() -> String {
+    "this proxy does not lend its own cloud identity to routes; the cluster admin enables it with --allow-ambient-identity (Helm: proxy.allowAmbientIdentity)".into()
+}
+
+/// A path segment with everything but RFC 3986's unreserved characters percent-encoded: a
+/// model id (`anthropic.claude-3-5-haiku-20241022-v1:0`) or an inference-profile ARN.
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// STS `AssumeRoleWithWebIdentity` with the token read from `token_file` now (the kubelet
+/// rotates it in place).
+async fn assume_role(
+    client: &HttpClient,
+    sts: &Uri,
+    role_arn: &str,
+    token_file: &std::path::Path,
+    timeout: Duration,
+) -> Result<Expiring<Credentials>, String> {
+    use http_body_util::{BodyExt, Limited};
+    let token = tokio::fs::read_to_string(token_file)
+        .await
+        .map_err(|e| format!("cannot read the web identity token {}: {e}", token_file.display()))?;
+    let body = aws_auth::web_identity_request(role_arn, "modelgate", token.trim());
+    let mut req = Request::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = sts.clone();
+    req.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| "STS did not answer in time".to_owned())?
+        .map_err(|e| format!("STS: {}", super::describe(&e)))?;
+    let status = resp.status();
+    let bytes = tokio::time::timeout(
+        timeout,
+        Limited::new(resp.into_body(), MAX_STS_BODY).collect(),
+    )
+    .await
+    .map_err(|_| "STS did not answer in time".to_owned())?
+    .map_err(|e| format!("STS: {e}"))?
+    .to_bytes();
+    let creds = aws_auth::web_identity_response(&bytes)
+        .map_err(|e| format!("STS answered {status}: {e}"))?;
+    let expires_at = creds.expires_at;
+    Ok(Expiring {
+        value: creds,
+        expires_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_and_arns_are_one_encoded_path_segment() {
+        assert_eq!(
+            encode_segment("anthropic.claude-3-5-haiku-20241022-v1:0"),
+            "anthropic.claude-3-5-haiku-20241022-v1%3A0"
+        );
+        assert_eq!(
+            encode_segment("arn:aws:bedrock:us-east-1:1:inference-profile/us.x"),
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.x"
+        );
+        let spec = BedrockSpec {
+            region: "eu-west-1".into(),
+            ..Default::default()
+        };
+        let keys = r#"{"Version":1,"AccessKeyId":"AKIDEXAMPLE","SecretAccessKey":"s3cr3t"}"#;
+        let up = Upstream::new(None, Some(keys), &spec, false).unwrap();
+        assert_eq!(
+            up.url("m:0", true),
+            "https://bedrock-runtime.eu-west-1.amazonaws.com/model/m%3A0/converse-stream"
+        );
+    }
+
+    #[test]
+    fn bad_keys_and_unlent_identity_are_refused_without_echoing_the_secret() {
+        let spec = BedrockSpec {
+            region: "us-east-1".into(),
+            ..Default::default()
+        };
+        let err = Upstream::new(None, Some("AKID:hunter2"), &spec, false).unwrap_err();
+        assert!(err.contains("AccessKeyId"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let web = BedrockSpec {
+            auth: BedrockAuth::WebIdentity,
+            role_arn: Some("arn:aws:iam::1:role/r".into()),
+            ..spec
+        };
+        let err = Upstream::new(None, None, &web, false).unwrap_err();
+        assert!(err.contains("--allow-ambient-identity"), "{err}");
+        assert!(Upstream::new(None, None, &web, true).is_ok());
+    }
+}
