@@ -183,14 +183,10 @@ pub struct BedrockSettings {
     /// pattern; only where the proxies allow ambient identity) [default: credentials].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<BedrockAuth>,
-    /// `webIdentity`: the IAM role to assume.
+    /// `webIdentity`: the IAM role to assume (at the region's STS endpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^arn:"))]
     pub role_arn: Option<String>,
-    /// `webIdentity`: the STS endpoint [default: `https://sts.{region}.amazonaws.com`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://[^\s]+$"))]
-    pub sts_url: Option<String>,
 }
 
 // No doc comment here: schemars would put it in place of the field's in the schema.

@@ -47,6 +47,8 @@ OPTIONS:
     --deny-upstream RULE     more hosts refused, beside the built-in loopback, link-local,
                              and cloud metadata denials (repeatable)
     --service-cidr CIDR      the cluster's Service range, refused as upstream (repeatable)
+    --allow-ambient-identity routes may sign with the proxies' own cloud identity (bedrock
+                             webIdentity, vertex workloadIdentity); start the proxies with it too
     --identity ID            this replica's name in the Lease [default: $POD_NAME or host-pid]
     --advertise-url URL      this replica's config URL for other replicas
                              [default: https://$POD_IP:<config port> or the bound address]
@@ -76,6 +78,7 @@ struct Options {
     ca_rotation_delay: Duration,
     tls_sans: Vec<String>,
     allow_upstream: Vec<String>,
+    allow_ambient_identity: bool,
     deny_upstream: Vec<String>,
     identity: Option<String>,
     namespace: Option<String>,
@@ -108,6 +111,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         ca_rotation_delay: Duration::from_secs(120),
         tls_sans: vec![],
         allow_upstream: vec![],
+        allow_ambient_identity: false,
         deny_upstream: vec![],
         identity: None,
         namespace: None,
@@ -153,6 +157,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             }
             "--tls-san" => o.tls_sans.push(value("--tls-san")?),
             "--allow-upstream" => o.allow_upstream.push(value("--allow-upstream")?),
+            "--allow-ambient-identity" => o.allow_ambient_identity = true,
             "--deny-upstream" | "--service-cidr" => o.deny_upstream.push(value(&a)?),
             "--identity" => o.identity = Some(value("--identity")?),
             "--namespace" | "--lease-namespace" => o.namespace = Some(value(&a)?),
@@ -305,6 +310,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         });
     let shared = Shared::new(auth, tenancy, identity.clone());
     lock(&shared.index).policy = policy;
+    lock(&shared.index).ambient_identity = opts.allow_ambient_identity;
     let config = bind(&opts.config_listen, "config").await?;
     let admin = bind(&opts.admin_listen, "admin").await?;
     let (config_addr, admin_addr) = (config.local_addr()?, admin.local_addr()?);

@@ -141,6 +141,9 @@ pub const MINTED_KEY: &str = "key";
 pub struct Index {
     /// Where backends may point (set once at start).
     pub policy: UpstreamPolicy,
+    /// Whether routes may sign with the proxies' own cloud identity (set once at start; the
+    /// proxies are started with the same choice).
+    pub ambient_identity: bool,
     /// Namespace labels: sidecar opt-in and the gateway's namespace selector.
     pub namespaces: Namespaces,
     routes: BTreeMap<(String, String), ModelRoute>,
@@ -457,6 +460,23 @@ impl Index {
                     None,
                 ));
             }
+            let ambient = b
+                .bedrock
+                .as_ref()
+                .is_some_and(|s| s.auth == Some(modelgate_crds::BedrockAuth::WebIdentity))
+                || b.vertex.as_ref().is_some_and(|s| {
+                    s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity)
+                });
+            if ambient && !self.ambient_identity {
+                return Err((
+                    "AmbientIdentityNotAllowed",
+                    format!(
+                        "backend {}: signing with the proxies' own cloud identity (bedrock webIdentity, vertex workloadIdentity) is not enabled in this cluster; use credentialsRef, or ask the cluster admin to set proxy.allowAmbientIdentity",
+                        b.name
+                    ),
+                    None,
+                ));
+            }
             let credentials = match &b.credentials_ref {
                 None => None,
                 Some(c) => {
@@ -520,9 +540,9 @@ impl Index {
                         Some(modelgate_crds::BedrockAuth::WebIdentity) => BedrockAuth::WebIdentity,
                     },
                     role_arn: s.role_arn.clone(),
-                    // The proxy's own token file: not a tenant's to choose.
+                    // The proxy's own token, and where it goes: not a tenant's to choose.
                     web_identity_token_file: None,
-                    sts_url: s.sts_url.clone(),
+                    sts_url: None,
                 }),
                 vertex: b.vertex.as_ref().map(|s| VertexSpec {
                     project: s.project.clone(),

@@ -648,6 +648,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
             json(StatusCode::OK, &v)
         }
         "/v1/messages" => anthropic(&knobs, &parsed, &counters),
+        "/v1/responses" => responses(&knobs, &parsed, &counters),
         "/v1/messages/count_tokens" => {
             counters.completed.fetch_add(1, Ordering::SeqCst);
             json(
@@ -864,6 +865,112 @@ fn anthropic(
             &json!({"type": "message_stop"}),
         ));
     }
+    let mut r = Response::new(ChunkBody {
+        chunks: chunks.into(),
+        delay: knobs.delay,
+        sleep: None,
+        reset_after: knobs.reset_after,
+        sent: 0,
+        counters: Some(counters.clone()),
+    });
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
+/// `POST /v1/responses`: a response object, or its stream, as OpenAI's Responses API sends
+/// them (text only; `input_tokens` counts the cached ones too, as OpenAI reports them).
+fn responses(
+    knobs: &Knobs,
+    req: &serde_json::Value,
+    counters: &Arc<Counters>,
+) -> Response<ChunkBody> {
+    use serde_json::json;
+    let model = req["model"].as_str().unwrap_or("gpt-mock").to_owned();
+    if req.get("input").is_none() {
+        return error(StatusCode::BAD_REQUEST, "Missing required parameter: 'input'.");
+    }
+    let text = (0..knobs.chunks)
+        .map(|i| format!("tok{i} "))
+        .collect::<String>();
+    let usage = json!({"input_tokens": knobs.prompt_tokens + knobs.cache_read,
+        "input_tokens_details": {"cached_tokens": knobs.cache_read},
+        "output_tokens": knobs.chunks, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": knobs.prompt_tokens + knobs.cache_read + knobs.chunks});
+    let message = |text: &str, status: &str| {
+        json!({"id": "msg_mock1", "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let response = |status: &str, output: serde_json::Value, usage: serde_json::Value| {
+        json!({"id": "resp_mock1", "object": "response", "created_at": 1_700_000_000,
+            "status": status, "error": null, "incomplete_details": null, "instructions": null,
+            "max_output_tokens": req["max_output_tokens"], "model": model, "output": output,
+            "parallel_tool_calls": true, "previous_response_id": req["previous_response_id"],
+            "store": req["store"].as_bool().unwrap_or(true), "temperature": 1.0,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "top_p": 1.0, "truncation": "disabled", "usage": usage, "metadata": {}})
+    };
+    if !req["stream"].as_bool().unwrap_or(false) {
+        counters.completed.fetch_add(1, Ordering::SeqCst);
+        return json(
+            StatusCode::OK,
+            &response("completed", json!([message(&text, "completed")]), usage),
+        );
+    }
+    let mut seq = 0u64;
+    let mut event = |name: &str, mut data: serde_json::Value| {
+        data["type"] = json!(name);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        named_event(name, &data)
+    };
+    let mut chunks = vec![
+        event(
+            "response.created",
+            json!({"response": response("in_progress", json!([]), json!(null))}),
+        ),
+        event(
+            "response.in_progress",
+            json!({"response": response("in_progress", json!([]), json!(null))}),
+        ),
+        event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": {"id": "msg_mock1", "type": "message",
+                "status": "in_progress", "role": "assistant", "content": []}}),
+        ),
+        event(
+            "response.content_part.added",
+            json!({"item_id": "msg_mock1", "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}}),
+        ),
+    ];
+    for i in 0..knobs.chunks {
+        chunks.push(event(
+            "response.output_text.delta",
+            json!({"item_id": "msg_mock1", "output_index": 0, "content_index": 0,
+                "delta": format!("tok{i} "), "logprobs": []}),
+        ));
+    }
+    chunks.push(event(
+        "response.output_text.done",
+        json!({"item_id": "msg_mock1", "output_index": 0, "content_index": 0, "text": text,
+            "logprobs": []}),
+    ));
+    chunks.push(event(
+        "response.content_part.done",
+        json!({"item_id": "msg_mock1", "output_index": 0, "content_index": 0,
+            "part": {"type": "output_text", "text": text, "annotations": []}}),
+    ));
+    chunks.push(event(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message(&text, "completed")}),
+    ));
+    chunks.push(event(
+        "response.completed",
+        json!({"response": response("completed", json!([message(&text, "completed")]), usage)}),
+    ));
     let mut r = Response::new(ChunkBody {
         chunks: chunks.into(),
         delay: knobs.delay,

@@ -364,3 +364,62 @@ async fn openai_python_sdk_works_against_an_azure_backend() {
     let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
     assert_eq!(sent["model"], "gpt-4o-deployment");
 }
+
+/// The OpenAI SDK's Responses API on every kind of backend: the built-in mock and an
+/// Anthropic upstream translated, an OpenAI upstream passed through (stored state included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_api_works_on_every_backend() {
+    let up = modelgate_tests::upstream::MockUpstream::start();
+    let route = |name: &str, provider: &str, knobs: &str| {
+        format!(
+            "  - name: {name}\n    model: {name}\n    retries: {{attempts: 0}}\n    backends:\n      - {{name: b, provider: {provider}, url: {}, credentials: {{env: UPSTREAM_TEST_KEY}}}}\n",
+            up.url(knobs)
+        )
+    };
+    let yaml = format!(
+        "routes:\n  - name: mock-gpt\n    model: mock-gpt\n    backends:\n      - {{name: mock, provider: mock, mock: {{outputTokens: 6}}}}\n{}{}{}keys:\n  - {{name: demo, sha256: {}}}\n",
+        route("gpt-pass", "openai", "id=pass;cache_read=2;chunks=3"),
+        route("claude-r", "anthropic", "id=claude;chunks=3"),
+        route("claude-tool", "anthropic", "id=tool;tool=1;chunks=2"),
+        sha256_hex(DEMO_KEY),
+    );
+    let p = Proxy::start_with(&yaml, &[("UPSTREAM_TEST_KEY", "sk-upstream-test")]);
+    let envs = [
+        ("MODELGATE_BASE_URL", p.url("/v1")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+        (
+            "MODELGATE_RESPONSES_MODELS",
+            "mock-gpt=mock,gpt-pass=openai,claude-r=anthropic,claude-tool=anthropic".to_owned(),
+        ),
+    ];
+    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", &envs, 19))
+        .await
+        .unwrap();
+    // Pass-through: OpenAI got the client's own body, stored state included.
+    let pass = up.counters("pass");
+    assert_eq!(pass.last_path.lock().unwrap().as_deref(), Some("/v1/responses"));
+    let sent = pass.last_body.lock().unwrap().clone().unwrap();
+    assert_eq!(sent["previous_response_id"], "resp_abc123", "{sent}");
+    assert_eq!(sent["model"], "gpt-pass");
+    // Translated: Anthropic got Messages, the function result in a tool_result block.
+    let tool = up.counters("tool");
+    assert_eq!(tool.last_path.lock().unwrap().as_deref(), Some("/v1/messages"));
+    let sent = tool.last_body.lock().unwrap().clone().unwrap();
+    let results: Vec<_> = sent["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "tool_result")
+        .collect();
+    assert!(
+        results.iter().any(|b| b["tool_use_id"] == "toolu_mock1"),
+        "{sent}"
+    );
+    // Every call was metered, the pass-through ones from the Responses usage.
+    let metrics = p.metrics().await;
+    assert!(
+        metric(&metrics, "modelgate_tokens_total", &[("route", "default/gpt-pass"), ("kind", "cache_read")]) > 0.0,
+        "{metrics}"
+    );
+}
