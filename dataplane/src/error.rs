@@ -63,11 +63,14 @@ pub enum ProxyError {
     UpstreamStatus(StatusCode),
     #[error("the upstream sent a response the gateway cannot read: {0}")]
     UpstreamProtocol(String),
-    /// The provider's own answer (which may echo a masked provider key) is never passed on.
+    /// The provider's own answer (which may echo a masked provider key) is never passed on;
+    /// only the error's name where the provider gives one apart from the body (AWS's
+    /// `x-amzn-ErrorType`, e.g. `ExpiredTokenException`).
     #[error(
-        "the backend refused the gateway's credentials (status {0}); the gateway's administrator must fix the backend's credentials"
+        "the backend refused the gateway's credentials (status {0}{}); the gateway's administrator must fix the backend's credentials",
+        .1.as_deref().map(|d| format!(", {d}")).unwrap_or_default()
     )]
-    UpstreamCredentials(StatusCode),
+    UpstreamCredentials(StatusCode, Option<String>),
 }
 
 impl ProxyError {
@@ -99,7 +102,7 @@ impl ProxyError {
             Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Self::UpstreamStatus(_) => "upstream_error",
             Self::UpstreamProtocol(_) => "upstream_protocol_error",
-            Self::UpstreamCredentials(_) => "upstream_credentials_refused",
+            Self::UpstreamCredentials(..) => "upstream_credentials_refused",
         }
     }
 
@@ -140,7 +143,7 @@ impl ProxyError {
             | Self::UpstreamConnect(_)
             | Self::UpstreamStatus(_)
             | Self::UpstreamProtocol(_)
-            | Self::UpstreamCredentials(_) => "api_error",
+            | Self::UpstreamCredentials(..) => "api_error",
         };
         let body = serde_json::json!({
             "type": "error",
@@ -214,7 +217,7 @@ impl ProxyError {
                 None,
             ),
             Self::UpstreamProtocol(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
-            Self::UpstreamCredentials(_) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
+            Self::UpstreamCredentials(..) => (StatusCode::BAD_GATEWAY, "upstream_error", None),
         }
     }
 

@@ -473,3 +473,61 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A mock server of `tests/python` (a cloud provider's wire format, checked with the
+/// provider's own Python libraries) on 127.0.0.1: started with `args`, it prints
+/// `listening 127.0.0.1:<port>` and serves until dropped (or until its stdin closes).
+pub struct PyMock {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl PyMock {
+    pub fn start(script: &str, args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(python())
+            .arg(repo_root().join("tests/python").join(script))
+            .args(args)
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {script}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep reading so the mock never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{script} did not say where it listens within 60 s"));
+        let addr = line
+            .strip_prefix("listening ")
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{script} said {line:?}"));
+        Self { addr, child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `GET /_mock/<what>` as JSON (`requests`, `stats`).
+    pub async fn state(&self, what: &str) -> serde_json::Value {
+        let r = get(&self.url(&format!("/_mock/{what}")), None).await;
+        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for PyMock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -130,7 +130,7 @@ pub enum Failure {
     },
     /// 401/403: the backend refused the gateway's credentials. Another backend may still
     /// answer (it is a backend failure, not the client's), so it falls over like a 5xx.
-    CredentialsRefused(StatusCode),
+    CredentialsRefused(StatusCode, Option<String>),
     /// The request asks for what this backend's API cannot express: the client's to fix,
     /// never retried.
     Refused(Refused),
@@ -148,7 +148,7 @@ impl Failure {
                 RetryOn::RateLimited
             }
             Self::Status { .. }
-            | Self::CredentialsRefused(_)
+            | Self::CredentialsRefused(..)
             | Self::Refused(_)
             | Self::ContextLength(..) => RetryOn::ServerError,
         }
@@ -189,7 +189,7 @@ impl Failure {
         match self {
             Self::Connect(_) | Self::Refused(_) => UpstreamErrorKind::Connect,
             Self::Timeout => UpstreamErrorKind::Timeout,
-            Self::CredentialsRefused(_) => UpstreamErrorKind::CredentialsRefused,
+            Self::CredentialsRefused(..) => UpstreamErrorKind::CredentialsRefused,
             Self::ContextLength(..) => UpstreamErrorKind::ContextLength,
             Self::Status {
                 kind: Some(canonical::ErrorKind::QuotaExhausted),
@@ -253,7 +253,7 @@ impl Failure {
                 ProxyError::UpstreamRateLimited { retry_after }
             }
             Self::Status { status, .. } => ProxyError::UpstreamStatus(status),
-            Self::CredentialsRefused(status) => ProxyError::UpstreamCredentials(status),
+            Self::CredentialsRefused(status, name) => ProxyError::UpstreamCredentials(status, name),
             Self::Refused(r) => match r.param {
                 Some(param) => ProxyError::InvalidParam {
                     param,
@@ -584,7 +584,7 @@ async fn send(
     let status = resp.status();
     if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
         // The body is dropped here: it may echo (part of) the provider key.
-        return Err(Failure::CredentialsRefused(status));
+        return Err(Failure::CredentialsRefused(status, aws_error_name(resp.headers())));
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
@@ -597,6 +597,15 @@ async fn send(
         });
     }
     Ok(resp.map(UpstreamBody::Http))
+}
+
+/// The name AWS gives an error in `x-amzn-ErrorType` (`ExpiredTokenException:http://...`):
+/// letters and digits only, so nothing else of the answer reaches the client.
+fn aws_error_name(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get("x-amzn-errortype")?.to_str().ok()?;
+    let name = v.split(':').next()?.trim();
+    (!name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| name.to_owned())
 }
 
 /// The error chain as one line (hyper's top-level message alone says little).

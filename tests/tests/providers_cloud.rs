@@ -1,0 +1,327 @@
+//! AWS Bedrock, Google Gemini and Vertex AI through the real proxy, against mocks in
+//! `tests/python` that check what the real services check with the providers' own libraries:
+//! every Bedrock request's SigV4 signature is recomputed with `botocore`, every Vertex token
+//! grant's JWT is verified with `google-auth`, Gemini's API key and thought signatures are
+//! checked as Gemini checks them. Clients are the official OpenAI and Anthropic SDKs.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+
+const ACCESS_KEY: &str = "AKIDMODELGATETEST01";
+const SECRET_KEY: &str = "modelgate/test+secret/key0123456789";
+const MODEL_ID: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
+
+fn keys_json(secret: &str) -> String {
+    format!(r#"{{"Version":1,"AccessKeyId":"{ACCESS_KEY}","SecretAccessKey":"{secret}"}}"#)
+}
+
+fn bedrock_mock(extra: &[&str]) -> PyMock {
+    let mut args = vec![
+        "--access-key",
+        ACCESS_KEY,
+        "--secret-key",
+        SECRET_KEY,
+        "--region",
+        "us-east-1",
+    ];
+    args.extend_from_slice(extra);
+    PyMock::start("mock_bedrock.py", &args)
+}
+
+fn keys_yaml() -> String {
+    format!("keys:\n  - {{name: demo, sha256: {}}}\n", sha256_hex(DEMO_KEY))
+}
+
+/// A route `name` with one backend of `backend` (YAML flow mapping without the braces).
+fn route(name: &str, backend: &str) -> String {
+    format!(
+        "  - name: {name}\n    model: {name}\n    retries: {{attempts: 0}}\n    backends:\n      - {{name: b, {backend}}}\n"
+    )
+}
+
+fn pytest(file: &str, envs: Vec<(&'static str, String)>, passed: usize) {
+    let out = std::process::Command::new(python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(repo_root().join("tests/python").join(file))
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{file} failed:\n{report}");
+    assert!(report.contains(&format!("{passed} passed")), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
+    let bedrock = bedrock_mock(&[]);
+    let google = PyMock::start("mock_google.py", &["--api-key", "AIza-modelgate-test"]);
+    let b = |name: &str| {
+        route(
+            name,
+            &format!(
+                "provider: bedrock, url: '{}', model: '{MODEL_ID}', bedrock: {{region: us-east-1}}, credentials: {{env: AWS_KEYS}}",
+                bedrock.url("")
+            ),
+        )
+    };
+    let g = |name: &str| {
+        route(
+            name,
+            &format!(
+                "provider: gemini, url: '{}', model: gemini-2.5-flash, credentials: {{env: GEMINI_KEY}}",
+                google.url("/v1beta")
+            ),
+        )
+    };
+    let yaml = format!(
+        "routes:\n{}{}{}{}{}",
+        b("bedrock-r"),
+        b("bedrock-tool"),
+        g("gemini-r"),
+        g("gemini-tool"),
+        keys_yaml()
+    );
+    let keys = keys_json(SECRET_KEY);
+    let p = Proxy::start_with(
+        &yaml,
+        &[("AWS_KEYS", &keys), ("GEMINI_KEY", "AIza-modelgate-test")],
+    );
+    let envs = vec![
+        ("MODELGATE_BASE_URL", p.url("/v1")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+        (
+            "MODELGATE_RESPONSES_MODELS",
+            "bedrock-r=bedrock,bedrock-tool=bedrock,gemini-r=gemini,gemini-tool=gemini".to_owned(),
+        ),
+    ];
+    // 4 per text model, 2 per tool model, 1 per translated model, 1 more (the pass-through case
+    // is skipped: no OpenAI backend here).
+    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", envs, 17))
+        .await
+        .unwrap();
+    // Chat Completions clients too, through the official SDK.
+    for model in ["bedrock-r", "gemini-r"] {
+        let base = p.url("/v1");
+        let answer = tokio::task::spawn_blocking(move || sdk_chat(&base, DEMO_KEY, model))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+        assert!(answer.contains("mock"), "{model}: {answer}");
+    }
+    // Every Bedrock request was signed right (botocore agreed), to the encoded model id.
+    let stats = bedrock.state("stats").await;
+    assert_eq!(stats["signature_failures"], 0, "{stats}");
+    let requests = bedrock.state("requests").await;
+    let paths: Vec<&str> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["path"].as_str())
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| *p == "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse-stream"),
+        "{paths:?}"
+    );
+    // Gemini saw its key in the header, never in the URL.
+    let requests = google.state("requests").await;
+    for r in requests.as_array().unwrap() {
+        assert!(
+            !r["query"].as_str().unwrap_or("").contains("key="),
+            "{r}"
+        );
+    }
+    // Metered like every other backend.
+    let metrics = p.metrics().await;
+    for route in ["default/bedrock-r", "default/gemini-r"] {
+        assert!(
+            metric(&metrics, "modelgate_tokens_total", &[("route", route), ("kind", "output")]) > 0.0,
+            "{route}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_aws_secret_is_refused_as_aws_refuses_it_and_never_echoed() {
+    let bedrock = bedrock_mock(&[]);
+    let backend = format!(
+        "provider: bedrock, url: '{}', model: '{MODEL_ID}', bedrock: {{region: us-east-1}}, credentials: {{env: AWS_KEYS}}",
+        bedrock.url("")
+    );
+    let yaml = format!("routes:\n{}{}", route("bedrock-bad", &backend), keys_yaml());
+    let keys = keys_json("not-the-secret-9f8e7d");
+    let p = Proxy::start_with(&yaml, &[("AWS_KEYS", &keys)]);
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &chat("bedrock-bad", false),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    let text = r.text();
+    assert!(text.contains("InvalidSignatureException"), "{text}");
+    assert!(text.contains("credentials"), "{text}");
+    assert!(!text.contains("not-the-secret"), "{text}");
+    let stats = bedrock.state("stats").await;
+    assert!(stats["signature_failures"].as_u64().unwrap_or(0) >= 1, "{stats}");
+    let metrics = p.metrics().await;
+    assert!(
+        metric(&metrics, "modelgate_upstream_errors_total", &[("kind", "credentials_refused")]) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_web_identity_exchanges_the_pod_token_and_refreshes_before_expiry() {
+    let dir = temp_dir("web-identity");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "eyJ.projected-sa-token.sig\n").unwrap();
+    // Temporary keys live 302 s: under the 300 s refresh margin after 2 s.
+    let bedrock = bedrock_mock(&[
+        "--web-identity-token",
+        "eyJ.projected-sa-token.sig",
+        "--role-arn",
+        "arn:aws:iam::123456789012:role/modelgate",
+        "--sts-ttl",
+        "302",
+    ]);
+    let backend = format!(
+        "provider: bedrock, url: '{}', model: '{MODEL_ID}', bedrock: {{region: us-east-1, auth: webIdentity, roleArn: 'arn:aws:iam::123456789012:role/modelgate', webIdentityTokenFile: '{}', stsUrl: '{}'}}",
+        bedrock.url(""),
+        token_file.display(),
+        bedrock.url("")
+    );
+    let yaml = format!("routes:\n{}{}", route("bedrock-irsa", &backend), keys_yaml());
+    let p = Proxy::start(&yaml);
+    let ask = || async {
+        post(
+            &p.url("/v1/chat/completions"),
+            Some(DEMO_KEY),
+            &chat("bedrock-irsa", false),
+        )
+        .await
+    };
+    let r = ask().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let issued = |s: &serde_json::Value| s["credentials_issued"].as_u64().unwrap_or(0);
+    assert_eq!(issued(&bedrock.state("stats").await), 1);
+    // Calls within the keys' life reuse them; once they are near expiry the proxy fetches
+    // new ones before signing.
+    eventually(Duration::from_secs(30), "a second STS exchange", || async {
+        let r = ask().await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        issued(&bedrock.state("stats").await) >= 2
+    })
+    .await;
+    let stats = bedrock.state("stats").await;
+    assert_eq!(stats["signature_failures"], 0, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude() {
+    let dir = temp_dir("vertex");
+    let key_file = dir.join("sa.json");
+    // Tokens live 302 s: under the 300 s refresh margin after 2 s.
+    let google = PyMock::start(
+        "mock_google.py",
+        &[
+            "--write-service-account",
+            key_file.to_str().unwrap(),
+            "--token-ttl",
+            "302",
+        ],
+    );
+    let v = |publisher: &str, model: &str| {
+        format!(
+            "provider: vertex, url: '{}', model: '{model}', vertex: {{project: modelgate-test, location: us-central1, publisher: {publisher}}}, credentials: {{file: '{}'}}",
+            google.url(""),
+            key_file.display()
+        )
+    };
+    let yaml = format!(
+        "routes:\n{}{}{}",
+        route("vertex-gemini", &v("google", "gemini-2.5-pro")),
+        route("vertex-claude", &v("anthropic", "claude-sonnet-4@20250514")),
+        keys_yaml()
+    );
+    let p = Proxy::start(&yaml);
+    for model in ["vertex-gemini", "vertex-claude"] {
+        for stream in [false, true] {
+            let r = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &chat(model, stream)).await;
+            assert_eq!(r.status, StatusCode::OK, "{model}: {}", r.text());
+            assert!(r.text().contains("mock"), "{model}: {}", r.text());
+        }
+    }
+    // An Anthropic client's request to Claude on Vertex passes through, made Vertex's shape.
+    let r = post(
+        &p.url("/v1/messages"),
+        Some(DEMO_KEY),
+        &serde_json::json!({"model": "vertex-claude", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hello"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let answer: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(answer["type"], "message", "{answer}");
+    let tokens = |s: &serde_json::Value| s["tokens_issued"].as_u64().unwrap_or(0);
+    assert_eq!(tokens(&google.state("stats").await), 1, "one grant for five calls");
+    eventually(Duration::from_secs(30), "a refreshed token", || async {
+        let r = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &chat("vertex-gemini", false)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        tokens(&google.state("stats").await) >= 2
+    })
+    .await;
+    let requests = google.state("requests").await;
+    let claude = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["path"].as_str().is_some_and(|p| p.ends_with(":rawPredict")))
+        .expect("a rawPredict call");
+    let body: serde_json::Value = serde_json::from_str(claude["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["anthropic_version"], "vertex-2023-10-16", "{body}");
+    assert!(body.get("model").is_none(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_thought_signatures_survive_an_openai_clients_tool_turns() {
+    let google = PyMock::start("mock_google.py", &["--api-key", "AIza-modelgate-test"]);
+    let backend = format!(
+        "provider: gemini, url: '{}', model: gemini-3-pro-preview, credentials: {{env: GEMINI_KEY}}",
+        google.url("/v1beta")
+    );
+    let yaml = format!("routes:\n{}{}", route("gemini-tool", &backend), keys_yaml());
+    let p = Proxy::start_with(&yaml, &[("GEMINI_KEY", "AIza-modelgate-test")]);
+    let tool = serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let first = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &serde_json::json!({"model": "gemini-tool", "tools": [tool],
+            "messages": [{"role": "user", "content": "Weather in Paris? (tool)"}]}),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    let first: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+    let message = first["choices"][0]["message"].clone();
+    let call = &message["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{first}");
+    // The client keeps only what OpenAI's format has: the id carries the signature back.
+    let second = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &serde_json::json!({"model": "gemini-tool", "tools": [tool], "messages": [
+            {"role": "user", "content": "Weather in Paris? (tool)"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "18C"}]}),
+    )
+    .await;
+    assert_eq!(second.status, StatusCode::OK, "Gemini refused the turn: {}", second.text());
+}
