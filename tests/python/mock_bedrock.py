@@ -250,7 +250,6 @@ def verify_sigv4(state: State, method: str, raw_path: str, headers, body: bytes,
         if token != session_token:
             raise AwsError(403, "UnrecognizedClientException", MSG_INVALID_TOKEN, CORAL_SERVICE)
         if now >= expiry:
-            state.bump("expired_token_failures")
             raise AwsError(403, "ExpiredTokenException", MSG_EXPIRED_TOKEN, CORAL_SERVICE)
     else:
         raise AwsError(403, "UnrecognizedClientException", MSG_INVALID_TOKEN, CORAL_SERVICE)
@@ -263,12 +262,10 @@ def verify_sigv4(state: State, method: str, raw_path: str, headers, body: bytes,
                        CORAL_SERVICE) from None
     fmt = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime(SIGV4_TIMESTAMP)  # noqa: E731
     if signed_at < now - MAX_SKEW:
-        state.bump("signature_expired")
         raise AwsError(403, "InvalidSignatureException",
                        f"Signature expired: {amz_date} is now earlier than {fmt(now - MAX_SKEW)} ({fmt(now)} - 5 min.)",
                        CORAL_SERVICE)
     if signed_at > now + MAX_SKEW:
-        state.bump("signature_expired")
         raise AwsError(403, "InvalidSignatureException",
                        f"Signature not yet current: {amz_date} is still later than {fmt(now + MAX_SKEW)} ({fmt(now)} + 5 min.)",
                        CORAL_SERVICE)
@@ -288,7 +285,6 @@ def verify_sigv4(state: State, method: str, raw_path: str, headers, body: bytes,
                        "'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.", CORAL_SERVICE)
     content_sha = headers.get("x-amz-content-sha256")
     if content_sha is not None and content_sha != hashlib.sha256(body).hexdigest():
-        state.bump("signature_failures")
         raise AwsError(403, "InvalidSignatureException",
                        "The provided 'x-amz-content-sha256' header does not match what was computed.", CORAL_SERVICE)
     req_headers = HTTPHeaders()
@@ -302,7 +298,6 @@ def verify_sigv4(state: State, method: str, raw_path: str, headers, body: bytes,
     to_sign = verifier.string_to_sign(req, canonical)
     expected = verifier.signature(to_sign, req)
     if not secrets.compare_digest(expected, signature):
-        state.bump("signature_failures")
         raise AwsError(403, "InvalidSignatureException",
                        f"{MSG_BAD_SIGNATURE}\n\nThe Canonical String for this request should have been\n'{canonical}'\n\n"
                        f"The String-to-Sign should have been\n'{to_sign}'\n", CORAL_SERVICE)
@@ -709,6 +704,8 @@ class Handler(BaseHTTPRequestHandler):
                 key = verify_sigv4(st, self.command, self.path, self.headers, body, now)
             except AwsError as e:
                 record["auth"]["error"] = e.error_type
+                st.bump("signature_failures" if e.error_type == "InvalidSignatureException" else "auth_failures")
+                st.bump(f"auth_{e.error_type}")
                 raise
             record["auth"].update(ok=True, access_key=key)
             status, headers, out = converse(st, unquote(m.group(1)), body, m.group(2) == "converse-stream", started)
