@@ -109,6 +109,10 @@ ERROR_MESSAGES = {
 }
 CORAL_BEDROCK = "http://internal.amazon.com/coral/com.amazon.bedrock/"
 CORAL_SERVICE = "http://internal.amazon.com/coral/com.amazon.coral.service/"
+CONTENT_BLOCK_MEMBERS = {
+    "text", "image", "document", "video", "audio", "toolUse", "toolResult", "guardContent",
+    "cachePoint", "reasoningContent", "citationsContent", "searchResult",
+}
 GUARDRAIL_TEXT = "Sorry, the model cannot answer this question."
 
 
@@ -421,6 +425,19 @@ def validate(req: dict) -> None:
     mt = inf.get("maxTokens") if isinstance(inf, dict) else None
     if mt is not None and (not isinstance(mt, int) or mt < 1):
         raise validation(f"1 validation error detected: Value '{mt}' at 'inferenceConfig.maxTokens' failed to satisfy constraint: Member must have value greater than or equal to 1")
+    malformed = validation("Malformed input request, please reformat your input and try again.")
+    if "system" in req and not isinstance(req["system"], list):
+        raise malformed
+    if "toolConfig" in req and not (isinstance(req["toolConfig"], dict) and isinstance(req["toolConfig"].get("tools"), list)):
+        raise malformed
+    for msg in messages:
+        for b in (msg.get("content") if isinstance(msg, dict) and isinstance(msg.get("content"), list) else []):
+            # a ContentBlock is a union: an object with exactly one known member
+            if not isinstance(b, dict) or len(b) != 1 or next(iter(b)) not in CONTENT_BLOCK_MEMBERS:
+                raise malformed
+            kind, v = next(iter(b.items()))
+            if (kind == "text" and not isinstance(v, str)) or (kind != "text" and not isinstance(v, dict)):
+                raise malformed
     has_tool_blocks = False
     prev_tool_uses: list = []
     prev_role = None
@@ -717,6 +734,10 @@ class Handler(BaseHTTPRequestHandler):
             st.bump("errors")
             self.send_json(e.status, {"message": e.message} if e.message else {"Output": {"__type": "com.amazon.coral.service#UnknownOperationException"}, "Version": "1.0"},
                            {"x-amzn-ErrorType": f"{e.error_type}:{e.namespace}", "x-amzn-RequestId": request_id})
+        except Exception as e:  # a mock bug or input it did not foresee: say so, never hang up
+            st.bump("mock_internal_errors")
+            self.send_json(500, {"message": f"mock_bedrock internal error: {e!r}"},
+                           {"x-amzn-ErrorType": f"InternalServerException:{CORAL_BEDROCK}", "x-amzn-RequestId": request_id})
 
     def mock_endpoint(self, path: str):
         st = self.state

@@ -298,6 +298,20 @@ def validate_gemini(state: State, req: dict, vertex: bool) -> list:
     contents = req.get("contents")
     if not isinstance(contents, list) or not contents:
         raise invalid("* GenerateContentRequest.contents: contents is not specified\n")
+    v1 = "google.cloud.aiplatform.v1" if vertex else "google.ai.generativelanguage.v1beta"
+    for field, kind, typ in (("tools", list, "Tool"), ("generationConfig", dict, "GenerationConfig"),
+                             ("systemInstruction", dict, "Content"), ("safetySettings", list, "SafetySetting")):
+        if field in req and not isinstance(req[field], kind):
+            raise invalid(f"Invalid value at '{field}' (type.googleapis.com/{v1}.{typ}), {json.dumps(req[field])}")
+    for i, c in enumerate(contents):
+        for j, p in enumerate(c.get("parts") or [] if isinstance(c, dict) and isinstance(c.get("parts"), list) else []):
+            if not isinstance(p, dict):
+                raise invalid(f"Invalid value at 'contents[{i}].parts[{j}]' (type.googleapis.com/{v1}.Part), {json.dumps(p)}")
+            if "text" in p and not isinstance(p["text"], str):
+                raise invalid(f"Invalid value at 'contents[{i}].parts[{j}].text' (TYPE_STRING), {json.dumps(p['text'])}")
+            for k in ("functionCall", "functionResponse", "inlineData", "fileData"):
+                if k in p and not isinstance(p[k], dict):
+                    raise invalid(f"Invalid value at 'contents[{i}].parts[{j}].{k[0].lower() + k[1:]}' (type.googleapis.com/{v1}.{k[0].upper() + k[1:]}), {json.dumps(p[k])}")
     prev_calls: list | None = None
     for i, c in enumerate(contents):
         if not isinstance(c, dict) or not isinstance(c.get("parts"), list) or not c["parts"]:
@@ -650,6 +664,9 @@ class Handler(BaseHTTPRequestHandler):
         except AnthropicError as e:
             st.bump("errors")
             self.send_json(e.status, e.body())
+        except Exception as e:  # a mock bug or input it did not foresee: say so, never hang up
+            st.bump("mock_internal_errors")
+            self.send_json(500, GoogleError(500, f"mock_google internal error: {e!r}").body())
 
     def metadata(self, rest: str):
         st = self.state

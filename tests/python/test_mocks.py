@@ -528,3 +528,18 @@ def test_vertex_tokens_expire():
         assert status == 401 and json.loads(out)["error"]["details"][0]["reason"] == "ACCESS_TOKEN_EXPIRED"
     finally:
         m.stop()
+
+
+def test_malformed_bodies_answer_400_never_a_mock_crash(bedrock, google):
+    for body in ([], None, {"messages": "x"}, {"messages": [1]}, {"messages": [{"role": "user", "content": [1]}]},
+                 {"messages": [{"role": "user", "content": [{"text": 5}]}]}, {"messages": [user("a")], "system": "x"},
+                 {"messages": [user("tool")], "toolConfig": {"tools": "x"}}):
+        status, h, _ = send(signed(bedrock.url, PATH, body))
+        assert status == 400 and h["x-amzn-ErrorType"].startswith("ValidationException:"), body
+    key = {"x-goog-api-key": API_KEY}
+    for body in ({"contents": "x"}, {"contents": [1]}, {"contents": [{"parts": [1]}]}, {"contents": [{"parts": [{"text": 3}]}]},
+                 {"contents": [{"parts": [{"text": "tool"}]}], "tools": "x"}, {"contents": [{"parts": [{"functionCall": 3}]}]}):
+        status, _, out = post_json(gemini_url(google), body, key)
+        assert status == 400 and json.loads(out)["error"]["status"] == "INVALID_ARGUMENT", body
+    assert "mock_internal_errors" not in bedrock.get("/_mock/stats")
+    assert "mock_internal_errors" not in google.get("/_mock/stats")
