@@ -30,9 +30,16 @@ Endpoints
   it), the role must equal `--role-arn` when given → `AssumeRoleWithWebIdentityResponse` XML
   (AccessKeyId `ASIA…`, Expiration now + `--sts-ttl`); else 400 `ErrorResponse`
   `InvalidIdentityToken` / `AccessDenied`.
+  `DurationSeconds`, when sent, must be 900..43200 (the lifetime is `--sts-ttl` all the same).
 - `GET /_mock/requests`: JSON list of recorded requests `{time, method, path, query,
-  headers (lower-case names), body, auth: {checked_at, ok, error?, access_key?}}`;
-  `GET /_mock/stats`: counters; `POST /_mock/reset`: clears both.
+  headers (lower-case names), body, auth: {checked_at, ok, error?, access_key?}}` (auth on
+  Converse requests only); `GET /_mock/stats`: counters (`signature_ok`, `signature_failures`
+  (every InvalidSignatureException), `auth_failures` (the other auth errors) and
+  `auth_<ErrorType>` each, `sts_credentials_issued`, `sts_rejected`, `temp_credentials_live`,
+  `converse`, `converse_stream`, `reasoning_signatures_verified`,
+  `reasoning_signature_failures`, `stream_errors_sent`, `streams_cancelled`, `errors`,
+  `mock_internal_errors`); `POST /_mock/reset`: clears both (issued credentials and
+  signatures stay valid).
 
 Knobs, words in the text of the last user message (its text blocks):
 
@@ -57,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import datetime as dt
 import hashlib
 import json
@@ -143,7 +149,7 @@ def frame(headers: list, payload: bytes) -> bytes:
     hdr = b"".join(_header(k, v) for k, v in headers)
     total = 12 + len(hdr) + len(payload) + 4
     prelude = struct.pack(">II", total, len(hdr))
-    prelude += struct.pack(">I", binascii.crc32(prelude) & 0xFFFFFFFF)
+    prelude += struct.pack(">I", zlib.crc32(prelude) & 0xFFFFFFFF)
     body = prelude + hdr + payload
     return body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
@@ -333,6 +339,9 @@ def sts(state: State, form: dict, now: float) -> tuple:
     for k in ("RoleArn", "RoleSessionName", "WebIdentityToken"):
         if not get(k):
             return sts_error("ValidationError", f"1 validation error detected: Value null at '{k[0].lower() + k[1:]}' failed to satisfy constraint: Member must not be null")
+    duration = get("DurationSeconds")
+    if duration is not None and (not duration.isdigit() or not 900 <= int(duration) <= 43200):
+        return sts_error("ValidationError", f"1 validation error detected: Value '{duration}' at 'durationSeconds' failed to satisfy constraint: Member must have value {'greater' if not duration.isdigit() or int(duration) < 900 else 'less'} than or equal to {900 if not duration.isdigit() or int(duration) < 900 else 43200}")
     expected = state.args.web_identity_token
     if expected and expected.startswith("@"):
         try:

@@ -38,7 +38,12 @@ Endpoints
   (message JSON, or the SSE events message_start … message_stop).
 - `GET /_mock/requests`: JSON list of recorded requests `{time, method, path, query,
   headers (lower-case names), body, auth?: {checked_at, ok, error?}}`; `GET /_mock/stats`:
-  counters (tokens_issued, token_failures, …); `POST /_mock/reset`: clears both.
+  counters (`tokens_issued`, `tokens_issued_jwt`, `tokens_issued_metadata`, `token_grants`,
+  `token_failures`, `metadata_forbidden`, `api_key_failures`, `bearer_failures`,
+  `thought_signatures_verified`, `thought_signatures_dummy`, `thought_signature_failures`,
+  `thinking_signatures_verified`, `thinking_signature_failures`, `gemini`, `vertex_gemini`,
+  `vertex_anthropic`, `errors`, `streams_cancelled`, `mock_internal_errors`);
+  `POST /_mock/reset`: clears both (issued tokens and signatures stay valid).
 
 Knobs, words in the text of the last user turn (its text parts / text blocks):
 
@@ -78,7 +83,6 @@ import string
 import sys
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
