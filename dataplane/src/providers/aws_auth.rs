@@ -359,7 +359,17 @@ mod tests {
     fn a_different_body_or_path_changes_the_signature() {
         let creds = Credentials::new("AKIDEXAMPLE", SECRET, None, None);
         let sig = |url: &str, body: &[u8]| {
-            let h = sign(&creds, "us-east-1", "bedrock", "POST", url, &[], body, now()).unwrap();
+            let h = sign(
+                &creds,
+                "us-east-1",
+                "bedrock",
+                "POST",
+                url,
+                &[],
+                body,
+                now(),
+            )
+            .unwrap();
             header(&h, "authorization").unwrap().to_owned()
         };
         let base = sig(URL, BODY);
@@ -381,8 +391,17 @@ mod tests {
         if let Err(e) = err {
             assert!(!e.contains("secret") && !e.contains(SECRET), "{e}");
         }
-        let err = sign(&creds, "us-east-1", "bedrock", "POST", "not a url", &[], BODY, now())
-            .unwrap_err();
+        let err = sign(
+            &creds,
+            "us-east-1",
+            "bedrock",
+            "POST",
+            "not a url",
+            &[],
+            BODY,
+            now(),
+        )
+        .unwrap_err();
         assert!(!err.contains(SECRET) && !err.contains(TOKEN), "{err}");
     }
 
@@ -431,7 +450,10 @@ mod tests {
             creds.session_token.as_deref(),
             Some("AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE&more")
         );
-        assert_eq!(creds.secret_access_key, "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY");
+        assert_eq!(
+            creds.secret_access_key,
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"
+        );
         assert_eq!(
             creds.expires_at,
             Some(UNIX_EPOCH + Duration::from_secs(1_414_191_623))
@@ -491,7 +513,10 @@ mod tests {
     fn unescape_handles_entities_and_leaves_broken_ones() {
         assert_eq!(unescape("a&amp;b&lt;&gt;&quot;&apos;"), "a&b<>\"'");
         assert_eq!(unescape("&#65;&#x42;&#X43;"), "ABC");
-        assert_eq!(unescape("& &bogus; &#xZZ; &#1114112; &"), "& &bogus; &#xZZ; &#1114112; &");
+        assert_eq!(
+            unescape("& &bogus; &#xZZ; &#1114112; &"),
+            "& &bogus; &#xZZ; &#1114112; &"
+        );
         assert_eq!(unescape("é&amp;ü"), "é&ü");
     }
 

@@ -220,10 +220,7 @@ enum OutResultBlock<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 enum OutReasoning<'a> {
-    ReasoningText {
-        text: &'a str,
-        signature: &'a str,
-    },
+    ReasoningText { text: &'a str, signature: &'a str },
     RedactedContent(&'a str),
 }
 
@@ -432,7 +429,11 @@ impl Writer {
         }
     }
 
-    fn document<'a>(&mut self, media_type: &str, data: &'a str) -> Result<OutDocument<'a>, Refused> {
+    fn document<'a>(
+        &mut self,
+        media_type: &str,
+        data: &'a str,
+    ) -> Result<OutDocument<'a>, Refused> {
         if media_type != "application/pdf" {
             return Err(Refused::new(
                 Some("messages"),
@@ -546,6 +547,9 @@ impl Writer {
     }
 }
 
+/// A turn being written: its role, and each block with the cache point that follows it.
+type Turn<'a> = (&'static str, Vec<(OutBlock<'a>, Option<OutCachePoint>)>);
+
 /// The Converse (or ConverseStream: the same body) request for a Bedrock backend.
 ///
 /// Refused (400): URL images, images other than png/jpeg/gif/webp, documents other than PDF,
@@ -563,8 +567,7 @@ pub fn request_out(req: &Request, out: Out) -> Result<Vec<u8>, Refused> {
 
     // Per turn: each block with the cache point that follows it, so that reordering a user
     // turn (tool results first) keeps each point behind its block.
-    let mut turns: Vec<(&'static str, Vec<(OutBlock, Option<OutCachePoint>)>)> =
-        Vec::with_capacity(req.messages.len());
+    let mut turns: Vec<Turn> = Vec::with_capacity(req.messages.len());
     let mut tool_blocks = false;
     for message in &req.messages {
         let role = match message.role {
@@ -634,9 +637,7 @@ pub fn request_out(req: &Request, out: Out) -> Result<Vec<u8>, Refused> {
                 budget_tokens: Some(n),
             })
         }
-        (Some(Reasoning::Budget(n)), Family::Other) => {
-            effort = Some(effort_of_budget(n).as_str())
-        }
+        (Some(Reasoning::Budget(n)), Family::Other) => effort = Some(effort_of_budget(n).as_str()),
         (Some(Reasoning::Adaptive), Family::Anthropic) => {
             thinking = Some(OutThinking {
                 kind: "adaptive",
@@ -673,14 +674,13 @@ pub fn request_out(req: &Request, out: Out) -> Result<Vec<u8>, Refused> {
             },
         }),
     };
-    let output_config = (text_format.is_some() || effort.is_some())
-        .then_some(OutOutputConfig {
-            text_format,
-            effort,
-        });
+    let output_config = (text_format.is_some() || effort.is_some()).then_some(OutOutputConfig {
+        text_format,
+        effort,
+    });
     let top_k = req.top_k.filter(|_| out.family == Family::Anthropic);
-    let additional = (thinking.is_some() || top_k.is_some())
-        .then_some(OutAdditional { thinking, top_k });
+    let additional =
+        (thinking.is_some() || top_k.is_some()).then_some(OutAdditional { thinking, top_k });
 
     let body = OutRequest {
         messages,
@@ -905,10 +905,13 @@ pub fn response_in(body: &[u8], id: &str) -> Result<Response, String> {
             if let Some(r) = reasoning.reasoning_text {
                 content.push(Block::Thinking {
                     text: r.text,
-                    signature: r.signature.filter(|s| !s.is_empty()).map(|value| Signature {
-                        origin: Api::BedrockConverse,
-                        value,
-                    }),
+                    signature: r
+                        .signature
+                        .filter(|s| !s.is_empty())
+                        .map(|value| Signature {
+                            origin: Api::BedrockConverse,
+                            value,
+                        }),
                 });
             } else if let Some(value) = reasoning.redacted_content {
                 content.push(Block::RedactedThinking {
@@ -1138,9 +1141,7 @@ impl FrameDecoder {
         len.copy_from_slice(prelude);
         let total = u32::from_be_bytes(len) as usize;
         if total < MIN_MESSAGE_BYTES {
-            return self.fail(format!(
-                "an event-stream message announces {total} bytes"
-            ));
+            return self.fail(format!("an event-stream message announces {total} bytes"));
         }
         if total > self.max_message {
             return self.fail(format!(
@@ -1159,7 +1160,9 @@ impl FrameDecoder {
                 Ok(frame) => Ok(Some(frame)),
                 Err(e) => self.fail(e),
             },
-            Ok(DecodedFrame::Incomplete) => self.fail("an event-stream message is cut short".into()),
+            Ok(DecodedFrame::Incomplete) => {
+                self.fail("an event-stream message is cut short".into())
+            }
             Err(e) => self.fail(format!("a broken event-stream message: {e}")),
         }
     }
@@ -1180,7 +1183,8 @@ fn frame_of(message: &StreamMessage) -> Result<Frame, String> {
             .and_then(|h| h.value().as_string().ok())
             .map(|s| s.as_str().to_owned())
     };
-    let message_type = header(":message-type").ok_or("an event-stream message without `:message-type`")?;
+    let message_type =
+        header(":message-type").ok_or("an event-stream message without `:message-type`")?;
     let (kind, name_header) = match message_type.as_str() {
         "event" => (FrameKind::Event, ":event-type"),
         "exception" => (FrameKind::Exception, ":exception-type"),
@@ -1192,7 +1196,8 @@ fn frame_of(message: &StreamMessage) -> Result<Frame, String> {
             ));
         }
     };
-    let name = header(name_header).ok_or_else(|| format!("a {message_type} without `{name_header}`"))?;
+    let name =
+        header(name_header).ok_or_else(|| format!("a {message_type} without `{name_header}`"))?;
     Ok(Frame {
         kind,
         name,
@@ -1213,10 +1218,7 @@ pub fn encode_frame(message_type: &str, event_type: &str, payload: &[u8]) -> Vec
     message = match message_type {
         "error" => message
             .add_header(string(":error-code", event_type))
-            .add_header(string(
-                ":error-message",
-                &String::from_utf8_lossy(payload),
-            )),
+            .add_header(string(":error-message", &String::from_utf8_lossy(payload))),
         "exception" => message
             .add_header(string(":exception-type", event_type))
             .add_header(string(":content-type", "application/json")),
@@ -1507,7 +1509,10 @@ impl EventsIn {
 
     fn is_open(&self, upstream: u64) -> bool {
         self.open.iter().any(|b| b.upstream == upstream)
-            || self.redacted.as_ref().is_some_and(|r| r.upstream == upstream)
+            || self
+                .redacted
+                .as_ref()
+                .is_some_and(|r| r.upstream == upstream)
     }
 
     fn open_block(
@@ -1558,8 +1563,14 @@ impl EventsIn {
             // Citations, tool-result and image deltas carry nothing translated.
             return Ok(());
         };
-        if self.redacted.as_ref().is_some_and(|r| r.upstream == upstream) {
-            return Err(format!("a text or tool delta for redacted block {upstream}"));
+        if self
+            .redacted
+            .as_ref()
+            .is_some_and(|r| r.upstream == upstream)
+        {
+            return Err(format!(
+                "a text or tool delta for redacted block {upstream}"
+            ));
         }
         let at = match self.open.iter().position(|b| b.upstream == upstream) {
             Some(at) => at,
@@ -1600,7 +1611,9 @@ impl EventsIn {
 
     fn redacted_delta(&mut self, upstream: u64, data: &str) -> Result<(), String> {
         if self.open.iter().any(|b| b.upstream == upstream) {
-            return Err(format!("redacted content for block {upstream}, which is not redacted"));
+            return Err(format!(
+                "redacted content for block {upstream}, which is not redacted"
+            ));
         }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(data)
@@ -1643,7 +1656,11 @@ impl EventsIn {
     }
 
     fn stop_block(&mut self, upstream: u64, out: &mut Vec<Event>) {
-        if self.redacted.as_ref().is_some_and(|r| r.upstream == upstream) {
+        if self
+            .redacted
+            .as_ref()
+            .is_some_and(|r| r.upstream == upstream)
+        {
             self.flush_redacted(out);
             return;
         }
@@ -1672,5 +1689,1008 @@ impl EventsIn {
             stop_sequence,
         });
         self.done = true;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+#[cfg(test)]
+mod tests {
+    //! Fixtures: `tests/fixtures/providers/bedrock/` (sources in its README); request cases
+    //! reuse the OpenAI and Anthropic request fixtures through their `request_in`. Golden
+    //! files: `snapshots/*bedrock*`, one per fixture, so a new case is a new file.
+
+    use std::path::{Path, PathBuf};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::canonical::{Message, Tool};
+
+    const OTHER: Out = Out {
+        max_tokens: 1024,
+        family: Family::Other,
+    };
+    const CLAUDE: Out = Out {
+        max_tokens: 1024,
+        family: Family::Anthropic,
+    };
+
+    fn dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers/bedrock")
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn pretty(body: &[u8]) -> String {
+        let value: serde_json::Value = serde_json::from_slice(body).expect("valid JSON");
+        serde_json::to_string_pretty(&value).expect("serialises")
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).expect("valid JSON")
+    }
+
+    fn out_json(req: &Request, out: Out) -> serde_json::Value {
+        serde_json::from_slice(&request_out(req, out).expect("writes")).expect("JSON")
+    }
+
+    fn written(result: Result<Vec<u8>, Refused>) -> String {
+        match result {
+            Ok(body) => pretty(&body),
+            Err(r) => format!("refused ({:?}): {}", r.param, r.message),
+        }
+    }
+
+    /// A recorded stream: `[message-type, event-type, payload]` per message, encoded.
+    fn encoded(name: &str) -> Vec<u8> {
+        let messages: Vec<(String, String, serde_json::Value)> =
+            serde_json::from_slice(&fixture(name)).expect(name);
+        let mut bytes = Vec::new();
+        for (kind, event, payload) in messages {
+            bytes.extend(encode_frame(&kind, &event, payload.to_string().as_bytes()));
+        }
+        bytes
+    }
+
+    /// Feeds `bytes` in chunks of `size` through the decoder and the reader.
+    fn events_in(bytes: &[u8], size: usize) -> Vec<Event> {
+        let mut decoder = FrameDecoder::new(64 * 1024);
+        let mut stream = EventsIn::new("req-1");
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(size) {
+            decoder.push(chunk);
+            while let Some(frame) = decoder.next_frame().expect("frames") {
+                stream.event(&frame, &mut out).expect("events");
+            }
+        }
+        stream.finish(&mut out);
+        out
+    }
+
+    fn stream_fixtures() -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir())
+            .expect("fixtures")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("stream-") && n.ends_with(".events.json"))
+            .collect();
+        names.sort();
+        assert!(names.len() >= 7, "stream fixtures found: {names:?}");
+        names
+    }
+
+    // -- requests -----------------------------------------------------------------------------
+
+    #[test]
+    fn requests_from_openai_clients() {
+        insta::glob!(
+            "../../tests/fixtures/providers/openai/requests",
+            "*.json",
+            |path| {
+                let body = std::fs::read(path).expect("fixture");
+                let text = match super::super::openai_chat::request_in(&body) {
+                    Ok(req) => written(request_out(&req, OTHER)),
+                    Err(r) => format!("refused by openai_chat::request_in: {}", r.message),
+                };
+                insta::assert_snapshot!(text);
+            }
+        );
+    }
+
+    #[test]
+    fn requests_from_anthropic_clients() {
+        insta::glob!(
+            "../../tests/fixtures/providers/anthropic",
+            "request-*.json",
+            |path| {
+                let body = std::fs::read(path).expect("fixture");
+                let text = match super::super::anthropic::request_in(&body) {
+                    Ok(req) => written(request_out(&req, CLAUDE)),
+                    Err(r) => format!("refused by anthropic::request_in: {}", r.message),
+                };
+                insta::assert_snapshot!(text);
+            }
+        );
+    }
+
+    /// The richest request fixtures hold URL images, which Bedrock refuses: the same requests
+    /// without them, to see every other block written.
+    #[test]
+    fn requests_without_url_images() {
+        fn strip(req: &mut Request) {
+            for m in &mut req.messages {
+                m.content.retain(|b| {
+                    !matches!(
+                        b,
+                        Block::Image {
+                            source: ImageSource::Url(_),
+                            ..
+                        }
+                    )
+                });
+            }
+        }
+        let mut req = super::super::anthropic::request_in(
+            &std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/providers/anthropic/request-tools-thinking.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        strip(&mut req);
+        insta::assert_snapshot!(
+            "anthropic_tools_thinking",
+            written(request_out(&req, CLAUDE))
+        );
+        let mut req = super::super::openai_chat::request_in(
+            &std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/providers/openai/requests/images.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        strip(&mut req);
+        insta::assert_snapshot!("openai_images", written(request_out(&req, OTHER)));
+    }
+
+    fn text(s: &str) -> Block {
+        Block::Text(TextBlock {
+            text: s.into(),
+            cache: None,
+        })
+    }
+
+    fn message(role: Role, content: Vec<Block>) -> Message {
+        Message { role, content }
+    }
+
+    fn signed(origin: Api) -> Block {
+        Block::Thinking {
+            text: "think".into(),
+            signature: Some(Signature {
+                origin,
+                value: "sig".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn url_images_and_other_documents_are_refused() {
+        let req = Request {
+            messages: vec![message(
+                Role::User,
+                vec![Block::Image {
+                    source: ImageSource::Url("https://example.com/cat.png".into()),
+                    cache: None,
+                }],
+            )],
+            ..Request::default()
+        };
+        let err = request_out(&req, OTHER).unwrap_err();
+        assert_eq!(err.param, Some("messages"));
+        assert!(err.message.contains("bytes"), "{}", err.message);
+
+        let req = Request {
+            messages: vec![message(
+                Role::User,
+                vec![Block::Document {
+                    media_type: "text/plain".into(),
+                    data: "aGk=".into(),
+                    cache: None,
+                }],
+            )],
+            ..Request::default()
+        };
+        assert_eq!(
+            request_out(&req, OTHER).unwrap_err().param,
+            Some("messages")
+        );
+    }
+
+    #[test]
+    fn cache_marks_become_cache_points_after_their_blocks() {
+        let mark = Some(CacheMark {
+            ttl: Some(CacheTtl::OneHour),
+        });
+        let req = Request {
+            system: vec![TextBlock {
+                text: "You are terse.".into(),
+                cache: Some(CacheMark { ttl: None }),
+            }],
+            messages: vec![
+                message(
+                    Role::Assistant,
+                    vec![Block::ToolUse {
+                        id: "t1".into(),
+                        name: "get_weather".into(),
+                        input: raw(r#"{"city":"Paris"}"#),
+                        cache: None,
+                    }],
+                ),
+                message(
+                    Role::User,
+                    vec![
+                        Block::Text(TextBlock {
+                            text: "and now?".into(),
+                            cache: mark,
+                        }),
+                        Block::ToolResult {
+                            tool_use_id: "t1".into(),
+                            content: vec![text("18C")],
+                            is_error: true,
+                            cache: Some(CacheMark { ttl: None }),
+                        },
+                    ],
+                ),
+            ],
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: None,
+                input_schema: None,
+                strict: Some(true),
+                cache: Some(CacheMark { ttl: None }),
+            }],
+            ..Request::default()
+        };
+        let body = out_json(&req, CLAUDE);
+        assert_eq!(
+            body["system"],
+            serde_json::json!([{"text": "You are terse."}, {"cachePoint": {"type": "default"}}])
+        );
+        // Tool results first; each cache point stays behind its own block.
+        assert_eq!(
+            body["messages"][1]["content"],
+            serde_json::json!([
+                {"toolResult": {"toolUseId": "t1", "content": [{"text": "18C"}], "status": "error"}},
+                {"cachePoint": {"type": "default"}},
+                {"text": "and now?"},
+                {"cachePoint": {"type": "default", "ttl": "1h"}}
+            ])
+        );
+        assert_eq!(
+            body["toolConfig"],
+            serde_json::json!({"tools": [
+                {"toolSpec": {"name": "get_weather",
+                              "inputSchema": {"json": {"type": "object", "properties": {}}},
+                              "strict": true}},
+                {"cachePoint": {"type": "default"}}
+            ]})
+        );
+    }
+
+    fn tool_request(choice: ToolChoice, history: bool) -> Request {
+        let mut messages = vec![message(Role::User, vec![text("weather?")])];
+        if history {
+            messages.push(message(
+                Role::Assistant,
+                vec![Block::ToolUse {
+                    id: "t1".into(),
+                    name: "get_weather".into(),
+                    input: raw("{}"),
+                    cache: None,
+                }],
+            ));
+            messages.push(message(
+                Role::User,
+                vec![Block::ToolResult {
+                    tool_use_id: "t1".into(),
+                    content: vec![text("sunny")],
+                    is_error: false,
+                    cache: None,
+                }],
+            ));
+        }
+        Request {
+            messages,
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: Some("Weather for a city".into()),
+                input_schema: Some(raw(
+                    r#"{"type":"object","properties":{"city":{"type":"string"}}}"#,
+                )),
+                strict: None,
+                cache: None,
+            }],
+            tool_choice: Some(choice),
+            parallel_tool_calls: Some(false),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn tool_choices() {
+        let choice = |c, history| out_json(&tool_request(c, history), OTHER)["toolConfig"].clone();
+        assert_eq!(
+            choice(ToolChoice::Auto, false)["toolChoice"],
+            serde_json::json!({"auto": {}})
+        );
+        assert_eq!(
+            choice(ToolChoice::Any, false)["toolChoice"],
+            serde_json::json!({"any": {}})
+        );
+        assert_eq!(
+            choice(ToolChoice::Tool("get_weather".into()), false)["toolChoice"],
+            serde_json::json!({"tool": {"name": "get_weather"}})
+        );
+        // No "none" in Converse: no tools at all, unless the history needs a toolConfig.
+        assert_eq!(choice(ToolChoice::None, false), serde_json::Value::Null);
+        let with_history = choice(ToolChoice::None, true);
+        assert!(with_history["tools"].is_array());
+        assert_eq!(with_history["toolChoice"], serde_json::Value::Null);
+        // parallel_tool_calls has no Converse field: dropped and named.
+        let req = tool_request(ToolChoice::Auto, false);
+        assert_eq!(dropped(&req, OTHER), vec!["parallel_tool_calls"]);
+    }
+
+    #[test]
+    fn reasoning_by_family() {
+        let req = |reasoning| Request {
+            messages: vec![message(Role::User, vec![text("hi")])],
+            reasoning: Some(reasoning),
+            top_k: Some(40),
+            ..Request::default()
+        };
+        let claude = out_json(&req(Reasoning::Budget(2048)), CLAUDE);
+        assert_eq!(
+            claude["additionalModelRequestFields"],
+            serde_json::json!({"thinking": {"type": "enabled", "budget_tokens": 2048}, "top_k": 40})
+        );
+        let other = out_json(&req(Reasoning::Budget(20000)), OTHER);
+        assert_eq!(other["outputConfig"], serde_json::json!({"effort": "high"}));
+        assert_eq!(
+            other["additionalModelRequestFields"],
+            serde_json::Value::Null
+        );
+        assert_eq!(dropped(&req(Reasoning::Off), OTHER), vec!["top_k"]);
+        assert!(dropped(&req(Reasoning::Off), CLAUDE).is_empty());
+        assert_eq!(
+            out_json(&req(Reasoning::Effort(Effort::Minimal)), CLAUDE)["outputConfig"],
+            serde_json::json!({"effort": "low"})
+        );
+        assert_eq!(
+            out_json(&req(Reasoning::Adaptive), CLAUDE)["additionalModelRequestFields"]["thinking"],
+            serde_json::json!({"type": "adaptive"})
+        );
+        assert_eq!(
+            out_json(&req(Reasoning::Off), CLAUDE)["additionalModelRequestFields"]["thinking"],
+            serde_json::json!({"type": "disabled"})
+        );
+        assert_eq!(
+            out_json(&req(Reasoning::Off), OTHER).get("outputConfig"),
+            None
+        );
+    }
+
+    #[test]
+    fn json_schema_goes_as_schema_text() {
+        let req = Request {
+            messages: vec![message(Role::User, vec![text("hi")])],
+            response_format: Some(ResponseFormat::JsonSchema {
+                name: Some("answer".into()),
+                schema: raw(r#"{"type":"object","properties":{"n":{"type":"integer"}}}"#),
+                strict: Some(true),
+            }),
+            ..Request::default()
+        };
+        let body = out_json(&req, OTHER);
+        assert_eq!(
+            body["outputConfig"]["textFormat"],
+            serde_json::json!({"type": "json_schema", "structure": {"jsonSchema": {
+                "schema": r#"{"type":"object","properties":{"n":{"type":"integer"}}}"#,
+                "name": "answer"}}})
+        );
+    }
+
+    #[test]
+    fn signatures_only_where_they_are_valid() {
+        let req = Request {
+            messages: vec![
+                message(Role::User, vec![text("q")]),
+                message(
+                    Role::Assistant,
+                    vec![
+                        signed(Api::BedrockConverse),
+                        signed(Api::AnthropicMessages),
+                        signed(Api::Gemini),
+                        Block::Thinking {
+                            text: "unsigned".into(),
+                            signature: None,
+                        },
+                        Block::RedactedThinking {
+                            data: Signature {
+                                origin: Api::OpenAiResponses,
+                                value: "x".into(),
+                            },
+                        },
+                        text("a"),
+                    ],
+                ),
+            ],
+            ..Request::default()
+        };
+        let count = |out: Out| {
+            out_json(&req, out)["messages"][1]["content"]
+                .as_array()
+                .map_or(0, |c| {
+                    c.iter()
+                        .filter(|b| b.get("reasoningContent").is_some())
+                        .count()
+                })
+        };
+        assert_eq!(count(CLAUDE), 2, "Bedrock's and (for Claude) Anthropic's");
+        assert_eq!(count(OTHER), 1, "Bedrock's only");
+    }
+
+    #[test]
+    fn turns_alternate_and_system_messages_are_hoisted() {
+        let req = Request {
+            system: vec![TextBlock {
+                text: String::new(),
+                cache: None,
+            }],
+            messages: vec![
+                message(Role::User, vec![text("one")]),
+                message(Role::System, vec![text("be brief")]),
+                message(Role::User, vec![text("two")]),
+                message(Role::Assistant, vec![signed(Api::Gemini)]),
+                message(Role::User, vec![text("three")]),
+            ],
+            stop: vec!["END".into()],
+            ..Request::default()
+        };
+        let body = out_json(&req, CLAUDE);
+        assert_eq!(body["system"], serde_json::json!([{"text": "be brief"}]));
+        assert_eq!(
+            body["messages"],
+            serde_json::json!([{"role": "user", "content": [
+                {"text": "one"}, {"text": "two"}, {"text": "three"}]}])
+        );
+        assert_eq!(body["inferenceConfig"]["maxTokens"], 1024);
+        assert_eq!(
+            body["inferenceConfig"]["stopSequences"],
+            serde_json::json!(["END"])
+        );
+        assert_eq!(
+            body["additionalModelResponseFieldPaths"],
+            serde_json::json!(["/stop_sequence"])
+        );
+        assert_eq!(
+            out_json(&req, OTHER).get("additionalModelResponseFieldPaths"),
+            None
+        );
+    }
+
+    #[test]
+    fn model_ids_are_percent_encoded_in_the_path() {
+        assert_eq!(
+            path("anthropic.claude-3-5-sonnet-20240620-v1:0", false),
+            "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+        );
+        // As botocore's percent_encode writes an inference-profile ARN.
+        assert_eq!(
+            path(
+                "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-7-sonnet-20250219-v1:0",
+                true
+            ),
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream"
+        );
+        assert_eq!(
+            Family::of("us.anthropic.claude-sonnet-4-20250514-v1:0"),
+            Family::Anthropic
+        );
+        assert_eq!(Family::of("amazon.nova-pro-v1:0"), Family::Other);
+    }
+
+    // -- answers ------------------------------------------------------------------------------
+
+    #[test]
+    fn responses_in() {
+        insta::glob!(
+            "../../tests/fixtures/providers/bedrock",
+            "converse-*.json",
+            |path| {
+                let body = std::fs::read(path).expect("fixture");
+                insta::assert_debug_snapshot!(response_in(&body, "req-1"));
+            }
+        );
+    }
+
+    #[test]
+    fn cache_tokens_are_not_input_tokens() {
+        // totalTokens = input + output + cache: inputTokens is already uncached.
+        let usage = response_in(&fixture("converse-cache-usage.json"), "r")
+            .unwrap()
+            .usage;
+        assert_eq!(
+            (
+                usage.input,
+                usage.cache_read,
+                usage.cache_write,
+                usage.output
+            ),
+            (Some(24), Some(3184), Some(0), Some(17))
+        );
+        assert_eq!(usage.processed(), 3225, "equals Bedrock's totalTokens");
+        // totalTokens = input + output: inputTokens included the cache write; taken out.
+        let usage = response_in(&fixture("converse-cache-usage-inclusive.json"), "r")
+            .unwrap()
+            .usage;
+        assert_eq!((usage.input, usage.cache_write), (Some(24), Some(1129)));
+        assert_eq!(usage.processed(), 1156, "equals Bedrock's totalTokens");
+    }
+
+    #[test]
+    fn stop_reasons_read() {
+        for (word, stop) in [
+            ("end_turn", StopReason::EndTurn),
+            ("tool_use", StopReason::ToolUse),
+            ("max_tokens", StopReason::MaxTokens),
+            ("stop_sequence", StopReason::StopSequence),
+            ("guardrail_intervened", StopReason::ContentFilter),
+            ("content_filtered", StopReason::ContentFilter),
+            ("model_context_window_exceeded", StopReason::ContextWindow),
+            ("malformed_tool_use", StopReason::Other),
+            ("something_new", StopReason::Other),
+        ] {
+            assert_eq!(stop_reason_in(word), stop, "{word}");
+        }
+    }
+
+    #[test]
+    fn broken_answers_are_errors() {
+        assert!(response_in(b"not json", "r").is_err());
+        assert!(
+            response_in(
+                br#"{"output":{"message":{"content":[{"toolUse":{"name":"x"}}]}}}"#,
+                "r"
+            )
+            .is_err()
+        );
+        let empty = response_in(b"{}", "r").expect("nothing is still an answer");
+        assert!(empty.content.is_empty());
+        assert_eq!(empty.stop, StopReason::Other);
+    }
+
+    // -- errors -------------------------------------------------------------------------------
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ErrorCase {
+        status: u16,
+        error_type: Option<String>,
+        body: String,
+    }
+
+    fn error_case(path: &Path) -> ApiError {
+        let case: ErrorCase =
+            serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("case");
+        error_in(
+            case.status,
+            case.error_type.as_deref(),
+            case.body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn errors_in() {
+        insta::glob!(
+            "../../tests/fixtures/providers/bedrock",
+            "error-*.json",
+            |path| {
+                insta::assert_debug_snapshot!(error_case(path));
+            }
+        );
+    }
+
+    #[test]
+    fn error_kinds() {
+        for (file, kind) in [
+            ("error-429-throttling.json", ErrorKind::RateLimited),
+            ("error-400-input-too-long.json", ErrorKind::ContextLength),
+            ("error-400-validation.json", ErrorKind::InvalidRequest),
+            ("error-400-quota.json", ErrorKind::QuotaExhausted),
+            ("error-403-access-denied.json", ErrorKind::Permission),
+            (
+                "error-403-invalid-signature.json",
+                ErrorKind::Authentication,
+            ),
+            ("error-403-expired-token.json", ErrorKind::Authentication),
+            ("error-404-not-found.json", ErrorKind::NotFound),
+            ("error-408-model-timeout.json", ErrorKind::Timeout),
+            ("error-424-model-error.json", ErrorKind::Server),
+            ("error-429-model-not-ready.json", ErrorKind::Overloaded),
+            ("error-500-internal.json", ErrorKind::Server),
+            ("error-503-unavailable.json", ErrorKind::Overloaded),
+            ("error-502-not-json.json", ErrorKind::Server),
+        ] {
+            assert_eq!(error_case(&dir().join(file)).kind, kind, "{file}");
+        }
+        // Without a name, the status decides; a long message is clipped.
+        let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(5000));
+        let e = error_in(413, None, long.as_bytes());
+        assert_eq!(e.kind, ErrorKind::RequestTooLarge);
+        assert_eq!(e.message.len(), MAX_UPSTREAM_MESSAGE_BYTES);
+        assert_eq!(error_in(503, None, b"").kind, ErrorKind::Overloaded);
+    }
+
+    // -- event-stream frames ------------------------------------------------------------------
+
+    #[test]
+    fn frames_round_trip_at_any_boundary() {
+        let mut bytes = encode_frame("event", "messageStart", br#"{"role":"assistant"}"#);
+        bytes.extend(encode_frame(
+            "exception",
+            "throttlingException",
+            br#"{"message":"slow"}"#,
+        ));
+        bytes.extend(encode_frame("error", "InternalFailure", b"broken"));
+        for size in 1..=bytes.len() {
+            let mut decoder = FrameDecoder::new(1024);
+            let mut frames = Vec::new();
+            for chunk in bytes.chunks(size) {
+                decoder.push(chunk);
+                while let Some(frame) = decoder.next_frame().expect("frame") {
+                    frames.push(frame);
+                }
+            }
+            assert_eq!(frames.len(), 3, "chunk size {size}");
+            assert_eq!(frames[0].kind, FrameKind::Event);
+            assert_eq!(frames[0].name, "messageStart");
+            assert_eq!(&frames[0].payload[..], br#"{"role":"assistant"}"#);
+            assert_eq!(frames[1].kind, FrameKind::Exception);
+            assert_eq!(frames[1].name, "throttlingException");
+            assert_eq!(frames[2].kind, FrameKind::Error);
+            assert_eq!(frames[2].message.as_deref(), Some("broken"));
+        }
+    }
+
+    #[test]
+    fn broken_frames_are_errors_and_stay_broken() {
+        let good = encode_frame("event", "messageStart", br#"{"role":"assistant"}"#);
+
+        let mut corrupt = good.clone();
+        let last = corrupt.len() - 6;
+        corrupt[last] ^= 0xff; // a payload byte: the message CRC no longer matches
+        let mut d = FrameDecoder::new(1024);
+        d.push(&corrupt);
+        assert!(d.next_frame().is_err());
+        d.push(&good);
+        assert!(
+            d.next_frame().is_err(),
+            "no resynchronising after a broken message"
+        );
+
+        let mut d = FrameDecoder::new(good.len() - 1);
+        d.push(&good[..4]);
+        let err = d.next_frame().unwrap_err();
+        assert!(err.contains("over the limit"), "{err}");
+
+        let mut d = FrameDecoder::new(1024);
+        d.push(&[0, 0, 0, 3, 1, 2, 3, 4]);
+        assert!(d.next_frame().is_err());
+
+        let mut d = FrameDecoder::new(1024);
+        d.push(&good[..good.len() - 1]);
+        assert_eq!(d.next_frame(), Ok(None));
+    }
+
+    // -- streams ------------------------------------------------------------------------------
+
+    #[test]
+    fn streams_in() {
+        insta::glob!(
+            "../../tests/fixtures/providers/bedrock",
+            "stream-*.events.json",
+            |path| {
+                let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+                insta::assert_debug_snapshot!(events_in(&encoded(name), 7));
+            }
+        );
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_events() {
+        for name in stream_fixtures() {
+            let bytes = encoded(&name);
+            let whole = events_in(&bytes, bytes.len());
+            for size in [1, 2, 3, 5, 13, 64] {
+                assert_eq!(events_in(&bytes, size), whole, "{name}, chunks of {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_stream_is_well_formed() {
+        for name in stream_fixtures() {
+            let events = events_in(&encoded(&name), 11);
+            assert!(
+                matches!(events.first(), Some(Event::MessageStart { .. })),
+                "{name}: starts with MessageStart"
+            );
+            let mut open = Vec::new();
+            let mut next = 0;
+            for (i, event) in events.iter().enumerate() {
+                match event {
+                    Event::BlockStart { index, .. } => {
+                        assert_eq!(*index, next, "{name}: contiguous indexes");
+                        next += 1;
+                        open.push(*index);
+                    }
+                    Event::BlockDelta { index, .. } => {
+                        assert!(open.contains(index), "{name}: delta on an open block")
+                    }
+                    Event::BlockStop { index } => {
+                        assert!(open.contains(index), "{name}: stop of an open block");
+                        open.retain(|i| i != index);
+                    }
+                    Event::MessageStop { .. } => {
+                        assert!(open.is_empty(), "{name}: every BlockStart has a BlockStop");
+                        assert_eq!(i + 1, events.len(), "{name}: MessageStop is last");
+                    }
+                    Event::Error(_) => assert_eq!(i + 1, events.len(), "{name}: Error is last"),
+                    Event::MessageStart { .. } => assert_eq!(i, 0, "{name}: one MessageStart"),
+                    Event::Usage(_) => {}
+                }
+            }
+            assert!(
+                matches!(
+                    events.last(),
+                    Some(Event::MessageStop { .. } | Event::Error(_))
+                ),
+                "{name}: ends with MessageStop or Error"
+            );
+        }
+    }
+
+    /// The answer a client accumulates from events: blocks (kind, text), signatures, usage,
+    /// stop.
+    type Accumulated = (
+        Vec<(BlockKind, String)>,
+        Vec<String>,
+        Usage,
+        Option<StopReason>,
+    );
+
+    fn accumulate(events: &[Event]) -> Accumulated {
+        let mut blocks: Vec<(BlockKind, String)> = Vec::new();
+        let mut signatures = Vec::new();
+        let mut usage = Usage::default();
+        let mut stop = None;
+        for event in events {
+            match event {
+                Event::BlockStart { kind, .. } => blocks.push((kind.clone(), String::new())),
+                Event::BlockDelta { index, delta } => match delta {
+                    Delta::Signature(s) => signatures.push(s.clone()),
+                    Delta::Text(s) | Delta::ToolArgs(s) | Delta::Thinking(s) => {
+                        blocks[*index as usize].1.push_str(s)
+                    }
+                },
+                Event::Usage(u) => usage.merge(*u),
+                Event::MessageStop { stop: s, .. } => stop = Some(*s),
+                _ => {}
+            }
+        }
+        (blocks, signatures, usage, stop)
+    }
+
+    #[test]
+    fn streamed_answer_equals_the_same_answer_as_json() {
+        for (stream, whole) in [
+            ("stream-text.events.json", "converse-text.json"),
+            ("stream-tool-use.events.json", "converse-tool-use.json"),
+            ("stream-reasoning.events.json", "converse-reasoning.json"),
+            (
+                "stream-cache-usage.events.json",
+                "converse-cache-usage.json",
+            ),
+        ] {
+            let (mut blocks, signatures, usage, stop) = accumulate(&events_in(&encoded(stream), 5));
+            for (kind, args) in &mut blocks {
+                if matches!(kind, BlockKind::ToolUse { .. }) {
+                    let v: serde_json::Value = serde_json::from_str(args).expect(stream);
+                    *args = v.to_string();
+                }
+            }
+            let resp = response_in(&fixture(whole), "req-1").expect(whole);
+            let (want, want_signatures, want_usage, want_stop) =
+                accumulate(&super::super::events_of(&resp));
+            let want: Vec<(BlockKind, String)> = want
+                .into_iter()
+                .map(|(kind, args)| match kind {
+                    BlockKind::ToolUse { .. } => {
+                        let v: serde_json::Value = serde_json::from_str(&args).expect(whole);
+                        (kind, v.to_string())
+                    }
+                    _ => (kind, args),
+                })
+                .collect();
+            assert_eq!(blocks, want, "{stream}");
+            assert_eq!(signatures, want_signatures, "{stream}");
+            assert_eq!(usage, want_usage, "{stream}");
+            assert_eq!(stop, want_stop, "{stream}");
+        }
+    }
+
+    #[test]
+    fn message_stop_waits_for_the_usage() {
+        let bytes = encoded("stream-text.events.json");
+        let mut decoder = FrameDecoder::new(4096);
+        decoder.push(&bytes);
+        let mut stream = EventsIn::new("req-1");
+        let mut out = Vec::new();
+        let mut kinds = Vec::new();
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            out.clear();
+            stream.event(&frame, &mut out).unwrap();
+            kinds.push((frame.name.clone(), out.len()));
+        }
+        // messageStop writes nothing; metadata writes the usage, then the stop.
+        assert_eq!(kinds[4], ("messageStop".into(), 0));
+        assert!(matches!(
+            out.as_slice(),
+            [Event::Usage(_), Event::MessageStop { .. }]
+        ));
+    }
+
+    #[test]
+    fn stream_exceptions_have_their_kind() {
+        let events = events_in(&encoded("stream-throttled.events.json"), 9);
+        let Some(Event::Error(e)) = events.last() else {
+            panic!("{events:?}")
+        };
+        assert_eq!((e.status, e.kind), (429, ErrorKind::RateLimited));
+        for (name, status, kind) in [
+            ("validationException", 400, ErrorKind::InvalidRequest),
+            ("modelStreamErrorException", 424, ErrorKind::Server),
+            ("serviceUnavailableException", 503, ErrorKind::Overloaded),
+            ("internalServerException", 500, ErrorKind::Server),
+            ("modelTimeoutException", 408, ErrorKind::Timeout),
+        ] {
+            let bytes = encode_frame("exception", name, br#"{"message":"m"}"#);
+            let events = events_in(&bytes, 4);
+            assert!(
+                matches!(events.as_slice(), [Event::MessageStart { .. }, Event::Error(e)]
+                    if e.status == status && e.kind == kind),
+                "{name}: {events:?}"
+            );
+        }
+        let bytes = encode_frame(
+            "exception",
+            "validationException",
+            br#"{"message":"Input is too long for requested model."}"#,
+        );
+        let events = events_in(&bytes, 100);
+        assert!(
+            matches!(events.last(), Some(Event::Error(e)) if e.kind == ErrorKind::ContextLength)
+        );
+    }
+
+    #[test]
+    fn stream_protocol_errors_are_errors() {
+        let read = |frames: &[(&str, &str)]| {
+            let mut stream = EventsIn::new("r");
+            let mut out = Vec::new();
+            let mut result = Ok(());
+            for (name, payload) in frames {
+                let frame = Frame {
+                    kind: FrameKind::Event,
+                    name: (*name).into(),
+                    message: None,
+                    payload: Bytes::copy_from_slice(payload.as_bytes()),
+                };
+                result = result.and(stream.event(&frame, &mut out));
+            }
+            result
+        };
+        assert!(read(&[("messageStart", "not json")]).is_err());
+        assert!(read(&[("messageStart", "{}"), ("messageStart", "{}")]).is_err());
+        assert!(read(&[("contentBlockDelta", r#"{"delta":{"text":"x"}}"#)]).is_err());
+        assert!(
+            read(&[(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"toolUse":{"input":"{"}}}"#
+            )])
+            .is_err(),
+            "tool arguments for a block never started"
+        );
+        assert!(
+            read(&[
+                (
+                    "contentBlockDelta",
+                    r#"{"contentBlockIndex":0,"delta":{"text":"x"}}"#
+                ),
+                (
+                    "contentBlockDelta",
+                    r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"text":"y"}}}"#
+                ),
+            ])
+            .is_err(),
+            "thinking into a text block"
+        );
+        assert!(
+            read(&[(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"redactedContent":"%%%"}}}"#
+            )])
+            .is_err()
+        );
+        assert!(
+            read(&[
+                ("somethingNew", "{}"),
+                ("contentBlockStop", r#"{"contentBlockIndex":9}"#)
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn tool_calls_past_the_cap_end_the_stream() {
+        let mut stream = EventsIn::new("r");
+        let mut out = Vec::new();
+        for i in 0..=MAX_STREAM_TOOL_CALLS {
+            let payload = format!(
+                r#"{{"contentBlockIndex":{i},"start":{{"toolUse":{{"toolUseId":"t{i}","name":"f"}}}}}}"#
+            );
+            let frame = Frame {
+                kind: FrameKind::Event,
+                name: "contentBlockStart".into(),
+                message: None,
+                payload: Bytes::from(payload),
+            };
+            stream.event(&frame, &mut out).unwrap();
+            let stop = Frame {
+                kind: FrameKind::Event,
+                name: "contentBlockStop".into(),
+                message: None,
+                payload: Bytes::from(format!(r#"{{"contentBlockIndex":{i}}}"#)),
+            };
+            stream.event(&stop, &mut out).unwrap();
+        }
+        assert!(matches!(out.last(), Some(Event::Error(e)) if e.status == 502));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256), size in 1usize..32) {
+            let mut d = FrameDecoder::new(128);
+            for chunk in bytes.chunks(size) {
+                d.push(chunk);
+                while let Ok(Some(_)) = d.next_frame() {}
+            }
+        }
+
+        #[test]
+        fn readers_never_panic(payload in ".{0,200}", name in "(messageStart|contentBlockStart|contentBlockDelta|contentBlockStop|messageStop|metadata|x)") {
+            let _ = response_in(payload.as_bytes(), "r");
+            let _ = error_in(400, Some(&name), payload.as_bytes());
+            let mut stream = EventsIn::new("r");
+            let mut out = Vec::new();
+            let frame = Frame { kind: FrameKind::Event, name, message: None, payload: Bytes::from(payload) };
+            let _ = stream.event(&frame, &mut out);
+            stream.finish(&mut out);
+        }
     }
 }
