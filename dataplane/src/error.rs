@@ -67,8 +67,8 @@ pub enum ProxyError {
     /// only the error's name where the provider gives one apart from the body (AWS's
     /// `x-amzn-ErrorType`, e.g. `ExpiredTokenException`).
     #[error(
-        "the backend refused the gateway's credentials (status {0}{}); the gateway's administrator must fix the backend's credentials",
-        .1.as_deref().map(|d| format!(", {d}")).unwrap_or_default()
+        "the backend refused the gateway's credentials (status {0}{detail}); the gateway's administrator must fix the backend's credentials",
+        detail = .1.as_deref().map(|d| format!(", {d}")).unwrap_or_default()
     )]
     UpstreamCredentials(StatusCode, Option<String>),
 }

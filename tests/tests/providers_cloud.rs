@@ -210,7 +210,7 @@ async fn bedrock_web_identity_exchanges_the_pod_token_and_refreshes_before_expir
     };
     let r = ask().await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let issued = |s: &serde_json::Value| s["credentials_issued"].as_u64().unwrap_or(0);
+    let issued = |s: &serde_json::Value| s["sts_credentials_issued"].as_u64().unwrap_or(0);
     assert_eq!(issued(&bedrock.state("stats").await), 1);
     // Calls within the keys' life reuse them; once they are near expiry the proxy fetches
     // new ones before signing.
@@ -324,4 +324,14 @@ async fn gemini_thought_signatures_survive_an_openai_clients_tool_turns() {
     )
     .await;
     assert_eq!(second.status, StatusCode::OK, "Gemini refused the turn: {}", second.text());
+    let stats = google.state("stats").await;
+    assert_eq!(stats["thought_signatures_verified"], 1, "{stats}");
+    assert_eq!(stats["thought_signature_failures"].as_u64().unwrap_or(0), 0, "{stats}");
+}
+
+/// The mocks themselves, driven by botocore's and google-auth's own clients: their wire
+/// formats and checks are the services' (tests/python/test_mocks.py).
+#[test]
+fn the_cloud_mocks_pass_their_self_tests() {
+    pytest("test_mocks.py", Vec::new(), 19);
 }

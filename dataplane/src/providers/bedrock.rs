@@ -30,7 +30,7 @@ const MAX_STS_BODY: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Upstream {
-    /// `{url}/model/`: the model id and the operation follow.
+    /// The runtime endpoint: `/model/{id}/converse` follows.
     base: String,
     host: HeaderValue,
     region: String,
@@ -89,7 +89,7 @@ impl Upstream {
             .map(str::to_owned)
             .unwrap_or_else(|| modelgate_wire::bedrock_url(&spec.region));
         modelgate_wire::check::check_url(&url)?;
-        let base = format!("{}/model/", url.trim_end_matches('/'));
+        let base = url.trim_end_matches('/').to_owned();
         let uri: Uri = base
             .parse()
             .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
@@ -141,8 +141,7 @@ impl Upstream {
 
     /// The URL of a Converse (or ConverseStream) call to `model`.
     pub fn url(&self, model: &str, stream: bool) -> String {
-        let op = if stream { "converse-stream" } else { "converse" };
-        format!("{}{}/{op}", self.base, encode_segment(model))
+        format!("{}{}", self.base, crate::translate::bedrock::path(model, stream))
     }
 
     /// A signed Converse request with `body` (already Bedrock's JSON). Fetches temporary

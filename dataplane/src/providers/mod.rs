@@ -329,6 +329,26 @@ impl<'r, 'a> Outbound<'r, 'a> {
         .map_err(Failure::Refused)
     }
 
+    /// The request as a Bedrock Converse body for `model` (which goes in the URL); the
+    /// fields Bedrock cannot carry join `ignored`.
+    fn bedrock(&mut self, model: &str) -> Result<Vec<u8>, Failure> {
+        let out = translate::bedrock::Out {
+            max_tokens: self.output_reservation,
+            family: translate::bedrock::Family::of(model),
+        };
+        let req = self.canonical().map_err(Failure::Refused)?;
+        let body = translate::bedrock::request_out(req, out).map_err(Failure::Refused)?;
+        let dropped = translate::bedrock::dropped(req, out);
+        if let Some(Ok(r)) = &mut self.canonical {
+            for d in dropped {
+                if !r.ignored.contains(&d) {
+                    r.ignored.push(d);
+                }
+            }
+        }
+        Ok(body)
+    }
+
     /// The request as a Gemini generateContent body (the model is in the URL).
     fn gemini(&mut self) -> Result<Vec<u8>, Failure> {
         let max_tokens = Some(self.output_reservation);
@@ -422,13 +442,7 @@ pub async fn attempt(
             azure_bad_request(resp, timeout.saturating_sub(started.elapsed())).await
         }
         Provider::Bedrock(upstream) => {
-            let body = translate::bedrock::request_out(
-                out.canonical().map_err(Failure::Refused)?,
-                translate::bedrock::Out {
-                    max_tokens: out.output_reservation,
-                },
-            )
-            .map_err(Failure::Refused)?;
+            let body = out.bedrock(model)?;
             let started = std::time::Instant::now();
             let request = upstream
                 .request(client, model, Bytes::from(body), req.stream, timeout)

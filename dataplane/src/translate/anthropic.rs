@@ -1243,6 +1243,11 @@ impl From<Usage> for OutUsage {
     }
 }
 
+/// Whether a signature of `origin` is Claude's own (Anthropic's API, or Claude on Bedrock).
+fn claude_signed(origin: Api) -> bool {
+    matches!(origin, Api::AnthropicMessages | Api::BedrockConverse)
+}
+
 /// A message for an Anthropic client; `model` is the client's public name.
 pub fn response_out(resp: &Response, model: &str) -> Vec<u8> {
     let content = resp
@@ -1254,15 +1259,16 @@ pub fn response_out(resp: &Response, model: &str) -> Vec<u8> {
                 cache_control: None,
             }),
             // Another API's signature must never come back labelled as Anthropic's: the
-            // client gets the text with an empty signature.
+            // client gets the text with an empty signature. Claude on Bedrock signs as
+            // Anthropic does, and Bedrock takes those back from Claude's clients.
             Block::Thinking { text, signature } => Some(OutBlock::Thinking {
                 thinking: text,
                 signature: signature
                     .as_ref()
-                    .filter(|s| s.origin == Api::AnthropicMessages)
+                    .filter(|s| claude_signed(s.origin))
                     .map_or("", |s| &s.value),
             }),
-            Block::RedactedThinking { data } if data.origin == Api::AnthropicMessages => {
+            Block::RedactedThinking { data } if claude_signed(data.origin) => {
                 Some(OutBlock::RedactedThinking { data: &data.value })
             }
             Block::ToolUse {
