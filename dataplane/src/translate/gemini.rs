@@ -459,9 +459,11 @@ pub fn request_out(req: &Request, out: Out) -> Result<Vec<u8>, Refused> {
     }
     for content in &mut contents {
         if content.role == "user" {
-            // Function responses open the turn that answers the calls (stable: order kept,
-            // so images from a tool result stay right after it).
-            content.parts.sort_by_key(|p| !p.answers_a_call);
+            // Function responses open the turn that answers the calls, all together, then
+            // the media of those results, then the rest (stable: order kept within each).
+            content
+                .parts
+                .sort_by_key(|p| (p.function_response.is_none(), !p.answers_a_call));
         }
     }
 
@@ -877,8 +879,14 @@ pub fn stop_reason_in(word: &str, tool_calls: bool) -> StopReason {
         "STOP" => StopReason::EndTurn,
         "MAX_TOKENS" => StopReason::MaxTokens,
         // Safety-type blocks: an OpenAI client sees `content_filter`, an Anthropic one `refusal`.
-        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY"
-        | "IMAGE_PROHIBITED_CONTENT" | "IMAGE_RECITATION" => StopReason::ContentFilter,
+        "SAFETY"
+        | "RECITATION"
+        | "BLOCKLIST"
+        | "PROHIBITED_CONTENT"
+        | "SPII"
+        | "IMAGE_SAFETY"
+        | "IMAGE_PROHIBITED_CONTENT"
+        | "IMAGE_RECITATION" => StopReason::ContentFilter,
         // LANGUAGE, OTHER, MALFORMED_FUNCTION_CALL, UNEXPECTED_TOOL_CALL, TOO_MANY_TOOL_CALLS,
         // IMAGE_OTHER, NO_IMAGE, FINISH_REASON_UNSPECIFIED and words added later.
         _ if tool_calls => StopReason::ToolUse,
@@ -1143,7 +1151,9 @@ pub fn error_in(status: u16, body: &[u8]) -> ApiError {
 enum Open {
     Text,
     /// `signed`: its signature came; the next thought opens a new block.
-    Thinking { signed: bool },
+    Thinking {
+        signed: bool,
+    },
 }
 
 /// Reads a `streamGenerateContent?alt=sse` stream (the `data` of each event, a partial
@@ -1556,7 +1566,11 @@ mod tests {
     #[test]
     fn cached_tokens_are_counted_once_and_thoughts_are_output() {
         let cached = response_in(&fixture("response-cached-tokens.json"), "x").expect("answer");
-        assert_eq!(cached.usage.input, Some(250), "promptTokenCount includes the cache");
+        assert_eq!(
+            cached.usage.input,
+            Some(250),
+            "promptTokenCount includes the cache"
+        );
         assert_eq!(cached.usage.cache_read, Some(10000));
         assert_eq!(cached.usage.cache_write, None);
         assert_eq!(cached.usage.prompt(), 10250);
@@ -1584,7 +1598,10 @@ mod tests {
             .collect();
         assert_eq!(ids.len(), 2);
         assert!(ids[0].starts_with("gmcall_ZbLVaIa9Ms2NqtsPkICp2QE_0_gts_"));
-        assert_eq!(ids[1], "gmcall_ZbLVaIa9Ms2NqtsPkICp2QE_1", "parallel: unsigned");
+        assert_eq!(
+            ids[1], "gmcall_ZbLVaIa9Ms2NqtsPkICp2QE_1",
+            "parallel: unsigned"
+        );
         assert!(ids.iter().all(|id| id.chars().all(is_id_char)));
         assert_eq!(
             split_tool_id(ids[0]),
@@ -1791,7 +1808,10 @@ mod tests {
         let mut out = Vec::new();
         assert!(stream.event(b"not json", &mut out).is_err());
         assert!(stream.event(b"[]", &mut out).is_err());
-        assert!(stream.event(b"{}", &mut out).is_ok(), "an empty chunk says nothing");
+        assert!(
+            stream.event(b"{}", &mut out).is_ok(),
+            "an empty chunk says nothing"
+        );
         assert!(matches!(out.as_slice(), [Event::MessageStart { .. }]));
     }
 
@@ -1800,7 +1820,10 @@ mod tests {
     /// The status in an error fixture's name (`error-429-...`).
     fn status_of_name(path: &Path) -> u16 {
         let name = path.file_name().and_then(|n| n.to_str()).expect("name");
-        name.split('-').nth(1).and_then(|s| s.parse().ok()).expect("status")
+        name.split('-')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status")
     }
 
     #[test]
@@ -1863,9 +1886,8 @@ mod tests {
                     max_tokens: Some(1024),
                     thinking: ThinkingStyle::Level,
                 };
-                let written = openai_chat::request_in(&body).and_then(|req| {
-                    request_out(&req, out).map(|b| (pretty(&b), ignored(&req)))
-                });
+                let written = openai_chat::request_in(&body)
+                    .and_then(|req| request_out(&req, out).map(|b| (pretty(&b), ignored(&req))));
                 insta::assert_snapshot!(match written {
                     Ok((body, ignored)) => format!("ignored: {ignored:?}\n{body}"),
                     Err(refused) => format!("refused: {refused:?}"),
@@ -1885,9 +1907,8 @@ mod tests {
                     max_tokens: None,
                     thinking: ThinkingStyle::Budget,
                 };
-                let written = anthropic::request_in(&body).and_then(|req| {
-                    request_out(&req, out).map(|b| (pretty(&b), ignored(&req)))
-                });
+                let written = anthropic::request_in(&body)
+                    .and_then(|req| request_out(&req, out).map(|b| (pretty(&b), ignored(&req))));
                 insta::assert_snapshot!(match written {
                     Ok((body, ignored)) => format!("ignored: {ignored:?}\n{body}"),
                     Err(refused) => format!("refused: {refused:?}"),
@@ -1965,7 +1986,10 @@ mod tests {
         );
         assert!(none.get("generationConfig").is_none(), "{none}");
         assert_eq!(ThinkingStyle::for_model("gemini-2.5-pro"), Budget);
-        assert_eq!(ThinkingStyle::for_model("publishers/google/models/gemini-2.0-flash"), Budget);
+        assert_eq!(
+            ThinkingStyle::for_model("publishers/google/models/gemini-2.0-flash"),
+            Budget
+        );
         assert_eq!(ThinkingStyle::for_model("gemini-3-pro-preview"), Level);
     }
 
@@ -2075,9 +2099,16 @@ mod tests {
         .expect("written");
         insta::assert_snapshot!("request_out_rules", pretty(&body));
         let v: Value = serde_json::from_slice(&body).expect("json");
-        assert_eq!(v["systemInstruction"]["parts"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            v["systemInstruction"]["parts"].as_array().map(Vec::len),
+            Some(2)
+        );
         let contents = v["contents"].as_array().expect("contents");
-        assert_eq!(contents.len(), 3, "user turns merged around the hoisted system text");
+        assert_eq!(
+            contents.len(),
+            3,
+            "user turns merged around the hoisted system text"
+        );
         assert_eq!(
             contents[1]["parts"][0],
             json!({"text": "mine", "thought": true, "thoughtSignature": SIG_B}),
@@ -2091,13 +2122,19 @@ mod tests {
             json!({"id": "toolu_01", "name": "lookup", "response": {"error": "line 1\nline 2"}}),
             "the response opens the turn"
         );
-        assert!(turn[1].get("inlineData").is_some(), "the result's image follows it");
+        assert!(
+            turn[1].get("inlineData").is_some(),
+            "the result's image follows it"
+        );
         assert_eq!(turn[2], json!({"text": "and also"}));
         assert_eq!(
             contents[0]["parts"][2]["fileData"],
             json!({"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.JPG?size=2"})
         );
-        assert_eq!(v["generationConfig"]["maxOutputTokens"], 300, "the client's wins");
+        assert_eq!(
+            v["generationConfig"]["maxOutputTokens"], 300,
+            "the client's wins"
+        );
         assert!(!String::from_utf8_lossy(&body).contains("user-42"));
         assert_eq!(ignored(&req), ["user", "parallel_tool_calls"]);
     }
@@ -2143,7 +2180,10 @@ mod tests {
             ..Request::default()
         };
         let v = body_of(&req, Out::default());
-        assert!(v.get("toolConfig").is_none() && v.get("tools").is_none(), "{v}");
+        assert!(
+            v.get("toolConfig").is_none() && v.get("tools").is_none(),
+            "{v}"
+        );
     }
 
     // -- thought signatures across turns --------------------------------------------------------
@@ -2156,10 +2196,16 @@ mod tests {
             .find(|c| c["role"] == "model")
             .expect("a model turn");
         let parts = model["parts"].as_array().expect("parts");
-        let calls: Vec<&Value> = parts.iter().filter(|p| p.get("functionCall").is_some()).collect();
+        let calls: Vec<&Value> = parts
+            .iter()
+            .filter(|p| p.get("functionCall").is_some())
+            .collect();
         assert_eq!(calls.len(), 2, "{model}");
         assert_eq!(calls[0]["thoughtSignature"], SIG_A, "restored exactly");
-        assert!(calls[0]["functionCall"].get("id").is_none(), "made-up ids stay home");
+        assert!(
+            calls[0]["functionCall"].get("id").is_none(),
+            "made-up ids stay home"
+        );
         assert!(calls[1].get("thoughtSignature").is_none());
         assert_eq!(calls[0]["functionCall"]["args"]["location"], "Paris");
         let results: Vec<&Value> = contents
@@ -2169,8 +2215,15 @@ mod tests {
             .filter_map(|p| p.get("functionResponse"))
             .collect();
         assert_eq!(results.len(), 2);
-        assert!(results.iter().all(|r| r["name"] == "get_weather" && r.get("id").is_none()));
-        assert!(!body.to_string().contains("_gts_"), "no id with a signature leaks");
+        assert!(
+            results
+                .iter()
+                .all(|r| r["name"] == "get_weather" && r.get("id").is_none())
+        );
+        assert!(
+            !body.to_string().contains("_gts_"),
+            "no id with a signature leaks"
+        );
     }
 
     #[test]
@@ -2283,7 +2336,10 @@ mod tests {
         let call = &v["contents"][1]["parts"][1];
         assert_eq!(call["functionCall"]["id"], "fc_8a3b1c");
         assert_eq!(call["thoughtSignature"], SIG_A);
-        assert_eq!(v["contents"][2]["parts"][0]["functionResponse"]["id"], "fc_8a3b1c");
+        assert_eq!(
+            v["contents"][2]["parts"][0]["functionResponse"]["id"],
+            "fc_8a3b1c"
+        );
     }
 
     // -- tool call ids and hostile input --------------------------------------------------------
