@@ -339,6 +339,25 @@ impl<'r, 'a> Outbound<'r, 'a> {
         let req = self.canonical().map_err(Failure::Refused)?;
         let body = translate::bedrock::request_out(req, out).map_err(Failure::Refused)?;
         let dropped = translate::bedrock::dropped(req, out);
+        self.also_ignored(dropped);
+        Ok(body)
+    }
+
+    /// The request as a Gemini generateContent body (the model is in the URL).
+    fn gemini(&mut self, model: &str) -> Result<Vec<u8>, Failure> {
+        let out = translate::gemini::Out {
+            max_tokens: Some(self.output_reservation),
+            thinking: translate::gemini::ThinkingStyle::for_model(model),
+        };
+        let req = self.canonical().map_err(Failure::Refused)?;
+        let body = translate::gemini::request_out(req, out).map_err(Failure::Refused)?;
+        let dropped = translate::gemini::ignored(req);
+        self.also_ignored(dropped);
+        Ok(body)
+    }
+
+    /// Fields a translator dropped beside the ones the client's reader named.
+    fn also_ignored(&mut self, dropped: Vec<&'static str>) {
         if let Some(Ok(r)) = &mut self.canonical {
             for d in dropped {
                 if !r.ignored.contains(&d) {
@@ -346,17 +365,6 @@ impl<'r, 'a> Outbound<'r, 'a> {
                 }
             }
         }
-        Ok(body)
-    }
-
-    /// The request as a Gemini generateContent body (the model is in the URL).
-    fn gemini(&mut self) -> Result<Vec<u8>, Failure> {
-        let max_tokens = Some(self.output_reservation);
-        translate::gemini::request_out(
-            self.canonical().map_err(Failure::Refused)?,
-            translate::gemini::Out { max_tokens },
-        )
-        .map_err(Failure::Refused)
     }
 
     /// The request as an OpenAI chat body for `model`.
@@ -451,7 +459,7 @@ pub async fn attempt(
             send(client, request, left, Dialect::Bedrock).await
         }
         Provider::Gemini(upstream) => {
-            let body = out.gemini()?;
+            let body = out.gemini(model)?;
             let request = upstream
                 .request(model, Bytes::from(body), req.stream)
                 .map_err(Failure::Connect)?;
@@ -468,7 +476,7 @@ pub async fn attempt(
                     vertex::anthropic_body(&anthropic)
                         .map_err(|e| Failure::Refused(Refused::new(None, e)))?
                 }
-                _ => out.gemini()?,
+                _ => out.gemini(model)?,
             };
             let started = std::time::Instant::now();
             let request = upstream
