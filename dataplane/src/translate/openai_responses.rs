@@ -506,7 +506,12 @@ pub fn request_in(body: &[u8]) -> Result<Request, Refused> {
     req.user = safety.or(user);
     req.stream = field(wire.stream, "stream", "a boolean")?.unwrap_or(false);
     // `include_obfuscation` is all `stream_options` holds: only its type is checked.
-    let _: Option<&RawValue> = field(wire.stream_options, "stream_options", "an object")?;
+    if wire.stream_options.is_some_and(|o| first_byte(o) != b'{') {
+        return Err(refuse(
+            "stream_options",
+            "'stream_options' must be an object",
+        ));
+    }
 
     if include.iter().any(|i| i != "reasoning.encrypted_content") {
         req.ignored.push("include");
@@ -2722,4 +2727,1265 @@ fn write_frame(out: &mut Vec<u8>, event: &EventOut, sequence_number: u64) {
         },
     );
     out.extend_from_slice(b"\n\n");
+}
+
+#[cfg(test)]
+mod tests {
+    //! Golden files: the fixtures under `tests/fixtures/providers/openai-responses/` (sources
+    //! in its README), one snapshot per fixture and direction; answers and streams of the
+    //! other APIs' fixtures (`anthropic/`, `openai/`) read by their translators and written
+    //! here. Asserts for the facts a snapshot could hide: the event sequence the openai SDK
+    //! needs, signatures coming back to their origin, usage counted once.
+
+    use std::path::{Path, PathBuf};
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::translate::anthropic;
+
+    fn dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers")
+    }
+
+    fn fixture(path: &str) -> Vec<u8> {
+        let path = dir().join("openai-responses").join(path);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The `data` of each event of an SSE recording; `event:` lines dropped.
+    fn sse_data(bytes: &[u8]) -> Vec<String> {
+        let text = std::str::from_utf8(bytes).expect("fixtures are UTF-8");
+        text.replace("\r\n", "\n")
+            .split("\n\n")
+            .filter_map(|event| {
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                (!data.is_empty()).then(|| data.join("\n"))
+            })
+            .collect()
+    }
+
+    /// Each event of a Responses stream: its `event:` name and its parsed `data`.
+    fn frames(bytes: &[u8]) -> Vec<(String, Value)> {
+        let text = std::str::from_utf8(bytes).expect("UTF-8");
+        text.split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                let mut lines = e.lines();
+                let name = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix("event: "))
+                    .expect("an event line first");
+                let data = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix("data: "))
+                    .expect("one data line");
+                assert!(lines.next().is_none(), "two lines per event");
+                (
+                    name.to_owned(),
+                    serde_json::from_str(data).expect("JSON data"),
+                )
+            })
+            .collect()
+    }
+
+    fn events_in(bytes: &[u8]) -> Vec<Event> {
+        let mut t = EventsIn::new();
+        let mut out = Vec::new();
+        for d in sse_data(bytes) {
+            t.event(d.as_bytes(), &mut out).expect(&d);
+        }
+        t.finish(&mut out);
+        out
+    }
+
+    fn events_out(events: &[Event]) -> String {
+        let mut t = EventsOut::new("public-model", 1_700_000_000);
+        let mut out = Vec::new();
+        for e in events {
+            t.event(e, &mut out);
+        }
+        t.finish(&mut out);
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    fn pretty(body: &[u8]) -> Value {
+        serde_json::from_slice(body).expect("the translator writes JSON")
+    }
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    fn text(s: &str) -> Block {
+        Block::Text(TextBlock {
+            text: s.to_owned(),
+            cache: None,
+        })
+    }
+
+    /// Block indexes start at 0 and are contiguous; every start has one stop, before
+    /// `MessageStop`, which comes once and last (or an error ends the stream).
+    fn assert_well_formed(events: &[Event]) {
+        let mut next = 0;
+        let mut open = Vec::new();
+        for (k, e) in events.iter().enumerate() {
+            match e {
+                Event::MessageStart { .. } => assert_eq!(k, 0, "MessageStart comes first"),
+                Event::BlockStart { index, .. } => {
+                    assert_eq!(*index, next, "indexes are contiguous from 0");
+                    next += 1;
+                    open.push(*index);
+                }
+                Event::BlockDelta { index, .. } => {
+                    assert!(open.contains(index), "delta on an open block: {e:?}")
+                }
+                Event::BlockStop { index } => {
+                    let pos = open.iter().position(|i| i == index).expect("open block");
+                    open.remove(pos);
+                }
+                Event::MessageStop { .. } => {
+                    assert!(open.is_empty(), "every block stops first: {open:?}");
+                    assert_eq!(k, events.len() - 1, "MessageStop is last");
+                }
+                Event::Usage(_) => {}
+                Event::Error(_) => assert_eq!(k, events.len() - 1, "an error is last"),
+            }
+        }
+        assert!(matches!(
+            events.last(),
+            Some(Event::MessageStop { .. } | Event::Error(_))
+        ));
+    }
+
+    /// What the openai SDK's `ResponseStreamState` needs of a stream (lib/streaming/
+    /// responses/_responses.py): `response.created` first, sequence numbers 0, 1, 2...,
+    /// every delta on an item added before (a text delta on a message whose part was added),
+    /// `*.done` repeating what the deltas built, one terminal event, last. Returns the
+    /// terminal event's `response`.
+    fn assert_sdk_stream(bytes: &[u8]) -> Value {
+        let frames = frames(bytes);
+        assert!(!frames.is_empty());
+        let mut items: Vec<Value> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        let mut terminal = None;
+        for (n, (name, data)) in frames.iter().enumerate() {
+            assert_eq!(data["type"], name.as_str(), "the event line names the type");
+            assert_eq!(data["sequence_number"], n, "sequence numbers count from 0");
+            assert!(
+                terminal.is_none(),
+                "nothing after the terminal event: {name}"
+            );
+            let at = |data: &Value| data["output_index"].as_u64().unwrap() as usize;
+            match name.as_str() {
+                "response.created" => {
+                    assert_eq!(n, 0);
+                    assert_eq!(data["response"]["status"], "in_progress");
+                }
+                "response.in_progress" => assert_eq!(n, 1),
+                "response.output_item.added" => {
+                    assert_eq!(at(data), items.len(), "items are added in order");
+                    items.push(data["item"].clone());
+                    texts.push(String::new());
+                }
+                "response.content_part.added" => {
+                    assert_eq!(items[at(data)]["type"], "message");
+                    assert_eq!(data["content_index"], 0);
+                }
+                "response.output_text.delta" => {
+                    assert_eq!(items[at(data)]["type"], "message");
+                    assert_eq!(data["item_id"], items[at(data)]["id"]);
+                    texts[at(data)].push_str(data["delta"].as_str().unwrap());
+                }
+                "response.output_text.done" => {
+                    assert_eq!(data["text"].as_str().unwrap(), texts[at(data)]);
+                }
+                "response.function_call_arguments.delta" => {
+                    assert_eq!(items[at(data)]["type"], "function_call");
+                    texts[at(data)].push_str(data["delta"].as_str().unwrap());
+                }
+                "response.function_call_arguments.done" => {
+                    assert_eq!(data["arguments"].as_str().unwrap(), texts[at(data)]);
+                }
+                "response.reasoning_summary_text.delta" => {
+                    assert_eq!(items[at(data)]["type"], "reasoning");
+                    texts[at(data)].push_str(data["delta"].as_str().unwrap());
+                }
+                "response.reasoning_summary_text.done" => {
+                    assert_eq!(data["text"].as_str().unwrap(), texts[at(data)]);
+                }
+                "response.output_item.done" => {
+                    assert_eq!(data["item"]["id"], items[at(data)]["id"]);
+                    items[at(data)] = data["item"].clone();
+                }
+                "response.completed" | "response.incomplete" | "response.failed" => {
+                    terminal = Some(data["response"].clone());
+                }
+                _ => {}
+            }
+        }
+        let response = terminal.expect("a terminal event ends the stream");
+        if response["status"] != "failed" {
+            assert_eq!(
+                response["output"].as_array().unwrap(),
+                &items,
+                "the final response repeats the finished items"
+            );
+        }
+        response
+    }
+
+    // ----- requests in ---------------------------------------------------------------------
+
+    #[test]
+    fn request_in_fixtures() {
+        insta::glob!(
+            "../../tests/fixtures/providers/openai-responses/requests",
+            "*.json",
+            |path| {
+                let body = std::fs::read(path).unwrap();
+                insta::assert_debug_snapshot!(request_in(&body));
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_name_their_field() {
+        for (file, param) in [
+            ("refused_store_true.json", "store"),
+            ("refused_previous_response_id.json", "previous_response_id"),
+            ("refused_conversation.json", "conversation"),
+            ("refused_background.json", "background"),
+            ("refused_prompt.json", "prompt"),
+            ("refused_web_search.json", "tools"),
+            ("refused_item_reference.json", "input"),
+            ("refused_file_id.json", "input"),
+            ("refused_logprobs.json", "include"),
+            ("refused_wrong_type.json", "temperature"),
+            ("refused_image_type.json", "input"),
+        ] {
+            let err = request_in(&fixture(&format!("requests/{file}"))).unwrap_err();
+            assert_eq!(err.param, Some(param), "{file}: {err:?}");
+        }
+        let err = request_in(&fixture("requests/refused_store_true.json")).unwrap_err();
+        assert!(
+            err.message.contains("OpenAI or Azure Responses backend"),
+            "says where stored state works: {err:?}"
+        );
+        for (body, param) in [
+            (r#"{"input":"hi"}"#, "model"),
+            (r#"{"model":"m"}"#, "input"),
+            (r#"{"model":"m","input":7}"#, "input"),
+            (r#"{"model":"m","input":{}}"#, "input"),
+            (r#"{"model":"m","input":[7]}"#, "input"),
+            (r#"{"model":"m","input":[{}]}"#, "input"),
+            (
+                r#"{"model":"m","input":[{"role":"tool","content":"x"}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":7}]}"#,
+                "input",
+            ),
+            (r#"{"model":"m","input":[{"role":"user"}]}"#, "input"),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_audio"}]}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"role":"system","content":[{"type":"input_image","image_url":"https://x/y.png"}]}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"role":"assistant","content":[{"type":"input_image"}]}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"type":"function_call","name":"f"}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"type":"function_call_output","call_id":"c","output":5}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"type":"computer_call_output","call_id":"c"}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"type":"reasoning","summary":[],"encrypted_content":"mg1.nowhere.t.x"}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","image_url":"ftp://x"}]}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_data":"data:text/plain;base64,aGk="}]}]}"#,
+                "input",
+            ),
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"mcp","server_label":"s"}]}"#,
+                "tools",
+            ),
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"code_interpreter"}]}"#,
+                "tools",
+            ),
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"custom","name":"c"}]}"#,
+                "tools",
+            ),
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"function"}]}"#,
+                "tools",
+            ),
+            (r#"{"model":"m","input":"x","tools":{}}"#, "tools"),
+            (
+                r#"{"model":"m","input":"x","tool_choice":"maybe"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","input":"x","tool_choice":{"type":"web_search_preview"}}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","input":"x","tool_choice":{"type":"function"}}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","input":"x","text":{"format":{"type":"json_schema","name":"n"}}}"#,
+                "text",
+            ),
+            (
+                r#"{"model":"m","input":"x","text":{"format":{"type":"grammar"}}}"#,
+                "text",
+            ),
+            (r#"{"model":"m","input":"x","text":"json"}"#, "text"),
+            (
+                r#"{"model":"m","input":"x","reasoning":{"effort":"extreme"}}"#,
+                "reasoning",
+            ),
+            (
+                r#"{"model":"m","input":"x","reasoning":"high"}"#,
+                "reasoning",
+            ),
+            (
+                r#"{"model":"m","input":"x","max_output_tokens":-1}"#,
+                "max_output_tokens",
+            ),
+            (
+                r#"{"model":"m","input":"x","instructions":["a"]}"#,
+                "instructions",
+            ),
+            (r#"{"model":"m","input":"x","stream":"yes"}"#, "stream"),
+            (
+                r#"{"model":"m","input":"x","stream_options":true}"#,
+                "stream_options",
+            ),
+            (r#"{"model":"m","input":"x","store":"no"}"#, "store"),
+            (
+                r#"{"model":"m","input":"x","top_logprobs":3}"#,
+                "top_logprobs",
+            ),
+            (r#"{"model":"m","input":"x","include":"all"}"#, "include"),
+            (
+                r#"{"model":"m","input":"x","parallel_tool_calls":1}"#,
+                "parallel_tool_calls",
+            ),
+            (r#"{"model":"m","input":"x","user":5}"#, "user"),
+        ] {
+            let err = request_in(body.as_bytes()).expect_err(body);
+            assert_eq!(err.param, Some(param), "{body}: {err:?}");
+        }
+        assert_eq!(request_in(b"{not json").unwrap_err().param, None);
+        assert_eq!(request_in(b"[]").unwrap_err().param, None);
+    }
+
+    #[test]
+    fn a_function_call_turn_becomes_assistant_and_user_turns() {
+        let req = request_in(&fixture("requests/function_call_turn.json")).unwrap();
+        let roles: Vec<Role> = req.messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::User, Role::Assistant, Role::User]);
+        assert_eq!(
+            req.system.len(),
+            2,
+            "instructions, then the leading developer message"
+        );
+        let turn = &req.messages[1].content;
+        assert!(matches!(
+            &turn[0],
+            Block::Thinking { signature: Some(s), .. } if s.origin == Api::OpenAiResponses
+        ));
+        let Block::ToolUse { id, input, .. } = &turn[1] else {
+            panic!("a tool use after the reasoning")
+        };
+        assert_eq!(id, "call_fdNz3vOBKYgOIpMdWotB9MjY");
+        assert_eq!(input.get(), r#"{"city": "Paris"}"#, "the model's bytes");
+        let results = &req.messages[2].content;
+        assert!(
+            matches!(&results[0], Block::ToolResult { tool_use_id, .. } if tool_use_id == "call_fdNz3vOBKYgOIpMdWotB9MjY")
+        );
+        assert!(matches!(&results[1], Block::ToolResult { content, .. } if content.len() == 2));
+        assert!(
+            matches!(&results[2], Block::Text(t) if t.text == "Which is warmer?"),
+            "user text after the outputs joins their turn"
+        );
+        assert_eq!(
+            req.tool_choice,
+            Some(ToolChoice::Tool("get_weather".into()))
+        );
+        assert_eq!(
+            req.user.as_deref(),
+            Some("sha256-abc"),
+            "safety_identifier wins"
+        );
+        assert!(req.stream && req.include_usage);
+        assert!(req.ignored.is_empty(), "{:?}", req.ignored);
+    }
+
+    #[test]
+    fn ignored_fields_are_named() {
+        let req = request_in(&fixture("requests/ignored_params.json")).unwrap();
+        assert_eq!(
+            req.ignored,
+            [
+                "include",
+                "metadata",
+                "truncation",
+                "max_tool_calls",
+                "prompt_cache_key",
+                "prompt_cache_retention",
+                "service_tier"
+            ]
+        );
+        let req = request_in(&fixture("requests/json_schema.json")).unwrap();
+        assert_eq!(req.ignored, ["text.verbosity"]);
+    }
+
+    // ----- signatures ----------------------------------------------------------------------
+
+    #[test]
+    fn signatures_come_back_to_their_origin() {
+        let req = request_in(&fixture("requests/reasoning_round_trip.json")).unwrap();
+        let assistant = &req.messages[1].content;
+        assert_eq!(
+            assistant[0],
+            Block::Thinking {
+                text: "Let me think. ".into(),
+                signature: Some(Signature {
+                    origin: Api::AnthropicMessages,
+                    value: "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds".into(),
+                }),
+            }
+            .debug_eq()
+        );
+        assert!(matches!(
+            &assistant[1],
+            Block::RedactedThinking { data } if data.origin == Api::AnthropicMessages && data.value.starts_with("EmwK")
+        ));
+        // The Anthropic backend gets both back, unchanged and in order.
+        let body = anthropic::request_out(
+            &req,
+            "claude-sonnet-4-5",
+            anthropic::Out {
+                default_max_tokens: 1024,
+            },
+        )
+        .unwrap();
+        insta::assert_json_snapshot!(pretty(&body));
+        let v = pretty(&body);
+        assert_eq!(v["messages"][1]["content"][0]["type"], "thinking");
+        assert_eq!(
+            v["messages"][1]["content"][0]["signature"],
+            "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
+        );
+        assert_eq!(v["messages"][1]["content"][1]["type"], "redacted_thinking");
+    }
+
+    /// A block's Debug text, so a `Block` (which has no `PartialEq`) can be compared.
+    trait DebugEq {
+        fn debug_eq(&self) -> String;
+    }
+    impl DebugEq for Block {
+        fn debug_eq(&self) -> String {
+            format!("{self:?}")
+        }
+    }
+    impl PartialEq<String> for Block {
+        fn eq(&self, other: &String) -> bool {
+            &format!("{self:?}") == other
+        }
+    }
+
+    #[test]
+    fn every_origin_survives_a_trip_through_a_client() {
+        for origin in [
+            Api::OpenAiChat,
+            Api::AnthropicMessages,
+            Api::OpenAiResponses,
+            Api::BedrockConverse,
+            Api::Gemini,
+        ] {
+            let sig = |value: &str| Signature {
+                origin,
+                value: value.into(),
+            };
+            let resp = Response {
+                id: "msg_1".into(),
+                model: "m".into(),
+                content: vec![
+                    Block::Thinking {
+                        text: "thought".into(),
+                        signature: Some(sig("a.b+c/=")),
+                    },
+                    Block::Thinking {
+                        text: String::new(),
+                        signature: Some(sig("empty-text")),
+                    },
+                    Block::RedactedThinking {
+                        data: sig("redacted.data"),
+                    },
+                    text("answer"),
+                ],
+                stop: StopReason::EndTurn,
+                stop_sequence: None,
+                usage: Usage::default(),
+            };
+            // The client sends the output items back as input, as the SDK's
+            // `input += response.output` does.
+            let out = pretty(&response_out(&resp, "public", 1));
+            let mut items = out["output"].as_array().unwrap().clone();
+            items.push(json!({"role": "user", "content": "next"}));
+            let body = json!({"model": "m", "input": items}).to_string();
+            let req = request_in(body.as_bytes()).unwrap();
+            let back = &req.messages[0].content;
+            assert_eq!(
+                format!("{back:?}"),
+                format!("{:?}", resp.content),
+                "{origin:?}"
+            );
+            // And the same through the whole answer read back.
+            let again = response_in(&response_out(&resp, "public", 1)).unwrap();
+            assert_eq!(
+                format!("{:?}", again.content),
+                format!("{:?}", resp.content)
+            );
+        }
+        // OpenAI's own signature goes out untagged, as OpenAI wrote it.
+        assert_eq!(
+            encrypted(Api::OpenAiResponses, "gAAAA", false),
+            Cow::Borrowed("gAAAA")
+        );
+        assert_eq!(
+            encrypted(Api::OpenAiResponses, "gAAAA", true),
+            "mg1.openai-responses.r.gAAAA"
+        );
+        assert_eq!(unseal("mg1.anthropic.x.v".into()), None);
+        assert_eq!(unseal("mg1.anthropic".into()), None);
+    }
+
+    // ----- answers -------------------------------------------------------------------------
+
+    #[test]
+    fn response_in_fixtures() {
+        insta::glob!(
+            "../../tests/fixtures/providers/openai-responses/responses",
+            "*.json",
+            |path| {
+                let body = std::fs::read(path).unwrap();
+                insta::assert_debug_snapshot!(response_in(&body));
+            }
+        );
+    }
+
+    #[test]
+    fn response_out_of_anthropic_answers() {
+        insta::glob!(
+            "../../tests/fixtures/providers/anthropic",
+            "message-*.json",
+            |path| {
+                let resp = anthropic::response_in(&std::fs::read(path).unwrap()).unwrap();
+                insta::assert_json_snapshot!(pretty(&response_out(
+                    &resp,
+                    "public-model",
+                    1_700_000_000
+                )));
+            }
+        );
+    }
+
+    #[test]
+    fn response_out_of_openai_answers() {
+        insta::glob!(
+            "../../tests/fixtures/providers/openai/responses",
+            "*.json",
+            |path| {
+                let resp = openai_chat::response_in(&std::fs::read(path).unwrap()).unwrap();
+                insta::assert_json_snapshot!(pretty(&response_out(
+                    &resp,
+                    "public-model",
+                    1_700_000_000
+                )));
+            }
+        );
+    }
+
+    #[test]
+    fn usage_counts_each_prompt_token_once() {
+        let resp = response_in(&fixture("responses/function_call_reasoning.json")).unwrap();
+        let u = resp.usage;
+        assert_eq!(
+            (u.input, u.cache_read, u.cache_write),
+            (Some(86), Some(1920), Some(0))
+        );
+        assert_eq!((u.output, u.reasoning), (Some(300), Some(192)));
+        assert_eq!(u.processed(), 2306, "reasoning is inside output");
+        let back = pretty(&response_out(&resp, "public", 1));
+        assert_eq!(back["usage"]["input_tokens"], 2006);
+        assert_eq!(back["usage"]["input_tokens_details"]["cached_tokens"], 1920);
+        assert_eq!(back["usage"]["output_tokens"], 300);
+        assert_eq!(
+            back["usage"]["output_tokens_details"]["reasoning_tokens"],
+            192
+        );
+        assert_eq!(back["usage"]["total_tokens"], 2306);
+        // Anthropic's input excludes both cache kinds: the Responses prompt adds them.
+        let resp = Response {
+            id: "msg_1".into(),
+            model: "m".into(),
+            content: vec![text("x")],
+            stop: StopReason::EndTurn,
+            stop_sequence: None,
+            usage: Usage {
+                input: Some(10),
+                cache_read: Some(1000),
+                cache_write: Some(200),
+                output: Some(50),
+                reasoning: None,
+            },
+        };
+        let v = pretty(&response_out(&resp, "public", 1));
+        assert_eq!(v["usage"]["input_tokens"], 1210);
+        assert_eq!(
+            v["usage"]["input_tokens_details"]["cache_write_tokens"],
+            200
+        );
+        assert_eq!(v["usage"]["total_tokens"], 1260);
+        // Unreported reasoning is written as 0 (the field is required) and reads back so.
+        let back = response_in(&response_out(&resp, "p", 1)).unwrap().usage;
+        assert_eq!(
+            back,
+            Usage {
+                reasoning: Some(0),
+                ..resp.usage
+            }
+        );
+    }
+
+    #[test]
+    fn answers_read_back_the_same() {
+        for file in [
+            "output_text.json",
+            "function_call_reasoning.json",
+            "incomplete_max_output_tokens.json",
+            "refusal.json",
+        ] {
+            let resp = response_in(&fixture(&format!("responses/{file}"))).unwrap();
+            let again = response_in(&response_out(&resp, "public", 1)).unwrap();
+            assert_eq!(
+                format!("{:?}", resp.content),
+                format!("{:?}", again.content),
+                "{file}"
+            );
+            assert_eq!(resp.stop, again.stop, "{file}");
+            assert_eq!(resp.usage, again.usage, "{file}");
+        }
+        let resp = response_in(&fixture("responses/function_call_reasoning.json")).unwrap();
+        assert_eq!(resp.stop, StopReason::ToolUse);
+        assert_eq!(resp.content.len(), 3, "the web search item is skipped");
+        assert!(
+            matches!(&resp.content[0], Block::Thinking { text, .. } if text.contains("calls.\n\n**Units**")),
+            "summary parts joined by a blank line"
+        );
+        assert!(matches!(&resp.content[2], Block::ToolUse { input, .. } if input.get() == "{}"));
+        let v = pretty(&response_out(
+            &response_in(&fixture("responses/refusal.json")).unwrap(),
+            "p",
+            1,
+        ));
+        assert_eq!(v["output"][0]["content"][0]["type"], "refusal");
+        assert_eq!(v["status"], "completed");
+        let v = pretty(&response_out(
+            &response_in(&fixture("responses/incomplete_max_output_tokens.json")).unwrap(),
+            "p",
+            1,
+        ));
+        assert_eq!(v["status"], "incomplete");
+        assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!(v["output"][0]["status"], "incomplete");
+        assert!(response_in(b"[1]").is_err());
+        assert!(response_in(b"{}").unwrap().content.is_empty());
+    }
+
+    #[test]
+    fn errors_use_openai_envelope() {
+        let err = error_in(
+            429,
+            br#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(err.kind, ErrorKind::RateLimited);
+        let v = pretty(&error_out(&err));
+        assert_eq!(v["error"]["message"], "slow down");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+
+    // ----- streams in ----------------------------------------------------------------------
+
+    #[test]
+    fn events_in_fixtures() {
+        insta::glob!(
+            "../../tests/fixtures/providers/openai-responses/streams",
+            "*.sse",
+            |path| {
+                let events = events_in(&std::fs::read(path).unwrap());
+                assert_well_formed(&events);
+                insta::assert_debug_snapshot!(events);
+            }
+        );
+    }
+
+    #[test]
+    fn streamed_answers_equal_their_final_response() {
+        for file in [
+            "text.sse",
+            "function_call.sse",
+            "reasoning.sse",
+            "incomplete.sse",
+        ] {
+            let bytes = fixture(&format!("streams/{file}"));
+            let events = events_in(&bytes);
+            let data = sse_data(&bytes);
+            let last = data.last().unwrap();
+            let whole = response_in(
+                serde_json::to_vec(&serde_json::from_str::<Value>(last).unwrap()["response"])
+                    .unwrap()
+                    .as_slice(),
+            )
+            .unwrap();
+            let mut streamed = Response {
+                id: String::new(),
+                model: whole.model.clone(),
+                content: Vec::new(),
+                stop: StopReason::Other,
+                stop_sequence: None,
+                usage: Usage::default(),
+            };
+            let mut texts: Vec<(BlockKind, String, String)> = Vec::new();
+            for e in &events {
+                match e {
+                    Event::MessageStart { id, .. } => streamed.id.clone_from(id),
+                    Event::BlockStart { kind, .. } => {
+                        texts.push((kind.clone(), String::new(), String::new()))
+                    }
+                    Event::BlockDelta { index, delta } => {
+                        let t = &mut texts[*index as usize];
+                        match delta {
+                            Delta::Signature(s) => t.2.push_str(s),
+                            Delta::Text(s) | Delta::Thinking(s) | Delta::ToolArgs(s) => {
+                                t.1.push_str(s)
+                            }
+                        }
+                    }
+                    Event::Usage(u) => streamed.usage.merge(*u),
+                    Event::MessageStop { stop, .. } => streamed.stop = *stop,
+                    _ => {}
+                }
+            }
+            for (kind, t, sig) in texts {
+                streamed.content.push(match kind {
+                    BlockKind::Text => text(&t),
+                    BlockKind::Thinking => Block::Thinking {
+                        text: t,
+                        signature: (!sig.is_empty()).then(|| Signature {
+                            origin: Api::OpenAiResponses,
+                            value: sig,
+                        }),
+                    },
+                    BlockKind::ToolUse { id, name } => Block::ToolUse {
+                        id,
+                        name,
+                        input: raw(&t),
+                        cache: None,
+                    },
+                    BlockKind::RedactedThinking { .. } => unreachable!(),
+                });
+            }
+            assert_eq!(streamed.id, whole.id, "{file}");
+            assert_eq!(
+                format!("{:?}", streamed.content),
+                format!("{:?}", whole.content),
+                "{file}"
+            );
+            assert_eq!(streamed.stop, whole.stop, "{file}");
+            assert_eq!(streamed.usage, whole.usage, "{file}");
+        }
+    }
+
+    #[test]
+    fn stream_failures_are_errors() {
+        let events = events_in(&fixture("streams/failed.sse"));
+        assert!(
+            matches!(events.last(), Some(Event::Error(e)) if e.kind == ErrorKind::Server && e.message.starts_with("The model failed"))
+        );
+        let events = events_in(&fixture("streams/error_event.sse"));
+        assert!(
+            matches!(events.last(), Some(Event::Error(e)) if e.kind == ErrorKind::RateLimited && e.status == 429)
+        );
+        let events = events_in(&fixture("streams/cut_short.sse"));
+        assert!(matches!(events.last(), Some(Event::Error(e)) if e.message == CUT_SHORT));
+        // Nested error objects are read too; events after the end make nothing.
+        let mut t = EventsIn::new();
+        let mut out = Vec::new();
+        t.event(
+            br#"{"type":"error","error":{"code":"context_length_exceeded","message":"too long"}}"#,
+            &mut out,
+        )
+        .unwrap();
+        t.event(
+            br#"{"type":"response.created","response":{"id":"x"}}"#,
+            &mut out,
+        )
+        .unwrap();
+        t.finish(&mut out);
+        assert!(matches!(out.as_slice(), [Event::Error(e)] if e.kind == ErrorKind::ContextLength));
+        // Protocol errors.
+        let mut t = EventsIn::new();
+        assert!(t.event(b"{oops", &mut out).is_err());
+        assert!(
+            t.event(
+                br#"{"type":"response.output_text.delta","output_index":3,"delta":"x"}"#,
+                &mut out
+            )
+            .is_err()
+        );
+        assert!(
+            t.event(br#"{"type":"response.output_item.added"}"#, &mut out)
+                .is_err()
+        );
+        // `[DONE]` (which OpenAI does not send) says nothing.
+        let mut out = Vec::new();
+        EventsIn::new().event(b"[DONE]", &mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn tool_calls_and_open_items_are_bounded() {
+        let mut t = EventsIn::new();
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        for i in 0..=MAX_STREAM_TOOL_CALLS {
+            let e = format!(
+                r#"{{"type":"response.output_item.added","output_index":{i},"item":{{"type":"function_call","call_id":"c{i}","name":"f","arguments":""}}}}"#
+            );
+            result = t.event(e.as_bytes(), &mut out);
+            let done = format!(r#"{{"type":"response.output_item.done","output_index":{i}}}"#);
+            if result.is_ok() {
+                t.event(done.as_bytes(), &mut out).unwrap();
+            }
+        }
+        assert!(result.is_err(), "one call past the cap");
+        let mut t = EventsIn::new();
+        let mut result = Ok(());
+        for i in 0..=MAX_OPEN {
+            let e = format!(
+                r#"{{"type":"response.output_item.added","output_index":{i},"item":{{"type":"message"}}}}"#
+            );
+            result = t.event(e.as_bytes(), &mut out);
+        }
+        assert!(result.is_err());
+        assert!(t.open.len() <= MAX_OPEN);
+    }
+
+    // ----- streams out ---------------------------------------------------------------------
+
+    #[test]
+    fn events_out_of_anthropic_streams() {
+        insta::glob!(
+            "../../tests/fixtures/providers/anthropic",
+            "stream-*.sse",
+            |path| {
+                let mut reader = anthropic::EventsIn::new();
+                let mut events = Vec::new();
+                for d in sse_data(&std::fs::read(path).unwrap()) {
+                    reader.event(d.as_bytes(), &mut events).unwrap();
+                }
+                reader.finish(&mut events);
+                let out = events_out(&events);
+                assert_sdk_stream(out.as_bytes());
+                insta::assert_snapshot!(out);
+            }
+        );
+    }
+
+    #[test]
+    fn events_out_of_openai_streams() {
+        insta::glob!(
+            "../../tests/fixtures/providers/openai/streams",
+            "*.sse",
+            |path| {
+                let mut reader = openai_chat::EventsIn::new();
+                let mut events = Vec::new();
+                for d in sse_data(&std::fs::read(path).unwrap()) {
+                    reader.event(d.as_bytes(), &mut events).unwrap();
+                }
+                reader.finish(&mut events);
+                let out = events_out(&events);
+                assert_sdk_stream(out.as_bytes());
+                insta::assert_snapshot!(out);
+            }
+        );
+    }
+
+    /// Responses in, Responses out: what a client sees through two translations is what the
+    /// upstream sent (items, texts, arguments, usage, status).
+    #[test]
+    fn responses_stream_round_trip() {
+        for file in [
+            "text.sse",
+            "function_call.sse",
+            "reasoning.sse",
+            "incomplete.sse",
+        ] {
+            let bytes = fixture(&format!("streams/{file}"));
+            let events = events_in(&bytes);
+            let mut w = EventsOut::new("public", 1).signatures_from(Api::OpenAiResponses);
+            let mut out = Vec::new();
+            for e in &events {
+                w.event(e, &mut out);
+            }
+            w.finish(&mut out);
+            let ours = assert_sdk_stream(&out);
+            let data = sse_data(&bytes);
+            let theirs = &serde_json::from_str::<Value>(data.last().unwrap()).unwrap()["response"];
+            assert_eq!(ours["status"], theirs["status"], "{file}");
+            assert_eq!(ours["usage"], theirs["usage"], "{file}");
+            assert_eq!(ours["id"], theirs["id"], "{file}");
+            let strip = |v: &Value| -> Vec<Value> {
+                v["output"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| {
+                        let mut i = i.clone();
+                        i.as_object_mut().unwrap().remove("id");
+                        i.as_object_mut().unwrap().remove("status");
+                        i
+                    })
+                    .collect()
+            };
+            let (a, b) = (strip(&ours), strip(theirs));
+            assert_eq!(a.len(), b.len(), "{file}");
+            for (a, b) in a.iter().zip(&b) {
+                match a["type"].as_str().unwrap() {
+                    // Two summary parts come back as one, joined by a blank line.
+                    "reasoning" => {
+                        let joined: Vec<&str> = b["summary"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|s| s["text"].as_str().unwrap())
+                            .collect();
+                        assert_eq!(a["summary"][0]["text"], joined.join("\n\n"));
+                        assert_eq!(a["encrypted_content"], b["encrypted_content"]);
+                    }
+                    _ => assert_eq!(a, b, "{file}"),
+                }
+            }
+        }
+    }
+
+    fn anthropic_answer() -> Response {
+        Response {
+            id: "msg_01XFDUDYJgAACzvnptvVoYEL".into(),
+            model: "claude-sonnet".into(),
+            content: vec![
+                Block::Thinking {
+                    text: "Let me think. ".into(),
+                    signature: Some(Signature {
+                        origin: Api::AnthropicMessages,
+                        value: "EqQBCgIYAh".into(),
+                    }),
+                },
+                Block::RedactedThinking {
+                    data: Signature {
+                        origin: Api::AnthropicMessages,
+                        value: "EmwKAhgB".into(),
+                    },
+                },
+                text("Paris: 15 C."),
+                Block::ToolUse {
+                    id: "toolu_1".into(),
+                    name: "weather".into(),
+                    input: raw(r#"{"city": "Oslo"}"#),
+                    cache: None,
+                },
+            ],
+            stop: StopReason::ToolUse,
+            stop_sequence: None,
+            usage: Usage {
+                input: Some(10),
+                cache_read: Some(1000),
+                cache_write: Some(200),
+                output: Some(50),
+                reasoning: None,
+            },
+        }
+    }
+
+    /// A whole answer written as a stream ends with the same `response` as `response_out`
+    /// writes (the proxy's `stream_of` for a client that asked for a stream).
+    #[test]
+    fn a_streamed_answer_ends_with_the_whole_answer() {
+        for stop in [
+            StopReason::ToolUse,
+            StopReason::MaxTokens,
+            StopReason::ContentFilter,
+        ] {
+            let mut resp = anthropic_answer();
+            resp.stop = stop;
+            let out = events_out(&crate::translate::events_of(&resp));
+            let last = assert_sdk_stream(out.as_bytes());
+            let whole = pretty(&response_out(&resp, "public-model", 1_700_000_000));
+            let mut items = whole["output"].as_array().unwrap().clone();
+            if stop != StopReason::ToolUse {
+                // A whole answer marks its cut item; a stream's items all finished.
+                items.last_mut().unwrap()["status"] = json!("completed");
+            }
+            assert_eq!(last["output"].as_array().unwrap(), &items, "{stop:?}");
+            let mut last = last;
+            last["output"] = whole["output"].clone();
+            assert_eq!(last, whole, "{stop:?}");
+        }
+    }
+
+    #[test]
+    fn events_out_anthropic_answer() {
+        let out = events_out(&crate::translate::events_of(&anthropic_answer()));
+        insta::assert_snapshot!(out);
+    }
+
+    #[test]
+    fn an_error_ends_the_stream_with_response_failed() {
+        let mut events = crate::translate::events_of(&anthropic_answer());
+        events.truncate(6);
+        events.push(Event::Error(ApiError {
+            status: 529,
+            kind: ErrorKind::Overloaded,
+            message: "Overloaded".into(),
+            param: None,
+            code: None,
+        }));
+        events.push(Event::BlockStop { index: 2 });
+        let out = events_out(&events);
+        let last = assert_sdk_stream(out.as_bytes());
+        assert_eq!(last["status"], "failed");
+        assert_eq!(
+            last["error"],
+            json!({"code": "server_error", "message": "Overloaded"})
+        );
+        insta::assert_snapshot!(out);
+        // No event at all but an error: still a whole lifecycle, created first.
+        let out = events_out(&[Event::Error(ApiError {
+            status: 429,
+            kind: ErrorKind::RateLimited,
+            message: "slow down".into(),
+            param: None,
+            code: None,
+        })]);
+        let last = assert_sdk_stream(out.as_bytes());
+        assert_eq!(last["error"]["code"], "rate_limit_exceeded");
+        // Cut short: `finish` owes a failure.
+        let mut events = crate::translate::events_of(&anthropic_answer());
+        events.truncate(9);
+        let last = assert_sdk_stream(events_out(&events).as_bytes());
+        assert_eq!(last["error"]["message"], CUT_SHORT);
+        assert_eq!(
+            last["output"][0]["status"],
+            Value::Null,
+            "reasoning has none"
+        );
+        assert_eq!(
+            last["output"][2]["status"], "in_progress",
+            "the open item as it was"
+        );
+        assert_eq!(last["output"][2]["content"], json!([]));
+    }
+
+    #[test]
+    fn held_text_is_capped() {
+        let big = "x".repeat(MAX_HELD_BYTES / 2 + 1);
+        let mut events = vec![Event::MessageStart {
+            id: "m".into(),
+            usage: Usage::default(),
+        }];
+        for index in 0..2 {
+            events.push(Event::BlockStart {
+                index,
+                kind: BlockKind::Text,
+            });
+            events.push(Event::BlockDelta {
+                index,
+                delta: Delta::Text(big.clone()),
+            });
+            events.push(Event::BlockStop { index });
+        }
+        events.push(Event::MessageStop {
+            stop: StopReason::EndTurn,
+            stop_sequence: None,
+        });
+        let out = events_out(&events);
+        let last = assert_sdk_stream(out.as_bytes());
+        assert_eq!(last["status"], "failed");
+        assert!(
+            last["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("exceeded")
+        );
+
+        let mut events = vec![Event::MessageStart {
+            id: "m".into(),
+            usage: Usage::default(),
+        }];
+        for index in 0..=MAX_ITEMS as u32 {
+            events.push(Event::BlockStart {
+                index,
+                kind: BlockKind::Text,
+            });
+            events.push(Event::BlockStop { index });
+        }
+        let mut w = EventsOut::new("m", 0);
+        let mut out = Vec::new();
+        for e in &events {
+            w.event(e, &mut out);
+        }
+        assert!(w.items.len() <= MAX_ITEMS);
+        assert_eq!(assert_sdk_stream(&out)["status"], "failed");
+    }
+
+    #[test]
+    fn stream_signatures_are_tagged_with_the_backend() {
+        let events = crate::translate::events_of(&anthropic_answer());
+        let out = events_out(&events);
+        let last = assert_sdk_stream(out.as_bytes());
+        assert_eq!(
+            last["output"][0]["encrypted_content"],
+            "mg1.anthropic.t.EqQBCgIYAh"
+        );
+        assert_eq!(
+            last["output"][1]["encrypted_content"],
+            "mg1.anthropic.r.EmwKAhgB"
+        );
+        let mut w = EventsOut::new("m", 0).signatures_from(Api::Gemini);
+        let mut out = Vec::new();
+        for e in &events {
+            w.event(e, &mut out);
+        }
+        let last = assert_sdk_stream(&out);
+        assert_eq!(
+            last["output"][0]["encrypted_content"],
+            "mg1.gemini.t.EqQBCgIYAh"
+        );
+    }
+
+    // ----- never panics --------------------------------------------------------------------
+
+    fn jsonish() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            "[\\[\\]{}\":,a-z0-9 .\\\\-]{0,200}".prop_map(String::into_bytes),
+            ("[a-z_]{1,12}", "[\\[\\]{}\":,a-z0-9 ]{0,40}").prop_map(|(k, v)| {
+                format!(r#"{{"model":"m","input":[{{"type":"{k}","role":{v},"content":[{{"type":"{k}","{k}":{v}}}],"summary":{v},"output":{v},"encrypted_content":{v}}}],"{k}":{v}}}"#).into_bytes()
+            }),
+            ("[a-z_.]{1,40}", "[\\[\\]{}\":,a-z0-9 ]{0,40}", 0u64..4).prop_map(|(k, v, i)| {
+                format!(r#"{{"type":"{k}","output_index":{i},"content_index":{v},"item":{{"type":{v},"summary":{v}}},"part":{v},"delta":{v},"response":{{"usage":{v},"output":[{v}],"error":{v}}},"code":{v}}}"#).into_bytes()
+            }),
+        ]
+    }
+
+    fn stream_events() -> impl Strategy<Value = Vec<Event>> {
+        let event = prop_oneof![
+            ("[a-z]{0,4}").prop_map(|id| Event::MessageStart {
+                id,
+                usage: Usage::default()
+            }),
+            (
+                0u32..4,
+                prop_oneof![
+                    Just(BlockKind::Text),
+                    Just(BlockKind::Thinking),
+                    "[a-z]{0,3}".prop_map(|data| BlockKind::RedactedThinking { data }),
+                    "[a-z]{0,3}".prop_map(|id| BlockKind::ToolUse {
+                        id,
+                        name: "f".into()
+                    }),
+                ]
+            )
+                .prop_map(|(index, kind)| Event::BlockStart { index, kind }),
+            (0u32..4, "[a-z{}\":]{0,5}", 0u8..4).prop_map(|(index, s, k)| Event::BlockDelta {
+                index,
+                delta: match k {
+                    0 => Delta::Text(s),
+                    1 => Delta::ToolArgs(s),
+                    2 => Delta::Thinking(s),
+                    _ => Delta::Signature(s),
+                },
+            }),
+            (0u32..4).prop_map(|index| Event::BlockStop { index }),
+            (0u64..100).prop_map(|n| Event::Usage(Usage {
+                output: Some(n),
+                ..Usage::default()
+            })),
+            Just(Event::MessageStop {
+                stop: StopReason::EndTurn,
+                stop_sequence: None
+            }),
+        ];
+        proptest::collection::vec(event, 0..24)
+    }
+
+    proptest! {
+        #[test]
+        fn nothing_panics(body in jsonish(), status in 0u16..1000) {
+            let _ = request_in(&body);
+            if let Ok(resp) = response_in(&body) {
+                let _ = response_out(&resp, "m", 0);
+            }
+            let _ = error_out(&error_in(status, &body));
+            let mut t = EventsIn::new();
+            let mut events = Vec::new();
+            let _ = t.event(&body, &mut events);
+            let _ = t.event(&body, &mut events);
+            t.finish(&mut events);
+            let mut o = EventsOut::new("m", 0);
+            let mut bytes = Vec::new();
+            for e in &events {
+                o.event(e, &mut bytes);
+            }
+            o.finish(&mut bytes);
+        }
+
+        /// Any canonical event sequence, well formed or not, makes a stream the SDK reads.
+        #[test]
+        fn any_events_make_an_sdk_stream(events in stream_events()) {
+            let out = events_out(&events);
+            assert_sdk_stream(out.as_bytes());
+        }
+    }
 }
