@@ -194,7 +194,9 @@ pub fn compile(
                 .as_ref()
                 .and_then(|c| credential_text(&mut p, &cpath, c));
             let credential = match &text {
-                Some(t) if !b.provider.credential_is_document() => header_credential(&mut p, &cpath, t),
+                Some(t) if !b.provider.credential_is_document() => {
+                    header_credential(&mut p, &cpath, t)
+                }
                 _ => None,
             };
             let ambient = registry
@@ -435,17 +437,22 @@ fn build_provider(
     match b.provider {
         ProviderKind::Bedrock => {
             let spec = b.bedrock.clone().unwrap_or_default();
-            let up = crate::providers::bedrock::Upstream::new(b.url.as_deref(), text, &spec, ambient);
+            let up =
+                crate::providers::bedrock::Upstream::new(b.url.as_deref(), text, &spec, ambient);
             built(p, up.map(|u| Provider::Bedrock(Box::new(u))))
         }
         ProviderKind::Gemini => {
-            let url = b.url.as_deref().unwrap_or(modelgate_wire::GEMINI_DEFAULT_URL);
+            let url = b
+                .url
+                .as_deref()
+                .unwrap_or(modelgate_wire::GEMINI_DEFAULT_URL);
             let up = crate::providers::gemini::Upstream::new(url, credential);
             built(p, up.map(|u| Provider::Gemini(Box::new(u))))
         }
         ProviderKind::Vertex => {
             let spec = b.vertex.clone().unwrap_or_default();
-            let up = crate::providers::vertex::Upstream::new(b.url.as_deref(), text, &spec, ambient);
+            let up =
+                crate::providers::vertex::Upstream::new(b.url.as_deref(), text, &spec, ambient);
             built(p, up.map(|u| Provider::Vertex(Box::new(u))))
         }
         ProviderKind::Mock => {

@@ -112,10 +112,9 @@ impl ProxyError {
         match dialect {
             Dialect::Anthropic => self.into_anthropic_response(request_id),
             // Responses errors are OpenAI's envelope; no client speaks the others.
-            Dialect::OpenAiChat
-            | Dialect::OpenAiResponses
-            | Dialect::Bedrock
-            | Dialect::Gemini => self.into_response(),
+            Dialect::OpenAiChat | Dialect::OpenAiResponses | Dialect::Bedrock | Dialect::Gemini => {
+                self.into_response()
+            }
         }
     }
 

@@ -212,9 +212,7 @@ impl Provider {
             Self::Bedrock(_) => crate::translate::Dialect::Bedrock,
             Self::Gemini(_) => crate::translate::Dialect::Gemini,
             Self::Vertex(v) => match v.publisher {
-                modelgate_wire::VertexPublisher::Anthropic => {
-                    crate::translate::Dialect::Anthropic
-                }
+                modelgate_wire::VertexPublisher::Anthropic => crate::translate::Dialect::Anthropic,
                 _ => crate::translate::Dialect::Gemini,
             },
         }

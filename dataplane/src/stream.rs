@@ -1227,9 +1227,10 @@ impl Body for MeteredStream {
                             };
                             let scanned = if t.translator.binary() {
                                 // AWS's event stream: the translator splits its messages.
-                                if let Err(e) = t.translator.bytes(&data, &mut t.out, |e| {
-                                    meter_event(t.meter, e)
-                                }) {
+                                if let Err(e) = t
+                                    .translator
+                                    .bytes(&data, &mut t.out, |e| meter_event(t.meter, e))
+                                {
                                     t.failed = Some(e);
                                 }
                                 Ok(())

@@ -132,7 +132,8 @@ pub fn stream_of_answer(
             "chatcmpl-modelgate",
         ),
         Endpoint::Completions => ("text_completion", "text_completion", "cmpl-modelgate"),
-        Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
+        // Answers in the other dialects are written as streams by `translate`.
+        Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens | Endpoint::Responses => {
             return Err(NotAnAnswer::Incomplete("streamable"));
         }
     };

@@ -20,9 +20,9 @@ use kube::ResourceExt;
 use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
 use modelgate_wire::{
     AnthropicSpec, AzureAuth, AzureSpec, BackendSpec, BedrockAuth, BedrockSpec, BudgetPeriod,
-    BudgetSpec, CredentialSpec, VertexAuth, VertexPublisher, VertexSpec,
-    KeySpec, LimitsSpec, MockSpec, OutlierSpec, PricingSpec, ProviderKind, RetrySpec, RouteSpec,
-    SnapshotSpec, Source,
+    BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec, OutlierSpec, PricingSpec,
+    ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source, VertexAuth, VertexPublisher,
+    VertexSpec,
 };
 
 use crate::tenancy::{Namespaces, View};
@@ -464,9 +464,9 @@ impl Index {
                 .bedrock
                 .as_ref()
                 .is_some_and(|s| s.auth == Some(modelgate_crds::BedrockAuth::WebIdentity))
-                || b.vertex.as_ref().is_some_and(|s| {
-                    s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity)
-                });
+                || b.vertex
+                    .as_ref()
+                    .is_some_and(|s| s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity));
             if ambient && !self.ambient_identity {
                 return Err((
                     "AmbientIdentityNotAllowed",

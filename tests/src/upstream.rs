@@ -890,7 +890,10 @@ fn responses(
     use serde_json::json;
     let model = req["model"].as_str().unwrap_or("gpt-mock").to_owned();
     if req.get("input").is_none() {
-        return error(StatusCode::BAD_REQUEST, "Missing required parameter: 'input'.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Missing required parameter: 'input'.",
+        );
     }
     let text = (0..knobs.chunks)
         .map(|i| format!("tok{i} "))

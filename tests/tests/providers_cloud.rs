@@ -31,7 +31,10 @@ fn bedrock_mock(extra: &[&str]) -> PyMock {
 }
 
 fn keys_yaml() -> String {
-    format!("keys:\n  - {{name: demo, sha256: {}}}\n", sha256_hex(DEMO_KEY))
+    format!(
+        "keys:\n  - {{name: demo, sha256: {}}}\n",
+        sha256_hex(DEMO_KEY)
+    )
 }
 
 /// A route `name` with one backend of `backend` (YAML flow mapping without the braces).
@@ -133,16 +136,17 @@ async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
     // Gemini saw its key in the header, never in the URL.
     let requests = google.state("requests").await;
     for r in requests.as_array().unwrap() {
-        assert!(
-            !r["query"].as_str().unwrap_or("").contains("key="),
-            "{r}"
-        );
+        assert!(!r["query"].as_str().unwrap_or("").contains("key="), "{r}");
     }
     // Metered like every other backend.
     let metrics = p.metrics().await;
     for route in ["default/bedrock-r", "default/gemini-r"] {
         assert!(
-            metric(&metrics, "modelgate_tokens_total", &[("route", route), ("kind", "output")]) > 0.0,
+            metric(
+                &metrics,
+                "modelgate_tokens_total",
+                &[("route", route), ("kind", "output")]
+            ) > 0.0,
             "{route}: {metrics}"
         );
     }
@@ -170,10 +174,17 @@ async fn a_wrong_aws_secret_is_refused_as_aws_refuses_it_and_never_echoed() {
     assert!(text.contains("credentials"), "{text}");
     assert!(!text.contains("not-the-secret"), "{text}");
     let stats = bedrock.state("stats").await;
-    assert!(stats["signature_failures"].as_u64().unwrap_or(0) >= 1, "{stats}");
+    assert!(
+        stats["signature_failures"].as_u64().unwrap_or(0) >= 1,
+        "{stats}"
+    );
     let metrics = p.metrics().await;
     assert!(
-        metric(&metrics, "modelgate_upstream_errors_total", &[("kind", "credentials_refused")]) >= 1.0,
+        metric(
+            &metrics,
+            "modelgate_upstream_errors_total",
+            &[("kind", "credentials_refused")]
+        ) >= 1.0,
         "{metrics}"
     );
 }
@@ -198,7 +209,11 @@ async fn bedrock_web_identity_exchanges_the_pod_token_and_refreshes_before_expir
         token_file.display(),
         bedrock.url("")
     );
-    let yaml = format!("routes:\n{}{}", route("bedrock-irsa", &backend), keys_yaml());
+    let yaml = format!(
+        "routes:\n{}{}",
+        route("bedrock-irsa", &backend),
+        keys_yaml()
+    );
     let p = Proxy::start(&yaml);
     let ask = || async {
         post(
@@ -254,7 +269,12 @@ async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude(
     let p = Proxy::start(&yaml);
     for model in ["vertex-gemini", "vertex-claude"] {
         for stream in [false, true] {
-            let r = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &chat(model, stream)).await;
+            let r = post(
+                &p.url("/v1/chat/completions"),
+                Some(DEMO_KEY),
+                &chat(model, stream),
+            )
+            .await;
             assert_eq!(r.status, StatusCode::OK, "{model}: {}", r.text());
             assert!(r.text().contains("mock"), "{model}: {}", r.text());
         }
@@ -271,9 +291,18 @@ async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude(
     let answer: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(answer["type"], "message", "{answer}");
     let tokens = |s: &serde_json::Value| s["tokens_issued"].as_u64().unwrap_or(0);
-    assert_eq!(tokens(&google.state("stats").await), 1, "one grant for five calls");
+    assert_eq!(
+        tokens(&google.state("stats").await),
+        1,
+        "one grant for five calls"
+    );
     eventually(Duration::from_secs(30), "a refreshed token", || async {
-        let r = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &chat("vertex-gemini", false)).await;
+        let r = post(
+            &p.url("/v1/chat/completions"),
+            Some(DEMO_KEY),
+            &chat("vertex-gemini", false),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         tokens(&google.state("stats").await) >= 2
     })
@@ -283,7 +312,11 @@ async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude(
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["path"].as_str().is_some_and(|p| p.ends_with(":rawPredict")))
+        .find(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(":rawPredict"))
+        })
         .expect("a rawPredict call");
     let body: serde_json::Value = serde_json::from_str(claude["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["anthropic_version"], "vertex-2023-10-16", "{body}");
@@ -323,10 +356,19 @@ async fn gemini_thought_signatures_survive_an_openai_clients_tool_turns() {
             {"role": "tool", "tool_call_id": call["id"], "content": "18C"}]}),
     )
     .await;
-    assert_eq!(second.status, StatusCode::OK, "Gemini refused the turn: {}", second.text());
+    assert_eq!(
+        second.status,
+        StatusCode::OK,
+        "Gemini refused the turn: {}",
+        second.text()
+    );
     let stats = google.state("stats").await;
     assert_eq!(stats["thought_signatures_verified"], 1, "{stats}");
-    assert_eq!(stats["thought_signature_failures"].as_u64().unwrap_or(0), 0, "{stats}");
+    assert_eq!(
+        stats["thought_signature_failures"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
 }
 
 /// The mocks themselves, driven by botocore's and google-auth's own clients: their wire

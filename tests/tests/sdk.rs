@@ -397,13 +397,19 @@ async fn openai_responses_api_works_on_every_backend() {
         .unwrap();
     // Pass-through: OpenAI got the client's own body, stored state included.
     let pass = up.counters("pass");
-    assert_eq!(pass.last_path.lock().unwrap().as_deref(), Some("/v1/responses"));
+    assert_eq!(
+        pass.last_path.lock().unwrap().as_deref(),
+        Some("/v1/responses")
+    );
     let sent = pass.last_body.lock().unwrap().clone().unwrap();
     assert_eq!(sent["previous_response_id"], "resp_abc123", "{sent}");
     assert_eq!(sent["model"], "gpt-pass");
     // Translated: Anthropic got Messages, the function result in a tool_result block.
     let tool = up.counters("tool");
-    assert_eq!(tool.last_path.lock().unwrap().as_deref(), Some("/v1/messages"));
+    assert_eq!(
+        tool.last_path.lock().unwrap().as_deref(),
+        Some("/v1/messages")
+    );
     let sent = tool.last_body.lock().unwrap().clone().unwrap();
     let results: Vec<_> = sent["messages"]
         .as_array()
@@ -419,7 +425,11 @@ async fn openai_responses_api_works_on_every_backend() {
     // Every call was metered, the pass-through ones from the Responses usage.
     let metrics = p.metrics().await;
     assert!(
-        metric(&metrics, "modelgate_tokens_total", &[("route", "default/gpt-pass"), ("kind", "cache_read")]) > 0.0,
+        metric(
+            &metrics,
+            "modelgate_tokens_total",
+            &[("route", "default/gpt-pass"), ("kind", "cache_read")]
+        ) > 0.0,
         "{metrics}"
     );
 }

@@ -129,7 +129,9 @@ impl Upstream {
                     cached: Cached::default(),
                 }
             }
-            BedrockAuth::Unknown => return Err("bedrock.auth must be credentials or webIdentity".into()),
+            BedrockAuth::Unknown => {
+                return Err("bedrock.auth must be credentials or webIdentity".into());
+            }
         };
         Ok(Self {
             base,
@@ -141,7 +143,11 @@ impl Upstream {
 
     /// The URL of a Converse (or ConverseStream) call to `model`.
     pub fn url(&self, model: &str, stream: bool) -> String {
-        format!("{}{}", self.base, crate::translate::bedrock::path(model, stream))
+        format!(
+            "{}{}",
+            self.base,
+            crate::translate::bedrock::path(model, stream)
+        )
     }
 
     /// A signed Converse request with `body` (already Bedrock's JSON). Fetches temporary
@@ -252,9 +258,12 @@ async fn assume_role(
     timeout: Duration,
 ) -> Result<Expiring<Credentials>, String> {
     use http_body_util::{BodyExt, Limited};
-    let token = tokio::fs::read_to_string(token_file)
-        .await
-        .map_err(|e| format!("cannot read the web identity token {}: {e}", token_file.display()))?;
+    let token = tokio::fs::read_to_string(token_file).await.map_err(|e| {
+        format!(
+            "cannot read the web identity token {}: {e}",
+            token_file.display()
+        )
+    })?;
     let body = aws_auth::web_identity_request(role_arn, "modelgate", token.trim());
     let mut req = Request::new(Full::new(Bytes::from(body)));
     *req.method_mut() = http::Method::POST;

@@ -9,9 +9,9 @@
 pub mod anthropic;
 pub mod aws_auth;
 pub mod azure;
-pub mod google_auth;
 pub mod bedrock;
 pub mod gemini;
+pub mod google_auth;
 pub mod mock;
 pub mod openai;
 pub mod token;
@@ -318,39 +318,38 @@ impl<'r, 'a> Outbound<'r, 'a> {
     /// The request as an Anthropic Messages body for `model`; `max_tokens`, when the client
     /// set none, is the backend's default held to the reservation (never more than
     /// admission reserved: settlement cannot undershoot).
-    fn anthropic(&mut self, model: &str, default: Option<u64>) -> Result<Vec<u8>, Failure> {
+    fn anthropic(&mut self, model: &str, default: Option<u64>) -> Result<Vec<u8>, Refused> {
         let reserved = self.output_reservation;
         let default_max_tokens = default.map_or(reserved, |d| d.min(reserved));
         translate::anthropic::request_out(
-            self.canonical().map_err(Failure::Refused)?,
+            self.canonical()?,
             model,
             translate::anthropic::Out { default_max_tokens },
         )
-        .map_err(Failure::Refused)
     }
 
     /// The request as a Bedrock Converse body for `model` (which goes in the URL); the
     /// fields Bedrock cannot carry join `ignored`.
-    fn bedrock(&mut self, model: &str) -> Result<Vec<u8>, Failure> {
+    fn bedrock(&mut self, model: &str) -> Result<Vec<u8>, Refused> {
         let out = translate::bedrock::Out {
             max_tokens: self.output_reservation,
             family: translate::bedrock::Family::of(model),
         };
-        let req = self.canonical().map_err(Failure::Refused)?;
-        let body = translate::bedrock::request_out(req, out).map_err(Failure::Refused)?;
+        let req = self.canonical()?;
+        let body = translate::bedrock::request_out(req, out)?;
         let dropped = translate::bedrock::dropped(req, out);
         self.also_ignored(dropped);
         Ok(body)
     }
 
     /// The request as a Gemini generateContent body (the model is in the URL).
-    fn gemini(&mut self, model: &str) -> Result<Vec<u8>, Failure> {
+    fn gemini(&mut self, model: &str) -> Result<Vec<u8>, Refused> {
         let out = translate::gemini::Out {
             max_tokens: Some(self.output_reservation),
             thinking: translate::gemini::ThinkingStyle::for_model(model),
         };
-        let req = self.canonical().map_err(Failure::Refused)?;
-        let body = translate::gemini::request_out(req, out).map_err(Failure::Refused)?;
+        let req = self.canonical()?;
+        let body = translate::gemini::request_out(req, out)?;
         let dropped = translate::gemini::ignored(req);
         self.also_ignored(dropped);
         Ok(body)
@@ -450,7 +449,7 @@ pub async fn attempt(
             azure_bad_request(resp, timeout.saturating_sub(started.elapsed())).await
         }
         Provider::Bedrock(upstream) => {
-            let body = out.bedrock(model)?;
+            let body = out.bedrock(model).map_err(Failure::Refused)?;
             let started = std::time::Instant::now();
             let request = upstream
                 .request(client, model, Bytes::from(body), req.stream, timeout)
@@ -459,7 +458,7 @@ pub async fn attempt(
             send(client, request, left, Dialect::Bedrock).await
         }
         Provider::Gemini(upstream) => {
-            let body = out.gemini(model)?;
+            let body = out.gemini(model).map_err(Failure::Refused)?;
             let request = upstream
                 .request(model, Bytes::from(body), req.stream)
                 .map_err(Failure::Connect)?;
@@ -471,12 +470,12 @@ pub async fn attempt(
                     let anthropic = if dialect == Dialect::Anthropic {
                         req.body().to_vec()
                     } else {
-                        out.anthropic(model, None)?
+                        out.anthropic(model, None).map_err(Failure::Refused)?
                     };
                     vertex::anthropic_body(&anthropic)
                         .map_err(|e| Failure::Refused(Refused::new(None, e)))?
                 }
-                _ => out.gemini(model)?,
+                _ => out.gemini(model).map_err(Failure::Refused)?,
             };
             let started = std::time::Instant::now();
             let request = upstream
@@ -486,7 +485,9 @@ pub async fn attempt(
             send(client, request, left, upstream_dialect(upstream)).await
         }
         Provider::Anthropic(upstream) => {
-            let body = out.anthropic(model, upstream.default_max_tokens)?;
+            let body = out
+                .anthropic(model, upstream.default_max_tokens)
+                .map_err(Failure::Refused)?;
             send(
                 client,
                 upstream.request(Bytes::from(body), req.stream),
@@ -606,7 +607,10 @@ async fn send(
     let status = resp.status();
     if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
         // The body is dropped here: it may echo (part of) the provider key.
-        return Err(Failure::CredentialsRefused(status, aws_error_name(resp.headers())));
+        return Err(Failure::CredentialsRefused(
+            status,
+            aws_error_name(resp.headers()),
+        ));
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();

@@ -29,8 +29,10 @@ pub struct Expiring<T> {
 
 impl<T> Expiring<T> {
     fn fresh(&self, now: SystemTime) -> bool {
-        self.expires_at
-            .is_none_or(|at| at.duration_since(now).is_ok_and(|left| left > REFRESH_BEFORE))
+        self.expires_at.is_none_or(|at| {
+            at.duration_since(now)
+                .is_ok_and(|left| left > REFRESH_BEFORE)
+        })
     }
 
     fn valid(&self, now: SystemTime) -> bool {

@@ -68,7 +68,9 @@ impl Upstream {
         let publisher = match spec.publisher {
             VertexPublisher::Google => "google",
             VertexPublisher::Anthropic => "anthropic",
-            VertexPublisher::Unknown => return Err("vertex.publisher must be google or anthropic".into()),
+            VertexPublisher::Unknown => {
+                return Err("vertex.publisher must be google or anthropic".into());
+            }
         };
         let base = format!(
             "{}/v1/projects/{}/locations/{}/publishers/{publisher}/models/",
@@ -112,10 +114,18 @@ impl Upstream {
     pub fn uri(&self, model: &str, stream: bool) -> Result<Uri, String> {
         match self.publisher {
             VertexPublisher::Anthropic => {
-                let method = if stream { "streamRawPredict" } else { "rawPredict" };
-                format!("{}{}:{method}", self.base, encode_segment(model).replace("%40", "@"))
-                    .parse()
-                    .map_err(|e| format!("invalid Vertex URL for model {model:?}: {e}"))
+                let method = if stream {
+                    "streamRawPredict"
+                } else {
+                    "rawPredict"
+                };
+                format!(
+                    "{}{}:{method}",
+                    self.base,
+                    encode_segment(model).replace("%40", "@")
+                )
+                .parse()
+                .map_err(|e| format!("invalid Vertex URL for model {model:?}: {e}"))
             }
             _ => super::gemini::method_uri(&self.base, model, stream),
         }
@@ -179,7 +189,9 @@ impl Upstream {
         let body = fetch(client, req, timeout).await?;
         let token = google_auth::token_response(&body)?;
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.token.expose()))
-            .map_err(|_| "the token endpoint answered a token that cannot be a header".to_owned())?;
+            .map_err(|_| {
+                "the token endpoint answered a token that cannot be a header".to_owned()
+            })?;
         value.set_sensitive(true);
         Ok(Expiring {
             value,

@@ -142,9 +142,7 @@ impl EventsIn {
         match from {
             Dialect::OpenAiChat => Self::OpenAiChat(openai_chat::EventsIn::new()),
             Dialect::Anthropic => Self::Anthropic(anthropic::EventsIn::new()),
-            Dialect::OpenAiResponses => {
-                Self::OpenAiResponses(openai_responses::EventsIn::new())
-            }
+            Dialect::OpenAiResponses => Self::OpenAiResponses(openai_responses::EventsIn::new()),
             Dialect::Bedrock => Self::Bedrock(Box::new((
                 bedrock::FrameDecoder::new(MAX_BINARY_MESSAGE),
                 bedrock::EventsIn::new(id),
@@ -202,9 +200,9 @@ impl EventsOut {
     fn new(to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
         match to {
             Dialect::Anthropic => Self::Anthropic(anthropic::EventsOut::new(model)),
-            Dialect::OpenAiResponses => Self::OpenAiResponses(Box::new(
-                openai_responses::EventsOut::new(model, created),
-            )),
+            Dialect::OpenAiResponses => {
+                Self::OpenAiResponses(Box::new(openai_responses::EventsOut::new(model, created)))
+            }
             // No client speaks the backend-only APIs.
             Dialect::OpenAiChat | Dialect::Bedrock | Dialect::Gemini => {
                 Self::OpenAiChat(openai_chat::EventsOut::new(model, created, include_usage))

@@ -250,7 +250,13 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
         }
         p.positive_duration(&format!("{bpath}.timeout"), &b.timeout);
         if let Some(c) = &b.credentials {
-            check_credential(p, &format!("{bpath}.credentials"), c, source, b.provider.credential_is_document());
+            check_credential(
+                p,
+                &format!("{bpath}.credentials"),
+                c,
+                source,
+                b.provider.credential_is_document(),
+            );
         }
         if let Some(pr) = &b.pricing {
             let price_ok = |x: f64| x.is_finite() && x >= 0.0;
@@ -401,9 +407,7 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
             ProviderKind::Bedrock => {
                 "AWS keys as JSON {\"AccessKeyId\", \"SecretAccessKey\", \"SessionToken\"?}, or auth: webIdentity"
             }
-            ProviderKind::Vertex => {
-                "a service-account key (JSON), or auth: workloadIdentity"
-            }
+            ProviderKind::Vertex => "a service-account key (JSON), or auth: workloadIdentity",
             _ => "the API key",
         };
         p.push(
