@@ -1817,14 +1817,31 @@ impl EventsIn {
             }
             "response.output_text.delta" | "response.refusal.delta" => {
                 let content_index = e.content_index.unwrap_or(0);
+                let open = self.open_count();
+                let next = self.next_index;
                 let InItem::Message { parts } = self.item(e.output_index)? else {
                     return Err(format!("a {} for an item that is not a message", e.kind));
                 };
-                let index = parts
-                    .iter()
-                    .find(|&&(c, _)| c == content_index)
-                    .map(|&(_, i)| i)
-                    .ok_or_else(|| format!("a text delta for part {content_index}, not open"))?;
+                let index = match parts.iter().find(|&&(c, _)| c == content_index) {
+                    Some(&(_, index)) => index,
+                    // A server that leaves out `content_part.added` opens the part with its
+                    // first delta.
+                    None => {
+                        if open >= MAX_OPEN {
+                            return Err(format!("more than {MAX_OPEN} content parts open at once"));
+                        }
+                        parts.push((content_index, next));
+                        self.next_index = next.saturating_add(1);
+                        out.push(Event::BlockStart {
+                            index: next,
+                            kind: BlockKind::Text,
+                        });
+                        next
+                    }
+                };
+                if e.kind == "response.refusal.delta" {
+                    self.refused = true;
+                }
                 if let Some(delta) = e.delta.filter(|d| !d.is_empty()) {
                     out.push(Event::BlockDelta {
                         index,
@@ -3578,6 +3595,22 @@ mod tests {
             t.event(br#"{"type":"response.output_item.added"}"#, &mut out)
                 .is_err()
         );
+        // A text delta without its part added first opens the part.
+        let mut t = EventsIn::new();
+        let mut out = Vec::new();
+        for e in [
+            r#"{"type":"response.output_item.added","output_index":0,"item":{"type":"message"}}"#,
+            r#"{"type":"response.output_text.delta","output_index":0,"content_index":0,"delta":"hi"}"#,
+            r#"{"type":"response.output_item.done","output_index":0}"#,
+            r#"{"type":"response.completed","response":{"status":"completed"}}"#,
+        ] {
+            t.event(e.as_bytes(), &mut out).unwrap();
+        }
+        assert_well_formed(&out);
+        assert!(out.contains(&Event::BlockDelta {
+            index: 0,
+            delta: Delta::Text("hi".into())
+        }));
         // `[DONE]` (which OpenAI does not send) says nothing.
         let mut out = Vec::new();
         EventsIn::new().event(b"[DONE]", &mut out).unwrap();
