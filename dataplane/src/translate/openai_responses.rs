@@ -31,7 +31,9 @@
 //! ```
 //!
 //! A thinking signature issued by OpenAI Responses itself is written untagged, as OpenAI
-//! wrote it. Usage: Responses `input_tokens` is the whole prompt (canonical input +
+//! wrote it. A failed stream ends as OpenAI ends one: an `error` event with the error nested
+//! (on which the openai SDKs raise `APIError`, in `responses.create(stream=True)` and in
+//! `responses.stream()`), then `response.failed` carrying the answer so far. Usage: Responses `input_tokens` is the whole prompt (canonical input +
 //! cache_read + cache_write), `output_tokens` includes the reasoning tokens
 //! (docs/providers.md 5). Reading borrows with `Deserialize` structs, one top-level field at a
 //! time so a wrong type names its field; tool schemas and arguments stay `RawValue` text.
@@ -2050,6 +2052,15 @@ enum EventOut<'a> {
     Incomplete { response: &'a ResponseOut<'a> },
     #[serde(rename = "response.failed")]
     Failed { response: &'a ResponseOut<'a> },
+    /// OpenAI nests the error (the openai SDKs raise on a top-level `error`); the flat
+    /// fields are the SDK type's (`ResponseErrorEvent`).
+    #[serde(rename = "error")]
+    Error {
+        code: Option<&'a str>,
+        message: &'a str,
+        param: Option<&'a str>,
+        error: &'a RawValue,
+    },
     #[serde(rename = "response.output_item.added")]
     ItemAdded {
         output_index: usize,
@@ -2141,6 +2152,7 @@ impl EventOut<'_> {
             Self::Completed { .. } => "response.completed",
             Self::Incomplete { .. } => "response.incomplete",
             Self::Failed { .. } => "response.failed",
+            Self::Error { .. } => "error",
             Self::ItemAdded { .. } => "response.output_item.added",
             Self::ItemDone { .. } => "response.output_item.done",
             Self::PartAdded { .. } => "response.content_part.added",
@@ -2679,7 +2691,9 @@ impl EventsOut {
         }
     }
 
-    /// Ends the stream with `response.failed`: the answer so far, `error {code, message}`.
+    /// Ends the stream as OpenAI ends a failed one: an `error` event (on which the openai SDK
+    /// raises `APIError`), then `response.failed` with the answer so far and
+    /// `error {code, message}`.
     fn fail(&mut self, err: &ApiError, out: &mut Vec<u8>) {
         if self.ended {
             return;
@@ -2688,6 +2702,36 @@ impl EventsOut {
             self.start(out);
         }
         self.ended = true;
+        // The error object of OpenAI's envelope (type and code by kind), as `error_out`
+        // writes it for an HTTP error.
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            error: &'a RawValue,
+        }
+        #[derive(Deserialize)]
+        struct Inner<'a> {
+            #[serde(default, borrow)]
+            code: Option<Cow<'a, str>>,
+        }
+        let body = openai_chat::error_out(err);
+        let nested = serde_json::from_slice::<Envelope>(&body).ok();
+        if let Some(Envelope { error }) = nested {
+            let code = serde_json::from_str::<Inner>(error.get())
+                .ok()
+                .and_then(|i| i.code);
+            write_frame(
+                out,
+                &EventOut::Error {
+                    code: Some(code.as_deref().unwrap_or(error_code(err.kind))),
+                    message: &err.message,
+                    param: err.param.as_deref(),
+                    error,
+                },
+                self.seq,
+            );
+            self.seq += 1;
+        }
         let output = self.outputs();
         let response = response_object(
             &self.id,
@@ -2943,6 +2987,16 @@ mod tests {
                 "response.completed" | "response.incomplete" | "response.failed" => {
                     terminal = Some(data["response"].clone());
                 }
+                "error" => {
+                    // OpenAI's shape: nested (the SDK raises on it), then `response.failed`.
+                    assert!(data["error"]["message"].is_string(), "nested error: {data}");
+                    assert_eq!(data["message"], data["error"]["message"]);
+                    assert_eq!(
+                        frames.get(n + 1).map(|(name, _)| name.as_str()),
+                        Some("response.failed"),
+                        "an error is followed by response.failed"
+                    );
+                }
                 _ => {}
             }
         }
@@ -3191,17 +3245,13 @@ mod tests {
     fn signatures_come_back_to_their_origin() {
         let req = request_in(&fixture("requests/reasoning_round_trip.json")).unwrap();
         let assistant = &req.messages[1].content;
-        assert_eq!(
-            assistant[0],
-            Block::Thinking {
-                text: "Let me think. ".into(),
-                signature: Some(Signature {
-                    origin: Api::AnthropicMessages,
-                    value: "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds".into(),
-                }),
-            }
-            .debug_eq()
-        );
+        assert!(matches!(
+            &assistant[0],
+            Block::Thinking { text, signature: Some(s) }
+                if text == "Let me think. "
+                    && s.origin == Api::AnthropicMessages
+                    && s.value == "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
+        ));
         assert!(matches!(
             &assistant[1],
             Block::RedactedThinking { data } if data.origin == Api::AnthropicMessages && data.value.starts_with("EmwK")
@@ -3223,21 +3273,6 @@ mod tests {
             "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
         );
         assert_eq!(v["messages"][1]["content"][1]["type"], "redacted_thinking");
-    }
-
-    /// A block's Debug text, so a `Block` (which has no `PartialEq`) can be compared.
-    trait DebugEq {
-        fn debug_eq(&self) -> String;
-    }
-    impl DebugEq for Block {
-        fn debug_eq(&self) -> String {
-            format!("{self:?}")
-        }
-    }
-    impl PartialEq<String> for Block {
-        fn eq(&self, other: &String) -> bool {
-            &format!("{self:?}") == other
-        }
     }
 
     #[test]
@@ -3529,7 +3564,7 @@ mod tests {
                     BlockKind::Text => text(&t),
                     BlockKind::Thinking => Block::Thinking {
                         text: t,
-                        signature: (!sig.is_empty()).then(|| Signature {
+                        signature: (!sig.is_empty()).then_some(Signature {
                             origin: Api::OpenAiResponses,
                             value: sig,
                         }),
