@@ -31,7 +31,9 @@
 //! ```
 //!
 //! A thinking signature issued by OpenAI Responses itself is written untagged, as OpenAI
-//! wrote it. Usage: Responses `input_tokens` is the whole prompt (canonical input +
+//! wrote it. A failed stream ends as OpenAI ends one: an `error` event with the error nested
+//! (on which the openai SDKs raise `APIError`, in `responses.create(stream=True)` and in
+//! `responses.stream()`), then `response.failed` carrying the answer so far. Usage: Responses `input_tokens` is the whole prompt (canonical input +
 //! cache_read + cache_write), `output_tokens` includes the reasoning tokens
 //! (docs/providers.md 5). Reading borrows with `Deserialize` structs, one top-level field at a
 //! time so a wrong type names its field; tool schemas and arguments stay `RawValue` text.
@@ -1817,14 +1819,31 @@ impl EventsIn {
             }
             "response.output_text.delta" | "response.refusal.delta" => {
                 let content_index = e.content_index.unwrap_or(0);
+                let open = self.open_count();
+                let next = self.next_index;
                 let InItem::Message { parts } = self.item(e.output_index)? else {
                     return Err(format!("a {} for an item that is not a message", e.kind));
                 };
-                let index = parts
-                    .iter()
-                    .find(|&&(c, _)| c == content_index)
-                    .map(|&(_, i)| i)
-                    .ok_or_else(|| format!("a text delta for part {content_index}, not open"))?;
+                let index = match parts.iter().find(|&&(c, _)| c == content_index) {
+                    Some(&(_, index)) => index,
+                    // A server that leaves out `content_part.added` opens the part with its
+                    // first delta.
+                    None => {
+                        if open >= MAX_OPEN {
+                            return Err(format!("more than {MAX_OPEN} content parts open at once"));
+                        }
+                        parts.push((content_index, next));
+                        self.next_index = next.saturating_add(1);
+                        out.push(Event::BlockStart {
+                            index: next,
+                            kind: BlockKind::Text,
+                        });
+                        next
+                    }
+                };
+                if e.kind == "response.refusal.delta" {
+                    self.refused = true;
+                }
                 if let Some(delta) = e.delta.filter(|d| !d.is_empty()) {
                     out.push(Event::BlockDelta {
                         index,
@@ -2033,6 +2052,15 @@ enum EventOut<'a> {
     Incomplete { response: &'a ResponseOut<'a> },
     #[serde(rename = "response.failed")]
     Failed { response: &'a ResponseOut<'a> },
+    /// OpenAI nests the error (the openai SDKs raise on a top-level `error`); the flat
+    /// fields are the SDK type's (`ResponseErrorEvent`).
+    #[serde(rename = "error")]
+    Error {
+        code: Option<&'a str>,
+        message: &'a str,
+        param: Option<&'a str>,
+        error: &'a RawValue,
+    },
     #[serde(rename = "response.output_item.added")]
     ItemAdded {
         output_index: usize,
@@ -2124,6 +2152,7 @@ impl EventOut<'_> {
             Self::Completed { .. } => "response.completed",
             Self::Incomplete { .. } => "response.incomplete",
             Self::Failed { .. } => "response.failed",
+            Self::Error { .. } => "error",
             Self::ItemAdded { .. } => "response.output_item.added",
             Self::ItemDone { .. } => "response.output_item.done",
             Self::PartAdded { .. } => "response.content_part.added",
@@ -2662,7 +2691,9 @@ impl EventsOut {
         }
     }
 
-    /// Ends the stream with `response.failed`: the answer so far, `error {code, message}`.
+    /// Ends the stream as OpenAI ends a failed one: an `error` event (on which the openai SDK
+    /// raises `APIError`), then `response.failed` with the answer so far and
+    /// `error {code, message}`.
     fn fail(&mut self, err: &ApiError, out: &mut Vec<u8>) {
         if self.ended {
             return;
@@ -2671,6 +2702,36 @@ impl EventsOut {
             self.start(out);
         }
         self.ended = true;
+        // The error object of OpenAI's envelope (type and code by kind), as `error_out`
+        // writes it for an HTTP error.
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            error: &'a RawValue,
+        }
+        #[derive(Deserialize)]
+        struct Inner<'a> {
+            #[serde(default, borrow)]
+            code: Option<Cow<'a, str>>,
+        }
+        let body = openai_chat::error_out(err);
+        let nested = serde_json::from_slice::<Envelope>(&body).ok();
+        if let Some(Envelope { error }) = nested {
+            let code = serde_json::from_str::<Inner>(error.get())
+                .ok()
+                .and_then(|i| i.code);
+            write_frame(
+                out,
+                &EventOut::Error {
+                    code: Some(code.as_deref().unwrap_or(error_code(err.kind))),
+                    message: &err.message,
+                    param: err.param.as_deref(),
+                    error,
+                },
+                self.seq,
+            );
+            self.seq += 1;
+        }
         let output = self.outputs();
         let response = response_object(
             &self.id,
@@ -2926,6 +2987,16 @@ mod tests {
                 "response.completed" | "response.incomplete" | "response.failed" => {
                     terminal = Some(data["response"].clone());
                 }
+                "error" => {
+                    // OpenAI's shape: nested (the SDK raises on it), then `response.failed`.
+                    assert!(data["error"]["message"].is_string(), "nested error: {data}");
+                    assert_eq!(data["message"], data["error"]["message"]);
+                    assert_eq!(
+                        frames.get(n + 1).map(|(name, _)| name.as_str()),
+                        Some("response.failed"),
+                        "an error is followed by response.failed"
+                    );
+                }
                 _ => {}
             }
         }
@@ -3174,17 +3245,13 @@ mod tests {
     fn signatures_come_back_to_their_origin() {
         let req = request_in(&fixture("requests/reasoning_round_trip.json")).unwrap();
         let assistant = &req.messages[1].content;
-        assert_eq!(
-            assistant[0],
-            Block::Thinking {
-                text: "Let me think. ".into(),
-                signature: Some(Signature {
-                    origin: Api::AnthropicMessages,
-                    value: "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds".into(),
-                }),
-            }
-            .debug_eq()
-        );
+        assert!(matches!(
+            &assistant[0],
+            Block::Thinking { text, signature: Some(s) }
+                if text == "Let me think. "
+                    && s.origin == Api::AnthropicMessages
+                    && s.value == "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
+        ));
         assert!(matches!(
             &assistant[1],
             Block::RedactedThinking { data } if data.origin == Api::AnthropicMessages && data.value.starts_with("EmwK")
@@ -3206,21 +3273,6 @@ mod tests {
             "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
         );
         assert_eq!(v["messages"][1]["content"][1]["type"], "redacted_thinking");
-    }
-
-    /// A block's Debug text, so a `Block` (which has no `PartialEq`) can be compared.
-    trait DebugEq {
-        fn debug_eq(&self) -> String;
-    }
-    impl DebugEq for Block {
-        fn debug_eq(&self) -> String {
-            format!("{self:?}")
-        }
-    }
-    impl PartialEq<String> for Block {
-        fn eq(&self, other: &String) -> bool {
-            &format!("{self:?}") == other
-        }
     }
 
     #[test]
@@ -3512,7 +3564,7 @@ mod tests {
                     BlockKind::Text => text(&t),
                     BlockKind::Thinking => Block::Thinking {
                         text: t,
-                        signature: (!sig.is_empty()).then(|| Signature {
+                        signature: (!sig.is_empty()).then_some(Signature {
                             origin: Api::OpenAiResponses,
                             value: sig,
                         }),
@@ -3578,6 +3630,22 @@ mod tests {
             t.event(br#"{"type":"response.output_item.added"}"#, &mut out)
                 .is_err()
         );
+        // A text delta without its part added first opens the part.
+        let mut t = EventsIn::new();
+        let mut out = Vec::new();
+        for e in [
+            r#"{"type":"response.output_item.added","output_index":0,"item":{"type":"message"}}"#,
+            r#"{"type":"response.output_text.delta","output_index":0,"content_index":0,"delta":"hi"}"#,
+            r#"{"type":"response.output_item.done","output_index":0}"#,
+            r#"{"type":"response.completed","response":{"status":"completed"}}"#,
+        ] {
+            t.event(e.as_bytes(), &mut out).unwrap();
+        }
+        assert_well_formed(&out);
+        assert!(out.contains(&Event::BlockDelta {
+            index: 0,
+            delta: Delta::Text("hi".into())
+        }));
         // `[DONE]` (which OpenAI does not send) says nothing.
         let mut out = Vec::new();
         EventsIn::new().event(b"[DONE]", &mut out).unwrap();
