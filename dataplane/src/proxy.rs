@@ -518,7 +518,8 @@ fn translate_whole(
     meter.stop_reason(answer.stop);
     let now = admission::unix_now();
     if api.stream {
-        let events = translate::stream_of(&answer, to, &api.model, now, api.client_wants_usage);
+        let events =
+            translate::stream_of(&answer, from, to, &api.model, now, api.client_wants_usage);
         let mut resp = Response::new(UpstreamBody::Mock(MockStream::new(
             vec![Bytes::from(events)],
             Duration::ZERO,

@@ -117,6 +117,18 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// The API whose opaque values (signatures) this dialect's backends issue.
+    pub fn api(self) -> crate::canonical::Api {
+        use crate::canonical::Api;
+        match self {
+            Self::OpenAiChat => Api::OpenAiChat,
+            Self::Anthropic => Api::AnthropicMessages,
+            Self::OpenAiResponses => Api::OpenAiResponses,
+            Self::Bedrock => Api::BedrockConverse,
+            Self::Gemini => Api::Gemini,
+        }
+    }
+
     /// Whether the backend's stream is AWS's binary event stream rather than SSE.
     pub fn binary_stream(self) -> bool {
         self == Self::Bedrock
@@ -197,12 +209,13 @@ enum EventsOut {
 }
 
 impl EventsOut {
-    fn new(to: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
+    /// `from`: the backend's API, whose signatures the events carry.
+    fn new(to: Dialect, from: Dialect, model: &str, created: u64, include_usage: bool) -> Self {
         match to {
             Dialect::Anthropic => Self::Anthropic(anthropic::EventsOut::new(model)),
-            Dialect::OpenAiResponses => {
-                Self::OpenAiResponses(Box::new(openai_responses::EventsOut::new(model, created)))
-            }
+            Dialect::OpenAiResponses => Self::OpenAiResponses(Box::new(
+                openai_responses::EventsOut::new(model, created).signatures_from(from.api()),
+            )),
             // No client speaks the backend-only APIs.
             Dialect::OpenAiChat | Dialect::Bedrock | Dialect::Gemini => {
                 Self::OpenAiChat(openai_chat::EventsOut::new(model, created, include_usage))
@@ -252,7 +265,7 @@ impl StreamTranslator {
     ) -> Self {
         Self {
             input: EventsIn::new(from, id),
-            output: EventsOut::new(to, model, created, include_usage),
+            output: EventsOut::new(to, from, model, created, include_usage),
             events: Vec::new(),
             over: false,
         }
@@ -408,12 +421,13 @@ pub fn events_of(resp: &Response) -> Vec<Event> {
 /// A whole answer written as a stream in `to`'s dialect.
 pub fn stream_of(
     resp: &Response,
+    from: Dialect,
     to: Dialect,
     model: &str,
     created: u64,
     include_usage: bool,
 ) -> Vec<u8> {
-    let mut w = EventsOut::new(to, model, created, include_usage);
+    let mut w = EventsOut::new(to, from, model, created, include_usage);
     let mut out = Vec::new();
     for e in events_of(resp) {
         w.event(&e, &mut out);
@@ -457,7 +471,7 @@ impl StreamWatcher {
 
 /// A failure of the gateway's, as the last event of a stream in `dialect`.
 pub fn stream_error(dialect: Dialect, err: &ApiError) -> Vec<u8> {
-    let mut w = EventsOut::new(dialect, "", 0, false);
+    let mut w = EventsOut::new(dialect, dialect, "", 0, false);
     let mut out = Vec::new();
     w.event(&Event::Error(err.clone()), &mut out);
     out

@@ -136,7 +136,7 @@ fn run(
     max: usize,
     timeout: Option<usize>,
 ) -> Run {
-    let mut translator = StreamTranslator::new(from, to, MODEL, CREATED, include_usage);
+    let mut translator = StreamTranslator::new(from, to, MODEL, CREATED, include_usage, "req-fuzz");
     let mut scanner = SseScanner::delivering(max);
     let mut out = Vec::new();
     let mut seen = Vec::new();
