@@ -87,6 +87,21 @@ def test_stream_helper_accumulates_the_final_response(model):
 
 
 @pytest.mark.parametrize("model", TOOL_MODELS)
+def test_streamed_function_call_arguments(model):
+    events = list(
+        client().responses.create(
+            model=model, input="Weather in Paris? (tool)", tools=[WEATHER], stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds, kinds
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert isinstance(json.loads(done[0].arguments), dict)
+    final = events[-1].response
+    assert [o.type for o in final.output].count("function_call") == 1
+
+
+@pytest.mark.parametrize("model", TOOL_MODELS)
 def test_function_tools_over_two_turns(model):
     c = client()
     # "tool": the knob the cloud mocks answer with a call of the first declared tool.
@@ -107,21 +122,6 @@ def test_function_tools_over_two_turns(model):
         + [{"type": "function_call_output", "call_id": call.call_id, "output": "18C, sunny"}],
     )
     assert second.status == "completed", second
-
-
-@pytest.mark.parametrize("model", TOOL_MODELS)
-def test_streamed_function_call_arguments(model):
-    events = list(
-        client().responses.create(
-            model=model, input="Weather in Paris? (tool)", tools=[WEATHER], stream=True
-        )
-    )
-    kinds = [e.type for e in events]
-    assert "response.function_call_arguments.delta" in kinds, kinds
-    done = [e for e in events if e.type == "response.function_call_arguments.done"]
-    assert isinstance(json.loads(done[0].arguments), dict)
-    final = events[-1].response
-    assert [o.type for o in final.output].count("function_call") == 1
 
 
 @pytest.mark.parametrize("model", TEXT_MODELS)
