@@ -119,7 +119,11 @@ async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
     }
     // Every Bedrock request was signed right (botocore agreed), to the encoded model id.
     let stats = bedrock.state("stats").await;
-    assert_eq!(stats["signature_failures"], 0, "{stats}");
+    assert_eq!(
+        stats["signature_failures"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
     let requests = bedrock.state("requests").await;
     let paths: Vec<&str> = requests
         .as_array()
@@ -236,21 +240,27 @@ async fn bedrock_web_identity_exchanges_the_pod_token_and_refreshes_before_expir
     })
     .await;
     let stats = bedrock.state("stats").await;
-    assert_eq!(stats["signature_failures"], 0, "{stats}");
+    assert_eq!(
+        stats["signature_failures"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude() {
     let dir = temp_dir("vertex");
     let key_file = dir.join("sa.json");
-    // Tokens live 302 s: under the 300 s refresh margin after 2 s.
+    // Tokens live an hour here: every call after a backend's first reuses its token.
     let google = PyMock::start(
         "mock_google.py",
         &[
             "--write-service-account",
             key_file.to_str().unwrap(),
             "--token-ttl",
-            "302",
+            "3600",
+            "--project",
+            "modelgate-test",
         ],
     );
     let v = |publisher: &str, model: &str| {
@@ -293,20 +303,9 @@ async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude(
     let tokens = |s: &serde_json::Value| s["tokens_issued"].as_u64().unwrap_or(0);
     assert_eq!(
         tokens(&google.state("stats").await),
-        1,
-        "one grant for five calls"
+        2,
+        "one grant per backend for five calls"
     );
-    eventually(Duration::from_secs(30), "a refreshed token", || async {
-        let r = post(
-            &p.url("/v1/chat/completions"),
-            Some(DEMO_KEY),
-            &chat("vertex-gemini", false),
-        )
-        .await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        tokens(&google.state("stats").await) >= 2
-    })
-    .await;
     let requests = google.state("requests").await;
     let claude = requests
         .as_array()
@@ -376,4 +375,74 @@ async fn gemini_thought_signatures_survive_an_openai_clients_tool_turns() {
 #[test]
 fn the_cloud_mocks_pass_their_self_tests() {
     pytest("test_mocks.py", Vec::new(), 19);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vertex_tokens_are_refreshed_before_they_expire_and_workload_identity_works() {
+    let dir = temp_dir("vertex-refresh");
+    let key_file = dir.join("sa.json");
+    // Tokens live 302 s: under the 300 s refresh margin after 2 s.
+    let google = PyMock::start(
+        "mock_google.py",
+        &[
+            "--write-service-account",
+            key_file.to_str().unwrap(),
+            "--token-ttl",
+            "302",
+            "--project",
+            "modelgate-test",
+        ],
+    );
+    let vertex = |auth: &str| {
+        format!(
+            "provider: vertex, url: '{url}', model: gemini-2.5-pro, vertex: {{project: modelgate-test, location: us-central1{auth}}}",
+            url = google.url("")
+        )
+    };
+    let yaml = format!(
+        "routes:\n{}{}{}",
+        route(
+            "vertex-key",
+            &format!(
+                "{}, credentials: {{file: '{}'}}",
+                vertex(""),
+                key_file.display()
+            )
+        ),
+        route(
+            "vertex-wi",
+            &vertex(&format!(
+                ", auth: workloadIdentity, metadataUrl: '{}'",
+                google.url("")
+            ))
+        ),
+        keys_yaml()
+    );
+    let p = Proxy::start(&yaml);
+    let tokens = |s: &serde_json::Value| s["tokens_issued"].as_u64().unwrap_or(0);
+    eventually(Duration::from_secs(30), "a refreshed token", || async {
+        let r = post(
+            &p.url("/v1/chat/completions"),
+            Some(DEMO_KEY),
+            &chat("vertex-key", false),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        tokens(&google.state("stats").await) >= 2
+    })
+    .await;
+    // Workload identity: the metadata server's token, asked with its header.
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &chat("vertex-wi", true),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let stats = google.state("stats").await;
+    assert_eq!(
+        stats["metadata_forbidden"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
 }
