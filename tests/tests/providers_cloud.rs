@@ -132,9 +132,7 @@ async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
         .filter_map(|r| r["path"].as_str())
         .collect();
     assert!(
-        paths
-            .iter()
-            .any(|p| *p == "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse-stream"),
+        paths.contains(&"/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse-stream"),
         "{paths:?}"
     );
     // Gemini saw its key in the header, never in the URL.

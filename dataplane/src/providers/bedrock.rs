@@ -48,29 +48,15 @@ enum Source {
     },
 }
 
-/// Static keys as AWS's `credential_process` prints them.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct KeysJson {
-    access_key_id: String,
-    secret_access_key: String,
-    #[serde(default)]
-    session_token: Option<String>,
-}
-
 /// Static credentials from the backend's credential text (JSON with `AccessKeyId`,
-/// `SecretAccessKey` and optionally `SessionToken`). Errors never repeat the text.
+/// `SecretAccessKey` and optionally `SessionToken`, read by `modelgate_wire`, which the
+/// operator checks routes with too). Errors never repeat the text.
 pub fn parse_keys(text: &str) -> Result<Credentials, String> {
-    let k: KeysJson = serde_json::from_str(text).map_err(|_| {
-        "the credential must be JSON with AccessKeyId and SecretAccessKey (and optionally SessionToken), as AWS's credential_process prints it".to_owned()
-    })?;
-    if k.access_key_id.is_empty() || k.secret_access_key.is_empty() {
-        return Err("the credential's AccessKeyId and SecretAccessKey must not be empty".into());
-    }
+    let k = modelgate_wire::credentials::AwsKeys::parse(text)?;
     Ok(Credentials::new(
         k.access_key_id,
         k.secret_access_key,
-        k.session_token.filter(|t| !t.is_empty()),
+        k.session_token,
         None,
     ))
 }

@@ -19,8 +19,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
-use rustls_pki_types::PrivatePkcs8KeyDer;
-use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 /// The scope that lets a token call Vertex AI.
@@ -30,7 +28,7 @@ pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-pl
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Google's token endpoint, for a key file that names none.
-pub const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+pub const DEFAULT_TOKEN_URI: &str = modelgate_wire::credentials::GOOGLE_TOKEN_URI;
 
 /// How long an assertion is valid: Google's maximum, one hour.
 pub const ASSERTION_LIFETIME_SECS: u64 = 3600;
@@ -58,16 +56,6 @@ impl fmt::Debug for ServiceAccountKey {
     }
 }
 
-#[derive(Deserialize)]
-struct WireKey {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    client_email: Option<String>,
-    private_key: Option<String>,
-    private_key_id: Option<String>,
-    token_uri: Option<String>,
-}
-
 #[derive(Serialize)]
 struct JwtHeader<'a> {
     alg: &'static str,
@@ -85,71 +73,18 @@ struct JwtClaims<'a> {
     exp: u64,
 }
 
-/// Whether a token endpoint may receive assertions: HTTPS, or plain HTTP to this machine
-/// (test endpoints). An assertion is a credential for an hour.
-fn token_uri_allowed(uri: &str) -> bool {
-    let lower = uri.to_ascii_lowercase();
-    if lower.starts_with("https://") {
-        return true;
-    }
-    let Some(rest) = lower.strip_prefix("http://") else {
-        return false;
-    };
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
-}
-
 impl ServiceAccountKey {
     /// Reads a key file. Errors name what is missing or wrong, never the key's bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let wire: WireKey = serde_json::from_slice(bytes).map_err(|e| {
-            // serde's message can quote a value; only its position is kept.
-            format!(
-                "the service-account key is not JSON of the expected shape (line {}, column {})",
-                e.line(),
-                e.column()
-            )
-        })?;
-        match wire.kind.as_deref() {
-            Some("service_account") => {}
-            Some(other) => {
-                return Err(format!(
-                    "the key file is of type '{}', not 'service_account'",
-                    crate::translate::clip(other, 64)
-                ));
-            }
-            None => return Err("the key file has no 'type' (want 'service_account')".into()),
-        }
-        let client_email = wire
-            .client_email
-            .filter(|e| !e.is_empty())
-            .ok_or("the service-account key has no 'client_email'")?;
-        let pem = wire
-            .private_key
-            .filter(|k| !k.is_empty())
-            .ok_or("the service-account key has no 'private_key'")?;
-        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| {
-            "the service-account 'private_key' is not a PEM PKCS#8 key (BEGIN PRIVATE KEY)"
-                .to_owned()
-        })?;
-        let key = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| {
+        // The operator refuses the same keys with the same words (modelgate_wire).
+        let sa = modelgate_wire::credentials::ServiceAccount::parse(bytes)?;
+        let key = RsaKeyPair::from_pkcs8(&sa.pkcs8_der).map_err(|e| {
             format!("the service-account 'private_key' is not a usable RSA key: {e}")
         })?;
-        let token_uri = wire
-            .token_uri
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned());
-        if !token_uri_allowed(&token_uri) {
-            return Err("the service-account 'token_uri' must be an https URL".into());
-        }
         Ok(Self {
-            client_email,
-            private_key_id: wire.private_key_id.filter(|k| !k.is_empty()),
-            token_uri,
+            client_email: sa.client_email,
+            private_key_id: sa.private_key_id,
+            token_uri: sa.token_uri,
             key,
         })
     }

@@ -250,13 +250,7 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
         }
         p.positive_duration(&format!("{bpath}.timeout"), &b.timeout);
         if let Some(c) = &b.credentials {
-            check_credential(
-                p,
-                &format!("{bpath}.credentials"),
-                c,
-                source,
-                b.provider.credential_is_document(),
-            );
+            check_credential(p, &format!("{bpath}.credentials"), c, source, &b.provider);
         }
         if let Some(pr) = &b.pricing {
             let price_ok = |x: f64| x.is_finite() && x >= 0.0;
@@ -280,8 +274,9 @@ fn check_credential(
     path: &str,
     c: &CredentialSpec,
     source: Source,
-    document: bool,
+    provider: &ProviderKind,
 ) {
+    let document = provider.credential_is_document();
     let set = [c.env.is_some(), c.file.is_some(), c.value.is_some()]
         .iter()
         .filter(|x| **x)
@@ -304,8 +299,8 @@ fn check_credential(
         } else if document {
             // A JSON document (AWS keys, a Google service-account key): the proxy reads its
             // fields and says what is missing; here only that it is JSON at all.
-            if serde_json::from_str::<serde::de::IgnoredAny>(v).is_err() {
-                p.push(path, "the credential must be a JSON document");
+            if let Err(e) = crate::credentials::check_document(provider, v) {
+                p.push(path, e);
             }
         } else if !credential_chars_ok(v) {
             p.push(

@@ -20,6 +20,7 @@
 
 pub mod check;
 pub mod clock;
+pub mod credentials;
 pub mod egress;
 pub mod spec;
 
