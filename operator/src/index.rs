@@ -920,6 +920,92 @@ mod tests {
     }
 
     #[test]
+    fn cloud_backends_are_checked_before_any_proxy_sees_them() {
+        use modelgate_crds::{BedrockAuth as CrdBedrockAuth, BedrockSettings, VertexSettings};
+        let mut idx = Index {
+            policy: UpstreamPolicy::new(&["127.0.0.1/32".into()], &[]).unwrap(),
+            ..Index::default()
+        };
+        idx.apply_secret(secret(
+            "a",
+            "aws",
+            "keys",
+            r#"{"Version":1,"AccessKeyId":"AKIDEXAMPLE","SecretAccessKey":"s3cr3t-value"}"#,
+        ));
+        idx.apply_secret(secret("a", "aws-bad", "keys", "AKIDEXAMPLE:s3cr3t-value"));
+        idx.apply_secret(secret(
+            "a",
+            "sa",
+            "key.json",
+            r#"{"type":"service_account","client_email":"x@y","private_key":"not a key"}"#,
+        ));
+        let bedrock = |name: &str, secret: Option<(&str, &str)>, auth: Option<CrdBedrockAuth>| {
+            let mut b = backend(name, Provider::Bedrock, secret);
+            b.url = Some("http://127.0.0.1:9".into());
+            b.bedrock = Some(BedrockSettings {
+                region: "us-east-1".into(),
+                auth,
+                role_arn: auth.map(|_| "arn:aws:iam::1:role/r".into()),
+            });
+            b
+        };
+        idx.apply_route(route(
+            "a",
+            "keys",
+            "m1",
+            vec![bedrock("b", Some(("aws", "keys")), None)],
+            0,
+        ));
+        idx.apply_route(route(
+            "a",
+            "badkeys",
+            "m2",
+            vec![bedrock("b", Some(("aws-bad", "keys")), None)],
+            0,
+        ));
+        idx.apply_route(route(
+            "a",
+            "irsa",
+            "m3",
+            vec![bedrock("b", None, Some(CrdBedrockAuth::WebIdentity))],
+            0,
+        ));
+        let mut vertex = backend("v", Provider::Vertex, Some(("sa", "key.json")));
+        vertex.url = Some("http://127.0.0.1:9".into());
+        vertex.vertex = Some(VertexSettings {
+            project: "p".into(),
+            location: "us-central1".into(),
+            publisher: None,
+            auth: None,
+        });
+        idx.apply_route(route("a", "badsa", "m4", vec![vertex], 0));
+        let c = idx.compile(&Context::default());
+        let v = |n: &str| c.verdicts[&ObjKey::route("a", n)].clone();
+        assert!(v("keys").accepted, "{}", v("keys").message);
+        for (name, reason, says) in [
+            ("badkeys", "Invalid", "AccessKeyId and SecretAccessKey"),
+            (
+                "irsa",
+                "AmbientIdentityNotAllowed",
+                "proxy.allowAmbientIdentity",
+            ),
+            ("badsa", "Invalid", "'private_key' is not a PEM PKCS#8 key"),
+        ] {
+            assert_eq!(v(name).reason, reason, "{}", v(name).message);
+            assert!(v(name).message.contains(says), "{}", v(name).message);
+            assert!(!v(name).message.contains("s3cr3t"), "{}", v(name).message);
+        }
+        // What is sent builds in the proxy.
+        modelgate_dataplane::config::compile(
+            c.spec,
+            Source::Operator,
+            &modelgate_dataplane::snapshot::StateRegistry::default(),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn azure_backends_map_to_the_wire_with_their_settings_and_checks() {
         use modelgate_crds::{AzureAuth as CrdAuth, AzureSettings};
         let mut idx = Index {
