@@ -8,8 +8,8 @@
 //!              [--profile small|16k|slow[,...] [--out DIR]]   (perf profiles, flame graphs)
 //! Sections for `--only`: the workloads small, 16k, large, stream, embeddings; `latency`
 //! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
-//! at 1,000 connections); `translate` (OpenAI and Anthropic clients on backends of the other
-//! API, against pass-through, CPU per request). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
+//! at 1,000 connections); `translate` (OpenAI, Anthropic and Responses clients on backends of
+//! another API, Bedrock included, against pass-through, CPU per request). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each,
 //! both with their access log on unless a row says otherwise) alone on core 1; the load
@@ -122,13 +122,20 @@ fn main() {
 /// (with generous limits when `limits`) and `keys_extra` more keys.
 /// One route of the bench's config: `model` on one backend at `upstream`.
 fn route(model: &str, provider: &str, upstream: &str) -> String {
-    let creds = if provider == "anthropic" {
-        ", credentials: {env: BENCH_ANTHROPIC_KEY}"
-    } else {
-        ""
+    let (creds, url) = match provider {
+        "anthropic" | "openai" => (
+            ", credentials: {env: BENCH_ANTHROPIC_KEY}",
+            format!("http://{upstream}/v1"),
+        ),
+        // The model id has no ':' so nginx finds the fixed answer as a file.
+        "bedrock" => (
+            ", model: anthropic.claude-bench, bedrock: {region: us-east-1}, credentials: {env: BENCH_AWS_KEYS}",
+            format!("http://{upstream}"),
+        ),
+        _ => ("", format!("http://{upstream}/v1")),
     };
     format!(
-        "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: {provider}, url: \"http://{upstream}/v1\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}{creds}}}\n"
+        "  - name: {model}\n    model: {model}\n    backends:\n      - {{name: up, provider: {provider}, url: \"{url}\", pricing: {{inputPerMillion: 0.15, outputPerMillion: 0.6}}{creds}}}\n"
     )
 }
 
@@ -144,6 +151,10 @@ fn translate_config() -> String {
             fixed_stream.as_str(),
         ),
         ("bench-anthropic-stream", "anthropic", fixed_stream.as_str()),
+        ("bench-responses", "openai", FIXED_UPSTREAM),
+        ("bench-responses-stream", "openai", fixed_stream.as_str()),
+        ("bench-bedrock", "bedrock", FIXED_UPSTREAM),
+        ("bench-bedrock-stream", "bedrock", fixed_stream.as_str()),
     ]
     .iter()
     .map(|(m, p, u)| route(m, p, u))
@@ -480,6 +491,86 @@ const ANTHROPIC_ANSWER: &str = r#"{"id":"msg_bench7f3a9c1e5d2b0","type":"message
 
 /// The same answer streamed in 8 text pieces, as OpenAI writes streams (with the usage chunk
 /// the gateway asks for) and as Anthropic does (named events, a `ping`).
+const RESPONSES_ANSWER: &str = r#"{"id":"resp_bench7f3a9c1e5d2b0","object":"response","created_at":1700000000,"status":"completed","error":null,"incomplete_details":null,"model":"bench","output":[{"type":"message","id":"msg_bench0","status":"completed","role":"assistant","content":[{"type":"output_text","text":"The sea keeps its own time: each tide gives back what the last one took.","annotations":[]}]}],"parallel_tool_calls":true,"tool_choice":"auto","tools":[],"usage":{"input_tokens":27,"input_tokens_details":{"cached_tokens":0},"output_tokens":16,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":43}}"#;
+
+const BEDROCK_ANSWER: &str = r#"{"output":{"message":{"role":"assistant","content":[{"text":"The sea keeps its own time: each tide gives back what the last one took."}]}},"stopReason":"end_turn","usage":{"inputTokens":27,"outputTokens":16,"totalTokens":43},"metrics":{"latencyMs":100}}"#;
+
+/// The fixed upstream's streams in the Responses API (SSE) and Bedrock's ConverseStream
+/// (binary event-stream frames): the same 8 pieces as `stream_answers`.
+fn more_stream_answers() -> (String, Vec<u8>) {
+    let mut seq = 0;
+    let mut r = String::new();
+    let mut event = |name: &str, mut data: serde_json::Value| {
+        data["type"] = json!(name);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        r.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+    };
+    let item = json!({"id": "msg_bench0", "type": "message", "status": "in_progress", "role": "assistant", "content": []});
+    event(
+        "response.created",
+        json!({"response": {"id": "resp_bench", "object": "response", "created_at": 1700000000, "status": "in_progress", "model": "bench", "output": []}}),
+    );
+    event(
+        "response.output_item.added",
+        json!({"output_index": 0, "item": item}),
+    );
+    event(
+        "response.content_part.added",
+        json!({"item_id": "msg_bench0", "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+    );
+    for p in STREAM_PIECES {
+        event(
+            "response.output_text.delta",
+            json!({"item_id": "msg_bench0", "output_index": 0, "content_index": 0, "delta": p, "logprobs": []}),
+        );
+    }
+    let text: String = STREAM_PIECES.concat();
+    event(
+        "response.output_text.done",
+        json!({"item_id": "msg_bench0", "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+    );
+    let done = json!({"id": "msg_bench0", "type": "message", "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]});
+    event(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": done}),
+    );
+    event(
+        "response.completed",
+        json!({"response": {"id": "resp_bench", "object": "response", "created_at": 1700000000, "status": "completed", "model": "bench", "output": [done],
+        "usage": {"input_tokens": 27, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 16, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 43}}}),
+    );
+    let frame = |kind: &str, payload: serde_json::Value| {
+        modelgate_dataplane::translate::bedrock::encode_frame(
+            "event",
+            kind,
+            payload.to_string().as_bytes(),
+        )
+    };
+    let mut b = frame("messageStart", json!({"role": "assistant"}));
+    for p in STREAM_PIECES {
+        b.extend(frame(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": p}}),
+        ));
+    }
+    b.extend(frame("contentBlockStop", json!({"contentBlockIndex": 0})));
+    b.extend(frame("messageStop", json!({"stopReason": "end_turn"})));
+    b.extend(frame("metadata", json!({"usage": {"inputTokens": 27, "outputTokens": 16, "totalTokens": 43}, "metrics": {"latencyMs": 100}})));
+    (r, b)
+}
+
+const STREAM_PIECES: [&str; 8] = [
+    "The sea ",
+    "keeps its ",
+    "own time: ",
+    "each tide ",
+    "gives back ",
+    "what the ",
+    "last one ",
+    "took.",
+];
+
 fn stream_answers() -> (String, String) {
     const PIECES: [&str; 8] = [
         "The sea ",
@@ -735,12 +826,21 @@ impl Bench {
     /// closes a connection after 1,000), as the mock has none.
     fn fixed_upstream(&self) -> Proc {
         let (openai_stream, anthropic_stream) = stream_answers();
+        let (responses_stream, bedrock_stream) = more_stream_answers();
+        // Binary: served as a file (nginx answers a POST to a file through its 405 page).
+        let files = self.dir.join("upstream-files");
+        let stream_file = files.join("stream/model/anthropic.claude-bench/converse-stream");
+        std::fs::create_dir_all(stream_file.parent().unwrap()).unwrap();
+        std::fs::write(&stream_file, &bedrock_stream).unwrap();
         for answer in [
             CHAT_ANSWER,
             EMBEDDINGS_ANSWER,
             ANTHROPIC_ANSWER,
+            RESPONSES_ANSWER,
+            BEDROCK_ANSWER,
             &openai_stream,
             &anthropic_stream,
+            &responses_stream,
         ] {
             assert!(
                 !answer.contains(['\'', '\\', '$']),
@@ -763,11 +863,16 @@ impl Bench {
     location = /v1/messages {{ return 200 '{ANTHROPIC_ANSWER}'; }}
     location = /stream/v1/chat/completions {{ default_type text/event-stream; return 200 '{openai_stream}'; }}
     location = /stream/v1/messages {{ default_type text/event-stream; return 200 '{anthropic_stream}'; }}
+    location = /v1/responses {{ return 200 '{RESPONSES_ANSWER}'; }}
+    location = /stream/v1/responses {{ default_type text/event-stream; return 200 '{responses_stream}'; }}
+    location = /model/anthropic.claude-bench/converse {{ return 200 '{BEDROCK_ANSWER}'; }}
+    location = /stream/model/anthropic.claude-bench/converse-stream {{ root {files}; default_type application/vnd.amazon.eventstream; error_page 405 =200 $uri; }}
     location / {{ return 404 '{{"error":{{"message":"unknown path","type":"not_found"}}}}'; }}
   }}
 }}
 "#,
-            dir = self.dir.display()
+            dir = self.dir.display(),
+            files = files.display()
         );
         self.start_nginx("upstream", "0", &http, FIXED_UPSTREAM)
     }
@@ -877,6 +982,10 @@ events {{ worker_connections 4096; }}
             .args(["--listen", "127.0.0.1:18001", "--admin", "127.0.0.1:19001"])
             .env("RUST_LOG", filter)
             .env("BENCH_ANTHROPIC_KEY", "sk-bench-anthropic")
+            .env(
+                "BENCH_AWS_KEYS",
+                r#"{"AccessKeyId":"AKIDBENCH","SecretAccessKey":"bench-secret"}"#,
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(format!("modelgate-{tag}.log"))).unwrap())
             .spawn()
@@ -1232,6 +1341,14 @@ events {{ worker_connections 4096; }}
             .to_string(),
             knobs: String::new(),
         };
+        let responses = |name, model, stream| Workload {
+            name,
+            path: "/v1/responses",
+            body: json!({"model": model, "max_output_tokens": 16, "stream": stream,
+                "input": prompt})
+            .to_string(),
+            knobs: String::new(),
+        };
         // (row, workload, the pass-through row it is compared with)
         let rows = [
             (
@@ -1273,6 +1390,36 @@ events {{ worker_connections 4096; }}
                 "Anthropic → OpenAI stream",
                 anthropic("t-aos", "bench-fixed-stream", true),
                 Some(6),
+            ),
+            (
+                "Responses → OpenAI Responses (pass-through)",
+                responses("t-rr", "bench-responses", false),
+                None,
+            ),
+            (
+                "Responses → OpenAI chat",
+                responses("t-ro", "bench", false),
+                Some(8),
+            ),
+            (
+                "Responses → OpenAI Responses stream (pass-through)",
+                responses("t-rrs", "bench-responses-stream", true),
+                None,
+            ),
+            (
+                "Responses → OpenAI chat stream",
+                responses("t-ros", "bench-fixed-stream", true),
+                Some(10),
+            ),
+            (
+                "OpenAI → Bedrock (SigV4 signed)",
+                openai("t-ob", "bench-bedrock", false),
+                Some(0),
+            ),
+            (
+                "OpenAI → Bedrock stream (SigV4 signed)",
+                openai("t-obs", "bench-bedrock-stream", true),
+                Some(4),
             ),
         ];
         let mut runs: Vec<Vec<Run>> = rows.iter().map(|_| Vec::new()).collect();
