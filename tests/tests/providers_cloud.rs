@@ -117,6 +117,43 @@ async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
             .unwrap_or_else(|e| panic!("{model}: {e}"));
         assert!(answer.contains("mock"), "{model}: {answer}");
     }
+    // Chat streams and Anthropic clients, JSON and streamed, on both.
+    for model in ["bedrock-r", "gemini-r"] {
+        let r = post(
+            &p.url("/v1/chat/completions"),
+            Some(DEMO_KEY),
+            &chat(model, true),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{model}: {}", r.text());
+        let text = r.text();
+        assert!(text.contains("chat.completion.chunk"), "{model}: {text}");
+        assert!(
+            text.contains("\"finish_reason\":\"stop\""),
+            "{model}: {text}"
+        );
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{model}: {text}");
+        for stream in [false, true] {
+            let r = post(
+                &p.url("/v1/messages"),
+                Some(DEMO_KEY),
+                &serde_json::json!({"model": model, "max_tokens": 64, "stream": stream,
+                    "messages": [{"role": "user", "content": "Say hello"}]}),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{model}: {}", r.text());
+            let text = r.text();
+            if stream {
+                assert!(text.contains("event: message_stop"), "{model}: {text}");
+                assert!(text.contains("\"text_delta\""), "{model}: {text}");
+            } else {
+                let m: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(m["type"], "message", "{m}");
+                assert_eq!(m["stop_reason"], "end_turn", "{m}");
+                assert!(m["usage"]["output_tokens"].as_u64().unwrap() > 0, "{m}");
+            }
+        }
+    }
     // Every Bedrock request was signed right (botocore agreed), to the encoded model id.
     let stats = bedrock.state("stats").await;
     assert_eq!(
@@ -364,6 +401,90 @@ async fn gemini_thought_signatures_survive_an_openai_clients_tool_turns() {
     assert_eq!(
         stats["thought_signature_failures"].as_u64().unwrap_or(0),
         0,
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_gemini_key_is_the_gateways_problem_not_the_clients() {
+    let google = PyMock::start("mock_google.py", &["--api-key", "AIza-modelgate-test"]);
+    let backend = format!(
+        "provider: gemini, url: '{}', model: gemini-2.5-flash, credentials: {{env: GEMINI_KEY}}",
+        google.url("/v1beta")
+    );
+    let yaml = format!("routes:\n{}{}", route("gemini-bad", &backend), keys_yaml());
+    let p = Proxy::start_with(&yaml, &[("GEMINI_KEY", "AIza-wrong-key-5f4e3d")]);
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &chat("gemini-bad", false),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    let text = r.text();
+    assert!(text.contains("upstream_credentials_refused"), "{text}");
+    assert!(text.contains("API_KEY_INVALID"), "{text}");
+    assert!(!text.contains("AIza-wrong"), "{text}");
+    let metrics = p.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "modelgate_upstream_errors_total",
+            &[("kind", "credentials_refused")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_key_google_does_not_know_is_refused_as_the_gateways_problem() {
+    let dir = temp_dir("vertex-badkey");
+    let (known, unknown) = (dir.join("known.json"), dir.join("unknown.json"));
+    let google = PyMock::start(
+        "mock_google.py",
+        &[
+            "--write-service-account",
+            known.to_str().unwrap(),
+            "--project",
+            "modelgate-test",
+        ],
+    );
+    // Another mock's key, sent to this one's token endpoint: a key Google never issued.
+    let other = PyMock::start(
+        "mock_google.py",
+        &["--write-service-account", unknown.to_str().unwrap()],
+    );
+    let mut key: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&unknown).unwrap()).unwrap();
+    key["token_uri"] = serde_json::json!(google.url("/token"));
+    key["client_email"] = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(&known).unwrap(),
+    )
+    .unwrap()["client_email"]
+        .clone();
+    std::fs::write(&unknown, key.to_string()).unwrap();
+    drop(other);
+    let backend = format!(
+        "provider: vertex, url: '{}', model: gemini-2.5-pro, vertex: {{project: modelgate-test, location: us-central1}}, credentials: {{file: '{}'}}",
+        google.url(""),
+        unknown.display()
+    );
+    let yaml = format!("routes:\n{}{}", route("vertex-bad", &backend), keys_yaml());
+    let p = Proxy::start(&yaml);
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &chat("vertex-bad", false),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    let text = r.text();
+    assert!(text.contains("upstream_credentials_refused"), "{text}");
+    assert!(text.contains("invalid_grant"), "{text}");
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    let stats = google.state("stats").await;
+    assert!(
+        stats["token_failures"].as_u64().unwrap_or(0) >= 1,
         "{stats}"
     );
 }

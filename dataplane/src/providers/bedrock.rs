@@ -19,7 +19,7 @@ use http_body_util::Full;
 use modelgate_wire::{BedrockAuth, BedrockSpec};
 
 use super::aws_auth::{self, Credentials};
-use super::token::{Cached, Expiring};
+use super::token::{Cached, Expiring, FetchError};
 use super::{Failure, HttpClient};
 
 /// Where EKS projects the ServiceAccount token for IRSA when the environment names no file.
@@ -163,7 +163,7 @@ impl Upstream {
                 cached
                     .get(|| assume_role(client, sts, role_arn, token_file, timeout))
                     .await
-                    .map_err(|e| Failure::Connect(format!("AWS web identity: {e}")))?,
+                    .map_err(|e| e.into_failure("AWS web identity"))?,
             ),
         };
         let host = self.host.to_str().unwrap_or_default();
@@ -242,13 +242,14 @@ async fn assume_role(
     role_arn: &str,
     token_file: &std::path::Path,
     timeout: Duration,
-) -> Result<Expiring<Credentials>, String> {
+) -> Result<Expiring<Credentials>, FetchError> {
     use http_body_util::{BodyExt, Limited};
+    let unreachable = FetchError::Unreachable;
     let token = tokio::fs::read_to_string(token_file).await.map_err(|e| {
-        format!(
+        unreachable(format!(
             "cannot read the web identity token {}: {e}",
             token_file.display()
-        )
+        ))
     })?;
     let body = aws_auth::web_identity_request(role_arn, "modelgate", token.trim());
     let mut req = Request::new(Full::new(Bytes::from(body)));
@@ -258,26 +259,38 @@ async fn assume_role(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-www-form-urlencoded"),
     );
+    let late = || unreachable("STS did not answer in time".into());
     let resp = tokio::time::timeout(timeout, client.request(req))
         .await
-        .map_err(|_| "STS did not answer in time".to_owned())?
-        .map_err(|e| format!("STS: {}", super::describe(&e)))?;
+        .map_err(|_| late())?
+        .map_err(|e| unreachable(format!("STS: {}", super::describe(&e))))?;
     let status = resp.status();
     let bytes = tokio::time::timeout(
         timeout,
         Limited::new(resp.into_body(), MAX_STS_BODY).collect(),
     )
     .await
-    .map_err(|_| "STS did not answer in time".to_owned())?
-    .map_err(|e| format!("STS: {e}"))?
+    .map_err(|_| late())?
+    .map_err(|e| unreachable(format!("STS: {e}")))?
     .to_bytes();
-    let creds = aws_auth::web_identity_response(&bytes)
-        .map_err(|e| format!("STS answered {status}: {e}"))?;
-    let expires_at = creds.expires_at;
-    Ok(Expiring {
-        value: creds,
-        expires_at,
-    })
+    match aws_auth::web_identity_response(&bytes) {
+        Ok(creds) => {
+            let expires_at = creds.expires_at;
+            Ok(Expiring {
+                value: creds,
+                expires_at,
+            })
+        }
+        // STS refused the token or the role: the backend's credentials are wrong.
+        Err(e) if status.is_client_error() => {
+            tracing::warn!(%status, error = %e, "STS refused AssumeRoleWithWebIdentity");
+            Err(FetchError::Refused {
+                status,
+                reason: "AssumeRoleWithWebIdentity_refused".into(),
+            })
+        }
+        Err(e) => Err(unreachable(format!("STS answered {status}: {e}"))),
+    }
 }
 
 #[cfg(test)]

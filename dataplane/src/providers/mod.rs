@@ -446,7 +446,8 @@ pub async fn attempt(
             if resp.status() != StatusCode::BAD_REQUEST {
                 return Ok(resp);
             }
-            azure_bad_request(resp, timeout.saturating_sub(started.elapsed())).await
+            let left = timeout.saturating_sub(started.elapsed());
+            bad_request(resp, left, |body| Ok(azure::content_filter_error(body))).await
         }
         Provider::Bedrock(upstream) => {
             let body = out.bedrock(model).map_err(Failure::Refused)?;
@@ -458,11 +459,29 @@ pub async fn attempt(
             send(client, request, left, Dialect::Bedrock).await
         }
         Provider::Gemini(upstream) => {
+            let started = std::time::Instant::now();
             let body = out.gemini(model).map_err(Failure::Refused)?;
             let request = upstream
                 .request(model, Bytes::from(body), req.stream)
                 .map_err(Failure::Connect)?;
-            send(client, request, timeout, Dialect::Gemini).await
+            let resp = send(client, request, timeout, Dialect::Gemini).await?;
+            if resp.status() != StatusCode::BAD_REQUEST {
+                return Ok(resp);
+            }
+            // Gemini says a bad API key with a 400: the gateway's credential, not the
+            // client's request.
+            let left = timeout.saturating_sub(started.elapsed());
+            bad_request(resp, left, |body| {
+                let err = translate::gemini::error_in(400, body);
+                if err.kind == canonical::ErrorKind::Authentication {
+                    return Err(Failure::CredentialsRefused(
+                        StatusCode::BAD_REQUEST,
+                        Some("API_KEY_INVALID".into()),
+                    ));
+                }
+                Ok(None)
+            })
+            .await
         }
         Provider::Vertex(upstream) => {
             let body = match upstream.publisher {
@@ -512,12 +531,13 @@ fn upstream_dialect(v: &vertex::Upstream) -> Dialect {
     }
 }
 
-/// An Azure 400 to pass on: its body is read when its announced length fits
-/// [`azure::MAX_ERROR_BODY`], and a content-filter error is rewritten in OpenAI's words;
-/// any other body, or one of unannounced length, goes on as it came.
-async fn azure_bad_request(
+/// A 400 to pass on, read when its announced length fits [`azure::MAX_ERROR_BODY`]: `look`
+/// may rewrite it (Azure's content-filter error in OpenAI's words) or turn it into a failure
+/// (Gemini's bad API key); any other body, or one of unannounced length, goes on as it came.
+async fn bad_request(
     resp: Response<UpstreamBody>,
     left: Duration,
+    look: impl FnOnce(&Bytes) -> Result<Option<Vec<u8>>, Failure>,
 ) -> Result<Response<UpstreamBody>, Failure> {
     use http_body_util::{BodyExt, Limited};
     use hyper::body::Body;
@@ -539,7 +559,7 @@ async fn azure_bad_request(
         Ok(Err(e)) => return Err(Failure::Connect(describe(&*e))),
         Ok(Ok(b)) => b.to_bytes(),
     };
-    let bytes = match azure::content_filter_error(&bytes) {
+    let bytes = match look(&bytes)? {
         Some(rewritten) => {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.insert(

@@ -57,12 +57,46 @@ impl<T> Default for Cached<T> {
     }
 }
 
+/// Why a credential could not be fetched: its endpoint could not be reached (or answered
+/// nonsense), or it answered and refused (a revoked key, a bad token): the backend's
+/// credentials are wrong, as with a 401 from the backend itself.
+#[derive(Debug)]
+pub enum FetchError {
+    Unreachable(String),
+    Refused {
+        status: http::StatusCode,
+        /// A short name of the refusal (`invalid_grant`, `InvalidIdentityToken`): letters,
+        /// digits and `_` only, safe to show a client.
+        reason: String,
+    },
+}
+
+impl FetchError {
+    /// The attempt's failure; `what` names the credential for the log line and the message.
+    pub fn into_failure(self, what: &str) -> super::Failure {
+        match self {
+            Self::Unreachable(e) => super::Failure::Connect(format!("{what}: {e}")),
+            Self::Refused { status, reason } => {
+                tracing::warn!(credential = what, %status, %reason, "the credential endpoint refused");
+                super::Failure::CredentialsRefused(status, Some(reason))
+            }
+        }
+    }
+}
+
+/// A refusal's name, kept only if it is a plain word (`invalid_grant`).
+pub fn reason_word(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .then(|| s.to_owned())
+}
+
 impl<T> Cached<T> {
     /// The cached value if fresh, else the one `fetch` brings (one fetch at a time).
-    pub async fn get<F, Fut>(&self, fetch: F) -> Result<Arc<Expiring<T>>, String>
+    pub async fn get<F, Fut, E>(&self, fetch: F) -> Result<Arc<Expiring<T>>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Expiring<T>, String>>,
+        Fut: Future<Output = Result<Expiring<T>, E>>,
     {
         if let Some(v) = self.current.load_full()
             && v.fresh(SystemTime::now())

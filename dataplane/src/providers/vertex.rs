@@ -23,7 +23,7 @@ use modelgate_wire::{VertexAuth, VertexPublisher, VertexSpec};
 use serde_json::value::RawValue;
 
 use super::google_auth::{self, ServiceAccountKey};
-use super::token::{Cached, Expiring};
+use super::token::{Cached, Expiring, FetchError, reason_word};
 use super::{Failure, HttpClient, json_post};
 use crate::providers::bedrock::encode_segment;
 
@@ -146,7 +146,7 @@ impl Upstream {
             .cached
             .get(|| self.fetch_token(client, timeout))
             .await
-            .map_err(|e| Failure::Connect(format!("Google credentials: {e}")))?;
+            .map_err(|e| e.into_failure("Google OAuth2 token"))?;
         let mut req = json_post(&uri, body, stream);
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.value.clone());
@@ -157,16 +157,18 @@ impl Upstream {
         &self,
         client: &HttpClient,
         timeout: Duration,
-    ) -> Result<Expiring<HeaderValue>, String> {
+    ) -> Result<Expiring<HeaderValue>, FetchError> {
         let now = SystemTime::now();
         let req = match &self.source {
             Source::Key(key) => {
                 let unix = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-                let assertion = key.assertion(google_auth::CLOUD_PLATFORM_SCOPE, unix)?;
+                let assertion = key
+                    .assertion(google_auth::CLOUD_PLATFORM_SCOPE, unix)
+                    .map_err(FetchError::Unreachable)?;
                 let uri: Uri = key
                     .token_uri()
                     .parse()
-                    .map_err(|e| format!("the key's token_uri: {e}"))?;
+                    .map_err(|e| FetchError::Unreachable(format!("the key's token_uri: {e}")))?;
                 let mut req = Request::new(Full::new(Bytes::from(
                     google_auth::token_request_body(&assertion),
                 )));
@@ -187,10 +189,12 @@ impl Upstream {
             }
         };
         let body = fetch(client, req, timeout).await?;
-        let token = google_auth::token_response(&body)?;
+        let token = google_auth::token_response(&body).map_err(FetchError::Unreachable)?;
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.token.expose()))
             .map_err(|_| {
-                "the token endpoint answered a token that cannot be a header".to_owned()
+                FetchError::Unreachable(
+                    "the token endpoint answered a token that cannot be a header".into(),
+                )
             })?;
         value.set_sensitive(true);
         Ok(Expiring {
@@ -204,27 +208,41 @@ async fn fetch(
     client: &HttpClient,
     req: Request<Full<Bytes>>,
     timeout: Duration,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, FetchError> {
     use http_body_util::{BodyExt, Limited};
+    let late = || FetchError::Unreachable("the token endpoint did not answer in time".into());
     let resp = tokio::time::timeout(timeout, client.request(req))
         .await
-        .map_err(|_| "the token endpoint did not answer in time".to_owned())?
-        .map_err(|e| format!("the token endpoint: {}", super::describe(&e)))?;
+        .map_err(|_| late())?
+        .map_err(|e| {
+            FetchError::Unreachable(format!("the token endpoint: {}", super::describe(&e)))
+        })?;
     let status = resp.status();
     let body = tokio::time::timeout(
         timeout,
         Limited::new(resp.into_body(), MAX_TOKEN_BODY).collect(),
     )
     .await
-    .map_err(|_| "the token endpoint did not answer in time".to_owned())?
-    .map_err(|e| format!("the token endpoint: {e}"))?
+    .map_err(|_| late())?
+    .map_err(|e| FetchError::Unreachable(format!("the token endpoint: {e}")))?
     .to_bytes();
+    if status.is_client_error() {
+        // An OAuth2 error answer names the refusal (`invalid_grant`); its description is
+        // logged by `token_response`'s caller only as far as it says.
+        #[derive(serde::Deserialize)]
+        struct OAuthError {
+            error: String,
+        }
+        let reason = serde_json::from_slice::<OAuthError>(&body)
+            .ok()
+            .and_then(|e| reason_word(&e.error))
+            .unwrap_or_else(|| "token_refused".into());
+        return Err(FetchError::Refused { status, reason });
+    }
     if !status.is_success() {
-        // The answer names the problem (invalid_grant...); token_response reads it.
-        return match google_auth::token_response(&body) {
-            Err(e) => Err(format!("the token endpoint answered {status}: {e}")),
-            Ok(_) => Err(format!("the token endpoint answered {status}")),
-        };
+        return Err(FetchError::Unreachable(format!(
+            "the token endpoint answered {status}"
+        )));
     }
     Ok(body)
 }

@@ -1249,7 +1249,11 @@ events {{ worker_connections 4096; }}
                 },
                 SLOW_CONNS,
             ),
-            other => panic!("--profile: no workload {other} (small, 16k, slow)"),
+            "bedrock" => (
+                Workload::chat("bedrock", small_body("bench-bedrock")),
+                self.conns,
+            ),
+            other => panic!("--profile: no workload {other} (small, 16k, slow, bedrock)"),
         };
         let inferno = Command::new("inferno-collapse-perf")
             .arg("--help")
@@ -1258,7 +1262,7 @@ events {{ worker_connections 4096; }}
         for target in ["modelgate", "nginx"] {
             let (proc_, url) = if target == "modelgate" {
                 (
-                    self.modelgate(&bench_config(0, false), "profile", true),
+                    self.modelgate(&translate_config(), "profile", true),
                     w.modelgate_url(),
                 )
             } else {
