@@ -447,7 +447,10 @@ pub async fn attempt(
                 return Ok(resp);
             }
             let left = timeout.saturating_sub(started.elapsed());
-            bad_request(resp, left, |body| Ok(azure::content_filter_error(body))).await
+            bad_request(resp, left, |body| {
+                azure::content_filter_error(body).map_or(Look::Keep, Look::Rewrite)
+            })
+            .await
         }
         Provider::Bedrock(upstream) => {
             let body = out.bedrock(model).map_err(Failure::Refused)?;
@@ -472,14 +475,12 @@ pub async fn attempt(
             // client's request.
             let left = timeout.saturating_sub(started.elapsed());
             bad_request(resp, left, |body| {
-                let err = translate::gemini::error_in(400, body);
-                if err.kind == canonical::ErrorKind::Authentication {
-                    return Err(Failure::CredentialsRefused(
-                        StatusCode::BAD_REQUEST,
-                        Some("API_KEY_INVALID".into()),
-                    ));
+                match translate::gemini::error_in(400, body).kind {
+                    canonical::ErrorKind::Authentication => {
+                        Look::CredentialsRefused("API_KEY_INVALID")
+                    }
+                    _ => Look::Keep,
                 }
-                Ok(None)
             })
             .await
         }
@@ -531,13 +532,23 @@ fn upstream_dialect(v: &vertex::Upstream) -> Dialect {
     }
 }
 
+/// What a 400's body turns out to be.
+enum Look {
+    /// Passed on as it came.
+    Keep,
+    /// Passed on in these words.
+    Rewrite(Vec<u8>),
+    /// The backend refused the gateway's credential (named so).
+    CredentialsRefused(&'static str),
+}
+
 /// A 400 to pass on, read when its announced length fits [`azure::MAX_ERROR_BODY`]: `look`
 /// may rewrite it (Azure's content-filter error in OpenAI's words) or turn it into a failure
 /// (Gemini's bad API key); any other body, or one of unannounced length, goes on as it came.
 async fn bad_request(
     resp: Response<UpstreamBody>,
     left: Duration,
-    look: impl FnOnce(&Bytes) -> Result<Option<Vec<u8>>, Failure>,
+    look: impl FnOnce(&Bytes) -> Look,
 ) -> Result<Response<UpstreamBody>, Failure> {
     use http_body_util::{BodyExt, Limited};
     use hyper::body::Body;
@@ -559,7 +570,17 @@ async fn bad_request(
         Ok(Err(e)) => return Err(Failure::Connect(describe(&*e))),
         Ok(Ok(b)) => b.to_bytes(),
     };
-    let bytes = match look(&bytes)? {
+    let rewritten = match look(&bytes) {
+        Look::Keep => None,
+        Look::Rewrite(b) => Some(b),
+        Look::CredentialsRefused(name) => {
+            return Err(Failure::CredentialsRefused(
+                parts.status,
+                Some(name.to_owned()),
+            ));
+        }
+    };
+    let bytes = match rewritten {
         Some(rewritten) => {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.insert(

@@ -138,7 +138,7 @@ mod tests {
         let fetch = |life: Duration| {
             let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
-                Ok(Expiring {
+                Ok::<_, String>(Expiring {
                     value: n,
                     expires_at: Some(SystemTime::now() + life),
                 })
