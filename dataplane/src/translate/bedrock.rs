@@ -2411,6 +2411,61 @@ mod tests {
         );
     }
 
+    /// The seeds of the `translate_stream_bedrock` fuzz target (`fuzz/corpus/`): each stream
+    /// fixture encoded here, after the target's header (client byte, then flags, chunk seed,
+    /// timeout as `fuzz_targets/common/translate_stream.rs` reads them). The committed files
+    /// must be what this writes; `MODELGATE_WRITE_FUZZ_SEEDS=1` rewrites them.
+    #[test]
+    fn fuzz_seeds_are_the_encoded_stream_fixtures() {
+        let corpus =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/translate_stream_bedrock");
+        let write = std::env::var_os("MODELGATE_WRITE_FUZZ_SEEDS").is_some();
+        // (suffix, client: 0 OpenAI chat, 1 Anthropic, 2 Responses (| 0x80: lines), header)
+        let variants: [(&str, u8, [u8; 3]); 6] = [
+            ("chat", 0, [0, 0, 0]),
+            ("chat.usage-cut13", 0, [0x61, 7, 0]),
+            ("anthropic.cut5", 1, [0x40, 3, 0]),
+            ("responses.usage-cut13", 2, [0x61, 7, 0]),
+            ("lines.anthropic", 0x81, [0, 0, 0]),
+            ("lines.responses.cut5", 0x82, [0x40, 3, 0]),
+        ];
+        for name in stream_fixtures() {
+            let stream = encoded(&name);
+            // The target's other form (client byte | 0x80): one line per message,
+            // `message-type event-type payload`, framed by the target itself.
+            let messages: Vec<(String, String, serde_json::Value)> =
+                serde_json::from_slice(&fixture(&name)).expect("fixture");
+            let lines = messages
+                .iter()
+                .map(|(kind, event, payload)| format!("{kind} {event} {payload}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let stem = name.trim_end_matches(".events.json");
+            for (suffix, client, header) in variants {
+                let mut seed = vec![client];
+                seed.extend(header);
+                if client & 0x80 == 0 {
+                    seed.extend(&stream);
+                } else {
+                    seed.extend(lines.as_bytes());
+                }
+                let path = corpus.join(format!("{stem}.{suffix}.bin"));
+                if write {
+                    std::fs::create_dir_all(&corpus).expect("corpus directory");
+                    std::fs::write(&path, &seed).expect("seed written");
+                } else {
+                    let committed = std::fs::read(&path).unwrap_or_else(|e| {
+                        panic!(
+                            "{}: {e} (MODELGATE_WRITE_FUZZ_SEEDS=1 writes it)",
+                            path.display()
+                        )
+                    });
+                    assert!(committed == seed, "{} is stale", path.display());
+                }
+            }
+        }
+    }
+
     #[test]
     fn any_chunking_gives_the_same_events() {
         for name in stream_fixtures() {
