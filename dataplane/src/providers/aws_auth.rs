@@ -8,16 +8,16 @@
 //!  Credentials + request (method, URL, headers, body, now) ─► sign ─► authorization, x-amz-date, ...
 //! ```
 //!
-//! Signing is AWS's own `aws-sigv4` with its defaults for non-S3 services: the URL path is
-//! taken as already percent-encoded once and encoded again for the canonical request (a model
-//! id `…-v1:0` travels as `…-v1%3A0` and is signed as `…-v1%253A0`, as botocore does), the
-//! session token is signed, and no `x-amz-content-sha256` header is added. Secrets never reach
+//! Signing follows AWS's rules for non-S3 services, with `aws-sigv4`'s key derivation and
+//! signature: the URL path is taken as already percent-encoded once and encoded again for
+//! the canonical request (a model id `…-v1:0` travels as `…-v1%3A0` and is signed as
+//! `…-v1%253A0`, as botocore does), the session token is signed, and no
+//! `x-amz-content-sha256` header is added. Secrets never reach
 //! `Debug` output or an error string.
 
 use std::fmt;
 use std::time::SystemTime;
 
-use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use http::{HeaderName, HeaderValue};
 
@@ -72,9 +72,15 @@ impl fmt::Debug for Credentials {
 
 /// The SigV4 headers for one request: `authorization`, `x-amz-date` and, with temporary
 /// credentials, `x-amz-security-token`. `url` is the full URL as sent, its path already
-/// percent-encoded (a Bedrock model id's `:` as `%3A`); `headers` are the other headers to
-/// sign (`content-type`; `host` is taken from `url` when absent). The values of
-/// `authorization` and `x-amz-security-token` are marked sensitive.
+/// percent-encoded (a Bedrock model id's `:` as `%3A`), without a query; `headers` are the
+/// other headers to sign (`content-type`; `host` is taken from `url` when absent). The
+/// values of `authorization` and `x-amz-security-token` are marked sensitive.
+///
+/// The key derivation and the signature are `aws-sigv4`'s own (`sign::v4`); the canonical
+/// request is written here, for the one shape the gateway signs (a POST without a query),
+/// because `aws-sigv4`'s general request signer cost about 6 µs a request, a sixth of the
+/// proxy's whole CPU for a Bedrock call (docs/benchmarks.md). The tests below hold it to
+/// botocore's signatures.
 #[allow(clippy::too_many_arguments)]
 pub fn sign(
     creds: &Credentials,
@@ -86,47 +92,129 @@ pub fn sign(
     body: &[u8],
     now: SystemTime,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
-    let identity = aws_credential_types::Credentials::new(
-        &creds.access_key_id,
-        &creds.secret_access_key,
-        creds.session_token.clone(),
-        creds.expires_at,
-        "modelgate",
-    )
-    .into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region(region)
-        .name(service)
-        .time(now)
-        .settings(SigningSettings::default())
-        .build()
-        .map_err(|e| format!("cannot sign the request: {e}"))?
-        .into();
-    let request = SignableRequest::new(
-        method,
-        url,
-        headers.iter().copied(),
-        SignableBody::Bytes(body),
-    )
-    // The URL is the gateway's own (region, model id), never a secret.
-    .map_err(|e| format!("cannot sign a request for this URL: {e}"))?;
-    let (instructions, _signature) = aws_sigv4::http_request::sign(request, &params)
-        .map_err(|e| format!("cannot sign the request: {e}"))?
-        .into_parts();
-    let (signed, _params) = instructions.into_parts();
-    signed
-        .into_iter()
-        .map(|header| {
-            let name = HeaderName::from_bytes(header.name().as_bytes())
-                .map_err(|_| format!("the signer wrote a bad header name {:?}", header.name()))?;
-            // Never echo the value: it may be the session token.
-            let mut value = HeaderValue::from_str(header.value())
-                .map_err(|_| format!("the value of `{name}` is not a valid header value"))?;
-            value.set_sensitive(header.sensitive() || name == http::header::AUTHORIZATION);
-            Ok((name, value))
+    use sha2::Digest;
+    use std::fmt::Write;
+    let rest = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .ok_or("cannot sign a request for this URL: no scheme")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if path.contains(['?', '#']) {
+        return Err("cannot sign a request for this URL: a query is not signed here".into());
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("cannot sign a request for this URL: a dot segment in its path".into());
+    }
+    let (amz_date, date) = amz_date(now);
+    // Canonical headers: lowercase names, trimmed values with inner runs of spaces as one,
+    // sorted by name.
+    let mut signed: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_ascii_lowercase(),
+                v.split_ascii_whitespace().collect::<Vec<_>>().join(" "),
+            )
         })
-        .collect()
+        .collect();
+    if !signed.iter().any(|(n, _)| n == "host") {
+        signed.push(("host".into(), authority.to_owned()));
+    }
+    signed.push(("x-amz-date".into(), amz_date.clone()));
+    if let Some(t) = &creds.session_token {
+        signed.push(("x-amz-security-token".into(), t.clone()));
+    }
+    signed.sort();
+    let mut canonical = String::with_capacity(256 + path.len() * 2);
+    canonical.push_str(method);
+    canonical.push('\n');
+    // Non-S3 services: the path as sent, percent-encoded once more.
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            canonical.push(char::from(b));
+        } else {
+            let _ = write!(canonical, "%{b:02X}");
+        }
+    }
+    canonical.push_str("\n\n");
+    for (n, v) in &signed {
+        let _ = writeln!(canonical, "{n}:{v}");
+    }
+    canonical.push('\n');
+    let names: Vec<&str> = signed.iter().map(|(n, _)| n.as_str()).collect();
+    let names = names.join(";");
+    canonical.push_str(&names);
+    canonical.push('\n');
+    canonical.push_str(&hex(&sha2::Sha256::digest(body)));
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&sha2::Sha256::digest(canonical.as_bytes()))
+    );
+    let key = v4::generate_signing_key(&creds.secret_access_key, now, region, service);
+    let signature = v4::calculate_signature(key, to_sign.as_bytes());
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={names}, Signature={signature}",
+        creds.access_key_id
+    );
+    let value = |v: &str, sensitive: bool, what: &str| {
+        // Never echo the value: it may be the session token.
+        let mut v = HeaderValue::from_str(v)
+            .map_err(|_| format!("the value of `{what}` is not a valid header value"))?;
+        v.set_sensitive(sensitive);
+        Ok::<_, String>(v)
+    };
+    let mut out = vec![
+        (
+            http::header::AUTHORIZATION,
+            value(&authorization, true, "authorization")?,
+        ),
+        (
+            HeaderName::from_static("x-amz-date"),
+            value(&amz_date, false, "x-amz-date")?,
+        ),
+    ];
+    if let Some(t) = &creds.session_token {
+        out.push((
+            HeaderName::from_static("x-amz-security-token"),
+            value(t, true, "x-amz-security-token")?,
+        ));
+    }
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// `x-amz-date` (`20240102T030405Z`) and the scope's date (`20240102`), in UTC.
+fn amz_date(now: SystemTime) -> (String, String) {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let date = format!("{year:04}{month:02}{day:02}");
+    let time = format!("{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
+    (format!("{date}T{time}Z"), date)
 }
 
 /// The form body of an STS `AssumeRoleWithWebIdentity` call (POST, `content-type:
@@ -353,6 +441,31 @@ mod tests {
         assert_eq!(header(&headers, "x-amz-security-token"), Some(TOKEN));
         let token = headers.iter().find(|(n, _)| n == "x-amz-security-token");
         assert!(token.is_some_and(|(_, v)| v.is_sensitive()));
+    }
+
+    #[test]
+    fn dates_are_utc_civil_dates_and_queries_and_dot_segments_are_refused() {
+        let at = |secs: u64| amz_date(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), ("19700101T000000Z".into(), "19700101".into()));
+        // 2024-02-29T23:59:59Z, then the next second.
+        assert_eq!(at(1_709_251_199).0, "20240229T235959Z");
+        assert_eq!(at(1_709_251_200).0, "20240301T000000Z");
+        assert_eq!(at(4_102_444_800).0, "21000101T000000Z");
+        let creds = Credentials::new("AKIDEXAMPLE", SECRET, None, None);
+        for url in [format!("{URL}?a=b"), URL.replace("/model/", "/model/../")] {
+            let err = sign(
+                &creds,
+                "us-east-1",
+                "bedrock",
+                "POST",
+                &url,
+                &[],
+                BODY,
+                now(),
+            )
+            .unwrap_err();
+            assert!(err.contains("cannot sign"), "{err}");
+        }
     }
 
     #[test]

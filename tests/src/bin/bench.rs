@@ -1253,7 +1253,18 @@ events {{ worker_connections 4096; }}
                 Workload::chat("bedrock", small_body("bench-bedrock")),
                 self.conns,
             ),
-            other => panic!("--profile: no workload {other} (small, 16k, slow, bedrock)"),
+            "bedrock-stream" => (
+                Workload::chat(
+                    "bedrock-stream",
+                    json!({"model": "bench-bedrock-stream", "max_tokens": 16, "stream": true,
+                        "messages": [{"role": "user", "content": "Write one short sentence about the sea."}]})
+                    .to_string(),
+                ),
+                self.conns,
+            ),
+            other => panic!(
+                "--profile: no workload {other} (small, 16k, slow, bedrock, bedrock-stream)"
+            ),
         };
         let inferno = Command::new("inferno-collapse-perf")
             .arg("--help")
