@@ -92,6 +92,81 @@ pub fn sign(
     body: &[u8],
     now: SystemTime,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    sign_cached(
+        &KeyCache::default(),
+        creds,
+        region,
+        service,
+        method,
+        url,
+        headers,
+        body,
+        now,
+    )
+}
+
+/// The day's signing key of one set of credentials, kept between requests: it changes at
+/// midnight UTC and with the credentials, and deriving it is four HMACs.
+#[derive(Default)]
+pub struct KeyCache(arc_swap::ArcSwapOption<CachedKey>);
+
+struct CachedKey {
+    /// Date, access key id, region and service the key is for.
+    scope: (String, String, String, String),
+    key: Vec<u8>,
+}
+
+impl fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyCache(<redacted>)")
+    }
+}
+
+impl KeyCache {
+    fn key(
+        &self,
+        creds: &Credentials,
+        date: &str,
+        region: &str,
+        service: &str,
+        now: SystemTime,
+    ) -> std::sync::Arc<CachedKey> {
+        if let Some(k) = self.0.load_full()
+            && k.scope.0 == date
+            && k.scope.1 == creds.access_key_id
+            && k.scope.2 == region
+            && k.scope.3 == service
+        {
+            return k;
+        }
+        let key = v4::generate_signing_key(&creds.secret_access_key, now, region, service);
+        let k = std::sync::Arc::new(CachedKey {
+            scope: (
+                date.to_owned(),
+                creds.access_key_id.clone(),
+                region.to_owned(),
+                service.to_owned(),
+            ),
+            key: key.as_ref().to_vec(),
+        });
+        self.0.store(Some(k.clone()));
+        k
+    }
+}
+
+/// [`sign`], with the signing key from (and kept in) `cache`.
+#[allow(clippy::too_many_arguments)]
+pub fn sign_cached(
+    cache: &KeyCache,
+    creds: &Credentials,
+    region: &str,
+    service: &str,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    now: SystemTime,
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
     use sha2::Digest;
     use std::fmt::Write;
     let rest = url
@@ -154,8 +229,8 @@ pub fn sign(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         hex(&sha2::Sha256::digest(canonical.as_bytes()))
     );
-    let key = v4::generate_signing_key(&creds.secret_access_key, now, region, service);
-    let signature = v4::calculate_signature(key, to_sign.as_bytes());
+    let key = cache.key(creds, &date, region, service, now);
+    let signature = v4::calculate_signature(&key.key, to_sign.as_bytes());
     let authorization = format!(
         "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={names}, Signature={signature}",
         creds.access_key_id
@@ -465,6 +540,28 @@ mod tests {
             )
             .unwrap_err();
             assert!(err.contains("cannot sign"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_cached_key_signs_as_a_fresh_one_and_is_replaced_next_day_or_with_new_keys() {
+        let cache = KeyCache::default();
+        let creds = Credentials::new("AKIDEXAMPLE", SECRET, None, None);
+        let other = Credentials::new("AKIDOTHER", "another-secret", None, None);
+        let day = Duration::from_secs(86_400);
+        for (creds, at) in [
+            (&creds, now()),
+            (&creds, now()),
+            (&creds, now() + day),
+            (&other, now() + day),
+            (&creds, now() + day),
+        ] {
+            let args = |c| (c, "us-east-1", "bedrock", "POST", URL, &[][..], BODY, at);
+            let (c, r, s, m, u, h, b, t) = args(creds);
+            assert_eq!(
+                sign_cached(&cache, c, r, s, m, u, h, b, t).unwrap(),
+                sign(c, r, s, m, u, h, b, t).unwrap()
+            );
         }
     }
 

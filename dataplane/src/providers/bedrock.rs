@@ -35,6 +35,7 @@ pub struct Upstream {
     host: HeaderValue,
     region: String,
     source: Source,
+    keys: aws_auth::KeyCache,
 }
 
 #[derive(Debug)]
@@ -124,6 +125,7 @@ impl Upstream {
             host,
             region: spec.region.clone(),
             source,
+            keys: aws_auth::KeyCache::default(),
         })
     }
 
@@ -167,7 +169,8 @@ impl Upstream {
             ),
         };
         let host = self.host.to_str().unwrap_or_default();
-        let signed = aws_auth::sign(
+        let signed = aws_auth::sign_cached(
+            &self.keys,
             creds.get(),
             &self.region,
             "bedrock",

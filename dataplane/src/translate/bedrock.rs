@@ -1181,11 +1181,11 @@ fn frame_of(message: &StreamMessage) -> Result<Frame, String> {
             .iter()
             .find(|h| h.name().as_str() == name)
             .and_then(|h| h.value().as_string().ok())
-            .map(|s| s.as_str().to_owned())
+            .map(|s| s.as_str())
     };
     let message_type =
         header(":message-type").ok_or("an event-stream message without `:message-type`")?;
-    let (kind, name_header) = match message_type.as_str() {
+    let (kind, name_header) = match message_type {
         "event" => (FrameKind::Event, ":event-type"),
         "exception" => (FrameKind::Exception, ":exception-type"),
         "error" => (FrameKind::Error, ":error-code"),
@@ -1196,12 +1196,13 @@ fn frame_of(message: &StreamMessage) -> Result<Frame, String> {
             ));
         }
     };
-    let name =
-        header(name_header).ok_or_else(|| format!("a {message_type} without `{name_header}`"))?;
+    let name = header(name_header)
+        .ok_or_else(|| format!("a {message_type} without `{name_header}`"))?
+        .to_owned();
     Ok(Frame {
         kind,
         name,
-        message: header(":error-message"),
+        message: header(":error-message").map(str::to_owned),
         payload: message.payload().clone(),
     })
 }
