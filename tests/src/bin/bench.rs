@@ -827,7 +827,9 @@ impl Bench {
     fn fixed_upstream(&self) -> Proc {
         let (openai_stream, anthropic_stream) = stream_answers();
         let (responses_stream, bedrock_stream) = more_stream_answers();
-        // Binary: served as a file (nginx answers a POST to a file through its 405 page).
+        // Binary: served as a file (nginx answers a POST to a file through its 405 page),
+        // read and written with the headers in one segment as `return 200` answers are
+        // (`sendfile off`), so no row pays an extra upstream read.
         let files = self.dir.join("upstream-files");
         let stream_file = files.join("stream/model/anthropic.claude-bench/converse-stream");
         std::fs::create_dir_all(stream_file.parent().unwrap()).unwrap();
@@ -866,7 +868,7 @@ impl Bench {
     location = /v1/responses {{ return 200 '{RESPONSES_ANSWER}'; }}
     location = /stream/v1/responses {{ default_type text/event-stream; return 200 '{responses_stream}'; }}
     location = /model/anthropic.claude-bench/converse {{ return 200 '{BEDROCK_ANSWER}'; }}
-    location = /stream/model/anthropic.claude-bench/converse-stream {{ root {files}; default_type application/vnd.amazon.eventstream; error_page 405 =200 $uri; }}
+    location = /stream/model/anthropic.claude-bench/converse-stream {{ root {files}; sendfile off; default_type application/vnd.amazon.eventstream; error_page 405 =200 $uri; }}
     location / {{ return 404 '{{"error":{{"message":"unknown path","type":"not_found"}}}}'; }}
   }}
 }}
