@@ -5,7 +5,7 @@
 //!
 //! Usage: bench [--quick] [--only SECTION[,SECTION...]] [--scale-only] [--swap-only]
 //!              [--soak SECS] [--peers] [--peers-only]   (`make bench` builds and runs this)
-//!              [--profile small|16k|slow[,...] [--out DIR]]   (perf profiles, flame graphs)
+//!              [--profile small|16k|slow|bedrock|bedrock-stream[,...] [--out DIR]]   (perf profiles, flame graphs)
 //! Sections for `--only`: the workloads small, 16k, large, stream, embeddings; `latency`
 //! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
 //! at 1,000 connections); `translate` (OpenAI, Anthropic and Responses clients on backends of
