@@ -71,9 +71,23 @@ fn programmed(shared: &Shared, key: &ObjKey, generation: i64) -> (i32, i32) {
         let index = lock(&shared.index);
         fleet
             .into_iter()
-            .filter(|p| p.scope.resolve(&index.namespaces).covers(&key.namespace))
+            .filter_map(|p| {
+                let view = p.scope.resolve(&index.namespaces);
+                view.covers(&key.namespace).then_some((p, view))
+            })
             .collect()
     };
+    // A replica learns what a view's version holds when it renders that view for a proxy.
+    // Behind a Service every proxy may stream from another replica, leaving the leader with
+    // none of its own: render the fleet's views of the current release here too, so their
+    // acknowledged versions can be read.
+    let release = shared.published.borrow().clone();
+    if let Some(release) = release {
+        for (_, view) in &connected {
+            release.view(view, shared);
+        }
+    }
+    let connected: Vec<_> = connected.into_iter().map(|(p, _)| p).collect();
     let done = connected
         .iter()
         .filter(|p| {

@@ -334,6 +334,55 @@ spec:
     );
 }
 
+/// Behind a Service, every proxy may stream from a replica that does not lead: the leader,
+/// with no proxy of its own, still reads their acknowledgements and writes Programmed. (Found
+/// on the first cluster with real pods: both proxies on the follower, routes Pending forever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_proxies_of_its_own_sees_the_fleet_apply_its_config() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-follower-fleet");
+    let token = gateway_token(&ns.0);
+    let leader = Operator::start(&ns.0, "op-a");
+    let is_leader = |op: &Operator| {
+        let url = format!("{}/metrics", op.admin_url);
+        async move {
+            metric(
+                &get(&url, None).await.text(),
+                "modelgate_operator_leader",
+                &[],
+            )
+        }
+    };
+    eventually(Duration::from_secs(20), "op-a leads", || async {
+        is_leader(&leader).await == 1.0
+    })
+    .await;
+    let follower = Operator::start(&ns.0, "op-b");
+    let p = Proxy::follow(&follower, &token, "proxy-1");
+    apply_examples(&ns.0);
+    wait_programmed(&ns.0, "modelroute/chat", 1).await;
+    wait_programmed(&ns.0, "apikey/team-a", 1).await;
+    assert_eq!(is_leader(&follower).await, 0.0, "op-b follows");
+    let connected = |op: &Operator| {
+        let url = format!("{}/metrics", op.admin_url);
+        async move {
+            metric(
+                &get(&url, None).await.text(),
+                "modelgate_operator_connected_proxies",
+                &[],
+            )
+        }
+    };
+    assert_eq!(
+        connected(&leader).await,
+        0.0,
+        "no proxy streams from the leader"
+    );
+    assert_eq!(connected(&follower).await, 1.0);
+    let r = p.chat(&team_a_key(&ns.0), "chat").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_survive_the_operator_and_one_replica_leads() {
     let _serial = serial().await;
