@@ -1,5 +1,5 @@
 # The few commands everyone runs. The README names the same ones.
-.PHONY: build run test test-deps lint fmt bench generate fuzz
+.PHONY: build run test test-cluster test-deps lint fmt bench generate fuzz images
 
 build:
 	cargo build --release --workspace --bins
@@ -11,15 +11,23 @@ run:
 test:
 	bash scripts/test.sh
 
+# The chart's pods on a single-node cluster with a real kubelet (after `make test` in CI).
+test-cluster:
+	bash scripts/test-cluster.sh
+
 test-deps:
 	bash scripts/test-deps.sh
+
+# Both container images FROM scratch (static binaries), as archives in target/images/.
+images:
+	bash scripts/images.sh
 
 generate:
 	cargo run -q -p modelgate-crds --bin crdgen
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 fmt:
 	cargo fmt --all

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Build the real kube-apiserver + kube-controller-manager v1.20.2 from Debian bookworm's
-# "kubernetes" source package (the only kube-apiserver obtainable here) with Debian's Go.
-# Cached by version: skips the build when <bin dir> already has both binaries.
-# Usage: k8s-build.sh <work dir> <bin dir>
+# Build real Kubernetes v1.20.2 binaries from Debian bookworm's "kubernetes" source package
+# (the only kube-apiserver obtainable here) with Debian's Go.
+# Usage: k8s-build.sh <work dir> <bin dir> [COMPONENT...]
+#   COMPONENTs are cmd/ names [default: kube-apiserver kube-controller-manager]; the word
+#   `pause` builds the kubelet's pause container binary (build/pause/linux/pause.c, static).
+# Cached by version: skips the build when <bin dir> already has every component.
 set -euo pipefail
-WORK=${1:?work dir}; BIN=${2:?bin dir}
+WORK=${1:?work dir}; BIN=${2:?bin dir}; shift 2
+COMPONENTS=("$@")
+[ ${#COMPONENTS[@]} -gt 0 ] || COMPONENTS=(kube-apiserver kube-controller-manager)
 mkdir -p "$WORK" "$BIN"; WORK=$(cd "$WORK" && pwd); BIN=$(cd "$BIN" && pwd)
-if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then
-  exit 0
-fi
+missing=0
+for c in "${COMPONENTS[@]}"; do [ -x "$BIN/$c" ] || missing=1; done
+[ "$missing" = 1 ] || exit 0
 export DEBIAN_FRONTEND=noninteractive
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+APT=(apt-get -o DPkg::Lock::Timeout=600)
 if ! apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Package: kubernetes'; then
   # deb-src entries mirror the machine's own deb entries
   sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
     | $SUDO tee /etc/apt/sources.list.d/debian-src.sources >/dev/null
-  $SUDO apt-get update -qq
+  $SUDO "${APT[@]}" update -qq
 fi
-$SUDO apt-get install -y -qq --no-install-recommends golang-go rsync jq make patch \
+$SUDO "${APT[@]}" install -y -qq --no-install-recommends golang-go rsync jq make patch gcc libc6-dev \
   golang-github-modern-go-reflect2-dev >/dev/null
 cd "$WORK"
 apt-get source --download-only kubernetes=1.20.5+really1.20.2-1.1+deb12u1 >/dev/null
@@ -31,7 +36,21 @@ for p in $(cat ../debian/patches/series); do patch -s -p1 <"../debian/patches/$p
 rm -rf vendor/github.com/modern-go/reflect2
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
 rm -f vendor/github.com/modern-go/reflect2/go.mod
-make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" KUBE_BUILD_PLATFORMS=linux/amd64 >/dev/null
-cp _output/bin/kube-apiserver _output/bin/kube-controller-manager "$BIN/"
+WHAT=
+for c in "${COMPONENTS[@]}"; do [ "$c" = pause ] || WHAT="$WHAT cmd/$c"; done
+if [ -n "$WHAT" ]; then
+  # GOPATH mode, as upstream's make does it (the tree's generated code needs it).
+  make WHAT="${WHAT# }" KUBE_BUILD_PLATFORMS=linux/amd64 >/dev/null
+fi
+for c in "${COMPONENTS[@]}"; do
+  if [ "$c" = pause ]; then
+    gcc -Os -Wall -Werror -static -DVERSION=v1.20.2-modelgate -o "$BIN/pause" build/pause/linux/pause.c
+  else
+    cp "_output/bin/$c" "$BIN/"
+  fi
+done
 cd "$WORK" && rm -rf kubernetes-1.20.2 debian kubernetes_*.tar.* kubernetes_*.dsc
-"$BIN/kube-apiserver" --version
+for c in "${COMPONENTS[@]}"; do
+  [ "$c" = pause ] && { echo "pause: static, $(stat -c %s "$BIN/pause") bytes"; continue; }
+  "$BIN/$c" --version 2>/dev/null | head -1 | sed "s/^/$c: /"
+done
