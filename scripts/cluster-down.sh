@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Undo scripts/cluster-up.sh: pods first (so the CNI plugins release their addresses), then
-# kubelet, kube-proxy, containerd and its shims, the control plane, DNS; then sweep what the
-# node leaves behind (mounts, network namespaces, the bridge, KUBE-/CNI- iptables chains) and
-# restore the sysctls the kubelet and the bridge changed. Usage: cluster-down.sh <state dir>
+# Undo scripts/cluster-up.sh: the node's agents first (so nothing restarts what goes next),
+# then every container (killed and deleted through containerd, so runc forgets them too),
+# containerd and its shims, the control plane, DNS; then sweep what the pods leave behind
+# (mounts, network namespaces, the bridge, KUBE-/CNI- iptables chains) and restore the sysctls
+# the kubelet and the bridge changed. Usage: cluster-down.sh <state dir>
 S=${1:?state dir}
 [ -d "$S" ] || exit 0
 S=$(cd "$S" && pwd)
@@ -14,28 +15,25 @@ stop() {
   kill -9 "$pid" 2>/dev/null
   rm -f "$f"
 }
-CTR=(ctr --address "$S/containerd.sock" -n k8s.io)
-if [ -S "$S/containerd.sock" ] && [ -f "$S/kubelet.pid" ]; then
-  # Every namespace's pods, without waiting for grace periods: the cluster is going away.
-  kubectl --kubeconfig "$S/kubeconfig" delete pods --all -A --grace-period=0 --force --wait=false >/dev/null 2>&1 || true
-  for _ in $(seq 1 150); do
-    [ -z "$(kubectl --kubeconfig "$S/kubeconfig" get pods -A -o name 2>/dev/null)" ] && break
-    # Controllers recreate pods: scale nothing down, just stop once the kubelet has torn down.
-    [ -z "$("${CTR[@]}" tasks ls -q 2>/dev/null)" ] && break
-    sleep 0.2
-  done
-fi
 stop dns-sync
 stop kubelet
 stop kube-proxy
 stop scheduler
-# Containers still running: kill their tasks, then containerd and the shims it started.
+# Pods and the images tests' containers: killed, then deleted (no grace: the cluster goes).
 if [ -S "$S/containerd.sock" ]; then
-  for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
-  sleep 0.5
+  for ns in $(ctr --address "$S/containerd.sock" namespaces ls -q 2>/dev/null); do
+    CTR=(ctr --address "$S/containerd.sock" -n "$ns")
+    for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
+    for _ in $(seq 1 50); do
+      "${CTR[@]}" tasks ls 2>/dev/null | grep -q RUNNING || break
+      sleep 0.1
+    done
+    for t in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks delete -f "$t" >/dev/null 2>&1; done
+    for c in $("${CTR[@]}" containers ls -q 2>/dev/null); do "${CTR[@]}" containers delete "$c" >/dev/null 2>&1; done
+  done
 fi
 stop containerd
-pkill -9 -f "containerd-shim-runc-v2 -namespace k8s.io .*-address $S/containerd.sock" 2>/dev/null
+pkill -9 -f "containerd-shim-runc-v2 .*-address $S/containerd.sock" 2>/dev/null
 stop dnsmasq
 stop kcm
 stop apiserver
@@ -61,6 +59,7 @@ if [ -f "$S/sysctls.orig" ]; then
   while IFS== read -r k v; do [ -n "$v" ] && sysctl -qw "$k=$v" >/dev/null 2>&1; done <"$S/sysctls.orig"
 fi
 rm -rf /var/log/pods/* 2>/dev/null
+rmdir /run/containerd/runc/* 2>/dev/null   # runc's per-namespace state, empty once all is deleted
 # The state holds overlay snapshots and kubelet volumes: remove it once nothing is mounted.
 rm -rf "$S" 2>/dev/null || echo "cluster-down: could not remove all of $S"
 exit 0

@@ -40,5 +40,5 @@ export MODELGATE_HELM="$TOOLS/bin/helm"
 export MODELGATE_KUBERNETES_VALIDATE="$ROOT/.venv/bin/kubernetes-validate"
 export MODELGATE_CONTAINERD="$STATE/containerd.sock"
 export MODELGATE_IMAGES="$ROOT/target/images"
-cargo test -p modelgate-tests --features cluster --test images --test cluster -- --test-threads=1
+cargo test -p modelgate-tests --features cluster --test images --test cluster -- --test-threads=1 --nocapture
 echo "test-cluster: done after $(since)"

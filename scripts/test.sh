@@ -2,8 +2,9 @@
 # The test command (README: `make test`). On a fresh machine it installs what the tests
 # need, builds the real kube-apiserver once (cached by version outside the repository),
 # starts etcd + kube-apiserver + kube-controller-manager on 127.0.0.1, runs every test of
-# the workspace, and stops the cluster again. Each test starts its own mock upstreams,
-# proxies and operators on 127.0.0.1 and stops them itself.
+# the workspace, and stops the cluster again; then the tests that need real pods on a
+# single-node cluster (scripts/test-cluster.sh, also `make test-cluster` alone). Each test
+# starts its own mock upstreams, proxies and operators on 127.0.0.1 and stops them itself.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -30,3 +31,5 @@ cargo build --workspace --bins --quiet
 cargo test --workspace
 # A short bounded fuzz pass, 30 s per target (`make fuzz` runs each for 10 minutes).
 bash scripts/fuzz.sh 30
+# The chart's pods on a node of their own (`make test-cluster`): images, kubelet, containerd.
+bash scripts/test-cluster.sh

@@ -72,6 +72,15 @@ fn pods_ready(ns: &str) -> Option<Vec<String>> {
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_with_default_values_serves_the_openai_sdk_through_the_proxy_service() {
     let chart = repo_root().join("charts/modelgate").display().to_string();
+    // A rerun on the same node starts from nothing.
+    helm_ok(&[
+        "uninstall",
+        RELEASE,
+        "-n",
+        NS,
+        "--ignore-not-found",
+        "--wait",
+    ]);
     let t0 = Instant::now();
     helm_ok(&[
         "install",
