@@ -5,8 +5,15 @@
 //! find the operator by its Service's DNS name and prove who they are with their projected
 //! ServiceAccount token.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use modelgate_tests::harness::*;
 use modelgate_tests::k8s::*;
 
@@ -193,4 +200,283 @@ async fn helm_install_with_default_values_serves_the_openai_sdk_through_the_prox
         programmed.as_secs_f64(),
         t2.elapsed().as_secs_f64()
     );
+}
+
+/// The namespace where the failover tests keep the examples.
+const APPS: &str = "apps";
+
+/// The chart installed with default values and the examples Programmed in `apps`, from an
+/// earlier test or now; returns the proxy Service's base URL.
+async fn installed() -> String {
+    let chart = repo_root().join("charts/modelgate").display().to_string();
+    let status = run(&helm_bin(), &["status", RELEASE, "-n", NS], None, &[]);
+    if !status.status.success() {
+        helm_ok(&[
+            "install",
+            RELEASE,
+            &chart,
+            "-n",
+            NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "300s",
+        ]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pods_ready(NS).is_none_or(|p| p.len() != 4) {
+        assert!(
+            Instant::now() < deadline,
+            "pods not Ready:\n{}",
+            describe(NS)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = kubectl(&["create", "namespace", APPS], None);
+    let examples = repo_root().join("examples/k8s");
+    for f in ["secrets.yaml", "modelroute.yaml", "apikey.yaml"] {
+        kubectl_ok(
+            &[
+                "apply",
+                "-n",
+                APPS,
+                "-f",
+                &examples.join(f).display().to_string(),
+            ],
+            None,
+        );
+    }
+    // A key without limits for the load: the examples' keys are rate limited.
+    kubectl_ok(&["apply", "-n", APPS, "-f", "-"], Some(LOAD_KEY_YAML));
+    for what in ["modelroute/chat", "apikey/load"] {
+        wait_jsonpath(
+            APPS,
+            what,
+            r#"{.status.conditions[?(@.type=="Programmed")].status}"#,
+            "True",
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    let ip = jsonpath(NS, "service/modelgate-proxy", "{.spec.clusterIP}");
+    let port = jsonpath(
+        NS,
+        "service/modelgate-proxy",
+        r#"{.spec.ports[?(@.name=="api")].port}"#,
+    );
+    format!("http://{ip}:{port}")
+}
+
+/// The raw key of the `load` ApiKey.
+const LOAD_KEY: &str = "sk-cluster-load-0123456789abcdef";
+const LOAD_KEY_YAML: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata:
+  name: load-key
+  labels: {modelgate.dev/credential: "true"}
+type: Opaque
+stringData: {key: sk-cluster-load-0123456789abcdef}
+---
+apiVersion: modelgate.dev/v1alpha1
+kind: ApiKey
+metadata: {name: load}
+spec:
+  secretRef: {name: load-key, key: key}
+  models: ["chat"]
+"#;
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: u64,
+    ok: u64,
+    /// Requests that got no response at all (connection refused or reset before an answer)
+    /// and were sent again, as every SDK does.
+    retried: u64,
+    failed: Vec<String>,
+}
+
+/// Clients sending chat completions (every other one streamed) through the proxy Service
+/// until stopped; keep-alive connections, as SDKs keep them.
+struct Load {
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Tally {
+    fn assert_none_failed(&self) {
+        assert!(self.ok > 0, "nothing answered");
+        assert!(
+            self.failed.is_empty(),
+            "{} of {} requests failed; the first: {:?}",
+            self.failed.len(),
+            self.sent,
+            &self.failed[..self.failed.len().min(5)]
+        );
+    }
+}
+
+impl Load {
+    fn start(base: &str, key: &str, workers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|i| {
+                let (stop, url, key) = (
+                    stop.clone(),
+                    format!("{base}/v1/chat/completions"),
+                    key.to_owned(),
+                );
+                tokio::spawn(async move { load_worker(&url, &key, i % 2 == 1, &stop).await })
+            })
+            .collect();
+        Self { stop, workers }
+    }
+
+    async fn stop(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Tally::default();
+        for w in self.workers {
+            let t = w.await.unwrap();
+            all.sent += t.sent;
+            all.ok += t.ok;
+            all.retried += t.retried;
+            all.failed.extend(t.failed);
+        }
+        all
+    }
+}
+
+async fn load_worker(url: &str, key: &str, stream: bool, stop: &AtomicBool) -> Tally {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(Duration::from_secs(5)));
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(c);
+    let body = Bytes::from(serde_json::to_vec(&chat("chat", stream)).unwrap());
+    let mut t = Tally::default();
+    while !stop.load(Ordering::Relaxed) {
+        // A steady, modest rate (about 40 requests a second per worker): the point is to
+        // be in flight when pods go, not to saturate a 2-core node.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        t.sent += 1;
+        let mut attempts = 0;
+        let outcome = loop {
+            attempts += 1;
+            let req = request(http::Method::POST, url, Some(key), body.clone());
+            match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+                Err(_) => break Err("no response within 30 s".to_owned()),
+                // No answer at all: safe to send again (nothing reached a model).
+                Ok(Err(e)) if attempts < 5 => {
+                    t.retried += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Err(e)) => break Err(format!("no response after {attempts} attempts: {e}")),
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    let text = match resp.into_body().collect().await {
+                        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+                        Err(e) => break Err(format!("{status}, body broken: {e}")),
+                    };
+                    let whole = if stream {
+                        text.trim_end().ends_with("data: [DONE]")
+                    } else {
+                        text.contains("\"choices\"")
+                    };
+                    break if status.is_success() && whole {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{status}: {}",
+                            text.chars().take(200).collect::<String>()
+                        ))
+                    };
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => t.ok += 1,
+            Err(e) => t.failed.push(e),
+        }
+    }
+    t
+}
+
+fn lease_holder() -> String {
+    jsonpath(NS, "lease", "{.items[*].spec.holderIdentity}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_the_leader_operator_pod_hands_over_the_lease_and_traffic_never_stops() {
+    let base = installed().await;
+    let leader = lease_holder();
+    assert!(!leader.is_empty(), "a leader holds the Lease");
+    let load = Load::start(&base, LOAD_KEY, 8);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let t0 = Instant::now();
+    kubectl_ok(&["delete", "pod", &leader, "-n", NS, "--wait=false"], None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let new_leader = loop {
+        let holder = lease_holder();
+        if !holder.is_empty() && holder != leader {
+            break holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader: {holder:?}\n{}",
+            describe(NS)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let handover = t0.elapsed();
+
+    // The new leader writes status: a change becomes Programmed at its new generation.
+    kubectl_ok(
+        &[
+            "patch",
+            "modelroute",
+            "chat",
+            "-n",
+            APPS,
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/backends/0/weight","value":70}]"#,
+        ],
+        None,
+    );
+    let generation = jsonpath(APPS, "modelroute/chat", "{.metadata.generation}");
+    wait_jsonpath(
+        APPS,
+        "modelroute/chat",
+        r#"{.status.conditions[?(@.type=="Programmed")].observedGeneration} {.status.conditions[?(@.type=="Programmed")].status}"#,
+        &format!("{generation} True"),
+        Duration::from_secs(60),
+    )
+    .await;
+    let programmed = t0.elapsed();
+    // The Deployment brings the second replica back while traffic goes on.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pods_ready(NS).is_none_or(|p| p.len() != 4) {
+        assert!(
+            Instant::now() < deadline,
+            "no replacement:\n{}",
+            describe(NS)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tally = load.stop().await;
+    println!(
+        "failover: leader {leader} deleted; {new_leader} held the Lease after {:.2} s; a route \
+         change Programmed {:.2} s after the deletion; {} requests sent, {} answered, {} failed, \
+         {} resent after no answer",
+        handover.as_secs_f64(),
+        programmed.as_secs_f64(),
+        tally.sent,
+        tally.ok,
+        tally.failed.len(),
+        tally.retried
+    );
+    tally.assert_none_failed();
 }
