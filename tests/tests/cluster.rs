@@ -248,7 +248,7 @@ async fn installed() -> String {
     }
     // A key without limits for the load: the examples' keys are rate limited.
     kubectl_ok(&["apply", "-n", APPS, "-f", "-"], Some(LOAD_KEY_YAML));
-    for what in ["modelroute/chat", "apikey/load"] {
+    for what in ["modelroute/chat", "modelroute/slow", "apikey/load"] {
         wait_jsonpath(
             APPS,
             what,
@@ -283,7 +283,19 @@ kind: ApiKey
 metadata: {name: load}
 spec:
   secretRef: {name: load-key, key: key}
-  models: ["chat"]
+  models: ["chat", "slow"]
+---
+# Long streams (about 2 s each), so that pods go while streams are in flight.
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: slow}
+spec:
+  model: slow
+  backends:
+    - name: mock
+      provider: mock
+      model: mock-slow
+      mock: {latency: 20ms, outputTokens: 40, chunkDelay: 50ms}
 "#;
 
 /// What a load run saw.
@@ -318,16 +330,20 @@ impl Tally {
 }
 
 impl Load {
-    fn start(base: &str, key: &str, workers: usize) -> Self {
+    /// `workers` clients on `model`; with `all_streams` every request streams, else every
+    /// other client does.
+    fn start(base: &str, key: &str, model: &str, workers: usize, all_streams: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..workers)
             .map(|i| {
-                let (stop, url, key) = (
+                let (stop, url, key, model) = (
                     stop.clone(),
                     format!("{base}/v1/chat/completions"),
                     key.to_owned(),
+                    model.to_owned(),
                 );
-                tokio::spawn(async move { load_worker(&url, &key, i % 2 == 1, &stop).await })
+                let stream = all_streams || i % 2 == 1;
+                tokio::spawn(async move { load_worker(&url, &key, &model, stream, &stop).await })
             })
             .collect();
         Self { stop, workers }
@@ -347,12 +363,12 @@ impl Load {
     }
 }
 
-async fn load_worker(url: &str, key: &str, stream: bool, stop: &AtomicBool) -> Tally {
+async fn load_worker(url: &str, key: &str, model: &str, stream: bool, stop: &AtomicBool) -> Tally {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     c.set_connect_timeout(Some(Duration::from_secs(5)));
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(c);
-    let body = Bytes::from(serde_json::to_vec(&chat("chat", stream)).unwrap());
+    let body = Bytes::from(serde_json::to_vec(&chat(model, stream)).unwrap());
     let mut t = Tally::default();
     while !stop.load(Ordering::Relaxed) {
         // A steady, modest rate (about 40 requests a second per worker): the point is to
@@ -411,7 +427,7 @@ async fn deleting_the_leader_operator_pod_hands_over_the_lease_and_traffic_never
     let base = installed().await;
     let leader = lease_holder();
     assert!(!leader.is_empty(), "a leader holds the Lease");
-    let load = Load::start(&base, LOAD_KEY, 8);
+    let load = Load::start(&base, LOAD_KEY, "chat", 8, false);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let t0 = Instant::now();
@@ -473,6 +489,57 @@ async fn deleting_the_leader_operator_pod_hands_over_the_lease_and_traffic_never
          {} resent after no answer",
         handover.as_secs_f64(),
         programmed.as_secs_f64(),
+        tally.sent,
+        tally.ok,
+        tally.failed.len(),
+        tally.retried
+    );
+    tally.assert_none_failed();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_proxy_pod_under_load_lets_its_streams_finish_and_loses_no_request() {
+    let base = installed().await;
+    // Streams of about 2 s each on 12 clients: a proxy always has some in flight.
+    let load = Load::start(&base, LOAD_KEY, "slow", 12, true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = pods_ready(NS).expect("pods Ready");
+    let victim = before
+        .iter()
+        .find(|p| p.contains("-proxy-"))
+        .unwrap()
+        .clone();
+    let t0 = Instant::now();
+    kubectl_ok(&["delete", "pod", &victim, "-n", NS, "--wait=false"], None);
+    // Gone (drain delay, then its streams end), and a replacement Ready.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let gone = loop {
+        let left = kubectl(&["get", "pod", &victim, "-n", NS], None);
+        if !left.status.success() {
+            break t0.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{victim} never went\n{}",
+            describe(NS)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    while pods_ready(NS).is_none_or(|p| p.len() != 4 || p.contains(&victim)) {
+        assert!(
+            Instant::now() < deadline,
+            "no replacement:\n{}",
+            describe(NS)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tally = load.stop().await;
+    println!(
+        "drain: proxy {victim} deleted under {} streaming clients; gone after {:.1} s; {} \
+         streams sent, {} finished whole, {} failed, {} resent after no answer",
+        12,
+        gone.as_secs_f64(),
         tally.sent,
         tally.ok,
         tally.failed.len(),
