@@ -547,3 +547,129 @@ async fn deleting_a_proxy_pod_under_load_lets_its_streams_finish_and_loses_no_re
     );
     tally.assert_none_failed();
 }
+
+/// `ctr` on the node's containerd, in the kubelet's namespace.
+fn node_ctr(args: &[&str]) -> String {
+    let socket = std::env::var("MODELGATE_CONTAINERD")
+        .expect("MODELGATE_CONTAINERD is not set: run `make test-cluster`");
+    let out = std::process::Command::new("ctr")
+        .args(["--address", &socket, "-n", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("run ctr");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_upgrade_to_a_new_image_tag_rolls_every_pod_under_load_without_a_failed_request() {
+    let base = installed().await;
+    // The same build under a new tag, as a release pipeline would push it: the rollout is
+    // what is tested (both Deployments change their pod template).
+    let chart_yaml =
+        std::fs::read_to_string(repo_root().join("charts/modelgate/Chart.yaml")).unwrap();
+    let tag = chart_yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_owned();
+    let new_tag = format!("{tag}-upgrade");
+    for name in ["modelgate-dataplane", "modelgate-operator"] {
+        let new = format!("ghcr.io/modelgate/{name}:{new_tag}");
+        let _ = std::process::Command::new("ctr")
+            .args(["--address", &std::env::var("MODELGATE_CONTAINERD").unwrap()])
+            .args(["-n", "k8s.io", "images", "rm", &new])
+            .output();
+        node_ctr(&[
+            "images",
+            "tag",
+            &format!("ghcr.io/modelgate/{name}:{tag}"),
+            &new,
+        ]);
+    }
+    let old_pods = pods_ready(NS).expect("pods Ready");
+    let chat_load = Load::start(&base, LOAD_KEY, "chat", 6, false);
+    let stream_load = Load::start(&base, LOAD_KEY, "slow", 6, true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let t0 = Instant::now();
+    let chart = repo_root().join("charts/modelgate").display().to_string();
+    helm_ok(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "-n",
+        NS,
+        "--reuse-values",
+        "--set",
+        &format!("image.tag={new_tag}"),
+        "--wait",
+        "--timeout",
+        "300s",
+    ]);
+    // Every pod replaced, Ready, on the new tag.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let images = jsonpath(NS, "pods", "{.items[*].spec.containers[*].image}");
+        let ready = pods_ready(NS);
+        if let Some(pods) = &ready
+            && pods.len() == 4
+            && pods.iter().all(|p| !old_pods.contains(p))
+            && images
+                .split_whitespace()
+                .all(|i| i.ends_with(&format!(":{new_tag}")))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rollout incomplete: {images}\n{}",
+            describe(NS)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rolled = t0.elapsed();
+    // The new operators program the new proxies: a change reaches Programmed.
+    kubectl_ok(
+        &[
+            "patch",
+            "modelroute",
+            "chat",
+            "-n",
+            APPS,
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/backends/0/weight","value":60}]"#,
+        ],
+        None,
+    );
+    let generation = jsonpath(APPS, "modelroute/chat", "{.metadata.generation}");
+    wait_jsonpath(
+        APPS,
+        "modelroute/chat",
+        r#"{.status.conditions[?(@.type=="Programmed")].observedGeneration} {.status.conditions[?(@.type=="Programmed")].status}"#,
+        &format!("{generation} True"),
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (chats, streams) = (chat_load.stop().await, stream_load.stop().await);
+    println!(
+        "upgrade: helm upgrade to {new_tag}, 4 pods replaced in {:.1} s; {} requests ({} \
+         streams) sent, {} answered, {} failed, {} resent after no answer",
+        rolled.as_secs_f64(),
+        chats.sent + streams.sent,
+        streams.sent,
+        chats.ok + streams.ok,
+        chats.failed.len() + streams.failed.len(),
+        chats.retried + streams.retried
+    );
+    chats.assert_none_failed();
+    streams.assert_none_failed();
+}
