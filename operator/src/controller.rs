@@ -73,12 +73,13 @@ impl Release {
             at: self.at,
         });
         {
+            // A version seen before (a change reverted, or a spec edit that compiles to the
+            // same snapshot) now stands for newer generations: the newest entry wins.
             let mut h = lock(&shared.history);
-            if !h.iter().any(|p| p.version == published.version) {
-                h.push_back(published.clone());
-                while h.len() > HISTORY {
-                    h.pop_front();
-                }
+            h.retain(|p| p.version != published.version);
+            h.push_back(published.clone());
+            while h.len() > HISTORY {
+                h.pop_front();
             }
         }
         lock(&self.views).insert(view.clone(), published.clone());
@@ -359,14 +360,20 @@ impl Shared {
         }
         let version = compiled.spec.version.clone().unwrap_or_default();
         let epoch = self.namespaces_epoch.load(Ordering::Relaxed);
-        let changed = self
-            .published
-            .borrow()
-            .as_ref()
-            .is_none_or(|p| p.version != version || p.namespaces_epoch != epoch);
+        // Also when only generations moved (an edit that compiles to the same snapshot, or a
+        // change reverted): proxies already run that version and get nothing new, but the
+        // release then says which generations it holds, so status can say Programmed.
+        let (new_version, changed) = match self.published.borrow().as_ref() {
+            None => (true, true),
+            Some(p) => (
+                p.version != version,
+                p.version != version
+                    || p.namespaces_epoch != epoch
+                    || p.compiled.generations != compiled.generations,
+            ),
+        };
         let compiled = Arc::new(compiled);
         if changed {
-            self.metrics.snapshots_published.inc();
             let release = Arc::new(Release {
                 version: version.clone(),
                 namespaces_epoch: epoch,
@@ -375,13 +382,16 @@ impl Shared {
                 views: Mutex::default(),
             });
             self.published.send_replace(Some(release));
-            tracing::info!(
-                version = %version,
-                routes = compiled.spec.routes.len(),
-                keys = compiled.spec.keys.len(),
-                took_ms = started.elapsed().as_secs_f64() * 1e3,
-                "snapshot published"
-            );
+            if new_version {
+                self.metrics.snapshots_published.inc();
+                tracing::info!(
+                    version = %version,
+                    routes = compiled.spec.routes.len(),
+                    keys = compiled.spec.keys.len(),
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "snapshot published"
+                );
+            }
         }
         *lock(&self.compiled) = compiled;
         self.status_wake.notify_one();

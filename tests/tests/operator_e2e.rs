@@ -334,6 +334,56 @@ spec:
     );
 }
 
+/// A change reverted (GitOps rolls back) compiles to a snapshot the proxies already ran: the
+/// new generation is Programmed all the same. (Found on the cluster with real pods: a route
+/// re-applied with its original weight stayed Pending forever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverted_change_is_programmed_at_its_new_generation() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-revert");
+    let op = Operator::start(&ns.0, "op-a");
+    let token = gateway_token(&ns.0);
+    let _p = Proxy::follow(&op, &token, "proxy-1");
+    apply_examples(&ns.0);
+    wait_programmed(&ns.0, "modelroute/chat", 1).await;
+    let weight = |w: u32| {
+        kubectl_ok(
+            &[
+                "patch",
+                "modelroute",
+                "chat",
+                "-n",
+                &ns.0,
+                "--type=json",
+                "-p",
+                &format!(r#"[{{"op":"replace","path":"/spec/backends/0/weight","value":{w}}}]"#),
+            ],
+            None,
+        );
+        jsonpath(&ns.0, "modelroute/chat", "{.metadata.generation}")
+    };
+    let programmed_at = |generation: String| {
+        let ns = ns.0.clone();
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                &format!("Programmed at generation {generation}"),
+                || async {
+                    jsonpath(
+                        &ns,
+                        "modelroute/chat",
+                        r#"{.status.conditions[?(@.type=="Programmed")].observedGeneration} {.status.conditions[?(@.type=="Programmed")].status}"#,
+                    ) == format!("{generation} True")
+                },
+            )
+            .await
+        }
+    };
+    programmed_at(weight(10)).await;
+    // Back to the examples' weight: the snapshot of the first generation, again.
+    programmed_at(weight(80)).await;
+}
+
 /// Behind a Service, every proxy may stream from a replica that does not lead: the leader,
 /// with no proxy of its own, still reads their acknowledgements and writes Programmed. (Found
 /// on the first cluster with real pods: both proxies on the follower, routes Pending forever.)
