@@ -12,8 +12,9 @@
 # :53); pods live on the CNI bridge `cni0` in 10.88.0.0/16; Services in 10.96.0.0/24 through
 # kube-proxy's iptables rules. Cluster DNS is dnsmasq answering `<svc>.<ns>.svc.cluster.local`
 # from records a loop here writes from the Services. Images cannot be pulled: the pause image
-# is built FROM scratch and every archive given is imported into containerd's `k8s.io`
-# namespace (pods use imagePullPolicy IfNotPresent or Never).
+# is built FROM scratch (and a static busybox image for test applications), and every archive
+# given is imported into containerd's `k8s.io` namespace (pods use imagePullPolicy
+# IfNotPresent or Never).
 #
 # Writes <state>/kubeconfig (cluster admin) and PID files; scripts/cluster-down.sh undoes all of
 # it. Prints the time to a Ready node.
@@ -26,6 +27,8 @@ POD_CIDR=10.88.0.0/16
 SVC_CIDR=10.96.0.0/24
 NODE_NAME=modelgate-node
 PAUSE_IMAGE=localhost/modelgate-rig/pause:1.20.2
+# An application container for tests (the sidecar example's app): Debian's static busybox.
+APP_IMAGE=localhost/modelgate-rig/busybox:1.35
 T0=$(date +%s%N)
 ms() { echo $(( ($(date +%s%N) - T0) / 1000000 )); }
 
@@ -33,10 +36,14 @@ export DEBIAN_FRONTEND=noninteractive
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 PKGS=()
 for p in etcd:etcd-server containerd:containerd runc:runc iptables:iptables conntrack:conntrack \
-         dnsmasq:dnsmasq-base buildah:buildah openssl:openssl; do
+         dnsmasq:dnsmasq-base buildah:buildah openssl:openssl busybox:busybox-static; do
   command -v "${p%%:*}" >/dev/null || PKGS+=("${p#*:}")
 done
 [ -x /usr/lib/cni/bridge ] || PKGS+=(containernetworking-plugins)
+# The busybox image needs the static build (Debian's `busybox` package is dynamic).
+if command -v busybox >/dev/null && readelf -l "$(command -v busybox)" | grep -q 'program interpreter'; then
+  PKGS+=(busybox-static)
+fi
 if [ ${#PKGS[@]} -gt 0 ]; then
   echo "cluster-up: installing ${PKGS[*]}"
   $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null 2>&1 || {
@@ -164,7 +171,14 @@ if [ ! -f "$S/images/pause.tar" ]; then
   buildah --storage-driver vfs bud --quiet --layers=false -t "$PAUSE_IMAGE" -f "$S/images/Containerfile" "$S/images" >/dev/null
   buildah --storage-driver vfs push --quiet "$PAUSE_IMAGE" "docker-archive:$S/images/pause.tar:$PAUSE_IMAGE"
 fi
-for archive in "$S/images/pause.tar" "$@"; do
+if [ ! -f "$S/images/busybox.tar" ]; then
+  mkdir -p "$S/images/busybox"
+  cp "$(command -v busybox)" "$S/images/busybox/busybox"
+  printf 'FROM scratch\nCOPY busybox /bin/busybox\nUSER 65534:65534\nENTRYPOINT ["/bin/busybox"]\n' >"$S/images/busybox/Containerfile"
+  buildah --storage-driver vfs bud --quiet --layers=false -t "$APP_IMAGE" -f "$S/images/busybox/Containerfile" "$S/images/busybox" >/dev/null
+  buildah --storage-driver vfs push --quiet "$APP_IMAGE" "docker-archive:$S/images/busybox.tar:$APP_IMAGE"
+fi
+for archive in "$S/images/pause.tar" "$S/images/busybox.tar" "$@"; do
   "${CTR[@]}" images import "$archive" >/dev/null
 done
 "${CTR[@]}" images ls -q | grep -v '^sha256:' | sed 's/^/cluster-up: image /'

@@ -79,7 +79,8 @@ fn pods_ready(ns: &str) -> Option<Vec<String>> {
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_with_default_values_serves_the_openai_sdk_through_the_proxy_service() {
     let chart = repo_root().join("charts/modelgate").display().to_string();
-    // A rerun on the same node starts from nothing.
+    // Starts from nothing: no release, and no `apps` of the other tests (the examples' raw
+    // keys must be unique across the cluster).
     helm_ok(&[
         "uninstall",
         RELEASE,
@@ -88,6 +89,17 @@ async fn helm_install_with_default_values_serves_the_openai_sdk_through_the_prox
         "--ignore-not-found",
         "--wait",
     ]);
+    let _ = kubectl(
+        &[
+            "delete",
+            "namespace",
+            APPS,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=180s",
+        ],
+        None,
+    );
     let t0 = Instant::now();
     helm_ok(&[
         "install",
@@ -672,4 +684,153 @@ async fn helm_upgrade_to_a_new_image_tag_rolls_every_pod_under_load_without_a_fa
     );
     chats.assert_none_failed();
     streams.assert_none_failed();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sidecar_examples_app_reaches_its_proxy_on_localhost() {
+    installed().await;
+    // The example as a user applies it, with one change: its app image (python) cannot be
+    // pulled here, so the app container is the rig's static busybox, which sleeps.
+    let example = std::fs::read_to_string(
+        repo_root().join("examples/k8s/sidecar/app-with-proxy-sidecar.yaml"),
+    )
+    .unwrap();
+    assert!(
+        example.contains("image: python:3.12-slim")
+            && example.contains(r#"command: ["sleep", "infinity"]"#)
+    );
+    let manifest = example
+        .replace(
+            "image: python:3.12-slim",
+            "image: localhost/modelgate-rig/busybox:1.35",
+        )
+        .replace(
+            r#"command: ["sleep", "infinity"]"#,
+            r#"command: ["/bin/busybox", "sleep", "86400"]"#,
+        );
+    // A namespace of its own per run: a namespace deleted and created again at once did not
+    // get its modelgate-ca ConfigMap back (open; docs/test-cluster.md).
+    let ns = format!("my-app-{}", std::process::id());
+    let manifest = manifest
+        .replace("name: my-app\n  labels:", &format!("name: {ns}\n  labels:"))
+        .replace("namespace: my-app\n", &format!("namespace: {ns}\n"));
+    let _cleanup = Namespace(ns.clone());
+    let ns = ns.as_str();
+    // Raw keys are unique across the cluster, and the example's team-a key is in other
+    // tests' namespaces too: this run's app gets a key of its own.
+    let example_key = "c2stdGVhbS1hLWV4YW1wbGUtMDEyMzQ1Njc4OWFiY2RlZg==";
+    assert!(manifest.contains(example_key));
+    let own_key = format!("sk-sidecar-{}-0123456789abcdef", std::process::id());
+    let manifest = manifest.replace(example_key, &base64(own_key.as_bytes()));
+    let examples = repo_root().join("examples/k8s");
+    // The route's fallback credential from the examples' Secrets first, then the example
+    // (its team-a-key, with this run's key, replaces theirs before any pod reads it).
+    kubectl_ok(&["create", "namespace", ns], None);
+    let secrets = examples.join("secrets.yaml").display().to_string();
+    kubectl_ok(&["apply", "-n", ns, "-f", &secrets], None);
+    kubectl_ok(&["apply", "-f", "-"], Some(&manifest));
+    for f in ["modelroute.yaml", "apikey.yaml"] {
+        kubectl_ok(
+            &[
+                "apply",
+                "-n",
+                ns,
+                "-f",
+                &examples.join(f).display().to_string(),
+            ],
+            None,
+        );
+    }
+    let t0 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pods = loop {
+        if let Some(p) = pods_ready(ns)
+            && p.len() == 2
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidecar pods not Ready:\n{}",
+            describe(ns)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ready = t0.elapsed();
+    for what in ["modelroute/chat", "apikey/team-a"] {
+        wait_jsonpath(
+            ns,
+            what,
+            r#"{.status.conditions[?(@.type=="Programmed")].status}"#,
+            "True",
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    // From the app container: the OpenAI API on 127.0.0.1:8080, with the key the example
+    // hands the app in OPENAI_API_KEY. (busybox nc stops reading when its input ends, so the
+    // input stays open until the proxy has answered and closed the HTTP/1.0 connection.)
+    let script = r#"body='{"model":"chat","messages":[{"role":"user","content":"hi"}]}'
+{ printf 'POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' "$OPENAI_API_KEY" "${#body}" "$body"; /bin/busybox sleep 5; } | /bin/busybox nc 127.0.0.1 8080"#;
+    for pod in &pods {
+        let answer = kubectl_ok(
+            &[
+                "exec",
+                "-n",
+                ns,
+                pod,
+                "-c",
+                "app",
+                "--",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                script,
+            ],
+            None,
+        );
+        assert!(
+            answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+            "{pod}: {answer}"
+        );
+        assert!(answer.contains("\"choices\""), "{pod}: {answer}");
+    }
+    // The API listens on the pod's loopback only: not on the pod's address.
+    let ip = jsonpath(ns, &format!("pod/{}", pods[0]), "{.status.podIP}");
+    let outside = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(format!("{ip}:8080")),
+    )
+    .await;
+    assert!(
+        !matches!(outside, Ok(Ok(_))),
+        "the sidecar's API answers on {ip}:8080"
+    );
+    println!(
+        "sidecar: 2 app pods with a proxy each Ready {:.1} s after apply; each app got an \
+         answer from 127.0.0.1:8080",
+        ready.as_secs_f64()
+    );
+}
+
+/// Standard base64 (for a Secret's `data`).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
