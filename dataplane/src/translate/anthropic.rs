@@ -1349,7 +1349,8 @@ fn kind_of(status: u16, error_type: &str, message: &str) -> ErrorKind {
 }
 
 fn api_error(status: u16, error_type: &str, message: Option<&str>) -> ApiError {
-    let message = match message {
+    // An empty `message` says nothing either (found by the fuzzer): the client gets words.
+    let message = match message.filter(|m| !m.is_empty()) {
         Some(m) => super::clip(m, MAX_UPSTREAM_MESSAGE_BYTES).to_owned(),
         None => format!("the upstream answered {status} without an Anthropic error body"),
     };
@@ -2616,6 +2617,21 @@ mod tests {
                 insta::assert_debug_snapshot!(error_in(status, &body));
             }
         );
+    }
+
+    /// Found by the fuzzer: an empty message (beside a field of invalid UTF-8, which serde
+    /// skips unread) gave the client an error without words.
+    #[test]
+    fn an_empty_message_is_no_message() {
+        let body = b"{\"error\":{\"message\":\"\",\"code\":\"rate\xf3\xf3limited\"}}";
+        let e = error_in(2365, body);
+        assert_eq!(e.status, 2365);
+        assert!(!e.message.is_empty(), "{e:?}");
+        let e = error_in(
+            400,
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":""}}"#,
+        );
+        assert!(e.message.contains("400"), "{e:?}");
     }
 
     #[test]
