@@ -69,6 +69,18 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The chart's appVersion: the tag `make images` gives both images.
+pub fn chart_app_version() -> String {
+    let chart = std::fs::read_to_string(repo_root().join("charts/modelgate/Chart.yaml")).unwrap();
+    chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .expect("appVersion")
+        .trim()
+        .trim_matches('"')
+        .to_owned()
+}
+
 /// A fresh directory under the system temp dir (removed when the test's Proxy drops).
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);

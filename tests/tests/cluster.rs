@@ -76,6 +76,55 @@ fn pods_ready(ns: &str) -> Option<Vec<String>> {
     (!names.is_empty()).then_some(names)
 }
 
+/// Waits until the namespace's pods are all Ready (`pods_ready`) and `done` holds for their
+/// names; returns the names.
+async fn wait_pods(
+    ns: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(p) = pods_ready(ns)
+            && done(&p)
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{}", describe(ns));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Changes the `chat` route of `apps` (its first backend's weight) and waits until that
+/// generation is Programmed.
+async fn reweigh_chat(weight: u32) {
+    let patch =
+        format!(r#"[{{"op":"replace","path":"/spec/backends/0/weight","value":{weight}}}]"#);
+    kubectl_ok(
+        &[
+            "patch",
+            "modelroute",
+            "chat",
+            "-n",
+            APPS,
+            "--type=json",
+            "-p",
+            &patch,
+        ],
+        None,
+    );
+    let generation = jsonpath(APPS, "modelroute/chat", "{.metadata.generation}");
+    wait_jsonpath(
+        APPS,
+        "modelroute/chat",
+        r#"{.status.conditions[?(@.type=="Programmed")].observedGeneration} {.status.conditions[?(@.type=="Programmed")].status}"#,
+        &format!("{generation} True"),
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_with_default_values_serves_the_openai_sdk_through_the_proxy_service() {
     let chart = repo_root().join("charts/modelgate").display().to_string();
@@ -112,18 +161,7 @@ async fn helm_install_with_default_values_serves_the_openai_sdk_through_the_prox
         "--timeout",
         "300s",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let pods = loop {
-        if let Some(p) = pods_ready(NS) {
-            break p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pods not Ready:\n{}",
-            describe(NS)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let pods = wait_pods(NS, "pods not Ready", Duration::from_secs(120), |_| true).await;
     let installed = t0.elapsed();
     // Two operators (leader election) and two proxies by default.
     assert_eq!(
@@ -235,15 +273,10 @@ async fn installed() -> String {
             "300s",
         ]);
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pods_ready(NS).is_none_or(|p| p.len() != 4) {
-        assert!(
-            Instant::now() < deadline,
-            "pods not Ready:\n{}",
-            describe(NS)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_pods(NS, "pods not Ready", Duration::from_secs(120), |p| {
+        p.len() == 4
+    })
+    .await;
     let _ = kubectl(&["create", "namespace", APPS], None);
     let examples = repo_root().join("examples/k8s");
     for f in ["secrets.yaml", "modelroute.yaml", "apikey.yaml"] {
@@ -460,39 +493,13 @@ async fn deleting_the_leader_operator_pod_hands_over_the_lease_and_traffic_never
     let handover = t0.elapsed();
 
     // The new leader writes status: a change becomes Programmed at its new generation.
-    kubectl_ok(
-        &[
-            "patch",
-            "modelroute",
-            "chat",
-            "-n",
-            APPS,
-            "--type=json",
-            "-p",
-            r#"[{"op":"replace","path":"/spec/backends/0/weight","value":70}]"#,
-        ],
-        None,
-    );
-    let generation = jsonpath(APPS, "modelroute/chat", "{.metadata.generation}");
-    wait_jsonpath(
-        APPS,
-        "modelroute/chat",
-        r#"{.status.conditions[?(@.type=="Programmed")].observedGeneration} {.status.conditions[?(@.type=="Programmed")].status}"#,
-        &format!("{generation} True"),
-        Duration::from_secs(60),
-    )
-    .await;
+    reweigh_chat(70).await;
     let programmed = t0.elapsed();
     // The Deployment brings the second replica back while traffic goes on.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pods_ready(NS).is_none_or(|p| p.len() != 4) {
-        assert!(
-            Instant::now() < deadline,
-            "no replacement:\n{}",
-            describe(NS)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_pods(NS, "no replacement", Duration::from_secs(120), |p| {
+        p.len() == 4
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let tally = load.stop().await;
     println!(
@@ -537,14 +544,12 @@ async fn deleting_a_proxy_pod_under_load_lets_its_streams_finish_and_loses_no_re
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    while pods_ready(NS).is_none_or(|p| p.len() != 4 || p.contains(&victim)) {
-        assert!(
-            Instant::now() < deadline,
-            "no replacement:\n{}",
-            describe(NS)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The same deadline as the pod's going.
+    let left = deadline.saturating_duration_since(Instant::now());
+    wait_pods(NS, "no replacement", left, |p| {
+        p.len() == 4 && !p.contains(&victim)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let tally = load.stop().await;
     println!(
@@ -582,15 +587,7 @@ async fn helm_upgrade_to_a_new_image_tag_rolls_every_pod_under_load_without_a_fa
     let base = installed().await;
     // The same build under a new tag, as a release pipeline would push it: the rollout is
     // what is tested (both Deployments change their pod template).
-    let chart_yaml =
-        std::fs::read_to_string(repo_root().join("charts/modelgate/Chart.yaml")).unwrap();
-    let tag = chart_yaml
-        .lines()
-        .find_map(|l| l.strip_prefix("appVersion:"))
-        .unwrap()
-        .trim()
-        .trim_matches('"')
-        .to_owned();
+    let tag = chart_app_version();
     let new_tag = format!("{tag}-upgrade");
     for name in ["modelgate-dataplane", "modelgate-operator"] {
         let new = format!("ghcr.io/modelgate/{name}:{new_tag}");
@@ -648,28 +645,7 @@ async fn helm_upgrade_to_a_new_image_tag_rolls_every_pod_under_load_without_a_fa
     }
     let rolled = t0.elapsed();
     // The new operators program the new proxies: a change reaches Programmed.
-    kubectl_ok(
-        &[
-            "patch",
-            "modelroute",
-            "chat",
-            "-n",
-            APPS,
-            "--type=json",
-            "-p",
-            r#"[{"op":"replace","path":"/spec/backends/0/weight","value":60}]"#,
-        ],
-        None,
-    );
-    let generation = jsonpath(APPS, "modelroute/chat", "{.metadata.generation}");
-    wait_jsonpath(
-        APPS,
-        "modelroute/chat",
-        r#"{.status.conditions[?(@.type=="Programmed")].observedGeneration} {.status.conditions[?(@.type=="Programmed")].status}"#,
-        &format!("{generation} True"),
-        Duration::from_secs(60),
-    )
-    .await;
+    reweigh_chat(60).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (chats, streams) = (chat_load.stop().await, stream_load.stop().await);
     println!(
@@ -742,20 +718,13 @@ async fn the_sidecar_examples_app_reaches_its_proxy_on_localhost() {
         );
     }
     let t0 = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let pods = loop {
-        if let Some(p) = pods_ready(ns)
-            && p.len() == 2
-        {
-            break p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sidecar pods not Ready:\n{}",
-            describe(ns)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let pods = wait_pods(
+        ns,
+        "sidecar pods not Ready",
+        Duration::from_secs(120),
+        |p| p.len() == 2,
+    )
+    .await;
     let ready = t0.elapsed();
     for what in ["modelroute/chat", "apikey/team-a"] {
         wait_jsonpath(

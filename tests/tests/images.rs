@@ -42,18 +42,6 @@ fn ctr_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The chart's appVersion: the tag `make images` gives both images.
-fn tag() -> String {
-    let chart = std::fs::read_to_string(repo_root().join("charts/modelgate/Chart.yaml")).unwrap();
-    chart
-        .lines()
-        .find_map(|l| l.strip_prefix("appVersion:"))
-        .expect("appVersion")
-        .trim()
-        .trim_matches('"')
-        .to_owned()
-}
-
 /// Imports the archive of `name` and returns the image reference and the archive's size.
 fn import(name: &str) -> (String, u64) {
     let archive = images_dir().join(format!("{name}.tar"));
@@ -61,7 +49,7 @@ fn import(name: &str) -> (String, u64) {
         .unwrap_or_else(|e| panic!("{}: {e}", archive.display()))
         .len();
     ctr_ok(&["images", "import", archive.to_str().unwrap()]);
-    let image = format!("ghcr.io/modelgate/{name}:{}", tag());
+    let image = format!("ghcr.io/modelgate/{name}:{}", chart_app_version());
     assert!(
         ctr_ok(&["images", "ls", "-q"]).lines().any(|l| l == image),
         "{image} not in the archive"
