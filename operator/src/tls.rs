@@ -417,7 +417,12 @@ pub fn next_step(ca: &CaSecret, now: u64, delay: Duration) -> Result<Option<CaSe
 /// the bundle ConfigMap wherever proxies need it.
 pub async fn run(shared: Arc<Shared>, client: Client, tls: Arc<Tls>, pki: Pki) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &pki.namespace);
+    // Namespace -> the bundle last seen in its ConfigMap. Forgotten for namespaces that
+    // leave the targets (deleted, or opted out) and, all of it, every BUNDLE_RECHECK: a
+    // namespace deleted and created again between two ticks, or a ConfigMap somebody
+    // deleted, gets its bundle back (one GET per namespace per recheck when nothing changed).
     let mut published: BTreeMap<String, String> = BTreeMap::new();
+    let mut checked = tokio::time::Instant::now();
     let mut was_leader = false;
     loop {
         tokio::select! {
@@ -480,11 +485,16 @@ pub async fn run(shared: Arc<Shared>, client: Client, tls: Arc<Tls>, pki: Pki) {
         let bundle = tls.bundle();
         let mut targets = shared.sidecar_namespaces();
         targets.insert(pki.namespace.clone());
+        published.retain(|ns, _| targets.contains(ns));
+        if checked.elapsed() >= BUNDLE_RECHECK {
+            published.clear();
+            checked = tokio::time::Instant::now();
+        }
         for ns in targets {
             if published.get(&ns) == Some(&*bundle) {
                 continue;
             }
-            match publish_bundle(&client, &ns, &pki.configmap, &bundle).await {
+            match ensure_bundle(&client, &ns, &pki.configmap, &bundle).await {
                 Ok(()) => {
                     published.insert(ns, bundle.to_string());
                 }
@@ -498,8 +508,35 @@ pub async fn run(shared: Arc<Shared>, client: Client, tls: Arc<Tls>, pki: Pki) {
     }
 }
 
-async fn publish_bundle(
+/// How often the leader checks that every bundle ConfigMap is still there and current.
+const BUNDLE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Make `ns`'s bundle ConfigMap hold `bundle`: read it, and create or patch it only when it
+/// is missing or different.
+async fn ensure_bundle(
     client: &Client,
+    ns: &str,
+    name: &str,
+    bundle: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(name).await? {
+        Some(cm)
+            if cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(CA_CERT))
+                .map(String::as_str)
+                == Some(bundle) =>
+        {
+            Ok(())
+        }
+        _ => publish_bundle(&api, ns, name, bundle).await,
+    }
+}
+
+async fn publish_bundle(
+    api: &Api<ConfigMap>,
     ns: &str,
     name: &str,
     bundle: &str,
@@ -514,8 +551,7 @@ async fn publish_bundle(
         )]
         .into(),
     );
-    cm.data = Some([("ca.crt".to_owned(), bundle.to_owned())].into());
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    cm.data = Some([(CA_CERT.to_owned(), bundle.to_owned())].into());
     match api.create(&PostParams::default(), &cm).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => {

@@ -357,6 +357,51 @@ async fn a_sidecar_receives_only_its_own_namespace_and_strangers_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_bundle_comes_back_when_its_configmap_or_its_namespace_is_deleted() {
+    let _serial = serial().await;
+    let home = Namespace::new("sec-ca-home");
+    let apps = Namespace::new("sec-ca-apps");
+    let op = Operator::start(&home.0, "op");
+    label_namespace(&apps.0, "modelgate.dev/sidecars=true");
+    let dir = temp_dir("ca-back");
+    let bundle = read(&ca_bundle_file(&apps.0, &dir));
+
+    // Somebody deletes the ConfigMap: the leader's periodic check puts it back.
+    kubectl_ok(
+        &["delete", "configmap", "modelgate-ca", "-n", &apps.0],
+        None,
+    );
+    assert_eq!(read(&ca_bundle_file(&apps.0, &dir)), bundle);
+
+    // The namespace is deleted and created again under the same name (a GitOps re-sync):
+    // its sidecars find the bundle again.
+    kubectl_ok(
+        &[
+            "delete",
+            "namespace",
+            &apps.0,
+            "--wait=true",
+            "--timeout=120s",
+        ],
+        None,
+    );
+    kubectl_ok(&["create", "namespace", &apps.0], None);
+    label_namespace(&apps.0, "modelgate.dev/sidecars=true");
+    assert_eq!(read(&ca_bundle_file(&apps.0, &dir)), bundle);
+    let m = op.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_operator_errors_total",
+            &[("kind", "ca_bundle")]
+        ),
+        0.0,
+        "{}",
+        op.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_cannot_verify_the_operator_refuses_it_and_keeps_serving() {
     let _serial = serial().await;
     let ns = Namespace::new("sec-verify");
