@@ -463,6 +463,24 @@ async fn load_worker(url: &str, key: &str, model: &str, stream: bool, stop: &Ato
     t
 }
 
+/// `helm upgrade` of the release with its values and one more `--set`, waiting for it.
+fn helm_upgrade(set: &str) {
+    let chart = repo_root().join("charts/modelgate").display().to_string();
+    helm_ok(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "-n",
+        NS,
+        "--reuse-values",
+        "--set",
+        set,
+        "--wait",
+        "--timeout",
+        "300s",
+    ]);
+}
+
 fn lease_holder() -> String {
     jsonpath(NS, "lease", "{.items[*].spec.holderIdentity}")
 }
@@ -608,20 +626,7 @@ async fn helm_upgrade_to_a_new_image_tag_rolls_every_pod_under_load_without_a_fa
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let t0 = Instant::now();
-    let chart = repo_root().join("charts/modelgate").display().to_string();
-    helm_ok(&[
-        "upgrade",
-        RELEASE,
-        &chart,
-        "-n",
-        NS,
-        "--reuse-values",
-        "--set",
-        &format!("image.tag={new_tag}"),
-        "--wait",
-        "--timeout",
-        "300s",
-    ]);
+    helm_upgrade(&format!("image.tag={new_tag}"));
     // Every pod replaced, Ready, on the new tag.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -665,23 +670,7 @@ async fn helm_upgrade_to_a_new_image_tag_rolls_every_pod_under_load_without_a_fa
 #[tokio::test(flavor = "multi_thread")]
 async fn the_network_policy_profile_applies_selects_the_charts_pods_and_traffic_still_flows() {
     let base = installed().await;
-    let chart = repo_root().join("charts/modelgate").display().to_string();
-    let set = |enabled: bool| {
-        helm_ok(&[
-            "upgrade",
-            RELEASE,
-            &chart,
-            "-n",
-            NS,
-            "--reuse-values",
-            "--set",
-            &format!("networkPolicy.enabled={enabled}"),
-            "--wait",
-            "--timeout",
-            "300s",
-        ])
-    };
-    set(true);
+    helm_upgrade("networkPolicy.enabled=true");
     // The API server took both policies; each selects exactly the pods it is written for.
     for (policy, component) in [
         ("modelgate-operator", "operator"),
@@ -725,7 +714,7 @@ async fn the_network_policy_profile_applies_selects_the_charts_pods_and_traffic_
     reweigh_chat(70).await;
     let answer = sdk_chat(&format!("{base}/v1"), LOAD_KEY, "chat");
     assert!(answer.is_ok(), "{answer:?}");
-    set(false);
+    helm_upgrade("networkPolicy.enabled=false");
     assert_eq!(
         kubectl_ok(&["get", "networkpolicies", "-n", NS, "-o", "name"], None).trim(),
         "",
