@@ -179,8 +179,10 @@ pub struct BedrockSettings {
     /// Where the signing credentials come from: `credentials` (the Secret in
     /// `credentialsRef` holds JSON as AWS's `credential_process` prints it: `AccessKeyId`,
     /// `SecretAccessKey`, optional `SessionToken`) or `webIdentity` (the proxy pod's
-    /// projected ServiceAccount token exchanged with STS for `roleArn`, the IRSA / EKS
-    /// pattern; only where the proxies allow ambient identity) [default: credentials].
+    /// projected ServiceAccount token exchanged with STS for `roleArn`, the IRSA pattern) or
+    /// `podIdentity` (temporary keys from the EKS Pod Identity Agent, as AWS's SDKs get them;
+    /// the proxy pods' ServiceAccount must have a pod identity association). The last two
+    /// only where the proxies allow ambient identity [default: credentials].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<BedrockAuth>,
     /// `webIdentity`: the IAM role to assume (at the region's STS endpoint).
@@ -197,6 +199,8 @@ pub enum BedrockAuth {
     Credentials,
     /// The proxy's projected token exchanged with STS.
     WebIdentity,
+    /// The proxy's EKS Pod Identity.
+    PodIdentity,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

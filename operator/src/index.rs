@@ -460,18 +460,23 @@ impl Index {
                     None,
                 ));
             }
-            let ambient = b
-                .bedrock
+            let ambient = b.bedrock.as_ref().is_some_and(|s| {
+                matches!(
+                    s.auth,
+                    Some(
+                        modelgate_crds::BedrockAuth::WebIdentity
+                            | modelgate_crds::BedrockAuth::PodIdentity
+                    )
+                )
+            }) || b
+                .vertex
                 .as_ref()
-                .is_some_and(|s| s.auth == Some(modelgate_crds::BedrockAuth::WebIdentity))
-                || b.vertex
-                    .as_ref()
-                    .is_some_and(|s| s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity));
+                .is_some_and(|s| s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity));
             if ambient && !self.ambient_identity {
                 return Err((
                     "AmbientIdentityNotAllowed",
                     format!(
-                        "backend {}: signing with the proxies' own cloud identity (bedrock webIdentity, vertex workloadIdentity) is not enabled in this cluster; use credentialsRef, or ask the cluster admin to set proxy.allowAmbientIdentity",
+                        "backend {}: signing with the proxies' own cloud identity (bedrock webIdentity or podIdentity, vertex workloadIdentity) is not enabled in this cluster; use credentialsRef, or ask the cluster admin to set proxy.allowAmbientIdentity",
                         b.name
                     ),
                     None,
@@ -538,11 +543,14 @@ impl Index {
                             BedrockAuth::Credentials
                         }
                         Some(modelgate_crds::BedrockAuth::WebIdentity) => BedrockAuth::WebIdentity,
+                        Some(modelgate_crds::BedrockAuth::PodIdentity) => BedrockAuth::PodIdentity,
                     },
                     role_arn: s.role_arn.clone(),
                     // The proxy's own token, and where it goes: not a tenant's to choose.
                     web_identity_token_file: None,
                     sts_url: None,
+                    credentials_uri: None,
+                    authorization_token_file: None,
                 }),
                 vertex: b.vertex.as_ref().map(|s| VertexSpec {
                     project: s.project.clone(),
@@ -945,7 +953,8 @@ mod tests {
             b.bedrock = Some(BedrockSettings {
                 region: "us-east-1".into(),
                 auth,
-                role_arn: auth.map(|_| "arn:aws:iam::1:role/r".into()),
+                role_arn: (auth == Some(CrdBedrockAuth::WebIdentity))
+                    .then(|| "arn:aws:iam::1:role/r".into()),
             });
             b
         };
@@ -970,6 +979,13 @@ mod tests {
             vec![bedrock("b", None, Some(CrdBedrockAuth::WebIdentity))],
             0,
         ));
+        idx.apply_route(route(
+            "a",
+            "podid",
+            "m5",
+            vec![bedrock("b", None, Some(CrdBedrockAuth::PodIdentity))],
+            0,
+        ));
         let mut vertex = backend("v", Provider::Vertex, Some(("sa", "key.json")));
         vertex.url = Some("http://127.0.0.1:9".into());
         vertex.vertex = Some(VertexSettings {
@@ -988,6 +1004,11 @@ mod tests {
                 "irsa",
                 "AmbientIdentityNotAllowed",
                 "proxy.allowAmbientIdentity",
+            ),
+            (
+                "podid",
+                "AmbientIdentityNotAllowed",
+                "bedrock webIdentity or podIdentity",
             ),
             ("badsa", "Invalid", "'private_key' is not a PEM PKCS#8 key"),
         ] {

@@ -1,6 +1,7 @@
-"""A mock of AWS Bedrock Runtime (Converse, ConverseStream) and of STS
-(AssumeRoleWithWebIdentity), speaking the real wire formats and checking what the real
-services check, for the gateway's integration tests.
+"""A mock of AWS Bedrock Runtime (Converse, ConverseStream), of STS
+(AssumeRoleWithWebIdentity) and of the EKS Pod Identity Agent's container credentials
+endpoint, speaking the real wire formats and checking what the real services check, for the
+gateway's integration tests.
 
 Wire formats: botocore's service models (`bedrock-runtime/2023-09-30/service-2.json`,
 `sts/2011-06-15/service-2.json`, shipped with the pinned botocore), AWS's Converse and
@@ -8,6 +9,7 @@ AssumeRoleWithWebIdentity API references and the SigV4 and event-stream specific
 
     python mock_bedrock.py --access-key AKIA... --secret-key ... [--region us-east-1]
         [--web-identity-token TOKEN | --web-identity-token @path] [--role-arn ARN]
+        [--pod-identity-token TOKEN | --pod-identity-token @path]
         [--sts-ttl SECONDS] [--port N] [--exit-on-stdin-eof]
 
 Prints exactly one line `listening 127.0.0.1:<port>` on stdout, then serves until killed.
@@ -31,11 +33,19 @@ Endpoints
   (AccessKeyId `ASIA…`, Expiration now + `--sts-ttl`); else 400 `ErrorResponse`
   `InvalidIdentityToken` / `AccessDenied`.
   `DurationSeconds`, when sent, must be 900..43200 (the lifetime is `--sts-ttl` all the same).
+- `GET /v1/credentials` (the EKS Pod Identity Agent's path; AWS's SDKs reach it through
+  `AWS_CONTAINER_CREDENTIALS_FULL_URI` and send the text of
+  `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` as `Authorization`): the header must equal
+  `--pod-identity-token` (`@path` re-read on every call) → JSON `{AccessKeyId, SecretAccessKey,
+  Token, AccountId, Expiration}` (temporary credentials as STS issues them, same lifetime);
+  missing or wrong token → 400 / 403 with a JSON `{"message"}`. The shape is the one
+  botocore's `ContainerProvider` reads (tests/python/test_mocks.py drives it with that).
 - `GET /_mock/requests`: JSON list of recorded requests `{time, method, path, query,
   headers (lower-case names), body, auth: {checked_at, ok, error?, access_key?}}` (auth on
   Converse requests only); `GET /_mock/stats`: counters (`signature_ok`, `signature_failures`
   (every InvalidSignatureException), `auth_failures` (the other auth errors) and
-  `auth_<ErrorType>` each, `sts_credentials_issued`, `sts_rejected`, `temp_credentials_live`,
+  `auth_<ErrorType>` each, `sts_credentials_issued`, `sts_rejected`,
+  `container_credentials_issued`, `container_rejected`, `temp_credentials_live`,
   `converse`, `converse_stream`, `reasoning_signatures_verified`,
   `reasoning_signature_failures`, `stream_errors_sent`, `streams_cancelled`, `errors`,
   `mock_internal_errors`); `POST /_mock/reset`: clears both (issued credentials and
@@ -329,6 +339,43 @@ def sts_error(code: str, message: str, status: int = 400) -> tuple:
     return status, body
 
 
+def issue_temporary(state: State, now: float) -> tuple:
+    """New temporary credentials (key id, secret, session token, expiry), valid for signing."""
+    key_id = "ASIA" + _rand(string.ascii_uppercase + "234567", 16)
+    secret = _rand(string.ascii_letters + string.digits + "+/", 40)
+    token = "IQoJb3JpZ2luX2VjE" + base64.b64encode(os.urandom(180)).decode()
+    expiry = now + state.args.sts_ttl
+    with state.lock:
+        state.temp_creds[key_id] = (secret, token, expiry)
+    return key_id, secret, token, expiry
+
+
+def expected_token(arg):
+    """A token argument: the text itself, or `@path` read now (tests rotate the file)."""
+    if arg and arg.startswith("@"):
+        try:
+            return open(arg[1:]).read().strip()
+        except OSError:
+            return None
+    return arg
+
+
+def container_credentials(state: State, authorization, now: float) -> tuple:
+    """The EKS Pod Identity Agent: (status, JSON object)."""
+    expected = expected_token(state.args.pod_identity_token)
+    if not authorization:
+        state.bump("container_rejected")
+        return 400, {"message": "Service account token cannot be empty"}
+    if not expected or authorization.strip() != expected:
+        state.bump("container_rejected")
+        return 403, {"message": "Service account token is not valid"}
+    key_id, secret, token, expiry = issue_temporary(state, now)
+    state.bump("container_credentials_issued")
+    expiration = dt.datetime.fromtimestamp(expiry, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return 200, {"AccessKeyId": key_id, "SecretAccessKey": secret, "Token": token,
+                 "AccountId": "123456789012", "Expiration": expiration}
+
+
 def sts(state: State, form: dict, now: float) -> tuple:
     get = lambda k: (form.get(k) or [None])[0]  # noqa: E731
     action = get("Action")
@@ -342,12 +389,7 @@ def sts(state: State, form: dict, now: float) -> tuple:
     duration = get("DurationSeconds")
     if duration is not None and (not duration.isdigit() or not 900 <= int(duration) <= 43200):
         return sts_error("ValidationError", f"1 validation error detected: Value '{duration}' at 'durationSeconds' failed to satisfy constraint: Member must have value {'greater' if not duration.isdigit() or int(duration) < 900 else 'less'} than or equal to {900 if not duration.isdigit() or int(duration) < 900 else 43200}")
-    expected = state.args.web_identity_token
-    if expected and expected.startswith("@"):
-        try:
-            expected = open(expected[1:]).read().strip()
-        except OSError:
-            expected = None
+    expected = expected_token(state.args.web_identity_token)
     if not expected or get("WebIdentityToken").strip() != expected:
         state.bump("sts_rejected")
         return sts_error("InvalidIdentityToken", "Couldn't retrieve verification key from your identity provider,  please reference AssumeRoleWithWebIdentity documentation for requirements")
@@ -355,12 +397,7 @@ def sts(state: State, form: dict, now: float) -> tuple:
     if state.args.role_arn and role != state.args.role_arn:
         state.bump("sts_rejected")
         return sts_error("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", 403)
-    key_id = "ASIA" + _rand(string.ascii_uppercase + "234567", 16)
-    secret = _rand(string.ascii_letters + string.digits + "+/", 40)
-    token = "IQoJb3JpZ2luX2VjE" + base64.b64encode(os.urandom(180)).decode()
-    expiry = now + state.args.sts_ttl
-    with state.lock:
-        state.temp_creds[key_id] = (secret, token, expiry)
+    key_id, secret, token, expiry = issue_temporary(state, now)
     state.bump("sts_credentials_issued")
     session = get("RoleSessionName")
     role_name = role.rsplit("/", 1)[-1]
@@ -721,6 +758,9 @@ class Handler(BaseHTTPRequestHandler):
                     form = parse_qs(split.query, keep_blank_values=True)
                 status, xml = sts(st, form, time.time())
                 return self.send(status, xml.encode(), {"Content-Type": "text/xml", "x-amzn-RequestId": request_id})
+            if self.command == "GET" and path == "/v1/credentials":
+                status, answer = container_credentials(st, self.headers.get("Authorization"), time.time())
+                return self.send_json(status, answer)
             m = ROUTE.match(path)
             if self.command != "POST" or not m:
                 raise AwsError(404, "UnknownOperationException", "", CORAL_SERVICE)
@@ -770,6 +810,7 @@ def main(argv=None):
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--web-identity-token", default=None)
     p.add_argument("--role-arn", default=None)
+    p.add_argument("--pod-identity-token", default=None)
     p.add_argument("--sts-ttl", type=float, default=3600)
     p.add_argument("--exit-on-stdin-eof", action="store_true")
     args = p.parse_args(argv)

@@ -80,7 +80,8 @@ def bedrock(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("wit") / "token"
     token_file.write_text("web-identity-1\n")
     m = Mock("mock_bedrock.py", "--access-key", ACCESS, "--secret-key", SECRET, "--region", REGION,
-             "--web-identity-token", f"@{token_file}", "--role-arn", ROLE)
+             "--web-identity-token", f"@{token_file}", "--role-arn", ROLE,
+             "--pod-identity-token", "pod-identity-1")
     m.token_file = token_file
     yield m
     m.stop()
@@ -262,12 +263,36 @@ def test_sts_web_identity_credentials_then_a_signed_call(bedrock):
     assert bedrock.get("/_mock/stats")["sts_credentials_issued"] == 2
 
 
+def test_pod_identity_credentials_as_botocores_container_provider_reads_them(bedrock, tmp_path):
+    from botocore.credentials import ContainerProvider
+    from botocore.utils import ContainerMetadataFetcher
+    token_file = tmp_path / "eks-pod-identity-token"
+    token_file.write_text("pod-identity-1")
+    env = {"AWS_CONTAINER_CREDENTIALS_FULL_URI": bedrock.url + "/v1/credentials",
+           "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(token_file)}
+    provider = ContainerProvider(environ=env, fetcher=ContainerMetadataFetcher())
+    creds = provider.load().get_frozen_credentials()
+    assert creds.access_key.startswith("ASIA") and creds.token
+    out = client(bedrock.url, creds.access_key, creds.secret_key, creds.token).converse(modelId=MODEL, messages=[user("pod")])
+    assert out["output"]["message"]["content"][0]["text"] == "mock answer to: pod"
+    token_file.write_text("someone-else")
+    with pytest.raises(Exception, match="403"):
+        ContainerProvider(environ=env, fetcher=ContainerMetadataFetcher()).load()
+    status, _, body = http("GET", bedrock.url + "/v1/credentials")
+    assert status == 400 and json.loads(body)["message"]
+    assert bedrock.get("/_mock/stats")["container_rejected"] >= 2
+
+
 def test_temporary_credentials_expire():
     m = Mock("mock_bedrock.py", "--access-key", ACCESS, "--secret-key", SECRET, "--region", REGION,
-             "--web-identity-token", "tok-1234", "--sts-ttl", "1")
+             "--web-identity-token", "tok-1234", "--sts-ttl", "4")
     try:
-        cr = sts_client(m.url).assume_role_with_web_identity(RoleArn=ROLE, RoleSessionName="gw", WebIdentityToken="tok-1234")["Credentials"]
-        deadline = time.time() + 1.0
+        # Loaded before the credentials are issued: on a busy machine loading botocore's
+        # models alone can take longer than the credentials' short life.
+        sts = sts_client(m.url)
+        client(m.url)
+        cr = sts.assume_role_with_web_identity(RoleArn=ROLE, RoleSessionName="gw", WebIdentityToken="tok-1234")["Credentials"]
+        deadline = time.time() + 4.0
         c = client(m.url, cr["AccessKeyId"], cr["SecretAccessKey"], cr["SessionToken"])
         c.converse(modelId=MODEL, messages=[user("before")])
         time.sleep(max(0.0, deadline - time.time()) + 0.05)

@@ -283,6 +283,85 @@ async fn bedrock_web_identity_exchanges_the_pod_token_and_refreshes_before_expir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_pod_identity_gets_keys_from_the_container_endpoint_and_refreshes_them() {
+    let dir = temp_dir("pod-identity");
+    let token_file = dir.join("eks-pod-identity-token");
+    std::fs::write(&token_file, "eyJ.pod-identity-token.sig").unwrap();
+    // Temporary keys live 302 s: under the 300 s refresh margin after 2 s.
+    let bedrock = bedrock_mock(&[
+        "--pod-identity-token",
+        &format!("@{}", token_file.display()),
+        "--sts-ttl",
+        "302",
+    ]);
+    // The endpoint and the token file come from the environment, as EKS sets them in a pod
+    // with a pod identity association.
+    let backend = format!(
+        "provider: bedrock, url: '{}', model: '{MODEL_ID}', bedrock: {{region: us-east-1, auth: podIdentity}}",
+        bedrock.url(""),
+    );
+    let yaml = format!("routes:\n{}{}", route("bedrock-pod", &backend), keys_yaml());
+    let endpoint = bedrock.url("/v1/credentials");
+    let env = |token: &std::path::Path| {
+        vec![
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", endpoint.clone()),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token.display().to_string(),
+            ),
+        ]
+    };
+    let with = |vars: &[(&'static str, String)]| {
+        let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Proxy::start_with(&yaml, &pairs)
+    };
+    let p = with(&env(&token_file));
+    let ask = |p: &Proxy| {
+        let url = p.url("/v1/chat/completions");
+        async move { post(&url, Some(DEMO_KEY), &chat("bedrock-pod", false)).await }
+    };
+    let r = ask(&p).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let issued = |s: &serde_json::Value| s["container_credentials_issued"].as_u64().unwrap_or(0);
+    assert_eq!(issued(&bedrock.state("stats").await), 1);
+    // Calls within the keys' life reuse them; near expiry the proxy fetches new ones.
+    eventually(
+        Duration::from_secs(30),
+        "keys fetched again before they expire",
+        || async {
+            let r = ask(&p).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            issued(&bedrock.state("stats").await) >= 2
+        },
+    )
+    .await;
+
+    // A pod whose token the agent does not accept (no association): the gateway's
+    // problem, said as such; the token is in nothing the client or the log sees.
+    let wrong = dir.join("other-token");
+    std::fs::write(&wrong, "eyJ.another-token.sig").unwrap();
+    let stranger = with(&env(&wrong));
+    let r = ask(&stranger).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert!(
+        r.text().contains("container_credentials_refused"),
+        "{}",
+        r.text()
+    );
+    for secret in ["eyJ.pod-identity-token.sig", "eyJ.another-token.sig"] {
+        assert!(!r.text().contains(secret));
+        assert!(!p.log_text().contains(secret) && !stranger.log_text().contains(secret));
+    }
+    let stats = bedrock.state("stats").await;
+    assert_eq!(
+        stats["signature_failures"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
+    assert!(stats["container_rejected"].as_u64().unwrap_or(0) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude() {
     let dir = temp_dir("vertex");
     let key_file = dir.join("sa.json");
@@ -493,7 +572,7 @@ async fn a_service_account_key_google_does_not_know_is_refused_as_the_gateways_p
 /// formats and checks are the services' (tests/python/test_mocks.py).
 #[test]
 fn the_cloud_mocks_pass_their_self_tests() {
-    pytest("test_mocks.py", Vec::new(), 19);
+    pytest("test_mocks.py", Vec::new(), 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

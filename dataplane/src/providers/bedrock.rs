@@ -4,7 +4,8 @@
 //!   POST {url}/model/{model id, percent-encoded}/converse          JSON answer
 //!   POST {url}/model/{model id, percent-encoded}/converse-stream   application/vnd.amazon.eventstream
 //!   credentials: the backend's (JSON as `credential_process` prints it), or
-//!                web identity: the pod's projected token ─► STS AssumeRoleWithWebIdentity ─► temporary keys (cached)
+//!                web identity: the pod's projected token ─► STS AssumeRoleWithWebIdentity ─► temporary keys (cached), or
+//!                pod identity: GET the container credentials endpoint (EKS Pod Identity Agent) ─► temporary keys (cached)
 //! ```
 //!
 //! Every client dialect reaches Bedrock translated (`translate::bedrock` writes the body and
@@ -28,6 +29,12 @@ const EKS_TOKEN_FILE: &str = "/var/run/secrets/eks.amazonaws.com/serviceaccount/
 /// Largest STS answer read.
 const MAX_STS_BODY: usize = 64 * 1024;
 
+/// The ECS/EKS credentials host a relative container credentials URI is resolved against.
+const CONTAINER_HOST: &str = "http://169.254.170.2";
+/// Hosts a container credentials endpoint may be reached on over plain HTTP (besides
+/// loopback), as AWS's SDKs allow: the ECS agent and the EKS Pod Identity Agent.
+const CONTAINER_HTTP_HOSTS: [&str; 3] = ["169.254.170.2", "169.254.170.23", "[fd00:ec2::23]"];
+
 #[derive(Debug)]
 pub struct Upstream {
     /// The runtime endpoint: `/model/{id}/converse` follows.
@@ -45,6 +52,13 @@ enum Source {
         role_arn: String,
         token_file: PathBuf,
         sts: Uri,
+        cached: Cached<Credentials>,
+    },
+    Container {
+        uri: Uri,
+        /// Its text is the `Authorization` header, read on every fetch (the kubelet
+        /// rotates it in place).
+        token_file: Option<PathBuf>,
         cached: Cached<Credentials>,
     },
 }
@@ -116,8 +130,26 @@ impl Upstream {
                     cached: Cached::default(),
                 }
             }
+            BedrockAuth::PodIdentity => {
+                if !ambient {
+                    return Err(ambient_refused());
+                }
+                let uri = match &spec.credentials_uri {
+                    Some(u) => u.clone(),
+                    None => container_uri_from_env()?,
+                };
+                let token_file = spec
+                    .authorization_token_file
+                    .clone()
+                    .or_else(|| std::env::var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").ok());
+                Source::Container {
+                    uri: container_uri(&uri)?,
+                    token_file: token_file.map(PathBuf::from),
+                    cached: Cached::default(),
+                }
+            }
             BedrockAuth::Unknown => {
-                return Err("bedrock.auth must be credentials or webIdentity".into());
+                return Err("bedrock.auth must be credentials, webIdentity or podIdentity".into());
             }
         };
         Ok(Self {
@@ -166,6 +198,16 @@ impl Upstream {
                     .get(|| assume_role(client, sts, role_arn, token_file, timeout))
                     .await
                     .map_err(|e| e.into_failure("AWS web identity"))?,
+            ),
+            Source::Container {
+                uri,
+                token_file,
+                cached,
+            } => SignWith::Cached(
+                cached
+                    .get(|| container_credentials(client, uri, token_file.as_deref(), timeout))
+                    .await
+                    .map_err(|e| e.into_failure("AWS pod identity"))?,
             ),
         };
         let host = self.host.to_str().unwrap_or_default();
@@ -296,6 +338,145 @@ async fn assume_role(
     }
 }
 
+/// The container credentials endpoint the environment names, as AWS's SDKs read it.
+fn container_uri_from_env() -> Result<String, String> {
+    if let Ok(full) = std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
+        return Ok(full);
+    }
+    match std::env::var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+        Ok(relative) => Ok(format!("{CONTAINER_HOST}{relative}")),
+        Err(_) => Err("bedrock auth podIdentity: the proxy's environment names no container credentials endpoint (AWS_CONTAINER_CREDENTIALS_FULL_URI, set by EKS for pods with a pod identity association)".into()),
+    }
+}
+
+/// A container credentials endpoint, checked as AWS's SDKs check it: HTTPS anywhere, plain
+/// HTTP only on loopback or the ECS / EKS agents' link-local addresses (the answer carries
+/// keys; a plain-HTTP hop elsewhere could be read or forged).
+fn container_uri(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|e| format!("the container credentials endpoint is not a URL: {e}"))?;
+    let host = uri.host().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") if !host.is_empty() => Ok(uri),
+        Some("http") if loopback || CONTAINER_HTTP_HOSTS.contains(&host) => Ok(uri),
+        _ => Err(format!(
+            "the container credentials endpoint must be https, or http on loopback or {}",
+            CONTAINER_HTTP_HOSTS.join(", ")
+        )),
+    }
+}
+
+/// Largest container credentials answer read.
+const MAX_CONTAINER_BODY: usize = 16 * 1024;
+
+/// GET the container credentials endpoint, with the token read from `token_file` now as
+/// `Authorization`.
+async fn container_credentials(
+    client: &HttpClient,
+    uri: &Uri,
+    token_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> Result<Expiring<Credentials>, FetchError> {
+    use http_body_util::{BodyExt, Limited};
+    let unreachable = FetchError::Unreachable;
+    let mut req = Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = uri.clone();
+    if let Some(file) = token_file {
+        let token = tokio::fs::read_to_string(file).await.map_err(|e| {
+            unreachable(format!(
+                "cannot read the container authorization token {}: {e}",
+                file.display()
+            ))
+        })?;
+        let mut value = HeaderValue::from_str(token.trim()).map_err(|_| {
+            unreachable(format!(
+                "the container authorization token {} is not a legal header value",
+                file.display()
+            ))
+        })?;
+        value.set_sensitive(true);
+        req.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    let late = || unreachable("the container credentials endpoint did not answer in time".into());
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| {
+            unreachable(format!(
+                "the container credentials endpoint: {}",
+                super::describe(&e)
+            ))
+        })?;
+    let status = resp.status();
+    let bytes = tokio::time::timeout(
+        timeout,
+        Limited::new(resp.into_body(), MAX_CONTAINER_BODY).collect(),
+    )
+    .await
+    .map_err(|_| late())?
+    .map_err(|e| unreachable(format!("the container credentials endpoint: {e}")))?
+    .to_bytes();
+    if status.is_client_error() {
+        // A token the agent does not accept, or no association for this ServiceAccount.
+        tracing::warn!(%status, "the container credentials endpoint refused the pod");
+        return Err(FetchError::Refused {
+            status,
+            reason: "container_credentials_refused".into(),
+        });
+    }
+    if !status.is_success() {
+        return Err(unreachable(format!(
+            "the container credentials endpoint answered {status}"
+        )));
+    }
+    let creds = container_response(&bytes).map_err(unreachable)?;
+    let expires_at = creds.expires_at;
+    Ok(Expiring {
+        value: creds,
+        expires_at,
+    })
+}
+
+/// The JSON a container credentials endpoint answers: `AccessKeyId`, `SecretAccessKey`,
+/// `Token`, `Expiration` (RFC 3339); other fields (`AccountId`, `RoleArn`) are ignored.
+/// Errors name what is missing, never a value.
+fn container_response(body: &[u8]) -> Result<Credentials, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Answer {
+        access_key_id: Option<String>,
+        secret_access_key: Option<String>,
+        token: Option<String>,
+        expiration: Option<String>,
+    }
+    let a: Answer = serde_json::from_slice(body).map_err(|_| {
+        "the container credentials answer is not the expected JSON object".to_owned()
+    })?;
+    let need = |v: Option<String>, name: &str| {
+        v.filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("the container credentials answer has no {name}"))
+    };
+    let access_key_id = need(a.access_key_id, "AccessKeyId")?;
+    let secret_access_key = need(a.secret_access_key, "SecretAccessKey")?;
+    let token = need(a.token, "Token")?;
+    let expiration = need(a.expiration, "Expiration")?;
+    let expires_at = humantime::parse_rfc3339_weak(&expiration)
+        .map_err(|_| "the container credentials Expiration is not an RFC 3339 time".to_owned())?;
+    Ok(Credentials::new(
+        access_key_id,
+        secret_access_key,
+        Some(token),
+        Some(expires_at),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +504,55 @@ mod tests {
     }
 
     #[test]
+    fn container_endpoints_are_https_or_local_http_as_aws_sdks_allow() {
+        for ok in [
+            "http://169.254.170.23/v1/credentials",
+            "http://169.254.170.2/v2/credentials/abc",
+            "http://[fd00:ec2::23]/v1/credentials",
+            "http://127.0.0.1:8080/creds",
+            "http://[::1]:80/creds",
+            "http://localhost/creds",
+            "https://creds.example.com/v1",
+        ] {
+            assert!(container_uri(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "http://creds.example.com/v1",
+            "http://10.0.0.1/creds",
+            "ftp://127.0.0.1/creds",
+            "/v1/credentials",
+        ] {
+            let err = container_uri(bad).unwrap_err();
+            assert!(err.contains("https"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn container_answers_give_temporary_keys_and_errors_no_values() {
+        // The shape the EKS Pod Identity Agent answers (and AWS's SDKs read).
+        let ok = br#"{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"wJalrXUtnFEMI","Token":"IQoJb3JpZ2lu","AccountId":"123456789012","Expiration":"2026-12-02T10:15:30Z"}"#;
+        let c = container_response(ok).unwrap();
+        assert_eq!(c.access_key_id, "ASIAEXAMPLE");
+        assert_eq!(c.session_token.as_deref(), Some("IQoJb3JpZ2lu"));
+        assert_eq!(
+            c.expires_at,
+            Some(humantime::parse_rfc3339("2026-12-02T10:15:30Z").unwrap())
+        );
+        for (body, says) in [
+            (&br#"{"SecretAccessKey":"wJalrXUtnFEMI","Token":"t","Expiration":"2026-12-02T10:15:30Z"}"#[..], "AccessKeyId"),
+            (br#"{"AccessKeyId":"A","SecretAccessKey":"wJalrXUtnFEMI","Expiration":"2026-12-02T10:15:30Z"}"#, "Token"),
+            (br#"{"AccessKeyId":"A","SecretAccessKey":"wJalrXUtnFEMI","Token":"t","Expiration":"soon"}"#, "RFC 3339"),
+            (br#"["wJalrXUtnFEMI"]"#, "JSON"),
+            (b"\xff\xfe", "JSON"),
+        ] {
+            let err = container_response(body).unwrap_err();
+            assert!(err.contains(says), "{err}");
+            assert!(!err.contains("wJalrXUtnFEMI"), "{err}");
+        }
+    }
+
+    #[test]
     fn bad_keys_and_unlent_identity_are_refused_without_echoing_the_secret() {
         let spec = BedrockSpec {
             region: "us-east-1".into(),
@@ -339,5 +569,19 @@ mod tests {
         let err = Upstream::new(None, None, &web, false).unwrap_err();
         assert!(err.contains("--allow-ambient-identity"), "{err}");
         assert!(Upstream::new(None, None, &web, true).is_ok());
+        let pod = BedrockSpec {
+            auth: BedrockAuth::PodIdentity,
+            role_arn: None,
+            credentials_uri: Some("http://169.254.170.23/v1/credentials".into()),
+            ..web
+        };
+        let err = Upstream::new(None, None, &pod, false).unwrap_err();
+        assert!(err.contains("--allow-ambient-identity"), "{err}");
+        assert!(Upstream::new(None, None, &pod, true).is_ok());
+        let elsewhere = BedrockSpec {
+            credentials_uri: Some("http://10.1.2.3/v1/credentials".into()),
+            ..pod
+        };
+        assert!(Upstream::new(None, None, &elsewhere, true).is_err());
     }
 }

@@ -370,10 +370,12 @@ fn check_provider(p: &mut Problems, path: &str, b: &BackendSpec) {
         ),
     }
     let ambient = match &b.provider {
-        ProviderKind::Bedrock => b
-            .bedrock
-            .as_ref()
-            .is_some_and(|s| s.auth == crate::BedrockAuth::WebIdentity),
+        ProviderKind::Bedrock => b.bedrock.as_ref().is_some_and(|s| {
+            matches!(
+                s.auth,
+                crate::BedrockAuth::WebIdentity | crate::BedrockAuth::PodIdentity
+            )
+        }),
         ProviderKind::Vertex => b
             .vertex
             .as_ref()
@@ -462,21 +464,36 @@ fn check_bedrock(p: &mut Problems, path: &str, s: &crate::BedrockSpec) {
             "must be an AWS region such as us-east-1",
         );
     }
-    match s.auth {
-        crate::BedrockAuth::Credentials => {
-            for (field, set) in [
-                ("roleArn", s.role_arn.is_some()),
-                ("webIdentityTokenFile", s.web_identity_token_file.is_some()),
-                ("stsUrl", s.sts_url.is_some()),
-            ] {
-                if set {
-                    p.push(
-                        &format!("{path}.{field}"),
-                        "applies only with auth: webIdentity",
-                    );
-                }
-            }
+    use crate::BedrockAuth::{PodIdentity, WebIdentity};
+    for (field, set, only_with) in [
+        ("roleArn", s.role_arn.is_some(), WebIdentity),
+        (
+            "webIdentityTokenFile",
+            s.web_identity_token_file.is_some(),
+            WebIdentity,
+        ),
+        ("stsUrl", s.sts_url.is_some(), WebIdentity),
+        ("credentialsUri", s.credentials_uri.is_some(), PodIdentity),
+        (
+            "authorizationTokenFile",
+            s.authorization_token_file.is_some(),
+            PodIdentity,
+        ),
+    ] {
+        if set && s.auth != only_with {
+            let auth = if only_with == WebIdentity {
+                "webIdentity"
+            } else {
+                "podIdentity"
+            };
+            p.push(
+                &format!("{path}.{field}"),
+                format!("applies only with auth: {auth}"),
+            );
         }
+    }
+    match s.auth {
+        crate::BedrockAuth::Credentials => {}
         crate::BedrockAuth::WebIdentity => {
             match &s.role_arn {
                 Some(arn) if arn.starts_with("arn:") && arn.len() <= 2048 => {}
@@ -491,9 +508,16 @@ fn check_bedrock(p: &mut Problems, path: &str, s: &crate::BedrockSpec) {
                 p.push(&format!("{path}.stsUrl"), e);
             }
         }
+        crate::BedrockAuth::PodIdentity => {
+            if let Some(u) = &s.credentials_uri
+                && let Err(e) = check_url(u)
+            {
+                p.push(&format!("{path}.credentialsUri"), e);
+            }
+        }
         crate::BedrockAuth::Unknown => p.push(
             &format!("{path}.auth"),
-            "must be credentials or webIdentity (this proxy version knows no other)",
+            "must be credentials, webIdentity or podIdentity (this proxy version knows no other)",
         ),
     }
 }
@@ -808,6 +832,51 @@ mod tests {
             "url": "http://127.0.0.1:1/v1", "anthropic": {}}]}]}))
             .unwrap();
         assert!(problems(&other).contains("anthropic settings apply only to provider anthropic"));
+    }
+
+    #[test]
+    fn bedrock_auth_fields_apply_only_with_their_auth() {
+        let bedrock = |settings: serde_json::Value| -> SnapshotSpec {
+            serde_json::from_value(serde_json::json!({"routes": [{"name": "r", "model": "m",
+                "backends": [{"name": "b", "provider": "bedrock", "bedrock": settings}]}]}))
+            .unwrap()
+        };
+        let at = "routes[0] (r).backends[0] (b).bedrock";
+        assert_eq!(
+            problems(&bedrock(serde_json::json!({"region": "us-east-1",
+                "auth": "podIdentity", "credentialsUri": "http://127.0.0.1:1/creds",
+                "authorizationTokenFile": "/var/run/token"}))),
+            ""
+        );
+        let bad = problems(&bedrock(serde_json::json!({"region": "us-east-1",
+            "auth": "podIdentity", "roleArn": "arn:aws:iam::1:role/r",
+            "credentialsUri": "not a url"})));
+        for want in [
+            format!("{at}.roleArn: applies only with auth: webIdentity"),
+            format!("{at}.credentialsUri: "),
+        ] {
+            assert!(bad.contains(&want), "{want} in {bad}");
+        }
+        let bad = problems(&bedrock(serde_json::json!({"region": "us-east-1",
+            "auth": "webIdentity", "roleArn": "arn:aws:iam::1:role/r",
+            "authorizationTokenFile": "/t"})));
+        assert!(
+            bad.contains(&format!(
+                "{at}.authorizationTokenFile: applies only with auth: podIdentity"
+            )),
+            "{bad}"
+        );
+        let mut with_keys =
+            bedrock(serde_json::json!({"region": "us-east-1", "auth": "podIdentity"}));
+        with_keys.routes[0].backends[0].credentials = Some(crate::CredentialSpec {
+            value: Some("k".into()),
+            ..Default::default()
+        });
+        assert!(
+            problems(&with_keys).contains("signs with the proxy's own cloud identity"),
+            "{}",
+            problems(&with_keys)
+        );
     }
 
     #[test]

@@ -317,6 +317,15 @@ pub struct BedrockSpec {
     /// `webIdentity`: the STS endpoint [default: `https://sts.{region}.amazonaws.com`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sts_url: Option<String>,
+    /// `podIdentity`: the container credentials endpoint [default:
+    /// `$AWS_CONTAINER_CREDENTIALS_FULL_URI`, else `http://169.254.170.2` followed by
+    /// `$AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_uri: Option<String>,
+    /// `podIdentity`: the file whose text is sent as `Authorization` [default:
+    /// `$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`; none when unset].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_token_file: Option<String>,
 }
 
 /// Where a Bedrock backend's AWS credentials come from.
@@ -330,6 +339,10 @@ pub enum BedrockAuth {
     /// The proxy pod's projected token exchanged with STS (`AssumeRoleWithWebIdentity`,
     /// the IRSA / EKS pattern); needs the proxy's `allowAmbientIdentity`.
     WebIdentity,
+    /// The proxy pod's EKS Pod Identity: temporary keys from the container credentials
+    /// endpoint the EKS Pod Identity Agent serves (as AWS's SDKs read it); needs the proxy's
+    /// `allowAmbientIdentity`.
+    PodIdentity,
     /// A value from a newer operator; refused by [`crate::check`].
     #[serde(other, skip_serializing)]
     Unknown,
