@@ -111,6 +111,8 @@ pub struct Entry<'a> {
     pub finish_reason: Option<&'a str>,
     pub cost_usd: f64,
     pub error: Option<&'a str>,
+    /// The request's trace (tracing on and the request sampled).
+    pub trace_id: Option<&'a str>,
 }
 
 /// Turn the access log on (the proxy binary does; library users and tests may not).
@@ -201,6 +203,10 @@ fn write_line(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
     if let Some(err) = e.error {
         field(out, "error");
         write_json_str(out, err);
+    }
+    if let Some(t) = e.trace_id {
+        field(out, "trace_id");
+        write_json_str(out, t);
     }
     out.extend_from_slice(b",\"target\":\"modelgate::access\"}\n");
 }
@@ -303,6 +309,7 @@ mod tests {
             finish_reason: Some("stop"),
             cost_usd: 0.0000123,
             error: Some("upstream_timeout"),
+            trace_id: Some("0af7651916cd43dd8448eb211c80319c"),
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_624_000_123_456);
         let mut out = Vec::new();
@@ -334,17 +341,25 @@ mod tests {
         assert_eq!(v["finish_reason"], "stop");
         assert_eq!(v["cost_usd"], 0.0000123);
         assert_eq!(v["error"], "upstream_timeout");
+        assert_eq!(v["trace_id"], "0af7651916cd43dd8448eb211c80319c");
         // Unset fields are left out; a zero cost is 0.
         entry.ttft_ms = None;
         entry.overhead_us = None;
         entry.finish_reason = None;
         entry.error = None;
+        entry.trace_id = None;
         entry.cost_usd = 0.0;
         out.clear();
         write_line(&mut out, at, &entry);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         let o = v.as_object().unwrap();
-        for absent in ["ttft_ms", "overhead_us", "finish_reason", "error"] {
+        for absent in [
+            "ttft_ms",
+            "overhead_us",
+            "finish_reason",
+            "error",
+            "trace_id",
+        ] {
             assert!(!o.contains_key(absent), "{absent}");
         }
         assert_eq!(v["cost_usd"], 0);
@@ -377,6 +392,7 @@ mod tests {
             finish_reason: None,
             cost_usd: 0.0,
             error: None,
+            trace_id: None,
         };
         let before = dropped_lines();
         // Far more than the queue holds (16 batches of 256 KiB, about 5 MiB): recording

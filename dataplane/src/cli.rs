@@ -55,6 +55,11 @@ OPTIONS:
                              thread serves everything without work stealing, as nginx's worker
                              does (the cheapest per request on a one-CPU pod)
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
+    --otlp-endpoint URL      send OpenTelemetry GenAI traces by OTLP/HTTP to URL (overrides
+                             server.tracing.otlpEndpoint), e.g. http://otel-collector:4318
+    --trace-sampling RATIO   share of new traces recorded, 0 to 1 (server.tracing.samplingRatio)
+                             [default: 1]; a client's traceparent decides for its own trace
+    --trace-content          put prompts and answers on spans (server.tracing.captureContent)
 ";
 
 #[derive(Debug, Default)]
@@ -75,6 +80,9 @@ struct Options {
     proxy_id: Option<String>,
     usage_interval: Option<Duration>,
     workers: Option<usize>,
+    otlp_endpoint: Option<String>,
+    trace_sampling: Option<f64>,
+    trace_content: bool,
     check: bool,
     text_logs: bool,
     hash_key: Option<Option<String>>,
@@ -149,6 +157,15 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 "text" => o.text_logs = true,
                 other => bail!("--log-format must be json or text, not {other:?}"),
             },
+            "--otlp-endpoint" => o.otlp_endpoint = Some(value("--otlp-endpoint")?),
+            "--trace-sampling" => {
+                let v = value("--trace-sampling")?;
+                match v.trim().parse::<f64>() {
+                    Ok(r) if (0.0..=1.0).contains(&r) => o.trace_sampling = Some(r),
+                    _ => bail!("--trace-sampling must be a ratio from 0 to 1, not {v:?}"),
+                }
+            }
+            "--trace-content" => o.trace_content = true,
             "--check" => o.check = true,
             "hash-key" => o.hash_key = Some(args.next()),
             "--help" | "-h" => {
@@ -295,7 +312,16 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             })
         }
     };
-    let server_spec = file.server.clone();
+    let mut server_spec = file.server.clone();
+    if let Some(e) = &opts.otlp_endpoint {
+        server_spec.tracing.otlp_endpoint = Some(e.clone());
+    }
+    if let Some(r) = opts.trace_sampling {
+        server_spec.tracing.sampling_ratio = r;
+    }
+    if opts.trace_content {
+        server_spec.tracing.capture_content = true;
+    }
     let duration = |what: &str, v: &str| {
         humantime::parse_duration(v)
             .with_context(|| format!("server.{what} {v:?} is not a duration"))
@@ -310,14 +336,27 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             .transpose()
             .map_err(|e| anyhow::anyhow!("upstream policy: {e}"))?
             .map(Arc::new);
-    let gateway = Arc::new(Gateway::new(Settings {
+    let mut gateway = Gateway::new(Settings {
         egress,
         max_body_bytes: server_spec.max_body_bytes,
         default_max_tokens: server_spec.default_max_tokens,
         max_stream_event_bytes: usize::try_from(server_spec.max_stream_event_bytes)
             .unwrap_or(usize::MAX)
             .max(1024),
-    }));
+    });
+    gateway.tracing = crate::traces::Tracing::start(&server_spec.tracing, gateway.metrics.clone())
+        .map_err(|e| anyhow::anyhow!("server.tracing: {e}"))?
+        .map(Arc::new);
+    if let (Some(_), Some(e)) = (&gateway.tracing, &server_spec.tracing.otlp_endpoint) {
+        tracing::info!(
+            endpoint = %e,
+            sampling_ratio = server_spec.tracing.sampling_ratio,
+            capture_content = server_spec.tracing.capture_content,
+            "OpenTelemetry traces on"
+        );
+    }
+    let tracer = gateway.tracing.clone();
+    let gateway = Arc::new(gateway);
     // Standalone, the file's author is the admin; following an operator, a tenant's route may
     // sign with the pod's own cloud identity only when the admin said so.
     gateway.live.registry.ambient_identity.store(
@@ -400,7 +439,13 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::time::sleep(opts.drain_delay).await;
     }
     let _ = api_stop_tx.send(true);
+    let drain_started = std::time::Instant::now();
     let _ = api_task.await;
+    if let Some(t) = tracer {
+        // What the drain left, and a second at least, for the last spans.
+        let left = drain.saturating_sub(drain_started.elapsed());
+        t.shutdown(left.max(Duration::from_secs(1))).await;
+    }
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     crate::accesslog::flush();

@@ -105,6 +105,39 @@ pub struct ServerSpec {
     /// Largest server-sent event a streamed answer may carry; a larger one ends the stream
     /// with an error event (and is metered).
     pub max_stream_event_bytes: u64,
+    /// OpenTelemetry traces (off unless `otlpEndpoint` is set).
+    pub tracing: TracingSpec,
+}
+
+/// `server.tracing`: a span per request after the OpenTelemetry GenAI conventions, exported
+/// by OTLP/HTTP (protobuf). Off (nothing recorded, nothing allocated) without an endpoint.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TracingSpec {
+    /// The collector's OTLP/HTTP base URL (`http://otel-collector:4318`); spans go to
+    /// `<endpoint>/v1/traces` unless the URL already ends so.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces started here (no sampled parent) that are recorded, 0 to 1. A client's
+    /// `traceparent` decides for its own trace.
+    pub sampling_ratio: f64,
+    /// Put prompts and answers on spans (`gen_ai.input.messages`, `gen_ai.output.messages`).
+    pub capture_content: bool,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Ended spans waiting for export at most; more are dropped (requests never wait).
+    pub max_queue_size: usize,
+}
+
+impl Default for TracingSpec {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            capture_content: false,
+            service_name: "modelgate-dataplane".into(),
+            max_queue_size: 4096,
+        }
+    }
 }
 
 impl Default for ServerSpec {
@@ -118,6 +151,7 @@ impl Default for ServerSpec {
             drain_timeout: "30s".into(),
             default_max_tokens: 1024,
             max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES as u64,
+            tracing: TracingSpec::default(),
         }
     }
 }

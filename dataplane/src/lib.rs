@@ -32,4 +32,5 @@ pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod synth;
+pub mod traces;
 pub mod translate;

@@ -83,6 +83,8 @@ pub struct Meter {
     finish_reason: Option<&'static str>,
     stream_outcome: Option<&'static str>,
     upstream_stream_failed: bool,
+    /// The request's trace span (tracing on): ended with the rest when the meter drops.
+    pub span: Option<Box<crate::traces::RequestSpan>>,
 }
 
 impl Meter {
@@ -114,6 +116,7 @@ impl Meter {
             finish_reason: None,
             stream_outcome: None,
             upstream_stream_failed: false,
+            span: None,
         }
     }
 
@@ -306,7 +309,27 @@ impl Drop for Meter {
         if cost > 0.0 {
             traffic.cost().inc_by(cost);
         }
+        let trace_id = self.span.as_ref().and_then(|s| s.trace_id());
+        if let Some(span) = self.span.take() {
+            span.finish(&crate::traces::Finished {
+                request_id: &self.request_id,
+                endpoint: self.endpoint,
+                model: self.model.as_deref(),
+                route,
+                backend: self.backend.as_deref(),
+                key,
+                status,
+                outcome,
+                error: self.error,
+                usage: (source != UsageSource::None).then_some(usage),
+                finish_reason: self.finish_reason,
+                stream: self.stream,
+                attempts: self.attempts,
+                cost_usd: cost,
+            });
+        }
         crate::accesslog::record(&crate::accesslog::Entry {
+            trace_id: trace_id.as_deref(),
             request_id: &self.request_id,
             endpoint: self.endpoint,
             model: self.model.as_deref().unwrap_or(""),

@@ -141,9 +141,10 @@ impl UpstreamErrorKind {
     ];
 }
 
-impl EncodeLabelValue for UpstreamErrorKind {
-    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
-        e.write_str(match self {
+impl UpstreamErrorKind {
+    /// The label value (also a trace's `error.type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::RateLimited => "rate_limited",
@@ -154,7 +155,13 @@ impl EncodeLabelValue for UpstreamErrorKind {
             Self::Stream => "stream_broken",
             Self::CredentialsRefused => "credentials_refused",
             Self::ContextLength => "context_length",
-        })
+        }
+    }
+}
+
+impl EncodeLabelValue for UpstreamErrorKind {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(self.as_str())
     }
 }
 
@@ -221,6 +228,9 @@ pub struct Metrics {
     pub last_reload_timestamp: Gauge,
     pub operator_stream_failures: Counter,
     pub access_log_dropped: Counter,
+    /// Spans the OTLP exporter delivered, and those of batches it could not deliver.
+    pub trace_spans_exported: Counter,
+    pub trace_spans_failed: Counter,
 }
 
 pub use modelgate_wire::openmetrics_to_prometheus;
@@ -359,6 +369,18 @@ impl Metrics {
             "Access log lines dropped because the log reader could not keep up",
             access_log_dropped.clone(),
         );
+        let trace_spans_exported = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Spans delivered to the OTLP endpoint (server.tracing)",
+            trace_spans_exported.clone(),
+        );
+        let trace_spans_failed = Counter::default();
+        registry.register(
+            "trace_spans_export_failed",
+            "Spans of batches the OTLP endpoint did not accept in time (down, slow, refusing)",
+            trace_spans_failed.clone(),
+        );
         let operator_stream_failures = Counter::default();
         registry.register(
             "operator_stream_failures",
@@ -383,6 +405,8 @@ impl Metrics {
             registry,
             operator_stream_failures,
             access_log_dropped,
+            trace_spans_exported,
+            trace_spans_failed,
             anonymous: Arc::new(KeySeries::new(families.clone(), "".into())),
             families,
             keys: Index::default(),

@@ -57,6 +57,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub client: HttpClient,
     pub settings: Settings,
+    /// OpenTelemetry traces; `None` (the default): no span is made.
+    pub tracing: Option<Arc<crate::traces::Tracing>>,
 }
 
 impl Gateway {
@@ -67,6 +69,7 @@ impl Gateway {
             metrics,
             client: providers::http_client(settings.egress.clone()),
             settings,
+            tracing: None,
         }
     }
 }
@@ -132,11 +135,20 @@ pub async fn handle(
     if let Some(clock) = connection {
         meter.charge_connection(clock);
     }
+    if let Some(t) = &gw.tracing {
+        meter.span = Some(Box::new(t.request_span(req.headers())));
+    }
     let dialect = client_dialect(req.uri().path(), req.headers());
     let reply = serve(&gw, req, &mut meter).await;
     let (mut resp, meter) = match reply {
         Ok(Reply::Full(resp)) => {
             meter.response_ready(resp.status().as_u16());
+            if let Some(span) = meter.span.as_deref_mut()
+                && resp.status().is_success()
+                && let ProxyBody::Full(Some(body)) = resp.body()
+            {
+                span.output(body);
+            }
             (resp, Some(meter))
         }
         Ok(Reply::Stream {
@@ -332,6 +344,9 @@ async fn serve(
     meter.model = Some(api.model.chars().take(256).collect());
     meter.stream = api.stream;
     meter.prompt_estimate = api.prompt_tokens_estimate();
+    if let Some(span) = meter.span.as_deref_mut() {
+        span.input(api.body());
+    }
 
     // authorize and resolve the route
     let route = snapshot
@@ -767,6 +782,11 @@ async fn forward(
             meter.backend = Some(backend.clone());
             // Dropped after the attempt, or with this future when the client leaves mid-call.
             let in_flight = backend.state.start_attempt();
+            let span = meter
+                .span
+                .as_deref_mut()
+                .map(|s| s.attempt(&backend, api.endpoint.as_str(), &api.model));
+            out.trace = span.as_ref().and_then(crate::traces::AttemptSpan::headers);
             let started = Instant::now();
             let result = match providers::attempt(&gw.client, &backend, out, timeout).await {
                 Ok(resp) => {
@@ -795,6 +815,10 @@ async fn forward(
                 }
                 other => other,
             };
+            if let Some(span) = span {
+                let (status, error) = attempt_outcome(&result);
+                span.end(status, error);
+            }
             match result {
                 Ok(answer) => {
                     backend.state.record_success(took);
@@ -850,6 +874,27 @@ async fn forward(
         || ProxyError::Internal(format!("route {} has no backend to try", route.id)),
         Failure::into_error,
     ))
+}
+
+/// An attempt's upstream status and, when it failed, why (a trace's `error.type`).
+fn attempt_outcome(result: &Result<Answer, Failure>) -> (Option<u16>, Option<&'static str>) {
+    // An error status passed on is named by its code (`AttemptSpan::end`).
+    let status_error = |s: StatusCode| (Some(s.as_u16()), None);
+    match result {
+        Ok(Answer::Stream { resp, .. }) => status_error(resp.status()),
+        Ok(Answer::Whole(parts, _)) | Ok(Answer::Oversized(parts)) => status_error(parts.status),
+        Err(Failure::Refused(_)) => (None, Some("invalid_request")),
+        Err(f) => {
+            let status = match f {
+                Failure::Status { status, .. } | Failure::CredentialsRefused(status, _) => {
+                    Some(status.as_u16())
+                }
+                Failure::ContextLength(parts, _) => Some(parts.status.as_u16()),
+                _ => None,
+            };
+            (status, Some(f.reason().as_str()))
+        }
+    }
 }
 
 /// The longest the gateway holds a request to honour an upstream's `Retry-After`, whatever

@@ -273,6 +273,8 @@ pub struct Outbound<'r, 'a> {
     pub output_reservation: u64,
     /// An Anthropic client's `anthropic-version` and `anthropic-beta`, for pass-through.
     pub anthropic_headers: anthropic::ClientHeaders,
+    /// The attempt span's context for the upstream (tracing on); set per attempt.
+    pub trace: Option<crate::traces::TraceHeaders>,
     canonical: Option<Result<canonical::Request, Refused>>,
 }
 
@@ -282,6 +284,7 @@ impl<'r, 'a> Outbound<'r, 'a> {
             api,
             output_reservation,
             anthropic_headers: anthropic::ClientHeaders::default(),
+            trace: None,
             canonical: None,
         }
     }
@@ -387,6 +390,7 @@ pub async fn attempt(
     let req = out.api;
     let model = backend.upstream_model.as_deref().unwrap_or(&req.model);
     let dialect = req.endpoint.dialect();
+    let trace = out.trace.clone();
     match &backend.provider {
         Provider::Mock(settings) if dialect == Dialect::OpenAiChat => {
             match tokio::time::timeout(timeout, mock::respond(settings, req, model)).await {
@@ -412,14 +416,21 @@ pub async fn attempt(
                 || (dialect == Dialect::OpenAiResponses && upstream.responses) =>
         {
             let request = upstream.request(req.endpoint, req.upstream_body(model), req.stream);
-            send(client, request, timeout, dialect).await
+            send(client, request, timeout, dialect, trace.as_ref()).await
         }
         Provider::OpenAi(upstream) => {
             let body = out
                 .openai_chat(model, upstream.max_tokens_field)
                 .map_err(Failure::Refused)?;
             let request = upstream.request(Endpoint::Chat, Bytes::from(body), req.stream);
-            send(client, request, timeout, Dialect::OpenAiChat).await
+            send(
+                client,
+                request,
+                timeout,
+                Dialect::OpenAiChat,
+                trace.as_ref(),
+            )
+            .await
         }
         Provider::Anthropic(upstream) if dialect == Dialect::Anthropic => {
             let request = upstream.pass_through(
@@ -428,7 +439,7 @@ pub async fn attempt(
                 req.stream,
                 &out.anthropic_headers,
             );
-            send(client, request, timeout, Dialect::Anthropic).await
+            send(client, request, timeout, Dialect::Anthropic, trace.as_ref()).await
         }
         Provider::Azure(upstream) => {
             let started = std::time::Instant::now();
@@ -442,7 +453,14 @@ pub async fn attempt(
                     .map_err(Failure::Refused)?;
                 upstream.request(Endpoint::Chat, Bytes::from(body), req.stream)
             };
-            let resp = send(client, request, timeout, dialect_if(pass, dialect)).await?;
+            let resp = send(
+                client,
+                request,
+                timeout,
+                dialect_if(pass, dialect),
+                trace.as_ref(),
+            )
+            .await?;
             if resp.status() != StatusCode::BAD_REQUEST {
                 return Ok(resp);
             }
@@ -459,7 +477,7 @@ pub async fn attempt(
                 .request(client, model, Bytes::from(body), req.stream, timeout)
                 .await?;
             let left = timeout.saturating_sub(started.elapsed());
-            send(client, request, left, Dialect::Bedrock).await
+            send(client, request, left, Dialect::Bedrock, trace.as_ref()).await
         }
         Provider::Gemini(upstream) => {
             let started = std::time::Instant::now();
@@ -467,7 +485,7 @@ pub async fn attempt(
             let request = upstream
                 .request(model, Bytes::from(body), req.stream)
                 .map_err(Failure::Connect)?;
-            let resp = send(client, request, timeout, Dialect::Gemini).await?;
+            let resp = send(client, request, timeout, Dialect::Gemini, trace.as_ref()).await?;
             if resp.status() != StatusCode::BAD_REQUEST {
                 return Ok(resp);
             }
@@ -502,7 +520,14 @@ pub async fn attempt(
                 .request(client, model, Bytes::from(body), req.stream, timeout)
                 .await?;
             let left = timeout.saturating_sub(started.elapsed());
-            send(client, request, left, upstream_dialect(upstream)).await
+            send(
+                client,
+                request,
+                left,
+                upstream_dialect(upstream),
+                trace.as_ref(),
+            )
+            .await
         }
         Provider::Anthropic(upstream) => {
             let body = out
@@ -513,6 +538,7 @@ pub async fn attempt(
                 upstream.request(Bytes::from(body), req.stream),
                 timeout,
                 Dialect::Anthropic,
+                trace.as_ref(),
             )
             .await
         }
@@ -635,10 +661,15 @@ async fn error_kind(
 /// 64 KiB, briefly) for what it says.
 async fn send(
     client: &HttpClient,
-    request: http::Request<Full<Bytes>>,
+    mut request: http::Request<Full<Bytes>>,
     timeout: Duration,
     dialect: Dialect,
+    trace: Option<&crate::traces::TraceHeaders>,
 ) -> Result<Response<UpstreamBody>, Failure> {
+    if let Some(t) = trace {
+        // Added after any signing (SigV4 signs the headers it names, not these).
+        t.apply(request.headers_mut());
+    }
     let started = std::time::Instant::now();
     let resp = match tokio::time::timeout(timeout, client.request(request)).await {
         Err(_) => return Err(Failure::Timeout),
