@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need on a fresh machine (Debian bookworm + rustup toolchain):
 #   promtool (Debian package prometheus) and a Python venv with the official OpenAI and Anthropic
-#   SDKs, plus botocore, google-auth and cryptography for the Bedrock and Google mocks.
+#   SDKs, plus botocore, google-auth and cryptography for the Bedrock and Google mocks, and
+#   opentelemetry-proto for the OTLP receiver of the tracing tests.
 # Idempotent: does nothing for what is already there.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,11 +19,11 @@ fi
 promtool --version 2>&1 | head -1
 
 VENV="$ROOT/.venv"
-if ! "$VENV/bin/python" -c 'import openai, anthropic, pytest, kubernetes_validate, botocore, google.auth, cryptography' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import openai, anthropic, pytest, kubernetes_validate, botocore, google.auth, cryptography, opentelemetry.proto' >/dev/null 2>&1; then
   echo "test-deps: creating $VENV with the openai and anthropic SDKs, pytest, kubernetes-validate,"
   echo "test-deps: botocore, google-auth and cryptography"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "openai==3.57.0" "anthropic==2.15.0" "pytest==9.2.0" "kubernetes-validate==1.37.0" \
-    "botocore==1.44.8" "google-auth==2.63.0" "cryptography==50.0.2"
+    "botocore==1.44.8" "google-auth==2.63.0" "cryptography==50.0.2" "opentelemetry-proto==1.45.2"
 fi
 "$VENV/bin/python" -c 'import openai, anthropic; print("openai SDK", openai.__version__, "anthropic SDK", anthropic.__version__)'
