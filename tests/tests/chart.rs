@@ -18,6 +18,7 @@ const PROFILES: &[(&str, Option<&str>)] = &[
     ("networkpolicy", Some("ci/networkpolicy-values.yaml")),
     ("shared-token", Some("ci/shared-token-values.yaml")),
     ("upstream-policy", Some("ci/upstream-policy-values.yaml")),
+    ("tracing", Some("ci/tracing-values.yaml")),
 ];
 
 /// Tests that run an operator take turns.
@@ -239,6 +240,25 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         Some("ci/shared-token-values.yaml"),
         &[],
     );
+    // Traces: off by default; the values reach the proxy's flags.
+    for flag in ["--otlp-endpoint", "--trace-sampling"] {
+        assert!(flag_values(&defaults, flag).is_empty(), "defaults: {flag}");
+    }
+    assert!(!defaults.contains("--trace-content"));
+    let traced = render(
+        "modelgate",
+        "modelgate",
+        "1.33.0",
+        Some("ci/tracing-values.yaml"),
+        &[],
+    );
+    let traced_proxy = document(&traced, "Deployment", "modelgate-proxy");
+    assert_eq!(
+        flag_values(traced_proxy, "--otlp-endpoint"),
+        ["http://otel-collector.observability:4318"]
+    );
+    assert_eq!(flag_values(traced_proxy, "--trace-sampling"), ["0.1"]);
+    assert!(traced_proxy.contains("- --trace-content"));
     assert_eq!(flag_values(&shared, "--proxy-auth"), ["shared-token"]);
     assert_eq!(
         flag_values(&shared, "--token-file"),
