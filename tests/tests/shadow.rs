@@ -1,0 +1,483 @@
+//! Shadow traffic end to end: a route mirrors its requests to a candidate backend; clients
+//! (the official OpenAI Python SDK) get the primary's answers only, the candidate's calls
+//! are recorded beside the primary's (`modelgate_backend_*`, `shadow="true"`), and a
+//! candidate that hangs or fails never delays, fails or limits the primary's requests.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+use modelgate_tests::upstream::MockUpstream;
+use serde_json::json;
+
+const METERED: &str = "sk-test-shadow-metered";
+const SINGLE: &str = "sk-test-shadow-single";
+
+/// Calls through the OpenAI SDK: each of `calls` (`{"key", "model", "stream"}`) prints one
+/// JSON line with its status, the answering backend (`x-modelgate-backend`), the text and
+/// the usage the client got, and the rate-limit headers.
+const SDK_CALLS: &str = r#"
+import json, os, openai
+base = os.environ["BASE"]
+for call in json.loads(os.environ["CALLS"]):
+    c = openai.OpenAI(base_url=base, api_key=call["key"], max_retries=0, timeout=30)
+    args = dict(model=call["model"], messages=[{"role": "user", "content": "Say hello"}])
+    try:
+        if call.get("stream"):
+            raw = c.chat.completions.with_raw_response.create(
+                stream=True, stream_options={"include_usage": True}, **args)
+            text, usage = "", None
+            for chunk in raw.parse():
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                if chunk.usage:
+                    usage = chunk.usage.model_dump()
+        else:
+            raw = c.chat.completions.with_raw_response.create(**args)
+            r = raw.parse()
+            text, usage = r.choices[0].message.content, r.usage.model_dump()
+        print(json.dumps({"status": raw.status_code, "backend": raw.headers.get("x-modelgate-backend"),
+                          "remaining": raw.headers.get("x-ratelimit-remaining-requests"),
+                          "text": text, "usage": usage}))
+    except openai.APIStatusError as e:
+        print(json.dumps({"status": e.status_code, "body": e.body}))
+"#;
+
+fn sdk_calls(base: &str, calls: &serde_json::Value) -> Vec<serde_json::Value> {
+    let out = Command::new(python())
+        .args(["-c", SDK_CALLS])
+        .env("BASE", base)
+        .env("CALLS", calls.to_string())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+async fn calls(p: &Proxy, calls: serde_json::Value) -> Vec<serde_json::Value> {
+    let base = p.url("/v1");
+    tokio::task::spawn_blocking(move || sdk_calls(&base, &calls))
+        .await
+        .unwrap()
+}
+
+fn promtool_check(text: &str) {
+    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {promtool} ({e}): run `make test-deps`"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn recorded_config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: chat
+    model: chat
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{primary}", model: gpt-old, pricing: {{inputPerMillion: 1, outputPerMillion: 10}}}}
+    shadow:
+      backend: {{name: candidate, provider: openai-compatible, url: "{candidate}", model: gpt-next, pricing: {{inputPerMillion: 2, outputPerMillion: 20}}}}
+  - name: unsampled
+    model: unsampled
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{primary}"}}
+    shadow:
+      percent: 0
+      backend: {{name: candidate, provider: openai-compatible, url: "{quiet}"}}
+  - name: guarded
+    model: guarded
+    maxCostPerRequest: 0.05
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{primary}", pricing: {{inputPerMillion: 1, outputPerMillion: 10}}}}
+    shadow:
+      # 1024 output tokens at $100 a million: above the route's guard, so never mirrored.
+      backend: {{name: candidate, provider: openai-compatible, url: "{quiet}", pricing: {{inputPerMillion: 1, outputPerMillion: 100}}}}
+keys:
+  - {{name: metered, sha256: {metered}, limits: {{requestsPerMinute: 3, tokensPerMinute: 4000}}}}
+  - {{name: demo, sha256: {demo}}}
+"#,
+        // The primary reports 10 prompt and 5 completion tokens per answer, the candidate 12
+        // and 7.
+        primary = up.url("id=primary"),
+        candidate = up.url("id=candidate;prompt_tokens=12;chunks=7"),
+        quiet = up.url("id=quiet"),
+        metered = sha256_hex(METERED),
+        demo = sha256_hex(DEMO_KEY),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_is_recorded_beside_the_primary_and_clients_get_the_primarys_answers() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&recorded_config(&up));
+
+    let got = calls(
+        &p,
+        json!([
+            {"key": METERED, "model": "chat"},
+            {"key": METERED, "model": "chat", "stream": true},
+            {"key": METERED, "model": "chat"},
+            {"key": METERED, "model": "chat"},
+        ]),
+    )
+    .await;
+    // The primary's answers, whole and streamed, with the primary's usage.
+    for (i, r) in got[..3].iter().enumerate() {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["backend"], "primary", "{r}");
+        assert_eq!(r["usage"]["prompt_tokens"], 10, "{r}");
+        assert_eq!(r["usage"]["completion_tokens"], 5, "{r}");
+        assert!(!r["text"].as_str().unwrap().is_empty(), "call {i}: {r}");
+    }
+    // The key's limits count the primary's requests only: 3 a minute, the 4th refused.
+    let remaining: Vec<_> = got[..3].iter().map(|r| r["remaining"].clone()).collect();
+    assert_eq!(remaining, vec![json!("2"), json!("1"), json!("0")]);
+    assert_eq!(got[3]["status"], 429, "{}", got[3]);
+
+    // Three mirrored calls, each with the candidate's own model name; the stream's asks
+    // for its usage like the primary's would.
+    eventually(
+        Duration::from_secs(10),
+        "three shadow calls recorded",
+        || async {
+            p.metric(
+                "modelgate_backend_requests_total",
+                &[("shadow", "true"), ("outcome", "ok")],
+            )
+            .await
+                == 3.0
+        },
+    )
+    .await;
+    assert_eq!(up.hits("primary"), 3);
+    assert_eq!(up.hits("candidate"), 3);
+    let body = up
+        .counters("candidate")
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(body["model"], "gpt-next");
+    assert_eq!(body["messages"][0]["content"], "Say hello");
+
+    let m = p.metrics().await;
+    let side = |name: &str, backend: &str, shadow: &str, extra: &[(&str, &str)]| {
+        let mut labels = vec![
+            ("route", "default/chat"),
+            ("backend", backend),
+            ("shadow", shadow),
+        ];
+        labels.extend_from_slice(extra);
+        metric(&m, name, &labels)
+    };
+    let requests = "modelgate_backend_requests_total";
+    let tokens = "modelgate_backend_tokens_total";
+    assert_eq!(
+        side(requests, "primary", "false", &[("outcome", "ok")]),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        side(requests, "candidate", "true", &[("outcome", "ok")]),
+        3.0
+    );
+    assert_eq!(side(tokens, "primary", "false", &[("kind", "input")]), 30.0);
+    assert_eq!(
+        side(tokens, "primary", "false", &[("kind", "output")]),
+        15.0
+    );
+    assert_eq!(
+        side(tokens, "candidate", "true", &[("kind", "input")]),
+        36.0
+    );
+    assert_eq!(
+        side(tokens, "candidate", "true", &[("kind", "output")]),
+        21.0
+    );
+    let cost = side("modelgate_backend_cost_usd_total", "candidate", "true", &[]);
+    assert!(
+        (cost - 3.0 * (12.0 * 2.0 + 7.0 * 20.0) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
+    assert_eq!(
+        side(
+            "modelgate_backend_request_duration_seconds_count",
+            "candidate",
+            "true",
+            &[]
+        ),
+        3.0
+    );
+    assert_eq!(
+        side(
+            "modelgate_backend_request_duration_seconds_count",
+            "primary",
+            "false",
+            &[]
+        ),
+        3.0
+    );
+    // Nothing of the shadow in the key's series: its tokens, requests and cost are the
+    // primary's.
+    let key = [("key", "default/metered")];
+    assert_eq!(metric(&m, "modelgate_tokens_total", &key), 45.0);
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_requests_total",
+            &[("key", "default/metered"), ("status", "200")]
+        ),
+        3.0
+    );
+    assert!(
+        (metric(&m, "modelgate_cost_usd_total", &key) - 3.0 * 60e-6).abs() < 1e-12,
+        "{m}"
+    );
+    assert!(!m.contains("backend=\"candidate\",key="), "{m}");
+
+    // Percent 0 mirrors nothing; a shadow whose worst case is above the route's guard is
+    // skipped, and the client does not notice either.
+    for model in ["unsampled", "guarded"] {
+        assert_eq!(p.chat(DEMO_KEY, model).await.status, StatusCode::OK);
+    }
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_shadow_skipped_total",
+            &[("route", "default/guarded"), ("reason", "cost_guard")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(up.hits("quiet"), 0);
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_backend_requests_total",
+            &[("route", "default/unsampled"), ("shadow", "false")]
+        ),
+        1.0,
+        "a route with a shadow records its primary side even when nothing is sampled"
+    );
+    promtool_check(&m);
+}
+
+fn faulty_config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: hang
+    model: hang
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{primary}"}}
+    shadow:
+      backend: {{name: candidate, provider: openai-compatible, url: "{hang}"}}
+      # Longer than this test: the calls still hang when it looks.
+      timeout: 10m
+      maxInFlight: 2
+  - name: silent
+    model: silent
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{primary}"}}
+    shadow:
+      backend: {{name: candidate, provider: openai-compatible, url: "{silent}"}}
+      timeout: 1s
+  - name: failing
+    model: failing
+    backends:
+      - {{name: primary, provider: openai-compatible, url: "{primary}"}}
+    shadow:
+      backend: {{name: candidate, provider: openai-compatible, url: "{failing}"}}
+keys:
+  - {{name: single, sha256: {single}, limits: {{maxConcurrent: 1}}}}
+"#,
+        primary = up.url("id=primary"),
+        hang = up.url("id=hang;hang=1"),
+        silent = up.url("id=silent;silent=1"),
+        failing = up.url("id=failing;status=500"),
+        single = sha256_hex(SINGLE),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_or_failing_shadow_never_delays_fails_or_limits_the_primary() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&faulty_config(&up));
+    let in_flight = |route: &'static str| {
+        let p = &p;
+        async move {
+            p.metric(
+                "modelgate_shadow_in_flight",
+                &[("route", route), ("backend", "candidate")],
+            )
+            .await
+        }
+    };
+
+    // A candidate that never answers. The key may have one request in flight: every
+    // request is answered while the shadow calls still hang, so they hold none of its slot.
+    let got = calls(
+        &p,
+        json!([
+            {"key": SINGLE, "model": "hang", "stream": true},
+            {"key": SINGLE, "model": "hang"},
+            {"key": SINGLE, "model": "hang"},
+            {"key": SINGLE, "model": "hang", "stream": true},
+        ]),
+    )
+    .await;
+    for r in &got {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["backend"], "primary");
+        assert!(!r["text"].as_str().unwrap().is_empty(), "{r}");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "two shadows at the candidate",
+        || async { up.hits("hang") == 2 },
+    )
+    .await;
+    // Answered, and the candidate still holds both calls: at most maxInFlight of them,
+    // the others skipped.
+    let m = p.metrics().await;
+    assert_eq!(in_flight("default/hang").await, 2.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_shadow_skipped_total",
+            &[("route", "default/hang"), ("reason", "max_in_flight")]
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(up.hits("primary"), 4);
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_backend_requests_total",
+            &[
+                ("route", "default/hang"),
+                ("shadow", "false"),
+                ("outcome", "ok")
+            ],
+        ),
+        4.0
+    );
+
+    // A candidate that sends its headers and then nothing: drained until its timeout, then
+    // let go (the upstream sees the call cancelled) and recorded as a timeout; its slot
+    // comes back. The primary is untouched.
+    let got = calls(
+        &p,
+        json!([{"key": SINGLE, "model": "silent", "stream": true}]),
+    )
+    .await;
+    assert_eq!(got[0]["status"], 200, "{}", got[0]);
+    eventually(
+        Duration::from_secs(15),
+        "the silent shadow let go",
+        || async {
+            up.counters("silent")
+                .cancelled
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 1
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "recorded as a timeout", || async {
+        p.metric(
+            "modelgate_backend_requests_total",
+            &[
+                ("route", "default/silent"),
+                ("shadow", "true"),
+                ("outcome", "timeout"),
+            ],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(in_flight("default/silent").await, 0.0);
+
+    // A candidate that fails: the client never sees it; it is recorded as an error, not
+    // retried, and counts in no error series of the primary.
+    let got = calls(
+        &p,
+        json!([
+            {"key": SINGLE, "model": "failing"},
+            {"key": SINGLE, "model": "failing", "stream": true},
+        ]),
+    )
+    .await;
+    for r in &got {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["backend"], "primary");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the failed shadows recorded",
+        || async {
+            p.metric(
+                "modelgate_backend_requests_total",
+                &[
+                    ("route", "default/failing"),
+                    ("shadow", "true"),
+                    ("outcome", "error"),
+                ],
+            )
+            .await
+                == 2.0
+        },
+    )
+    .await;
+    assert_eq!(up.hits("failing"), 2);
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(&m, "modelgate_upstream_errors_total", &[]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "modelgate_requests_total", &[("key", "default/single")]),
+        7.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_requests_total",
+            &[("key", "default/single"), ("status", "200")]
+        ),
+        7.0
+    );
+}
