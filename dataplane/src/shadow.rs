@@ -429,3 +429,107 @@ async fn drain(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::MockStream;
+
+    fn fixture(path: &str) -> Vec<u8> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// A recorded stream served in pieces of `size` bytes, drained as a shadow's is.
+    async fn drained(bytes: &[u8], dialect: Dialect, size: usize) -> (Result<(), ()>, Seen) {
+        let chunks = bytes.chunks(size).map(Bytes::copy_from_slice).collect();
+        let body = UpstreamBody::Mock(MockStream::new(chunks, Duration::ZERO));
+        let mut seen = Seen::default();
+        let read = drain(body, dialect, "req-1", 1 << 20, &mut seen).await;
+        (read, seen)
+    }
+
+    fn bedrock(name: &str) -> Vec<u8> {
+        let messages: Vec<(String, String, serde_json::Value)> =
+            serde_json::from_slice(&fixture(name)).unwrap();
+        messages
+            .iter()
+            .flat_map(|(kind, event, payload)| {
+                crate::translate::bedrock::encode_frame(kind, event, payload.to_string().as_bytes())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_drained_stream_gives_its_usage_in_every_dialect() {
+        let cases: Vec<(Vec<u8>, Dialect, u64, u64)> = vec![
+            (
+                fixture("sse/openai-chat-include-usage.sse"),
+                Dialect::OpenAiChat,
+                19,
+                10,
+            ),
+            (
+                fixture("providers/anthropic/stream-text-basic.sse"),
+                Dialect::Anthropic,
+                11,
+                6,
+            ),
+            (
+                fixture("providers/openai-responses/streams/text.sse"),
+                Dialect::OpenAiResponses,
+                14,
+                0,
+            ),
+            (
+                fixture("providers/gemini/stream-text.sse"),
+                Dialect::Gemini,
+                8,
+                9,
+            ),
+            (
+                bedrock("providers/bedrock/stream-text.events.json"),
+                Dialect::Bedrock,
+                12,
+                10,
+            ),
+        ];
+        for (bytes, dialect, input, output) in cases {
+            for size in [7, 4096] {
+                let (read, seen) = drained(&bytes, dialect, size).await;
+                assert_eq!(read, Ok(()), "{dialect:?}");
+                assert!(!seen.failed, "{dialect:?}");
+                let u = seen
+                    .usage
+                    .unwrap_or_else(|| panic!("{dialect:?}: no usage"));
+                let prompt = u.input.unwrap_or(0) + u.cache_read.unwrap_or(0);
+                assert_eq!(prompt, input, "{dialect:?} in pieces of {size}: {u:?}");
+                if output > 0 {
+                    assert_eq!(u.output, Some(output), "{dialect:?}: {u:?}");
+                } else {
+                    assert!(u.output.is_some_and(|o| o > 0), "{dialect:?}: {u:?}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_error_is_an_error_and_a_silent_usage_is_estimated() {
+        let (_, seen) = drained(
+            &fixture("providers/anthropic/stream-error-overloaded.sse"),
+            Dialect::Anthropic,
+            64,
+        )
+        .await;
+        assert!(seen.failed, "an error event");
+        // Without usage, the text seen is estimated and the prompt is the request's.
+        let text =
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"twelve chars\"}}]}\n\ndata: [DONE]\n\n";
+        let (read, mut seen) = drained(text, Dialect::OpenAiChat, 5).await;
+        assert_eq!(read, Ok(()));
+        seen.answered = true;
+        seen.prompt_estimate = 9;
+        let u = seen.charged();
+        assert_eq!((u.input, u.output), (Some(9), Some(3)));
+    }
+}

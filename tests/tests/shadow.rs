@@ -481,3 +481,91 @@ async fn a_hanging_or_failing_shadow_never_delays_fails_or_limits_the_primary() 
         7.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_of_another_api_is_called_through_the_translators() {
+    let up = MockUpstream::start();
+    let yaml = format!(
+        r#"
+routes:
+  - name: chat
+    model: chat
+    backends:
+      - {{name: gpt, provider: openai-compatible, url: "{primary}"}}
+    shadow:
+      backend: {{name: claude, provider: anthropic, url: "{claude}", model: claude-next, credentials: {{env: SHADOW_TEST_ANTHROPIC_KEY}}, pricing: {{inputPerMillion: 3, outputPerMillion: 15, cacheReadPerMillion: 0.3}}}}
+keys:
+  - {{name: demo, sha256: {demo}}}
+"#,
+        primary = up.url("id=gpt"),
+        claude = up.url("id=claude;cache_read=3;chunks=4"),
+        demo = sha256_hex(DEMO_KEY),
+    );
+    let p = Proxy::start_with(
+        &yaml,
+        &[("SHADOW_TEST_ANTHROPIC_KEY", "sk-ant-shadow-test")],
+    );
+    let got = calls(
+        &p,
+        json!([
+            {"key": DEMO_KEY, "model": "chat"},
+            {"key": DEMO_KEY, "model": "chat", "stream": true},
+        ]),
+    )
+    .await;
+    for r in &got {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["backend"], "gpt", "{r}");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "both shadow calls recorded",
+        || async {
+            p.metric(
+                "modelgate_backend_requests_total",
+                &[("backend", "claude"), ("shadow", "true"), ("outcome", "ok")],
+            )
+            .await
+                == 2.0
+        },
+    )
+    .await;
+    // Sent as Anthropic's Messages API, with the candidate's key and model, and the output
+    // bound admission reserved for the primary (the proxy's default 1024).
+    let c = up.counters("claude");
+    assert_eq!(c.last_path.lock().unwrap().as_deref(), Some("/v1/messages"));
+    let headers = c.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(headers["x-api-key"], "sk-ant-shadow-test");
+    let body = c.last_body.lock().unwrap().clone().unwrap();
+    assert_eq!(body["model"], "claude-next");
+    assert_eq!(body["max_tokens"], 1024);
+    assert_eq!(body["stream"], true, "the last call was the streamed one");
+    // Its usage read in its own dialect, whole and streamed: 10 input, 3 cache reads and 4
+    // output tokens each.
+    let m = p.metrics().await;
+    let tokens = |kind: &str| {
+        metric(
+            &m,
+            "modelgate_backend_tokens_total",
+            &[("backend", "claude"), ("shadow", "true"), ("kind", kind)],
+        )
+    };
+    assert_eq!(
+        (tokens("input"), tokens("cache_read"), tokens("output")),
+        (20.0, 6.0, 8.0),
+        "{m}"
+    );
+    let cost = metric(
+        &m,
+        "modelgate_backend_cost_usd_total",
+        &[("backend", "claude"), ("shadow", "true")],
+    );
+    assert!(
+        (cost - 2.0 * (10.0 * 3.0 + 3.0 * 0.3 + 4.0 * 15.0) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
+    // The candidate's key is nowhere in what the proxy shows.
+    for text in [&m, &p.log_text()] {
+        assert!(!text.contains("sk-ant-shadow-test"));
+    }
+}
