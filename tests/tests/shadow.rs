@@ -569,3 +569,188 @@ keys:
         assert!(!text.contains("sk-ant-shadow-test"));
     }
 }
+
+/// The expressions of the README's `promql` blocks, block by block (one per line; `#`
+/// lines are comments).
+fn readme_queries() -> Vec<Vec<String>> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    for line in readme.lines() {
+        match (&mut current, line.trim()) {
+            (None, "```promql") => current = Some(Vec::new()),
+            (Some(_), "```") => blocks.push(current.take().unwrap()),
+            (Some(b), l) if !l.is_empty() && !l.starts_with('#') => b.push(l.to_owned()),
+            _ => {}
+        }
+    }
+    blocks
+}
+
+/// The README's recipe on a real Prometheus: its queries give both versions' figures
+/// during the shadow step (`shadow` "false" and "true") and during the weighted steps (by
+/// backend), and its cost queries give figures by key, route and backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_queries_compare_the_versions_in_prometheus() {
+    let blocks = readme_queries();
+    assert_eq!(blocks.len(), 3, "shadow, weighted steps, cost: {blocks:?}");
+    let up = MockUpstream::start();
+    let old = up.url("id=old");
+    let key = |capped: bool| {
+        format!(
+            "  - {{name: {}, sha256: {}{}}}\n",
+            if capped { "capped" } else { "demo" },
+            sha256_hex(if capped { SINGLE } else { DEMO_KEY }),
+            if capped {
+                ", maxCostPerRequest: 0.000001"
+            } else {
+                ""
+            }
+        )
+    };
+    let keys = format!("keys:\n{}{}", key(false), key(true));
+    // Step 1: the candidate as a shadow; its first call fails, and it is slow enough that
+    // a burst finds its one slot busy.
+    let shadowed = format!(
+        r#"
+routes:
+  - name: chat
+    model: chat
+    backends:
+      - {{name: gpt-4o, provider: openai-compatible, url: "{old}", pricing: {{inputPerMillion: 2.5, outputPerMillion: 10}}}}
+    shadow:
+      maxInFlight: 1
+      backend: {{name: gpt-4o-next, provider: openai-compatible, url: "{next}", pricing: {{inputPerMillion: 2.5, outputPerMillion: 10}}}}
+{keys}"#,
+        next = up.url("id=next;fail_first=1;status=500;latency=1000;chunks=8"),
+    );
+    let p = Proxy::start(&shadowed);
+    let prom = Prometheus::start(&[p.admin.to_string()]);
+    let url = p.url("/v1/chat/completions");
+    // One at a time, each mirrored: the candidate's first call fails, three succeed.
+    for stream in [false, true, false, true] {
+        let r = post(&url, Some(DEMO_KEY), &chat("chat", stream)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        eventually(Duration::from_secs(10), "the shadow call done", || async {
+            p.metric("modelgate_shadow_in_flight", &[]).await == 0.0
+        })
+        .await;
+    }
+    // A burst finds the one slot busy (each shadow call takes a second).
+    let burst: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url, Some(DEMO_KEY), &chat("chat", false)).await })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap().status, StatusCode::OK);
+    }
+    // A request above a key's spend guard, for the cost block's last query.
+    let r = post(&url, Some(SINGLE), &chat("chat", false)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let labels = |series: &[serde_json::Value], name: &str| -> Vec<String> {
+        let mut v: Vec<String> = series
+            .iter()
+            .map(|s| s["metric"][name].as_str().unwrap_or("").to_owned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    for (i, q) in blocks[0].iter().enumerate() {
+        let prom = &prom;
+        eventually(
+            Duration::from_secs(60),
+            &format!("README query {q}"),
+            || {
+                let q = q.clone();
+                async move {
+                    let got = prom.query(&q).await;
+                    let versions = labels(&got, "shadow");
+                    // The skipped query has no shadow label; the error ratio sees the
+                    // candidate's failure only; the others show both versions.
+                    match i {
+                        4 => !got.is_empty(),
+                        0 => versions == ["true"] || versions == ["false", "true"],
+                        _ => versions == ["false", "true"],
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    // Steps 2 and 3: the candidate takes weight under the same name; its first answer fails.
+    let weighted = format!(
+        r#"
+routes:
+  - name: chat
+    model: chat
+    retries: {{attempts: 0}}
+    backends:
+      - {{name: gpt-4o, provider: openai-compatible, url: "{old}", weight: 50, pricing: {{inputPerMillion: 2.5, outputPerMillion: 10}}}}
+      - {{name: gpt-4o-next, provider: openai-compatible, url: "{next}", weight: 50, pricing: {{inputPerMillion: 2.5, outputPerMillion: 10}}}}
+{keys}"#,
+        next = up.url("id=next2;fail_first=1;status=500;chunks=8"),
+    );
+    let before = p.version().await;
+    p.write_config(&weighted);
+    eventually(
+        Duration::from_secs(10),
+        "the weighted step applied",
+        || async { p.version().await != before },
+    )
+    .await;
+    // Until each version answered a stream and the candidate failed once (weights are
+    // random: a few dozen requests at most).
+    let mut streamed = std::collections::HashSet::new();
+    for n in 0..200 {
+        let resp = post_stream(&url, Some(DEMO_KEY), &chat("chat", n % 2 == 0)).await;
+        let backend = resp
+            .headers()
+            .get("x-modelgate-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let status = resp.status();
+        let _ = read(resp).await;
+        if status == StatusCode::OK && n % 2 == 0 {
+            streamed.insert(backend);
+        }
+        if streamed.len() == 2 && up.hits("next2") >= 2 {
+            break;
+        }
+    }
+    assert_eq!(streamed.len(), 2, "both versions answered streams");
+    for q in &blocks[1] {
+        let prom = &prom;
+        eventually(
+            Duration::from_secs(60),
+            &format!("README query {q}"),
+            || {
+                let q = q.clone();
+                async move {
+                    let got = prom.query(&q).await;
+                    // The failure queries see the candidate; the others both versions.
+                    let backends = labels(&got, "backend");
+                    backends == ["gpt-4o", "gpt-4o-next"] || backends == ["gpt-4o-next"]
+                }
+            },
+        )
+        .await;
+    }
+    for q in &blocks[2] {
+        let prom = &prom;
+        eventually(
+            Duration::from_secs(60),
+            &format!("README query {q}"),
+            || {
+                let q = q.clone();
+                async move { !prom.query(&q).await.is_empty() }
+            },
+        )
+        .await;
+    }
+}
