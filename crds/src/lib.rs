@@ -81,6 +81,44 @@ pub struct ModelRouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub stream_timeout: Option<String>,
+    /// Spend guard in US dollars: a request whose worst case costs more is refused up front
+    /// with a 400 naming this guard. The worst case is the request's prompt estimate (about
+    /// four bytes of JSON a token) and its output reservation (`max_tokens` times the
+    /// choices, or the proxy's default) at the prices of the dearest backend, every prompt
+    /// token at its dearest kind (uncached, cache read or cache write). Needs `pricing` on
+    /// the backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_cost_per_request: Option<f64>,
+    /// Mirror a sampled share of this route's requests to a candidate backend (a new model
+    /// version): clients get the primary's answer only; the shadow's is read, recorded
+    /// beside the primary's (`modelgate_backend_*` series, `shadow="true"`) and dropped. Shadow
+    /// calls never hold up or fail a request and count against no key's limits or budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Shadow {
+    /// The candidate, in the shape of a backend of `backends`, with a name of its own;
+    /// `weight` and `priority` do not apply. Its `credentialsRef` follows the same rules
+    /// (a Secret of the route's namespace labelled `modelgate.dev/credential=true`).
+    pub backend: RouteBackend,
+    /// Percent of the route's admitted requests mirrored [default: 100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<f64>,
+    /// The longest one shadow call may take, its whole answer or stream read [default: 60s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub timeout: Option<String>,
+    /// Shadow calls of this route in flight at once on each proxy; a request that finds
+    /// them all busy is not mirrored and counts in `modelgate_shadow_skipped_total`
+    /// [default: 64].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_in_flight: Option<i32>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -474,6 +512,12 @@ pub struct ApiKeySpec {
     /// Refuse the key without deleting it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,
+    /// Spend guard in US dollars: a request of this key whose worst case costs more is
+    /// refused up front with a 400 naming this guard (the worst case as for a ModelRoute's
+    /// `maxCostPerRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_cost_per_request: Option<f64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -240,6 +240,31 @@ impl LimitKind {
     }
 }
 
+/// Whose `maxCostPerRequest` refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendGuard {
+    Route,
+    Key,
+}
+
+impl SpendGuard {
+    /// The `limit` label of `modelgate_limit_rejections_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Route => "route_max_cost_per_request",
+            Self::Key => "key_max_cost_per_request",
+        }
+    }
+
+    /// Whose guard it is, in an error message.
+    pub fn owner(self) -> &'static str {
+        match self {
+            Self::Route => "the route's",
+            Self::Key => "this API key's",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Rejection {
     pub kind: LimitKind,
@@ -515,6 +540,7 @@ mod tests {
             expires_at: None,
             disabled: false,
             exhausted: false,
+            max_cost_per_request: None,
             state: std::sync::OnceLock::new(),
         }
     }

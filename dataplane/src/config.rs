@@ -21,6 +21,7 @@ use crate::routes::{
     Backend, Credential, OutlierPolicy, Pricing, Provider, RetryOn, RetryPolicy, Route, RouteTable,
     Strategy, Tier,
 };
+use crate::shadow::Shadow;
 use crate::snapshot::{Snapshot, StateRegistry};
 
 pub use modelgate_wire::check::{Problems, duration};
@@ -222,48 +223,9 @@ pub fn compile(
         let mut tiers: Vec<Tier> = Vec::new();
         for (bi, b) in r.backends.iter().enumerate() {
             let bpath = format!("{path}.backends[{bi}] ({})", b.name);
-            let cpath = format!("{bpath}.credentials");
-            let text = b
-                .credentials
-                .as_ref()
-                .and_then(|c| credential_text(&mut p, &cpath, c));
-            let credential = match &text {
-                Some(t) if !b.provider.credential_is_document() => {
-                    header_credential(&mut p, &cpath, t)
-                }
-                _ => None,
-            };
-            let ambient = registry
-                .ambient_identity
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let Some(provider) =
-                build_provider(&mut p, &bpath, b, credential, text.as_deref(), ambient)
-            else {
+            let Some(backend) = build_backend(&mut p, &bpath, &route_id, b, registry) else {
                 continue;
             };
-            let pricing = b
-                .pricing
-                .as_ref()
-                .map(|pr| Pricing {
-                    cache_read_per_million: pr
-                        .cache_read_per_million
-                        .unwrap_or(pr.input_per_million),
-                    cache_write_per_million: pr
-                        .cache_write_per_million
-                        .unwrap_or(pr.input_per_million),
-                    ..Pricing::flat(pr.input_per_million, pr.output_per_million)
-                })
-                .unwrap_or_default();
-            let backend = Arc::new(Backend::new(
-                &route_id,
-                &b.name,
-                provider,
-                b.model.clone(),
-                b.weight,
-                b.timeout.as_deref().map(duration),
-                pricing,
-                registry.backend_state(&route_id, &b.name),
-            ));
             match tiers.iter_mut().find(|t| t.priority == b.priority) {
                 Some(t) => t.backends.push(backend),
                 None => tiers.push(Tier {
@@ -273,6 +235,23 @@ pub fn compile(
             }
         }
         tiers.sort_by_key(|t| t.priority);
+        let shadow = r.shadow.as_ref().and_then(|s| {
+            let bpath = format!("{path}.shadow.backend ({})", s.backend.name);
+            let backend = build_backend(&mut p, &bpath, &route_id, &s.backend, registry)?;
+            Some(Shadow {
+                backend,
+                percent: s.percent,
+                timeout: duration(
+                    s.timeout
+                        .as_deref()
+                        .unwrap_or(modelgate_wire::DEFAULT_SHADOW_TIMEOUT),
+                ),
+                max_in_flight: s
+                    .max_in_flight
+                    .unwrap_or(modelgate_wire::DEFAULT_SHADOW_MAX_IN_FLIGHT),
+                state: registry.shadow_state(&route_id),
+            })
+        });
         routes.push(Arc::new(Route {
             id: route_id,
             namespace: r.namespace.clone(),
@@ -294,6 +273,8 @@ pub fn compile(
                     .map_or(DEFAULT_STREAM_IDLE_TIMEOUT, duration),
             ),
             stream_timeout: r.stream_timeout.as_deref().map(duration),
+            max_cost_per_request: r.max_cost_per_request,
+            shadow,
             tiers,
         }));
     }
@@ -345,6 +326,7 @@ pub fn compile(
                     expires_at,
                     disabled: k.disabled,
                     exhausted: k.exhausted,
+                    max_cost_per_request: k.max_cost_per_request,
                     state,
                 })
             }
@@ -434,6 +416,49 @@ fn credential_text(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Optio
         return None;
     }
     Some(raw.to_owned())
+}
+
+/// One backend (a route's or its shadow's) as the request path runs it; None, with the
+/// problem noted, when its credential or provider settings cannot be used.
+fn build_backend(
+    p: &mut Problems,
+    bpath: &str,
+    route_id: &str,
+    b: &BackendSpec,
+    registry: &StateRegistry,
+) -> Option<Arc<Backend>> {
+    let cpath = format!("{bpath}.credentials");
+    let text = b
+        .credentials
+        .as_ref()
+        .and_then(|c| credential_text(p, &cpath, c));
+    let credential = match &text {
+        Some(t) if !b.provider.credential_is_document() => header_credential(p, &cpath, t),
+        _ => None,
+    };
+    let ambient = registry
+        .ambient_identity
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let provider = build_provider(p, bpath, b, credential, text.as_deref(), ambient)?;
+    let pricing = b
+        .pricing
+        .as_ref()
+        .map(|pr| Pricing {
+            cache_read_per_million: pr.cache_read_per_million.unwrap_or(pr.input_per_million),
+            cache_write_per_million: pr.cache_write_per_million.unwrap_or(pr.input_per_million),
+            ..Pricing::flat(pr.input_per_million, pr.output_per_million)
+        })
+        .unwrap_or_default();
+    Some(Arc::new(Backend::new(
+        route_id,
+        &b.name,
+        provider,
+        b.model.clone(),
+        b.weight,
+        b.timeout.as_deref().map(duration),
+        pricing,
+        registry.backend_state(route_id, &b.name),
+    )))
 }
 
 /// A credential sent in a header (an API key or a bearer token).
@@ -555,7 +580,16 @@ fn summarize(spec: &SnapshotSpec) -> String {
         model: &'a str,
         aliases: &'a [String],
         strategy: modelgate_wire::Strategy,
+        #[serde(rename = "maxCostPerRequest", skip_serializing_if = "Option::is_none")]
+        max_cost_per_request: Option<f64>,
         backends: Vec<BackendView<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        shadow: Option<ShadowView<'a>>,
+    }
+    #[derive(Serialize)]
+    struct ShadowView<'a> {
+        backend: BackendView<'a>,
+        percent: f64,
     }
     #[derive(Serialize)]
     struct BackendView<'a> {
@@ -574,6 +608,21 @@ fn summarize(spec: &SnapshotSpec) -> String {
         File { file: &'a str },
         Inline(&'static str),
     }
+    fn backend(b: &BackendSpec) -> BackendView<'_> {
+        BackendView {
+            name: &b.name,
+            provider: b.provider.as_str(),
+            url: b.url.as_deref(),
+            model: b.model.as_deref(),
+            weight: b.weight,
+            priority: b.priority,
+            credentials: b.credentials.as_ref().map(|c| match (&c.env, &c.file) {
+                (Some(env), _) => CredentialView::Env { env },
+                (_, Some(file)) => CredentialView::File { file },
+                _ => CredentialView::Inline("<redacted>"),
+            }),
+        }
+    }
     let routes: Vec<RouteView<'_>> = spec
         .routes
         .iter()
@@ -583,23 +632,12 @@ fn summarize(spec: &SnapshotSpec) -> String {
             model: &r.model,
             aliases: &r.aliases,
             strategy: r.strategy,
-            backends: r
-                .backends
-                .iter()
-                .map(|b| BackendView {
-                    name: &b.name,
-                    provider: b.provider.as_str(),
-                    url: b.url.as_deref(),
-                    model: b.model.as_deref(),
-                    weight: b.weight,
-                    priority: b.priority,
-                    credentials: b.credentials.as_ref().map(|c| match (&c.env, &c.file) {
-                        (Some(env), _) => CredentialView::Env { env },
-                        (_, Some(file)) => CredentialView::File { file },
-                        _ => CredentialView::Inline("<redacted>"),
-                    }),
-                })
-                .collect(),
+            max_cost_per_request: r.max_cost_per_request,
+            backends: r.backends.iter().map(backend).collect(),
+            shadow: r.shadow.as_ref().map(|s| ShadowView {
+                backend: backend(&s.backend),
+                percent: s.percent,
+            }),
         })
         .collect();
     serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into())
@@ -682,6 +720,97 @@ keys:
                 .unwrap()
                 .contains("maxOutputTokens")
         );
+    }
+
+    #[test]
+    fn shadows_and_spend_guards_compile_and_a_shadows_count_outlives_a_reload() {
+        let yaml = format!(
+            r#"
+routes:
+  - name: r
+    model: m
+    maxCostPerRequest: 0.5
+    backends:
+      - {{name: b, provider: mock, pricing: {{inputPerMillion: 1, outputPerMillion: 2}}}}
+    shadow:
+      backend: {{name: next, provider: openai-compatible, url: "http://127.0.0.1:9/v1", model: m-2, credentials: {{env: MODELGATE_TEST_SHADOW_KEY}}}}
+      percent: 25
+      maxInFlight: 3
+keys:
+  - {{name: k, sha256: {}, maxCostPerRequest: 0.1}}
+"#,
+            hash_key("sk-k")
+        );
+        // An unset variable is named with the shadow's path, as a backend's would be.
+        let err = compile_yaml(&yaml).unwrap_err().to_string();
+        assert!(
+            err.contains("routes[0] (r).shadow.backend (next).credentials"),
+            "{err}"
+        );
+        let dir = std::env::temp_dir().join(format!("modelgate-shadow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("key");
+        std::fs::write(&key_file, "sk-candidate-secret\n").unwrap();
+        let yaml = yaml.replace(
+            "{env: MODELGATE_TEST_SHADOW_KEY}",
+            &format!("{{file: {}}}", key_file.display()),
+        );
+        let registry = StateRegistry::default();
+        let spec = || ConfigFile::parse(&yaml).unwrap().into_snapshot();
+        let snap = compile(spec(), Source::File, &registry, None).unwrap();
+        let route = snap.routes.get("default", "m").unwrap();
+        assert_eq!(route.max_cost_per_request, Some(0.5));
+        let shadow = route.shadow.as_ref().unwrap();
+        assert_eq!(
+            (shadow.percent, shadow.max_in_flight, shadow.timeout),
+            (25.0, 3, std::time::Duration::from_secs(60))
+        );
+        assert_eq!(shadow.backend.name, "next");
+        assert_eq!(shadow.backend.route_id, "default/r");
+        assert_eq!(shadow.backend.upstream_model.as_deref(), Some("m-2"));
+        assert_eq!(route.backends().count(), 1, "the shadow takes no traffic");
+        let key = snap.keys.authenticate(b"sk-k").unwrap();
+        assert_eq!(key.max_cost_per_request, Some(0.1));
+        // `/config` shows the shadow and the guard, never the credential.
+        assert!(
+            snap.routes_summary
+                .contains(r#""shadow":{"backend":{"name":"next""#)
+        );
+        assert!(snap.routes_summary.contains(r#""maxCostPerRequest":0.5"#));
+        assert!(!snap.routes_summary.contains("sk-candidate-secret"));
+        assert!(!format!("{shadow:?}").contains("sk-candidate-secret"));
+
+        let again = compile(spec(), Source::File, &registry, Some(&snap)).unwrap();
+        let state = |s: &Snapshot| {
+            s.routes
+                .get("default", "m")
+                .unwrap()
+                .shadow
+                .as_ref()
+                .unwrap()
+                .state
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&state(&snap), &state(&again)));
+        // A key whose guard changed is built again.
+        let changed = compile(
+            ConfigFile::parse(&yaml.replace("0.1}", "0.2}"))
+                .unwrap()
+                .into_snapshot(),
+            Source::File,
+            &registry,
+            Some(&again),
+        )
+        .unwrap();
+        assert_eq!(
+            changed
+                .keys
+                .authenticate(b"sk-k")
+                .unwrap()
+                .max_cost_per_request,
+            Some(0.2)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

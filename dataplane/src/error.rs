@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::admission::{LimitKind, Rejection};
+use crate::admission::{LimitKind, Rejection, SpendGuard};
 use crate::stream::ProxyBody;
 use crate::translate::Dialect;
 
@@ -47,6 +47,18 @@ pub enum ProxyError {
     UnknownModel(String),
     #[error("{}", .0.message)]
     Limited(Rejection),
+    /// A spend guard (`maxCostPerRequest` of the route or the key) refused the request up
+    /// front: its worst case costs more.
+    #[error(
+        "this request could cost up to ${cost:.6} ({detail}), above {owner} maxCostPerRequest of ${limit}; ask for fewer output tokens (max_tokens) or send a shorter prompt",
+        owner = .guard.owner()
+    )]
+    AboveSpendGuard {
+        guard: SpendGuard,
+        limit: f64,
+        cost: f64,
+        detail: String,
+    },
     #[error("this API key's budget is used up across the gateway")]
     BudgetExhausted,
     #[error("the gateway has no configuration yet")]
@@ -95,6 +107,7 @@ impl ProxyError {
                 }
             },
             Self::BudgetExhausted => "budget_exceeded",
+            Self::AboveSpendGuard { .. } => "max_cost_per_request_exceeded",
             Self::NotReady => "not_ready",
             Self::Internal(_) => "internal_error",
             Self::UpstreamConnect(_) => "upstream_unavailable",
@@ -121,9 +134,10 @@ impl ProxyError {
     fn into_anthropic_response(self, request_id: &str) -> Response<ProxyBody> {
         let (mut status, _, retry_after) = self.parts();
         let kind = match &self {
-            Self::BadRequest(_) | Self::InvalidParam { .. } | Self::MethodNotAllowed(_) => {
-                "invalid_request_error"
-            }
+            Self::BadRequest(_)
+            | Self::InvalidParam { .. }
+            | Self::MethodNotAllowed(_)
+            | Self::AboveSpendGuard { .. } => "invalid_request_error",
             Self::UnknownPath(_) | Self::UnknownModel(_) => "not_found_error",
             Self::PayloadTooLarge(_) => "request_too_large",
             Self::MissingKey | Self::InvalidKey => "authentication_error",
@@ -159,7 +173,7 @@ impl ProxyError {
     /// Status, OpenAI error type and `Retry-After` of each variant.
     fn parts(&self) -> (StatusCode, &'static str, Option<HeaderValue>) {
         match self {
-            Self::BadRequest(_) | Self::InvalidParam { .. } => {
+            Self::BadRequest(_) | Self::InvalidParam { .. } | Self::AboveSpendGuard { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None)
             }
             Self::UnknownPath(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),

@@ -126,6 +126,8 @@ pub struct Key {
     pub expires_at: Option<SystemTime>,
     pub disabled: bool,
     pub exhausted: bool,
+    /// Spend guard: the most a request's worst case may cost, USD.
+    pub max_cost_per_request: Option<f64>,
     pub state: OnceLock<Arc<KeyState>>,
 }
 
@@ -161,6 +163,7 @@ impl Key {
             && self.expires_at == expires_at
             && self.disabled == spec.disabled
             && self.exhausted == spec.exhausted
+            && self.max_cost_per_request == spec.max_cost_per_request
             && self.models.len() == spec.models.len()
             && self
                 .models
@@ -223,6 +226,7 @@ impl KeyStore {
                     "limits": k.limits, "budget": k.budget,
                     "expiresAt": k.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
                     "disabled": k.disabled, "exhausted": k.exhausted,
+                    "maxCostPerRequest": k.max_cost_per_request,
                 })
             })
             .collect()
@@ -270,6 +274,7 @@ mod tests {
             expires_at: None,
             disabled: false,
             exhausted: false,
+            max_cost_per_request: None,
             state: OnceLock::new(),
         });
         let mut store = KeyStore::with_capacity(1);

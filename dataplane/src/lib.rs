@@ -6,6 +6,7 @@
 //!  config (file │ operator) ─► config::compile ─► snapshot::Live (arc-swap)
 //!                                                        │ load once per request
 //!  client ─► server ─► proxy: auth → route → admission → forward (providers) → meter
+//!                                                        ├► shadow (a sampled copy, detached)
 //!                                                        ├► stream (SSE pass-through)
 //!                                                        └► synth (whole answers as streams)
 //! ```
@@ -28,6 +29,7 @@ pub mod proxy;
 pub mod request;
 pub mod routes;
 pub mod server;
+pub mod shadow;
 pub mod snapshot;
 pub mod source;
 pub mod stream;

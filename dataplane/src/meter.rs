@@ -13,7 +13,7 @@ use crate::admission::Ticket;
 use crate::busy::BusyClock;
 use crate::canonical::{StopReason, Usage};
 use crate::keys::Key;
-use crate::metrics::{Metrics, TokenKind, UpstreamErrorKind};
+use crate::metrics::{CallOutcome, Metrics, TokenKind, UpstreamErrorKind};
 use crate::routes::{Backend, Route};
 use crate::stream::StreamObserver;
 
@@ -215,6 +215,25 @@ impl Meter {
         }
     }
 
+    /// How the call of the backend that answered ended, for the side-by-side series of a
+    /// route with a shadow; None when the client left first (no verdict on the backend) or
+    /// no model work was asked (token counting).
+    fn compared_outcome(&self) -> Option<CallOutcome> {
+        let client_left =
+            self.status == 0 || (self.stream && self.status < 300 && self.stream_outcome.is_none());
+        if client_left || self.endpoint == "count_tokens" {
+            return None;
+        }
+        Some(match (self.status, self.error) {
+            (_, Some("upstream_timeout")) => CallOutcome::Timeout,
+            (_, _) if self.stream_outcome == Some("upstream_error") => CallOutcome::Error,
+            (s, _) if s < 400 => CallOutcome::Ok,
+            (_, Some("upstream_rate_limited")) => CallOutcome::Error,
+            (400..=499, _) => CallOutcome::ClientError,
+            _ => CallOutcome::Error,
+        })
+    }
+
     /// Usage to charge: what the upstream reported, else an estimate if a model was reached.
     /// The estimate settles the admission ticket like reported usage, so limits and budgets
     /// hold against upstreams that report nothing.
@@ -328,6 +347,17 @@ impl Drop for Meter {
                 cost_usd: cost,
             });
         }
+        if let (Some(r), Some(b), Some(series)) = (&self.route, &self.backend, backend_series) {
+            if r.strategy == crate::routes::Strategy::LowestCost && source == UsageSource::Reported
+            {
+                b.state.record_prompt_mix(&usage);
+            }
+            if r.shadow.is_some()
+                && let Some(outcome) = self.compared_outcome()
+            {
+                series.compare(false, outcome, duration, &usage, cost);
+            }
+        }
         crate::accesslog::record(&crate::accesslog::Entry {
             trace_id: trace_id.as_deref(),
             request_id: &self.request_id,
@@ -408,6 +438,7 @@ mod tests {
             expires_at: None,
             disabled: false,
             exhausted: false,
+            max_cost_per_request: None,
             state: std::sync::OnceLock::new(),
         }
     }
@@ -551,6 +582,8 @@ mod tests {
             max_output_tokens: None,
             stream_idle_timeout: None,
             stream_timeout: None,
+            max_cost_per_request: None,
+            shadow: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![Arc::new(backend)],

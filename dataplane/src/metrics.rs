@@ -13,7 +13,9 @@
 //!           │       └ limit rejections                                 tokens, cost
 //!           ├─► RouteSeries (route id): duration, fallbacks
 //!           └─► BackendSeries (route, backend; cached on the Backend): time to first token,
-//!                   estimated usage, retries, ejections, upstream errors by kind
+//!                   estimated usage, retries, ejections, upstream errors by kind; on a
+//!                   route with a shadow, its calls side by side with the shadow's
+//!                   (`backend_*{shadow="false"|"true"}`), shadow calls in flight and skipped
 //! ```
 //!
 //! A snapshot swap takes a [`Census`] of the names the new snapshot holds. The series of a
@@ -186,6 +188,87 @@ pub struct FallbackLabels {
     pub reason: UpstreamErrorKind,
 }
 
+/// How one call of a backend ended, for the side-by-side series of a route with a shadow.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// A whole answer (or a stream to its end) with a 2xx status.
+    Ok,
+    /// The backend (or the translation to it) refused the request with a 4xx: a candidate
+    /// that refuses what the primary takes shows here.
+    ClientError,
+    /// No answer: connection, 5xx, 429, refused credentials, a broken or unreadable answer.
+    Error,
+    /// No whole answer in time.
+    Timeout,
+}
+
+impl CallOutcome {
+    const ALL: [Self; 4] = [Self::Ok, Self::ClientError, Self::Error, Self::Timeout];
+}
+
+impl EncodeLabelValue for CallOutcome {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+        })
+    }
+}
+
+/// Why a sampled request was not mirrored to its route's shadow.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The route's shadow calls were all in flight (`maxInFlight`).
+    MaxInFlight,
+    /// The shadow's worst case was above the route's `maxCostPerRequest`.
+    CostGuard,
+}
+
+impl SkipReason {
+    const ALL: [Self; 2] = [Self::MaxInFlight, Self::CostGuard];
+}
+
+impl EncodeLabelValue for SkipReason {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(match self {
+            Self::MaxInFlight => "max_in_flight",
+            Self::CostGuard => "cost_guard",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComparedLabels {
+    pub route: String,
+    pub backend: String,
+    pub shadow: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComparedRequestLabels {
+    pub route: String,
+    pub backend: String,
+    pub shadow: bool,
+    pub outcome: CallOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComparedTokenLabels {
+    pub route: String,
+    pub backend: String,
+    pub shadow: bool,
+    pub kind: TokenKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    pub route: String,
+    pub backend: String,
+    pub reason: SkipReason,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub key: String,
@@ -310,8 +393,46 @@ impl Metrics {
         let rejected = Family::<LimitLabels, Counter>::default();
         registry.register(
             "limit_rejections",
-            "Requests refused by a key's rate limit, concurrency limit or budget",
+            "Requests refused by a key's rate limit, concurrency limit or budget, or by a spend guard (limit: route_max_cost_per_request, key_max_cost_per_request)",
             rejected.clone(),
+        );
+        let backend_requests = Family::<ComparedRequestLabels, Counter>::default();
+        registry.register(
+            "backend_requests",
+            "Calls of each backend of a route with a shadow, the shadow's (shadow=\"true\") beside the primary's, by outcome (ok, client_error, error, timeout)",
+            backend_requests.clone(),
+        );
+        let backend_duration = Family::<ComparedLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "backend_request_duration_seconds",
+            "Duration of the calls of each backend of a route with a shadow, to the answer's last byte (the primary's: the client's request, retries included)",
+            backend_duration.clone(),
+        );
+        let backend_tokens = Family::<ComparedTokenLabels, Counter>::default();
+        registry.register(
+            "backend_tokens",
+            "Tokens of the calls of each backend of a route with a shadow, by kind",
+            backend_tokens.clone(),
+        );
+        let backend_cost = Family::<ComparedLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "backend_cost_usd",
+            "Cost in USD of the calls of each backend of a route with a shadow, from its pricing",
+            backend_cost.clone(),
+        );
+        let shadow_in_flight = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "shadow_in_flight",
+            "Shadow calls under way, by route and shadow backend",
+            shadow_in_flight.clone(),
+        );
+        let shadow_skipped = Family::<SkipLabels, Counter>::default();
+        registry.register(
+            "shadow_skipped",
+            "Sampled requests not mirrored to the route's shadow, by reason (max_in_flight, cost_guard)",
+            shadow_skipped.clone(),
         );
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
@@ -399,6 +520,12 @@ impl Metrics {
             retries,
             fallbacks,
             ejections,
+            backend_requests,
+            backend_duration,
+            backend_tokens,
+            backend_cost,
+            shadow_in_flight,
+            shadow_skipped,
             resolved: AtomicU64::new(0),
         });
         Self {
@@ -636,6 +763,12 @@ struct Families {
     retries: Family<RetryLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
+    backend_requests: Family<ComparedRequestLabels, Counter>,
+    backend_duration: Family<ComparedLabels, Histogram>,
+    backend_tokens: Family<ComparedTokenLabels, Counter>,
+    backend_cost: Family<ComparedLabels, Counter<f64, AtomicU64>>,
+    shadow_in_flight: Family<BackendLabels, Gauge>,
+    shadow_skipped: Family<SkipLabels, Counter>,
     /// Label sets looked up so far: once per series, never per request.
     resolved: AtomicU64,
 }
@@ -868,6 +1001,20 @@ pub struct BackendSeries {
     retries: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
     ejections: OnceLock<Counter>,
     upstream_errors: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
+    /// The side-by-side series of its calls as a primary backend and as a shadow (a
+    /// candidate promoted from shadow to backend keeps its name, and so these handles).
+    compared: [ComparedSeries; 2],
+    shadow_in_flight: OnceLock<Gauge>,
+    shadow_skipped: [OnceLock<Counter>; SkipReason::ALL.len()],
+}
+
+/// The handles of one backend's calls on a route with a shadow, as primary or as shadow.
+#[derive(Default)]
+struct ComparedSeries {
+    requests: [OnceLock<Counter>; CallOutcome::ALL.len()],
+    duration: OnceLock<Histogram>,
+    tokens: [OnceLock<Counter>; TokenKind::ALL.len()],
+    cost: OnceLock<Counter<f64, AtomicU64>>,
 }
 
 impl BackendSeries {
@@ -881,7 +1028,86 @@ impl BackendSeries {
             retries: Default::default(),
             ejections: OnceLock::new(),
             upstream_errors: Default::default(),
+            compared: Default::default(),
+            shadow_in_flight: OnceLock::new(),
+            shadow_skipped: Default::default(),
         }
+    }
+
+    /// One call of this backend on a route with a shadow, recorded beside the other side's:
+    /// `shadow` says whether it was the shadow's call.
+    pub fn compare(
+        &self,
+        shadow: bool,
+        outcome: CallOutcome,
+        duration: Duration,
+        usage: &crate::canonical::Usage,
+        cost: f64,
+    ) {
+        let f = &self.families;
+        let c = &self.compared[usize::from(shadow)];
+        let labels = || ComparedLabels {
+            route: self.route.to_string(),
+            backend: self.name.to_string(),
+            shadow,
+        };
+        f.once(&c.requests[outcome as usize], &f.backend_requests, || {
+            ComparedRequestLabels {
+                route: self.route.to_string(),
+                backend: self.name.to_string(),
+                shadow,
+                outcome,
+            }
+        })
+        .inc();
+        f.once(&c.duration, &f.backend_duration, labels)
+            .observe(duration.as_secs_f64());
+        // Input and output whenever tokens were processed; cache and reasoning only where
+        // the backend reports them, as for keys.
+        let kinds = [
+            (TokenKind::Input, Some(usage.input.unwrap_or(0))),
+            (TokenKind::Output, Some(usage.output.unwrap_or(0))),
+            (TokenKind::CacheRead, usage.cache_read),
+            (TokenKind::CacheWrite, usage.cache_write),
+            (TokenKind::Reasoning, usage.reasoning),
+        ];
+        for (kind, n) in kinds.into_iter().filter(|_| usage.processed() > 0) {
+            let Some(n) = n else { continue };
+            f.once(&c.tokens[kind as usize], &f.backend_tokens, || {
+                ComparedTokenLabels {
+                    route: self.route.to_string(),
+                    backend: self.name.to_string(),
+                    shadow,
+                    kind,
+                }
+            })
+            .inc_by(n);
+        }
+        if cost > 0.0 {
+            f.once(&c.cost, &f.backend_cost, labels).inc_by(cost);
+        }
+    }
+
+    /// Shadow calls of this (shadow) backend under way.
+    pub fn shadow_in_flight(&self) -> &Gauge {
+        let f = &self.families;
+        f.once(&self.shadow_in_flight, &f.shadow_in_flight, || {
+            self.labels()
+        })
+    }
+
+    /// Sampled requests not mirrored to this (shadow) backend, for `reason`.
+    pub fn shadow_skipped(&self, reason: SkipReason) -> &Counter {
+        let f = &self.families;
+        f.once(
+            &self.shadow_skipped[reason as usize],
+            &f.shadow_skipped,
+            || SkipLabels {
+                route: self.route.to_string(),
+                backend: self.name.to_string(),
+                reason,
+            },
+        )
     }
 
     pub fn ttft(&self) -> &Histogram {
@@ -947,6 +1173,40 @@ impl BackendSeries {
         for kind in UpstreamErrorKind::ALL {
             f.upstream_errors.remove(&self.error_labels(kind));
             f.retries.remove(&self.retry_labels(kind));
+        }
+        let (route, backend) = (self.route.to_string(), self.name.to_string());
+        for shadow in [false, true] {
+            let compared = ComparedLabels {
+                route: route.clone(),
+                backend: backend.clone(),
+                shadow,
+            };
+            f.backend_duration.remove(&compared);
+            f.backend_cost.remove(&compared);
+            for outcome in CallOutcome::ALL {
+                f.backend_requests.remove(&ComparedRequestLabels {
+                    route: route.clone(),
+                    backend: backend.clone(),
+                    shadow,
+                    outcome,
+                });
+            }
+            for kind in TokenKind::ALL {
+                f.backend_tokens.remove(&ComparedTokenLabels {
+                    route: route.clone(),
+                    backend: backend.clone(),
+                    shadow,
+                    kind,
+                });
+            }
+        }
+        f.shadow_in_flight.remove(&labels);
+        for reason in SkipReason::ALL {
+            f.shadow_skipped.remove(&SkipLabels {
+                route: route.clone(),
+                backend: backend.clone(),
+                reason,
+            });
         }
     }
 }
@@ -1245,6 +1505,47 @@ mod tests {
         let through_old = samples(&m, "default/stays").len();
         assert!(through_old > 0 && through_old < stays);
         assert_eq!(samples(&m, "default/kept").len(), kept);
+    }
+
+    #[test]
+    fn a_shadowed_routes_calls_are_recorded_side_by_side_and_leave_with_their_backend() {
+        use crate::canonical::Usage;
+        let m = Metrics::new();
+        let used = Usage {
+            input: Some(10),
+            output: Some(5),
+            cache_read: Some(2),
+            ..Usage::default()
+        };
+        let ms = Duration::from_millis;
+        m.backend("default/r", "b")
+            .compare(false, CallOutcome::Ok, ms(200), &used, 0.25);
+        let next = m.backend("default/r", "next");
+        next.compare(true, CallOutcome::Ok, ms(300), &used, 0.5);
+        next.compare(true, CallOutcome::Timeout, ms(1000), &Usage::default(), 0.0);
+        next.shadow_skipped(SkipReason::MaxInFlight).inc();
+        next.shadow_in_flight().inc();
+        drop(next);
+        let text = m.encode_prometheus();
+        for line in [
+            r#"modelgate_backend_requests_total{route="default/r",backend="b",shadow="false",outcome="ok"} 1"#,
+            r#"modelgate_backend_requests_total{route="default/r",backend="next",shadow="true",outcome="ok"} 1"#,
+            r#"modelgate_backend_requests_total{route="default/r",backend="next",shadow="true",outcome="timeout"} 1"#,
+            r#"modelgate_backend_tokens_total{route="default/r",backend="b",shadow="false",kind="cache_read"} 2"#,
+            r#"modelgate_backend_tokens_total{route="default/r",backend="next",shadow="true",kind="output"} 5"#,
+            r#"modelgate_backend_cost_usd_total{route="default/r",backend="next",shadow="true"} 0.5"#,
+            r#"modelgate_backend_request_duration_seconds_count{route="default/r",backend="next",shadow="true"} 2"#,
+            r#"modelgate_shadow_skipped_total{route="default/r",backend="next",reason="max_in_flight"} 1"#,
+            r#"modelgate_shadow_in_flight{route="default/r",backend="next"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // Reasoning was not reported: no series for it.
+        assert!(!text.contains(r#"kind="reasoning""#), "{text}");
+        // The route goes: its backends' side-by-side series go after the grace.
+        swap(&m, &[], &[]);
+        m.sweep(Instant::now() + SERIES_GRACE);
+        assert_eq!(samples(&m, "default/r"), Vec::<String>::new());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The request path: named phases over one request's [`Meter`].
 //!
 //! ```text
-//!  parse path ─► authenticate ─► read body ─► resolve route ─► authorize ─► admit
+//!  parse path ─► authenticate ─► read body ─► resolve route ─► authorize
+//!      ─► spend guards ─► admit ─► mirror to the shadow (detached, sampled)
 //!      ─► forward (pick backend, send, receive; retry, fall back) ─► respond
 //!  receive: an event stream's first bytes, or a whole answer, before anything is committed
 //!  to the client, so an upstream that answers headers and then nothing is retried too
@@ -20,7 +21,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::admission::{self, Estimate};
+use crate::admission::{self, Estimate, SpendGuard};
 use crate::busy::BusyClock;
 use crate::error::{ProxyError, json_response};
 use crate::keys::Key;
@@ -28,7 +29,8 @@ use crate::meter::Meter;
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::providers::{self, Failure, HttpClient, Outbound};
 use crate::request::{ApiRequest, Endpoint};
-use crate::routes::{Backend, Route};
+use crate::routes::{Backend, Demand, Route};
+use crate::shadow::{self, Mirror};
 use crate::snapshot::{Live, Snapshot};
 use crate::stream::{self, MeteredStream, MockStream, ProxyBody, UpstreamBody, usage_of_body};
 use crate::synth;
@@ -370,9 +372,16 @@ async fn serve(
         Endpoint::CountTokens => 0,
         _ => api.prompt_tokens_estimate(),
     };
+    let demand = Demand { prompt, output };
+    let (worst, dearest) = route.worst_case_cost(demand);
+    spend_guards(&route, &key, demand, worst, dearest).inspect_err(|e| {
+        if let ProxyError::AboveSpendGuard { guard, .. } = e {
+            reject(&gw.metrics, &key, guard.as_str());
+        }
+    })?;
     let estimate = Estimate {
         tokens: prompt.saturating_add(output),
-        usd: route.max_pricing().cost(prompt, output),
+        usd: worst,
     };
     match admission::admit(&key, &gw.live.registry, estimate, admission::unix_now()) {
         Ok(ticket) => meter.ticket = Some(ticket),
@@ -390,6 +399,20 @@ async fn serve(
     }
     if endpoint == Endpoint::CountTokens {
         return count_tokens(gw, &route, &mut out, meter).await;
+    }
+    if let Some(shadow) = &route.shadow {
+        let gear = shadow::Context {
+            client: &gw.client,
+            metrics: &gw.metrics,
+            max_event: gw.settings.max_stream_event_bytes,
+        };
+        shadow.mirror(gear, demand, route.max_cost_per_request, || Mirror {
+            endpoint,
+            body: body.clone(),
+            output_reservation: out.output_reservation,
+            anthropic_headers: out.anthropic_headers.clone(),
+            request_id: meter.request_id.clone(),
+        });
     }
     let answer = forward(gw, &route, &mut out, meter).await;
     meter.ignored_params = out.ignored().to_vec();
@@ -706,6 +729,38 @@ fn media_type(headers: &HeaderMap) -> String {
     }
 }
 
+/// The spend guards, route's first: a request whose worst case (`cost`, at backend
+/// `dearest`'s prices) is above one is refused before it reserves anything.
+fn spend_guards(
+    route: &Route,
+    key: &Key,
+    demand: Demand,
+    cost: f64,
+    dearest: Option<&Backend>,
+) -> Result<(), ProxyError> {
+    let guards = [
+        (SpendGuard::Route, route.max_cost_per_request),
+        (SpendGuard::Key, key.max_cost_per_request),
+    ];
+    for (guard, limit) in guards {
+        let Some(limit) = limit else { continue };
+        if cost > limit {
+            return Err(ProxyError::AboveSpendGuard {
+                guard,
+                limit,
+                cost,
+                detail: format!(
+                    "a prompt of about {} tokens and {} output tokens reserved, at backend {}'s prices",
+                    demand.prompt,
+                    demand.output,
+                    dearest.map_or("", |b| b.name.as_str())
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
     metrics.key(&key.id).rejected(limit).inc();
 }
@@ -727,6 +782,10 @@ async fn forward(
     meter: &mut Meter,
 ) -> Result<Answer, ProxyError> {
     let api = out.api;
+    let demand = Demand {
+        prompt: api.prompt_tokens_estimate(),
+        output: out.output_reservation.saturating_mul(api.choices),
+    };
     let deadline = route.timeout.map(|t| Instant::now() + t);
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<Failure> = None;
@@ -744,7 +803,7 @@ async fn forward(
         // The last failure asked for a wait the budget cannot hold: no backoff before the next.
         let mut at_once = false;
         for n in 0..=route.retry.attempts {
-            let Some(backend) = route.pick(tier, &tried) else {
+            let Some(backend) = route.pick(tier, &tried, demand) else {
                 break;
             };
             if busy.contains(&backend.id()) {
@@ -1042,6 +1101,8 @@ mod forward_tests {
             max_output_tokens: None,
             stream_idle_timeout: None,
             stream_timeout: None,
+            max_cost_per_request: None,
+            shadow: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![backend],
@@ -1180,6 +1241,8 @@ mod forward_tests {
             max_output_tokens: None,
             stream_idle_timeout: Some(Duration::from_millis(50)),
             stream_timeout: None,
+            max_cost_per_request: None,
+            shadow: None,
             tiers: backends
                 .into_iter()
                 .enumerate()

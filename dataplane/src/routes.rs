@@ -126,9 +126,19 @@ impl Pricing {
         }
     }
 
-    /// What `input` uncached prompt tokens and `output` tokens cost: admission's estimate.
+    /// What `input` uncached prompt tokens and `output` tokens cost.
     pub fn cost(&self, input: u64, output: u64) -> f64 {
         (input as f64 * self.input_per_million + output as f64 * self.output_per_million) / 1e6
+    }
+
+    /// The most `prompt` prompt tokens and `output` output tokens can cost: every prompt
+    /// token at the dearest prompt price (uncached, read from or written to a cache).
+    pub fn worst_case(&self, prompt: u64, output: u64) -> f64 {
+        let prompt_price = self
+            .input_per_million
+            .max(self.cache_read_per_million)
+            .max(self.cache_write_per_million);
+        (prompt as f64 * prompt_price + output as f64 * self.output_per_million) / 1e6
     }
 
     /// What a reported usage costs, each kind at its price; reasoning is inside `output`.
@@ -219,6 +229,14 @@ impl Provider {
     }
 }
 
+/// What a request asks of a backend, for `lowest-cost`: its prompt estimate and its
+/// output reservation, in tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub prompt: u64,
+    pub output: u64,
+}
+
 /// Live health of one backend, shared across snapshots.
 #[derive(Debug)]
 pub struct BackendState {
@@ -230,6 +248,11 @@ pub struct BackendState {
     /// Milliseconds since `epoch` until which the backend is ejected; 0 = not ejected.
     ejected_until_ms: AtomicU64,
     epoch: Instant,
+    /// EWMA of the shares of reported prompt tokens read from and written to the provider's
+    /// cache, as f64 bits (`lowest-cost` prices a prompt by them); unset until a report.
+    cache_read_share: AtomicU64,
+    cache_write_share: AtomicU64,
+    mix_sampled: std::sync::atomic::AtomicBool,
 }
 
 impl Default for BackendState {
@@ -241,6 +264,9 @@ impl Default for BackendState {
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            cache_read_share: AtomicU64::new(0),
+            cache_write_share: AtomicU64::new(0),
+            mix_sampled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -286,6 +312,38 @@ impl BackendState {
             self.ejected_until_ms.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// A usage report: how its prompt split between uncached, cache-read and cache-written
+    /// tokens moves the backend's expected mix. Concurrent reports may each miss the other's
+    /// update; the mix is an estimate either way.
+    pub fn record_prompt_mix(&self, u: &crate::canonical::Usage) {
+        const ALPHA: f64 = 0.2;
+        let n = |v: Option<u64>| v.unwrap_or(0) as f64;
+        let total = n(u.input) + n(u.cache_read) + n(u.cache_write);
+        if total <= 0.0 {
+            return;
+        }
+        let first = !self.mix_sampled.swap(true, Ordering::Relaxed);
+        for (share, v) in [
+            (&self.cache_read_share, n(u.cache_read) / total),
+            (&self.cache_write_share, n(u.cache_write) / total),
+        ] {
+            let old = f64::from_bits(share.load(Ordering::Relaxed));
+            let new = if first { v } else { old + ALPHA * (v - old) };
+            share.store(new.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// The expected shares of a prompt read from and written to the cache (none before the
+    /// first report).
+    pub fn prompt_mix(&self) -> (f64, f64) {
+        if !self.mix_sampled.load(Ordering::Relaxed) {
+            return (0.0, 0.0);
+        }
+        let get = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed)).clamp(0.0, 1.0);
+        let read = get(&self.cache_read_share);
+        (read, get(&self.cache_write_share).min(1.0 - read))
     }
 
     /// A failed attempt. Returns true when this failure ejected the backend.
@@ -366,9 +424,31 @@ impl Backend {
             .get_or_init(|| metrics.backend(&self.route_id, &self.name))
     }
 
+    /// This backend's metric handles, to hold beyond a borrow (a shadow call's task does).
+    pub fn shared_series(
+        &self,
+        metrics: &crate::metrics::Metrics,
+    ) -> Arc<crate::metrics::BackendSeries> {
+        self.series
+            .get_or_init(|| metrics.backend(&self.route_id, &self.name))
+            .clone()
+    }
+
     /// Hand the backend the handles its name already has (a snapshot swap does).
     pub fn link_series(&self, series: Arc<crate::metrics::BackendSeries>) {
         let _ = self.series.set(series);
+    }
+
+    /// What `demand` is expected to cost here: the prompt at each kind's price in the
+    /// shares this backend's reports showed (all uncached before any), the output at the
+    /// output price.
+    pub fn expected_cost(&self, demand: Demand) -> f64 {
+        let p = &self.pricing;
+        let (read, write) = self.state.prompt_mix();
+        let prompt_price = (1.0 - read - write) * p.input_per_million
+            + read * p.cache_read_per_million
+            + write * p.cache_write_per_million;
+        (demand.prompt as f64 * prompt_price + demand.output as f64 * p.output_per_million) / 1e6
     }
 
     /// Identity within a snapshot, for "already tried" bookkeeping.
@@ -400,6 +480,10 @@ pub struct Route {
     pub stream_idle_timeout: Option<Duration>,
     /// The longest a streamed answer may last after its headers.
     pub stream_timeout: Option<Duration>,
+    /// Spend guard: the most a request's worst case may cost, USD.
+    pub max_cost_per_request: Option<f64>,
+    /// The candidate backend that sees a sampled copy of the traffic.
+    pub shadow: Option<crate::shadow::Shadow>,
     pub tiers: Vec<Tier>,
 }
 
@@ -408,18 +492,19 @@ impl Route {
         self.tiers.iter().flat_map(|t| t.backends.iter())
     }
 
-    /// Highest prices over all backends: what an admission reserves against a USD budget.
-    pub fn max_pricing(&self) -> Pricing {
-        self.backends().fold(Pricing::default(), |acc, b| Pricing {
-            input_per_million: acc.input_per_million.max(b.pricing.input_per_million),
-            output_per_million: acc.output_per_million.max(b.pricing.output_per_million),
-            cache_read_per_million: acc
-                .cache_read_per_million
-                .max(b.pricing.cache_read_per_million),
-            cache_write_per_million: acc
-                .cache_write_per_million
-                .max(b.pricing.cache_write_per_million),
-        })
+    /// The most a request of `demand` can cost on any backend of the route (the shadow's
+    /// calls are not the request's), and that backend: what admission reserves against a
+    /// USD budget and holds to the spend guards.
+    pub fn worst_case_cost(&self, demand: Demand) -> (f64, Option<&Backend>) {
+        self.backends()
+            .map(|b| (b.pricing.worst_case(demand.prompt, demand.output), b))
+            .fold((0.0, None), |(max, at), (cost, b)| {
+                if at.is_none() || cost > max {
+                    (cost, Some(b.as_ref()))
+                } else {
+                    (max, at)
+                }
+            })
     }
 
     /// Outlier ejection never takes the last healthy backend of a route.
@@ -431,7 +516,7 @@ impl Route {
     /// Pick a backend of `tier`: healthy ones not `tried` yet first, then healthy ones again
     /// (a retry on the only backend), then ejected ones (better than failing outright).
     /// None only when the tier has no backend with a positive weight.
-    pub fn pick(&self, tier: &Tier, tried: &[usize]) -> Option<Arc<Backend>> {
+    pub fn pick(&self, tier: &Tier, tried: &[usize], demand: Demand) -> Option<Arc<Backend>> {
         let fresh = |b: &Arc<Backend>| !tried.contains(&b.id());
         let usable = || tier.backends.iter().filter(|b| b.weight > 0);
         let mut candidates: Vec<&Arc<Backend>> = usable()
@@ -469,14 +554,17 @@ impl Route {
                 }
             }
             Strategy::LowestCost => {
-                let price =
-                    |x: &Backend| x.pricing.input_per_million + x.pricing.output_per_million;
-                let min = candidates
-                    .iter()
-                    .map(|b| price(b))
-                    .fold(f64::INFINITY, f64::min);
-                let cheapest: Vec<&Arc<Backend>> =
-                    candidates.into_iter().filter(|b| price(b) <= min).collect();
+                // This request's expected cost at each backend: a long prompt favours cheap
+                // input, a long answer cheap output, a backend whose reports show cache
+                // hits its cache-read price.
+                let costs: Vec<f64> = candidates.iter().map(|b| b.expected_cost(demand)).collect();
+                let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
+                let cheapest: Vec<&Arc<Backend>> = candidates
+                    .into_iter()
+                    .zip(costs)
+                    .filter(|(_, c)| *c <= min)
+                    .map(|(b, _)| b)
+                    .collect();
                 weighted(&cheapest)
             }
         };
@@ -577,6 +665,8 @@ mod tests {
             max_output_tokens: None,
             stream_idle_timeout: None,
             stream_timeout: None,
+            max_cost_per_request: None,
+            shadow: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends,
@@ -589,7 +679,7 @@ mod tests {
         let r = route(vec![backend("a", 80), backend("b", 20)], Strategy::Weighted);
         let mut a = 0;
         for _ in 0..10_000 {
-            if r.pick(&r.tiers[0], &[]).unwrap().name == "a" {
+            if r.pick(&r.tiers[0], &[], Demand::default()).unwrap().name == "a" {
                 a += 1;
             }
         }
@@ -603,7 +693,10 @@ mod tests {
         assert!(!a.state.record_failure(&r.outlier, r.may_eject(a)));
         assert!(a.state.record_failure(&r.outlier, r.may_eject(a)));
         for _ in 0..100 {
-            assert_eq!(r.pick(&r.tiers[0], &[]).unwrap().name, "b");
+            assert_eq!(
+                r.pick(&r.tiers[0], &[], Demand::default()).unwrap().name,
+                "b"
+            );
         }
         b.state.record_failure(&r.outlier, r.may_eject(b));
         assert!(
@@ -619,11 +712,16 @@ mod tests {
             vec![backend("a", 1), backend("b", 1)],
             Strategy::LeastLatency,
         );
-        let first = r.pick(&r.tiers[0], &[]).unwrap();
-        let second = r.pick(&r.tiers[0], &[first.id()]).unwrap();
+        let first = r.pick(&r.tiers[0], &[], Demand::default()).unwrap();
+        let second = r
+            .pick(&r.tiers[0], &[first.id()], Demand::default())
+            .unwrap();
         assert_ne!(first.name, second.name);
         // Once all were tried, retries may go to any of them again.
-        assert!(r.pick(&r.tiers[0], &[first.id(), second.id()]).is_some());
+        assert!(
+            r.pick(&r.tiers[0], &[first.id(), second.id()], Demand::default())
+                .is_some()
+        );
     }
 
     #[test]
@@ -639,10 +737,117 @@ mod tests {
             .state
             .record_success(Duration::from_millis(5));
         let fast = (0..1000)
-            .filter(|_| r.pick(&r.tiers[0], &[]).unwrap().name == "fast")
+            .filter(|_| r.pick(&r.tiers[0], &[], Demand::default()).unwrap().name == "fast")
             .count();
         // With two backends, two distinct draws always compare both.
         assert_eq!(fast, 1000, "fast picked {fast} of 1000");
+    }
+
+    fn priced(name: &str, pricing: Pricing) -> Arc<Backend> {
+        Arc::new(Backend::new(
+            "default/r",
+            name,
+            Provider::Mock(MockSettings::default()),
+            None,
+            1,
+            None,
+            pricing,
+            Arc::default(),
+        ))
+    }
+
+    #[test]
+    fn lowest_cost_prices_the_requests_own_prompt_and_output() {
+        // Summed per million (the old rule) cheap-out always wins: 7 against 11.
+        let r = route(
+            vec![
+                priced("cheap-in", Pricing::flat(1.0, 10.0)),
+                priced("cheap-out", Pricing::flat(5.0, 2.0)),
+            ],
+            Strategy::LowestCost,
+        );
+        let pick = |prompt, output| {
+            r.pick(&r.tiers[0], &[], Demand { prompt, output })
+                .unwrap()
+                .name
+                .clone()
+        };
+        // A long prompt and a short answer: 10000·1 + 100·10 against 10000·5 + 100·2.
+        assert_eq!(pick(10_000, 100), "cheap-in");
+        // A short prompt and a long answer: 100·1 + 4000·10 against 100·5 + 4000·2.
+        assert_eq!(pick(100, 4_000), "cheap-out");
+    }
+
+    #[test]
+    fn lowest_cost_prices_a_prompt_by_the_cache_hits_a_backend_reports() {
+        let caching = Pricing {
+            cache_read_per_million: 0.3,
+            ..Pricing::flat(3.0, 10.0)
+        };
+        let r = route(
+            vec![
+                priced("caching", caching),
+                priced("plain", Pricing::flat(2.0, 10.0)),
+            ],
+            Strategy::LowestCost,
+        );
+        let demand = Demand {
+            prompt: 10_000,
+            output: 100,
+        };
+        let pick = || r.pick(&r.tiers[0], &[], demand).unwrap().name.clone();
+        // Before any report a prompt is priced uncached: 3 against 2 per million.
+        assert_eq!(pick(), "plain");
+        // Reports say nine tenths of its prompts are cache reads: 0.1·3 + 0.9·0.3 = 0.57.
+        let state = &r.tiers[0].backends[0].state;
+        state.record_prompt_mix(&crate::canonical::Usage {
+            input: Some(100),
+            cache_read: Some(900),
+            output: Some(5),
+            ..Default::default()
+        });
+        assert_eq!(state.prompt_mix(), (0.9, 0.0));
+        assert_eq!(pick(), "caching");
+        // Cache misses later move the mix back, a report at a time.
+        for _ in 0..20 {
+            state.record_prompt_mix(&crate::canonical::Usage {
+                input: Some(1000),
+                ..Default::default()
+            });
+        }
+        assert_eq!(pick(), "plain");
+    }
+
+    #[test]
+    fn the_worst_case_is_the_dearest_backend_at_its_dearest_prompt_price() {
+        let writes_dear = Pricing {
+            cache_write_per_million: 4.0,
+            ..Pricing::flat(3.0, 15.0)
+        };
+        let r = route(
+            vec![
+                priced("a", Pricing::flat(5.0, 10.0)),
+                priced("b", writes_dear),
+            ],
+            Strategy::Weighted,
+        );
+        // 1000 prompt + 100 output: a 5000 + 1000, b 1000·4 (cache writes) + 1500.
+        let (cost, at) = r.worst_case_cost(Demand {
+            prompt: 1000,
+            output: 100,
+        });
+        assert_eq!(at.unwrap().name, "a");
+        assert!((cost - 0.006).abs() < 1e-12, "{cost}");
+        // 100 prompt + 1000 output: a 500 + 10000, b 400 + 15000.
+        let (cost, at) = r.worst_case_cost(Demand {
+            prompt: 100,
+            output: 1000,
+        });
+        assert_eq!(at.unwrap().name, "b");
+        assert!((cost - 0.0154).abs() < 1e-12, "{cost}");
+        // Unpriced backends cost nothing, and a route of them too.
+        let free = route(vec![backend("x", 1)], Strategy::Weighted);
+        assert_eq!(free.worst_case_cost(Demand::default()).0, 0.0);
     }
 
     #[test]

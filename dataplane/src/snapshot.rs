@@ -16,6 +16,7 @@ use crate::admission::KeyState;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::routes::{BackendState, RouteTable};
+use crate::shadow::ShadowState;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -30,6 +31,8 @@ pub struct Snapshot {
 pub struct StateRegistry {
     keys: Mutex<HashMap<Arc<str>, Arc<KeyState>, foldhash::fast::RandomState>>,
     backends: Mutex<HashMap<(String, String), Arc<BackendState>>>,
+    /// Shadow calls under way, by route id.
+    shadows: Mutex<HashMap<String, Arc<ShadowState>>>,
     /// Whether routes may sign with the proxy's own cloud identity (AWS web identity, GKE
     /// workload identity): set once at start-up, read when snapshots are compiled.
     pub ambient_identity: std::sync::atomic::AtomicBool,
@@ -61,6 +64,12 @@ impl StateRegistry {
             .clone()
     }
 
+    /// The shadow calls of route `route` under way, counted across snapshots.
+    pub fn shadow_state(&self, route: &str) -> Arc<ShadowState> {
+        let mut m = self.shadows.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(route.to_owned()).or_default().clone()
+    }
+
     /// Forget state of objects the active snapshot no longer has. Only entries nobody else
     /// holds are dropped, so a request still running on an older snapshot keeps counting.
     pub fn prune(&self) {
@@ -69,6 +78,10 @@ impl StateRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, s| Arc::strong_count(s) > 1);
         self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| Arc::strong_count(s) > 1);
+        self.shadows
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, s| Arc::strong_count(s) > 1);
@@ -117,7 +130,8 @@ fn take_census(metrics: &Metrics, snapshot: &Snapshot, now: Instant) {
     let census = metrics.census();
     for route in snapshot.routes.routes() {
         census.route(&route.id);
-        for b in route.backends() {
+        let shadow = route.shadow.as_ref().map(|s| &s.backend);
+        for b in route.backends().chain(shadow) {
             if let Some(series) = census.backend(&b.route_id, &b.name) {
                 b.link_series(series);
             }

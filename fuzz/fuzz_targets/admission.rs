@@ -220,6 +220,7 @@ fuzz_target!(|input: Input| {
         expires_at: None,
         disabled: false,
         exhausted: false,
+        max_cost_per_request: None,
         state: std::sync::OnceLock::new(),
     };
     let reg = StateRegistry::default();

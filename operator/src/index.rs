@@ -17,12 +17,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, Strategy};
+use modelgate_crds::{ApiKey, ModelRoute, Provider, RetryOn, RouteBackend, Strategy};
 use modelgate_wire::{
     AnthropicSpec, AzureAuth, AzureSpec, BackendSpec, BedrockAuth, BedrockSpec, BudgetPeriod,
     BudgetSpec, CredentialSpec, KeySpec, LimitsSpec, MockSpec, OutlierSpec, PricingSpec,
-    ProviderKind, RetrySpec, RouteSpec, SnapshotSpec, Source, VertexAuth, VertexPublisher,
-    VertexSpec,
+    ProviderKind, RetrySpec, RouteSpec, ShadowSpec, SnapshotSpec, Source, VertexAuth,
+    VertexPublisher, VertexSpec,
 };
 
 use crate::tenancy::{Namespaces, View};
@@ -427,164 +427,17 @@ impl Index {
         let s = &r.spec;
         let mut backends = Vec::with_capacity(s.backends.len());
         for b in &s.backends {
-            let provider = match b.provider {
-                Provider::Openai => ProviderKind::Openai,
-                Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
-                Provider::Mock => ProviderKind::Mock,
-                Provider::Anthropic => ProviderKind::Anthropic,
-                Provider::AzureOpenai => ProviderKind::AzureOpenai,
-                Provider::Bedrock => ProviderKind::Bedrock,
-                Provider::Gemini => ProviderKind::Gemini,
-                Provider::Vertex => ProviderKind::Vertex,
-            };
-            let url = b
-                .url
-                .clone()
-                .or_else(|| provider.default_url().map(str::to_owned))
-                .or_else(|| match (&b.bedrock, &b.vertex) {
-                    (Some(s), _) if provider == ProviderKind::Bedrock => {
-                        Some(modelgate_wire::bedrock_url(&s.region))
-                    }
-                    (_, Some(s)) if provider == ProviderKind::Vertex => {
-                        Some(modelgate_wire::vertex_url(&s.location))
-                    }
-                    _ => None,
-                });
-            if let Some(url) = &url
-                && provider != ProviderKind::Mock
-                && let Err(why) = self.policy.check(url)
-            {
-                return Err((
-                    "UpstreamNotAllowed",
-                    format!("backend {}: {why}", b.name),
-                    None,
-                ));
-            }
-            let ambient = b.bedrock.as_ref().is_some_and(|s| {
-                matches!(
-                    s.auth,
-                    Some(
-                        modelgate_crds::BedrockAuth::WebIdentity
-                            | modelgate_crds::BedrockAuth::PodIdentity
-                    )
-                )
-            }) || b
-                .vertex
-                .as_ref()
-                .is_some_and(|s| s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity));
-            if ambient && !self.ambient_identity {
-                return Err((
-                    "AmbientIdentityNotAllowed",
-                    format!(
-                        "backend {}: signing with the proxies' own cloud identity (bedrock webIdentity or podIdentity, vertex workloadIdentity) is not enabled in this cluster; use credentialsRef, or ask the cluster admin to set proxy.allowAmbientIdentity",
-                        b.name
-                    ),
-                    None,
-                ));
-            }
-            let credentials = match &b.credentials_ref {
-                None => None,
-                Some(c) => {
-                    let raw = self.secret_value(&ns, &c.name, &c.key).map_err(
-                        |(reason, msg, secret)| {
-                            (reason, format!("backend {}: {msg}", b.name), secret)
-                        },
-                    )?;
-                    Some(CredentialSpec {
-                        value: Some(String::from_utf8_lossy(raw).trim().to_owned()),
-                        ..Default::default()
-                    })
-                }
-            };
-            let weight = b.weight.unwrap_or(1);
-            let priority = b.priority.unwrap_or(0);
-            if weight < 0 || priority < 0 {
-                return Err((
-                    "Invalid",
-                    format!(
-                        "backend {}: weight and priority must not be negative",
-                        b.name
-                    ),
-                    None,
-                ));
-            }
-            backends.push(BackendSpec {
-                name: b.name.clone(),
-                provider,
-                url: b.url.clone(),
-                model: b.model.clone(),
-                weight: weight as u32,
-                priority: priority as u32,
-                credentials,
-                timeout: b.timeout.clone(),
-                pricing: b.pricing.as_ref().map(|p| PricingSpec {
-                    input_per_million: p.input_per_million,
-                    output_per_million: p.output_per_million,
-                    cache_read_per_million: p.cache_read_per_million,
-                    cache_write_per_million: p.cache_write_per_million,
-                }),
-                anthropic: b.anthropic.as_ref().map(|a| AnthropicSpec {
-                    version: a.version.clone(),
-                    beta: a.beta.iter().map(|f| f.0.clone()).collect(),
-                    default_max_tokens: a.default_max_tokens.map(|n| n.max(0) as u64),
-                }),
-                azure: b.azure.as_ref().map(|a| AzureSpec {
-                    deployment: a.deployment.clone(),
-                    api_version: a.api_version.clone(),
-                    auth: match a.auth {
-                        None | Some(modelgate_crds::AzureAuth::ApiKey) => AzureAuth::ApiKey,
-                        Some(modelgate_crds::AzureAuth::Bearer) => AzureAuth::Bearer,
-                    },
-                }),
-                bedrock: b.bedrock.as_ref().map(|s| BedrockSpec {
-                    region: s.region.clone(),
-                    auth: match s.auth {
-                        None | Some(modelgate_crds::BedrockAuth::Credentials) => {
-                            BedrockAuth::Credentials
-                        }
-                        Some(modelgate_crds::BedrockAuth::WebIdentity) => BedrockAuth::WebIdentity,
-                        Some(modelgate_crds::BedrockAuth::PodIdentity) => BedrockAuth::PodIdentity,
-                    },
-                    role_arn: s.role_arn.clone(),
-                    // The proxy's own token, and where it goes: not a tenant's to choose.
-                    web_identity_token_file: None,
-                    sts_url: None,
-                    credentials_uri: None,
-                    authorization_token_file: None,
-                }),
-                vertex: b.vertex.as_ref().map(|s| VertexSpec {
-                    project: s.project.clone(),
-                    location: s.location.clone(),
-                    publisher: match s.publisher {
-                        None | Some(modelgate_crds::VertexPublisher::Google) => {
-                            VertexPublisher::Google
-                        }
-                        Some(modelgate_crds::VertexPublisher::Anthropic) => {
-                            VertexPublisher::Anthropic
-                        }
-                    },
-                    auth: match s.auth {
-                        None | Some(modelgate_crds::VertexAuth::ServiceAccountKey) => {
-                            VertexAuth::ServiceAccountKey
-                        }
-                        Some(modelgate_crds::VertexAuth::WorkloadIdentity) => {
-                            VertexAuth::WorkloadIdentity
-                        }
-                    },
-                    // The metadata server is the node's: not a tenant's to choose.
-                    metadata_url: None,
-                }),
-                mock: b.mock.as_ref().map(|m| {
-                    let d = MockSpec::default();
-                    MockSpec {
-                        latency: m.latency.clone().unwrap_or(d.latency),
-                        output_tokens: m.output_tokens.map_or(d.output_tokens, |n| n.max(0) as u32),
-                        chunk_delay: m.chunk_delay.clone().unwrap_or(d.chunk_delay),
-                        dimensions: d.dimensions,
-                    }
-                }),
-            });
+            backends.push(self.backend_spec(&ns, "backend", b)?);
         }
+        let shadow = match &s.shadow {
+            None => None,
+            Some(sh) => Some(ShadowSpec {
+                backend: self.backend_spec(&ns, "shadow backend", &sh.backend)?,
+                percent: sh.percent.unwrap_or(100.0),
+                timeout: sh.timeout.clone(),
+                max_in_flight: sh.max_in_flight.map(|n| n.max(0) as u32),
+            }),
+        };
         Ok(RouteSpec {
             name,
             namespace: ns,
@@ -623,7 +476,167 @@ impl Index {
                 .map(|n| n.clamp(1, u32::MAX.into()) as u64),
             stream_idle_timeout: s.stream_idle_timeout.clone(),
             stream_timeout: s.stream_timeout.clone(),
+            max_cost_per_request: s.max_cost_per_request,
+            shadow,
             backends,
+        })
+    }
+
+    /// One backend (a route's, or its shadow's: `what` says which, for messages) on the
+    /// wire: URL policy, ambient identity and credentials from opted-in Secrets checked.
+    fn backend_spec(&self, ns: &str, what: &str, b: &RouteBackend) -> Result<BackendSpec, Failure> {
+        let provider = match b.provider {
+            Provider::Openai => ProviderKind::Openai,
+            Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
+            Provider::Mock => ProviderKind::Mock,
+            Provider::Anthropic => ProviderKind::Anthropic,
+            Provider::AzureOpenai => ProviderKind::AzureOpenai,
+            Provider::Bedrock => ProviderKind::Bedrock,
+            Provider::Gemini => ProviderKind::Gemini,
+            Provider::Vertex => ProviderKind::Vertex,
+        };
+        let url = b
+            .url
+            .clone()
+            .or_else(|| provider.default_url().map(str::to_owned))
+            .or_else(|| match (&b.bedrock, &b.vertex) {
+                (Some(s), _) if provider == ProviderKind::Bedrock => {
+                    Some(modelgate_wire::bedrock_url(&s.region))
+                }
+                (_, Some(s)) if provider == ProviderKind::Vertex => {
+                    Some(modelgate_wire::vertex_url(&s.location))
+                }
+                _ => None,
+            });
+        if let Some(url) = &url
+            && provider != ProviderKind::Mock
+            && let Err(why) = self.policy.check(url)
+        {
+            return Err((
+                "UpstreamNotAllowed",
+                format!("{what} {}: {why}", b.name),
+                None,
+            ));
+        }
+        let ambient = b.bedrock.as_ref().is_some_and(|s| {
+            matches!(
+                s.auth,
+                Some(
+                    modelgate_crds::BedrockAuth::WebIdentity
+                        | modelgate_crds::BedrockAuth::PodIdentity
+                )
+            )
+        }) || b
+            .vertex
+            .as_ref()
+            .is_some_and(|s| s.auth == Some(modelgate_crds::VertexAuth::WorkloadIdentity));
+        if ambient && !self.ambient_identity {
+            return Err((
+                "AmbientIdentityNotAllowed",
+                format!(
+                    "{what} {}: signing with the proxies' own cloud identity (bedrock webIdentity or podIdentity, vertex workloadIdentity) is not enabled in this cluster; use credentialsRef, or ask the cluster admin to set proxy.allowAmbientIdentity",
+                    b.name
+                ),
+                None,
+            ));
+        }
+        let credentials = match &b.credentials_ref {
+            None => None,
+            Some(c) => {
+                let raw =
+                    self.secret_value(ns, &c.name, &c.key)
+                        .map_err(|(reason, msg, secret)| {
+                            (reason, format!("{what} {}: {msg}", b.name), secret)
+                        })?;
+                Some(CredentialSpec {
+                    value: Some(String::from_utf8_lossy(raw).trim().to_owned()),
+                    ..Default::default()
+                })
+            }
+        };
+        let weight = b.weight.unwrap_or(1);
+        let priority = b.priority.unwrap_or(0);
+        if weight < 0 || priority < 0 {
+            return Err((
+                "Invalid",
+                format!(
+                    "{what} {}: weight and priority must not be negative",
+                    b.name
+                ),
+                None,
+            ));
+        }
+        Ok(BackendSpec {
+            name: b.name.clone(),
+            provider,
+            url: b.url.clone(),
+            model: b.model.clone(),
+            weight: weight as u32,
+            priority: priority as u32,
+            credentials,
+            timeout: b.timeout.clone(),
+            pricing: b.pricing.as_ref().map(|p| PricingSpec {
+                input_per_million: p.input_per_million,
+                output_per_million: p.output_per_million,
+                cache_read_per_million: p.cache_read_per_million,
+                cache_write_per_million: p.cache_write_per_million,
+            }),
+            anthropic: b.anthropic.as_ref().map(|a| AnthropicSpec {
+                version: a.version.clone(),
+                beta: a.beta.iter().map(|f| f.0.clone()).collect(),
+                default_max_tokens: a.default_max_tokens.map(|n| n.max(0) as u64),
+            }),
+            azure: b.azure.as_ref().map(|a| AzureSpec {
+                deployment: a.deployment.clone(),
+                api_version: a.api_version.clone(),
+                auth: match a.auth {
+                    None | Some(modelgate_crds::AzureAuth::ApiKey) => AzureAuth::ApiKey,
+                    Some(modelgate_crds::AzureAuth::Bearer) => AzureAuth::Bearer,
+                },
+            }),
+            bedrock: b.bedrock.as_ref().map(|s| BedrockSpec {
+                region: s.region.clone(),
+                auth: match s.auth {
+                    None | Some(modelgate_crds::BedrockAuth::Credentials) => {
+                        BedrockAuth::Credentials
+                    }
+                    Some(modelgate_crds::BedrockAuth::WebIdentity) => BedrockAuth::WebIdentity,
+                    Some(modelgate_crds::BedrockAuth::PodIdentity) => BedrockAuth::PodIdentity,
+                },
+                role_arn: s.role_arn.clone(),
+                // The proxy's own token, and where it goes: not a tenant's to choose.
+                web_identity_token_file: None,
+                sts_url: None,
+                credentials_uri: None,
+                authorization_token_file: None,
+            }),
+            vertex: b.vertex.as_ref().map(|s| VertexSpec {
+                project: s.project.clone(),
+                location: s.location.clone(),
+                publisher: match s.publisher {
+                    None | Some(modelgate_crds::VertexPublisher::Google) => VertexPublisher::Google,
+                    Some(modelgate_crds::VertexPublisher::Anthropic) => VertexPublisher::Anthropic,
+                },
+                auth: match s.auth {
+                    None | Some(modelgate_crds::VertexAuth::ServiceAccountKey) => {
+                        VertexAuth::ServiceAccountKey
+                    }
+                    Some(modelgate_crds::VertexAuth::WorkloadIdentity) => {
+                        VertexAuth::WorkloadIdentity
+                    }
+                },
+                // The metadata server is the node's: not a tenant's to choose.
+                metadata_url: None,
+            }),
+            mock: b.mock.as_ref().map(|m| {
+                let d = MockSpec::default();
+                MockSpec {
+                    latency: m.latency.clone().unwrap_or(d.latency),
+                    output_tokens: m.output_tokens.map_or(d.output_tokens, |n| n.max(0) as u32),
+                    chunk_delay: m.chunk_delay.clone().unwrap_or(d.chunk_delay),
+                    dimensions: d.dimensions,
+                }
+            }),
         })
     }
 }
@@ -653,6 +666,7 @@ fn key_spec(k: &ApiKey, ns: &str, name: &str, hash: String, ctx: &Context) -> Ke
         expires_at: s.expires_at.clone(),
         disabled: s.disabled.unwrap_or(false),
         exhausted: ctx.exhausted.contains(&format!("{ns}/{name}")),
+        max_cost_per_request: s.max_cost_per_request,
     }
 }
 
@@ -733,6 +747,8 @@ mod tests {
                 max_output_tokens: None,
                 stream_idle_timeout: None,
                 stream_timeout: None,
+                max_cost_per_request: None,
+                shadow: None,
             },
         );
         r.metadata.namespace = Some(ns.into());
@@ -790,6 +806,7 @@ mod tests {
                 budget: None,
                 expires_at: None,
                 disabled: None,
+                max_cost_per_request: None,
             },
         );
         k.metadata.namespace = Some(ns.into());
@@ -925,6 +942,110 @@ mod tests {
             r.backends[0].credentials.as_ref().unwrap().value.as_deref(),
             Some("sk-provider")
         );
+    }
+
+    #[test]
+    fn shadows_and_spend_guards_reach_the_wire_through_the_backends_rules() {
+        use modelgate_crds::{Pricing, Shadow};
+        let mut idx = Index {
+            policy: UpstreamPolicy::new(&["127.0.0.1/32".into()], &[]).unwrap(),
+            ..Index::default()
+        };
+        let mut primary = backend("gpt", Provider::OpenaiCompatible, None);
+        primary.pricing = Some(Pricing {
+            input_per_million: 2.5,
+            output_per_million: 10.0,
+            cache_read_per_million: None,
+            cache_write_per_million: None,
+        });
+        let shadowed = |candidate: RouteBackend, percent: Option<f64>| {
+            let mut r = route("a", "chat", "gpt", vec![primary.clone()], 0);
+            r.spec.max_cost_per_request = Some(0.25);
+            r.spec.shadow = Some(Shadow {
+                backend: candidate,
+                percent,
+                timeout: Some("20s".into()),
+                max_in_flight: Some(8),
+            });
+            r
+        };
+        // The candidate's credential comes from a Secret like any backend's.
+        idx.apply_route(shadowed(
+            backend("next", Provider::Openai, Some(("candidate", "token"))),
+            Some(10.0),
+        ));
+        let c = idx.compile(&Context::default());
+        let v = &c.verdicts[&ObjKey::route("a", "chat")];
+        assert_eq!(v.reason, "SecretNotFound");
+        assert!(
+            v.message
+                .starts_with("shadow backend next: Secret a/candidate"),
+            "{}",
+            v.message
+        );
+        assert!(v.refs_unresolved());
+        idx.apply_secret(secret("a", "candidate", "token", "sk-candidate\n"));
+        let c = idx.compile(&Context::default());
+        assert!(c.verdicts[&ObjKey::route("a", "chat")].accepted);
+        let r = &c.spec.routes[0];
+        assert_eq!(r.max_cost_per_request, Some(0.25));
+        let sh = r.shadow.as_ref().unwrap();
+        assert_eq!(
+            sh.backend.credentials.as_ref().unwrap().value.as_deref(),
+            Some("sk-candidate")
+        );
+        assert_eq!(
+            (sh.percent, sh.timeout.as_deref(), sh.max_in_flight),
+            (10.0, Some("20s"), Some(8))
+        );
+
+        // The upstream policy holds for the candidate too.
+        let mut inward = backend("next", Provider::OpenaiCompatible, None);
+        inward.url = Some("http://169.254.169.254/v1".into());
+        idx.apply_route(shadowed(inward, None));
+        let v = &idx.compile(&Context::default()).verdicts[&ObjKey::route("a", "chat")];
+        assert_eq!(v.reason, "UpstreamNotAllowed");
+        assert!(
+            v.message.starts_with("shadow backend next:"),
+            "{}",
+            v.message
+        );
+
+        // The proxy's rules, with a message a person can act on; the default percent is 100.
+        let mut weighted = backend("gpt", Provider::OpenaiCompatible, None);
+        weighted.weight = Some(5);
+        idx.apply_route(shadowed(weighted, None));
+        let c = idx.compile(&Context::default());
+        let v = &c.verdicts[&ObjKey::route("a", "chat")];
+        assert_eq!(v.reason, "Invalid");
+        assert!(
+            v.message
+                .contains("shadow.backend (gpt): the shadow backend needs a name of its own")
+                && v.message.contains("weight and priority do not apply"),
+            "{}",
+            v.message
+        );
+        idx.apply_route(shadowed(backend("next", Provider::Mock, None), None));
+        let c = idx.compile(&Context::default());
+        assert_eq!(c.spec.routes[0].shadow.as_ref().unwrap().percent, 100.0);
+        let mut unpriced = shadowed(backend("next", Provider::Mock, None), None);
+        unpriced.spec.backends[0].pricing = None;
+        idx.apply_route(unpriced);
+        let v = &idx.compile(&Context::default()).verdicts[&ObjKey::route("a", "chat")];
+        assert!(
+            v.message
+                .contains("maxCostPerRequest: no backend of this route has pricing"),
+            "{}",
+            v.message
+        );
+
+        // A key's guard.
+        idx.apply_secret(secret("a", "raw", "key", "sk-a-long-enough-raw-key"));
+        let mut k = apikey("a", "team", Some(("raw", "key")));
+        k.spec.max_cost_per_request = Some(0.05);
+        idx.apply_key(k);
+        let c = idx.compile(&Context::default());
+        assert_eq!(c.spec.keys[0].max_cost_per_request, Some(0.05));
     }
 
     #[test]

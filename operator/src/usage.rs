@@ -312,6 +312,7 @@ mod tests {
                 }),
                 expires_at: None,
                 disabled: None,
+                max_cost_per_request: None,
             },
         );
         k.status = Some(ApiKeyStatus {

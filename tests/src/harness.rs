@@ -543,3 +543,92 @@ impl Drop for PyMock {
         let _ = self.child.wait();
     }
 }
+
+/// A Prometheus server (Debian's package) on 127.0.0.1 scraping the given targets.
+pub struct Prometheus {
+    addr: String,
+    child: Child,
+    _dir: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[String]) -> Self {
+        let dir = temp_dir("prometheus");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: modelgate\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
+            targets
+                .iter()
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let child = Command::new(
+            std::env::var("MODELGATE_PROMETHEUS").unwrap_or_else(|_| "prometheus".into()),
+        )
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .spawn()
+        .expect("run prometheus (Debian package prometheus; `make test-deps`)");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prometheus did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn query_url(&self, q: &str) -> String {
+        let mut enc = String::new();
+        for b in q.bytes() {
+            if b.is_ascii_alphanumeric() || b"_-.".contains(&b) {
+                enc.push(b as char);
+            } else {
+                enc.push_str(&format!("%{b:02X}"));
+            }
+        }
+        format!("http://{}/api/v1/query?query={enc}", self.addr)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// The result vector of an instant query (empty when the query failed or matched nothing).
+    pub async fn query(&self, q: &str) -> Vec<serde_json::Value> {
+        let r = get(&self.query_url(q), None).await;
+        if r.status != StatusCode::OK {
+            return Vec::new();
+        }
+        r.json()["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}

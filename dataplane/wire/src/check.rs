@@ -248,25 +248,98 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
         if b.weight > 1_000_000 {
             p.push(&bpath, "weight must be at most 1000000");
         }
-        p.positive_duration(&format!("{bpath}.timeout"), &b.timeout);
-        if let Some(c) = &b.credentials {
-            check_credential(p, &format!("{bpath}.credentials"), c, source, &b.provider);
-        }
-        if let Some(pr) = &b.pricing {
-            let price_ok = |x: f64| x.is_finite() && x >= 0.0;
-            let cache = [pr.cache_read_per_million, pr.cache_write_per_million];
-            if !price_ok(pr.input_per_million)
-                || !price_ok(pr.output_per_million)
-                || !cache.into_iter().flatten().all(price_ok)
-            {
-                p.push(
-                    &format!("{bpath}.pricing"),
-                    "prices must be finite and not negative",
-                );
-            }
-        }
-        check_provider(p, &bpath, b);
+        check_backend(p, &bpath, b, source);
     }
+    if let Some(usd) = r.max_cost_per_request {
+        let mpath = format!("{path}.maxCostPerRequest");
+        if !(usd.is_finite() && usd > 0.0) {
+            p.push(&mpath, "must be a positive number of US dollars");
+        } else if !r.backends.iter().any(priced) {
+            p.push(
+                &mpath,
+                "no backend of this route has pricing, so every request costs $0 and the guard could never refuse one; give the backends pricing",
+            );
+        }
+    }
+    if let Some(s) = &r.shadow {
+        check_shadow(p, path, r, s, source);
+    }
+}
+
+/// Whether a backend has any price above zero.
+fn priced(b: &BackendSpec) -> bool {
+    b.pricing.as_ref().is_some_and(|pr| {
+        [pr.input_per_million, pr.output_per_million]
+            .into_iter()
+            .chain(pr.cache_read_per_million)
+            .chain(pr.cache_write_per_million)
+            .any(|x| x > 0.0)
+    })
+}
+
+/// What every backend, a route's or a shadow, must satisfy on its own.
+fn check_backend(p: &mut Problems, bpath: &str, b: &BackendSpec, source: Source) {
+    p.positive_duration(&format!("{bpath}.timeout"), &b.timeout);
+    if let Some(c) = &b.credentials {
+        check_credential(p, &format!("{bpath}.credentials"), c, source, &b.provider);
+    }
+    if let Some(pr) = &b.pricing {
+        let price_ok = |x: f64| x.is_finite() && x >= 0.0;
+        let cache = [pr.cache_read_per_million, pr.cache_write_per_million];
+        if !price_ok(pr.input_per_million)
+            || !price_ok(pr.output_per_million)
+            || !cache.into_iter().flatten().all(price_ok)
+        {
+            p.push(
+                &format!("{bpath}.pricing"),
+                "prices must be finite and not negative",
+            );
+        }
+    }
+    check_provider(p, bpath, b);
+}
+
+fn check_shadow(
+    p: &mut Problems,
+    path: &str,
+    r: &RouteSpec,
+    s: &crate::ShadowSpec,
+    source: Source,
+) {
+    let spath = format!("{path}.shadow");
+    if !(s.percent.is_finite() && (0.0..=100.0).contains(&s.percent)) {
+        p.push(&format!("{spath}.percent"), "must be from 0 to 100");
+    }
+    p.positive_duration(&format!("{spath}.timeout"), &s.timeout);
+    if let Some(n) = s.max_in_flight
+        && !(1..=crate::MAX_SHADOW_IN_FLIGHT).contains(&n)
+    {
+        p.push(
+            &format!("{spath}.maxInFlight"),
+            format_args!("must be from 1 to {}", crate::MAX_SHADOW_IN_FLIGHT),
+        );
+    }
+    let b = &s.backend;
+    let bpath = format!("{spath}.backend ({})", b.name);
+    if !valid_name(&b.name) {
+        p.push(
+            &bpath,
+            "name must be non-empty and use only letters, digits, '-', '.', '_'",
+        );
+    }
+    if r.backends.iter().any(|o| o.name == b.name) {
+        p.push(
+            &bpath,
+            "the shadow backend needs a name of its own: a backend of this route has it, and metrics tell the two apart by name",
+        );
+    }
+    if b.weight != 1 || b.priority != 0 {
+        p.push(
+            &bpath,
+            "weight and priority do not apply to a shadow backend (percent says how much traffic it sees)",
+        );
+    }
+    check_backend(p, &bpath, b, source);
 }
 
 fn check_credential(
@@ -741,6 +814,14 @@ pub fn check_key(p: &mut Problems, index: usize, k: &KeySpec) -> Option<CheckedK
             }
         }
     }
+    if let Some(usd) = k.max_cost_per_request
+        && !(usd.is_finite() && usd > 0.0)
+    {
+        p.push(
+            &format!("{}.maxCostPerRequest", path()),
+            "must be a positive number of US dollars",
+        );
+    }
     if let Some(b) = &k.budget {
         if b.tokens.is_none() && b.usd.is_none() {
             p.push(&format!("{}.budget", path()), "set tokens or usd");
@@ -786,6 +867,134 @@ mod tests {
     }
 
     const AT: &str = "routes[0] (r).backends[0] (az)";
+
+    fn route(extra: serde_json::Value) -> SnapshotSpec {
+        let mut r = serde_json::json!({"name": "r", "model": "m", "backends": [
+            {"name": "a", "provider": "mock", "pricing": {"inputPerMillion": 1.0, "outputPerMillion": 2.0}}]});
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(serde_json::json!({"routes": [r]})).unwrap()
+    }
+
+    #[test]
+    fn spend_guards_are_positive_dollars_on_priced_routes() {
+        assert_eq!(
+            problems(&route(serde_json::json!({"maxCostPerRequest": 0.05}))),
+            ""
+        );
+        for bad in [0.0, -1.0] {
+            let got = problems(&route(serde_json::json!({"maxCostPerRequest": bad})));
+            assert!(
+                got.contains("routes[0] (r).maxCostPerRequest: must be a positive number"),
+                "{got}"
+            );
+        }
+        let mut unpriced = route(serde_json::json!({"maxCostPerRequest": 0.05}));
+        unpriced.routes[0].backends[0].pricing = None;
+        let got = problems(&unpriced);
+        assert!(
+            got.contains("maxCostPerRequest: no backend of this route has pricing"),
+            "{got}"
+        );
+        let key = |usd: f64| -> SnapshotSpec {
+            serde_json::from_value(serde_json::json!({"keys": [{"name": "k",
+                "sha256": crate::hash_key("sk-a"), "maxCostPerRequest": usd}]}))
+            .unwrap()
+        };
+        assert_eq!(problems(&key(0.5)), "");
+        let got = problems(&key(-0.5));
+        assert!(
+            got.contains("keys[0] (k).maxCostPerRequest: must be a positive number"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn a_shadow_is_checked_like_a_backend_and_named_with_its_path() {
+        let shadow = |s: serde_json::Value| route(serde_json::json!({"shadow": s}));
+        let ok = shadow(
+            serde_json::json!({"backend": {"name": "next", "provider": "mock"},
+            "percent": 12.5, "timeout": "5s", "maxInFlight": 8}),
+        );
+        assert_eq!(problems(&ok), "");
+        assert_eq!(ok.routes[0].shadow.as_ref().unwrap().percent, 12.5);
+        let defaults = shadow(serde_json::json!({"backend": {"name": "next", "provider": "mock"}}));
+        assert_eq!(defaults.routes[0].shadow.as_ref().unwrap().percent, 100.0);
+
+        let at = "routes[0] (r).shadow";
+        let cases = [
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "mock"}, "percent": 101}),
+                format!("{at}.percent: must be from 0 to 100"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "mock"}, "timeout": "0s"}),
+                format!("{at}.timeout: must be greater than zero"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "mock"}, "maxInFlight": 0}),
+                format!("{at}.maxInFlight: must be from 1 to 10000"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "a", "provider": "mock"}}),
+                format!("{at}.backend (a): the shadow backend needs a name of its own"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "mock", "weight": 5}}),
+                format!("{at}.backend (next): weight and priority do not apply"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "openai"}}),
+                format!("{at}.backend (next): provider openai needs credentials"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "openai-compatible",
+                    "url": "ftp://h/v1"}}),
+                format!("{at}.backend (next).url: URL"),
+            ),
+            (
+                serde_json::json!({"backend": {"name": "next", "provider": "mock",
+                    "pricing": {"inputPerMillion": -1, "outputPerMillion": 1}}}),
+                format!("{at}.backend (next).pricing: prices must be finite"),
+            ),
+        ];
+        for (s, want) in cases {
+            let got = problems(&shadow(s));
+            assert!(got.contains(&want), "want {want:?} in {got:?}");
+        }
+        // A file may not carry an inline credential for a shadow either.
+        let inline = shadow(
+            serde_json::json!({"backend": {"name": "next", "provider": "openai",
+            "credentials": {"value": "sk-x"}}}),
+        );
+        let got = check(&inline, Source::File).unwrap_err().to_string();
+        assert!(
+            got.contains(&format!(
+                "{at}.backend (next).credentials: inline credential values are not allowed"
+            )),
+            "{got}"
+        );
+        assert!(!got.contains("sk-x"));
+    }
+
+    #[test]
+    fn snapshots_without_the_new_fields_serialize_as_before() {
+        let plain = route(serde_json::json!({}));
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("maxCostPerRequest") && !json.contains("shadow"),
+            "{json}"
+        );
+        let key: SnapshotSpec = serde_json::from_value(serde_json::json!({"keys": [{"name": "k",
+            "sha256": crate::hash_key("sk-a")}]}))
+        .unwrap();
+        assert!(
+            !serde_json::to_string(&key)
+                .unwrap()
+                .contains("maxCostPerRequest")
+        );
+    }
 
     #[test]
     fn anthropic_settings_are_checked_and_named_with_their_path() {

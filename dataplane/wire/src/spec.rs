@@ -89,8 +89,44 @@ pub struct RouteSpec {
     /// The longest a streamed answer may last from its response headers (default: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_timeout: Option<String>,
+    /// Spend guard, USD: a request whose worst case (its prompt estimate and output
+    /// reservation at the dearest backend's prices) costs more is refused with a 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_per_request: Option<f64>,
+    /// A candidate backend that sees a sampled copy of the route's requests; its answers
+    /// are read, metered apart (`shadow="true"`) and dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
     pub backends: Vec<BackendSpec>,
 }
+
+/// Mirroring of a route's requests to a candidate backend (a new model version). The client
+/// only ever gets the primary's answer; the shadow's is read for its latency, outcome and
+/// usage, and dropped. Shadow calls count against no key's limits or budget.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowSpec {
+    /// The candidate, in a route backend's shape; `weight` and `priority` do not apply.
+    pub backend: BackendSpec,
+    /// Share of the route's admitted requests mirrored, 0 to 100 [default: 100].
+    #[serde(default = "default_shadow_percent")]
+    pub percent: f64,
+    /// The longest one shadow call may take, its whole answer (or stream) read
+    /// [default: 60s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Shadow calls of this route in flight at once per proxy; a request that finds them
+    /// all busy is not mirrored (counted as skipped) [default: 64].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+}
+
+/// A shadow call may take this long when its route names no timeout.
+pub const DEFAULT_SHADOW_TIMEOUT: &str = "60s";
+/// Shadow calls of one route in flight at once per proxy, when the route names no bound.
+pub const DEFAULT_SHADOW_MAX_IN_FLIGHT: u32 = 64;
+/// The most shadow calls of one route a route may allow in flight.
+pub const MAX_SHADOW_IN_FLIGHT: u32 = 10_000;
 
 /// How a tier's backend is picked.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -539,6 +575,10 @@ pub struct KeySpec {
     /// Set by the operator when usage across all proxies used up the budget.
     #[serde(default)]
     pub exhausted: bool,
+    /// Spend guard, USD: a request of this key whose worst case costs more is refused with
+    /// a 400 (as the route's `maxCostPerRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_per_request: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq)]
@@ -585,6 +625,9 @@ pub struct KeyUsage {
     pub usd: f64,
 }
 
+fn default_shadow_percent() -> f64 {
+    100.0
+}
 fn default_namespace() -> String {
     "default".into()
 }

@@ -2401,6 +2401,8 @@ mod scale {
                 max_output_tokens: None,
                 stream_idle_timeout: None,
                 stream_timeout: None,
+                max_cost_per_request: None,
+                shadow: None,
                 backends: vec![BackendSpec {
                     name: "up".into(),
                     provider: ProviderKind::OpenaiCompatible,
@@ -2434,6 +2436,7 @@ mod scale {
                 expires_at: None,
                 disabled: false,
                 exhausted: false,
+                max_cost_per_request: None,
             })
             .collect();
         SnapshotSpec {
@@ -2504,6 +2507,8 @@ mod scale {
                     max_output_tokens: None,
                     stream_idle_timeout: None,
                     stream_timeout: None,
+                    max_cost_per_request: None,
+                    shadow: None,
                 },
             );
             r.metadata.namespace = Some(format!("team-{}", i % 100));
@@ -2539,6 +2544,7 @@ mod scale {
                     budget: None,
                     expires_at: None,
                     disabled: None,
+                    max_cost_per_request: None,
                 },
             );
             k.metadata.namespace = Some(ns);
