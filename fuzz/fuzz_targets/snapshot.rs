@@ -6,9 +6,10 @@
 //! parse that succeeds is compiled: `Ok`, or an error listing at least one problem. A second
 //! compile against the first result (the reload path, sharing unchanged keys) agrees.
 //!
-//! Credential files named by the input are not opened (a fuzzer could name `/dev/zero`):
-//! each is replaced by a scratch file holding the named path as its content, so reading,
-//! trimming and checking a credential still sees fuzzer-chosen bytes.
+//! Credential files named by the input, a route's backends' and its shadow candidate's, are
+//! not opened (a fuzzer could name `/dev/zero`): each is replaced by a scratch file holding
+//! the named path as its content, so reading, trimming and checking a credential still sees
+//! fuzzer-chosen bytes.
 #![no_main]
 
 use std::path::PathBuf;
@@ -41,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn compile(mut spec: SnapshotSpec, source: Source) {
-    for b in spec.routes.iter_mut().flat_map(|r| r.backends.iter_mut()) {
+    // Shadow candidates name credential files too.
+    for b in spec.routes.iter_mut().flat_map(|r| {
+        let shadow = r.shadow.as_mut().map(|s| &mut s.backend);
+        r.backends.iter_mut().chain(shadow)
+    }) {
         if let Some(c) = b.credentials.as_mut()
             && let Some(file) = c.file.as_mut()
         {

@@ -476,3 +476,135 @@ pub fn stream_error(dialect: Dialect, err: &ApiError) -> Vec<u8> {
     w.event(&Event::Error(err.clone()), &mut out);
     out
 }
+
+#[cfg(test)]
+mod bench {
+    //! Timing loops, run by hand in release:
+    //! `cargo test -p modelgate-dataplane --release --lib translate::bench -- --ignored --nocapture`.
+    //! The streams are those of `tests/src/bin/bench.rs`'s translate rows: eight text pieces,
+    //! a stop and the usage, translated for an OpenAI chat client. `MODELGATE_ROUNDS` sets the
+    //! rounds (default 100,000); under `valgrind --tool=callgrind` a few thousand give
+    //! instruction counts that a busy machine does not change.
+
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    use super::*;
+
+    const PIECES: [&str; 8] = [
+        "The sea ",
+        "keeps its ",
+        "own time: ",
+        "each tide ",
+        "gives back ",
+        "what the ",
+        "last one ",
+        "took.",
+    ];
+
+    fn bedrock_stream() -> Vec<u8> {
+        let frame = |kind: &str, payload: serde_json::Value| {
+            bedrock::encode_frame("event", kind, payload.to_string().as_bytes())
+        };
+        let mut b = frame("messageStart", serde_json::json!({"role": "assistant"}));
+        for p in PIECES {
+            b.extend(frame(
+                "contentBlockDelta",
+                serde_json::json!({"contentBlockIndex": 0, "delta": {"text": p}}),
+            ));
+        }
+        b.extend(frame(
+            "contentBlockStop",
+            serde_json::json!({"contentBlockIndex": 0}),
+        ));
+        b.extend(frame(
+            "messageStop",
+            serde_json::json!({"stopReason": "end_turn"}),
+        ));
+        b.extend(frame("metadata", serde_json::json!({"usage": {"inputTokens": 27, "outputTokens": 16, "totalTokens": 43}, "metrics": {"latencyMs": 100}})));
+        b
+    }
+
+    fn anthropic_events() -> Vec<Vec<u8>> {
+        let mut e = vec![
+            serde_json::json!({"type": "message_start", "message": {"id": "msg_bench", "type": "message", "role": "assistant", "content": [], "model": "bench", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 27, "output_tokens": 1}}}),
+            serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ];
+        for p in PIECES {
+            e.push(serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}));
+        }
+        e.push(serde_json::json!({"type": "content_block_stop", "index": 0}));
+        e.push(serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 16}}));
+        e.push(serde_json::json!({"type": "message_stop"}));
+        e.into_iter().map(|v| v.to_string().into_bytes()).collect()
+    }
+
+    fn best_of_five(rounds: usize, f: &dyn Fn()) -> f64 {
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..rounds {
+                    f();
+                }
+                start.elapsed().as_nanos() as f64 / rounds.max(1) as f64
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    #[test]
+    #[ignore = "a timing loop"]
+    fn streams_to_an_openai_client() {
+        let bedrock = bedrock_stream();
+        let anthropic = anthropic_events();
+        let rounds = std::env::var("MODELGATE_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(100_000);
+        let only = std::env::var("MODELGATE_ONLY").unwrap_or_default();
+        let bedrock_rounds = if only == "anthropic" { 0 } else { rounds };
+        let anthropic_rounds = if only == "bedrock" { 0 } else { rounds };
+        let bedrock_ns = best_of_five(bedrock_rounds, &|| {
+            let mut t = StreamTranslator::new(
+                Dialect::Bedrock,
+                Dialect::OpenAiChat,
+                "bench",
+                1_700_000_000,
+                true,
+                "req-1",
+            );
+            let mut out = Vec::new();
+            t.bytes(black_box(&bedrock), &mut out, |e| {
+                black_box(e);
+            })
+            .unwrap();
+            t.finish(&mut out, |e| {
+                black_box(e);
+            });
+            black_box(out);
+        });
+        let anthropic_ns = best_of_five(anthropic_rounds, &|| {
+            let mut t = StreamTranslator::new(
+                Dialect::Anthropic,
+                Dialect::OpenAiChat,
+                "bench",
+                1_700_000_000,
+                true,
+                "req-1",
+            );
+            let mut out = Vec::new();
+            for e in &anthropic {
+                t.event(black_box(e), &mut out, |e| {
+                    black_box(e);
+                })
+                .unwrap();
+            }
+            t.finish(&mut out, |e| {
+                black_box(e);
+            });
+            black_box(out);
+        });
+        println!(
+            "Bedrock → OpenAI stream: {bedrock_ns:.0} ns; Anthropic → OpenAI stream: {anthropic_ns:.0} ns"
+        );
+    }
+}
