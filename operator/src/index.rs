@@ -478,6 +478,13 @@ impl Index {
             stream_timeout: s.stream_timeout.clone(),
             max_cost_per_request: s.max_cost_per_request,
             shadow,
+            cache: s.cache.as_ref().map(|c| modelgate_wire::CacheSpec {
+                ttl: c.ttl.clone(),
+                max_entry_bytes: c.max_entry_bytes.map(|n| n.max(1) as u64),
+                per_key: c.per_key.unwrap_or(false),
+                cache_sampled: c.cache_sampled.unwrap_or(false),
+                hit_cost_fraction: c.hit_cost_fraction.unwrap_or(0.0),
+            }),
             backends,
         })
     }
@@ -749,6 +756,7 @@ mod tests {
                 stream_timeout: None,
                 max_cost_per_request: None,
                 shadow: None,
+                cache: None,
             },
         );
         r.metadata.namespace = Some(ns.into());

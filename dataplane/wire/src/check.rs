@@ -264,6 +264,28 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
     if let Some(s) = &r.shadow {
         check_shadow(p, path, r, s, source);
     }
+    if let Some(c) = &r.cache {
+        check_cache(p, &format!("{path}.cache"), c);
+    }
+}
+
+fn check_cache(p: &mut Problems, cpath: &str, c: &crate::CacheSpec) {
+    p.positive_duration(&format!("{cpath}.ttl"), &c.ttl);
+    if let Some(n) = c.max_entry_bytes
+        && !(1..=crate::MAX_CACHE_ENTRY_BYTES).contains(&n)
+    {
+        p.push(
+            &format!("{cpath}.maxEntryBytes"),
+            format_args!("must be from 1 to {}", crate::MAX_CACHE_ENTRY_BYTES),
+        );
+    }
+    let f = c.hit_cost_fraction;
+    if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
+        p.push(
+            &format!("{cpath}.hitCostFraction"),
+            "must be a number from 0 to 1",
+        );
+    }
 }
 
 /// Whether a backend has any price above zero.
