@@ -728,6 +728,42 @@ keys:
     }
 
     #[test]
+    fn a_routes_cache_compiles_with_defaults_and_the_servers_storage_is_its_own() {
+        let snap = compile_yaml(
+            "routes:\n  - {name: r, model: m, cache: {ttl: 90s, perKey: true, hitCostFraction: 0.25}, backends: [{name: b, provider: mock}]}\n  - {name: d, model: d, cache: {}, backends: [{name: b, provider: mock}]}\n  - {name: n, model: n, backends: [{name: b, provider: mock}]}\n",
+        )
+        .unwrap();
+        let c = snap
+            .routes
+            .get("default", "m")
+            .unwrap()
+            .cache
+            .clone()
+            .unwrap();
+        assert_eq!(c.ttl, std::time::Duration::from_secs(90));
+        assert!(c.per_key && !c.cache_sampled);
+        assert_eq!(c.hit_cost_fraction, 0.25);
+        assert_eq!(c.max_entry_bytes, 1 << 20);
+        let d = snap
+            .routes
+            .get("default", "d")
+            .unwrap()
+            .cache
+            .clone()
+            .unwrap();
+        assert_eq!(d.ttl, std::time::Duration::from_secs(300));
+        assert!(snap.routes.get("default", "n").unwrap().cache.is_none());
+        let file = ConfigFile::parse(
+            "server: {cache: {memoryBytes: 1024, redis: \"redis://127.0.0.1:6379/1\"}}\n",
+        )
+        .unwrap();
+        assert_eq!(file.server.cache.memory_bytes, 1024);
+        assert_eq!(file.server.cache.redis_timeout, "50ms");
+        let typo = ConfigFile::parse("server: {cache: {memoryByte: 1}}\n").unwrap_err();
+        assert!(typo.to_string().contains("memoryByte"), "{typo}");
+    }
+
+    #[test]
     fn max_output_tokens_is_a_positive_route_ceiling() {
         let yaml = |n: &str| {
             format!(

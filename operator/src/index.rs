@@ -953,6 +953,38 @@ mod tests {
     }
 
     #[test]
+    fn a_routes_cache_reaches_the_wire_with_its_defaults() {
+        let mut idx = Index::default();
+        let mut r = route(
+            "a",
+            "chat",
+            "chat",
+            vec![backend("m", Provider::Mock, None)],
+            0,
+        );
+        r.spec.cache = Some(modelgate_crds::Cache {
+            ttl: Some("10m".into()),
+            max_entry_bytes: None,
+            per_key: Some(true),
+            cache_sampled: None,
+            hit_cost_fraction: Some(0.5),
+        });
+        idx.apply_route(r);
+        let c = idx.compile(&Context::default());
+        assert!(c.verdicts[&ObjKey::route("a", "chat")].accepted);
+        assert_eq!(
+            c.spec.routes[0].cache,
+            Some(modelgate_wire::CacheSpec {
+                ttl: Some("10m".into()),
+                max_entry_bytes: None,
+                per_key: true,
+                cache_sampled: false,
+                hit_cost_fraction: 0.5,
+            })
+        );
+    }
+
+    #[test]
     fn shadows_and_spend_guards_reach_the_wire_through_the_backends_rules() {
         use modelgate_crds::{Pricing, Shadow};
         let mut idx = Index {

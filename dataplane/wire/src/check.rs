@@ -1001,6 +1001,50 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_is_checked_with_its_path() {
+        let cache = |c: serde_json::Value| route(serde_json::json!({"cache": c}));
+        let ok = cache(
+            serde_json::json!({"ttl": "10m", "maxEntryBytes": 4096, "perKey": true,
+            "cacheSampled": true, "hitCostFraction": 0.5}),
+        );
+        assert_eq!(problems(&ok), "");
+        let c = ok.routes[0].cache.as_ref().unwrap();
+        assert!(c.per_key && c.cache_sampled && c.hit_cost_fraction == 0.5);
+        let defaults = cache(serde_json::json!({}));
+        assert_eq!(problems(&defaults), "");
+        assert_eq!(
+            defaults.routes[0].cache.as_ref().unwrap(),
+            &crate::CacheSpec::default()
+        );
+        let at = "routes[0] (r).cache";
+        for (c, want) in [
+            (
+                serde_json::json!({"ttl": "0s"}),
+                format!("{at}.ttl: must be greater than zero"),
+            ),
+            (serde_json::json!({"ttl": "soon"}), format!("{at}.ttl: ")),
+            (
+                serde_json::json!({"maxEntryBytes": 0}),
+                format!("{at}.maxEntryBytes: must be from 1 to 67108864"),
+            ),
+            (
+                serde_json::json!({"hitCostFraction": 1.5}),
+                format!("{at}.hitCostFraction: must be a number from 0 to 1"),
+            ),
+            (
+                serde_json::json!({"hitCostFraction": -0.1}),
+                format!("{at}.hitCostFraction: must be a number from 0 to 1"),
+            ),
+        ] {
+            let got = problems(&cache(c));
+            assert!(got.contains(&want), "want {want:?} in {got:?}");
+        }
+        // A route without a cache serializes without one (older proxies read it as before).
+        let json = serde_json::to_string(&route(serde_json::json!({}))).unwrap();
+        assert!(!json.contains("\"cache\""), "{json}");
+    }
+
+    #[test]
     fn snapshots_without_the_new_fields_serialize_as_before() {
         let plain = route(serde_json::json!({}));
         let json = serde_json::to_string(&plain).unwrap();
