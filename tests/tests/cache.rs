@@ -526,3 +526,71 @@ async fn two_proxies_share_hits_through_redis_and_keep_serving_when_it_dies() {
     assert_eq!((r.status, cache(&r)), (StatusCode::OK, "hit"));
     assert_eq!(up.hits("cached"), 6);
 }
+
+/// The README's `promql cache` block: one expression a line (`#` lines are comments).
+fn readme_cache_queries() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let block = readme
+        .split("```promql cache\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's promql cache block");
+    let mut queries = Vec::new();
+    for line in block.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // A line starting with an operator continues the expression above.
+        match queries.last_mut() {
+            Some(q) if line.starts_with('/') => *q = format!("{q} {line}"),
+            _ => queries.push(line.to_owned()),
+        }
+    }
+    queries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_cache_queries_answer_in_prometheus() {
+    let queries = readme_cache_queries();
+    assert_eq!(queries.len(), 3, "{queries:?}");
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let prom = Prometheus::start(&[p.admin.to_string()]);
+    // A first request (sampled: a bypass) makes the route's series; once they are scraped,
+    // the counters' increase shows in rate().
+    let mut hot = body("cached", "Say hello");
+    hot["temperature"] = json!(1);
+    assert_eq!(cache(&ask(&p, A, &hot, None).await), "bypass");
+    eventually(
+        Duration::from_secs(60),
+        "the route's series scraped",
+        || async {
+            !prom
+                .query("modelgate_cache_tokens_saved_total{route=\"default/cached\"}")
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    let q = body("cached", "Say hello");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+    for _ in 0..3 {
+        assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+    }
+    for query in &queries {
+        eventually(Duration::from_secs(60), query, || async {
+            prom.query(query).await.iter().any(|s| {
+                s["metric"]["route"] == "default/cached"
+                    && s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| v > 0.0)
+            })
+        })
+        .await;
+    }
+    // The hit ratio: three hits of four requests.
+    let ratio = prom.query(&queries[0]).await;
+    let v: f64 = ratio[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!((v - 0.75).abs() < 1e-9, "{ratio:?}");
+}
