@@ -980,7 +980,7 @@ impl Redis {
     }
 
     async fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        match self.run(&[b"GET", key]).await? {
+        match self.run(&[b"GET", key], self.timeout).await? {
             Reply::Bulk(v) => v,
             _ => None,
         }
@@ -988,18 +988,21 @@ impl Redis {
 
     async fn set(&self, key: &[u8], value: &[u8], ttl: Duration) {
         let ms = ttl.as_millis().max(1).to_string();
-        self.run(&[b"SET", key, value, b"PX", ms.as_bytes()]).await;
+        // A large entry takes longer to send; it is off the request path anyway.
+        let deadline = self.timeout + Duration::from_millis((value.len() >> 20) as u64 * 20);
+        self.run(&[b"SET", key, value, b"PX", ms.as_bytes()], deadline)
+            .await;
     }
 
     /// One command within the deadline; None (and the circuit opens) on any failure.
-    async fn run(&self, args: &[&[u8]]) -> Option<Reply> {
+    async fn run(&self, args: &[&[u8]], deadline: Duration) -> Option<Reply> {
         let now = unix_ms();
         if self.open_until.load(Ordering::Relaxed) > now {
             return None;
         }
-        let result = match tokio::time::timeout(self.timeout, self.exchange(args)).await {
+        let result = match tokio::time::timeout(deadline, self.exchange(args)).await {
             Ok(r) => r,
-            Err(_) => Err(RedisError::Timeout(self.timeout)),
+            Err(_) => Err(RedisError::Timeout(deadline)),
         };
         match result {
             Ok(reply) => Some(reply),
@@ -1019,11 +1022,24 @@ impl Redis {
     /// half-read).
     async fn exchange(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
         let pooled = self.pool().pop();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => self.connect().await?,
+        let (conn, reply) = match pooled {
+            Some(mut c) => match Self::call(&mut c, args, self.max_reply).await {
+                Ok(reply) => (c, reply),
+                // A pooled connection Redis closed (a restart, an idle timeout): once more
+                // on a new one (GET and SET may be repeated).
+                Err(RedisError::Io(_) | RedisError::Closed) => {
+                    let mut c = self.connect().await?;
+                    let reply = Self::call(&mut c, args, self.max_reply).await?;
+                    (c, reply)
+                }
+                Err(e) => return Err(e),
+            },
+            None => {
+                let mut c = self.connect().await?;
+                let reply = Self::call(&mut c, args, self.max_reply).await?;
+                (c, reply)
+            }
         };
-        let reply = Self::call(&mut conn, args, self.max_reply).await?;
         if matches!(reply, Reply::Error(_)) {
             return Err(RedisError::Refused);
         }
@@ -1297,6 +1313,36 @@ mod tests {
         ] {
             assert!(RedisConfig::parse(bad, t).is_err(), "{bad}");
         }
+    }
+
+    /// A Redis that closes each connection after one reply (as a restarted one does to the
+    /// pooled connections): the next command goes out once more on a new connection.
+    #[tokio::test]
+    async fn a_closed_pooled_connection_is_replaced_without_a_failure() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = [0u8; 256];
+                if conn.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                    let _ = conn.write_all(b"$1\r\na\r\n").await;
+                }
+                // Dropped: closed after one reply.
+            }
+        });
+        let r = Redis::new(
+            RedisConfig {
+                addr,
+                db: 0,
+                timeout: Duration::from_secs(5),
+            },
+            1024,
+        );
+        for _ in 0..3 {
+            assert_eq!(r.get(b"k").await, Some(b"a".to_vec()));
+        }
+        assert_eq!(r.open_until.load(Ordering::Relaxed), 0, "no failure");
     }
 
     /// A dead Redis answers nothing, quickly, and opens the circuit.
