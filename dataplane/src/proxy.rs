@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  parse path ─► authenticate ─► read body ─► resolve route ─► authorize
+//!      ─► response cache (a hit is answered here: no limits, no upstream; `cache.rs`)
 //!      ─► spend guards ─► admit ─► mirror to the shadow (detached, sampled)
 //!      ─► forward (pick backend, send, receive; retry, fall back) ─► respond
 //!  receive: an event stream's first bytes, or a whole answer, before anything is committed
