@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need on a fresh machine (Debian bookworm + rustup toolchain):
-#   promtool (Debian package prometheus) and a Python venv with the official OpenAI and Anthropic
+#   promtool (Debian package prometheus), redis-server (Debian package redis-server, the
+#   response cache's shared tier) and a Python venv with the official OpenAI and Anthropic
 #   SDKs, plus botocore, google-auth and cryptography for the Bedrock and Google mocks, and
 #   opentelemetry-proto for the OTLP receiver of the tracing tests.
 # Idempotent: does nothing for what is already there.
@@ -17,6 +18,17 @@ if ! command -v promtool >/dev/null 2>&1; then
   }
 fi
 promtool --version 2>&1 | head -1
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "test-deps: installing redis-server (Debian package redis-server, for the shared cache tier)"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  }
+fi
+redis-server --version 2>&1 | head -1
 
 VENV="$ROOT/.venv"
 if ! "$VENV/bin/python" -c 'import openai, anthropic, pytest, kubernetes_validate, botocore, google.auth, cryptography, opentelemetry.proto' >/dev/null 2>&1; then

@@ -96,6 +96,38 @@ pub struct ModelRouteSpec {
     /// calls never hold up or fail a request and count against no key's limits or budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<Shadow>,
+    /// Exact-match response cache (opt-in): an identical request of the same namespace
+    /// (model as routed, messages, tools, sampling parameters; never the API key) within
+    /// `ttl` is answered by the proxy without an upstream call, a stream replayed as a
+    /// stream. Answers carry `x-modelgate-cache: hit|miss|bypass`; a client's
+    /// `Cache-Control: no-cache` skips the lookup, `no-store` the storing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Cache {
+    /// How long a stored answer is served [default: 5m].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub ttl: Option<String>,
+    /// Answers larger than this many bytes are not stored [default: 1048576].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 67_108_864))]
+    pub max_entry_bytes: Option<i64>,
+    /// Keep entries per API key instead of sharing them among the namespace's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_key: Option<bool>,
+    /// Also cache requests with `temperature > 0`, whose answers vary by design
+    /// [default: false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_sampled: Option<bool>,
+    /// Share (0 to 1) of the original answer's tokens and cost that a hit charges against
+    /// the key's rate limits and budget [default: 0: hits are free].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1))]
+    pub hit_cost_fraction: Option<f64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -111,6 +111,8 @@ pub struct Entry<'a> {
     pub finish_reason: Option<&'a str>,
     pub cost_usd: f64,
     pub error: Option<&'a str>,
+    /// What the route's response cache did (hit, miss, bypass); absent without a cache.
+    pub cache: Option<&'a str>,
     /// The request's trace (tracing on and the request sampled).
     pub trace_id: Option<&'a str>,
 }
@@ -203,6 +205,10 @@ fn write_line(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
     if let Some(err) = e.error {
         field(out, "error");
         write_json_str(out, err);
+    }
+    if let Some(c) = e.cache {
+        field(out, "cache");
+        write_json_str(out, c);
     }
     if let Some(t) = e.trace_id {
         field(out, "trace_id");
@@ -310,6 +316,7 @@ mod tests {
             cost_usd: 0.0000123,
             error: Some("upstream_timeout"),
             trace_id: Some("0af7651916cd43dd8448eb211c80319c"),
+            cache: Some("hit"),
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_624_000_123_456);
         let mut out = Vec::new();
@@ -342,12 +349,14 @@ mod tests {
         assert_eq!(v["cost_usd"], 0.0000123);
         assert_eq!(v["error"], "upstream_timeout");
         assert_eq!(v["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(v["cache"], "hit");
         // Unset fields are left out; a zero cost is 0.
         entry.ttft_ms = None;
         entry.overhead_us = None;
         entry.finish_reason = None;
         entry.error = None;
         entry.trace_id = None;
+        entry.cache = None;
         entry.cost_usd = 0.0;
         out.clear();
         write_line(&mut out, at, &entry);
@@ -359,6 +368,7 @@ mod tests {
             "finish_reason",
             "error",
             "trace_id",
+            "cache",
         ] {
             assert!(!o.contains_key(absent), "{absent}");
         }
@@ -393,6 +403,7 @@ mod tests {
             cost_usd: 0.0,
             error: None,
             trace_id: None,
+            cache: None,
         };
         let before = dropped_lines();
         // Far more than the queue holds (16 batches of 256 KiB, about 5 MiB): recording

@@ -60,6 +60,10 @@ OPTIONS:
     --trace-sampling RATIO   share of new traces recorded, 0 to 1 (server.tracing.samplingRatio)
                              [default: 1]; a client's traceparent decides for its own trace
     --trace-content          put prompts and answers on spans (server.tracing.captureContent)
+    --cache-memory-bytes N   bytes of cached answers kept in memory, all routes together
+                             (server.cache.memoryBytes) [default: 67108864]
+    --cache-redis URL        a Redis shared by the proxies for cached answers,
+                             redis://host:port/db (server.cache.redis)
 ";
 
 #[derive(Debug, Default)]
@@ -83,6 +87,8 @@ struct Options {
     otlp_endpoint: Option<String>,
     trace_sampling: Option<f64>,
     trace_content: bool,
+    cache_memory_bytes: Option<u64>,
+    cache_redis: Option<String>,
     check: bool,
     text_logs: bool,
     hash_key: Option<Option<String>>,
@@ -166,6 +172,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 }
             }
             "--trace-content" => o.trace_content = true,
+            "--cache-memory-bytes" => {
+                let v = value("--cache-memory-bytes")?;
+                o.cache_memory_bytes = Some(v.trim().parse::<u64>().with_context(|| {
+                    format!("--cache-memory-bytes must be a number of bytes, not {v:?}")
+                })?);
+            }
+            "--cache-redis" => o.cache_redis = Some(value("--cache-redis")?),
             "--check" => o.check = true,
             "hash-key" => o.hash_key = Some(args.next()),
             "--help" | "-h" => {
@@ -322,6 +335,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.trace_content {
         server_spec.tracing.capture_content = true;
     }
+    if let Some(n) = opts.cache_memory_bytes {
+        server_spec.cache.memory_bytes = n;
+    }
+    if let Some(url) = &opts.cache_redis {
+        server_spec.cache.redis = Some(url.clone()).filter(|u| !u.is_empty());
+    }
     let duration = |what: &str, v: &str| {
         humantime::parse_duration(v)
             .with_context(|| format!("server.{what} {v:?} is not a duration"))
@@ -344,6 +363,24 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             .unwrap_or(usize::MAX)
             .max(1024),
     });
+    let redis = match &server_spec.cache.redis {
+        None => None,
+        Some(url) => {
+            let timeout = duration("cache.redisTimeout", &server_spec.cache.redis_timeout)?;
+            let config = crate::cache::RedisConfig::parse(url, timeout)
+                .map_err(|e| anyhow::anyhow!("server.cache.redis: {e}"))?;
+            tracing::info!(redis = %config.addr, "response cache: shared tier in Redis");
+            Some(crate::cache::Redis::new(
+                config,
+                modelgate_wire::MAX_CACHE_ENTRY_BYTES as usize,
+            ))
+        }
+    };
+    gateway.cache = Arc::new(crate::cache::Store::new(
+        server_spec.cache.memory_bytes,
+        redis,
+        &gateway.metrics.cache,
+    ));
     gateway.tracing = crate::traces::Tracing::start(&server_spec.tracing, gateway.metrics.clone())
         .map_err(|e| anyhow::anyhow!("server.tracing: {e}"))?
         .map(Arc::new);

@@ -108,6 +108,33 @@ pub struct ServerSpec {
     pub max_stream_event_bytes: u64,
     /// OpenTelemetry traces (off unless `otlpEndpoint` is set).
     pub tracing: TracingSpec,
+    /// The response cache's storage (routes opt in with their `cache`).
+    pub cache: CacheServerSpec,
+}
+
+/// `server.cache`: where the routes' cached answers live. The proxy's own setting, never a
+/// route's: a tenant cannot point the proxy at a host.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CacheServerSpec {
+    /// Bytes of answers kept in this proxy's memory, all routes together (least recently
+    /// used first out).
+    pub memory_bytes: u64,
+    /// A Redis shared by the proxies, `redis://host:port/db` (optional).
+    pub redis: Option<String>,
+    /// How long one Redis command may take, connecting included; after a failure Redis is
+    /// skipped for a few seconds.
+    pub redis_timeout: String,
+}
+
+impl Default for CacheServerSpec {
+    fn default() -> Self {
+        Self {
+            memory_bytes: crate::cache::DEFAULT_MEMORY_BYTES,
+            redis: None,
+            redis_timeout: "50ms".into(),
+        }
+    }
 }
 
 /// `server.tracing`: a span per request after the OpenTelemetry GenAI conventions, exported
@@ -153,6 +180,7 @@ impl Default for ServerSpec {
             default_max_tokens: 1024,
             max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES as u64,
             tracing: TracingSpec::default(),
+            cache: CacheServerSpec::default(),
         }
     }
 }
@@ -275,6 +303,10 @@ pub fn compile(
             stream_timeout: r.stream_timeout.as_deref().map(duration),
             max_cost_per_request: r.max_cost_per_request,
             shadow,
+            cache: r
+                .cache
+                .as_ref()
+                .map(|c| Arc::new(crate::cache::Policy::of(c))),
             tiers,
         }));
     }
@@ -693,6 +725,42 @@ keys:
         assert!(all.contains("url is required"), "{all}");
         assert!(all.contains("duplicate backend name"), "{all}");
         assert!(all.contains("keys[0] (k).sha256"), "{all}");
+    }
+
+    #[test]
+    fn a_routes_cache_compiles_with_defaults_and_the_servers_storage_is_its_own() {
+        let snap = compile_yaml(
+            "routes:\n  - {name: r, model: m, cache: {ttl: 90s, perKey: true, hitCostFraction: 0.25}, backends: [{name: b, provider: mock}]}\n  - {name: d, model: d, cache: {}, backends: [{name: b, provider: mock}]}\n  - {name: n, model: n, backends: [{name: b, provider: mock}]}\n",
+        )
+        .unwrap();
+        let c = snap
+            .routes
+            .get("default", "m")
+            .unwrap()
+            .cache
+            .clone()
+            .unwrap();
+        assert_eq!(c.ttl, std::time::Duration::from_secs(90));
+        assert!(c.per_key && !c.cache_sampled);
+        assert_eq!(c.hit_cost_fraction, 0.25);
+        assert_eq!(c.max_entry_bytes, 1 << 20);
+        let d = snap
+            .routes
+            .get("default", "d")
+            .unwrap()
+            .cache
+            .clone()
+            .unwrap();
+        assert_eq!(d.ttl, std::time::Duration::from_secs(300));
+        assert!(snap.routes.get("default", "n").unwrap().cache.is_none());
+        let file = ConfigFile::parse(
+            "server: {cache: {memoryBytes: 1024, redis: \"redis://127.0.0.1:6379/1\"}}\n",
+        )
+        .unwrap();
+        assert_eq!(file.server.cache.memory_bytes, 1024);
+        assert_eq!(file.server.cache.redis_timeout, "50ms");
+        let typo = ConfigFile::parse("server: {cache: {memoryByte: 1}}\n").unwrap_err();
+        assert!(typo.to_string().contains("memoryByte"), "{typo}");
     }
 
     #[test]

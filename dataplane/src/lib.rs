@@ -5,7 +5,7 @@
 //! ```text
 //!  config (file │ operator) ─► config::compile ─► snapshot::Live (arc-swap)
 //!                                                        │ load once per request
-//!  client ─► server ─► proxy: auth → route → admission → forward (providers) → meter
+//!  client ─► server ─► proxy: auth → route → (cache) → admission → forward (providers) → meter
 //!                                                        ├► shadow (a sampled copy, detached)
 //!                                                        ├► stream (SSE pass-through)
 //!                                                        └► synth (whole answers as streams)
@@ -15,6 +15,7 @@
 pub mod accesslog;
 pub mod admission;
 pub mod busy;
+pub mod cache;
 pub mod canonical;
 pub mod cli;
 pub mod config;

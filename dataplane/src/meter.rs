@@ -85,6 +85,10 @@ pub struct Meter {
     upstream_stream_failed: bool,
     /// The request's trace span (tracing on): ended with the rest when the meter drops.
     pub span: Option<Box<crate::traces::RequestSpan>>,
+    /// What the route's response cache did (`x-modelgate-cache`); None: the route has none.
+    pub cache: Option<crate::cache::Outcome>,
+    /// A miss to store once its answer is complete: told the verdict when the meter drops.
+    pub cache_fill: Option<crate::cache::Fill>,
 }
 
 impl Meter {
@@ -117,6 +121,16 @@ impl Meter {
             stream_outcome: None,
             upstream_stream_failed: false,
             span: None,
+            cache: None,
+            cache_fill: None,
+        }
+    }
+
+    /// The answer came from the response cache: whole, with no upstream call.
+    pub fn served_from_cache(&mut self) {
+        self.cache = Some(crate::cache::Outcome::Hit);
+        if self.stream {
+            self.stream_outcome = Some("complete");
         }
     }
 
@@ -285,6 +299,17 @@ impl Drop for Meter {
         if let Some(t) = self.ticket.take() {
             t.settle(usage.processed(), cost);
         }
+        if let Some(fill) = self.cache_fill.take() {
+            // Only a whole 200 answer is kept: a stream must have ended cleanly, with its
+            // finish reason, never cut off.
+            let complete = self.status == 200
+                && self.error.is_none()
+                && (!self.stream
+                    || (self.stream_outcome == Some("complete")
+                        && !self.upstream_stream_failed
+                        && self.finish_reason.is_some()));
+            fill.verdict(complete.then_some((usage, cost)));
+        }
         let route = self.route.as_ref().map(|r| r.id.as_str()).unwrap_or("");
         let backend = self.backend.as_ref().map(|b| b.name.as_str()).unwrap_or("");
         let key = self.key.as_ref().map(|k| &*k.id).unwrap_or("");
@@ -382,6 +407,7 @@ impl Drop for Meter {
             finish_reason: self.finish_reason,
             cost_usd: cost,
             error: self.error,
+            cache: self.cache.map(crate::cache::Outcome::as_str),
         });
     }
 }
@@ -584,6 +610,7 @@ mod tests {
             stream_timeout: None,
             max_cost_per_request: None,
             shadow: None,
+            cache: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![Arc::new(backend)],

@@ -314,6 +314,8 @@ pub struct Metrics {
     /// Spans the OTLP exporter delivered, and those of batches it could not deliver.
     pub trace_spans_exported: Counter,
     pub trace_spans_failed: Counter,
+    /// The response cache's series (`cache.rs`).
+    pub cache: crate::cache::CacheMetrics,
 }
 
 pub use modelgate_wire::openmetrics_to_prometheus;
@@ -528,7 +530,9 @@ impl Metrics {
             shadow_skipped,
             resolved: AtomicU64::new(0),
         });
+        let cache = crate::cache::CacheMetrics::register(&mut registry);
         Self {
+            cache,
             registry,
             operator_stream_failures,
             access_log_dropped,

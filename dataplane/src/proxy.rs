@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  parse path ─► authenticate ─► read body ─► resolve route ─► authorize
+//!      ─► response cache (a hit is answered here: no limits, no upstream; `cache.rs`)
 //!      ─► spend guards ─► admit ─► mirror to the shadow (detached, sampled)
 //!      ─► forward (pick backend, send, receive; retry, fall back) ─► respond
 //!  receive: an event stream's first bytes, or a whole answer, before anything is committed
@@ -23,6 +24,7 @@ use hyper::body::Incoming;
 
 use crate::admission::{self, Estimate, SpendGuard};
 use crate::busy::BusyClock;
+use crate::cache::{self, Outcome, Shape};
 use crate::error::{ProxyError, json_response};
 use crate::keys::Key;
 use crate::meter::Meter;
@@ -61,6 +63,8 @@ pub struct Gateway {
     pub settings: Settings,
     /// OpenTelemetry traces; `None` (the default): no span is made.
     pub tracing: Option<Arc<crate::traces::Tracing>>,
+    /// The routes' response cache (memory, and Redis when configured).
+    pub cache: Arc<cache::Store>,
 }
 
 impl Gateway {
@@ -68,6 +72,11 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         Self {
             live: Live::metered(metrics.clone()),
+            cache: Arc::new(cache::Store::new(
+                cache::DEFAULT_MEMORY_BYTES,
+                None,
+                &metrics.cache,
+            )),
             metrics,
             client: providers::http_client(settings.egress.clone()),
             settings,
@@ -145,6 +154,14 @@ pub async fn handle(
     let (mut resp, meter) = match reply {
         Ok(Reply::Full(resp)) => {
             meter.response_ready(resp.status().as_u16());
+            if let Some(fill) = &meter.cache_fill
+                && resp.status() == StatusCode::OK
+                && let ProxyBody::Full(Some(body)) = resp.body()
+            {
+                fill.head(resp.headers(), false);
+                fill.record(body);
+                fill.body_end(true);
+            }
             if let Some(span) = meter.span.as_deref_mut()
                 && resp.status().is_success()
                 && let ProxyBody::Full(Some(body)) = resp.body()
@@ -182,6 +199,7 @@ pub async fn handle(
                 .backend
                 .as_ref()
                 .is_some_and(|b| matches!(b.provider, crate::routes::Provider::Azure(_)));
+            let fill = meter.cache_fill.clone();
             let body = MeteredStream::with_limits(
                 upstream.into_body(),
                 meter,
@@ -197,7 +215,13 @@ pub async fn handle(
                 Stage::Translate(t) => body.translating(t),
                 Stage::Watch(w) => body.watching(w),
             };
-            *resp.body_mut() = ProxyBody::Stream(Box::new(body));
+            *resp.body_mut() = match fill {
+                Some(fill) if resp.status() == StatusCode::OK => {
+                    fill.head(resp.headers(), true);
+                    ProxyBody::Recorded(Box::new(cache::Recording::new(Box::new(body), fill)))
+                }
+                _ => ProxyBody::Stream(Box::new(body)),
+            };
             return resp;
         }
         Err(e) => {
@@ -228,6 +252,9 @@ fn add_gateway_headers(meter: &Meter, h: &mut HeaderMap) {
         for (name, v) in &t.headers {
             h.insert(*name, v.clone());
         }
+    }
+    if let Some(c) = meter.cache {
+        h.insert("x-modelgate-cache", HeaderValue::from_static(c.as_str()));
     }
     if !meter.ignored_params.is_empty()
         && let Ok(v) = HeaderValue::from_str(&meter.ignored_params.join(","))
@@ -360,6 +387,27 @@ async fn serve(
         return Err(ProxyError::ModelNotAllowed(api.model.to_string()));
     }
     meter.route = Some(route.clone());
+
+    // the response cache: after the key's namespace and route are known, before limits
+    if let Some(policy) = route.cache.clone()
+        && endpoint != Endpoint::CountTokens
+    {
+        let series = policy.series(&gw.metrics.cache, &route.id);
+        let outcome =
+            match consult_cache(gw, &policy, &route, &key, &api, &body, &parts.headers).await {
+                Consulted::Hit(entry) => return cache_hit(gw, &policy, series, &key, entry, meter),
+                Consulted::Miss(fill) => {
+                    meter.cache_fill = fill;
+                    Outcome::Miss
+                }
+                Consulted::Bypass(fill) => {
+                    meter.cache_fill = fill;
+                    Outcome::Bypass
+                }
+            };
+        series.outcome(outcome).inc();
+        meter.cache = Some(outcome);
+    }
 
     // admit
     if key.exhausted {
@@ -761,6 +809,116 @@ fn spend_guards(
     Ok(())
 }
 
+enum Consulted {
+    Hit(Arc<cache::Entry>),
+    /// Not found; the answer may be stored (None: the client said `no-store`).
+    Miss(Option<cache::Fill>),
+    /// Not looked up (`no-cache`, a sampled request the route does not cache, a body that
+    /// is no JSON object); a `no-cache` answer may still be stored.
+    Bypass(Option<cache::Fill>),
+}
+
+async fn consult_cache(
+    gw: &Gateway,
+    policy: &cache::Policy,
+    route: &Route,
+    key: &Key,
+    api: &ApiRequest<'_>,
+    body: &[u8],
+    headers: &HeaderMap,
+) -> Consulted {
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Consulted::Bypass(None);
+    };
+    if !policy.cache_sampled && cache::sampled(&json) {
+        return Consulted::Bypass(None);
+    }
+    let scope = cache::Scope {
+        namespace: &route.namespace,
+        route: &route.id,
+        key_id: policy.per_key.then_some(&*key.id),
+        endpoint: api.endpoint.as_str(),
+        shape: if api.stream {
+            Shape::Stream {
+                usage: api.client_wants_usage,
+            }
+        } else {
+            Shape::Whole
+        },
+    };
+    let Some(k) = cache::key_of(&scope, &json) else {
+        return Consulted::Bypass(None);
+    };
+    let wish = cache::directive(headers);
+    let fill = wish.store.then(|| {
+        cache::Fill::new(cache::Pending {
+            store: gw.cache.clone(),
+            key: k,
+            ttl: policy.ttl,
+            max_bytes: policy.max_entry_bytes,
+        })
+    });
+    if !wish.lookup {
+        return Consulted::Bypass(fill);
+    }
+    match gw.cache.get(&k, policy.max_entry_bytes).await {
+        // The shape is in the key; an entry (from Redis) of the other shape is not served.
+        Some(e) if e.stream == api.stream => Consulted::Hit(e),
+        _ => Consulted::Miss(fill),
+    }
+}
+
+/// Answer from the cache: no upstream call; the key's limits and budget are charged the
+/// route's `hitCostFraction` of what the original answer used (nothing by default).
+fn cache_hit(
+    gw: &Gateway,
+    policy: &cache::Policy,
+    series: &cache::Series,
+    key: &Arc<Key>,
+    entry: Arc<cache::Entry>,
+    meter: &mut Meter,
+) -> Result<Reply, ProxyError> {
+    meter.cache = Some(Outcome::Hit);
+    let f = policy.hit_cost_fraction;
+    let mut limit_headers = Vec::new();
+    if f > 0.0 {
+        if key.exhausted {
+            reject(&gw.metrics, key, "budget");
+            return Err(ProxyError::BudgetExhausted);
+        }
+        let charge = Estimate {
+            tokens: (entry.usage.processed() as f64 * f).ceil() as u64,
+            usd: entry.cost_usd * f,
+        };
+        match admission::admit(key, &gw.live.registry, charge, admission::unix_now()) {
+            Ok(ticket) => {
+                limit_headers = ticket.headers.clone();
+                ticket.settle(charge.tokens, charge.usd);
+            }
+            Err(rejection) => {
+                reject(&gw.metrics, key, rejection.kind.as_str());
+                return Err(ProxyError::Limited(rejection));
+            }
+        }
+    }
+    meter.served_from_cache();
+    series.hit.inc();
+    series.tokens_saved.inc_by(entry.usage.processed());
+    series.cost_saved.inc_by(entry.cost_usd);
+    let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
+    if let Ok(ct) = HeaderValue::from_str(&entry.content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    if entry.stream {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    for (name, v) in limit_headers {
+        resp.headers_mut().insert(name, v);
+    }
+    Ok(Reply::Full(resp))
+}
+
 fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
     metrics.key(&key.id).rejected(limit).inc();
 }
@@ -1103,6 +1261,7 @@ mod forward_tests {
             stream_timeout: None,
             max_cost_per_request: None,
             shadow: None,
+            cache: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![backend],
@@ -1243,6 +1402,7 @@ mod forward_tests {
             stream_timeout: None,
             max_cost_per_request: None,
             shadow: None,
+            cache: None,
             tiers: backends
                 .into_iter()
                 .enumerate()

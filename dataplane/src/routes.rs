@@ -483,6 +483,8 @@ pub struct Route {
     /// Spend guard: the most a request's worst case may cost, USD.
     pub max_cost_per_request: Option<f64>,
     /// The candidate backend that sees a sampled copy of the traffic.
+    /// The route's response cache (`cache`): None, off.
+    pub cache: Option<Arc<crate::cache::Policy>>,
     pub shadow: Option<crate::shadow::Shadow>,
     pub tiers: Vec<Tier>,
 }
@@ -667,6 +669,7 @@ mod tests {
             stream_timeout: None,
             max_cost_per_request: None,
             shadow: None,
+            cache: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends,

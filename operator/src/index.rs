@@ -478,6 +478,13 @@ impl Index {
             stream_timeout: s.stream_timeout.clone(),
             max_cost_per_request: s.max_cost_per_request,
             shadow,
+            cache: s.cache.as_ref().map(|c| modelgate_wire::CacheSpec {
+                ttl: c.ttl.clone(),
+                max_entry_bytes: c.max_entry_bytes.map(|n| n.max(1) as u64),
+                per_key: c.per_key.unwrap_or(false),
+                cache_sampled: c.cache_sampled.unwrap_or(false),
+                hit_cost_fraction: c.hit_cost_fraction.unwrap_or(0.0),
+            }),
             backends,
         })
     }
@@ -749,6 +756,7 @@ mod tests {
                 stream_timeout: None,
                 max_cost_per_request: None,
                 shadow: None,
+                cache: None,
             },
         );
         r.metadata.namespace = Some(ns.into());
@@ -941,6 +949,38 @@ mod tests {
         assert_eq!(
             r.backends[0].credentials.as_ref().unwrap().value.as_deref(),
             Some("sk-provider")
+        );
+    }
+
+    #[test]
+    fn a_routes_cache_reaches_the_wire_with_its_defaults() {
+        let mut idx = Index::default();
+        let mut r = route(
+            "a",
+            "chat",
+            "chat",
+            vec![backend("m", Provider::Mock, None)],
+            0,
+        );
+        r.spec.cache = Some(modelgate_crds::Cache {
+            ttl: Some("10m".into()),
+            max_entry_bytes: None,
+            per_key: Some(true),
+            cache_sampled: None,
+            hit_cost_fraction: Some(0.5),
+        });
+        idx.apply_route(r);
+        let c = idx.compile(&Context::default());
+        assert!(c.verdicts[&ObjKey::route("a", "chat")].accepted);
+        assert_eq!(
+            c.spec.routes[0].cache,
+            Some(modelgate_wire::CacheSpec {
+                ttl: Some("10m".into()),
+                max_entry_bytes: None,
+                per_key: true,
+                cache_sampled: false,
+                hit_cost_fraction: 0.5,
+            })
         );
     }
 

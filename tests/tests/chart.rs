@@ -19,6 +19,7 @@ const PROFILES: &[(&str, Option<&str>)] = &[
     ("shared-token", Some("ci/shared-token-values.yaml")),
     ("upstream-policy", Some("ci/upstream-policy-values.yaml")),
     ("tracing", Some("ci/tracing-values.yaml")),
+    ("cache", Some("ci/cache-values.yaml")),
 ];
 
 /// Tests that run an operator take turns.
@@ -259,6 +260,29 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
     );
     assert_eq!(flag_values(traced_proxy, "--trace-sampling"), ["0.1"]);
     assert!(traced_proxy.contains("- --trace-content"));
+    // The response cache's storage: the default budget, Redis only when set.
+    let default_proxy = document(&defaults, "Deployment", "modelgate-proxy");
+    assert_eq!(
+        flag_values(default_proxy, "--cache-memory-bytes"),
+        ["67108864"]
+    );
+    assert!(flag_values(default_proxy, "--cache-redis").is_empty());
+    let cached = render(
+        "modelgate",
+        "modelgate",
+        "1.33.0",
+        Some("ci/cache-values.yaml"),
+        &[],
+    );
+    let cached_proxy = document(&cached, "Deployment", "modelgate-proxy");
+    assert_eq!(
+        flag_values(cached_proxy, "--cache-memory-bytes"),
+        ["33554432"]
+    );
+    assert_eq!(
+        flag_values(cached_proxy, "--cache-redis"),
+        ["redis://redis.modelgate-cache.svc:6379/0"]
+    );
     assert_eq!(flag_values(&shared, "--proxy-auth"), ["shared-token"]);
     assert_eq!(
         flag_values(&shared, "--token-file"),

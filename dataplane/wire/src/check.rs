@@ -264,6 +264,28 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
     if let Some(s) = &r.shadow {
         check_shadow(p, path, r, s, source);
     }
+    if let Some(c) = &r.cache {
+        check_cache(p, &format!("{path}.cache"), c);
+    }
+}
+
+fn check_cache(p: &mut Problems, cpath: &str, c: &crate::CacheSpec) {
+    p.positive_duration(&format!("{cpath}.ttl"), &c.ttl);
+    if let Some(n) = c.max_entry_bytes
+        && !(1..=crate::MAX_CACHE_ENTRY_BYTES).contains(&n)
+    {
+        p.push(
+            &format!("{cpath}.maxEntryBytes"),
+            format_args!("must be from 1 to {}", crate::MAX_CACHE_ENTRY_BYTES),
+        );
+    }
+    let f = c.hit_cost_fraction;
+    if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
+        p.push(
+            &format!("{cpath}.hitCostFraction"),
+            "must be a number from 0 to 1",
+        );
+    }
 }
 
 /// Whether a backend has any price above zero.
@@ -976,6 +998,50 @@ mod tests {
             "{got}"
         );
         assert!(!got.contains("sk-x"));
+    }
+
+    #[test]
+    fn a_cache_is_checked_with_its_path() {
+        let cache = |c: serde_json::Value| route(serde_json::json!({"cache": c}));
+        let ok = cache(
+            serde_json::json!({"ttl": "10m", "maxEntryBytes": 4096, "perKey": true,
+            "cacheSampled": true, "hitCostFraction": 0.5}),
+        );
+        assert_eq!(problems(&ok), "");
+        let c = ok.routes[0].cache.as_ref().unwrap();
+        assert!(c.per_key && c.cache_sampled && c.hit_cost_fraction == 0.5);
+        let defaults = cache(serde_json::json!({}));
+        assert_eq!(problems(&defaults), "");
+        assert_eq!(
+            defaults.routes[0].cache.as_ref().unwrap(),
+            &crate::CacheSpec::default()
+        );
+        let at = "routes[0] (r).cache";
+        for (c, want) in [
+            (
+                serde_json::json!({"ttl": "0s"}),
+                format!("{at}.ttl: must be greater than zero"),
+            ),
+            (serde_json::json!({"ttl": "soon"}), format!("{at}.ttl: ")),
+            (
+                serde_json::json!({"maxEntryBytes": 0}),
+                format!("{at}.maxEntryBytes: must be from 1 to 67108864"),
+            ),
+            (
+                serde_json::json!({"hitCostFraction": 1.5}),
+                format!("{at}.hitCostFraction: must be a number from 0 to 1"),
+            ),
+            (
+                serde_json::json!({"hitCostFraction": -0.1}),
+                format!("{at}.hitCostFraction: must be a number from 0 to 1"),
+            ),
+        ] {
+            let got = problems(&cache(c));
+            assert!(got.contains(&want), "want {want:?} in {got:?}");
+        }
+        // A route without a cache serializes without one (older proxies read it as before).
+        let json = serde_json::to_string(&route(serde_json::json!({}))).unwrap();
+        assert!(!json.contains("\"cache\""), "{json}");
     }
 
     #[test]

@@ -97,8 +97,42 @@ pub struct RouteSpec {
     /// are read, metered apart (`shadow="true"`) and dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSpec>,
+    /// Exact-match response cache of this route's answers (opt-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
     pub backends: Vec<BackendSpec>,
 }
+
+/// A route's response cache: an identical request (same namespace, routed model, messages,
+/// tools and sampling parameters) within `ttl` is answered from the proxy's memory (or the
+/// proxies' shared Redis) without an upstream call.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// How long an answer may be served [default: 5m].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// Answers larger than this (bytes) are not stored [default: 1 MiB].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entry_bytes: Option<u64>,
+    /// Entries are kept per API key, not shared by the keys of the namespace.
+    #[serde(default)]
+    pub per_key: bool,
+    /// Cache requests with `temperature > 0` (sampled answers) too.
+    #[serde(default)]
+    pub cache_sampled: bool,
+    /// Share (0 to 1) of the original answer's tokens and cost a hit charges against the
+    /// key's limits and budget [default: 0].
+    #[serde(default)]
+    pub hit_cost_fraction: f64,
+}
+
+/// A cached answer is served this long when its route names no ttl.
+pub const DEFAULT_CACHE_TTL: &str = "5m";
+/// The largest answer a route stores when it names no bound.
+pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: u64 = 1 << 20;
+/// The largest bound a route may name.
+pub const MAX_CACHE_ENTRY_BYTES: u64 = 64 << 20;
 
 /// Mirroring of a route's requests to a candidate backend (a new model version). The client
 /// only ever gets the primary's answer; the shadow's is read for its latency, outcome and

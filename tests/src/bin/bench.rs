@@ -9,7 +9,9 @@
 //! Sections for `--only`: the workloads small, 16k, large, stream, embeddings; `latency`
 //! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
 //! at 1,000 connections); `translate` (OpenAI, Anthropic and Responses clients on backends of
-//! another API, Bedrock included, against pass-through, CPU per request). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
+//! another API, Bedrock included, against pass-through, CPU per request); `cache-hit` (a
+//! route with the response cache on, warmed by one request, against the same route without
+//! it). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each,
 //! both with their access log on unless a row says otherwise) alone on core 1; the load
@@ -1212,6 +1214,9 @@ events {{ worker_connections 4096; }}
         if !peers_only() && self.selected("translate") {
             self.translation();
         }
+        if !peers_only() && self.selected("cache-hit") {
+            self.cache_hit();
+        }
         if !peers_only() && self.only.is_none() {
             self.scale();
             // Memory over time (BENCH_SOAK=SECS, 0 to skip; 600 by default, 60 with --quick).
@@ -1482,6 +1487,57 @@ events {{ worker_connections 4096; }}
             };
             println!(
                 "| {label} | {:.0} | {:.1} | {ratio} | {verdict} | {} |",
+                m.rps, m.cpu_us_per_req, m.errors
+            );
+        }
+    }
+
+    /// `cache-hit`: the small body on a route with the response cache on, warmed by one
+    /// request (every request of the load is then a hit), against the same route without
+    /// a cache (every request goes to the fixed upstream); modelgate only, closed loop.
+    fn cache_hit(&self) {
+        let cached = route("bench-cached", "openai-compatible", FIXED_UPSTREAM).replacen(
+            "    backends:",
+            "    cache: {ttl: 1h}\n    backends:",
+            1,
+        );
+        let config = bench_config(0, false).replacen("keys:\n", &format!("{cached}keys:\n"), 1);
+        let mg = self.modelgate(&config, "cache", true);
+        let rows = [
+            (
+                "no cache (upstream each time)",
+                Workload::chat("c-pass", small_body("bench")),
+            ),
+            (
+                "cache hit",
+                Workload::chat("c-hit", small_body("bench-cached")),
+            ),
+        ];
+        for (_, w) in &rows {
+            self.warmup(&w.modelgate_url(), w);
+        }
+        let mut runs: Vec<Vec<Run>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..self.reps {
+            for (i, (_, w)) in rows.iter().enumerate() {
+                runs[i].push(self.throughput(&w.modelgate_url(), w, Some(&mg)));
+            }
+        }
+        let medians: Vec<Run> = runs.iter().map(|r| median_run(r)).collect();
+        println!(
+            "\n## Response cache (modelgate only, {} connections, small body)\n",
+            self.conns
+        );
+        println!("| route | req/s | CPU µs/req | vs no cache (CPU) | errors |");
+        println!("|---|---:|---:|---:|---:|");
+        for (i, (label, _)) in rows.iter().enumerate() {
+            let m = &medians[i];
+            let ratio = if medians[0].cpu_us_per_req > 0.0 {
+                format!("{:.2}×", m.cpu_us_per_req / medians[0].cpu_us_per_req)
+            } else {
+                "n/a".to_owned()
+            };
+            println!(
+                "| {label} | {:.0} | {:.1} | {ratio} | {} |",
                 m.rps, m.cpu_us_per_req, m.errors
             );
         }
@@ -2403,6 +2459,7 @@ mod scale {
                 stream_timeout: None,
                 max_cost_per_request: None,
                 shadow: None,
+                cache: None,
                 backends: vec![BackendSpec {
                     name: "up".into(),
                     provider: ProviderKind::OpenaiCompatible,
@@ -2509,6 +2566,7 @@ mod scale {
                     stream_timeout: None,
                     max_cost_per_request: None,
                     shadow: None,
+                    cache: None,
                 },
             );
             r.metadata.namespace = Some(format!("team-{}", i % 100));

@@ -1,0 +1,596 @@
+//! The response cache end to end: real proxies on 127.0.0.1, the mock upstream counting its
+//! calls, the official OpenAI Python SDK reading a replayed stream, and a real `redis-server`
+//! (Debian's package) shared by two proxies and then killed.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use modelgate_tests::harness::*;
+use modelgate_tests::upstream::MockUpstream;
+use serde_json::json;
+
+const A: &str = "sk-test-cache-a";
+const A2: &str = "sk-test-cache-a2";
+const B: &str = "sk-test-cache-b";
+const LIMITED: &str = "sk-test-cache-limited";
+
+fn config(up: &MockUpstream, server: &str) -> String {
+    format!(
+        r#"
+server: {server}
+routes:
+  - name: cached
+    model: cached
+    aliases: [cached-alias]
+    cache: {{ttl: 10m}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{cached}", pricing: {{inputPerMillion: 1, outputPerMillion: 10}}}}
+  - name: sampled
+    model: sampled
+    cache: {{cacheSampled: true}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{sampled}"}}
+  - name: short
+    model: short
+    cache: {{ttl: 2s}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{short}"}}
+  - name: mine
+    model: mine
+    cache: {{perKey: true}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{mine}"}}
+  - name: charged
+    model: charged
+    cache: {{hitCostFraction: 1}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{charged}"}}
+  - name: cut
+    model: cut
+    cache: {{}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{cut}"}}
+  - name: plain
+    model: plain
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{plain}"}}
+  - name: cached
+    namespace: other
+    model: cached
+    cache: {{}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{cached}"}}
+keys:
+  - {{name: a, sha256: {a}}}
+  - {{name: a2, sha256: {a2}}}
+  - {{name: b, namespace: other, sha256: {b}}}
+  - {{name: limited, sha256: {limited}, limits: {{requestsPerMinute: 2}}}}
+"#,
+        cached = up.url("id=cached"),
+        sampled = up.url("id=sampled"),
+        short = up.url("id=short"),
+        mine = up.url("id=mine"),
+        charged = up.url("id=charged"),
+        cut = up.url("id=cut;reset_after=2;delay=5"),
+        plain = up.url("id=plain"),
+        a = sha256_hex(A),
+        a2 = sha256_hex(A2),
+        b = sha256_hex(B),
+        limited = sha256_hex(LIMITED),
+    )
+}
+
+fn body(model: &str, prompt: &str) -> serde_json::Value {
+    json!({"model": model, "temperature": 0,
+        "messages": [{"role": "user", "content": prompt}]})
+}
+
+async fn ask(p: &Proxy, key: &str, body: &serde_json::Value, cache_control: Option<&str>) -> Reply {
+    let mut req = request(
+        Method::POST,
+        &p.url("/v1/chat/completions"),
+        Some(key),
+        Bytes::from(serde_json::to_vec(body).unwrap()),
+    );
+    if let Some(cc) = cache_control {
+        req.headers_mut()
+            .insert("cache-control", cc.parse().unwrap());
+    }
+    send(req).await
+}
+
+fn cache(r: &Reply) -> &str {
+    r.header("x-modelgate-cache").unwrap_or("(none)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_then_a_hit_with_the_same_body_and_no_upstream_call() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let q = body("cached", "Say hello");
+
+    let miss = ask(&p, A, &q, None).await;
+    assert_eq!(miss.status, StatusCode::OK, "{}", miss.text());
+    assert_eq!(cache(&miss), "miss");
+    assert_eq!(up.hits("cached"), 1);
+    let hit = ask(&p, A, &q, None).await;
+    assert_eq!(hit.status, StatusCode::OK);
+    assert_eq!(cache(&hit), "hit");
+    assert_eq!(hit.body, miss.body, "the same answer, byte for byte");
+    assert_eq!(hit.header("content-type"), miss.header("content-type"));
+    // An alias routes to the same route: the same entry; `stream: false` and `user` do not
+    // change the answer; the key order does not matter.
+    let same = json!({"messages": [{"content": "Say hello", "role": "user"}],
+        "user": "someone", "stream": false, "temperature": 0, "model": "cached-alias"});
+    let hit = ask(&p, A2, &same, None).await;
+    assert_eq!(cache(&hit), "hit", "{}", hit.text());
+    assert_eq!(up.hits("cached"), 1, "answered without an upstream call");
+    // Another prompt is another entry; a route without a cache says nothing.
+    assert_eq!(
+        cache(&ask(&p, A, &body("cached", "Other"), None).await),
+        "miss"
+    );
+    assert_eq!(up.hits("cached"), 2);
+    let plain = ask(&p, A, &body("plain", "Say hello"), None).await;
+    assert_eq!(plain.header("x-modelgate-cache"), None);
+
+    let m = p.metrics().await;
+    let result = |r: &str| {
+        metric(
+            &m,
+            "modelgate_cache_requests_total",
+            &[("route", "default/cached"), ("result", r)],
+        )
+    };
+    assert_eq!((result("hit"), result("miss")), (2.0, 2.0), "{m}");
+    // The mock reports 10 prompt and 5 completion tokens; priced at $1 and $10 a million.
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_cache_tokens_saved_total",
+            &[("route", "default/cached")]
+        ),
+        30.0
+    );
+    let saved = metric(
+        &m,
+        "modelgate_cache_cost_saved_usd_total",
+        &[("route", "default/cached")],
+    );
+    assert!((saved - 2.0 * (10.0 + 50.0) / 1e6).abs() < 1e-12, "{saved}");
+    assert_eq!(metric(&m, "modelgate_cache_memory_entries", &[]), 2.0);
+    assert!(metric(&m, "modelgate_cache_memory_bytes", &[]) > 0.0);
+    // Hits meter no tokens and no cost of their own: the key's series count the two misses.
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_tokens_total",
+            &[("key", "default/a"), ("route", "default/cached")]
+        ),
+        30.0
+    );
+    // The access log (written off the request path) says what the cache did.
+    eventually(
+        Duration::from_secs(10),
+        "a hit in the access log",
+        || async { p.log_text().contains(r#""cache":"hit""#) },
+    )
+    .await;
+}
+
+/// The stream a client got is replayed as a stream: the official SDK reads the same text
+/// and usage from the replay, and the upstream was asked once.
+const SDK_STREAM: &str = r#"
+import json, os, openai
+c = openai.OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"], max_retries=0, timeout=30)
+for _ in range(2):
+    raw = c.chat.completions.with_raw_response.create(
+        model="cached", temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Stream please"}])
+    text, usage, finish = "", None, None
+    for chunk in raw.parse():
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage.model_dump()
+    print(json.dumps({"status": raw.status_code, "cache": raw.headers.get("x-modelgate-cache"),
+                      "type": raw.headers.get("content-type"), "text": text,
+                      "usage": usage, "finish": finish}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_stream_is_replayed_as_a_stream_to_the_openai_sdk() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let base = p.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args(["-c", SDK_STREAM])
+            .env("BASE", base)
+            .env("KEY", A)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["cache"], "miss", "{}", got[0]);
+    assert_eq!(got[1]["cache"], "hit", "{}", got[1]);
+    assert!(
+        got[1]["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(!got[0]["text"].as_str().unwrap().is_empty());
+    for k in ["status", "text", "usage", "finish"] {
+        assert_eq!(got[0][k], got[1][k], "{k}");
+    }
+    assert_eq!(got[1]["usage"]["completion_tokens"], 5);
+    assert_eq!(up.hits("cached"), 1);
+
+    // A stream and a whole answer are different entries; a stream without usage too.
+    let whole = ask(&p, A, &body("cached", "Stream please"), None).await;
+    assert_eq!(cache(&whole), "miss");
+    let mut q = body("cached", "Stream please");
+    q["stream"] = json!(true);
+    let r = post(&p.url("/v1/chat/completions"), Some(A), &q).await;
+    assert_eq!(cache(&r), "miss");
+    let again = post(&p.url("/v1/chat/completions"), Some(A), &q).await;
+    assert_eq!(cache(&again), "hit");
+    assert_eq!(again.body, r.body);
+    assert!(!r.text().contains("\"usage\":{"), "{}", r.text());
+    assert_eq!(up.hits("cached"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_bypasses_no_store_stores_nothing_and_sampled_requests_need_the_route() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let q = body("cached", "fresh");
+    // no-cache: not looked up (an upstream call); the fresh answer may be kept.
+    let r = ask(&p, A, &q, Some("no-cache")).await;
+    assert_eq!((r.status, cache(&r)), (StatusCode::OK, "bypass"));
+    assert_eq!(up.hits("cached"), 1);
+    let r = ask(&p, A, &q, Some("no-cache")).await;
+    assert_eq!(cache(&r), "bypass");
+    assert_eq!(up.hits("cached"), 2, "no-cache always asks the upstream");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+
+    // no-store: nothing kept.
+    let q = body("cached", "secret");
+    assert_eq!(cache(&ask(&p, A, &q, Some("no-store")).await), "miss");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+    assert_eq!(up.hits("cached"), 4);
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+
+    // temperature > 0: never cached unless the route says cacheSampled.
+    let mut hot = body("cached", "hot");
+    hot["temperature"] = json!(0.7);
+    for _ in 0..2 {
+        assert_eq!(cache(&ask(&p, A, &hot, None).await), "bypass");
+    }
+    assert_eq!(up.hits("cached"), 6);
+    hot["model"] = json!("sampled");
+    assert_eq!(cache(&ask(&p, A, &hot, None).await), "miss");
+    assert_eq!(cache(&ask(&p, A, &hot, None).await), "hit");
+    assert_eq!(up.hits("sampled"), 1);
+
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_cache_requests_total",
+            &[("route", "default/cached"), ("result", "bypass")]
+        ),
+        4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_expires_after_its_ttl() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let q = body("short", "soon stale");
+    let start = Instant::now();
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+    let second = ask(&p, A, &q, None).await;
+    // Asserted only when the second answer came well within the ttl (a loaded box may be
+    // slower; the expiry below is what this test is about).
+    if start.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(cache(&second), "hit");
+    }
+    eventually(Duration::from_secs(30), "the entry expired", || async {
+        cache(&ask(&p, A, &q, None).await) == "miss"
+    })
+    .await;
+    assert!(up.hits("short") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_stay_in_their_namespace_and_per_key_routes_keep_them_per_key() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let q = body("cached", "tenant data");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+    // The same model name and the same body in another namespace: never a hit.
+    let other = ask(&p, B, &q, None).await;
+    assert_eq!((other.status, cache(&other)), (StatusCode::OK, "miss"));
+    assert_eq!(up.hits("cached"), 2);
+    assert_eq!(cache(&ask(&p, B, &q, None).await), "hit");
+
+    // perKey: a's entry is a's only.
+    let q = body("mine", "mine only");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+    assert_eq!(cache(&ask(&p, A2, &q, None).await), "miss");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+    assert_eq!(up.hits("mine"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_are_free_of_rate_limits_unless_the_route_charges_a_fraction() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    // 2 requests a minute; the miss takes one.
+    let q = body("cached", "popular");
+    let r = ask(&p, LIMITED, &q, None).await;
+    assert_eq!((r.status, cache(&r)), (StatusCode::OK, "miss"));
+    for i in 0..6 {
+        let r = ask(&p, LIMITED, &q, None).await;
+        assert_eq!((r.status, cache(&r)), (StatusCode::OK, "hit"), "hit {i}");
+    }
+    // The second request of the minute is the key's last.
+    assert_eq!(
+        ask(&p, LIMITED, &body("cached", "new"), None).await.status,
+        StatusCode::OK
+    );
+    let r = ask(&p, LIMITED, &body("cached", "newer"), None).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.error_code(), "rate_limit_exceeded");
+    // Still served from the cache.
+    assert_eq!(ask(&p, LIMITED, &q, None).await.status, StatusCode::OK);
+    assert_eq!(up.hits("cached"), 2);
+
+    // hitCostFraction 1: a hit counts like the request it replays.
+    let up2 = MockUpstream::start();
+    let p = Proxy::start(&config(&up2, "{}"));
+    let q = body("charged", "pay anyway");
+    assert_eq!(cache(&ask(&p, LIMITED, &q, None).await), "miss");
+    let r = ask(&p, LIMITED, &q, None).await;
+    assert_eq!((r.status, cache(&r)), (StatusCode::OK, "hit"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    let r = ask(&p, LIMITED, &q, None).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert_eq!(up2.hits("charged"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_off_midway_is_never_stored() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let mut q = body("cut", "break");
+    q["stream"] = json!(true);
+    for _ in 0..2 {
+        let resp = post_stream(&p.url("/v1/chat/completions"), Some(A), &q).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-modelgate-cache"], "miss");
+        // The body ends in an error (or an error event): read what there is.
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    }
+    assert_eq!(up.hits("cut"), 2);
+    let m = p.metrics().await;
+    assert_eq!(metric(&m, "modelgate_cache_memory_entries", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_evicts_the_least_recently_used() {
+    // One entry's size, measured on a proxy with room to spare.
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    assert_eq!(cache(&ask(&p, A, &body("cached", "A"), None).await), "miss");
+    let one = p.metric("modelgate_cache_memory_bytes", &[]).await;
+    assert!(one > 0.0);
+    drop(p);
+
+    // Room for two and a half.
+    let budget = (one * 2.5) as u64;
+    let p = Proxy::start(&config(
+        &up,
+        &format!("{{cache: {{memoryBytes: {budget}}}}}"),
+    ));
+    let (a, b, c) = (
+        body("cached", "A"),
+        body("cached", "B"),
+        body("cached", "C"),
+    );
+    assert_eq!(cache(&ask(&p, A, &a, None).await), "miss");
+    assert_eq!(cache(&ask(&p, A, &b, None).await), "miss");
+    assert_eq!(
+        cache(&ask(&p, A, &a, None).await),
+        "hit",
+        "a is now the most recent"
+    );
+    assert_eq!(cache(&ask(&p, A, &c, None).await), "miss", "c evicts b");
+    assert_eq!(p.metric("modelgate_cache_memory_entries", &[]).await, 2.0);
+    assert_eq!(cache(&ask(&p, A, &a, None).await), "hit");
+    assert_eq!(cache(&ask(&p, A, &c, None).await), "hit");
+    assert_eq!(cache(&ask(&p, A, &b, None).await), "miss", "b was evicted");
+}
+
+/// A real Redis on a free port, without persistence; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = std::env::var("MODELGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin} ({e}): run `make test-deps`"));
+        Self { child, port }
+    }
+
+    /// One command's raw reply, or None while Redis does not answer.
+    fn command(&self, cmd: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_hits_through_redis_and_keep_serving_when_it_dies() {
+    let mut redis = Redis::start();
+    eventually(Duration::from_secs(20), "redis answers PING", || async {
+        redis
+            .command("PING")
+            .is_some_and(|r| r.starts_with("+PONG"))
+    })
+    .await;
+    let up = MockUpstream::start();
+    let server = format!(
+        "{{cache: {{redis: \"redis://127.0.0.1:{}/0\", redisTimeout: 2s}}}}",
+        redis.port
+    );
+    let p1 = Proxy::start(&config(&up, &server));
+    let p2 = Proxy::start(&config(&up, &server));
+    let q = body("cached", "shared");
+    let first = ask(&p1, A, &q, None).await;
+    assert_eq!(cache(&first), "miss");
+    // The entry goes to Redis after the answer (the client never waits for it).
+    eventually(Duration::from_secs(20), "the entry is in Redis", || async {
+        redis.command("DBSIZE").as_deref() == Some(":1\r\n")
+    })
+    .await;
+    let second = ask(&p2, A, &q, None).await;
+    assert_eq!(cache(&second), "hit", "{}", p2.log_text());
+    assert_eq!(second.body, first.body);
+    assert_eq!(up.hits("cached"), 1, "one upstream call for two proxies");
+    // The Redis hit filled p2's memory.
+    assert_eq!(p2.metric("modelgate_cache_memory_entries", &[]).await, 1.0);
+    // Another namespace's proxy lookups never reach this entry either.
+    assert_eq!(cache(&ask(&p2, B, &q, None).await), "miss");
+
+    redis.kill();
+    // Redis is gone: misses go upstream, memory hits still come, nothing fails.
+    for (i, p) in [&p1, &p2, &p1, &p2].into_iter().enumerate() {
+        let r = ask(p, A, &body("cached", &format!("after redis {i}")), None).await;
+        assert_eq!(
+            (r.status, cache(&r)),
+            (StatusCode::OK, "miss"),
+            "{}",
+            r.text()
+        );
+    }
+    let r = ask(&p1, A, &q, None).await;
+    assert_eq!((r.status, cache(&r)), (StatusCode::OK, "hit"));
+    assert_eq!(up.hits("cached"), 6);
+}
+
+/// The README's `promql cache` block: one expression a line (`#` lines are comments).
+fn readme_cache_queries() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let block = readme
+        .split("```promql cache\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's promql cache block");
+    let mut queries = Vec::new();
+    for line in block.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // A line starting with an operator continues the expression above.
+        match queries.last_mut() {
+            Some(q) if line.starts_with('/') => *q = format!("{q} {line}"),
+            _ => queries.push(line.to_owned()),
+        }
+    }
+    queries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_cache_queries_answer_in_prometheus() {
+    let queries = readme_cache_queries();
+    assert_eq!(queries.len(), 3, "{queries:?}");
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up, "{}"));
+    let prom = Prometheus::start(&[p.admin.to_string()]);
+    // A first request (sampled: a bypass) makes the route's series; once they are scraped,
+    // the counters' increase shows in rate().
+    let mut hot = body("cached", "Say hello");
+    hot["temperature"] = json!(1);
+    assert_eq!(cache(&ask(&p, A, &hot, None).await), "bypass");
+    eventually(
+        Duration::from_secs(60),
+        "the route's series scraped",
+        || async {
+            !prom
+                .query("modelgate_cache_tokens_saved_total{route=\"default/cached\"}")
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    let q = body("cached", "Say hello");
+    assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+    for _ in 0..3 {
+        assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+    }
+    for query in &queries {
+        eventually(Duration::from_secs(60), query, || async {
+            prom.query(query).await.iter().any(|s| {
+                s["metric"]["route"] == "default/cached"
+                    && s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| v > 0.0)
+            })
+        })
+        .await;
+    }
+    // The hit ratio: three hits of four requests.
+    let ratio = prom.query(&queries[0]).await;
+    let v: f64 = ratio[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!((v - 0.75).abs() < 1e-9, "{ratio:?}");
+}
