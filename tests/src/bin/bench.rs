@@ -10,8 +10,10 @@
 //! (fixed rates); `c1` (added latency at concurrency 1); `slow` (an upstream that adds 20 ms,
 //! at 1,000 connections); `translate` (OpenAI, Anthropic and Responses clients on backends of
 //! another API, Bedrock included, against pass-through, CPU per request); `cache-hit` (a
-//! route with the response cache on, warmed by one request, against the same route without
-//! it). SCALE_CPUS=0,1 gives the config-scale proxy both cores (default: 1).
+//! route with the response cache on, warmed by one request, against nginx and against the
+//! same route without it); `tracing` (OpenTelemetry spans off, on but sampled out, and on
+//! for every request, exported to an OTLP/HTTP sink). SCALE_CPUS=0,1 gives the config-scale
+//! proxy both cores (default: 1).
 //!
 //! Layout on a 2-core machine: the proxy under test (modelgate or nginx, one worker each,
 //! both with their access log on unless a row says otherwise) alone on core 1; the load
@@ -868,6 +870,7 @@ impl Bench {
     location = /stream/v1/chat/completions {{ default_type text/event-stream; return 200 '{openai_stream}'; }}
     location = /stream/v1/messages {{ default_type text/event-stream; return 200 '{anthropic_stream}'; }}
     location = /v1/responses {{ return 200 '{RESPONSES_ANSWER}'; }}
+    location = /v1/traces {{ default_type application/x-protobuf; return 200 ''; }}
     location = /stream/v1/responses {{ default_type text/event-stream; return 200 '{responses_stream}'; }}
     location = /model/anthropic.claude-bench/converse {{ return 200 '{BEDROCK_ANSWER}'; }}
     location = /stream/model/anthropic.claude-bench/converse-stream {{ root {files}; sendfile off; default_type application/vnd.amazon.eventstream; error_page 405 =200 $uri; }}
@@ -1217,6 +1220,9 @@ events {{ worker_connections 4096; }}
         if !peers_only() && self.selected("cache-hit") {
             self.cache_hit();
         }
+        if !peers_only() && self.selected("tracing") {
+            self.tracing();
+        }
         if !peers_only() && self.only.is_none() {
             self.scale();
             // Memory over time (BENCH_SOAK=SECS, 0 to skip; 600 by default, 60 with --quick).
@@ -1493,8 +1499,10 @@ events {{ worker_connections 4096; }}
     }
 
     /// `cache-hit`: the small body on a route with the response cache on, warmed by one
-    /// request (every request of the load is then a hit), against the same route without
-    /// a cache (every request goes to the fixed upstream); modelgate only, closed loop.
+    /// request (every request of the load is then a hit), against nginx proxying the same
+    /// body to the fixed upstream (access log on, as modelgate's) and against the same
+    /// modelgate route without a cache (every request goes to the fixed upstream); going
+    /// direct to the fixed upstream is the headroom check. Closed loop, interleaved reps.
     fn cache_hit(&self) {
         let cached = route("bench-cached", "openai-compatible", FIXED_UPSTREAM).replacen(
             "    backends:",
@@ -1503,42 +1511,105 @@ events {{ worker_connections 4096; }}
         );
         let config = bench_config(0, false).replacen("keys:\n", &format!("{cached}keys:\n"), 1);
         let mg = self.modelgate(&config, "cache", true);
-        let rows = [
+        let nginx = self.nginx();
+        let pass = Workload::chat("c-pass", small_body("bench"));
+        let hit = Workload::chat("c-hit", small_body("bench-cached"));
+        let targets = [
+            ("direct (fixed upstream)", pass.direct_url(), None),
             (
-                "no cache (upstream each time)",
-                Workload::chat("c-pass", small_body("bench")),
+                "nginx → fixed upstream",
+                pass.nginx_url(NGINX_PORT),
+                Some(&nginx),
             ),
-            (
-                "cache hit",
-                Workload::chat("c-hit", small_body("bench-cached")),
-            ),
+            ("modelgate, no cache", pass.modelgate_url(), Some(&mg)),
+            ("modelgate, cache hit", hit.modelgate_url(), Some(&mg)),
         ];
-        for (_, w) in &rows {
-            self.warmup(&w.modelgate_url(), w);
+        for (_, url, _) in &targets {
+            self.wrk_load(url, &pass, self.conns, "1s", None);
         }
-        let mut runs: Vec<Vec<Run>> = rows.iter().map(|_| Vec::new()).collect();
+        self.warmup(&hit.modelgate_url(), &hit);
+        let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
         for _ in 0..self.reps {
-            for (i, (_, w)) in rows.iter().enumerate() {
-                runs[i].push(self.throughput(&w.modelgate_url(), w, Some(&mg)));
+            for (i, (_, url, proc_)) in targets.iter().enumerate() {
+                let w = if i == 3 { &hit } else { &pass };
+                runs[i].push(self.throughput(url, w, *proc_));
             }
         }
-        let medians: Vec<Run> = runs.iter().map(|r| median_run(r)).collect();
+        let m: Vec<Run> = runs.iter().map(|r| median_run(r)).collect();
+        let (headroom, fastest, _) = headroom(&m[0], &m[1], &m[3]);
         println!(
-            "\n## Response cache (modelgate only, {} connections, small body)\n",
+            "\n## Response cache (closed loop, {} connections, small body; hits against nginx)\n",
             self.conns
         );
-        println!("| route | req/s | CPU µs/req | vs no cache (CPU) | errors |");
+        println!("| target | req/s | vs nginx (req/s) | CPU µs/req | errors |");
         println!("|---|---:|---:|---:|---:|");
-        for (i, (label, _)) in rows.iter().enumerate() {
-            let m = &medians[i];
-            let ratio = if medians[0].cpu_us_per_req > 0.0 {
-                format!("{:.2}×", m.cpu_us_per_req / medians[0].cpu_us_per_req)
+        for (i, (label, _, _)) in targets.iter().enumerate() {
+            let cpu = if i == 0 {
+                "—".to_owned()
             } else {
-                "n/a".to_owned()
+                format!("{:.1}", m[i].cpu_us_per_req)
             };
             println!(
-                "| {label} | {:.0} | {:.1} | {ratio} | {} |",
-                m.rps, m.cpu_us_per_req, m.errors
+                "| {label} | {:.0} | {:.2}× | {cpu} | {} |",
+                m[i].rps,
+                m[i].rps / m[1].rps.max(1.0),
+                m[i].errors
+            );
+        }
+        let verdict = if headroom >= HEADROOM {
+            "counts"
+        } else {
+            "INVALID (the load generator and upstream had no headroom)"
+        };
+        println!(
+            "\nGoing direct is {headroom:.2}× the fastest proxy ({fastest}): the ratios {verdict}."
+        );
+    }
+
+    /// `tracing`: the small body with OpenTelemetry spans off (no endpoint), on with a
+    /// sampling ratio of 0 (every request decides and records nothing), and on for every
+    /// request (a span per request and one per upstream attempt, exported in batches by
+    /// OTLP/HTTP to the fixed upstream's `/v1/traces`, nginx answering 200). One modelgate at
+    /// a time on the bench's port, restarted per point; reps interleaved.
+    fn tracing(&self) {
+        let w = Workload::chat("small", small_body("bench"));
+        let base = bench_config(0, false);
+        let with = |ratio: &str| {
+            base.replacen(
+                "server: {listen: 127.0.0.1:18001, admin: 127.0.0.1:19001}",
+                &format!(
+                    "server: {{listen: 127.0.0.1:18001, admin: 127.0.0.1:19001, tracing: {{otlpEndpoint: 'http://{FIXED_UPSTREAM}', samplingRatio: {ratio}}}}}"
+                ),
+                1,
+            )
+        };
+        let points = [
+            ("off (no endpoint)", base.clone()),
+            ("on, sampling ratio 0", with("0")),
+            ("on, every request traced", with("1")),
+        ];
+        let mut runs: Vec<Vec<Run>> = points.iter().map(|_| Vec::new()).collect();
+        for _ in 0..self.reps {
+            for (i, (_, config)) in points.iter().enumerate() {
+                let mg = self.modelgate(config, "tracing", true);
+                self.warmup(&w.modelgate_url(), &w);
+                runs[i].push(self.throughput(&w.modelgate_url(), &w, Some(&mg)));
+            }
+        }
+        let m: Vec<Run> = runs.iter().map(|r| median_run(r)).collect();
+        println!(
+            "\n## Tracing (modelgate only, {} connections, small body)\n",
+            self.conns
+        );
+        println!("| spans | req/s | CPU µs/req | vs off (CPU) | errors |");
+        println!("|---|---:|---:|---:|---:|");
+        for (i, (label, _)) in points.iter().enumerate() {
+            println!(
+                "| {label} | {:.0} | {:.1} | {:.2}× | {} |",
+                m[i].rps,
+                m[i].cpu_us_per_req,
+                m[i].cpu_us_per_req / m[0].cpu_us_per_req.max(f64::MIN_POSITIVE),
+                m[i].errors
             );
         }
     }
