@@ -252,6 +252,16 @@ pub fn compile(
                 state: registry.shadow_state(&route_id),
             })
         });
+        let masking = r
+            .masking
+            .as_ref()
+            .and_then(|m| match crate::mask::Masker::new(m) {
+                Ok(masker) => Some(Arc::new(masker)),
+                Err(e) => {
+                    p.push(&format!("{path}.masking"), e);
+                    None
+                }
+            });
         routes.push(Arc::new(Route {
             id: route_id,
             namespace: r.namespace.clone(),
@@ -275,6 +285,7 @@ pub fn compile(
             stream_timeout: r.stream_timeout.as_deref().map(duration),
             max_cost_per_request: r.max_cost_per_request,
             shadow,
+            masking,
             tiers,
         }));
     }

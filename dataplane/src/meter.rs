@@ -584,6 +584,7 @@ mod tests {
             stream_timeout: None,
             max_cost_per_request: None,
             shadow: None,
+            masking: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![Arc::new(backend)],

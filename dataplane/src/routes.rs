@@ -484,6 +484,8 @@ pub struct Route {
     pub max_cost_per_request: Option<f64>,
     /// The candidate backend that sees a sampled copy of the traffic.
     pub shadow: Option<crate::shadow::Shadow>,
+    /// Data masking rules for prompts (and answers, when the route asks).
+    pub masking: Option<Arc<crate::mask::Masker>>,
     pub tiers: Vec<Tier>,
 }
 
@@ -667,6 +669,7 @@ mod tests {
             stream_timeout: None,
             max_cost_per_request: None,
             shadow: None,
+            masking: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends,

@@ -142,6 +142,8 @@ impl Body for MockStream {
 pub enum ProxyBody {
     Full(Option<Bytes>),
     Stream(Box<MeteredStream>),
+    /// A stream whose answer text a route's masking rules rewrite on the way.
+    Masked(Box<crate::mask::MaskedStream>),
 }
 
 impl ProxyBody {
@@ -161,13 +163,14 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Stream(s) => Pin::new(s.as_mut()).poll_frame(cx),
+            Self::Masked(s) => Pin::new(s.as_mut()).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(b) => b.is_none(),
-            Self::Stream(_) => false,
+            Self::Stream(_) | Self::Masked(_) => false,
         }
     }
 
@@ -175,7 +178,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
-            Self::Stream(_) => SizeHint::default(),
+            Self::Stream(_) | Self::Masked(_) => SizeHint::default(),
         }
     }
 }

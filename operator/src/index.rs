@@ -478,6 +478,31 @@ impl Index {
             stream_timeout: s.stream_timeout.clone(),
             max_cost_per_request: s.max_cost_per_request,
             shadow,
+            masking: s.masking.as_ref().map(|m| modelgate_wire::MaskingSpec {
+                rules: m
+                    .rules
+                    .iter()
+                    .map(|r| modelgate_wire::MaskRuleSpec {
+                        name: r.name.clone(),
+                        detector: r.detector.map(|d| d.as_str().to_owned()),
+                        pattern: r.pattern.clone(),
+                        action: match r.action {
+                            None | Some(modelgate_crds::MaskingAction::Redact) => {
+                                modelgate_wire::MaskAction::Redact
+                            }
+                            Some(modelgate_crds::MaskingAction::Mask) => {
+                                modelgate_wire::MaskAction::Mask
+                            }
+                            Some(modelgate_crds::MaskingAction::Block) => {
+                                modelgate_wire::MaskAction::Block
+                            }
+                        },
+                        keep_last: r.keep_last.map(|n| n.clamp(0, i32::MAX) as u32),
+                        replacement: r.replacement.clone(),
+                    })
+                    .collect(),
+                answers: m.answers.unwrap_or(false),
+            }),
             backends,
         })
     }
@@ -749,6 +774,7 @@ mod tests {
                 stream_timeout: None,
                 max_cost_per_request: None,
                 shadow: None,
+                masking: None,
             },
         );
         r.metadata.namespace = Some(ns.into());

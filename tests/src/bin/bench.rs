@@ -2403,6 +2403,7 @@ mod scale {
                 stream_timeout: None,
                 max_cost_per_request: None,
                 shadow: None,
+                masking: None,
                 backends: vec![BackendSpec {
                     name: "up".into(),
                     provider: ProviderKind::OpenaiCompatible,
@@ -2509,6 +2510,7 @@ mod scale {
                     stream_timeout: None,
                     max_cost_per_request: None,
                     shadow: None,
+                    masking: None,
                 },
             );
             r.metadata.namespace = Some(format!("team-{}", i % 100));
