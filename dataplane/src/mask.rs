@@ -758,8 +758,8 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
 /// deltas of each choice or content block go through a [`StreamMasker`]; what it holds back
 /// is added to the block's last delta, or sent in a delta of its own before the block ends.
 /// Events without text pass as they came.
-pub struct MaskedStream {
-    inner: Box<MeteredStream>,
+pub struct MaskedStream<B = MeteredStream> {
+    inner: Box<B>,
     masker: Arc<Masker>,
     dialect: Dialect,
     /// Bytes of an event not complete yet.
@@ -775,9 +775,9 @@ pub struct MaskedStream {
     route: String,
 }
 
-impl MaskedStream {
+impl<B> MaskedStream<B> {
     pub fn new(
-        inner: Box<MeteredStream>,
+        inner: Box<B>,
         masker: Arc<Masker>,
         dialect: Dialect,
         metrics: Arc<Metrics>,
@@ -1102,14 +1102,17 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-impl Drop for MaskedStream {
+impl<B> Drop for MaskedStream<B> {
     fn drop(&mut self) {
         self.masker
             .record(&self.metrics, &self.route, Direction::Answer, &self.tally);
     }
 }
 
-impl Body for MaskedStream {
+impl<B> Body for MaskedStream<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1407,6 +1410,174 @@ mod tests {
             out += s.push(SAMPLE, &mut tally).len();
         }
         assert!(out > 0 && s.held() <= 2 * m.reach + SAMPLE.len());
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A stream body of the given chunks.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    const SECRET: &str =
+        "write to jane.doe@example.com or call (415) 555-0132, card 4111111111111111. Bye";
+    const MASKED: &str = "write to [EMAIL] or call [PHONE], card [CREDIT_CARD]. Bye";
+
+    /// The events of `events`, sent in chunks of `size` bytes, through a masked stream.
+    async fn run(dialect: Dialect, events: &str, size: usize) -> (String, Metrics) {
+        let masker = Arc::new(super::tests::all_detectors());
+        let chunks = events
+            .as_bytes()
+            .chunks(size)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let metrics = Arc::new(Metrics::new());
+        let s = MaskedStream::new(
+            Box::new(Chunks(chunks)),
+            masker,
+            dialect,
+            metrics.clone(),
+            "default/r".into(),
+        );
+        let out = s.collect().await.unwrap().to_bytes();
+        let metrics = Arc::try_unwrap(metrics).ok().unwrap();
+        (String::from_utf8(out.to_vec()).unwrap(), metrics)
+    }
+
+    fn pieces(text: &str, n: usize) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        chars.chunks(n).map(|c| c.iter().collect()).collect()
+    }
+
+    fn data(out: &str) -> Vec<serde_json::Value> {
+        out.split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn openai_chunks_carry_the_masked_text_and_stay_valid() {
+        let mut events = String::new();
+        for p in pieces(SECRET, 3) {
+            let chunk = serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": null}]});
+            events.push_str(&format!("data: {chunk}\n\n"));
+        }
+        events.push_str("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+        for size in [1, 7, 4096] {
+            let (out, metrics) = run(Dialect::OpenAiChat, &events, size).await;
+            let text: String = data(&out)
+                .iter()
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect();
+            assert_eq!(text, MASKED, "chunks of {size}");
+            assert!(out.ends_with("data: [DONE]\n\n"));
+            for c in data(&out) {
+                assert_eq!(c["object"], "chat.completion.chunk");
+            }
+            drop(metrics);
+        }
+        // The stream ended without a finish or [DONE]: the rest is still sent, masked.
+        let cut: String = events.split("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},").next().unwrap().into();
+        let (out, _) = run(Dialect::OpenAiChat, &cut, 5).await;
+        let text: String = data(&out)
+            .iter()
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, MASKED);
+    }
+
+    #[tokio::test]
+    async fn anthropic_text_deltas_are_masked_per_block() {
+        let mut events = String::from(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"content\":[]}}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        );
+        for p in pieces(SECRET, 3) {
+            let d = serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}});
+            events.push_str(&format!("event: content_block_delta\ndata: {d}\n\n"));
+        }
+        events.push_str("event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        let (out, metrics) = run(Dialect::Anthropic, &events, 11).await;
+        let evs = data(&out);
+        let text: String = evs
+            .iter()
+            .filter(|e| e["type"] == "content_block_delta")
+            .filter_map(|e| e["delta"]["text"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(text, MASKED);
+        let stop = evs
+            .iter()
+            .position(|e| e["type"] == "content_block_stop")
+            .unwrap();
+        assert!(
+            evs[stop + 1..]
+                .iter()
+                .all(|e| e["type"] != "content_block_delta")
+        );
+        assert!(out.contains("event: content_block_delta\ndata: "));
+        let text = metrics.encode_prometheus();
+        assert!(
+            text.contains(r#"modelgate_masking_total{route="default/r",rule="email",action="redact",direction="answer"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn responses_deltas_and_final_texts_are_masked_alike() {
+        let mut events = String::new();
+        for p in pieces(SECRET, 4) {
+            let d = serde_json::json!({"type": "response.output_text.delta", "item_id": "i", "output_index": 0, "content_index": 0, "delta": p});
+            events.push_str(&format!("event: response.output_text.delta\ndata: {d}\n\n"));
+        }
+        let done = serde_json::json!({"type": "response.output_text.done", "item_id": "i", "output_index": 0, "content_index": 0, "text": SECRET});
+        let completed = serde_json::json!({"type": "response.completed", "response": {"output": [{"type": "message", "content": [{"type": "output_text", "text": SECRET}]}]}});
+        events.push_str(&format!("event: response.output_text.done\ndata: {done}\n\nevent: response.completed\ndata: {completed}\n\n"));
+        let (out, metrics) = run(Dialect::OpenAiResponses, &events, 9).await;
+        let evs = data(&out);
+        let text: String = evs
+            .iter()
+            .filter(|e| e["type"] == "response.output_text.delta")
+            .filter_map(|e| e["delta"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(text, MASKED);
+        let done = evs
+            .iter()
+            .find(|e| e["type"] == "response.output_text.done")
+            .unwrap();
+        assert_eq!(done["text"], MASKED);
+        let completed = evs
+            .iter()
+            .find(|e| e["type"] == "response.completed")
+            .unwrap();
+        assert_eq!(
+            completed["response"]["output"][0]["content"][0]["text"],
+            MASKED
+        );
+        assert!(!out.contains("jane.doe"));
+        drop(metrics);
     }
 }
 

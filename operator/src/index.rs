@@ -1075,6 +1075,58 @@ mod tests {
     }
 
     #[test]
+    fn masking_rules_reach_the_wire_and_bad_ones_are_named_with_their_path() {
+        use modelgate_crds::{Masking, MaskingAction, MaskingDetector, MaskingRule};
+        let mut idx = Index::default();
+        let rule = |name: &str, detector, pattern: Option<&str>, action| MaskingRule {
+            name: name.into(),
+            detector,
+            pattern: pattern.map(Into::into),
+            action,
+            keep_last: None,
+            replacement: None,
+        };
+        let masked = |rules: Vec<MaskingRule>| {
+            let mut r = route(
+                "a",
+                "chat",
+                "gpt",
+                vec![backend("m", Provider::Mock, None)],
+                0,
+            );
+            r.spec.masking = Some(Masking {
+                rules,
+                answers: Some(true),
+            });
+            r
+        };
+        idx.apply_route(masked(vec![
+            rule(
+                "cards",
+                Some(MaskingDetector::CreditCard),
+                None,
+                Some(MaskingAction::Block),
+            ),
+            rule("mail", Some(MaskingDetector::Email), None, None),
+        ]));
+        let c = idx.compile(&Context::default());
+        let m = c.spec.routes[0].masking.as_ref().unwrap();
+        assert!(m.answers);
+        assert_eq!(m.rules[0].detector.as_deref(), Some("credit-card"));
+        assert_eq!(m.rules[0].action, modelgate_wire::MaskAction::Block);
+        assert_eq!(m.rules[1].action, modelgate_wire::MaskAction::Redact);
+
+        idx.apply_route(masked(vec![rule("bad", None, Some("(open"), None)]));
+        let v = &idx.compile(&Context::default()).verdicts[&ObjKey::route("a", "chat")];
+        assert_eq!(v.reason, "Invalid");
+        assert!(
+            v.message
+                .contains("masking.rules[0] (bad).pattern: is not a valid regular expression"),
+            "{}",
+            v.message
+        );
+    }
+    #[test]
     fn cloud_backends_are_checked_before_any_proxy_sees_them() {
         use modelgate_crds::{BedrockAuth as CrdBedrockAuth, BedrockSettings, VertexSettings};
         let mut idx = Index {
