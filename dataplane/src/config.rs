@@ -596,6 +596,8 @@ fn summarize(spec: &SnapshotSpec) -> String {
         backends: Vec<BackendView<'a>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         shadow: Option<ShadowView<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        masking: Option<&'a modelgate_wire::MaskingSpec>,
     }
     #[derive(Serialize)]
     struct ShadowView<'a> {
@@ -649,6 +651,7 @@ fn summarize(spec: &SnapshotSpec) -> String {
                 backend: backend(&s.backend),
                 percent: s.percent,
             }),
+            masking: r.masking.as_ref(),
         })
         .collect();
     serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into())

@@ -245,6 +245,12 @@ async fn a_block_is_a_400_naming_the_rule_before_any_upstream_call_or_limit() {
     );
 
     assert_eq!(up.hits("guarded"), 0, "no upstream call");
+    // `/config` shows the rules.
+    let config = get(&p.admin_url("/config"), None).await.text();
+    assert!(
+        config.contains(r#"{"action":"block","detector":"credit-card","name":"no-cards"}"#),
+        "{config}"
+    );
     // The tight key's 2 requests a minute are all still there.
     let clean =
         json!({"model": "guarded", "messages": [{"role": "user", "content": "mail a@b.io"}]});
