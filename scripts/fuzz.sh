@@ -15,7 +15,7 @@ ALL_TARGETS="request sse snapshot admission messages_request
   translate_request_openai_anthropic translate_request_anthropic_openai
   translate_stream_anthropic_openai translate_stream_openai_anthropic translate_error
   translate_request_responses translate_stream_bedrock translate_stream_gemini
-  translate_stream_responses cloud_credentials cache_entry redis_reply"
+  translate_stream_responses cloud_credentials cache_entry redis_reply mask"
 TARGETS=${MODELGATE_FUZZ_TARGETS:-$ALL_TARGETS}
 DIR=${MODELGATE_FUZZ_DIR:-${TMPDIR:-/tmp}/modelgate-fuzz}
 CARGO_FUZZ_VERSION=0.13.2

@@ -103,6 +103,13 @@ pub struct ModelRouteSpec {
     /// `Cache-Control: no-cache` skips the lookup, `no-store` the storing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<Cache>,
+    /// Data masking: rules applied to every prompt text before it leaves the gateway (and
+    /// to answers, streamed ones included, with `answers: true`). A rule finds text with a
+    /// built-in `detector` or a custom `pattern` and redacts it (`[EMAIL]`), masks it (keeps
+    /// the last characters) or blocks the request with a 400 naming the rule. Matches count
+    /// in `modelgate_masking_total`; the matched text is never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masking: Option<Masking>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -128,6 +135,88 @@ pub struct Cache {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1))]
     pub hit_cost_fraction: Option<f64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Masking {
+    /// The rules, in order: where two rules match overlapping text, the first one wins.
+    #[schemars(length(min = 1, max = 64))]
+    pub rules: Vec<MaskingRule>,
+    /// Also mask answers (streamed answers across chunk boundaries); a `block` rule
+    /// redacts in an answer [default: false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaskingRule {
+    /// Names the rule in metrics and in a block's error message; unique in the route.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// A built-in detector (exactly one of `detector` and `pattern`). Card numbers must pass
+    /// the Luhn check, IBANs their mod-97 check, SSNs the SSA's ranges, IPv4 octets 0-255.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<MaskingDetector>,
+    /// A custom regular expression in Rust `regex` syntax (at most 4096 bytes, compiled
+    /// within 1 MiB, never matching empty text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub pattern: Option<String>,
+    /// What happens to a match [default: redact].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<MaskingAction>,
+    /// `mask`: how many of the last characters stay visible [default: 4].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16))]
+    pub keep_last: Option<i32>,
+    /// `redact`: the text put in place of a match [default: the detector upper-cased in
+    /// brackets, `[EMAIL]`, `[CREDIT_CARD]`; for a pattern, the rule's name].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub replacement: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskingDetector {
+    Email,
+    Phone,
+    CreditCard,
+    Iban,
+    Ssn,
+    Ipv4,
+    Ipv6,
+    /// Provider and cloud API keys by their prefixes (`sk-`, `AKIA`, `ghp_`, `xoxb-`, `AIza`).
+    ApiKey,
+}
+
+impl MaskingDetector {
+    /// The name the snapshot uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Phone => "phone",
+            Self::CreditCard => "credit-card",
+            Self::Iban => "iban",
+            Self::Ssn => "ssn",
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+            Self::ApiKey => "api-key",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskingAction {
+    /// Replace the match with `replacement`.
+    Redact,
+    /// Replace every character but the last `keepLast` with `*`.
+    Mask,
+    /// Refuse the request with a 400 naming the rule, before any upstream call.
+    Block,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -779,18 +779,21 @@ impl Fill {
 }
 
 /// A streamed answer of a miss: passed on untouched, its bytes kept for the entry.
-pub struct Recording {
-    inner: Box<MeteredStream>,
+pub struct Recording<B = MeteredStream> {
+    inner: Box<B>,
     fill: Fill,
 }
 
-impl Recording {
-    pub fn new(inner: Box<MeteredStream>, fill: Fill) -> Self {
+impl<B> Recording<B> {
+    pub fn new(inner: Box<B>, fill: Fill) -> Self {
         Self { inner, fill }
     }
 }
 
-impl Body for Recording {
+impl<B> Body for Recording<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 

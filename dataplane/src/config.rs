@@ -280,6 +280,16 @@ pub fn compile(
                 state: registry.shadow_state(&route_id),
             })
         });
+        let masking = r
+            .masking
+            .as_ref()
+            .and_then(|m| match crate::mask::Masker::new(m) {
+                Ok(masker) => Some(Arc::new(masker)),
+                Err(e) => {
+                    p.push(&format!("{path}.masking"), e);
+                    None
+                }
+            });
         routes.push(Arc::new(Route {
             id: route_id,
             namespace: r.namespace.clone(),
@@ -307,6 +317,7 @@ pub fn compile(
                 .cache
                 .as_ref()
                 .map(|c| Arc::new(crate::cache::Policy::of(c))),
+            masking,
             tiers,
         }));
     }
@@ -617,6 +628,8 @@ fn summarize(spec: &SnapshotSpec) -> String {
         backends: Vec<BackendView<'a>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         shadow: Option<ShadowView<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        masking: Option<&'a modelgate_wire::MaskingSpec>,
     }
     #[derive(Serialize)]
     struct ShadowView<'a> {
@@ -670,6 +683,7 @@ fn summarize(spec: &SnapshotSpec) -> String {
                 backend: backend(&s.backend),
                 percent: s.percent,
             }),
+            masking: r.masking.as_ref(),
         })
         .collect();
     serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into())

@@ -59,6 +59,11 @@ pub enum ProxyError {
         cost: f64,
         detail: String,
     },
+    /// A `block` masking rule of the route matched the prompt; named, never the text.
+    #[error(
+        "the prompt was refused by masking rule {0:?} of this model's route; remove what the rule protects and send it again"
+    )]
+    MaskingBlocked(String),
     #[error("this API key's budget is used up across the gateway")]
     BudgetExhausted,
     #[error("the gateway has no configuration yet")]
@@ -108,6 +113,7 @@ impl ProxyError {
             },
             Self::BudgetExhausted => "budget_exceeded",
             Self::AboveSpendGuard { .. } => "max_cost_per_request_exceeded",
+            Self::MaskingBlocked(_) => "masking_blocked",
             Self::NotReady => "not_ready",
             Self::Internal(_) => "internal_error",
             Self::UpstreamConnect(_) => "upstream_unavailable",
@@ -137,7 +143,8 @@ impl ProxyError {
             Self::BadRequest(_)
             | Self::InvalidParam { .. }
             | Self::MethodNotAllowed(_)
-            | Self::AboveSpendGuard { .. } => "invalid_request_error",
+            | Self::AboveSpendGuard { .. }
+            | Self::MaskingBlocked(_) => "invalid_request_error",
             Self::UnknownPath(_) | Self::UnknownModel(_) => "not_found_error",
             Self::PayloadTooLarge(_) => "request_too_large",
             Self::MissingKey | Self::InvalidKey => "authentication_error",
@@ -173,9 +180,10 @@ impl ProxyError {
     /// Status, OpenAI error type and `Retry-After` of each variant.
     fn parts(&self) -> (StatusCode, &'static str, Option<HeaderValue>) {
         match self {
-            Self::BadRequest(_) | Self::InvalidParam { .. } | Self::AboveSpendGuard { .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
-            }
+            Self::BadRequest(_)
+            | Self::InvalidParam { .. }
+            | Self::AboveSpendGuard { .. }
+            | Self::MaskingBlocked(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
             Self::UnknownPath(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),
             Self::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,

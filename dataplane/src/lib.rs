@@ -23,6 +23,7 @@ pub mod control;
 pub mod egress;
 pub mod error;
 pub mod keys;
+pub mod mask;
 pub mod meter;
 pub mod metrics;
 pub mod providers;

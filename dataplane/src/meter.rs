@@ -611,6 +611,7 @@ mod tests {
             max_cost_per_request: None,
             shadow: None,
             cache: None,
+            masking: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![Arc::new(backend)],

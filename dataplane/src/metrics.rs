@@ -316,6 +316,17 @@ pub struct Metrics {
     pub trace_spans_failed: Counter,
     /// The response cache's series (`cache.rs`).
     pub cache: crate::cache::CacheMetrics,
+    /// Masking rules' matches by route, rule, action and direction (labels from the
+    /// snapshot only; the matched text is never a label).
+    pub masking: Family<MaskingLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MaskingLabels {
+    pub route: String,
+    pub rule: String,
+    pub action: &'static str,
+    pub direction: &'static str,
 }
 
 pub use modelgate_wire::openmetrics_to_prometheus;
@@ -486,6 +497,12 @@ impl Metrics {
             "Unix time of the last config load attempt",
             last_reload_timestamp.clone(),
         );
+        let masking = Family::<MaskingLabels, Counter>::default();
+        registry.register(
+            "masking",
+            "Text found by a route's masking rules, by route, rule, action (redact, mask, block) and direction (prompt, answer)",
+            masking.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped_lines",
@@ -538,6 +555,7 @@ impl Metrics {
             access_log_dropped,
             trace_spans_exported,
             trace_spans_failed,
+            masking,
             anonymous: Arc::new(KeySeries::new(families.clone(), "".into())),
             families,
             keys: Index::default(),

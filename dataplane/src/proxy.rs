@@ -195,6 +195,10 @@ pub async fn handle(
                 .route
                 .as_ref()
                 .map_or((None, None), |r| (r.stream_idle_timeout, r.stream_timeout));
+            let masking = meter
+                .route
+                .as_ref()
+                .and_then(|r| Some((r.masking.clone().filter(|m| m.answers)?, r.id.clone())));
             let azure = meter
                 .backend
                 .as_ref()
@@ -215,12 +219,35 @@ pub async fn handle(
                 Stage::Translate(t) => body.translating(t),
                 Stage::Watch(w) => body.watching(w),
             };
-            *resp.body_mut() = match fill {
-                Some(fill) if resp.status() == StatusCode::OK => {
+            let masked = |body: MeteredStream| match masking {
+                Some((masker, route)) => Ok(crate::mask::MaskedStream::new(
+                    Box::new(body),
+                    masker,
+                    dialect,
+                    gw.metrics.clone(),
+                    route,
+                )),
+                None => Err(body),
+            };
+            // The cache keeps what the client gets: the masked text.
+            *resp.body_mut() = match (fill, resp.status() == StatusCode::OK) {
+                (Some(fill), true) => {
                     fill.head(resp.headers(), true);
-                    ProxyBody::Recorded(Box::new(cache::Recording::new(Box::new(body), fill)))
+                    match masked(body) {
+                        Ok(m) => ProxyBody::MaskedRecorded(Box::new(cache::Recording::new(
+                            Box::new(m),
+                            fill,
+                        ))),
+                        Err(body) => ProxyBody::Recorded(Box::new(cache::Recording::new(
+                            Box::new(body),
+                            fill,
+                        ))),
+                    }
                 }
-                _ => ProxyBody::Stream(Box::new(body)),
+                _ => match masked(body) {
+                    Ok(m) => ProxyBody::Masked(Box::new(m)),
+                    Err(body) => ProxyBody::Stream(Box::new(body)),
+                },
             };
             return resp;
         }
@@ -373,9 +400,6 @@ async fn serve(
     meter.model = Some(api.model.chars().take(256).collect());
     meter.stream = api.stream;
     meter.prompt_estimate = api.prompt_tokens_estimate();
-    if let Some(span) = meter.span.as_deref_mut() {
-        span.input(api.body());
-    }
 
     // authorize and resolve the route
     let route = snapshot
@@ -388,7 +412,21 @@ async fn serve(
     }
     meter.route = Some(route.clone());
 
-    // the response cache: after the key's namespace and route are known, before limits
+    // mask the prompt: before anything is charged and before any upstream call
+    let masked: Bytes;
+    let (body, api) = match mask_prompt(gw, &route, endpoint, &body)? {
+        Some(b) => {
+            masked = b;
+            (&masked, ApiRequest::parse(endpoint, &masked)?)
+        }
+        None => (&body, api),
+    };
+    if let Some(span) = meter.span.as_deref_mut() {
+        span.input(api.body());
+    }
+
+    // the response cache: after the key's namespace and route are known and the prompt is
+    // masked (the key is the masked request's), before limits
     if let Some(policy) = route.cache.clone()
         && endpoint != Endpoint::CountTokens
     {
@@ -494,7 +532,22 @@ async fn serve(
                 stage,
             });
         }
-        Answer::Whole(parts, bytes) => (parts, bytes),
+        // A whole answer the client gets whole: its text masked here (one it gets as a
+        // stream is masked on the way, in `handle`).
+        Answer::Whole(parts, bytes) => match route.masking.as_ref().filter(|m| m.answers) {
+            Some(m) if parts.status.is_success() && !api.stream => {
+                let mut tally = crate::mask::Tally::default();
+                let masked = m.mask_answer_body(&bytes, &mut tally);
+                m.record(
+                    &gw.metrics,
+                    &route.id,
+                    crate::mask::Direction::Answer,
+                    &tally,
+                );
+                (parts, masked.unwrap_or(bytes))
+            }
+            _ => (parts, bytes),
+        },
         Answer::Oversized(parts) => {
             return Err(ProxyError::UpstreamProtocol(format!(
                 "the upstream's answer ({}) is larger than {MAX_UPSTREAM_BODY} bytes",
@@ -919,6 +972,31 @@ fn cache_hit(
     Ok(Reply::Full(resp))
 }
 
+/// The request body with the route's masking rules applied to its prompt text (`None`:
+/// no rules, or nothing matched), or the refusal of a `block` rule.
+fn mask_prompt(
+    gw: &Gateway,
+    route: &Route,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<Option<Bytes>, ProxyError> {
+    use crate::mask::{Direction, Tally};
+    let Some(masker) = &route.masking else {
+        return Ok(None);
+    };
+    let mut tally = Tally::default();
+    match masker.mask_request(endpoint, body, &mut tally) {
+        Ok(masked) => {
+            masker.record(&gw.metrics, &route.id, Direction::Prompt, &tally);
+            Ok(masked)
+        }
+        Err(blocked) => {
+            masker.record_block(&gw.metrics, &route.id, &blocked);
+            Err(ProxyError::MaskingBlocked(blocked.rule))
+        }
+    }
+}
+
 fn reject(metrics: &Metrics, key: &Key, limit: &'static str) {
     metrics.key(&key.id).rejected(limit).inc();
 }
@@ -1262,6 +1340,7 @@ mod forward_tests {
             max_cost_per_request: None,
             shadow: None,
             cache: None,
+            masking: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends: vec![backend],
@@ -1403,6 +1482,7 @@ mod forward_tests {
             max_cost_per_request: None,
             shadow: None,
             cache: None,
+            masking: None,
             tiers: backends
                 .into_iter()
                 .enumerate()

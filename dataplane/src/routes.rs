@@ -486,6 +486,8 @@ pub struct Route {
     /// The route's response cache (`cache`): None, off.
     pub cache: Option<Arc<crate::cache::Policy>>,
     pub shadow: Option<crate::shadow::Shadow>,
+    /// Data masking rules for prompts (and answers, when the route asks).
+    pub masking: Option<Arc<crate::mask::Masker>>,
     pub tiers: Vec<Tier>,
 }
 
@@ -670,6 +672,7 @@ mod tests {
             max_cost_per_request: None,
             shadow: None,
             cache: None,
+            masking: None,
             tiers: vec![Tier {
                 priority: 0,
                 backends,

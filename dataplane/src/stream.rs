@@ -144,6 +144,10 @@ pub enum ProxyBody {
     Stream(Box<MeteredStream>),
     /// A stream whose bytes are kept for the response cache as they pass.
     Recorded(Box<crate::cache::Recording>),
+    /// A stream whose answer text a route's masking rules rewrite on the way.
+    Masked(Box<crate::mask::MaskedStream>),
+    /// Both: the masked text is what the cache keeps, as the client got it.
+    MaskedRecorded(Box<crate::cache::Recording<crate::mask::MaskedStream>>),
 }
 
 impl ProxyBody {
@@ -164,13 +168,17 @@ impl Body for ProxyBody {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Stream(s) => Pin::new(s.as_mut()).poll_frame(cx),
             Self::Recorded(s) => Pin::new(s.as_mut()).poll_frame(cx),
+            Self::Masked(s) => Pin::new(s.as_mut()).poll_frame(cx),
+            Self::MaskedRecorded(s) => Pin::new(s.as_mut()).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(b) => b.is_none(),
-            Self::Stream(_) | Self::Recorded(_) => false,
+            Self::Stream(_) | Self::Recorded(_) | Self::Masked(_) | Self::MaskedRecorded(_) => {
+                false
+            }
         }
     }
 
@@ -178,7 +186,9 @@ impl Body for ProxyBody {
         match self {
             Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
-            Self::Stream(_) | Self::Recorded(_) => SizeHint::default(),
+            Self::Stream(_) | Self::Recorded(_) | Self::Masked(_) | Self::MaskedRecorded(_) => {
+                SizeHint::default()
+            }
         }
     }
 }

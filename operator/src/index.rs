@@ -485,6 +485,31 @@ impl Index {
                 cache_sampled: c.cache_sampled.unwrap_or(false),
                 hit_cost_fraction: c.hit_cost_fraction.unwrap_or(0.0),
             }),
+            masking: s.masking.as_ref().map(|m| modelgate_wire::MaskingSpec {
+                rules: m
+                    .rules
+                    .iter()
+                    .map(|r| modelgate_wire::MaskRuleSpec {
+                        name: r.name.clone(),
+                        detector: r.detector.map(|d| d.as_str().to_owned()),
+                        pattern: r.pattern.clone(),
+                        action: match r.action {
+                            None | Some(modelgate_crds::MaskingAction::Redact) => {
+                                modelgate_wire::MaskAction::Redact
+                            }
+                            Some(modelgate_crds::MaskingAction::Mask) => {
+                                modelgate_wire::MaskAction::Mask
+                            }
+                            Some(modelgate_crds::MaskingAction::Block) => {
+                                modelgate_wire::MaskAction::Block
+                            }
+                        },
+                        keep_last: r.keep_last.map(|n| n.clamp(0, i32::MAX) as u32),
+                        replacement: r.replacement.clone(),
+                    })
+                    .collect(),
+                answers: m.answers.unwrap_or(false),
+            }),
             backends,
         })
     }
@@ -757,6 +782,7 @@ mod tests {
                 max_cost_per_request: None,
                 shadow: None,
                 cache: None,
+                masking: None,
             },
         );
         r.metadata.namespace = Some(ns.into());
@@ -1088,6 +1114,58 @@ mod tests {
         assert_eq!(c.spec.keys[0].max_cost_per_request, Some(0.05));
     }
 
+    #[test]
+    fn masking_rules_reach_the_wire_and_bad_ones_are_named_with_their_path() {
+        use modelgate_crds::{Masking, MaskingAction, MaskingDetector, MaskingRule};
+        let mut idx = Index::default();
+        let rule = |name: &str, detector, pattern: Option<&str>, action| MaskingRule {
+            name: name.into(),
+            detector,
+            pattern: pattern.map(Into::into),
+            action,
+            keep_last: None,
+            replacement: None,
+        };
+        let masked = |rules: Vec<MaskingRule>| {
+            let mut r = route(
+                "a",
+                "chat",
+                "gpt",
+                vec![backend("m", Provider::Mock, None)],
+                0,
+            );
+            r.spec.masking = Some(Masking {
+                rules,
+                answers: Some(true),
+            });
+            r
+        };
+        idx.apply_route(masked(vec![
+            rule(
+                "cards",
+                Some(MaskingDetector::CreditCard),
+                None,
+                Some(MaskingAction::Block),
+            ),
+            rule("mail", Some(MaskingDetector::Email), None, None),
+        ]));
+        let c = idx.compile(&Context::default());
+        let m = c.spec.routes[0].masking.as_ref().unwrap();
+        assert!(m.answers);
+        assert_eq!(m.rules[0].detector.as_deref(), Some("credit-card"));
+        assert_eq!(m.rules[0].action, modelgate_wire::MaskAction::Block);
+        assert_eq!(m.rules[1].action, modelgate_wire::MaskAction::Redact);
+
+        idx.apply_route(masked(vec![rule("bad", None, Some("(open"), None)]));
+        let v = &idx.compile(&Context::default()).verdicts[&ObjKey::route("a", "chat")];
+        assert_eq!(v.reason, "Invalid");
+        assert!(
+            v.message
+                .contains("masking.rules[0] (bad).pattern: is not a valid regular expression"),
+            "{}",
+            v.message
+        );
+    }
     #[test]
     fn cloud_backends_are_checked_before_any_proxy_sees_them() {
         use modelgate_crds::{BedrockAuth as CrdBedrockAuth, BedrockSettings, VertexSettings};

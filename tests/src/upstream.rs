@@ -26,6 +26,7 @@
 //! | `json_stream=1` | answer a stream request with the whole JSON answer (`application/json`) |
 //! | `text=1` | answer every request 200 with a `text/plain` body |
 //! | `silent=1` | send a 200's headers (event stream or JSON), then nothing: the body never comes |
+//! | `echo=N` | chat and completions: the answer's text is the body's `echo` field (a string), else the last message's (or the prompt's) text, streamed in deltas of N characters |
 //! | `code=CODE` | with `status`: the error body's `code` (`insufficient_quota`, `context_length_exceeded`; for `/v1/messages` the latter is Anthropic's "prompt is too long" message) |
 //!
 //! `POST /v1/messages` answers as Anthropic's Messages API does (docs.anthropic.com, and the
@@ -134,6 +135,7 @@ struct Knobs {
     filter: bool,
     code: Option<String>,
     blocked: bool,
+    echo: u64,
 }
 
 impl Default for Knobs {
@@ -163,6 +165,7 @@ impl Default for Knobs {
             filter: false,
             code: None,
             blocked: false,
+            echo: 0,
         }
     }
 }
@@ -203,6 +206,7 @@ fn parse_path(path: &str) -> (Knobs, &str) {
             "filter" => k.filter = v == "1",
             "code" => k.code = Some(v.to_owned()),
             "blocked" => k.blocked = v == "1",
+            "echo" => k.echo = num(),
             _ => {}
         }
     }
@@ -504,8 +508,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
         "/v1/chat/completions" | "/v1/completions" => {
             let chat = api == "/v1/chat/completions";
             let stream = parsed["stream"].as_bool().unwrap_or(false);
+            let echoed = (knobs.echo > 0).then(|| {
+                let said = if parsed["echo"].is_string() {
+                    &parsed["echo"]
+                } else if chat {
+                    &parsed["messages"]
+                        .as_array()
+                        .and_then(|m| m.last())
+                        .unwrap_or(&serde_json::Value::Null)["content"]
+                } else {
+                    &parsed["prompt"]
+                };
+                said.as_str().unwrap_or("").to_owned()
+            });
             if !stream || knobs.json_stream {
-                let text = vec!["tok"; knobs.chunks as usize].join(" ");
+                let text = echoed
+                    .clone()
+                    .unwrap_or_else(|| vec!["tok"; knobs.chunks as usize].join(" "));
                 let finish = if azure.is_some() && knobs.blocked {
                     "content_filter"
                 } else {
@@ -585,11 +604,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ChunkBody
             if chat {
                 chunks.push(event(base(serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))));
             }
-            for i in 0..knobs.chunks {
+            let pieces: Vec<String> = match &echoed {
+                Some(text) => {
+                    let chars: Vec<char> = text.chars().collect();
+                    chars
+                        .chunks(knobs.echo as usize)
+                        .map(|c| c.iter().collect())
+                        .collect()
+                }
+                None => (0..knobs.chunks).map(|i| format!("tok{i} ")).collect(),
+            };
+            for (i, piece) in pieces.into_iter().enumerate() {
                 let c = if chat {
-                    serde_json::json!([{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}])
+                    serde_json::json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}])
                 } else {
-                    serde_json::json!([{"index": 0, "text": format!("tok{i} "), "finish_reason": null}])
+                    serde_json::json!([{"index": 0, "text": piece, "finish_reason": null}])
                 };
                 chunks.push(event(base(c)));
                 if azure.is_some() && i == 0 && chat {

@@ -267,6 +267,9 @@ fn check_route(p: &mut Problems, path: &str, r: &RouteSpec, source: Source) {
     if let Some(c) = &r.cache {
         check_cache(p, &format!("{path}.cache"), c);
     }
+    if let Some(m) = &r.masking {
+        check_masking(p, &format!("{path}.masking"), m);
+    }
 }
 
 fn check_cache(p: &mut Problems, cpath: &str, c: &crate::CacheSpec) {
@@ -285,6 +288,117 @@ fn check_cache(p: &mut Problems, cpath: &str, c: &crate::CacheSpec) {
             &format!("{cpath}.hitCostFraction"),
             "must be a number from 0 to 1",
         );
+    }
+}
+
+/// A custom masking pattern compiled the way the proxy runs it: bounded in size, and never
+/// matching empty text (a rule that could would "find" something between every character).
+pub fn compile_mask_pattern(pattern: &str) -> Result<regex::Regex, String> {
+    if pattern.len() > crate::MAX_MASK_PATTERN {
+        return Err(format!("is longer than {} bytes", crate::MAX_MASK_PATTERN));
+    }
+    let hir = regex_syntax::Parser::new().parse(pattern).map_err(|e| {
+        format!(
+            "is not a valid regular expression: {}",
+            one_line(&e.to_string())
+        )
+    })?;
+    if hir.properties().minimum_len().is_none_or(|n| n == 0) {
+        return Err("can match empty text; make it match at least one character".into());
+    }
+    regex::RegexBuilder::new(pattern)
+        .size_limit(crate::MASK_PATTERN_SIZE_LIMIT)
+        .dfa_size_limit(crate::MASK_PATTERN_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("does not compile: {}", one_line(&e.to_string())))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn check_masking(p: &mut Problems, mpath: &str, m: &crate::MaskingSpec) {
+    use crate::MaskAction;
+    if m.rules.is_empty() {
+        p.push(&format!("{mpath}.rules"), "needs at least one rule");
+    }
+    if m.rules.len() > crate::MAX_MASK_RULES {
+        p.push(
+            &format!("{mpath}.rules"),
+            format_args!("at most {} rules", crate::MAX_MASK_RULES),
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, rule) in m.rules.iter().enumerate() {
+        let rpath = format!("{mpath}.rules[{i}] ({})", rule.name);
+        if !valid_name(&rule.name) {
+            p.push(
+                &rpath,
+                "name must be non-empty and use only letters, digits, '-', '.', '_'",
+            );
+        }
+        if !names.insert(&rule.name) {
+            p.push(&rpath, "duplicate rule name in this route");
+        }
+        match (&rule.detector, &rule.pattern) {
+            (Some(_), Some(_)) | (None, None) => {
+                p.push(&rpath, "needs exactly one of detector and pattern");
+            }
+            (Some(d), None) => {
+                if !crate::MASK_DETECTORS.contains(&d.as_str()) {
+                    p.push(
+                        &format!("{rpath}.detector"),
+                        format_args!(
+                            "unknown detector {:?}; one of {}",
+                            d.chars().take(64).collect::<String>(),
+                            crate::MASK_DETECTORS.join(", ")
+                        ),
+                    );
+                }
+            }
+            (None, Some(pat)) => {
+                if let Err(e) = compile_mask_pattern(pat) {
+                    p.push(&format!("{rpath}.pattern"), e);
+                }
+            }
+        }
+        match rule.action {
+            MaskAction::Unknown => p.push(
+                &format!("{rpath}.action"),
+                "an action not known to this proxy version; one of redact, mask, block",
+            ),
+            MaskAction::Mask => {}
+            MaskAction::Redact | MaskAction::Block => {
+                if rule.keep_last.is_some() {
+                    p.push(
+                        &format!("{rpath}.keepLast"),
+                        "applies to the mask action only",
+                    );
+                }
+            }
+        }
+        if let Some(n) = rule.keep_last
+            && n > crate::MAX_MASK_KEEP_LAST
+        {
+            p.push(
+                &format!("{rpath}.keepLast"),
+                format_args!("must be from 0 to {}", crate::MAX_MASK_KEEP_LAST),
+            );
+        }
+        if let Some(r) = &rule.replacement {
+            if rule.action != MaskAction::Redact {
+                p.push(
+                    &format!("{rpath}.replacement"),
+                    "applies to the redact action only",
+                );
+            }
+            if r.len() > crate::MAX_MASK_REPLACEMENT {
+                p.push(
+                    &format!("{rpath}.replacement"),
+                    format_args!("at most {} bytes", crate::MAX_MASK_REPLACEMENT),
+                );
+            }
+        }
     }
 }
 
@@ -897,6 +1011,66 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         serde_json::from_value(serde_json::json!({"routes": [r]})).unwrap()
+    }
+
+    #[test]
+    fn masking_rules_are_checked_each_with_its_path() {
+        let masking = |m: serde_json::Value| problems(&route(serde_json::json!({"masking": m})));
+        let ok = route(serde_json::json!({"masking": {"answers": true, "rules": [
+            {"name": "cards", "detector": "credit-card", "action": "block"},
+            {"name": "mail", "detector": "email"},
+            {"name": "tail", "detector": "phone", "action": "mask", "keepLast": 2},
+            {"name": "ticket", "pattern": "TICKET-[0-9]{4}", "replacement": "[T]"}]}}));
+        assert_eq!(problems(&ok), "");
+        let m = ok.routes[0].masking.as_ref().unwrap();
+        assert!(m.answers);
+        assert_eq!(m.rules[1].action, crate::MaskAction::Redact, "the default");
+        let at = "routes[0] (r).masking.rules";
+        for (rules, want) in [
+            (
+                serde_json::json!([{"name": "x", "detector": "passport"}]),
+                format!("{at}[0] (x).detector: unknown detector \"passport\""),
+            ),
+            (
+                serde_json::json!([{"name": "x", "pattern": "(unclosed"}]),
+                format!("{at}[0] (x).pattern: is not a valid regular expression"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "pattern": "a*"}]),
+                format!("{at}[0] (x).pattern: can match empty text"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "pattern": "\\w{1000}\\w{1000}\\w{1000}"}]),
+                format!("{at}[0] (x).pattern: does not compile"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "detector": "email"}, {"name": "x", "detector": "ssn"}]),
+                format!("{at}[1] (x): duplicate rule name in this route"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "detector": "email", "action": "mask", "keepLast": 17}]),
+                format!("{at}[0] (x).keepLast: must be from 0 to 16"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "detector": "email", "keepLast": 2}]),
+                format!("{at}[0] (x).keepLast: applies to the mask action only"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "detector": "email", "pattern": "a"}]),
+                format!("{at}[0] (x): needs exactly one of detector and pattern"),
+            ),
+            (
+                serde_json::json!([{"name": "x", "detector": "email", "action": "shred"}]),
+                format!("{at}[0] (x).action: an action not known"),
+            ),
+            (
+                serde_json::json!([]),
+                format!("{at}: needs at least one rule"),
+            ),
+        ] {
+            let got = masking(serde_json::json!({"rules": rules}));
+            assert!(got.contains(&want), "{got}\n  wanted: {want}");
+        }
     }
 
     #[test]

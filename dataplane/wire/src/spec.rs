@@ -100,6 +100,10 @@ pub struct RouteSpec {
     /// Exact-match response cache of this route's answers (opt-in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
+    /// Data masking: rules applied to prompts before they leave the gateway (and to
+    /// answers when `answers` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masking: Option<MaskingSpec>,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -133,6 +137,82 @@ pub const DEFAULT_CACHE_TTL: &str = "5m";
 pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: u64 = 1 << 20;
 /// The largest bound a route may name.
 pub const MAX_CACHE_ENTRY_BYTES: u64 = 64 << 20;
+
+/// A route's data masking policy: `rules` in order (the first rule wins where two match
+/// overlapping text), applied to every prompt text and, with `answers`, to the answer text.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MaskingSpec {
+    #[serde(default)]
+    pub rules: Vec<MaskRuleSpec>,
+    /// Also mask answers, streamed ones included [default: false].
+    #[serde(default)]
+    pub answers: bool,
+}
+
+/// One masking rule: what it finds (a built-in `detector` or a custom `pattern`, exactly
+/// one) and what happens to it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MaskRuleSpec {
+    /// Names the rule in metrics and in a block's error message.
+    pub name: String,
+    /// A built-in detector, one of [`MASK_DETECTORS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<String>,
+    /// A custom regular expression (Rust `regex` syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub action: MaskAction,
+    /// `mask`: how many of the last characters stay visible [default: 4].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// `redact`: the text put in place of a match [default: `[DETECTOR]`, or `[RULE-NAME]`
+    /// for a pattern, upper-cased].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement: Option<String>,
+}
+
+/// What a masking rule does with what it found.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskAction {
+    /// Replace the match with the rule's replacement.
+    #[default]
+    Redact,
+    /// Replace every character but the last `keepLast` with `*`.
+    Mask,
+    /// Refuse the request with a 400 naming the rule (prompts); answers are redacted.
+    Block,
+    /// From a newer operator; refused by `check`.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The built-in detectors a masking rule may name.
+pub const MASK_DETECTORS: &[&str] = &[
+    "email",
+    "phone",
+    "credit-card",
+    "iban",
+    "ssn",
+    "ipv4",
+    "ipv6",
+    "api-key",
+];
+/// The most rules one route may have.
+pub const MAX_MASK_RULES: usize = 64;
+/// The longest custom pattern, in bytes.
+pub const MAX_MASK_PATTERN: usize = 4096;
+/// The most memory one compiled custom pattern may take.
+pub const MASK_PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// The most characters a `mask` rule may leave visible.
+pub const MAX_MASK_KEEP_LAST: u32 = 16;
+/// What `keepLast` is when a `mask` rule does not say.
+pub const DEFAULT_MASK_KEEP_LAST: u32 = 4;
+/// The longest replacement text.
+pub const MAX_MASK_REPLACEMENT: usize = 256;
 
 /// Mirroring of a route's requests to a candidate backend (a new model version). The client
 /// only ever gets the primary's answer; the shadow's is read for its latency, outcome and

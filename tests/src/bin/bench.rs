@@ -2531,6 +2531,7 @@ mod scale {
                 max_cost_per_request: None,
                 shadow: None,
                 cache: None,
+                masking: None,
                 backends: vec![BackendSpec {
                     name: "up".into(),
                     provider: ProviderKind::OpenaiCompatible,
@@ -2638,6 +2639,7 @@ mod scale {
                     max_cost_per_request: None,
                     shadow: None,
                     cache: None,
+                    masking: None,
                 },
             );
             r.metadata.namespace = Some(format!("team-{}", i % 100));

@@ -1,0 +1,430 @@
+//! Data masking end to end: a real proxy on 127.0.0.1 in front of the recording mock
+//! upstream. Prompts reach the upstream with every detector's find redacted (and near misses
+//! untouched), in the OpenAI and the Anthropic dialect; `mask` keeps the last characters; a
+//! `block` rule answers 400 naming the rule before any upstream call or limit, and the
+//! matched text is in no log line and no metric; answers are masked whole and streamed, a
+//! secret split across stream chunks included, as the OpenAI SDK reads them.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use modelgate_tests::harness::*;
+use modelgate_tests::upstream::MockUpstream;
+use serde_json::json;
+
+const KEY: &str = "sk-test-masking";
+/// A key with 2 requests a minute: blocked requests must not use them up.
+const TIGHT: &str = "sk-test-masking-tight";
+
+const CARD: &str = "4111 1111 1111 1111";
+
+fn config(up: &MockUpstream) -> String {
+    format!(
+        r#"
+routes:
+  - name: all
+    model: all
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{all}"}}
+    masking:
+      answers: true
+      rules:
+        - {{name: mail, detector: email}}
+        - {{name: phone, detector: phone}}
+        - {{name: card, detector: credit-card}}
+        - {{name: iban, detector: iban}}
+        - {{name: ssn, detector: ssn}}
+        - {{name: ipv4, detector: ipv4}}
+        - {{name: ipv6, detector: ipv6}}
+        - {{name: keys, detector: api-key}}
+        - {{name: ticket, pattern: "TICKET-[0-9]{{4}}"}}
+  - name: tail
+    model: tail
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{tail}"}}
+    masking:
+      rules:
+        - {{name: card-tail, detector: credit-card, action: mask, keepLast: 4}}
+  - name: guarded
+    model: guarded
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{guarded}"}}
+    masking:
+      rules:
+        - {{name: no-cards, detector: credit-card, action: block}}
+        - {{name: mail, detector: email}}
+keys:
+  - {{name: k, sha256: {key}}}
+  - {{name: tight, sha256: {tight}, limits: {{requestsPerMinute: 2}}}}
+"#,
+        all = up.url("id=all;echo=3"),
+        tail = up.url("id=tail"),
+        guarded = up.url("id=guarded"),
+        key = sha256_hex(KEY),
+        tight = sha256_hex(TIGHT),
+    )
+}
+
+fn last_body(up: &MockUpstream, id: &str) -> serde_json::Value {
+    up.counters(id).last_body.lock().unwrap().clone().unwrap()
+}
+
+fn promtool_check(text: &str) {
+    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {promtool} ({e}): run `make test-deps`"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Each detector's find, and what the upstream must see instead.
+const FINDS: &[(&str, &str)] = &[
+    ("jane.doe@example.com", "[EMAIL]"),
+    ("(415) 555-0132", "[PHONE]"),
+    (CARD, "[CREDIT_CARD]"),
+    ("GB82 WEST 1234 5698 7654 32", "[IBAN]"),
+    ("123-45-6789", "[SSN]"),
+    ("10.20.30.40", "[IPV4]"),
+    ("2001:db8:85a3::8a2e:370:7334", "[IPV6]"),
+    ("sk-proj-ABCDEFGHIJKLMNOPQRSTUVWX12", "[API_KEY]"),
+    ("TICKET-4821", "[TICKET]"),
+];
+
+/// Near misses no rule may touch: a 16-digit number failing Luhn, a bad IBAN checksum, an
+/// SSN in a never-issued area, an octet above 255, a version number, a time of day.
+const NEAR: &str = "order 4111111111111112, GB82 WEST 1234 5698 7654 33, 666-45-6789, 300.1.2.3, v1.2.3.4.5, 12:30:45, TICKET-12";
+
+fn prompt() -> (String, String) {
+    let mut said = String::from("Please help.");
+    let mut seen = said.clone();
+    for (find, instead) in FINDS {
+        said.push_str(&format!(" {find};"));
+        seen.push_str(&format!(" {instead};"));
+    }
+    said.push_str(&format!(" {NEAR}"));
+    seen.push_str(&format!(" {NEAR}"));
+    (said, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_detector_is_redacted_before_the_prompt_leaves_and_near_misses_pass() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let (said, seen) = prompt();
+
+    // OpenAI chat: a string content and text parts; other fields as the client sent them.
+    let body = json!({"model": "all", "user": "jane.doe@example.com", "temperature": 0.5,
+        "messages": [
+            {"role": "system", "content": said},
+            {"role": "user", "content": [{"type": "text", "text": said}]}]});
+    let r = post(&p.url("/v1/chat/completions"), Some(KEY), &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let got = last_body(&up, "all");
+    assert_eq!(got["messages"][0]["content"], seen.as_str());
+    assert_eq!(got["messages"][1]["content"][0]["text"], seen.as_str());
+    assert_eq!(got["user"], "jane.doe@example.com", "not prompt text");
+    assert_eq!(got["temperature"], 0.5);
+
+    // Anthropic Messages to an OpenAI-shaped backend: masked, then translated.
+    let body = json!({"model": "all", "max_tokens": 64, "system": said,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": said}]}]});
+    let mut req = request(
+        http::Method::POST,
+        &p.url("/v1/messages"),
+        Some(KEY),
+        serde_json::to_vec(&body).unwrap(),
+    );
+    req.headers_mut()
+        .insert("anthropic-version", "2023-06-01".parse().unwrap());
+    let r = send(req).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let got = last_body(&up, "all").to_string();
+    assert!(got.contains(&seen), "{got}");
+    for (find, _) in FINDS {
+        assert!(!got.contains(find), "{find} reached the upstream: {got}");
+    }
+
+    // Counted per rule and action, prompts apart from answers.
+    let m = p.metrics().await;
+    let count = |rule: &str, direction: &str| {
+        metric(
+            &m,
+            "modelgate_masking_total",
+            &[
+                ("route", "default/all"),
+                ("rule", rule),
+                ("action", "redact"),
+                ("direction", direction),
+            ],
+        )
+    };
+    // Two texts in each of two requests.
+    assert_eq!(count("mail", "prompt"), 4.0, "{m}");
+    assert_eq!(count("ticket", "prompt"), 4.0);
+    assert_eq!(count("card", "prompt"), 4.0);
+    for (find, _) in FINDS {
+        assert!(!m.contains(find));
+    }
+    promtool_check(&m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mask_keeps_the_last_characters() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let body = json!({"model": "tail", "messages": [{"role": "user", "content": format!("pay with {CARD} now")}]});
+    let r = post(&p.url("/v1/chat/completions"), Some(KEY), &body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        last_body(&up, "tail")["messages"][0]["content"],
+        "pay with ***************1111 now"
+    );
+    assert_eq!(
+        p.metric(
+            "modelgate_masking_total",
+            &[("rule", "card-tail"), ("action", "mask")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_is_a_400_naming_the_rule_before_any_upstream_call_or_limit() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let secret = "5500 0000 0000 0004";
+    let body = json!({"model": "guarded", "messages": [{"role": "user", "content": format!("mail a@b.io, card {secret}")}]});
+    for _ in 0..3 {
+        let r = post(&p.url("/v1/chat/completions"), Some(TIGHT), &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert_eq!(r.error_code(), "masking_blocked");
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains("no-cards"), "{msg}");
+        assert!(!r.text().contains(secret) && !r.text().contains("5500"));
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    // Anthropic clients get Anthropic's error shape.
+    let mut req = request(
+        http::Method::POST,
+        &p.url("/v1/messages"),
+        Some(KEY),
+        serde_json::to_vec(&json!({"model": "guarded", "max_tokens": 8,
+            "messages": [{"role": "user", "content": format!("card {secret}")}]}))
+        .unwrap(),
+    );
+    req.headers_mut()
+        .insert("anthropic-version", "2023-06-01".parse().unwrap());
+    let r = send(req).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["type"], "error", "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-cards")
+    );
+
+    assert_eq!(up.hits("guarded"), 0, "no upstream call");
+    // `/config` shows the rules.
+    let config = get(&p.admin_url("/config"), None).await.text();
+    assert!(
+        config.contains(r#"{"action":"block","detector":"credit-card","name":"no-cards"}"#),
+        "{config}"
+    );
+    // The tight key's 2 requests a minute are all still there.
+    let clean =
+        json!({"model": "guarded", "messages": [{"role": "user", "content": "mail a@b.io"}]});
+    for _ in 0..2 {
+        let r = post(&p.url("/v1/chat/completions"), Some(TIGHT), &clean).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    assert_eq!(
+        last_body(&up, "guarded")["messages"][0]["content"],
+        "mail [EMAIL]"
+    );
+
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_masking_total",
+            &[
+                ("route", "default/guarded"),
+                ("rule", "no-cards"),
+                ("action", "block"),
+                ("direction", "prompt")
+            ]
+        ),
+        4.0
+    );
+    // The matched text is in no metric and no log line.
+    assert!(!m.contains("5500"));
+    eventually(
+        Duration::from_secs(10),
+        "the access log has the blocked requests",
+        || async { p.log_text().contains("masking_blocked") },
+    )
+    .await;
+    let log = p.log_text();
+    assert!(!log.contains(secret) && !log.contains("5500"), "{log}");
+    assert!(!log.contains("a@b.io"));
+}
+
+/// The OpenAI SDK streams an answer whose secrets arrive 3 characters per chunk.
+const SDK_STREAM: &str = r#"
+import json, os, openai
+c = openai.OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"], max_retries=0, timeout=30)
+text, chunks = "", 0
+for chunk in c.chat.completions.create(model="all", stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Say it"}],
+        extra_body={"echo": os.environ["ECHO"]}):
+    if chunk.choices:
+        chunks += 1
+        text += chunk.choices[0].delta.content or ""
+whole = c.chat.completions.create(model="all", messages=[{"role": "user", "content": "Say it"}],
+        extra_body={"echo": os.environ["ECHO"]})
+print(json.dumps({"text": text, "chunks": chunks, "whole": whole.choices[0].message.content}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_secret_split_across_stream_chunks_is_masked_for_the_openai_sdk() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&config(&up));
+    let echo =
+        "Sure: write to jane.doe@example.com, card 4111111111111111, ticket TICKET-0042. Bye";
+    let base = p.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args(["-c", SDK_STREAM])
+            .env("BASE", base)
+            .env("KEY", KEY)
+            .env("ECHO", echo)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let want = "Sure: write to [EMAIL], card [CREDIT_CARD], ticket [TICKET]. Bye";
+    assert_eq!(got["text"], want, "{got}");
+    assert_eq!(got["whole"], want, "{got}");
+    assert!(got["chunks"].as_u64().unwrap() > 3, "{got}");
+    let m = p.metrics().await;
+    for rule in ["mail", "card", "ticket"] {
+        assert_eq!(
+            metric(
+                &m,
+                "modelgate_masking_total",
+                &[
+                    ("rule", rule),
+                    ("direction", "answer"),
+                    ("action", "redact")
+                ]
+            ),
+            2.0,
+            "{rule}: {m}"
+        );
+    }
+    assert!(!m.contains("jane.doe"));
+    promtool_check(&m);
+}
+
+/// examples/policies.yaml as it is (the harness puts its listeners on free ports): a card
+/// number is blocked, an e-mail address redacted; with its mock backend swapped for the
+/// recording upstream, the upstream sees `[EMAIL]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policies_example_blocks_cards_and_redacts_emails() {
+    let yaml = std::fs::read_to_string(repo_root().join("examples/policies.yaml")).unwrap();
+    let p = Proxy::start(&yaml);
+    let ask =
+        |text: &str| json!({"model": "mock-gpt", "messages": [{"role": "user", "content": text}]});
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &ask("my card is 4111 1111 1111 1111"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(r.error_code(), "masking_blocked");
+    assert!(r.text().contains("no-card-numbers"));
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &ask("write to jane@example.com"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_masking_total",
+            &[("rule", "emails"), ("action", "redact")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "modelgate_masking_total",
+            &[("rule", "no-card-numbers"), ("action", "block")]
+        ),
+        1.0
+    );
+
+    let up = MockUpstream::start();
+    let mock = "        provider: mock\n";
+    assert!(yaml.contains(mock));
+    let recorded = yaml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("mock:"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replacen(
+            mock,
+            &format!(
+                "        provider: openai-compatible\n        url: \"{}\"\n",
+                up.url("id=example")
+            ),
+            1,
+        );
+    let p = Proxy::start(&recorded);
+    let r = post(
+        &p.url("/v1/chat/completions"),
+        Some(DEMO_KEY),
+        &ask("write to jane@example.com"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        last_body(&up, "example")["messages"][0]["content"],
+        "write to [EMAIL]"
+    );
+}
