@@ -594,3 +594,82 @@ async fn the_readmes_cache_queries_answer_in_prometheus() {
     let v: f64 = ratio[0]["value"][1].as_str().unwrap().parse().unwrap();
     assert!((v - 0.75).abs() < 1e-9, "{ratio:?}");
 }
+
+/// Masking runs before the cache: the key is the masked request's (two prompts that differ
+/// only in a redacted e-mail address share an entry, as the upstream saw the same text), a
+/// `block` rule refuses before any lookup, and what is kept and replayed is the masked answer
+/// the client got, whole and streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masked_route_caches_the_masked_request_and_answer() {
+    let up = MockUpstream::start();
+    let p = Proxy::start(&format!(
+        r#"
+routes:
+  - name: masked
+    model: masked
+    cache: {{ttl: 10m}}
+    masking:
+      answers: true
+      rules:
+        - {{name: no-cards, detector: credit-card, action: block}}
+        - {{name: emails, detector: email}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{url}"}}
+keys:
+  - {{name: a, sha256: {a}}}
+"#,
+        url = up.url("id=masked;echo=4"),
+        a = sha256_hex(A),
+    ));
+    let ask_about = |email: &str, stream: bool| {
+        let mut q = body("masked", &format!("Mail {email} the summary"));
+        q["echo"] = json!("Reply to bob@example.org now");
+        q["stream"] = json!(stream);
+        q
+    };
+
+    let miss = ask(&p, A, &ask_about("jane@example.com", false), None).await;
+    assert_eq!(miss.status, StatusCode::OK, "{}", miss.text());
+    assert_eq!(cache(&miss), "miss");
+    let sent = up
+        .counters("masked")
+        .last_body
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(sent["messages"][0]["content"], "Mail [EMAIL] the summary");
+    assert_eq!(
+        miss.json()["choices"][0]["message"]["content"],
+        "Reply to [EMAIL] now"
+    );
+
+    let hit = ask(&p, A, &ask_about("jane@example.com", false), None).await;
+    assert_eq!(cache(&hit), "hit");
+    assert_eq!(hit.text(), miss.text(), "the masked answer, replayed");
+    let other = ask(&p, A, &ask_about("kim@example.net", false), None).await;
+    assert_eq!(cache(&other), "hit", "the same masked request");
+    assert_eq!(up.hits("masked"), 1);
+
+    let mut card = body("masked", "Charge 4111 1111 1111 1111 please");
+    card["echo"] = json!("ok");
+    let blocked = ask(&p, A, &card, None).await;
+    assert_eq!(blocked.status, StatusCode::BAD_REQUEST);
+    assert_eq!(blocked.error_code(), "masking_blocked");
+    assert_eq!(up.hits("masked"), 1);
+
+    let streamed = ask(&p, A, &ask_about("jane@example.com", true), None).await;
+    assert_eq!(streamed.status, StatusCode::OK);
+    assert_eq!(cache(&streamed), "miss", "a stream is an entry of its own");
+    assert!(streamed.text().contains("[EMAIL]"), "{}", streamed.text());
+    assert!(!streamed.text().contains("bob@"), "{}", streamed.text());
+    assert_eq!(up.hits("masked"), 2);
+    let replayed = ask(&p, A, &ask_about("kim@example.net", true), None).await;
+    assert_eq!(cache(&replayed), "hit");
+    assert_eq!(
+        replayed.text(),
+        streamed.text(),
+        "the masked stream, replayed"
+    );
+    assert_eq!(up.hits("masked"), 2);
+}
