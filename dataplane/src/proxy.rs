@@ -219,35 +219,32 @@ pub async fn handle(
                 Stage::Translate(t) => body.translating(t),
                 Stage::Watch(w) => body.watching(w),
             };
-            let masked = |body: MeteredStream| match masking {
-                Some((masker, route)) => Ok(crate::mask::MaskedStream::new(
-                    Box::new(body),
-                    masker,
-                    dialect,
-                    gw.metrics.clone(),
-                    route,
-                )),
-                None => Err(body),
-            };
             // The cache keeps what the client gets: the masked text.
-            *resp.body_mut() = match (fill, resp.status() == StatusCode::OK) {
-                (Some(fill), true) => {
-                    fill.head(resp.headers(), true);
-                    match masked(body) {
-                        Ok(m) => ProxyBody::MaskedRecorded(Box::new(cache::Recording::new(
-                            Box::new(m),
+            let fill = fill.filter(|_| resp.status() == StatusCode::OK);
+            if let Some(fill) = &fill {
+                fill.head(resp.headers(), true);
+            }
+            *resp.body_mut() = match (masking, fill) {
+                (Some((masker, route)), fill) => {
+                    let masked = crate::mask::MaskedStream::new(
+                        Box::new(body),
+                        masker,
+                        dialect,
+                        gw.metrics.clone(),
+                        route,
+                    );
+                    match fill {
+                        Some(fill) => ProxyBody::MaskedRecorded(Box::new(cache::Recording::new(
+                            Box::new(masked),
                             fill,
                         ))),
-                        Err(body) => ProxyBody::Recorded(Box::new(cache::Recording::new(
-                            Box::new(body),
-                            fill,
-                        ))),
+                        None => ProxyBody::Masked(Box::new(masked)),
                     }
                 }
-                _ => match masked(body) {
-                    Ok(m) => ProxyBody::Masked(Box::new(m)),
-                    Err(body) => ProxyBody::Stream(Box::new(body)),
-                },
+                (None, Some(fill)) => {
+                    ProxyBody::Recorded(Box::new(cache::Recording::new(Box::new(body), fill)))
+                }
+                (None, None) => ProxyBody::Stream(Box::new(body)),
             };
             return resp;
         }
@@ -432,7 +429,7 @@ async fn serve(
     {
         let series = policy.series(&gw.metrics.cache, &route.id);
         let outcome =
-            match consult_cache(gw, &policy, &route, &key, &api, &body, &parts.headers).await {
+            match consult_cache(gw, &policy, &route, &key, &api, body, &parts.headers).await {
                 Consulted::Hit(entry) => return cache_hit(gw, &policy, series, &key, entry, meter),
                 Consulted::Miss(fill) => {
                     meter.cache_fill = fill;
