@@ -673,3 +673,43 @@ keys:
     );
     assert_eq!(up.hits("masked"), 2);
 }
+
+/// examples/policies.yaml as it is (the harness puts its listeners on free ports): the
+/// second identical question is a hit, the first was mirrored to the shadow candidate, and
+/// a request over the spend guard is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policies_example_caches_and_mirrors_to_its_shadow() {
+    const DEMO_KEY: &str = "sk-modelgate-demo";
+    let yaml = std::fs::read_to_string(repo_root().join("examples/policies.yaml")).unwrap();
+    let p = Proxy::start(&yaml);
+    let q = json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "Say hello"}]});
+    let first = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &q).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(cache(&first), "miss");
+    let again = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &q).await;
+    assert_eq!(cache(&again), "hit");
+    assert_eq!(again.text(), first.text());
+    eventually(
+        Duration::from_secs(20),
+        "the shadow call recorded",
+        || async {
+            p.metric(
+                "modelgate_backend_requests_total",
+                &[
+                    ("backend", "mock-next"),
+                    ("shadow", "true"),
+                    ("outcome", "ok"),
+                ],
+            )
+            .await
+                == 1.0
+        },
+    )
+    .await;
+    let big = json!({"model": "mock-gpt", "max_tokens": 100_000,
+        "messages": [{"role": "user", "content": "Write a book"}]});
+    let r = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &big).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(r.error_code(), "max_cost_per_request_exceeded");
+    assert!(r.text().contains("maxCostPerRequest"), "{}", r.text());
+}
