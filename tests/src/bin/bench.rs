@@ -1557,9 +1557,9 @@ events {{ worker_connections 4096; }}
             );
         }
         let verdict = if headroom >= HEADROOM {
-            "counts"
+            "count"
         } else {
-            "INVALID (the load generator and upstream had no headroom)"
+            "do not count (the load generator and upstream had no headroom)"
         };
         println!(
             "\nGoing direct is {headroom:.2}× the fastest proxy ({fastest}): the ratios {verdict}."
