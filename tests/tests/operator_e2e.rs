@@ -679,3 +679,85 @@ async fn a_stopping_leader_hands_the_lease_over_at_once() {
     })
     .await;
 }
+
+/// A ModelRoute's `cache` and `masking` through the real apiserver: the CRD's schema takes
+/// them, the operator compiles them, and both proxies enforce them (a card number blocked,
+/// e-mail addresses redacted, so two prompts that differ only in the address share one cache
+/// entry). A pattern that does not compile is refused with a condition naming its path, and
+/// the good route keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_cache_and_masking_reach_both_proxies_and_a_bad_pattern_is_named() {
+    let _serial = serial().await;
+    let ns = Namespace::new("e2e-policies");
+    let (_op, p1, p2) = operator_and_two_proxies(&ns.0);
+    apply_examples(&ns.0);
+    // team-a may use "gpt-4o-*".
+    let route = r#"
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: faq}
+spec:
+  model: gpt-4o-faq
+  cache: {ttl: 10m}
+  masking:
+    rules:
+      - {name: no-cards, detector: credit-card, action: block}
+      - {name: emails, detector: email}
+  backends:
+    - {name: m, provider: mock, mock: {latency: 1ms, outputTokens: 8}}
+"#;
+    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(route));
+    wait_programmed(&ns.0, "modelroute/faq", 2).await;
+    let key = team_a_key(&ns.0);
+    let ask = |text: &str| json!({"model": "gpt-4o-faq", "messages": [{"role": "user", "content": text}]});
+    for p in [&p1, &p2] {
+        let url = p.url("/v1/chat/completions");
+        let first = post(&url, Some(&key), &ask("Mail ann@example.com the list")).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+        assert_eq!(first.header("x-modelgate-cache"), Some("miss"));
+        let again = post(&url, Some(&key), &ask("Mail bob@example.com the list")).await;
+        assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+        assert_eq!(
+            again.header("x-modelgate-cache"),
+            Some("hit"),
+            "the masked request's entry"
+        );
+        let card = post(&url, Some(&key), &ask("card 4111 1111 1111 1111")).await;
+        assert_eq!(card.status, StatusCode::BAD_REQUEST, "{}", card.text());
+        assert_eq!(card.error_code(), "masking_blocked");
+        assert!(!card.text().contains("4111"), "{}", card.text());
+    }
+
+    let bad = r#"
+apiVersion: modelgate.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: faq-bad}
+spec:
+  model: gpt-4o-faq-bad
+  masking:
+    rules:
+      - {name: broken, pattern: "(unclosed"}
+  backends: [{name: m, provider: mock}]
+"#;
+    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(bad));
+    eventually(Duration::from_secs(20), "bad pattern refused", || async {
+        condition(&ns.0, "modelroute/faq-bad", "Accepted") == "False"
+    })
+    .await;
+    let message = jsonpath(
+        &ns.0,
+        "modelroute/faq-bad",
+        "{.status.conditions[?(@.type==\"Accepted\")].message}",
+    );
+    assert!(
+        message.contains("masking.rules[0] (broken).pattern"),
+        "{message}"
+    );
+    let r = post(
+        &p1.url("/v1/chat/completions"),
+        Some(&key),
+        &ask("Mail ann@example.com the list"),
+    )
+    .await;
+    assert_eq!(r.header("x-modelgate-cache"), Some("hit"));
+}
