@@ -26,6 +26,55 @@ pub fn sha256_hex(raw: &str) -> String {
         .collect()
 }
 
+/// Runs a Python `script` (the test venv's, with the official SDKs) with `envs`, asserts
+/// that it succeeded (else panics with its output) and reads each line it printed as JSON.
+pub fn python_json_lines(script: &str, envs: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    let out = Command::new(python())
+        .args(["-c", script])
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Prometheus's own `promtool check metrics` on a `/metrics` text (MODELGATE_PROMTOOL, else
+/// `promtool` on PATH, installed by `make test-deps`); panics with its findings and the text.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {promtool} ({e}): run `make test-deps` (Debian package prometheus)")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The venv `make test-deps` creates (with the openai SDK and pytest), or MODELGATE_PYTHON.
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("MODELGATE_PYTHON") {

@@ -206,26 +206,11 @@ async fn a_cached_stream_is_replayed_as_a_stream_to_the_openai_sdk() {
     let up = MockUpstream::start();
     let p = Proxy::start(&config(&up, "{}"));
     let base = p.url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .args(["-c", SDK_STREAM])
-            .env("BASE", base)
-            .env("KEY", A)
-            .output()
-            .expect("run python")
+    let got = tokio::task::spawn_blocking(move || {
+        python_json_lines(SDK_STREAM, &[("BASE", &base), ("KEY", A)])
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0]["cache"], "miss", "{}", got[0]);
     assert_eq!(got[1]["cache"], "hit", "{}", got[1]);
@@ -679,14 +664,13 @@ keys:
 /// a request over the spend guard is refused naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_policies_example_caches_and_mirrors_to_its_shadow() {
-    const DEMO_KEY: &str = "sk-modelgate-demo";
     let yaml = std::fs::read_to_string(repo_root().join("examples/policies.yaml")).unwrap();
     let p = Proxy::start(&yaml);
     let q = json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "Say hello"}]});
-    let first = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &q).await;
+    let first = ask(&p, DEMO_KEY, &q, None).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text());
     assert_eq!(cache(&first), "miss");
-    let again = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &q).await;
+    let again = ask(&p, DEMO_KEY, &q, None).await;
     assert_eq!(cache(&again), "hit");
     assert_eq!(again.text(), first.text());
     eventually(
@@ -708,7 +692,7 @@ async fn the_policies_example_caches_and_mirrors_to_its_shadow() {
     .await;
     let big = json!({"model": "mock-gpt", "max_tokens": 100_000,
         "messages": [{"role": "user", "content": "Write a book"}]});
-    let r = post(&p.url("/v1/chat/completions"), Some(DEMO_KEY), &big).await;
+    let r = ask(&p, DEMO_KEY, &big, None).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
     assert_eq!(r.error_code(), "max_cost_per_request_exceeded");
     assert!(r.text().contains("maxCostPerRequest"), "{}", r.text());

@@ -5,8 +5,6 @@
 //! matched text is in no log line and no metric; answers are masked whole and streamed, a
 //! secret split across stream chunks included, as the OpenAI SDK reads them.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -69,30 +67,6 @@ keys:
 
 fn last_body(up: &MockUpstream, id: &str) -> serde_json::Value {
     up.counters(id).last_body.lock().unwrap().clone().unwrap()
-}
-
-fn promtool_check(text: &str) {
-    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {promtool} ({e}): run `make test-deps`"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Each detector's find, and what the upstream must see instead.
@@ -314,24 +288,13 @@ async fn an_answer_secret_split_across_stream_chunks_is_masked_for_the_openai_sd
     let echo =
         "Sure: write to jane.doe@example.com, card 4111111111111111, ticket TICKET-0042. Bye";
     let base = p.url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .args(["-c", SDK_STREAM])
-            .env("BASE", base)
-            .env("KEY", KEY)
-            .env("ECHO", echo)
-            .output()
-            .expect("run python")
+    let lines = tokio::task::spawn_blocking(move || {
+        python_json_lines(SDK_STREAM, &[("BASE", &base), ("KEY", KEY), ("ECHO", echo)])
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let got = &lines[0];
     let want = "Sure: write to [EMAIL], card [CREDIT_CARD], ticket [TICKET]. Bye";
     assert_eq!(got["text"], want, "{got}");
     assert_eq!(got["whole"], want, "{got}");

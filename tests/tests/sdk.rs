@@ -1,8 +1,7 @@
 //! Real clients and tools against the real proxy: the official OpenAI Python SDK, and
 //! Prometheus's `promtool` on the `/metrics` text.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use http::StatusCode;
 use modelgate_tests::harness::*;
@@ -270,29 +269,7 @@ async fn metrics_pass_promtool() {
     ] {
         assert!(text.contains(family), "{family} missing:\n{text}");
     }
-    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {promtool} ({e}): run `make test-deps` (Debian package prometheus)")
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&text);
 
     // OpenMetrics for scrapers that ask for it.
     let mut req = request(

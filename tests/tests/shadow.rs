@@ -3,8 +3,6 @@
 //! are recorded beside the primary's (`modelgate_backend_*`, `shadow="true"`), and a
 //! candidate that hangs or fails never delays, fails or limits the primary's requests.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -46,22 +44,7 @@ for call in json.loads(os.environ["CALLS"]):
 "#;
 
 fn sdk_calls(base: &str, calls: &serde_json::Value) -> Vec<serde_json::Value> {
-    let out = Command::new(python())
-        .args(["-c", SDK_CALLS])
-        .env("BASE", base)
-        .env("CALLS", calls.to_string())
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    python_json_lines(SDK_CALLS, &[("BASE", base), ("CALLS", &calls.to_string())])
 }
 
 async fn calls(p: &Proxy, calls: serde_json::Value) -> Vec<serde_json::Value> {
@@ -69,30 +52,6 @@ async fn calls(p: &Proxy, calls: serde_json::Value) -> Vec<serde_json::Value> {
     tokio::task::spawn_blocking(move || sdk_calls(&base, &calls))
         .await
         .unwrap()
-}
-
-fn promtool_check(text: &str) {
-    let promtool = std::env::var("MODELGATE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {promtool} ({e}): run `make test-deps`"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn recorded_config(up: &MockUpstream) -> String {

@@ -4,7 +4,6 @@
 //! in metrics and the access log by key, route and backend. The client is the official
 //! OpenAI Python SDK (and Anthropic's, for its error shape).
 
-use std::process::Command;
 use std::time::Duration;
 
 use modelgate_tests::harness::*;
@@ -91,28 +90,19 @@ async fn spend_guards_refuse_up_front_and_name_the_guard() {
     let up = MockUpstream::start();
     let p = Proxy::start(&config(&up));
     let base = p.url("");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .args(["-c", SCRIPT])
-            .env("BASE", base.trim_end_matches('/'))
-            .env("KEY", DEMO_KEY)
-            .env("CAPPED", CAPPED)
-            .output()
-            .expect("run python")
+    let cases = tokio::task::spawn_blocking(move || {
+        python_json_lines(
+            SCRIPT,
+            &[
+                ("BASE", base.trim_end_matches('/')),
+                ("KEY", DEMO_KEY),
+                ("CAPPED", CAPPED),
+            ],
+        )
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cases: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(cases.len(), 10, "{stdout}");
+    assert_eq!(cases.len(), 10, "{cases:?}");
     let status = |i: usize| cases[i]["status"].as_u64().unwrap();
     let message = |i: usize| cases[i]["message"].as_str().unwrap_or_default().to_owned();
 

@@ -2,7 +2,6 @@
 //! otlp_receiver.py`, the official `opentelemetry-proto` package) from the real proxy, with the
 //! official OpenAI Python SDK as the client and the mock OpenAI upstream behind it.
 
-use std::process::Command;
 use std::time::Duration;
 
 use modelgate_tests::harness::*;
@@ -52,20 +51,13 @@ for ch in s:
         usage = ch.usage
 print(json.dumps({"text": text, "prompt": usage.prompt_tokens, "completion": usage.completion_tokens}))
 "#;
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", script])
-        .env("BASE", base)
-        .env("KEY", DEMO_KEY);
+    let mut envs = vec![("BASE", base), ("KEY", DEMO_KEY)];
     if let Some(tp) = traceparent {
-        cmd.env("TP", tp);
+        envs.push(("TP", tp));
     }
-    let out = cmd.output().expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+    let mut lines = python_json_lines(script, &envs);
+    assert_eq!(lines.len(), 1, "the script prints one JSON line: {lines:?}");
+    lines.remove(0)
 }
 
 async fn spans(rx: &PyMock) -> Vec<Value> {

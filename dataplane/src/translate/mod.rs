@@ -546,9 +546,27 @@ mod bench {
                 for _ in 0..rounds {
                     f();
                 }
-                start.elapsed().as_nanos() as f64 / rounds.max(1) as f64
+                start.elapsed().as_nanos() as f64 / rounds as f64
             })
             .fold(f64::MAX, f64::min)
+    }
+
+    /// One whole stream from `from` translated for an OpenAI client: `feed` hands it over.
+    fn translated(from: Dialect, feed: &dyn Fn(&mut StreamTranslator, &mut Vec<u8>)) {
+        let mut t = StreamTranslator::new(
+            from,
+            Dialect::OpenAiChat,
+            "bench",
+            1_700_000_000,
+            true,
+            "req-1",
+        );
+        let mut out = Vec::new();
+        feed(&mut t, &mut out);
+        t.finish(&mut out, |e| {
+            black_box(e);
+        });
+        black_box(out);
     }
 
     #[test]
@@ -560,48 +578,23 @@ mod bench {
             .ok()
             .and_then(|r| r.parse().ok())
             .unwrap_or(100_000);
-        let only = std::env::var("MODELGATE_ONLY").unwrap_or_default();
-        let bedrock_rounds = if only == "anthropic" { 0 } else { rounds };
-        let anthropic_rounds = if only == "bedrock" { 0 } else { rounds };
-        let bedrock_ns = best_of_five(bedrock_rounds, &|| {
-            let mut t = StreamTranslator::new(
-                Dialect::Bedrock,
-                Dialect::OpenAiChat,
-                "bench",
-                1_700_000_000,
-                true,
-                "req-1",
-            );
-            let mut out = Vec::new();
-            t.bytes(black_box(&bedrock), &mut out, |e| {
-                black_box(e);
-            })
-            .unwrap();
-            t.finish(&mut out, |e| {
-                black_box(e);
-            });
-            black_box(out);
-        });
-        let anthropic_ns = best_of_five(anthropic_rounds, &|| {
-            let mut t = StreamTranslator::new(
-                Dialect::Anthropic,
-                Dialect::OpenAiChat,
-                "bench",
-                1_700_000_000,
-                true,
-                "req-1",
-            );
-            let mut out = Vec::new();
-            for e in &anthropic {
-                t.event(black_box(e), &mut out, |e| {
+        let bedrock_ns = best_of_five(rounds, &|| {
+            translated(Dialect::Bedrock, &|t, out| {
+                t.bytes(black_box(&bedrock), out, |e| {
                     black_box(e);
                 })
                 .unwrap();
-            }
-            t.finish(&mut out, |e| {
-                black_box(e);
             });
-            black_box(out);
+        });
+        let anthropic_ns = best_of_five(rounds, &|| {
+            translated(Dialect::Anthropic, &|t, out| {
+                for e in &anthropic {
+                    t.event(black_box(e), out, |e| {
+                        black_box(e);
+                    })
+                    .unwrap();
+                }
+            });
         });
         println!(
             "Bedrock → OpenAI stream: {bedrock_ns:.0} ns; Anthropic → OpenAI stream: {anthropic_ns:.0} ns"

@@ -1515,23 +1515,27 @@ events {{ worker_connections 4096; }}
         let pass = Workload::chat("c-pass", small_body("bench"));
         let hit = Workload::chat("c-hit", small_body("bench-cached"));
         let targets = [
-            ("direct (fixed upstream)", pass.direct_url(), None),
+            ("direct (fixed upstream)", pass.direct_url(), None, &pass),
             (
                 "nginx → fixed upstream",
                 pass.nginx_url(NGINX_PORT),
                 Some(&nginx),
+                &pass,
             ),
-            ("modelgate, no cache", pass.modelgate_url(), Some(&mg)),
-            ("modelgate, cache hit", hit.modelgate_url(), Some(&mg)),
+            (
+                "modelgate, no cache",
+                pass.modelgate_url(),
+                Some(&mg),
+                &pass,
+            ),
+            ("modelgate, cache hit", hit.modelgate_url(), Some(&mg), &hit),
         ];
-        for (_, url, _) in &targets {
-            self.wrk_load(url, &pass, self.conns, "1s", None);
+        for (_, url, _, w) in &targets {
+            self.wrk_load(url, w, self.conns, "1s", None);
         }
-        self.warmup(&hit.modelgate_url(), &hit);
         let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
         for _ in 0..self.reps {
-            for (i, (_, url, proc_)) in targets.iter().enumerate() {
-                let w = if i == 3 { &hit } else { &pass };
+            for (i, (_, url, proc_, w)) in targets.iter().enumerate() {
                 runs[i].push(self.throughput(url, w, *proc_));
             }
         }
@@ -1543,7 +1547,7 @@ events {{ worker_connections 4096; }}
         );
         println!("| target | req/s | vs nginx (req/s) | CPU µs/req | errors |");
         println!("|---|---:|---:|---:|---:|");
-        for (i, (label, _, _)) in targets.iter().enumerate() {
+        for (i, (label, ..)) in targets.iter().enumerate() {
             let cpu = if i == 0 {
                 "—".to_owned()
             } else {
