@@ -20,6 +20,7 @@
 //! Entries there are a versioned binary encoding, decoded as hostile input.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,8 +35,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::canonical::Usage;
@@ -824,15 +827,27 @@ pub struct RedisConfig {
     pub addr: String,
     pub db: u32,
     pub timeout: Duration,
+    /// `rediss://`: TLS, the server's certificate checked against `ca_file` (or the Mozilla
+    /// roots) and the URL's host.
+    pub tls: bool,
+    /// A PEM bundle of the CAs that may sign the server's certificate (TLS only).
+    pub ca_file: Option<PathBuf>,
+    /// The ACL user to `AUTH` as (`default` when only a password is given).
+    pub username: Option<String>,
+    /// A file whose content (one trailing newline trimmed) is the password; read at every
+    /// new connection, so a mounted Secret that changes is picked up without a restart.
+    pub password_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
-    /// `redis://host[:port][/db]`; no credentials in the URL (they would end up in logs and
-    /// process listings; run Redis inside the trust boundary instead).
+    /// `redis://host[:port][/db]` or `rediss://…` for TLS; no credentials in the URL (they
+    /// would end up in logs and process listings: the password comes from a file).
     pub fn parse(url: &str, timeout: Duration) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("{url:?} is not a redis://host:port/db URL"))?;
+        let (tls, rest) = match (url.strip_prefix("redis://"), url.strip_prefix("rediss://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(format!("{url:?} is not a redis:// or rediss:// URL")),
+        };
         let (hostport, db) = match rest.split_once('/') {
             Some((h, "")) => (h, 0),
             Some((h, db)) => (
@@ -843,7 +858,7 @@ impl RedisConfig {
             None => (rest, 0),
         };
         if hostport.contains('@') {
-            return Err("credentials in the URL are not supported".into());
+            return Err("credentials in the URL are not supported (use a password file)".into());
         }
         if hostport.is_empty() {
             return Err("the URL names no host".into());
@@ -857,19 +872,137 @@ impl RedisConfig {
         } else {
             format!("{hostport}:6379")
         };
-        Ok(Self { addr, db, timeout })
+        Ok(Self {
+            addr,
+            db,
+            timeout,
+            tls,
+            ca_file: None,
+            username: None,
+            password_file: None,
+        })
+    }
+
+    /// The host the URL names, for the server's certificate (an IPv6 address unbracketed).
+    fn host(&self) -> &str {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(h, _)| h);
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
     }
 }
 
-/// A minimal RESP2 client: GET and SET PX, bounded replies, a short deadline and a circuit.
+/// A minimal RESP2 client: GET and SET PX, bounded replies, a short deadline and a circuit;
+/// TLS and `AUTH` when configured.
 pub struct Redis {
     addr: String,
     db: u32,
     timeout: Duration,
     max_reply: usize,
-    pool: Mutex<Vec<TcpStream>>,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    pool: Mutex<Vec<Conn>>,
     /// Unix ms until which Redis is skipped after a failure.
     open_until: AtomicU64,
+}
+
+/// One connection to Redis, in the clear or in TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    async fn call(&mut self, args: &[&[u8]], max_reply: usize) -> Result<Reply, RedisError> {
+        match self {
+            Conn::Plain(s) => call(s, args, max_reply).await,
+            Conn::Tls(s) => call(s.as_mut(), args, max_reply).await,
+        }
+    }
+}
+
+/// Send one command, read its one reply.
+async fn call<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    args: &[&[u8]],
+    max_reply: usize,
+) -> Result<Reply, RedisError> {
+    conn.write_all(&command(args)).await?;
+    conn.flush().await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some((reply, used)) = parse_reply(&buf, max_reply)? {
+            if used != buf.len() {
+                // More than one reply to one command: out of step, not reused.
+                return Err(RespError::Malformed.into());
+            }
+            return Ok(reply);
+        }
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(RedisError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The TLS client of `rediss://`: the CAs of `ca_file`, or the Mozilla roots without one.
+fn tls_client(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(f) => {
+            let certs = CertificateDer::pem_file_iter(f)
+                .map_err(|e| format!("cannot read the CA bundle {}: {e}", f.display()))?;
+            for c in certs {
+                let c = c.map_err(|e| format!("bad certificate in {}: {e}", f.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("unusable CA certificate in {}: {e}", f.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{} holds no CA certificate", f.display()));
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The password in `file`, one trailing newline trimmed (what `kubectl create secret
+/// --from-file` and `echo` leave).
+fn read_password(file: &Path) -> Result<Vec<u8>, RedisError> {
+    let mut p = std::fs::read(file).map_err(|e| {
+        RedisError::Credentials(format!(
+            "cannot read the password file {}: {}",
+            file.display(),
+            e.kind()
+        ))
+    })?;
+    if p.ends_with(b"\n") {
+        p.pop();
+        if p.ends_with(b"\r") {
+            p.pop();
+        }
+    }
+    if p.is_empty() {
+        return Err(RedisError::Credentials(format!(
+            "the password file {} is empty",
+            file.display()
+        )));
+    }
+    Ok(p)
 }
 
 /// A Redis reply (arrays are never asked for).
@@ -963,22 +1096,56 @@ enum RedisError {
     Refused,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("Redis refused the credentials (AUTH)")]
+    AuthRefused,
+    /// Names the file, never its content.
+    #[error("{0}")]
+    Credentials(String),
 }
 
 impl Redis {
-    /// `max_entry`: the largest entry any route may store; larger replies are refused.
-    pub fn new(config: RedisConfig, max_entry: usize) -> Self {
-        Self {
+    /// `max_entry`: the largest entry any route may store; larger replies are refused. Fails
+    /// on a CA bundle or password file that cannot be read, or a host that cannot be a TLS
+    /// server name, so a proxy with a broken cache setting never starts.
+    pub fn new(config: RedisConfig, max_entry: usize) -> Result<Self, String> {
+        let tls = match config.tls {
+            false => None,
+            true => {
+                let name = rustls_pki_types::ServerName::try_from(config.host().to_owned())
+                    .map_err(|_| {
+                        format!(
+                            "{:?} cannot be checked against a certificate",
+                            config.host()
+                        )
+                    })?;
+                Some((tls_client(config.ca_file.as_deref())?, name))
+            }
+        };
+        if config.ca_file.is_some() && !config.tls {
+            return Err("a CA bundle is given, but the URL is not rediss://".into());
+        }
+        if config.username.is_some() && config.password_file.is_none() {
+            return Err("a username is given without a password file".into());
+        }
+        if let Some(f) = &config.password_file {
+            read_password(f).map_err(|e| e.to_string())?;
+        }
+        Ok(Self {
             addr: config.addr,
             db: config.db,
             timeout: config.timeout,
             max_reply: max_entry + 1024,
+            tls,
+            username: config.username,
+            password_file: config.password_file,
             pool: Mutex::new(Vec::new()),
             open_until: AtomicU64::new(0),
-        }
+        })
     }
 
-    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<TcpStream>> {
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -1026,20 +1193,20 @@ impl Redis {
     async fn exchange(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
         let pooled = self.pool().pop();
         let (conn, reply) = match pooled {
-            Some(mut c) => match Self::call(&mut c, args, self.max_reply).await {
+            Some(mut c) => match c.call(args, self.max_reply).await {
                 Ok(reply) => (c, reply),
                 // A pooled connection Redis closed (a restart, an idle timeout): once more
                 // on a new one (GET and SET may be repeated).
                 Err(RedisError::Io(_) | RedisError::Closed) => {
                     let mut c = self.connect().await?;
-                    let reply = Self::call(&mut c, args, self.max_reply).await?;
+                    let reply = c.call(args, self.max_reply).await?;
                     (c, reply)
                 }
                 Err(e) => return Err(e),
             },
             None => {
                 let mut c = self.connect().await?;
-                let reply = Self::call(&mut c, args, self.max_reply).await?;
+                let reply = c.call(args, self.max_reply).await?;
                 (c, reply)
             }
         };
@@ -1053,42 +1220,38 @@ impl Redis {
         Ok(reply)
     }
 
-    async fn connect(&self) -> Result<TcpStream, RedisError> {
-        let mut conn = TcpStream::connect(&self.addr).await?;
-        let _ = conn.set_nodelay(true);
+    /// A new connection: TCP, then TLS, `AUTH` and `SELECT` as configured.
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let tcp = TcpStream::connect(&self.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let mut conn = match &self.tls {
+            None => Conn::Plain(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| RedisError::Tls(e.to_string()))?;
+                Conn::Tls(Box::new(tls))
+            }
+        };
+        if let Some(file) = &self.password_file {
+            let password = read_password(file)?;
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &self.username {
+                args.push(user.as_bytes());
+            }
+            args.push(&password);
+            if let Reply::Error(_) = conn.call(&args, 1024).await? {
+                return Err(RedisError::AuthRefused);
+            }
+        }
         if self.db != 0 {
             let db = self.db.to_string();
-            if let Reply::Error(_) =
-                Self::call(&mut conn, &[b"SELECT", db.as_bytes()], 1024).await?
-            {
+            if let Reply::Error(_) = conn.call(&[b"SELECT", db.as_bytes()], 1024).await? {
                 return Err(RedisError::Refused);
             }
         }
         Ok(conn)
-    }
-
-    async fn call(
-        conn: &mut TcpStream,
-        args: &[&[u8]],
-        max_reply: usize,
-    ) -> Result<Reply, RedisError> {
-        conn.write_all(&command(args)).await?;
-        let mut buf = Vec::with_capacity(512);
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            if let Some((reply, used)) = parse_reply(&buf, max_reply)? {
-                if used != buf.len() {
-                    // More than one reply to one command: out of step, not reused.
-                    return Err(RespError::Malformed.into());
-                }
-                return Ok(reply);
-            }
-            let n = conn.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(RedisError::Closed);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
     }
 }
 
@@ -1307,15 +1470,82 @@ mod tests {
         let c = RedisConfig::parse("redis://127.0.0.1:6380/2", t).unwrap();
         assert_eq!((c.addr.as_str(), c.db), ("127.0.0.1:6380", 2));
         let c = RedisConfig::parse("redis://redis.cache.svc", t).unwrap();
-        assert_eq!((c.addr.as_str(), c.db), ("redis.cache.svc:6379", 0));
+        assert_eq!(
+            (c.addr.as_str(), c.db, c.tls),
+            ("redis.cache.svc:6379", 0, false)
+        );
+        let c = RedisConfig::parse("rediss://redis.cache.svc:6380/1", t).unwrap();
+        assert_eq!(
+            (c.addr.as_str(), c.db, c.tls),
+            ("redis.cache.svc:6380", 1, true)
+        );
+        assert_eq!(c.host(), "redis.cache.svc");
+        let c = RedisConfig::parse("rediss://[::1]:6380", t).unwrap();
+        assert_eq!((c.addr.as_str(), c.host()), ("[::1]:6380", "::1"));
         for bad in [
             "http://x:1",
             "redis://",
             "redis://u:p@x:1",
+            "rediss://:p@x:1",
             "redis://x:1/zero",
+            "redis:/x:1",
         ] {
             assert!(RedisConfig::parse(bad, t).is_err(), "{bad}");
         }
+    }
+
+    /// What `Redis::new` refuses, so a proxy with a broken cache setting never starts; an
+    /// error about a password file names the file, never what is in it.
+    #[test]
+    fn broken_tls_and_credential_settings_are_refused_at_start() {
+        let dir = std::env::temp_dir().join(format!("mg-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Duration::from_millis(50);
+        let url = |u: &str| RedisConfig::parse(u, t).unwrap();
+        let refused = |c: RedisConfig| Redis::new(c, 1024).err().expect("refused");
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let no_ca = dir.join("no-ca.pem");
+        std::fs::write(&no_ca, "not a certificate\n").unwrap();
+        let missing = dir.join("missing");
+        let e = refused(RedisConfig {
+            password_file: Some(missing.clone()),
+            ..url("redis://x:1")
+        });
+        assert!(e.contains("missing") && e.contains("cannot read"), "{e}");
+        let e = refused(RedisConfig {
+            password_file: Some(empty),
+            ..url("redis://x:1")
+        });
+        assert!(e.contains("is empty"), "{e}");
+        let e = refused(RedisConfig {
+            username: Some("cache".into()),
+            ..url("redis://x:1")
+        });
+        assert!(e.contains("without a password"), "{e}");
+        let e = refused(RedisConfig {
+            ca_file: Some(no_ca.clone()),
+            ..url("redis://x:1")
+        });
+        assert!(e.contains("not rediss://"), "{e}");
+        let e = refused(RedisConfig {
+            ca_file: Some(no_ca),
+            ..url("rediss://x:1")
+        });
+        assert!(e.contains("no CA certificate"), "{e}");
+        let e = refused(RedisConfig {
+            ca_file: Some(missing),
+            ..url("rediss://x:1")
+        });
+        assert!(e.contains("cannot read the CA bundle"), "{e}");
+        // Without a CA bundle, the Mozilla roots; an IP address is a valid server name.
+        assert!(Redis::new(url("rediss://127.0.0.1:1"), 1024).is_ok());
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s3cr3t-pa55\r\n").unwrap();
+        assert_eq!(read_password(&secret).unwrap(), b"s3cr3t-pa55");
+        std::fs::write(&secret, "two\nlines\n").unwrap();
+        assert_eq!(read_password(&secret).unwrap(), b"two\nlines");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A Redis that closes each connection after one reply (as a restarted one does to the
@@ -1335,13 +1565,10 @@ mod tests {
             }
         });
         let r = Redis::new(
-            RedisConfig {
-                addr,
-                db: 0,
-                timeout: Duration::from_secs(5),
-            },
+            RedisConfig::parse(&format!("redis://{addr}"), Duration::from_secs(5)).unwrap(),
             1024,
-        );
+        )
+        .unwrap();
         for _ in 0..3 {
             assert_eq!(r.get(b"k").await, Some(b"a".to_vec()));
         }
@@ -1355,13 +1582,10 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         drop(listener);
         let r = Redis::new(
-            RedisConfig {
-                addr,
-                db: 0,
-                timeout: Duration::from_millis(50),
-            },
+            RedisConfig::parse(&format!("redis://{addr}"), Duration::from_millis(50)).unwrap(),
             1024,
-        );
+        )
+        .unwrap();
         assert_eq!(r.get(b"k").await, None);
         assert!(r.open_until.load(Ordering::Relaxed) > unix_ms());
     }

@@ -63,7 +63,13 @@ OPTIONS:
     --cache-memory-bytes N   bytes of cached answers kept in memory, all routes together
                              (server.cache.memoryBytes) [default: 67108864]
     --cache-redis URL        a Redis shared by the proxies for cached answers,
-                             redis://host:port/db (server.cache.redis)
+                             redis://host:port/db, rediss:// for TLS (server.cache.redis)
+    --cache-redis-ca-file F  CAs that may sign the Redis server's certificate, PEM
+                             (server.cache.redisCaFile) [default: the Mozilla roots]
+    --cache-redis-username U the Redis ACL user (server.cache.redisUsername)
+    --cache-redis-password-file F
+                             the Redis password, read at each new connection
+                             (server.cache.redisPasswordFile)
 ";
 
 #[derive(Debug, Default)]
@@ -89,6 +95,9 @@ struct Options {
     trace_content: bool,
     cache_memory_bytes: Option<u64>,
     cache_redis: Option<String>,
+    cache_redis_ca_file: Option<String>,
+    cache_redis_username: Option<String>,
+    cache_redis_password_file: Option<String>,
     check: bool,
     text_logs: bool,
     hash_key: Option<Option<String>>,
@@ -179,6 +188,15 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 })?);
             }
             "--cache-redis" => o.cache_redis = Some(value("--cache-redis")?),
+            "--cache-redis-ca-file" => {
+                o.cache_redis_ca_file = Some(value("--cache-redis-ca-file")?);
+            }
+            "--cache-redis-username" => {
+                o.cache_redis_username = Some(value("--cache-redis-username")?);
+            }
+            "--cache-redis-password-file" => {
+                o.cache_redis_password_file = Some(value("--cache-redis-password-file")?);
+            }
             "--check" => o.check = true,
             "hash-key" => o.hash_key = Some(args.next()),
             "--help" | "-h" => {
@@ -341,6 +359,16 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(url) = &opts.cache_redis {
         server_spec.cache.redis = Some(url.clone()).filter(|u| !u.is_empty());
     }
+    let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    if opts.cache_redis_ca_file.is_some() {
+        server_spec.cache.redis_ca_file = given(&opts.cache_redis_ca_file);
+    }
+    if opts.cache_redis_username.is_some() {
+        server_spec.cache.redis_username = given(&opts.cache_redis_username);
+    }
+    if opts.cache_redis_password_file.is_some() {
+        server_spec.cache.redis_password_file = given(&opts.cache_redis_password_file);
+    }
     let duration = |what: &str, v: &str| {
         humantime::parse_duration(v)
             .with_context(|| format!("server.{what} {v:?} is not a duration"))
@@ -367,13 +395,23 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         None => None,
         Some(url) => {
             let timeout = duration("cache.redisTimeout", &server_spec.cache.redis_timeout)?;
-            let config = crate::cache::RedisConfig::parse(url, timeout)
-                .map_err(|e| anyhow::anyhow!("server.cache.redis: {e}"))?;
-            tracing::info!(redis = %config.addr, "response cache: shared tier in Redis");
-            Some(crate::cache::Redis::new(
-                config,
-                modelgate_wire::MAX_CACHE_ENTRY_BYTES as usize,
-            ))
+            let config = crate::cache::RedisConfig {
+                ca_file: server_spec.cache.redis_ca_file.clone().map(Into::into),
+                username: server_spec.cache.redis_username.clone(),
+                password_file: server_spec
+                    .cache
+                    .redis_password_file
+                    .clone()
+                    .map(Into::into),
+                ..crate::cache::RedisConfig::parse(url, timeout)
+                    .map_err(|e| anyhow::anyhow!("server.cache.redis: {e}"))?
+            };
+            let (tls, auth) = (config.tls, config.password_file.is_some());
+            tracing::info!(redis = %config.addr, tls, auth, "response cache: shared tier in Redis");
+            Some(
+                crate::cache::Redis::new(config, modelgate_wire::MAX_CACHE_ENTRY_BYTES as usize)
+                    .map_err(|e| anyhow::anyhow!("server.cache: {e}"))?,
+            )
         }
     };
     gateway.cache = Arc::new(crate::cache::Store::new(

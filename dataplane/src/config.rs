@@ -120,8 +120,17 @@ pub struct CacheServerSpec {
     /// Bytes of answers kept in this proxy's memory, all routes together (least recently
     /// used first out).
     pub memory_bytes: u64,
-    /// A Redis shared by the proxies, `redis://host:port/db` (optional).
+    /// A Redis shared by the proxies, `redis://host:port/db`, or `rediss://…` for TLS
+    /// (optional).
     pub redis: Option<String>,
+    /// `rediss://` only: a PEM bundle of the CAs that may sign Redis's certificate (the
+    /// Mozilla roots without one).
+    pub redis_ca_file: Option<String>,
+    /// The ACL user to authenticate as (`default` without one; needs `redisPasswordFile`).
+    pub redis_username: Option<String>,
+    /// A file holding the password to `AUTH` with, read at every new connection (a mounted
+    /// Secret); never the password itself.
+    pub redis_password_file: Option<String>,
     /// How long one Redis command may take, connecting included; after a failure Redis is
     /// skipped for a few seconds.
     pub redis_timeout: String,
@@ -132,6 +141,9 @@ impl Default for CacheServerSpec {
         Self {
             memory_bytes: crate::cache::DEFAULT_MEMORY_BYTES,
             redis: None,
+            redis_ca_file: None,
+            redis_username: None,
+            redis_password_file: None,
             redis_timeout: "50ms".into(),
         }
     }

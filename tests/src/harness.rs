@@ -142,6 +142,50 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// A throw-away certificate authority for servers the tests start (a TLS Redis, say).
+pub struct TestCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+    params: rcgen::CertificateParams,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self { key, cert, params }
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate for these DNS names and IP addresses: (certificate, key) PEM.
+    pub fn server_cert(&self, names: &[&str], ips: &[&str]) -> (String, String) {
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            names
+                .iter()
+                .chain(ips)
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
 /// The proxy binary of this build, rebuilt once per test process so it is never stale.
 pub fn dataplane_bin() -> PathBuf {
     workspace_bin("modelgate-dataplane")

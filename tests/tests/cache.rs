@@ -422,17 +422,28 @@ struct Redis {
     port: u16,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Redis {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_with(&[])
+    }
+
+    /// A Redis with more arguments (TLS, users); its plain port stays on for the test's own
+    /// inspection.
+    fn start_with(args: &[&str]) -> Self {
+        let port = free_port();
         let bin = std::env::var("MODELGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(&bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -442,13 +453,28 @@ impl Redis {
 
     /// One command's raw reply, or None while Redis does not answer.
     fn command(&self, cmd: &str) -> Option<String> {
+        self.commands(&[cmd]).pop()
+    }
+
+    /// The replies to a few one-line commands sent on one connection, in order.
+    fn commands(&self, cmds: &[&str]) -> Vec<String> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
-        let mut buf = [0u8; 256];
-        let n = s.read(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return Vec::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut replies = Vec::new();
+        for cmd in cmds {
+            if s.write_all(format!("{cmd}\r\n").as_bytes()).is_err() {
+                break;
+            }
+            let mut buf = [0u8; 256];
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => replies.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                _ => break,
+            }
+        }
+        replies
     }
 
     fn kill(&mut self) {
@@ -510,6 +536,131 @@ async fn two_proxies_share_hits_through_redis_and_keep_serving_when_it_dies() {
     let r = ask(&p1, A, &q, None).await;
     assert_eq!((r.status, cache(&r)), (StatusCode::OK, "hit"));
     assert_eq!(up.hits("cached"), 6);
+}
+
+/// A Redis that speaks only TLS to the proxies and wants an ACL user's password: two
+/// proxies share an entry through it; a proxy with the wrong password, or one that does not
+/// trust the server's CA, only misses (and says why, never with a password), and picks up
+/// a corrected password file on its next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_a_password_is_shared_and_a_wrong_password_or_ca_is_only_a_miss() {
+    const PASSWORD: &str = "c4che-s3cret-Pa55";
+    const WRONG: &str = "n0t-the-Pa55w0rd";
+    let dir = temp_dir("redis-tls");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ca = TestCa::new("modelgate test Redis CA");
+    let (cert, key) = ca.server_cert(&["localhost"], &["127.0.0.1"]);
+    let (cert, key, ca_file) = (
+        write("redis.crt", &cert),
+        write("redis.key", &key),
+        write("ca.crt", &ca.cert_pem()),
+    );
+    let stranger = write("stranger.crt", &TestCa::new("someone else").cert_pem());
+    let tls_port = free_port();
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-auth-clients",
+        "no",
+        // The default user is off: only `cache` with its password gets in.
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "cache",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let dbsize = || {
+        redis
+            .commands(&[&format!("AUTH cache {PASSWORD}"), "DBSIZE"])
+            .get(1)
+            .cloned()
+            .unwrap_or_default()
+    };
+    eventually(Duration::from_secs(20), "redis answers", || async {
+        dbsize() == ":0\r\n"
+    })
+    .await;
+    let right = write("password", &format!("{PASSWORD}\n"));
+    let wrong = write("wrong", &format!("{WRONG}\n"));
+    let server = |password: &str, ca: &str| {
+        format!(
+            "{{cache: {{redis: \"rediss://localhost:{tls_port}/0\", redisTimeout: 2s, \
+             redisCaFile: \"{ca}\", redisUsername: cache, redisPasswordFile: \"{password}\"}}}}"
+        )
+    };
+    let up = MockUpstream::start();
+    let p1 = Proxy::start(&config(&up, &server(&right, &ca_file)));
+    let p2 = Proxy::start(&config(&up, &server(&right, &ca_file)));
+    let q = body("cached", "over tls");
+    let first = ask(&p1, A, &q, None).await;
+    assert_eq!(cache(&first), "miss");
+    eventually(Duration::from_secs(20), "the entry is in Redis", || async {
+        dbsize() == ":1\r\n"
+    })
+    .await;
+    let second = ask(&p2, A, &q, None).await;
+    assert_eq!(cache(&second), "hit", "{}", p2.log_text());
+    assert_eq!(second.body, first.body);
+    assert_eq!(up.hits("cached"), 1);
+
+    // A wrong password, and a CA that did not sign Redis's certificate: misses, 200s.
+    let p3 = Proxy::start(&config(&up, &server(&wrong, &ca_file)));
+    let p4 = Proxy::start(&config(&up, &server(&right, &stranger)));
+    for p in [&p3, &p4] {
+        let r = ask(p, A, &q, None).await;
+        assert_eq!(
+            (r.status, cache(&r)),
+            (StatusCode::OK, "miss"),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(up.hits("cached"), 3);
+    eventually(Duration::from_secs(20), "p3 and p4 say why", || async {
+        p3.log_text().contains("refused the credentials") && p4.log_text().contains("UnknownIssuer")
+    })
+    .await;
+    for p in [&p1, &p2, &p3, &p4] {
+        let log = p.log_text();
+        assert!(!log.contains(PASSWORD) && !log.contains(WRONG), "{log}");
+    }
+
+    // The Secret is corrected: p3 reads the file again on its next connection (after the
+    // circuit's few seconds) and finds what p1 stores. Each round asks a new prompt, so a hit
+    // can only come from Redis.
+    std::fs::write(dir.join("wrong"), format!("{PASSWORD}\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        assert!(Instant::now() < deadline, "p3 never hit: {}", p3.log_text());
+        let q = body("cached", &format!("after the fix {round}"));
+        assert_eq!(cache(&ask(&p1, A, &q, None).await), "miss");
+        let stored = format!(":{}\r\n", 2 + round);
+        eventually(
+            Duration::from_secs(20),
+            "p1's entry is in Redis",
+            || async { dbsize() == stored },
+        )
+        .await;
+        if cache(&ask(&p3, A, &q, None).await) == "hit" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!p3.log_text().contains(PASSWORD));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The README's `promql cache` block: one expression a line (`#` lines are comments).

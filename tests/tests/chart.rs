@@ -20,6 +20,7 @@ const PROFILES: &[(&str, Option<&str>)] = &[
     ("upstream-policy", Some("ci/upstream-policy-values.yaml")),
     ("tracing", Some("ci/tracing-values.yaml")),
     ("cache", Some("ci/cache-values.yaml")),
+    ("cache-tls", Some("ci/cache-tls-values.yaml")),
 ];
 
 /// Tests that run an operator take turns.
@@ -283,6 +284,59 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         flag_values(cached_proxy, "--cache-redis"),
         ["redis://redis.modelgate-cache.svc:6379/0"]
     );
+    assert!(!cached_proxy.contains("modelgate-redis"), "{cached_proxy}");
+    // Over TLS with a user: the password and the CA are files from a Secret and a ConfigMap,
+    // never an argument.
+    let tls = render(
+        "modelgate",
+        "modelgate",
+        "1.33.0",
+        Some("ci/cache-tls-values.yaml"),
+        &[],
+    );
+    let tls_proxy = document(&tls, "Deployment", "modelgate-proxy");
+    for (flag, value) in [
+        ("--cache-redis", "rediss://redis.modelgate-cache.svc:6380/0"),
+        ("--cache-redis-username", "modelgate"),
+        (
+            "--cache-redis-password-file",
+            "/var/run/modelgate-redis/password",
+        ),
+        ("--cache-redis-ca-file", "/var/run/modelgate-redis/ca.crt"),
+    ] {
+        assert_eq!(flag_values(tls_proxy, flag), [value], "{flag}");
+    }
+    for mounted in [
+        "name: modelgate-redis\n",
+        "items: [{key: password, path: password}]",
+        "name: modelgate-redis-ca\n",
+        "items: [{key: ca.crt, path: ca.crt}]",
+        "{name: redis, mountPath: /var/run/modelgate-redis, readOnly: true}",
+    ] {
+        assert!(tls_proxy.contains(mounted), "{mounted}: {tls_proxy}");
+    }
+    // A CA for a plain URL, or a user without a password, is refused by name.
+    for (set, named) in [
+        (
+            "proxy.cache.redis=redis://r:6379,proxy.cache.redisCaConfigMap=ca",
+            "proxy.cache.redisCaConfigMap needs a rediss://",
+        ),
+        (
+            "proxy.cache.redis=redis://r:6379,proxy.cache.redisUsername=u",
+            "proxy.cache.redisUsername needs proxy.cache.redisPasswordSecret",
+        ),
+    ] {
+        let chart = chart().display().to_string();
+        let out = run(
+            &helm_bin(),
+            &["template", "x", &chart, "--set", set],
+            None,
+            &[],
+        );
+        assert!(!out.status.success(), "{set}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{set}: {err}");
+    }
     assert_eq!(flag_values(&shared, "--proxy-auth"), ["shared-token"]);
     assert_eq!(
         flag_values(&shared, "--token-file"),
