@@ -3,7 +3,8 @@
 //! untouched), in the OpenAI and the Anthropic dialect; `mask` keeps the last characters; a
 //! `block` rule answers 400 naming the rule before any upstream call or limit, and the
 //! matched text is in no log line and no metric; answers are masked whole and streamed, a
-//! secret split across stream chunks included, as the OpenAI SDK reads them.
+//! secret split across stream chunks included, as the OpenAI SDK reads them, and as the
+//! Anthropic SDK and the OpenAI Responses API read them from either kind of upstream.
 
 use std::time::Duration;
 
@@ -53,6 +54,23 @@ routes:
       rules:
         - {{name: no-cards, detector: credit-card, action: block}}
         - {{name: mail, detector: email}}
+  - name: said
+    model: said
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{said}"}}
+    masking:
+      answers: true
+      rules:
+        - {{name: split, pattern: "tok1 tok2"}}
+        - {{name: pair, pattern: "tok tok"}}
+  - name: said-claude
+    model: said-claude
+    backends:
+      - {{name: up, provider: anthropic, url: "{said_claude}", credentials: {{env: MASKING_TEST_ANTHROPIC_KEY}}}}
+    masking:
+      answers: true
+      rules:
+        - {{name: split, pattern: "tok1 tok2"}}
 keys:
   - {{name: k, sha256: {key}}}
   - {{name: tight, sha256: {tight}, limits: {{requestsPerMinute: 2}}}}
@@ -60,8 +78,18 @@ keys:
         all = up.url("id=all;echo=3"),
         tail = up.url("id=tail"),
         guarded = up.url("id=guarded"),
+        said = up.url("id=said"),
+        said_claude = up.url("id=said-claude"),
         key = sha256_hex(KEY),
         tight = sha256_hex(TIGHT),
+    )
+}
+
+/// A proxy with `config`, the Anthropic backend's key in its environment.
+fn start(up: &MockUpstream) -> Proxy {
+    Proxy::start_with(
+        &config(up),
+        &[("MASKING_TEST_ANTHROPIC_KEY", "sk-ant-test")],
     )
 }
 
@@ -101,7 +129,7 @@ fn prompt() -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_detector_is_redacted_before_the_prompt_leaves_and_near_misses_pass() {
     let up = MockUpstream::start();
-    let p = Proxy::start(&config(&up));
+    let p = start(&up);
     let (said, seen) = prompt();
 
     // OpenAI chat: a string content and text parts; other fields as the client sent them.
@@ -163,7 +191,7 @@ async fn every_detector_is_redacted_before_the_prompt_leaves_and_near_misses_pas
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mask_keeps_the_last_characters() {
     let up = MockUpstream::start();
-    let p = Proxy::start(&config(&up));
+    let p = start(&up);
     let body = json!({"model": "tail", "messages": [{"role": "user", "content": format!("pay with {CARD} now")}]});
     let r = post(&p.url("/v1/chat/completions"), Some(KEY), &body).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -184,7 +212,7 @@ async fn mask_keeps_the_last_characters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_is_a_400_naming_the_rule_before_any_upstream_call_or_limit() {
     let up = MockUpstream::start();
-    let p = Proxy::start(&config(&up));
+    let p = start(&up);
     let secret = "5500 0000 0000 0004";
     let body = json!({"model": "guarded", "messages": [{"role": "user", "content": format!("mail a@b.io, card {secret}")}]});
     for _ in 0..3 {
@@ -284,7 +312,7 @@ print(json.dumps({"text": text, "chunks": chunks, "whole": whole.choices[0].mess
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_secret_split_across_stream_chunks_is_masked_for_the_openai_sdk() {
     let up = MockUpstream::start();
-    let p = Proxy::start(&config(&up));
+    let p = start(&up);
     let echo =
         "Sure: write to jane.doe@example.com, card 4111111111111111, ticket TICKET-0042. Bye";
     let base = p.url("/v1");
@@ -317,6 +345,78 @@ async fn an_answer_secret_split_across_stream_chunks_is_masked_for_the_openai_sd
     }
     assert!(!m.contains("jane.doe"));
     promtool_check(&m);
+}
+
+/// The Anthropic SDK and the OpenAI SDK's Responses API read answers, streamed and whole,
+/// from an OpenAI-compatible upstream (translated for both) and an Anthropic one (passed
+/// through to the Anthropic SDK, translated for Responses). The upstreams stream
+/// `tok0 tok1 tok2 tok3 tok4 `, one word a chunk, so the rule's match spans two chunks; the
+/// Anthropic upstream's whole answer is the same text, the OpenAI one's `tok tok tok tok tok `.
+const SDK_DIALECTS: &str = r#"
+import json, os, anthropic, openai
+base, key = os.environ["BASE"], os.environ["KEY"]
+a = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=30)
+o = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=30)
+said = [{"role": "user", "content": "Say it"}]
+for model in ["said", "said-claude"]:
+    with a.messages.stream(model=model, max_tokens=64, messages=said) as s:
+        streamed = "".join(s.text_stream)
+        final = s.get_final_message().content[0].text
+    whole = a.messages.create(model=model, max_tokens=64, messages=said).content[0].text
+    print(json.dumps({"model": model, "sdk": "anthropic", "stream": streamed, "final": final,
+                      "whole": whole}))
+    streamed, final = "", None
+    for ev in o.responses.create(model=model, input="Say it", stream=True):
+        if ev.type == "response.output_text.delta":
+            streamed += ev.delta
+        elif ev.type == "response.completed":
+            final = ev.response.output_text
+    whole = o.responses.create(model=model, input="Say it").output_text
+    print(json.dumps({"model": model, "sdk": "responses", "stream": streamed, "final": final,
+                      "whole": whole}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_masked_for_the_anthropic_sdk_and_the_responses_api_streamed_and_whole() {
+    let up = MockUpstream::start();
+    let p = start(&up);
+    let base = p.url("");
+    let base = base.trim_end_matches('/').to_owned();
+    let lines = tokio::task::spawn_blocking(move || {
+        python_json_lines(SDK_DIALECTS, &[("BASE", &base), ("KEY", KEY)])
+    })
+    .await
+    .unwrap();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let streamed = "tok0 [SPLIT] tok3 tok4";
+    for line in &lines {
+        let whole = match line["model"].as_str() {
+            Some("said") => "[PAIR] [PAIR] tok",
+            _ => streamed,
+        };
+        for (field, want) in [("stream", streamed), ("final", streamed), ("whole", whole)] {
+            assert_eq!(
+                line[field].as_str().map(str::trim_end),
+                Some(want),
+                "{field}: {line}"
+            );
+        }
+    }
+    // Each model's upstream was asked four times; `split` matched each answer of the
+    // Anthropic upstream and each stream of the OpenAI one.
+    assert_eq!((up.hits("said"), up.hits("said-claude")), (4, 4));
+    let m = p.metrics().await;
+    for (route, n) in [("default/said", 2.0), ("default/said-claude", 4.0)] {
+        assert_eq!(
+            metric(
+                &m,
+                "modelgate_masking_total",
+                &[("route", route), ("rule", "split"), ("direction", "answer")]
+            ),
+            n,
+            "{route}: {m}"
+        );
+    }
 }
 
 /// examples/policies.yaml as it is (the harness puts its listeners on free ports): a card
