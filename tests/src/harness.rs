@@ -89,6 +89,25 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs one pytest file of `tests/python` with `envs`; it must pass, its report saying
+/// `passed` tests passed. Returns the report.
+pub fn pytest(file: &str, envs: &[(&str, String)], passed: usize) -> String {
+    let out = Command::new(python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(repo_root().join("tests/python").join(file))
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{file} failed:\n{report}");
+    assert!(report.contains(&format!("{passed} passed")), "{report}");
+    report
+}
+
 /// One chat completion through the official OpenAI Python SDK; returns the answer text.
 pub fn sdk_chat(base_url: &str, key: &str, model: &str) -> Result<String, String> {
     let script = r#"

@@ -46,7 +46,8 @@
 //! `POST /openai/deployments/{deployment}/{chat/completions,completions,embeddings}` (classic,
 //! `?api-version=` required: 404 `Resource not found` without it, the body commonly reported
 //! for Azure, not confirmed from its docs) and `POST
-//! /openai/v1/{chat/completions,completions,embeddings}` (v1) answer as Azure OpenAI does
+//! /openai/v1/{chat/completions,completions,embeddings,responses}` (v1; the Responses API
+//! answers as OpenAI's, as Azure's Responses how-to shows it) answer as Azure OpenAI does
 //! (`MicrosoftDocs/azure-ai-docs`: `articles/ai-foundry/openai/concepts/content-streaming.md`,
 //! `content-filter-annotations.md`, `content-filter.md`): the OpenAI answers above, JSON ones
 //! with `prompt_filter_results` and per-choice `content_filter_results`; streams start with the
@@ -711,6 +712,9 @@ fn azure_api(path: &str) -> Option<AzureApi> {
         "chat/completions" => "/v1/chat/completions",
         "completions" => "/v1/completions",
         "embeddings" => "/v1/embeddings",
+        // The Responses API is the v1 API's only (the classic one has it per resource, in
+        // preview, which the gateway does not use).
+        "responses" if !classic => "/v1/responses",
         _ => return None,
     };
     Some(AzureApi { api, classic })
@@ -1047,6 +1051,9 @@ mod tests {
         assert_eq!((a.api, a.classic), ("/v1/chat/completions", true));
         let a = azure_api("/openai/v1/embeddings").unwrap();
         assert_eq!((a.api, a.classic), ("/v1/embeddings", false));
+        let a = azure_api("/openai/v1/responses").unwrap();
+        assert_eq!((a.api, a.classic), ("/v1/responses", false));
+        assert!(azure_api("/openai/deployments/d/responses").is_none());
         assert!(azure_api("/openai/deployments/d").is_none());
         assert!(azure_api("/v1/chat/completions").is_none());
     }

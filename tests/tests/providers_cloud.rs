@@ -44,22 +44,6 @@ fn route(name: &str, backend: &str) -> String {
     )
 }
 
-fn pytest(file: &str, envs: Vec<(&'static str, String)>, passed: usize) {
-    let out = std::process::Command::new(python())
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(repo_root().join("tests/python").join(file))
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("run pytest");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{file} failed:\n{report}");
-    assert!(report.contains(&format!("{passed} passed")), "{report}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
     let bedrock = bedrock_mock(&[]);
@@ -105,7 +89,7 @@ async fn bedrock_and_gemini_serve_the_responses_api_and_chat() {
     ];
     // 4 per text model, 2 per tool model, 1 per translated model, 1 more (the pass-through case
     // is skipped: no OpenAI backend here).
-    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", envs, 17))
+    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", &envs, 17))
         .await
         .unwrap();
     // Chat Completions clients too, through the official SDK.
@@ -385,9 +369,14 @@ async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude(
         )
     };
     let yaml = format!(
-        "routes:\n{}{}{}",
+        "routes:\n{}{}{}{}{}",
         route("vertex-gemini", &v("google", "gemini-2.5-pro")),
         route("vertex-claude", &v("anthropic", "claude-sonnet-4@20250514")),
+        route("vertex-gemini-tool", &v("google", "gemini-2.5-pro")),
+        route(
+            "vertex-claude-tool",
+            &v("anthropic", "claude-sonnet-4@20250514")
+        ),
         keys_yaml()
     );
     let p = Proxy::start(&yaml);
@@ -434,6 +423,19 @@ async fn vertex_signs_a_jwt_grant_caches_the_token_and_serves_gemini_and_claude(
     let body: serde_json::Value = serde_json::from_str(claude["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["anthropic_version"], "vertex-2023-10-16", "{body}");
     assert!(body.get("model").is_none(), "{body}");
+    // The OpenAI SDK's Responses API on both publishers, tools included.
+    let envs = [
+        ("MODELGATE_BASE_URL", p.url("/v1")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+        (
+            "MODELGATE_RESPONSES_MODELS",
+            "vertex-gemini=vertex,vertex-claude=vertex,vertex-gemini-tool=vertex,vertex-claude-tool=vertex"
+                .to_owned(),
+        ),
+    ];
+    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", &envs, 17))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,7 +574,7 @@ async fn a_service_account_key_google_does_not_know_is_refused_as_the_gateways_p
 /// formats and checks are the services' (tests/python/test_mocks.py).
 #[test]
 fn the_cloud_mocks_pass_their_self_tests() {
-    pytest("test_mocks.py", Vec::new(), 20);
+    pytest("test_mocks.py", &[], 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,6 @@
 //! Real clients and tools against the real proxy: the official OpenAI Python SDK, and
 //! Prometheus's `promtool` on the `/metrics` text.
 
-use std::process::Command;
-
 use http::StatusCode;
 use modelgate_tests::harness::*;
 
@@ -44,25 +42,6 @@ async fn openai_python_sdk_works_against_the_proxy() {
     tokio::task::spawn_blocking(move || pytest("test_openai_sdk.py", &envs, 8))
         .await
         .unwrap();
-}
-
-/// Runs one pytest file of `tests/python` with `envs`; it must pass, its report saying
-/// `passed` tests passed.
-fn pytest(file: &str, envs: &[(&str, String)], passed: usize) -> String {
-    let out = Command::new(python())
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(repo_root().join("tests/python").join(file))
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("run pytest");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{file} failed:\n{report}");
-    assert!(report.contains(&format!("{passed} passed")), "{report}");
-    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,6 +319,35 @@ async fn openai_python_sdk_works_against_an_azure_backend() {
     }
     let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
     assert_eq!(sent["model"], "gpt-4o-deployment");
+    // The Responses API on both Azure APIs: translated to the classic deployment's chat
+    // completions, passed through to the v1 API's own Responses API (stored state included).
+    let envs = [
+        ("MODELGATE_BASE_URL", p.url("/v1")),
+        ("MODELGATE_KEY", DEMO_KEY.to_owned()),
+        (
+            "MODELGATE_RESPONSES_MODELS",
+            "azure-gpt=azure,azure-v1=openai".to_owned(),
+        ),
+    ];
+    tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", &envs, 11))
+        .await
+        .unwrap();
+    for (id, path, query) in [
+        (
+            "classic",
+            "/openai/deployments/gpt-4o-prod/chat/completions",
+            Some("api-version=2024-10-21"),
+        ),
+        ("v1", "/openai/v1/responses", None),
+    ] {
+        let c = up.counters(id);
+        assert_eq!(c.last_path.lock().unwrap().as_deref(), Some(path));
+        assert_eq!(c.last_query.lock().unwrap().as_deref(), query);
+        let headers = c.last_headers.lock().unwrap().clone().unwrap();
+        assert_eq!(headers["api-key"], "azure-sdk-test-key");
+    }
+    let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
+    assert_eq!(sent["model"], "gpt-4o-deployment", "{sent}");
 }
 
 /// The OpenAI SDK's Responses API on every kind of backend: the built-in mock and an
