@@ -550,6 +550,7 @@ mod tests {
                 "--listen=127.0.0.1:0",
                 "--reload-interval",
                 "200ms",
+                "--series-grace=1s",
             ]
             .into_iter()
             .map(String::from),
@@ -562,6 +563,8 @@ mod tests {
             "--flag=value works"
         );
         assert_eq!(o.reload_interval, Some(Duration::from_millis(200)));
+        assert_eq!(o.series_grace, Some(Duration::from_secs(1)));
+        assert!(parse_args(["--series-grace", "soon"].into_iter().map(String::from)).is_err());
         assert!(parse_args(["--bogus"].into_iter().map(String::from)).is_err());
         assert!(parse_args(["--config"].into_iter().map(String::from)).is_err());
     }
