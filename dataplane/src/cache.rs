@@ -70,8 +70,9 @@ pub struct Policy {
     pub per_key: bool,
     pub cache_sampled: bool,
     pub hit_cost_fraction: f64,
-    /// This route's metric handles, resolved at its first request.
-    series: OnceLock<Series>,
+    /// This route's metric handles, resolved at its first request; holding them keeps
+    /// them in `/metrics` while this policy's snapshot is alive.
+    series: OnceLock<Arc<crate::metrics::RouteSeries>>,
 }
 
 impl Policy {
@@ -97,8 +98,8 @@ impl Policy {
         }
     }
 
-    pub fn series(&self, metrics: &CacheMetrics, route: &str) -> &Series {
-        self.series.get_or_init(|| metrics.series(route))
+    pub fn series(&self, metrics: &crate::metrics::Metrics, route: &str) -> &Series {
+        self.series.get_or_init(|| metrics.route(route)).cache()
     }
 }
 
@@ -573,11 +574,18 @@ impl Store {
 
 /// The cache's own series. Route label values come from the snapshot only.
 pub struct CacheMetrics {
+    /// Reached through a route's `RouteSeries`, which removes them when the route is gone.
+    pub(crate) routes: RouteFamilies,
+    pub memory_bytes: Gauge,
+    pub memory_entries: Gauge,
+}
+
+/// The cache's families labelled by route.
+#[derive(Clone)]
+pub(crate) struct RouteFamilies {
     requests: Family<OutcomeLabels, Counter>,
     tokens_saved: Family<crate::metrics::RouteLabels, Counter>,
     cost_saved: Family<crate::metrics::RouteLabels, Counter<f64, AtomicU64>>,
-    pub memory_bytes: Gauge,
-    pub memory_entries: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -597,6 +605,9 @@ pub struct Series {
 }
 
 impl Series {
+    /// Label sets one route's handles resolve.
+    pub(crate) const LABEL_SETS: u64 = 5;
+
     pub fn outcome(&self, o: Outcome) -> &Counter {
         match o {
             Outcome::Hit => &self.hit,
@@ -609,26 +620,28 @@ impl Series {
 impl CacheMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
-            requests: Family::default(),
-            tokens_saved: Family::default(),
-            cost_saved: Family::default(),
+            routes: RouteFamilies {
+                requests: Family::default(),
+                tokens_saved: Family::default(),
+                cost_saved: Family::default(),
+            },
             memory_bytes: Gauge::default(),
             memory_entries: Gauge::default(),
         };
         registry.register(
             "cache_requests",
             "Requests of routes with a response cache, by result (hit, miss, bypass)",
-            m.requests.clone(),
+            m.routes.requests.clone(),
         );
         registry.register(
             "cache_tokens_saved",
             "Tokens (prompt and output) of the original answers that cache hits served",
-            m.tokens_saved.clone(),
+            m.routes.tokens_saved.clone(),
         );
         registry.register(
             "cache_cost_saved_usd",
             "Cost in USD of the original answers that cache hits served, from the backend's pricing",
-            m.cost_saved.clone(),
+            m.routes.cost_saved.clone(),
         );
         registry.register(
             "cache_memory_bytes",
@@ -642,8 +655,10 @@ impl CacheMetrics {
         );
         m
     }
+}
 
-    fn series(&self, route: &str) -> Series {
+impl RouteFamilies {
+    pub(crate) fn series(&self, route: &str) -> Series {
         let outcome = |result| {
             self.requests
                 .get_or_create(&OutcomeLabels {
@@ -656,12 +671,26 @@ impl CacheMetrics {
             route: route.to_owned(),
         };
         Series {
-            hit: outcome("hit"),
-            miss: outcome("miss"),
-            bypass: outcome("bypass"),
+            hit: outcome(Outcome::Hit.as_str()),
+            miss: outcome(Outcome::Miss.as_str()),
+            bypass: outcome(Outcome::Bypass.as_str()),
             tokens_saved: self.tokens_saved.get_or_create(&labels).clone(),
             cost_saved: self.cost_saved.get_or_create(&labels).clone(),
         }
+    }
+
+    pub(crate) fn remove(&self, route: &str) {
+        for result in [Outcome::Hit, Outcome::Miss, Outcome::Bypass] {
+            self.requests.remove(&OutcomeLabels {
+                route: route.to_owned(),
+                result: result.as_str(),
+            });
+        }
+        let labels = crate::metrics::RouteLabels {
+            route: route.to_owned(),
+        };
+        self.tokens_saved.remove(&labels);
+        self.cost_saved.remove(&labels);
     }
 }
 

@@ -54,6 +54,8 @@ OPTIONS:
                              CPUs this process may use, cgroup quota included]; with 1, one
                              thread serves everything without work stealing, as nginx's worker
                              does (the cheapest per request on a one-CPU pod)
+    --series-grace DUR       how long /metrics keeps the series of a key, route, backend or
+                             masking rule the config no longer holds [default: 5m]
     --log-format json|text   [default: json]; the filter comes from RUST_LOG [default: info]
     --otlp-endpoint URL      send OpenTelemetry GenAI traces by OTLP/HTTP to URL (overrides
                              server.tracing.otlpEndpoint), e.g. http://otel-collector:4318
@@ -89,6 +91,7 @@ struct Options {
     admin_token_file: Option<PathBuf>,
     proxy_id: Option<String>,
     usage_interval: Option<Duration>,
+    series_grace: Option<Duration>,
     workers: Option<usize>,
     otlp_endpoint: Option<String>,
     trace_sampling: Option<f64>,
@@ -164,6 +167,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 o.usage_interval = Some(
                     humantime::parse_duration(&v)
                         .with_context(|| format!("--usage-interval {v:?}"))?,
+                );
+            }
+            "--series-grace" => {
+                let v = value("--series-grace")?;
+                o.series_grace = Some(
+                    humantime::parse_duration(&v)
+                        .with_context(|| format!("--series-grace {v:?}"))?,
                 );
             }
             "--workers" => o.workers = Some(workers(&value("--workers")?).context("--workers")?),
@@ -390,6 +400,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         max_stream_event_bytes: usize::try_from(server_spec.max_stream_event_bytes)
             .unwrap_or(usize::MAX)
             .max(1024),
+        series_grace: opts.series_grace.unwrap_or(crate::metrics::SERIES_GRACE),
     });
     let redis = match &server_spec.cache.redis {
         None => None,
@@ -577,6 +588,7 @@ mod tests {
                 "--listen=127.0.0.1:0",
                 "--reload-interval",
                 "200ms",
+                "--series-grace=1s",
             ]
             .into_iter()
             .map(String::from),
@@ -589,6 +601,8 @@ mod tests {
             "--flag=value works"
         );
         assert_eq!(o.reload_interval, Some(Duration::from_millis(200)));
+        assert_eq!(o.series_grace, Some(Duration::from_secs(1)));
+        assert!(parse_args(["--series-grace", "soon"].into_iter().map(String::from)).is_err());
         assert!(parse_args(["--bogus"].into_iter().map(String::from)).is_err());
         assert!(parse_args(["--config"].into_iter().map(String::from)).is_err());
     }

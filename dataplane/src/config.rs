@@ -626,7 +626,10 @@ fn build_provider(
 /// What `/config` shows of routes (structure and names, never a credential), as JSON text:
 /// written straight from the spec, it costs a fraction of a `serde_json::Value` tree, and
 /// `/config` parses it when asked. Keys are described from the running snapshot instead (a
-/// snapshot may hold 100k of them).
+/// snapshot may hold 100k of them). A route's cache and masking rules are shown with the
+/// values in force (defaults filled in), field by field, so a field added to the wire later
+/// is shown only once someone decides it may be; masking patterns are the tenant's config,
+/// not secrets.
 fn summarize(spec: &SnapshotSpec) -> String {
     #[derive(Serialize)]
     struct RouteView<'a> {
@@ -641,7 +644,72 @@ fn summarize(spec: &SnapshotSpec) -> String {
         #[serde(skip_serializing_if = "Option::is_none")]
         shadow: Option<ShadowView<'a>>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        masking: Option<&'a modelgate_wire::MaskingSpec>,
+        cache: Option<CacheView>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        masking: Option<MaskingView<'a>>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct CacheView {
+        ttl: String,
+        /// In force: the default, or the bound capped at the largest allowed.
+        max_entry_bytes: usize,
+        per_key: bool,
+        cache_sampled: bool,
+        hit_cost_fraction: f64,
+    }
+    #[derive(Serialize)]
+    struct MaskingView<'a> {
+        rules: Vec<RuleView<'a>>,
+        answers: bool,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct RuleView<'a> {
+        name: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detector: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pattern: Option<&'a str>,
+        action: modelgate_wire::MaskAction,
+        /// Only where it applies (`mask`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keep_last: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replacement: Option<&'a str>,
+    }
+    fn cache(c: &modelgate_wire::CacheSpec) -> CacheView {
+        let p = crate::cache::Policy::of(c);
+        CacheView {
+            // As written (checked already), so it reads like the config.
+            ttl: c
+                .ttl
+                .clone()
+                .unwrap_or_else(|| modelgate_wire::DEFAULT_CACHE_TTL.into()),
+            max_entry_bytes: p.max_entry_bytes,
+            per_key: p.per_key,
+            cache_sampled: p.cache_sampled,
+            hit_cost_fraction: p.hit_cost_fraction,
+        }
+    }
+    fn rule(r: &modelgate_wire::MaskRuleSpec) -> RuleView<'_> {
+        RuleView {
+            name: &r.name,
+            detector: r.detector.as_deref(),
+            pattern: r.pattern.as_deref(),
+            action: r.action,
+            keep_last: (r.action == modelgate_wire::MaskAction::Mask).then(|| {
+                r.keep_last
+                    .unwrap_or(modelgate_wire::DEFAULT_MASK_KEEP_LAST)
+            }),
+            replacement: r.replacement.as_deref(),
+        }
+    }
+    fn masking(m: &modelgate_wire::MaskingSpec) -> MaskingView<'_> {
+        MaskingView {
+            rules: m.rules.iter().map(rule).collect(),
+            answers: m.answers,
+        }
     }
     #[derive(Serialize)]
     struct ShadowView<'a> {
@@ -695,7 +763,8 @@ fn summarize(spec: &SnapshotSpec) -> String {
                 backend: backend(&s.backend),
                 percent: s.percent,
             }),
-            masking: r.masking.as_ref(),
+            cache: r.cache.as_ref().map(cache),
+            masking: r.masking.as_ref().map(masking),
         })
         .collect();
     serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into())
@@ -779,6 +848,18 @@ keys:
             .unwrap();
         assert_eq!(d.ttl, std::time::Duration::from_secs(300));
         assert!(snap.routes.get("default", "n").unwrap().cache.is_none());
+        // `/config` shows both with the values in force.
+        for view in [
+            r#""cache":{"ttl":"90s","maxEntryBytes":1048576,"perKey":true,"cacheSampled":false,"hitCostFraction":0.25}"#,
+            r#""cache":{"ttl":"5m","maxEntryBytes":1048576,"perKey":false,"cacheSampled":false,"hitCostFraction":0.0}"#,
+        ] {
+            assert!(
+                snap.routes_summary.contains(view),
+                "{}",
+                snap.routes_summary
+            );
+        }
+        assert_eq!(snap.routes_summary.matches("\"cache\"").count(), 2);
         let file = ConfigFile::parse(
             "server: {cache: {memoryBytes: 1024, redis: \"redis://127.0.0.1:6379/1\"}}\n",
         )

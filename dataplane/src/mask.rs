@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ use regex::{Regex, RegexSet};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::metrics::{MaskingLabels, Metrics};
+use crate::metrics::{Metrics, RuleSeries};
 use crate::request::Endpoint;
 use crate::stream::{BoxError, MeteredStream};
 use crate::translate::Dialect;
@@ -220,6 +220,16 @@ struct Rule {
     action: MaskAction,
     keep_last: usize,
     replacement: String,
+    /// Its metric handles, resolved at its first match; holding them keeps them in
+    /// `/metrics` while this rule's snapshot is alive.
+    series: OnceLock<Arc<RuleSeries>>,
+}
+
+impl Rule {
+    fn series(&self, metrics: &Metrics, route: &str) -> &RuleSeries {
+        self.series
+            .get_or_init(|| metrics.masking_rule(route, &self.name))
+    }
 }
 
 /// Where a masking rule stopped a request: its name, never the text.
@@ -333,6 +343,7 @@ impl Masker {
                     .unwrap_or(modelgate_wire::DEFAULT_MASK_KEEP_LAST)
                     as usize,
                 replacement,
+                series: OnceLock::new(),
             });
         }
         let set = regex::RegexSetBuilder::new(rules.iter().map(|r| r.regex.as_str()))
@@ -469,29 +480,24 @@ impl Masker {
             let Some(rule) = self.rules.get(i) else {
                 continue;
             };
-            metrics
-                .masking
-                .get_or_create(&MaskingLabels {
-                    route: route.to_owned(),
-                    rule: rule.name.clone(),
-                    action: action_label(rule.action, direction),
-                    direction: direction.as_str(),
-                })
+            rule.series(metrics, route)
+                .matches(action_label(rule.action, direction), direction.as_str())
                 .inc_by(*n);
         }
     }
 
     /// A `block` counted where it stopped a prompt.
     pub fn record_block(&self, metrics: &Metrics, route: &str, blocked: &Blocked) {
-        metrics
-            .masking
-            .get_or_create(&MaskingLabels {
-                route: route.to_owned(),
-                rule: blocked.rule.clone(),
-                action: "block",
-                direction: Direction::Prompt.as_str(),
-            })
-            .inc();
+        if let Some(rule) = self.rules.iter().find(|r| r.name == blocked.rule) {
+            rule.series(metrics, route)
+                .matches("block", Direction::Prompt.as_str())
+                .inc();
+        }
+    }
+
+    /// The rules' names, in order.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.name.as_str())
     }
 
     /// The request body with every prompt text of `endpoint`'s dialect masked, the other

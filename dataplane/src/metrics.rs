@@ -11,18 +11,23 @@
 //! ```text
 //!  Metrics ─┬─► KeySeries (key id) ──► TrafficSeries (route, backend): requests by status,
 //!           │       └ limit rejections                                 tokens, cost
-//!           ├─► RouteSeries (route id): duration, fallbacks
-//!           └─► BackendSeries (route, backend; cached on the Backend): time to first token,
-//!                   estimated usage, retries, ejections, upstream errors by kind; on a
-//!                   route with a shadow, its calls side by side with the shadow's
-//!                   (`backend_*{shadow="false"|"true"}`), shadow calls in flight and skipped
+//!           ├─► RouteSeries (route id): duration, fallbacks; the response cache's requests
+//!           │       by result, tokens and cost saved (cached on the route's cache policy)
+//!           ├─► BackendSeries (route, backend; cached on the Backend): time to first token,
+//!           │       estimated usage, retries, ejections, upstream errors by kind; on a
+//!           │       route with a shadow, its calls side by side with the shadow's
+//!           │       (`backend_*{shadow="false"|"true"}`), shadow calls in flight and skipped
+//!           └─► RuleSeries (route, masking rule; cached on the compiled rule): matches by
+//!                   action and direction
 //! ```
 //!
-//! A snapshot swap takes a [`Census`] of the names the new snapshot holds. The series of a
-//! name it no longer holds stay for [`SERIES_GRACE`], so their last values get scraped, and
-//! are then removed from the families (`Family::remove`) once no request uses them: a proxy
-//! that churns through keys does not grow its `/metrics` without bound. A name that comes
-//! back within the grace keeps its series.
+//! A snapshot swap takes a [`Census`] of the names the new snapshot holds: keys, routes,
+//! backends and each route's masking rules. The series of a name it no longer holds stay for
+//! the grace ([`SERIES_GRACE`] unless the proxy was started with another), so their last
+//! values get scraped, and are then removed from the families (`Family::remove`) once no
+//! request and no snapshot still alive uses them: a proxy that churns through keys, routes
+//! or rules does not grow its `/metrics` without bound. A name that comes back within the
+//! grace keeps its series. A rule dropped from a route that stays is a name dropped too.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -285,8 +290,9 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// How long the series of a key, route or backend stay after a snapshot swap dropped it, so
-/// that scrapes see their last values.
+/// How long the series of a key, route, backend or masking rule stay after a snapshot swap
+/// dropped it, so that scrapes see their last values, unless the proxy is told otherwise
+/// (`--series-grace`).
 pub const SERIES_GRACE: Duration = Duration::from_secs(5 * 60);
 
 pub struct Metrics {
@@ -296,6 +302,9 @@ pub struct Metrics {
     keys: Index<Arc<str>, KeySeries>,
     routes: Index<Arc<str>, RouteSeries>,
     backends: Index<(Arc<str>, Arc<str>), BackendSeries>,
+    rules: Index<(Arc<str>, Arc<str>), RuleSeries>,
+    /// How long the series of a name no snapshot in force holds stay.
+    grace: Duration,
     /// Requests that never had a key (no or an unknown one): never removed.
     anonymous: Arc<KeySeries>,
     /// Bumped by every census: an entry seen by the latest one is held by the snapshot in force.
@@ -314,11 +323,9 @@ pub struct Metrics {
     /// Spans the OTLP exporter delivered, and those of batches it could not deliver.
     pub trace_spans_exported: Counter,
     pub trace_spans_failed: Counter,
-    /// The response cache's series (`cache.rs`).
+    /// The response cache's series (`cache.rs`); a route's are reached through its
+    /// [`RouteSeries`].
     pub cache: crate::cache::CacheMetrics,
-    /// Masking rules' matches by route, rule, action and direction (labels from the
-    /// snapshot only; the matched text is never a label).
-    pub masking: Family<MaskingLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -354,6 +361,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_series_grace(SERIES_GRACE)
+    }
+
+    /// Metrics whose series of dropped names stay for `grace` (tests shorten it).
+    pub fn with_series_grace(grace: Duration) -> Self {
         let mut registry = Registry::with_prefix("modelgate");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -527,7 +539,10 @@ impl Metrics {
             "Config streams to the operator that failed or were refused (TLS, token, network)",
             operator_stream_failures.clone(),
         );
+        let cache = crate::cache::CacheMetrics::register(&mut registry);
         let families = Arc::new(Families {
+            cache: cache.routes.clone(),
+            masking,
             requests,
             request_duration,
             ttft,
@@ -547,7 +562,6 @@ impl Metrics {
             shadow_skipped,
             resolved: AtomicU64::new(0),
         });
-        let cache = crate::cache::CacheMetrics::register(&mut registry);
         Self {
             cache,
             registry,
@@ -555,12 +569,13 @@ impl Metrics {
             access_log_dropped,
             trace_spans_exported,
             trace_spans_failed,
-            masking,
             anonymous: Arc::new(KeySeries::new(families.clone(), "".into())),
             families,
             keys: Index::default(),
             routes: Index::default(),
             backends: Index::default(),
+            rules: Index::default(),
+            grace,
             generation: AtomicU64::new(0),
             census: Mutex::new(()),
             overhead,
@@ -636,6 +651,7 @@ impl Metrics {
                 id: id.clone(),
                 duration: OnceLock::new(),
                 fallbacks: Default::default(),
+                cache: OnceLock::new(),
             };
             (id, series)
         })
@@ -647,6 +663,21 @@ impl Metrics {
         let name: (Arc<str>, Arc<str>) = (route.into(), name.into());
         self.backends.get_or_insert(&name, &self.generation, || {
             let series = BackendSeries::new(self.families.clone(), &name);
+            (name.clone(), series)
+        })
+    }
+
+    /// The series of masking rule `rule` of route `route`. The request path reaches them
+    /// through the compiled rule, which asks here once per rule object.
+    pub fn masking_rule(&self, route: &str, rule: &str) -> Arc<RuleSeries> {
+        let name: (Arc<str>, Arc<str>) = (route.into(), rule.into());
+        self.rules.get_or_insert(&name, &self.generation, || {
+            let series = RuleSeries {
+                families: self.families.clone(),
+                route: name.0.clone(),
+                rule: name.1.clone(),
+                counts: ByValue::default(),
+            };
             (name.clone(), series)
         })
     }
@@ -663,6 +694,7 @@ impl Metrics {
             keys: !self.keys.is_empty(),
             routes: !self.routes.is_empty(),
             backends: !self.backends.is_empty(),
+            rules: !self.rules.is_empty(),
             _one_at_a_time: one_at_a_time,
         }
     }
@@ -671,15 +703,20 @@ impl Metrics {
     /// `now` and that nothing uses any more (no request, no backend of a snapshot still
     /// alive). Runs at every scrape and every census; tests pass their own `now`.
     pub fn sweep(&self, now: Instant) {
-        let Some(cutoff) = now.checked_sub(SERIES_GRACE) else {
+        let Some(cutoff) = now.checked_sub(self.grace) else {
             return;
         };
         // Most scrapes find nothing to remove: they take no write lock, so no request waits.
         if !(self.keys.has_expired(cutoff)
             || self.routes.has_expired(cutoff)
-            || self.backends.has_expired(cutoff))
+            || self.backends.has_expired(cutoff)
+            || self.rules.has_expired(cutoff))
         {
             return;
+        }
+        // A rule's series are its own: no other series refers to them.
+        for rule in expire(&mut write(&self.rules.map), cutoff) {
+            rule.remove();
         }
         // Routes and backends stay locked until the traffic through them is gone as well, so
         // a request finds new series for a name only once all of the old ones are removed.
@@ -735,6 +772,7 @@ pub struct Census<'a> {
     keys: bool,
     routes: bool,
     backends: bool,
+    rules: bool,
     _one_at_a_time: MutexGuard<'a, ()>,
 }
 
@@ -760,12 +798,21 @@ impl Census<'_> {
         self.metrics.backends.mark(&name, self.generation)
     }
 
+    /// Marks masking rule `rule` of route `route`.
+    pub fn masking_rule(&self, route: &str, rule: &str) {
+        if self.rules {
+            let name: (Arc<str>, Arc<str>) = (route.into(), rule.into());
+            self.metrics.rules.mark(&name, self.generation);
+        }
+    }
+
     /// Every name is told: those not told are absent from `now` on.
     pub fn finish(self, now: Instant) {
         let m = self.metrics;
         m.keys.retire(self.generation, now);
         m.routes.retire(self.generation, now);
         m.backends.retire(self.generation, now);
+        m.rules.retire(self.generation, now);
         drop(self);
         m.sweep(now);
     }
@@ -791,6 +838,9 @@ struct Families {
     backend_cost: Family<ComparedLabels, Counter<f64, AtomicU64>>,
     shadow_in_flight: Family<BackendLabels, Gauge>,
     shadow_skipped: Family<SkipLabels, Counter>,
+    /// The response cache's families labelled by route.
+    cache: crate::cache::RouteFamilies,
+    masking: Family<MaskingLabels, Counter>,
     /// Label sets looked up so far: once per series, never per request.
     resolved: AtomicU64,
 }
@@ -976,9 +1026,20 @@ pub struct RouteSeries {
     id: Arc<str>,
     duration: OnceLock<Histogram>,
     fallbacks: [OnceLock<Counter>; UpstreamErrorKind::ALL.len()],
+    cache: OnceLock<crate::cache::Series>,
 }
 
 impl RouteSeries {
+    /// The response cache's handles of this route.
+    pub fn cache(&self) -> &crate::cache::Series {
+        self.cache.get_or_init(|| {
+            let f = &self.families;
+            f.resolved
+                .fetch_add(crate::cache::Series::LABEL_SETS, Ordering::Relaxed);
+            f.cache.series(&self.id)
+        })
+    }
+
     pub fn duration(&self) -> &Histogram {
         let f = &self.families;
         f.once(&self.duration, &f.request_duration, || self.labels())
@@ -1010,6 +1071,61 @@ impl RouteSeries {
                 reason,
             });
         }
+        self.families.cache.remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteSeries")
+            .field("route", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The handles of one masking rule of one route.
+pub struct RuleSeries {
+    families: Arc<Families>,
+    route: Arc<str>,
+    rule: Arc<str>,
+    /// By action and direction: a few per rule (a block redacts in answers).
+    counts: ByValue<(&'static str, &'static str), Counter>,
+}
+
+impl RuleSeries {
+    /// Text this rule found, by what was done with it (`redact`, `mask`, `block`) and
+    /// where (`prompt`, `answer`).
+    pub fn matches(&self, action: &'static str, direction: &'static str) -> Counter {
+        self.counts.get((action, direction), || {
+            let labels = self.labels(action, direction);
+            self.families.resolve(&self.families.masking, &labels)
+        })
+    }
+
+    fn labels(&self, action: &'static str, direction: &'static str) -> MaskingLabels {
+        MaskingLabels {
+            route: self.route.to_string(),
+            rule: self.rule.to_string(),
+            action,
+            direction,
+        }
+    }
+
+    fn remove(&self) {
+        for (action, direction) in self.counts.values() {
+            self.families
+                .masking
+                .remove(&self.labels(action, direction));
+        }
+    }
+}
+
+impl std::fmt::Debug for RuleSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSeries")
+            .field("route", &self.route)
+            .field("rule", &self.rule)
+            .finish_non_exhaustive()
     }
 }
 
@@ -1527,6 +1643,109 @@ mod tests {
         let through_old = samples(&m, "default/stays").len();
         assert!(through_old > 0 && through_old < stays);
         assert_eq!(samples(&m, "default/kept").len(), kept);
+    }
+
+    /// Tell `m` a snapshot holding `routes`, each with its masking rules, went live.
+    fn swap_rules(m: &Metrics, routes: &[(&str, &[&str])], now: Instant) {
+        let census = m.census();
+        for (r, rules) in routes {
+            census.route(r);
+            for rule in *rules {
+                census.masking_rule(r, rule);
+            }
+        }
+        census.finish(now);
+    }
+
+    /// A cache hit and a redacted prompt on `route`, by each of `rules`.
+    fn cached_and_masked(m: &Metrics, route: &str, rules: &[&str]) {
+        let cache = m.route(route);
+        cache.cache().hit.inc();
+        cache.cache().tokens_saved.inc_by(7);
+        cache.cache().cost_saved.inc_by(0.5);
+        for rule in rules {
+            m.masking_rule(route, rule)
+                .matches("redact", "prompt")
+                .inc();
+        }
+    }
+
+    #[test]
+    fn cache_and_masking_series_leave_with_their_route_or_rule_after_the_grace() {
+        let grace = Duration::from_secs(30);
+        let m = Metrics::with_series_grace(grace);
+        cached_and_masked(&m, "default/old", &["cards"]);
+        cached_and_masked(&m, "default/kept", &["emails", "dropped"]);
+        let all: &[(&str, &[&str])] = &[
+            ("default/old", &["cards"]),
+            ("default/kept", &["emails", "dropped"]),
+        ];
+        swap_rules(&m, all, Instant::now());
+        let lines = |metric: &str, name: &str| {
+            samples(&m, name)
+                .into_iter()
+                .filter(|l| l.starts_with(metric))
+                .collect::<Vec<_>>()
+        };
+        for route in ["default/old", "default/kept"] {
+            assert_eq!(lines("modelgate_cache_requests_total", route).len(), 3);
+            assert_eq!(lines("modelgate_cache_tokens_saved_total", route).len(), 1);
+            assert_eq!(
+                lines("modelgate_cache_cost_saved_usd_total", route).len(),
+                1
+            );
+        }
+        assert_eq!(lines("modelgate_masking_total", "dropped").len(), 1);
+
+        // The route goes, and the kept route drops one of its rules.
+        let t0 = Instant::now();
+        swap_rules(&m, &[("default/kept", &["emails"])], t0);
+        let t1 = Instant::now();
+        m.sweep(t0 + grace - Duration::from_millis(1));
+        assert_eq!(samples(&m, "default/old").len(), 6, "within the grace");
+        assert_eq!(lines("modelgate_masking_total", "dropped").len(), 1);
+
+        m.sweep(t1 + grace);
+        assert_eq!(samples(&m, "default/old"), Vec::<String>::new());
+        assert_eq!(samples(&m, "dropped"), Vec::<String>::new());
+        let kept = samples(&m, "default/kept");
+        assert_eq!(kept.len(), 6, "{kept:?}");
+        assert!(kept.contains(
+            &r#"modelgate_masking_total{route="default/kept",rule="emails",action="redact",direction="prompt"} 1"#.to_owned()
+        ));
+        assert!(kept.contains(
+            &r#"modelgate_cache_requests_total{route="default/kept",result="hit"} 1"#.to_owned()
+        ));
+
+        // Back after the grace: from zero.
+        swap_rules(&m, all, Instant::now());
+        cached_and_masked(&m, "default/old", &["cards"]);
+        assert!(
+            m.encode_prometheus()
+                .contains(r#"modelgate_cache_tokens_saved_total{route="default/old"} 7"#)
+        );
+    }
+
+    #[test]
+    fn a_rule_back_within_the_grace_keeps_its_count_and_one_in_use_outlives_it() {
+        let m = Metrics::new();
+        cached_and_masked(&m, "default/r", &["emails"]);
+        swap_rules(&m, &[("default/r", &["emails"])], Instant::now());
+        swap_rules(&m, &[("default/r", &[])], Instant::now());
+        swap_rules(&m, &[("default/r", &["emails"])], Instant::now());
+        m.sweep(Instant::now() + 2 * SERIES_GRACE);
+        cached_and_masked(&m, "default/r", &["emails"]);
+        let count = r#"modelgate_masking_total{route="default/r",rule="emails",action="redact",direction="prompt"}"#;
+        assert!(m.encode_prometheus().contains(&format!("{count} 2")));
+
+        // A compiled rule (or a cache policy) of a snapshot still alive holds its handles.
+        let (rule, route) = (m.masking_rule("default/r", "emails"), m.route("default/r"));
+        swap_rules(&m, &[], Instant::now());
+        m.sweep(Instant::now() + SERIES_GRACE);
+        assert_eq!(samples(&m, "default/r").len(), 6);
+        drop((rule, route));
+        m.sweep(Instant::now() + SERIES_GRACE);
+        assert_eq!(samples(&m, "default/r"), Vec::<String>::new());
     }
 
     #[test]

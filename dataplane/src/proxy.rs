@@ -53,6 +53,8 @@ pub struct Settings {
     pub max_stream_event_bytes: usize,
     /// Where upstream connections may go (operator mode); `None`: anywhere.
     pub egress: Option<Arc<crate::egress::UpstreamPolicy>>,
+    /// How long `/metrics` keeps the series of a name the config no longer holds.
+    pub series_grace: Duration,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -69,7 +71,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(settings: Settings) -> Self {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_series_grace(settings.series_grace));
         Self {
             live: Live::metered(metrics.clone()),
             cache: Arc::new(cache::Store::new(
@@ -427,7 +429,7 @@ async fn serve(
     if let Some(policy) = route.cache.clone()
         && endpoint != Endpoint::CountTokens
     {
-        let series = policy.series(&gw.metrics.cache, &route.id);
+        let series = policy.series(&gw.metrics, &route.id);
         let outcome =
             match consult_cache(gw, &policy, &route, &key, &api, body, &parts.headers).await {
                 Consulted::Hit(entry) => return cache_hit(gw, &policy, series, &key, entry, meter),
@@ -1372,6 +1374,7 @@ mod forward_tests {
             default_max_tokens: 16,
             max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES,
             egress: None,
+            series_grace: crate::metrics::SERIES_GRACE,
         });
         let route = slow_route();
         let backend = route.tiers[0].backends[0].clone();
@@ -1497,6 +1500,7 @@ mod forward_tests {
             default_max_tokens: 16,
             max_stream_event_bytes: crate::stream::DEFAULT_MAX_EVENT_BYTES,
             egress: None,
+            series_grace: crate::metrics::SERIES_GRACE,
         })
     }
 

@@ -130,6 +130,9 @@ fn take_census(metrics: &Metrics, snapshot: &Snapshot, now: Instant) {
     let census = metrics.census();
     for route in snapshot.routes.routes() {
         census.route(&route.id);
+        for rule in route.masking.iter().flat_map(|m| m.rule_names()) {
+            census.masking_rule(&route.id, rule);
+        }
         let shadow = route.shadow.as_ref().map(|s| &s.backend);
         for b in route.backends().chain(shadow) {
             if let Some(series) = census.backend(&b.route_id, &b.name) {

@@ -299,11 +299,17 @@ impl Proxy {
     }
 
     pub fn start_with(yaml: &str, envs: &[(&str, &str)]) -> Self {
+        Self::start_with_args(yaml, &[], envs)
+    }
+
+    /// A standalone proxy with more command line `args` (`--series-grace 1s`, say).
+    pub fn start_with_args(yaml: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let dir = temp_dir("proxy");
         let config = dir.join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let args = vec!["--config".to_owned(), config.display().to_string()];
-        Self::spawn(dir, config, &args, envs)
+        let mut all = vec!["--config".to_owned(), config.display().to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Self::spawn(dir, config, &all, envs)
     }
 
     /// A proxy that follows an operator's config stream, trusting the CA bundle the

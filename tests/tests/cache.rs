@@ -848,3 +848,102 @@ async fn the_policies_example_caches_and_mirrors_to_its_shadow() {
     assert_eq!(r.error_code(), "max_cost_per_request_exceeded");
     assert!(r.text().contains("maxCostPerRequest"), "{}", r.text());
 }
+
+/// GitOps deletes a route with a cache and masking rules, and drops a rule from a route that
+/// stays: once the (shortened) grace has passed, `/metrics` names neither the route nor the
+/// rule, and the route that stays keeps its counts. `/config` shows each route's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_routes_cache_and_masking_series_leave_metrics_after_the_grace() {
+    let up = MockUpstream::start();
+    let yaml = |with_gone: bool| {
+        let gone = format!(
+            r#"
+  - name: gone
+    model: gone
+    cache: {{}}
+    masking:
+      rules:
+        - {{name: mail, detector: email}}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{gone}"}}"#,
+            gone = up.url("id=gone"),
+        );
+        let ticket = r#"
+        - {name: ticket, pattern: "TICKET-[0-9]{4}"}"#;
+        format!(
+            r#"
+routes:{gone}
+  - name: kept
+    model: kept
+    cache: {{ttl: 10m, maxEntryBytes: 4096, perKey: true}}
+    masking:
+      rules:
+        - {{name: mail, detector: email}}{ticket}
+    backends:
+      - {{name: up, provider: openai-compatible, url: "{kept}"}}
+keys:
+  - {{name: a, sha256: {a}}}
+"#,
+            gone = if with_gone { gone.as_str() } else { "" },
+            ticket = if with_gone { ticket } else { "" },
+            kept = up.url("id=kept"),
+            a = sha256_hex(A),
+        )
+    };
+    let p = Proxy::start_with_args(&yaml(true), &["--series-grace", "1s"], &[]);
+    for model in ["gone", "kept"] {
+        let q = body(model, "Mail jane@example.com about TICKET-1234");
+        assert_eq!(cache(&ask(&p, A, &q, None).await), "miss");
+        assert_eq!(cache(&ask(&p, A, &q, None).await), "hit");
+    }
+    let m = p.metrics().await;
+    for route in ["default/gone", "default/kept"] {
+        let hit = [("route", route), ("result", "hit")];
+        assert_eq!(metric(&m, "modelgate_cache_requests_total", &hit), 1.0);
+        let route = [("route", route)];
+        assert!(metric(&m, "modelgate_cache_tokens_saved_total", &route) > 0.0);
+        let mail = [("route", route[0].1), ("rule", "mail")];
+        assert_eq!(metric(&m, "modelgate_masking_total", &mail), 2.0, "{m}");
+    }
+    assert!(m.contains(r#"modelgate_cache_cost_saved_usd_total{route="default/gone"}"#));
+    let ticket = [("route", "default/kept"), ("rule", "ticket")];
+    assert_eq!(metric(&m, "modelgate_masking_total", &ticket), 2.0);
+    let config = get(&p.admin_url("/config"), None).await.json();
+    let routes = config["snapshot"]["routes"].as_array().unwrap().clone();
+    let shown = |name: &str| routes.iter().find(|r| r["name"] == name).unwrap()["cache"].clone();
+    assert_eq!(
+        shown("kept"),
+        json!({"ttl": "10m", "maxEntryBytes": 4096, "perKey": true, "cacheSampled": false,
+            "hitCostFraction": 0.0})
+    );
+    assert_eq!(shown("gone")["ttl"], "5m", "the default in force");
+    let version = config["version"].clone();
+
+    p.write_config(&yaml(false));
+    eventually(
+        Duration::from_secs(20),
+        "the new config in force",
+        || async { get(&p.admin_url("/config"), None).await.json()["version"] != version },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the deleted route's and the dropped rule's series gone from /metrics",
+        || async {
+            let m = p.metrics().await;
+            !m.contains(r#"route="default/gone""#) && !m.contains(r#"rule="ticket""#)
+        },
+    )
+    .await;
+    let m = p.metrics().await;
+    let hit = [("route", "default/kept"), ("result", "hit")];
+    assert_eq!(
+        metric(&m, "modelgate_cache_requests_total", &hit),
+        1.0,
+        "{m}"
+    );
+    let mail = [("route", "default/kept"), ("rule", "mail")];
+    assert_eq!(metric(&m, "modelgate_masking_total", &mail), 2.0, "{m}");
+    let routes = get(&p.admin_url("/config"), None).await.json()["snapshot"]["routes"].clone();
+    assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
+}

@@ -247,11 +247,32 @@ async fn a_block_is_a_400_naming_the_rule_before_any_upstream_call_or_limit() {
     );
 
     assert_eq!(up.hits("guarded"), 0, "no upstream call");
-    // `/config` shows the rules.
-    let config = get(&p.admin_url("/config"), None).await.text();
-    assert!(
-        config.contains(r#"{"action":"block","detector":"credit-card","name":"no-cards"}"#),
-        "{config}"
+    // `/config` shows each route's rules: detector or pattern, action, keepLast where it
+    // applies, and whether answers are masked.
+    let config = get(&p.admin_url("/config"), None).await.json();
+    let masking = |route: &str| {
+        config["snapshot"]["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == route)
+            .map(|r| r["masking"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        masking("guarded"),
+        json!({"answers": false, "rules": [
+            {"name": "no-cards", "detector": "credit-card", "action": "block"},
+            {"name": "mail", "detector": "email", "action": "redact"}]})
+    );
+    assert_eq!(
+        masking("tail")["rules"][0],
+        json!({"name": "card-tail", "detector": "credit-card", "action": "mask", "keepLast": 4})
+    );
+    assert_eq!(masking("all")["answers"], true);
+    assert_eq!(
+        masking("all")["rules"][8],
+        json!({"name": "ticket", "pattern": "TICKET-[0-9]{4}", "action": "redact"})
     );
     // The tight key's 2 requests a minute are all still there.
     let clean =
