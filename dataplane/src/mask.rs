@@ -76,8 +76,11 @@ impl Detector {
             Self::Email => {
                 r"(?-u)[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]{1,63}(?:\.[A-Za-z0-9\-]{1,63}){0,3}\.[A-Za-z]{2,24}\b"
             }
+            // International (`+` and a country code, then groups of 1–5 digits, one may be
+            // in parentheses: +44 20 7946 0958, +49 (0)30 1234567, +81 3-1234-5678), or
+            // North American 3-3-4 without one.
             Self::Phone => {
-                r"(?-u)(?:\+[0-9]{1,3}[ .\-]?)?(?:\([0-9]{3}\)|\b[0-9]{3})[ .\-]?[0-9]{3}[ .\-]?[0-9]{4}\b"
+                r"(?-u)\+[1-9][0-9]{0,2}(?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5})){1,6}\b|(?:\([0-9]{3}\)|\b[0-9]{3})[ .\-]?[0-9]{3}[ .\-]?[0-9]{4}\b"
             }
             Self::CreditCard => r"(?-u)\b[0-9](?:[ \-]?[0-9]){12,18}\b",
             Self::Iban => r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b",
@@ -111,9 +114,12 @@ impl Detector {
         let after = hay[m.end..].chars().next();
         match self {
             Self::Email | Self::ApiKey => true,
+            // E.164 allows 15 digits at most; with a country code 8 are the fewest that make
+            // a number (small countries), without one the 10 of 3-3-4.
             Self::Phone => {
                 let digits = text.bytes().filter(u8::is_ascii_digit).count();
-                (10..=15).contains(&digits)
+                let fewest = if text.starts_with('+') { 8 } else { 10 };
+                (fewest..=15).contains(&digits)
                     && !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '+')
             }
             Self::CreditCard => luhn(text),
@@ -1233,6 +1239,12 @@ mod tests {
             ("mail jane.doe@example.com now", "mail [EMAIL] now"),
             ("call +1 415-555-0132 today", "call [PHONE] today"),
             ("call (415) 555-0132", "call [PHONE]"),
+            ("call +44 20 7946 0958.", "call [PHONE]."),
+            ("ruf +49 (0)30 1234567 an", "ruf [PHONE] an"),
+            ("appelez +33 1 23 45 67 89", "appelez [PHONE]"),
+            ("+81 3-1234-5678 Tokyo", "[PHONE] Tokyo"),
+            ("+91 98765 43210", "[PHONE]"),
+            ("+3546112345", "[PHONE]"),
             ("card 4111 1111 1111 1111.", "card [CREDIT_CARD]."),
             ("card 4111111111111111", "card [CREDIT_CARD]"),
             ("iban GB82 WEST 1234 5698 7654 32 ok", "iban [IBAN] ok"),
@@ -1255,6 +1267,9 @@ mod tests {
             "std::net::Ipv6Addr at 12:30:45",
             "sk-short",
             "no@tld",
+            "score +12 34 (seven digits with the code)",
+            "x+49 30 1234567 (glued to a word)",
+            "+1234567890123456 (sixteen digits)",
         ] {
             assert_eq!(masked(&m, near), near);
         }
