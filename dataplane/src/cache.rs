@@ -515,6 +515,35 @@ impl Store {
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What `/config` shows of the storage: the memory budget and use, and where Redis is,
+    /// whether TLS and `AUTH` are on and whether its circuit is open (never a password or a
+    /// file's content).
+    pub fn describe(&self) -> serde_json::Value {
+        let (budget, used, entries) = {
+            let m = self.memory();
+            (m.budget, m.used, m.map.len())
+        };
+        serde_json::json!({
+            "memoryBytes": budget,
+            "memoryUsedBytes": used,
+            "memoryEntries": entries,
+            "redis": self.redis.as_ref().map(|r| serde_json::json!({
+                "addr": r.addr,
+                "db": r.db,
+                "tls": r.tls.is_some(),
+                "username": r.username,
+                "passwordFile": r.password_file,
+                "timeout": humantime::format_duration(r.timeout).to_string(),
+                // Set while the circuit is open after a failure.
+                "skippedUntil": Some(r.open_until.load(Ordering::Relaxed))
+                    .filter(|&ms| ms > unix_ms())
+                    .map(|ms| humantime::format_rfc3339_millis(
+                        UNIX_EPOCH + Duration::from_millis(ms),
+                    ).to_string()),
+            })),
+        })
+    }
+
     fn gauges(&self, m: &Memory) {
         self.bytes.set(m.used as i64);
         self.entries.set(m.map.len() as i64);

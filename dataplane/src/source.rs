@@ -182,6 +182,7 @@ impl Runtime {
             "loadedAt": status.loaded_at,
             "lastAttempt": status.last_attempt,
             "lastError": status.last_error,
+            "cache": self.gateway.cache.describe(),
             "snapshot": snapshot.as_ref().map(|s| {
                 let routes: serde_json::Value =
                     serde_json::from_str(&s.routes_summary).unwrap_or_default();

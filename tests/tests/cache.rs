@@ -615,6 +615,16 @@ async fn a_tls_redis_with_a_password_is_shared_and_a_wrong_password_or_ca_is_onl
     assert_eq!(cache(&second), "hit", "{}", p2.log_text());
     assert_eq!(second.body, first.body);
     assert_eq!(up.hits("cached"), 1);
+    // `/config` says where Redis is and how the proxy reaches it, never the password.
+    let shown = get(&p1.admin_url("/config"), None).await;
+    let redis = &shown.json()["cache"]["redis"];
+    assert_eq!(redis["addr"], format!("localhost:{tls_port}"), "{redis}");
+    assert_eq!(
+        (&redis["tls"], &redis["username"], &redis["passwordFile"]),
+        (&json!(true), &json!("cache"), &json!(right)),
+        "{redis}"
+    );
+    assert!(!shown.text().contains(PASSWORD));
 
     // A wrong password, and a CA that did not sign Redis's certificate: misses, 200s.
     let p3 = Proxy::start(&config(&up, &server(&wrong, &ca_file)));
