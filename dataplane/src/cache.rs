@@ -35,8 +35,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1015,23 +1013,10 @@ async fn call<S: AsyncRead + AsyncWrite + Unpin>(
 /// The TLS client of `rediss://`: the CAs of `ca_file`, or the Mozilla roots without one.
 fn tls_client(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Some(f) => {
-            let certs = CertificateDer::pem_file_iter(f)
-                .map_err(|e| format!("cannot read the CA bundle {}: {e}", f.display()))?;
-            for c in certs {
-                let c = c.map_err(|e| format!("bad certificate in {}: {e}", f.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("unusable CA certificate in {}: {e}", f.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("{} holds no CA certificate", f.display()));
-            }
-        }
-    }
+    let roots = match ca_file {
+        Some(f) => crate::control::ca_roots(f, "CA bundle")?,
+        None => webpki_roots::TLS_SERVER_ROOTS.iter().cloned().collect(),
+    };
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -86,24 +86,29 @@ struct Message {
     keys: Vec<modelgate_wire::KeyUsage>,
 }
 
-/// A client that trusts only the CAs in `ca_file` and speaks HTTP/2 (one connection).
-fn client(ca_file: &std::path::Path) -> Result<TlsClient, String> {
+/// The CAs of a PEM bundle (`what` names it in errors): at least one, every one usable.
+pub(crate) fn ca_roots(
+    file: &std::path::Path,
+    what: &str,
+) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| {
-        format!(
-            "cannot read the operator CA bundle {}: {e}",
-            ca_file.display()
-        )
-    })?;
+    let certs = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("cannot read the {what} {}: {e}", file.display()))?;
     for c in certs {
-        let c = c.map_err(|e| format!("bad certificate in {}: {e}", ca_file.display()))?;
+        let c = c.map_err(|e| format!("bad certificate in {}: {e}", file.display()))?;
         roots
             .add(c)
-            .map_err(|e| format!("unusable CA certificate in {}: {e}", ca_file.display()))?;
+            .map_err(|e| format!("unusable CA certificate in {}: {e}", file.display()))?;
     }
     if roots.is_empty() {
-        return Err(format!("{} holds no CA certificate", ca_file.display()));
+        return Err(format!("{} holds no CA certificate", file.display()));
     }
+    Ok(roots)
+}
+
+/// A client that trusts only the CAs in `ca_file` and speaks HTTP/2 (one connection).
+fn client(ca_file: &std::path::Path) -> Result<TlsClient, String> {
+    let roots = ca_roots(ca_file, "operator CA bundle")?;
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
