@@ -296,6 +296,10 @@ pub enum DecodeError {
     Invalid(&'static str),
     #[error("the entry's body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the entry is not sealed, and this proxy reads only sealed entries")]
+    Unsealed,
+    #[error("the entry's seal does not hold (another key, another entry's place, or changed)")]
+    Forged,
 }
 
 impl Entry {
@@ -531,6 +535,7 @@ impl Store {
                 "tls": r.tls.is_some(),
                 "username": r.username,
                 "passwordFile": r.password_file,
+                "sealed": r.sealer.is_some(),
                 "timeout": humantime::format_duration(r.timeout).to_string(),
                 // Set while the circuit is open after a failure.
                 "skippedUntil": Some(r.open_until.load(Ordering::Relaxed))
@@ -558,8 +563,13 @@ impl Store {
             }
         }
         let redis = self.redis.as_ref()?;
-        let raw = redis.get(&key.redis_key()).await?;
-        let entry = match Entry::decode(&raw, max_body) {
+        let redis_key = key.redis_key();
+        let raw = redis.get(&redis_key).await?;
+        let opened = match &redis.sealer {
+            None => Ok(raw),
+            Some(sealer) => sealer.open(&redis_key, &raw),
+        };
+        let entry = match opened.and_then(|plain| Entry::decode(&plain, max_body)) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "a cache entry in Redis could not be read; ignored");
@@ -592,7 +602,14 @@ impl Store {
             let store = self.clone();
             rt.spawn(async move {
                 if let Some(r) = &store.redis {
-                    r.set(&key.redis_key(), &entry.encode(), ttl).await;
+                    let redis_key = key.redis_key();
+                    let value = match &r.sealer {
+                        None => Some(entry.encode()),
+                        Some(sealer) => sealer.seal(&redis_key, &entry.encode()),
+                    };
+                    if let Some(value) = value {
+                        r.set(&redis_key, &value, ttl).await;
+                    }
                 }
             });
         }
@@ -876,6 +893,91 @@ where
     }
 }
 
+/// What a sealed entry starts with.
+const SEALED_MAGIC: &[u8; 4] = b"MGS\x01";
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+/// Entries in Redis sealed with AES-256-GCM under a key the proxies share, each bound to its
+/// Redis key: whoever can read Redis learns nothing of the answers, and whoever can write to
+/// it can neither forge an entry nor move one to another key (another namespace's, say).
+pub struct Sealer {
+    key: ring::aead::LessSafeKey,
+    rng: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer")
+    }
+}
+
+impl Sealer {
+    /// The AES key is derived (HKDF-SHA256) from at least 32 bytes of secret, one trailing
+    /// newline trimmed, such as `openssl rand -hex 32` writes.
+    pub fn from_secret(secret: &[u8]) -> Result<Self, String> {
+        let secret = secret.strip_suffix(b"\n").unwrap_or(secret);
+        let secret = secret.strip_suffix(b"\r").unwrap_or(secret);
+        if secret.len() < 32 {
+            return Err(format!(
+                "the entry key holds {} bytes; at least 32 are needed (`openssl rand -hex 32`)",
+                secret.len()
+            ));
+        }
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"modelgate cache entries v1");
+        let prk = salt.extract(secret);
+        let okm = prk
+            .expand(&[b"aes-256-gcm"], &ring::aead::AES_256_GCM)
+            .map_err(|_| "the entry key cannot be derived".to_owned())?;
+        let key = ring::aead::UnboundKey::from(okm);
+        Ok(Self {
+            key: ring::aead::LessSafeKey::new(key),
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// `MGS\x01`, a random nonce, the ciphertext and its tag; `aad` (the Redis key) is
+    /// authenticated. None only if the system's random source fails.
+    pub fn seal(&self, aad: &[u8], plain: &[u8]) -> Option<Vec<u8>> {
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let head = SEALED_MAGIC.len() + NONCE_LEN;
+        let mut out = Vec::with_capacity(head + plain.len() + TAG_LEN);
+        out.extend_from_slice(SEALED_MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(aad),
+                &mut out[head..],
+            )
+            .ok()?;
+        out.extend_from_slice(tag.as_ref());
+        Some(out)
+    }
+
+    /// The plain entry, if `sealed` was sealed by this key for this `aad`.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        let head = SEALED_MAGIC.len() + NONCE_LEN;
+        if sealed.len() < head + TAG_LEN || !sealed.starts_with(SEALED_MAGIC) {
+            return Err(DecodeError::Unsealed);
+        }
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(&sealed[SEALED_MAGIC.len()..head])
+            .map_err(|_| DecodeError::Unsealed)?;
+        let mut buf = sealed[head..].to_vec();
+        let len = self
+            .key
+            .open_in_place(nonce, ring::aead::Aad::from(aad), &mut buf)
+            .map_err(|_| DecodeError::Forged)?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
+    }
+}
+
 /// Settings of the shared tier.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -893,6 +995,8 @@ pub struct RedisConfig {
     /// A file whose content (one trailing newline trimmed) is the password; read at every
     /// new connection, so a mounted Secret that changes is picked up without a restart.
     pub password_file: Option<PathBuf>,
+    /// A file holding the secret entries are sealed with (read at start): see [`Sealer`].
+    pub entry_key_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -936,6 +1040,7 @@ impl RedisConfig {
             ca_file: None,
             username: None,
             password_file: None,
+            entry_key_file: None,
         })
     }
 
@@ -964,6 +1069,7 @@ pub struct Redis {
     )>,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    sealer: Option<Sealer>,
     pool: Mutex<Vec<Conn>>,
     /// Unix ms until which Redis is skipped after a failure.
     open_until: AtomicU64,
@@ -1175,14 +1281,28 @@ impl Redis {
         if let Some(f) = &config.password_file {
             read_password(f).map_err(|e| e.to_string())?;
         }
+        let sealer = match &config.entry_key_file {
+            None => None,
+            Some(f) => {
+                let secret = std::fs::read(f).map_err(|e| {
+                    format!(
+                        "cannot read the entry key file {}: {}",
+                        f.display(),
+                        e.kind()
+                    )
+                })?;
+                Some(Sealer::from_secret(&secret).map_err(|e| format!("{}: {e}", f.display()))?)
+            }
+        };
         Ok(Self {
             addr: config.addr,
             db: config.db,
             timeout: config.timeout,
-            max_reply: max_entry + 1024,
+            max_reply: max_entry + 1024 + SEALED_MAGIC.len() + NONCE_LEN + TAG_LEN,
             tls,
             username: config.username,
             password_file: config.password_file,
+            sealer,
             pool: Mutex::new(Vec::new()),
             open_until: AtomicU64::new(0),
         })
@@ -1589,6 +1709,48 @@ mod tests {
         std::fs::write(&secret, "two\nlines\n").unwrap();
         assert_eq!(read_password(&secret).unwrap(), b"two\nlines");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sealed_entries_open_only_with_their_key_in_their_place() {
+        let secret = b"0123456789abcdef0123456789abcdef\n";
+        let a = Sealer::from_secret(secret).unwrap();
+        let same = Sealer::from_secret(&secret[..32]).unwrap();
+        let other = Sealer::from_secret(b"fedcba9876543210fedcba9876543210").unwrap();
+        let plain = entry("the answer").encode();
+        let sealed = a.seal(b"mg:cache:k1", &plain).unwrap();
+        assert!(
+            !sealed.windows(10).any(|w| w == b"the answer"),
+            "not in the clear"
+        );
+        assert_ne!(
+            a.seal(b"mg:cache:k1", &plain).unwrap(),
+            sealed,
+            "a new nonce each time"
+        );
+        assert_eq!(same.open(b"mg:cache:k1", &sealed).unwrap(), plain);
+        // Another key, another place, a changed byte, a plain entry, a short one.
+        assert_eq!(
+            other.open(b"mg:cache:k1", &sealed),
+            Err(DecodeError::Forged)
+        );
+        assert_eq!(a.open(b"mg:cache:k2", &sealed), Err(DecodeError::Forged));
+        for i in [4, 20, sealed.len() - 1] {
+            let mut changed = sealed.clone();
+            changed[i] ^= 1;
+            assert_eq!(
+                a.open(b"mg:cache:k1", &changed),
+                Err(DecodeError::Forged),
+                "{i}"
+            );
+        }
+        assert_eq!(a.open(b"mg:cache:k1", &plain), Err(DecodeError::Unsealed));
+        assert_eq!(
+            a.open(b"mg:cache:k1", &sealed[..20]),
+            Err(DecodeError::Unsealed)
+        );
+        let e = Sealer::from_secret(b"short\n").unwrap_err();
+        assert!(e.contains("holds 5 bytes"), "{e}");
     }
 
     /// A Redis that closes each connection after one reply (as a restarted one does to the

@@ -72,6 +72,9 @@ OPTIONS:
     --cache-redis-password-file F
                              the Redis password, read at each new connection
                              (server.cache.redisPasswordFile)
+    --cache-redis-entry-key-file F
+                             a secret of 32 bytes or more the proxies share; entries in
+                             Redis are sealed with it (server.cache.redisEntryKeyFile)
 ";
 
 #[derive(Debug, Default)]
@@ -101,6 +104,7 @@ struct Options {
     cache_redis_ca_file: Option<String>,
     cache_redis_username: Option<String>,
     cache_redis_password_file: Option<String>,
+    cache_redis_entry_key_file: Option<String>,
     check: bool,
     text_logs: bool,
     hash_key: Option<Option<String>>,
@@ -206,6 +210,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             }
             "--cache-redis-password-file" => {
                 o.cache_redis_password_file = Some(value("--cache-redis-password-file")?);
+            }
+            "--cache-redis-entry-key-file" => {
+                o.cache_redis_entry_key_file = Some(value("--cache-redis-entry-key-file")?);
             }
             "--check" => o.check = true,
             "hash-key" => o.hash_key = Some(args.next()),
@@ -379,6 +386,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.cache_redis_password_file.is_some() {
         server_spec.cache.redis_password_file = given(&opts.cache_redis_password_file);
     }
+    if opts.cache_redis_entry_key_file.is_some() {
+        server_spec.cache.redis_entry_key_file = given(&opts.cache_redis_entry_key_file);
+    }
     let duration = |what: &str, v: &str| {
         humantime::parse_duration(v)
             .with_context(|| format!("server.{what} {v:?} is not a duration"))
@@ -414,11 +424,20 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     .redis_password_file
                     .clone()
                     .map(Into::into),
+                entry_key_file: server_spec
+                    .cache
+                    .redis_entry_key_file
+                    .clone()
+                    .map(Into::into),
                 ..crate::cache::RedisConfig::parse(url, timeout)
                     .map_err(|e| anyhow::anyhow!("server.cache.redis: {e}"))?
             };
-            let (tls, auth) = (config.tls, config.password_file.is_some());
-            tracing::info!(redis = %config.addr, tls, auth, "response cache: shared tier in Redis");
+            let (tls, auth, sealed) = (
+                config.tls,
+                config.password_file.is_some(),
+                config.entry_key_file.is_some(),
+            );
+            tracing::info!(redis = %config.addr, tls, auth, sealed, "response cache: shared tier in Redis");
             Some(
                 crate::cache::Redis::new(config, modelgate_wire::MAX_CACHE_ENTRY_BYTES as usize)
                     .map_err(|e| anyhow::anyhow!("server.cache: {e}"))?,

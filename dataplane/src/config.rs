@@ -131,6 +131,9 @@ pub struct CacheServerSpec {
     /// A file holding the password to `AUTH` with, read at every new connection (a mounted
     /// Secret); never the password itself.
     pub redis_password_file: Option<String>,
+    /// A file holding at least 32 bytes of secret the proxies share: entries in Redis are
+    /// sealed (AES-256-GCM, bound to their key) so Redis can neither read nor forge them.
+    pub redis_entry_key_file: Option<String>,
     /// How long one Redis command may take, connecting included; after a failure Redis is
     /// skipped for a few seconds.
     pub redis_timeout: String,
@@ -144,6 +147,7 @@ impl Default for CacheServerSpec {
             redis_ca_file: None,
             redis_username: None,
             redis_password_file: None,
+            redis_entry_key_file: None,
             redis_timeout: "50ms".into(),
         }
     }

@@ -468,13 +468,23 @@ impl Redis {
             if s.write_all(format!("{cmd}\r\n").as_bytes()).is_err() {
                 break;
             }
-            let mut buf = [0u8; 256];
+            let mut buf = vec![0u8; 64 * 1024];
             match s.read(&mut buf) {
                 Ok(n) if n > 0 => replies.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
                 _ => break,
             }
         }
         replies
+    }
+
+    /// The names of every key (`KEYS *`: a handful here).
+    fn keys(&self) -> std::collections::BTreeSet<String> {
+        let reply = self.command("KEYS *").unwrap_or_default();
+        reply
+            .split("\r\n")
+            .filter(|l| l.starts_with("modelgate:"))
+            .map(str::to_owned)
+            .collect()
     }
 
     fn kill(&mut self) {
@@ -536,6 +546,109 @@ async fn two_proxies_share_hits_through_redis_and_keep_serving_when_it_dies() {
     let r = ask(&p1, A, &q, None).await;
     assert_eq!((r.status, cache(&r)), (StatusCode::OK, "hit"));
     assert_eq!(up.hits("cached"), 6);
+}
+
+/// With an entry key, what the proxies keep in Redis is sealed: Redis holds no answer in the
+/// clear; a proxy with another key, an entry written without the seal (by a proxy without
+/// the key, or anybody who can write to Redis) and a sealed entry copied to another
+/// request's place are all misses, never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_entries_are_unreadable_unforgeable_and_bound_to_their_place() {
+    let redis = Redis::start();
+    eventually(Duration::from_secs(20), "redis answers PING", || async {
+        redis
+            .command("PING")
+            .is_some_and(|r| r.starts_with("+PONG"))
+    })
+    .await;
+    let dir = temp_dir("redis-sealed");
+    let key_file = |name: &str, secret: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        path.display().to_string()
+    };
+    let k1 = key_file("k1", &"a1".repeat(32));
+    let k2 = key_file("k2", &"b2".repeat(32));
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let server = |entry_key: Option<&str>| {
+        let sealed = entry_key.map_or(String::new(), |k| format!(", redisEntryKeyFile: \"{k}\""));
+        format!("{{cache: {{redis: \"{url}\", redisTimeout: 2s{sealed}}}}}")
+    };
+    let up = MockUpstream::start();
+    let p1 = Proxy::start(&config(&up, &server(Some(&k1))));
+    let p2 = Proxy::start(&config(&up, &server(Some(&k1))));
+    let stranger = Proxy::start(&config(&up, &server(Some(&k2))));
+    let plain = Proxy::start(&config(&up, &server(None)));
+    // A new key in Redis after `ask`: its name.
+    let stored = |before: std::collections::BTreeSet<String>| {
+        let redis = &redis;
+        async move {
+            let mut new = None;
+            eventually(Duration::from_secs(20), "a new entry in Redis", || {
+                new = redis.keys().difference(&before).next().cloned();
+                let found = new.is_some();
+                async move { found }
+            })
+            .await;
+            new.unwrap()
+        }
+    };
+
+    let q = body("cached", "sealed");
+    let before = redis.keys();
+    let first = ask(&p1, A, &q, None).await;
+    assert_eq!(cache(&first), "miss");
+    let sealed_key = stored(before).await;
+    let raw = redis.command(&format!("GET {sealed_key}")).unwrap();
+    assert!(
+        raw.contains("MGS\u{1}") && !raw.contains("MGC\u{1}"),
+        "{raw:?}"
+    );
+    let answer = first.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !raw.contains(&answer),
+        "the answer is in Redis in the clear: {raw:?}"
+    );
+    // The same key opens it; another key does not.
+    let second = ask(&p2, A, &q, None).await;
+    assert_eq!(cache(&second), "hit", "{}", p2.log_text());
+    assert_eq!(second.body, first.body);
+    assert_eq!(cache(&ask(&stranger, A, &q, None).await), "miss");
+
+    // An entry stored without the seal is never served by a sealing proxy.
+    let q2 = body("cached", "written in the clear");
+    let before = redis.keys();
+    assert_eq!(cache(&ask(&plain, A, &q2, None).await), "miss");
+    let clear_key = stored(before).await;
+    assert!(
+        redis
+            .command(&format!("GET {clear_key}"))
+            .unwrap()
+            .contains("MGC\u{1}")
+    );
+    assert_eq!(cache(&ask(&p2, A, &q2, None).await), "miss");
+
+    // The sealed entry of `q`, copied into `q2`'s place, does not answer `q2`.
+    assert_eq!(
+        redis.command(&format!("COPY {sealed_key} {clear_key} REPLACE")),
+        Some(":1\r\n".into())
+    );
+    let q2_hits = up.hits("cached");
+    let r = ask(&p1, A, &q2, None).await;
+    assert_eq!((r.status, cache(&r)), (StatusCode::OK, "miss"));
+    assert_eq!(up.hits("cached"), q2_hits + 1, "answered upstream");
+    eventually(Duration::from_secs(10), "the proxies say why", || async {
+        p1.log_text().contains("seal does not hold")
+            && p2.log_text().contains("not sealed")
+            && stranger.log_text().contains("seal does not hold")
+    })
+    .await;
+    let config = get(&p1.admin_url("/config"), None).await.json();
+    assert_eq!(config["cache"]["redis"]["sealed"], true);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A Redis that speaks only TLS to the proxies and wants an ACL user's password: two

@@ -303,6 +303,10 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
             "/var/run/modelgate-redis/password",
         ),
         ("--cache-redis-ca-file", "/var/run/modelgate-redis/ca.crt"),
+        (
+            "--cache-redis-entry-key-file",
+            "/var/run/modelgate-redis/entry-key",
+        ),
     ] {
         assert_eq!(flag_values(tls_proxy, flag), [value], "{flag}");
     }
@@ -311,6 +315,8 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         "items: [{key: password, path: password}]",
         "name: modelgate-redis-ca\n",
         "items: [{key: ca.crt, path: ca.crt}]",
+        "name: modelgate-cache-key\n",
+        "items: [{key: key, path: entry-key}]",
         "{name: redis, mountPath: /var/run/modelgate-redis, readOnly: true}",
     ] {
         assert!(tls_proxy.contains(mounted), "{mounted}: {tls_proxy}");
@@ -324,6 +330,10 @@ fn chart_lints_and_renders_valid_manifests_in_every_profile() {
         (
             "proxy.cache.redis=redis://r:6379,proxy.cache.redisUsername=u",
             "proxy.cache.redisUsername needs proxy.cache.redisPasswordSecret",
+        ),
+        (
+            "proxy.cache.redisEntryKeySecret=k",
+            "proxy.cache.redisEntryKeySecret needs proxy.cache.redis",
         ),
     ] {
         let chart = chart().display().to_string();
