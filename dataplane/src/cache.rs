@@ -893,6 +893,8 @@ where
     }
 }
 
+/// The largest Redis password or entry key file read.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// What a sealed entry starts with.
 const SEALED_MAGIC: &[u8; 4] = b"MGS\x01";
 const NONCE_LEN: usize = 12;
@@ -1132,7 +1134,7 @@ fn tls_client(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, Stri
 /// The password in `file`, one trailing newline trimmed (what `kubectl create secret
 /// --from-file` and `echo` leave).
 fn read_password(file: &Path) -> Result<Vec<u8>, RedisError> {
-    let mut p = std::fs::read(file).map_err(|e| {
+    let mut p = crate::config::read_small(file, MAX_SECRET_FILE).map_err(|e| {
         RedisError::Credentials(format!(
             "cannot read the password file {}: {}",
             file.display(),
@@ -1284,7 +1286,7 @@ impl Redis {
         let sealer = match &config.entry_key_file {
             None => None,
             Some(f) => {
-                let secret = std::fs::read(f).map_err(|e| {
+                let secret = crate::config::read_small(f, MAX_SECRET_FILE).map_err(|e| {
                     format!(
                         "cannot read the entry key file {}: {}",
                         f.display(),
@@ -1676,6 +1678,18 @@ mod tests {
             ..url("redis://x:1")
         });
         assert!(e.contains("missing") && e.contains("cannot read"), "{e}");
+        for device in ["/dev/zero", "/dev/urandom"] {
+            let e = refused(RedisConfig {
+                password_file: Some(device.into()),
+                ..url("redis://x:1")
+            });
+            assert!(e.contains("cannot read the password file"), "{e}");
+            let e = refused(RedisConfig {
+                entry_key_file: Some(device.into()),
+                ..url("redis://x:1")
+            });
+            assert!(e.contains("cannot read the entry key file"), "{e}");
+        }
         let e = refused(RedisConfig {
             password_file: Some(empty),
             ..url("redis://x:1")

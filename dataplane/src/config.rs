@@ -444,6 +444,26 @@ impl From<&BudgetSpec> for BudgetRule {
     }
 }
 
+/// The largest credential file read (a service-account key is a few KB).
+const MAX_CREDENTIAL_FILE: u64 = 1 << 20;
+
+/// A small file's bytes; one larger than `max` (a device such as `/dev/zero`, a wrong path)
+/// is an error, never read to the end.
+pub fn read_small(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
 /// A credential's text read from where the (checked) spec says: an env var, a file, or
 /// inline; trimmed, never empty.
 fn credential_text(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Option<String> {
@@ -456,7 +476,11 @@ fn credential_text(p: &mut Problems, path: &str, spec: &CredentialSpec) -> Optio
             }
         }
     } else if let Some(file) = &spec.file {
-        match std::fs::read_to_string(file) {
+        let text = read_small(std::path::Path::new(file), MAX_CREDENTIAL_FILE).and_then(|b| {
+            String::from_utf8(b)
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+        });
+        match text {
             Ok(v) => v,
             Err(e) => {
                 p.push(
@@ -785,6 +809,21 @@ mod tests {
             &StateRegistry::default(),
             None,
         )
+    }
+
+    /// A credential file that never ends (or is far too large) is a config error naming the
+    /// backend, read no further than its bound.
+    #[test]
+    fn a_credential_file_that_never_ends_is_refused() {
+        let err = compile_yaml(
+            "routes:\n  - {name: r, model: m, backends: [{name: b, provider: openai, credentials: {file: /dev/zero}}]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cannot read credential file /dev/zero: larger than 1048576 bytes"),
+            "{err}"
+        );
     }
 
     #[test]
