@@ -50,6 +50,8 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 /// After a Redis failure, Redis is not asked for this long.
 const REDIS_CIRCUIT_OPEN: Duration = Duration::from_secs(3);
+/// Unreadable entries in Redis are logged at most this often.
+const UNREADABLE_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Idle Redis connections kept for reuse.
 const REDIS_POOL: usize = 16;
 /// The longest status or error line a Redis reply may have.
@@ -572,7 +574,19 @@ impl Store {
         let entry = match opened.and_then(|plain| Entry::decode(&plain, max_body)) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(error = %e, "a cache entry in Redis could not be read; ignored");
+                // Whoever writes to Redis decides how often this happens: logged at most
+                // once per interval, and the request goes on as a miss.
+                static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+                let now = unix_ms();
+                let last = LAST_WARNED.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= UNREADABLE_WARN_EVERY.as_millis() as u64
+                    && LAST_WARNED
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(error = %e,
+                        "a cache entry in Redis could not be read; ignored (more within {UNREADABLE_WARN_EVERY:?} are not logged)");
+                }
                 return None;
             }
         };
