@@ -676,3 +676,131 @@ mod tests {
         assert_eq!(t.request_span(&HeaderMap::new()).trace_id(), None);
     }
 }
+
+#[cfg(test)]
+mod bench {
+    //! Timing loop, run by hand in release:
+    //! `cargo test -p modelgate-dataplane --release --lib traces::bench -- --ignored --nocapture`.
+    //! A request's tracing calls as `proxy::handle` and the Meter make them: the request span
+    //! from the client's headers, one attempt span, its headers put on the upstream request,
+    //! the attempt ended, the trace id read for the access log, the request span finished.
+    //! Tracing off, on with `samplingRatio: 0` (no `traceparent`, and a client's unsampled
+    //! one with a `tracestate`) and on with every request traced. The exporter's runtime is
+    //! not driven, so with every request traced the batch queue fills and further spans are
+    //! dropped at `on_end`, as a collector that cannot keep up would make it.
+    //! `MODELGATE_ROUNDS` sets the rounds (default 100,000); best of five.
+
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn one_request(tracing: Option<&Tracing>, client: &HeaderMap, backend: &Backend) {
+        let mut span = tracing.map(|t| Box::new(t.request_span(black_box(client))));
+        let attempt = span
+            .as_deref_mut()
+            .map(|s| s.attempt(backend, "chat", "gpt-4o"));
+        let trace = attempt.as_ref().and_then(AttemptSpan::headers);
+        let mut upstream = HeaderMap::new();
+        if let Some(t) = &trace {
+            t.apply(&mut upstream);
+        }
+        black_box(&upstream);
+        if let Some(a) = attempt {
+            a.end(Some(200), None);
+        }
+        let trace_id = span.as_ref().and_then(|s| s.trace_id());
+        if let Some(s) = span.take() {
+            s.finish(&Finished {
+                request_id: "req-1",
+                endpoint: "chat",
+                model: Some("gpt-4o"),
+                route: "default/gpt-4o",
+                backend: Some(backend),
+                key: "team-a",
+                status: 200,
+                outcome: "ok",
+                error: None,
+                usage: Some(Usage {
+                    input: Some(27),
+                    output: Some(16),
+                    ..Usage::default()
+                }),
+                finish_reason: Some("stop"),
+                stream: false,
+                attempts: 1,
+                cost_usd: 0.0001,
+            });
+        }
+        black_box(trace_id);
+    }
+
+    #[test]
+    #[ignore = "a timing loop"]
+    fn tracing_calls_of_one_request() {
+        let rounds = std::env::var("MODELGATE_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(100_000);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        let on = |ratio: f64| {
+            let spec = TracingSpec {
+                otlp_endpoint: Some("http://127.0.0.1:9".into()),
+                sampling_ratio: ratio,
+                ..TracingSpec::default()
+            };
+            Tracing::start(&spec, Arc::new(Metrics::new()))
+                .unwrap()
+                .unwrap()
+        };
+        let (zero, one) = (on(0.0), on(1.0));
+        let backend = Backend::new(
+            "default/gpt-4o",
+            "openai",
+            Provider::Mock(Default::default()),
+            None,
+            1,
+            None,
+            Default::default(),
+            Arc::default(),
+        );
+        let plain = HeaderMap::new();
+        let mut unsampled = HeaderMap::new();
+        unsampled.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
+        );
+        unsampled.insert("tracestate", HeaderValue::from_static("vendor=x"));
+        for (what, tracing, client) in [
+            ("off", None, &plain),
+            ("ratio 0", Some(&zero), &plain),
+            (
+                "ratio 0, client's unsampled traceparent",
+                Some(&zero),
+                &unsampled,
+            ),
+            ("ratio 1", Some(&one), &plain),
+        ] {
+            for _ in 0..rounds / 10 {
+                one_request(tracing, client, &backend);
+            }
+            let ns = (0..5)
+                .map(|_| {
+                    let start = Instant::now();
+                    for _ in 0..rounds {
+                        one_request(tracing, client, &backend);
+                    }
+                    start.elapsed().as_nanos() as f64 / rounds as f64
+                })
+                .fold(f64::MAX, f64::min);
+            println!(
+                "tracing calls of one request, {what}: {:.3} µs per request",
+                ns / 1e3
+            );
+        }
+    }
+}

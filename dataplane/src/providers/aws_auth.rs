@@ -742,3 +742,94 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod bench {
+    //! Timing loop, run by hand in release:
+    //! `cargo test -p modelgate-dataplane --release --lib aws_auth::bench -- --ignored --nocapture`.
+    //! One Converse request signed as `bedrock::Upstream::request` signs it (host,
+    //! content-type and accept; the day's key cached), with static keys and with a session
+    //! token. `MODELGATE_ROUNDS` sets the rounds (default 100,000); best of five.
+
+    use std::hint::black_box;
+    use std::time::{Duration, Instant, UNIX_EPOCH};
+
+    use super::*;
+
+    const URL: &str = "https://bedrock-runtime.us-east-1.amazonaws.com/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse";
+    /// The small chat body of `tests/src/bin/bench.rs`, as Converse JSON.
+    const BODY: &[u8] = br#"{"messages":[{"role":"user","content":[{"text":"Say hello in one short sentence, please."}]}],"system":[{"text":"You are a terse assistant."}],"inferenceConfig":{"maxTokens":64}}"#;
+
+    #[test]
+    #[ignore = "a timing loop"]
+    fn signing_a_converse_request() {
+        let rounds = std::env::var("MODELGATE_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(100_000);
+        let now = UNIX_EPOCH + Duration::from_secs(1_704_164_645);
+        let headers = [
+            ("host", "bedrock-runtime.us-east-1.amazonaws.com"),
+            ("content-type", "application/json"),
+            ("accept", "application/json"),
+        ];
+        for (what, creds) in [
+            (
+                "static keys",
+                Credentials::new(
+                    "AKIDEXAMPLE",
+                    "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                    None,
+                    None,
+                ),
+            ),
+            (
+                "session token",
+                Credentials::new(
+                    "ASIAEXAMPLE",
+                    "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                    Some(
+                        "IQoJb3JpZ2luX2VjEXAMPLETOKEN//////////wEaCXVzLWVhc3QtMSJHMEUCIQ"
+                            .repeat(12),
+                    ),
+                    None,
+                ),
+            ),
+        ] {
+            let cache = KeyCache::default();
+            let sign = || {
+                black_box(
+                    sign_cached(
+                        &cache,
+                        &creds,
+                        "us-east-1",
+                        "bedrock",
+                        "POST",
+                        black_box(URL),
+                        &headers,
+                        black_box(BODY),
+                        now,
+                    )
+                    .unwrap(),
+                );
+            };
+            for _ in 0..rounds / 10 {
+                sign();
+            }
+            let ns = (0..5)
+                .map(|_| {
+                    let start = Instant::now();
+                    for _ in 0..rounds {
+                        sign();
+                    }
+                    start.elapsed().as_nanos() as f64 / rounds as f64
+                })
+                .fold(f64::MAX, f64::min);
+            println!(
+                "SigV4, one Converse request ({} byte body, {what}): {:.2} µs per request",
+                BODY.len(),
+                ns / 1e3
+            );
+        }
+    }
+}
