@@ -113,6 +113,9 @@ pub fn sign(
 #[derive(Default)]
 pub struct KeyCache(arc_swap::ArcSwapOption<CachedKey>);
 
+/// A [`KeyCache`] entry, always `Some`.
+type Guard = arc_swap::Guard<Option<std::sync::Arc<CachedKey>>>;
+
 struct CachedKey {
     /// `20240102`: the day the key is for.
     date: [u8; 8],
@@ -146,6 +149,8 @@ impl fmt::Debug for KeyCache {
 }
 
 impl KeyCache {
+    /// The cached entry if it is for these credentials and day, else a new one, kept. The
+    /// guard borrows the entry without touching its reference count.
     fn key(
         &self,
         creds: &Credentials,
@@ -153,12 +158,14 @@ impl KeyCache {
         region: &str,
         service: &str,
         now: SystemTime,
-    ) -> Result<std::sync::Arc<CachedKey>, String> {
-        if let Some(k) = self.0.load_full()
-            && k.is_for(creds, date, region, service)
+    ) -> Result<Guard, String> {
+        let k = self.0.load();
+        if k.as_ref()
+            .is_some_and(|k| k.is_for(creds, date, region, service))
         {
             return Ok(k);
         }
+        drop(k);
         let token = match &creds.session_token {
             // Never echo the value: it is a secret.
             Some(t) => Some(sensitive(HeaderValue::from_str(t).map_err(|_| {
@@ -183,7 +190,7 @@ impl KeyCache {
             token,
         });
         self.0.store(Some(k.clone()));
-        Ok(k)
+        Ok(arc_swap::Guard::from_inner(Some(k)))
     }
 }
 
@@ -235,6 +242,9 @@ pub fn sign_cached(
     let stamp = amz_date(now);
     let date: &[u8; 8] = stamp.first_chunk().unwrap_or(&[b'0'; 8]);
     let key = cache.key(creds, date, region, service, now)?;
+    let Some(key) = key.as_deref() else {
+        return Err("no signing key".into());
+    };
     // The signed headers: the caller's, `host` unless given, `x-amz-date` and the token.
     // Sorted by lowercase name, stably, so that the values of a name given more than once
     // join in the order given (AWS's rule).

@@ -390,7 +390,7 @@ pub async fn attempt(
     let req = out.api;
     let model = backend.upstream_model.as_deref().unwrap_or(&req.model);
     let dialect = req.endpoint.dialect();
-    let trace = out.trace.clone();
+    let trace = out.trace.take();
     match &backend.provider {
         Provider::Mock(settings) if dialect == Dialect::OpenAiChat => {
             match tokio::time::timeout(timeout, mock::respond(settings, req, model)).await {
