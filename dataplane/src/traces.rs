@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
@@ -372,11 +372,13 @@ impl TraceHeaders {
         )
     }
 
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        headers.insert("traceparent", self.traceparent.clone());
-        match &self.tracestate {
-            Some(s) => headers.insert("tracestate", s.clone()),
-            None => headers.remove("tracestate"),
+    pub fn apply(self, headers: &mut HeaderMap) {
+        const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+        const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+        headers.insert(TRACEPARENT, self.traceparent);
+        match self.tracestate {
+            Some(s) => headers.insert(TRACESTATE, s),
+            None => headers.remove(TRACESTATE),
         };
     }
 }
@@ -1106,7 +1108,7 @@ mod bench {
         let mut attempt = span.as_mut().map(|s| s.attempt(backend, "chat", "gpt-4o"));
         let trace = attempt.as_mut().and_then(AttemptSpan::take_headers);
         let mut upstream = HeaderMap::new();
-        if let Some(t) = &trace {
+        if let Some(t) = trace {
             t.apply(&mut upstream);
         }
         black_box(&upstream);
