@@ -84,7 +84,7 @@ pub struct Meter {
     stream_outcome: Option<&'static str>,
     upstream_stream_failed: bool,
     /// The request's trace span (tracing on): ended with the rest when the meter drops.
-    pub span: Option<Box<crate::traces::RequestSpan>>,
+    pub span: Option<crate::traces::RequestSpan>,
     /// What the route's response cache did (`x-modelgate-cache`); None: the route has none.
     pub cache: Option<crate::cache::Outcome>,
     /// A miss to store once its answer is complete: told the verdict when the meter drops.

@@ -149,7 +149,7 @@ pub async fn handle(
         meter.charge_connection(clock);
     }
     if let Some(t) = &gw.tracing {
-        meter.span = Some(Box::new(t.request_span(req.headers())));
+        meter.span = Some(t.request_span(req.headers()));
     }
     let dialect = client_dialect(req.uri().path(), req.headers());
     let reply = serve(&gw, req, &mut meter).await;
@@ -164,7 +164,7 @@ pub async fn handle(
                 fill.record(body);
                 fill.body_end(true);
             }
-            if let Some(span) = meter.span.as_deref_mut()
+            if let Some(span) = meter.span.as_mut()
                 && resp.status().is_success()
                 && let ProxyBody::Full(Some(body)) = resp.body()
             {
@@ -420,7 +420,7 @@ async fn serve(
         }
         None => (&body, api),
     };
-    if let Some(span) = meter.span.as_deref_mut() {
+    if let Some(span) = meter.span.as_mut() {
         span.input(api.body());
     }
 
@@ -1076,11 +1076,13 @@ async fn forward(
             meter.backend = Some(backend.clone());
             // Dropped after the attempt, or with this future when the client leaves mid-call.
             let in_flight = backend.state.start_attempt();
-            let span = meter
+            let mut span = meter
                 .span
-                .as_deref_mut()
+                .as_mut()
                 .map(|s| s.attempt(&backend, api.endpoint.as_str(), &api.model));
-            out.trace = span.as_ref().and_then(crate::traces::AttemptSpan::headers);
+            out.trace = span
+                .as_mut()
+                .and_then(crate::traces::AttemptSpan::take_headers);
             let started = Instant::now();
             let result = match providers::attempt(&gw.client, &backend, out, timeout).await {
                 Ok(resp) => {

@@ -390,7 +390,7 @@ pub async fn attempt(
     let req = out.api;
     let model = backend.upstream_model.as_deref().unwrap_or(&req.model);
     let dialect = req.endpoint.dialect();
-    let trace = out.trace.clone();
+    let trace = out.trace.take();
     match &backend.provider {
         Provider::Mock(settings) if dialect == Dialect::OpenAiChat => {
             match tokio::time::timeout(timeout, mock::respond(settings, req, model)).await {
@@ -416,21 +416,14 @@ pub async fn attempt(
                 || (dialect == Dialect::OpenAiResponses && upstream.responses) =>
         {
             let request = upstream.request(req.endpoint, req.upstream_body(model), req.stream);
-            send(client, request, timeout, dialect, trace.as_ref()).await
+            send(client, request, timeout, dialect, trace).await
         }
         Provider::OpenAi(upstream) => {
             let body = out
                 .openai_chat(model, upstream.max_tokens_field)
                 .map_err(Failure::Refused)?;
             let request = upstream.request(Endpoint::Chat, Bytes::from(body), req.stream);
-            send(
-                client,
-                request,
-                timeout,
-                Dialect::OpenAiChat,
-                trace.as_ref(),
-            )
-            .await
+            send(client, request, timeout, Dialect::OpenAiChat, trace).await
         }
         Provider::Anthropic(upstream) if dialect == Dialect::Anthropic => {
             let request = upstream.pass_through(
@@ -439,7 +432,7 @@ pub async fn attempt(
                 req.stream,
                 &out.anthropic_headers,
             );
-            send(client, request, timeout, Dialect::Anthropic, trace.as_ref()).await
+            send(client, request, timeout, Dialect::Anthropic, trace).await
         }
         Provider::Azure(upstream) => {
             let started = std::time::Instant::now();
@@ -453,14 +446,7 @@ pub async fn attempt(
                     .map_err(Failure::Refused)?;
                 upstream.request(Endpoint::Chat, Bytes::from(body), req.stream)
             };
-            let resp = send(
-                client,
-                request,
-                timeout,
-                dialect_if(pass, dialect),
-                trace.as_ref(),
-            )
-            .await?;
+            let resp = send(client, request, timeout, dialect_if(pass, dialect), trace).await?;
             if resp.status() != StatusCode::BAD_REQUEST {
                 return Ok(resp);
             }
@@ -477,7 +463,7 @@ pub async fn attempt(
                 .request(client, model, Bytes::from(body), req.stream, timeout)
                 .await?;
             let left = timeout.saturating_sub(started.elapsed());
-            send(client, request, left, Dialect::Bedrock, trace.as_ref()).await
+            send(client, request, left, Dialect::Bedrock, trace).await
         }
         Provider::Gemini(upstream) => {
             let started = std::time::Instant::now();
@@ -485,7 +471,7 @@ pub async fn attempt(
             let request = upstream
                 .request(model, Bytes::from(body), req.stream)
                 .map_err(Failure::Connect)?;
-            let resp = send(client, request, timeout, Dialect::Gemini, trace.as_ref()).await?;
+            let resp = send(client, request, timeout, Dialect::Gemini, trace).await?;
             if resp.status() != StatusCode::BAD_REQUEST {
                 return Ok(resp);
             }
@@ -520,14 +506,7 @@ pub async fn attempt(
                 .request(client, model, Bytes::from(body), req.stream, timeout)
                 .await?;
             let left = timeout.saturating_sub(started.elapsed());
-            send(
-                client,
-                request,
-                left,
-                upstream_dialect(upstream),
-                trace.as_ref(),
-            )
-            .await
+            send(client, request, left, upstream_dialect(upstream), trace).await
         }
         Provider::Anthropic(upstream) => {
             let body = out
@@ -538,7 +517,7 @@ pub async fn attempt(
                 upstream.request(Bytes::from(body), req.stream),
                 timeout,
                 Dialect::Anthropic,
-                trace.as_ref(),
+                trace,
             )
             .await
         }
@@ -664,7 +643,7 @@ async fn send(
     mut request: http::Request<Full<Bytes>>,
     timeout: Duration,
     dialect: Dialect,
-    trace: Option<&crate::traces::TraceHeaders>,
+    trace: Option<crate::traces::TraceHeaders>,
 ) -> Result<Response<UpstreamBody>, Failure> {
     if let Some(t) = trace {
         // Added after any signing (SigV4 signs the headers it names, not these).
