@@ -176,14 +176,20 @@ async fn http2_calls_report_the_gateways_work_as_http1_calls_do() {
             .parse()
             .unwrap()
     };
+    // The busy clock also counts a thread's time off the CPU in a poll, so on a loaded
+    // machine either side can read high for a while: the best of each is taken over up to
+    // ten rounds, ending as soon as they agree. An untimed stream task never agrees.
     let mut h1_best = u64::MAX;
     let mut h2_best = u64::MAX;
-    for _ in 0..3 {
+    for round in 0..10 {
         let r = send(request(Method::POST, &url, Some(KEY), body.clone())).await;
         h1_best = h1_best.min(own(&r));
         let resp = h2.request(request(Method::POST, &url, Some(KEY), body.clone()));
         let r = read(resp.await.expect("an HTTP/2 answer")).await;
         h2_best = h2_best.min(own(&r));
+        if round >= 2 && h2_best * 3 > h1_best {
+            break;
+        }
     }
     assert!(
         h2_best * 3 > h1_best,
