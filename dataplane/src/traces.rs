@@ -760,8 +760,41 @@ impl opentelemetry_http::HttpClient for ExportClient {
     }
 }
 
+/// What the tests and the timing loop start tracing with.
+#[cfg(test)]
+mod fixtures {
+    use super::*;
+
+    /// Tracing on, exporting to a port nothing answers on, recording `ratio` of new traces.
+    pub fn tracing_at(ratio: f64) -> Tracing {
+        let spec = TracingSpec {
+            otlp_endpoint: Some("http://127.0.0.1:9".into()),
+            sampling_ratio: ratio,
+            ..TracingSpec::default()
+        };
+        Tracing::start(&spec, Arc::new(Metrics::new()))
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A backend of the built-in mock provider.
+    pub fn mock_backend(route: &str, name: &str) -> Backend {
+        Backend::new(
+            route,
+            name,
+            Provider::Mock(Default::default()),
+            None,
+            1,
+            None,
+            Default::default(),
+            Arc::default(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::fixtures::{mock_backend, tracing_at};
     use super::*;
 
     #[test]
@@ -829,13 +862,7 @@ mod tests {
     /// its child, and the upstream gets the attempt's context with the client's tracestate.
     #[tokio::test]
     async fn client_context_is_continued_and_propagated() {
-        let m = Arc::new(Metrics::new());
-        let spec = TracingSpec {
-            otlp_endpoint: Some("http://127.0.0.1:9".into()),
-            sampling_ratio: 0.0,
-            ..TracingSpec::default()
-        };
-        let t = Tracing::start(&spec, m).unwrap().unwrap();
+        let t = tracing_at(0.0);
         let mut h = HeaderMap::new();
         h.insert(
             "traceparent",
@@ -848,16 +875,7 @@ mod tests {
             Some("0af7651916cd43dd8448eb211c80319c"),
             "a sampled parent wins over a ratio of 0"
         );
-        let backend = Backend::new(
-            "default/r",
-            "b",
-            Provider::Mock(Default::default()),
-            None,
-            1,
-            None,
-            Default::default(),
-            Arc::default(),
-        );
+        let backend = mock_backend("default/r", "b");
         let mut attempt = span.attempt(&backend, "chat", "m");
         let up = attempt.take_headers().unwrap();
         let tp = up.traceparent.to_str().unwrap();
@@ -891,24 +909,8 @@ mod tests {
     /// sent none; never sampled, never the same span id twice.
     #[tokio::test]
     async fn a_sampled_out_request_still_propagates_its_trace() {
-        let spec = TracingSpec {
-            otlp_endpoint: Some("http://127.0.0.1:9".into()),
-            sampling_ratio: 0.0,
-            ..TracingSpec::default()
-        };
-        let t = Tracing::start(&spec, Arc::new(Metrics::new()))
-            .unwrap()
-            .unwrap();
-        let backend = Backend::new(
-            "default/r",
-            "b",
-            Provider::Mock(Default::default()),
-            None,
-            1,
-            None,
-            Default::default(),
-            Arc::default(),
-        );
+        let t = tracing_at(0.0);
+        let backend = mock_backend("default/r", "b");
         let parts = |h: &TraceHeaders| {
             let tp = h.traceparent.to_str().unwrap().to_owned();
             let p: Vec<String> = tp.split('-').map(str::to_owned).collect();
@@ -974,24 +976,8 @@ mod tests {
     #[tokio::test]
     async fn the_ratio_decides_on_the_trace_id_that_is_recorded() {
         let ratio = 0.5;
-        let spec = TracingSpec {
-            otlp_endpoint: Some("http://127.0.0.1:9".into()),
-            sampling_ratio: ratio,
-            ..TracingSpec::default()
-        };
-        let t = Tracing::start(&spec, Arc::new(Metrics::new()))
-            .unwrap()
-            .unwrap();
-        let backend = Backend::new(
-            "default/r",
-            "b",
-            Provider::Mock(Default::default()),
-            None,
-            1,
-            None,
-            Default::default(),
-            Arc::default(),
-        );
+        let t = tracing_at(ratio);
+        let backend = mock_backend("default/r", "b");
         let bound = (ratio * (1u64 << 63) as f64) as u64;
         let under = |trace: &str| {
             let low = u64::from_str_radix(&trace[16..], 16).unwrap();
@@ -1101,6 +1087,7 @@ mod bench {
     use std::hint::black_box;
     use std::time::Instant;
 
+    use super::fixtures::{mock_backend, tracing_at};
     use super::*;
 
     fn one_request(tracing: Option<&Tracing>, client: &HeaderMap, backend: &Backend) {
@@ -1153,27 +1140,8 @@ mod bench {
             .build()
             .unwrap();
         let _in_runtime = rt.enter();
-        let on = |ratio: f64| {
-            let spec = TracingSpec {
-                otlp_endpoint: Some("http://127.0.0.1:9".into()),
-                sampling_ratio: ratio,
-                ..TracingSpec::default()
-            };
-            Tracing::start(&spec, Arc::new(Metrics::new()))
-                .unwrap()
-                .unwrap()
-        };
-        let (zero, one) = (on(0.0), on(1.0));
-        let backend = Backend::new(
-            "default/gpt-4o",
-            "openai",
-            Provider::Mock(Default::default()),
-            None,
-            1,
-            None,
-            Default::default(),
-            Arc::default(),
-        );
+        let (zero, one) = (tracing_at(0.0), tracing_at(1.0));
+        let backend = mock_backend("default/gpt-4o", "openai");
         let plain = HeaderMap::new();
         let mut unsampled = HeaderMap::new();
         unsampled.insert(
