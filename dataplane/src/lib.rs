@@ -36,5 +36,7 @@ pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod synth;
+#[cfg(test)]
+mod timing;
 pub mod traces;
 pub mod translate;

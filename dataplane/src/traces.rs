@@ -1085,7 +1085,6 @@ mod bench {
     //! `MODELGATE_ROUNDS` sets the rounds (default 100,000); best of five.
 
     use std::hint::black_box;
-    use std::time::Instant;
 
     use super::fixtures::{mock_backend, tracing_at};
     use super::*;
@@ -1131,10 +1130,7 @@ mod bench {
     #[test]
     #[ignore = "a timing loop"]
     fn tracing_calls_of_one_request() {
-        let rounds = std::env::var("MODELGATE_ROUNDS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(100_000);
+        let rounds = crate::timing::rounds();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1162,15 +1158,9 @@ mod bench {
             for _ in 0..rounds / 10 {
                 one_request(tracing, client, &backend);
             }
-            let ns = (0..5)
-                .map(|_| {
-                    let start = Instant::now();
-                    for _ in 0..rounds {
-                        one_request(tracing, client, &backend);
-                    }
-                    start.elapsed().as_nanos() as f64 / rounds as f64
-                })
-                .fold(f64::MAX, f64::min);
+            let ns = crate::timing::best_of_five(rounds, &|| {
+                one_request(tracing, client, &backend);
+            });
             println!(
                 "tracing calls of one request, {what}: {:.3} µs per request",
                 ns / 1e3

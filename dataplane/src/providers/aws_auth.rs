@@ -1118,7 +1118,7 @@ mod bench {
     //! token. `MODELGATE_ROUNDS` sets the rounds (default 100,000); best of five.
 
     use std::hint::black_box;
-    use std::time::{Duration, Instant, UNIX_EPOCH};
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
 
@@ -1129,10 +1129,7 @@ mod bench {
     #[test]
     #[ignore = "a timing loop"]
     fn signing_a_converse_request() {
-        let rounds = std::env::var("MODELGATE_ROUNDS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(100_000);
+        let rounds = crate::timing::rounds();
         let now = UNIX_EPOCH + Duration::from_secs(1_704_164_645);
         let headers = [
             ("host", "bedrock-runtime.us-east-1.amazonaws.com"),
@@ -1182,15 +1179,9 @@ mod bench {
             for _ in 0..rounds / 10 {
                 sign();
             }
-            let ns = (0..5)
-                .map(|_| {
-                    let start = Instant::now();
-                    for _ in 0..rounds {
-                        sign();
-                    }
-                    start.elapsed().as_nanos() as f64 / rounds as f64
-                })
-                .fold(f64::MAX, f64::min);
+            let ns = crate::timing::best_of_five(rounds, &|| {
+                sign();
+            });
             println!(
                 "SigV4, one Converse request ({} byte body, {what}): {:.2} µs per request",
                 BODY.len(),

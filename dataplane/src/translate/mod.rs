@@ -487,7 +487,6 @@ mod bench {
     //! instruction counts that a busy machine does not change.
 
     use std::hint::black_box;
-    use std::time::Instant;
 
     use super::*;
 
@@ -539,18 +538,6 @@ mod bench {
         e.into_iter().map(|v| v.to_string().into_bytes()).collect()
     }
 
-    fn best_of_five(rounds: usize, f: &dyn Fn()) -> f64 {
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                for _ in 0..rounds {
-                    f();
-                }
-                start.elapsed().as_nanos() as f64 / rounds as f64
-            })
-            .fold(f64::MAX, f64::min)
-    }
-
     /// One whole stream from `from` translated for an OpenAI client: `feed` hands it over.
     fn translated(from: Dialect, feed: &dyn Fn(&mut StreamTranslator, &mut Vec<u8>)) {
         let mut t = StreamTranslator::new(
@@ -574,11 +561,8 @@ mod bench {
     fn streams_to_an_openai_client() {
         let bedrock = bedrock_stream();
         let anthropic = anthropic_events();
-        let rounds = std::env::var("MODELGATE_ROUNDS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(100_000);
-        let bedrock_ns = best_of_five(rounds, &|| {
+        let rounds = crate::timing::rounds();
+        let bedrock_ns = crate::timing::best_of_five(rounds, &|| {
             translated(Dialect::Bedrock, &|t, out| {
                 t.bytes(black_box(&bedrock), out, |e| {
                     black_box(e);
@@ -586,7 +570,7 @@ mod bench {
                 .unwrap();
             });
         });
-        let anthropic_ns = best_of_five(rounds, &|| {
+        let anthropic_ns = crate::timing::best_of_five(rounds, &|| {
             translated(Dialect::Anthropic, &|t, out| {
                 for e in &anthropic {
                     t.event(black_box(e), out, |e| {
