@@ -932,8 +932,7 @@ impl Sealer {
     /// The AES key is derived (HKDF-SHA256) from at least 32 bytes of secret, one trailing
     /// newline trimmed, such as `openssl rand -hex 32` writes.
     pub fn from_secret(secret: &[u8]) -> Result<Self, String> {
-        let secret = secret.strip_suffix(b"\n").unwrap_or(secret);
-        let secret = secret.strip_suffix(b"\r").unwrap_or(secret);
+        let secret = without_newline(secret);
         if secret.len() < 32 {
             return Err(format!(
                 "the entry key holds {} bytes; at least 32 are needed (`openssl rand -hex 32`)",
@@ -1145,6 +1144,14 @@ fn tls_client(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, Stri
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// `b` without one trailing `\n` or `\r\n` (what `echo` and editors leave in a file).
+fn without_newline(b: &[u8]) -> &[u8] {
+    match b.strip_suffix(b"\n") {
+        Some(b) => b.strip_suffix(b"\r").unwrap_or(b),
+        None => b,
+    }
+}
+
 /// The password in `file`, one trailing newline trimmed (what `kubectl create secret
 /// --from-file` and `echo` leave).
 fn read_password(file: &Path) -> Result<Vec<u8>, RedisError> {
@@ -1155,12 +1162,7 @@ fn read_password(file: &Path) -> Result<Vec<u8>, RedisError> {
             e.kind()
         ))
     })?;
-    if p.ends_with(b"\n") {
-        p.pop();
-        if p.ends_with(b"\r") {
-            p.pop();
-        }
-    }
+    p.truncate(without_newline(&p).len());
     if p.is_empty() {
         return Err(RedisError::Credentials(format!(
             "the password file {} is empty",
