@@ -149,6 +149,15 @@ pub fn chart_app_version() -> String {
         .to_owned()
 }
 
+/// A port on 127.0.0.1 that was free a moment ago (for a server the test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A fresh directory under the system temp dir (removed when the test's Proxy drops).
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -672,10 +681,7 @@ pub struct Prometheus {
 impl Prometheus {
     pub fn start(targets: &[String]) -> Self {
         let dir = temp_dir("prometheus");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let config = format!(
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: modelgate\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
             targets

@@ -422,14 +422,6 @@ struct Redis {
     port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Redis {
     fn start() -> Self {
         Self::start_with(&[])
@@ -612,6 +604,11 @@ async fn sealed_entries_are_unreadable_unforgeable_and_bound_to_their_place() {
         !raw.contains(&answer),
         "the answer is in Redis in the clear: {raw:?}"
     );
+    // Kept aside before the stranger's miss writes its own seal in this place.
+    assert_eq!(
+        redis.command(&format!("COPY {sealed_key} saved-by-the-test")),
+        Some(":1\r\n".into())
+    );
     // The same key opens it; another key does not.
     let second = ask(&p2, A, &q, None).await;
     assert_eq!(cache(&second), "hit", "{}", p2.log_text());
@@ -630,10 +627,22 @@ async fn sealed_entries_are_unreadable_unforgeable_and_bound_to_their_place() {
             .contains("MGC\u{1}")
     );
     assert_eq!(cache(&ask(&p2, A, &q2, None).await), "miss");
+    // p2's miss stores its own sealed answer in that place, after the answer: wait for it,
+    // so it cannot land after the copy below.
+    eventually(
+        Duration::from_secs(20),
+        "p2's sealed entry of q2",
+        || async {
+            redis
+                .command(&format!("GET {clear_key}"))
+                .is_some_and(|v| v.contains("MGS\u{1}"))
+        },
+    )
+    .await;
 
-    // The sealed entry of `q`, copied into `q2`'s place, does not answer `q2`.
+    // p1's sealed entry of `q`, copied into `q2`'s place, does not answer `q2`.
     assert_eq!(
-        redis.command(&format!("COPY {sealed_key} {clear_key} REPLACE")),
+        redis.command(&format!("COPY saved-by-the-test {clear_key} REPLACE")),
         Some(":1\r\n".into())
     );
     let q2_hits = up.hits("cached");
