@@ -301,24 +301,27 @@ async fn openai_python_sdk_works_against_an_azure_backend() {
         .await
         .unwrap();
     assert!(!report.contains("azure-sdk-test-key"), "{report}");
-    // The SDK's requests reached Azure's URLs with Azure's key header, never a bearer.
-    for (id, path, query) in [
-        (
-            "classic",
-            "/openai/deployments/gpt-4o-prod/embeddings",
-            Some("api-version=2024-10-21"),
-        ),
-        ("v1", "/openai/v1/chat/completions", None),
-    ] {
-        let c = up.counters(id);
-        assert_eq!(c.last_path.lock().unwrap().as_deref(), Some(path));
-        assert_eq!(c.last_query.lock().unwrap().as_deref(), query);
-        let headers = c.last_headers.lock().unwrap().clone().unwrap();
-        assert_eq!(headers["api-key"], "azure-sdk-test-key");
-        assert!(headers.get("authorization").is_none());
-    }
-    let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
-    assert_eq!(sent["model"], "gpt-4o-deployment");
+    // The SDK's requests reached Azure's URLs with Azure's key header, never a bearer; the
+    // v1 API got the deployment as the body's model.
+    let reached = |classic: &str, v1: &str| {
+        for (id, path, query) in [
+            ("classic", classic, Some("api-version=2024-10-21")),
+            ("v1", v1, None),
+        ] {
+            let c = up.counters(id);
+            assert_eq!(c.last_path.lock().unwrap().as_deref(), Some(path));
+            assert_eq!(c.last_query.lock().unwrap().as_deref(), query);
+            let headers = c.last_headers.lock().unwrap().clone().unwrap();
+            assert_eq!(headers["api-key"], "azure-sdk-test-key");
+            assert!(headers.get("authorization").is_none());
+        }
+        let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
+        assert_eq!(sent["model"], "gpt-4o-deployment", "{sent}");
+    };
+    reached(
+        "/openai/deployments/gpt-4o-prod/embeddings",
+        "/openai/v1/chat/completions",
+    );
     // The Responses API on both Azure APIs: translated to the classic deployment's chat
     // completions, passed through to the v1 API's own Responses API (stored state included).
     let envs = [
@@ -332,22 +335,10 @@ async fn openai_python_sdk_works_against_an_azure_backend() {
     tokio::task::spawn_blocking(move || pytest("test_openai_sdk_responses.py", &envs, 11))
         .await
         .unwrap();
-    for (id, path, query) in [
-        (
-            "classic",
-            "/openai/deployments/gpt-4o-prod/chat/completions",
-            Some("api-version=2024-10-21"),
-        ),
-        ("v1", "/openai/v1/responses", None),
-    ] {
-        let c = up.counters(id);
-        assert_eq!(c.last_path.lock().unwrap().as_deref(), Some(path));
-        assert_eq!(c.last_query.lock().unwrap().as_deref(), query);
-        let headers = c.last_headers.lock().unwrap().clone().unwrap();
-        assert_eq!(headers["api-key"], "azure-sdk-test-key");
-    }
-    let sent = up.counters("v1").last_body.lock().unwrap().clone().unwrap();
-    assert_eq!(sent["model"], "gpt-4o-deployment", "{sent}");
+    reached(
+        "/openai/deployments/gpt-4o-prod/chat/completions",
+        "/openai/v1/responses",
+    );
 }
 
 /// The OpenAI SDK's Responses API on every kind of backend: the built-in mock and an
