@@ -1382,7 +1382,6 @@ mod tests {
 #[cfg(test)]
 mod bench {
     use std::hint::black_box;
-    use std::time::Instant;
 
     use super::*;
 
@@ -1391,17 +1390,7 @@ mod bench {
     fn measure(name: &str, body: serde_json::Value) {
         let body = serde_json::to_vec(&body).unwrap();
         let rounds = 200_000_000 / (body.len() * 10 + 2_000);
-        let best_of_five = |f: &dyn Fn()| {
-            (0..5)
-                .map(|_| {
-                    let start = Instant::now();
-                    for _ in 0..rounds {
-                        f();
-                    }
-                    start.elapsed().as_nanos() as f64 / rounds as f64
-                })
-                .fold(f64::MAX, f64::min)
-        };
+        let best_of_five = |f: &dyn Fn()| crate::timing::best_of_five(rounds, f);
         let parse = best_of_five(&|| {
             black_box(ApiRequest::parse(Endpoint::Chat, black_box(&body)).unwrap());
         });
